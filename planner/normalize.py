@@ -1,0 +1,315 @@
+"""Field normalizers: when a desired PVE value and the value PVE reports mean the same thing.
+
+Each PVE round-trip quirk (see PVE-NOTES) is one ``FieldRule``; a ``Registry`` maps
+(guest type, key) to its rule. New quirks are new rules in the registry, never edits to the plan.
+All rules treat a blank value ("" or whitespace, which PVE may return as " ") as absent, and an
+absent value as the key's PVE default where one is known.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Protocol
+
+from planner.model import GuestType
+
+QEMU = frozenset({GuestType.QEMU})
+LXC = frozenset({GuestType.LXC})
+ANY = frozenset({GuestType.QEMU, GuestType.LXC})
+
+_TRUE = frozenset({"1", "on", "yes", "true"})
+_FALSE = frozenset({"0", "off", "no", "false"})
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TAG_SPLIT = re.compile(r"[;,\s]+")
+NIC_MODELS = frozenset({
+    "e1000", "e1000-82540em", "e1000-82544gc", "e1000-82545em", "e1000e", "i82551", "i82557b",
+    "i82559er", "ne2k_isa", "ne2k_pci", "pcnet", "rtl8139", "virtio", "vmxnet3",
+})
+
+
+def is_blank(value: str | None) -> bool:
+    """PVE reads an emptied value back as "" or " ": both mean absent."""
+    return value is None or not value.strip()
+
+
+def canon_number(value: str) -> str:
+    """"2048", "2048.0" and " 2048" are one number; non-numbers stay as they are."""
+    try:
+        number = Decimal(value.strip())
+    except InvalidOperation:
+        return value
+    if not number.is_finite():
+        return value
+    return format(number.normalize(), "f") if number else "0"
+
+
+def canon_bool(value: str) -> str:
+    """PVE accepts 1/on/yes/true and 0/off/no/false, and reports 1/0."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return "1"
+    if lowered in _FALSE:
+        return "0"
+    return value
+
+
+def canon_size(value: str) -> str:
+    """Sizes as bytes: PVE reports ``1024M`` as ``1G``; a bare number is bytes."""
+    match = _SIZE.match(value.strip())
+    if not match:
+        return value
+    number = Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    return str(int(number))
+
+
+def canon_inner(name: str, value: str) -> str:
+    """One property-string field: MACs case-insensitive, booleans 1/0, numbers, sizes in bytes."""
+    if name == "size":
+        return canon_size(value)
+    if _MAC.match(value):
+        return value.upper()
+    lowered = value.lower()
+    if lowered in _TRUE or lowered in _FALSE:
+        return canon_bool(value)
+    return canon_number(value)
+
+
+class FieldRule(Protocol):
+    """How one kind of PVE config value compares and is written."""
+
+    @property
+    def data_bearing(self) -> bool:
+        """Disks and volumes: compared, never written in this phase."""
+
+    @property
+    def comparable(self) -> bool:
+        """False for values PVE never reads back truthfully (write-only, generated)."""
+
+    def same(self, desired: str, actual: str | None) -> bool:
+        """Whether ``actual`` (None: absent) already satisfies ``desired``."""
+
+    def write(self, desired: str) -> str:
+        """The desired value in the form PVE expects on a write."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Canonical:
+    """Values equal when their canonical forms are: ``canon`` of the value, absent -> default."""
+
+    canon: Callable[[str], str] = str.strip
+    default: str | None = None
+    writer: Callable[[str], str] | None = None
+    data_bearing: bool = False
+    comparable: bool = True
+
+    def key(self, value: str | None) -> str | None:
+        """Canonical form; None for absent without a default."""
+        if is_blank(value):
+            value = self.default
+            if value is None:
+                return None
+        assert value is not None
+        return self.canon(value)
+
+    def same(self, desired: str, actual: str | None) -> bool:
+        """Canonical forms are equal."""
+        return self.key(desired) == self.key(actual)
+
+    def write(self, desired: str) -> str:
+        """Desired value through the writer (identity without one)."""
+        return self.writer(desired) if self.writer else desired
+
+
+def canon_tags(value: str) -> str:
+    """Tags: split on ';', ',' or spaces, lowercased, deduplicated, sorted."""
+    return ";".join(sorted({t.lower() for t in _TAG_SPLIT.split(value) if t}))
+
+
+def write_tags(value: str) -> str:
+    """Tags as PVE stores them: ';'-joined, deduplicated, sorted, case kept."""
+    seen: dict[str, str] = {}
+    for tag in _TAG_SPLIT.split(value):
+        if tag:
+            seen.setdefault(tag.lower(), tag)
+    return ";".join(seen[k] for k in sorted(seen))
+
+
+def canon_description(value: str) -> str:
+    """Descriptions: CRLF is LF, trailing whitespace of lines and of the text is not content."""
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(line.rstrip() for line in lines).rstrip()
+
+
+def text(default: str | None = None) -> Canonical:
+    """A plain string (surrounding whitespace ignored)."""
+    return Canonical(default=default)
+
+
+def number(default: str | None = None) -> Canonical:
+    """A number that PVE may report as a string or number, in any decimal form."""
+    return Canonical(canon=canon_number, default=default)
+
+
+def boolean(default: str | None = None) -> Canonical:
+    """A PVE boolean, written as 1/0 (``True`` is a 400 on a write)."""
+    return Canonical(canon=canon_bool, default=default, writer=canon_bool)
+
+
+TAGS = Canonical(canon=canon_tags, writer=write_tags)
+DESCRIPTION = Canonical(canon=canon_description)
+UNCOMPARABLE = Canonical(comparable=False)
+
+
+def parse_property_string(value: str, default_key: str | None, nic: bool = False) -> dict[str, str]:
+    """Parse ``a,k=v,...`` into canonical fields; a bare first token belongs to ``default_key``.
+
+    With ``nic``, QEMU's ``model=MAC`` form (``virtio=BC:24:11:..``) becomes model and macaddr.
+    """
+    fields: dict[str, str] = {}
+    for token in value.split(","):
+        token = token.strip()
+        if not token:
+            continue
+        name, eq, val = token.partition("=")
+        if nic and name.lower() in NIC_MODELS:
+            fields["model"] = name.lower()
+            if eq:
+                fields["macaddr"] = val.upper()
+            continue
+        if not eq:
+            name, val = (default_key, token) if default_key else (token, "1")
+        fields[name.strip()] = canon_inner(name.strip(), val.strip())
+    return fields
+
+
+def _unset(value: str | None) -> bool:
+    """A pinned field whose actual is absent matches when the pin is the zero/blank default."""
+    return value is None or value in ("", "0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PropertyString:
+    """``net0``, ``scsi0``, ``rootfs``...: compared parsed, only on the fields desired pins.
+
+    PVE reorders keys, generates MACs (``virtio=BC:24:..``, ``hwaddr=``) and writes ``1`` for
+    ``on``; a field the desired value does not mention is PVE's business.
+    """
+
+    default_key: str | None = None
+    default: str | None = None
+    nic: bool = False
+    data_bearing: bool = False
+    comparable: bool = True
+
+    def parse(self, value: str | None) -> dict[str, str] | None:
+        """Canonical fields, or None for absent without a default."""
+        if is_blank(value):
+            value = self.default
+            if value is None:
+                return None
+        assert value is not None
+        return parse_property_string(value, self.default_key, self.nic)
+
+    def same(self, desired: str, actual: str | None) -> bool:
+        """Every field desired pins has that value in actual."""
+        want, have = self.parse(desired), self.parse(actual)
+        if want is None or have is None:
+            return want is have
+        return all(have.get(k) == v or (k not in have and _unset(v)) for k, v in want.items())
+
+    def write(self, desired: str) -> str:
+        """Property strings are written as declared."""
+        return desired
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """A rule for the keys ``pattern`` fully matches, on the given guest types."""
+
+    pattern: re.Pattern[str]
+    types: frozenset[GuestType]
+    rule: FieldRule
+
+
+def rule(pattern: str, types: frozenset[GuestType], field_rule: FieldRule) -> Rule:
+    """Shorthand for a Rule from a regex source."""
+    return Rule(pattern=re.compile(pattern), types=types, rule=field_rule)
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Ordered rules, first match wins; unmatched keys compare as plain text.
+
+    Lookups are cached per (type, key): a snapshot repeats the same few dozen keys.
+    """
+
+    rules: tuple[Rule, ...]
+    fallback: FieldRule = field(default_factory=text)
+    _cache: dict[tuple[int, str], FieldRule] = field(default_factory=dict, compare=False, repr=False)
+
+    def lookup(self, guest_type: int, key: str) -> FieldRule:
+        """The rule for ``key`` on a guest of ``guest_type``."""
+        cached = self._cache.get((guest_type, key))
+        if cached is None:
+            cached = next(
+                (r.rule for r in self.rules if guest_type in r.types and r.pattern.fullmatch(key)),
+                self.fallback,
+            )
+            self._cache[(guest_type, key)] = cached
+        return cached
+
+    def extended(self, extra: Iterable[Rule]) -> Registry:
+        """A new registry whose ``extra`` rules take precedence over these."""
+        return Registry((*extra, *self.rules), self.fallback)
+
+
+def _disk(default_key: str) -> PropertyString:
+    return PropertyString(default_key=default_key, data_bearing=True)
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    rule("description", ANY, DESCRIPTION),
+    rule("tags", ANY, TAGS),
+    rule("cipassword|vmgenid", ANY, UNCOMPARABLE),
+    # Data-bearing: disks and volumes.
+    rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0", QEMU, _disk("file")),
+    rule(r"rootfs|mp\d+", LXC, _disk("volume")),
+    rule(r"unused\d+", ANY, _disk("file")),
+    # Numbers (defaults as PVE applies them when the key is absent).
+    rule("cores|sockets", QEMU, number("1")),
+    rule("memory", QEMU, PropertyString(default_key="current", default="512")),
+    rule("memory|swap", LXC, number("512")),
+    rule("cpulimit", ANY, number("0")),
+    rule("vcpus|cpuunits|balloon|shares|migrate_downtime|migrate_speed|cores|tty", ANY, number()),
+    # Booleans.
+    rule("onboot|protection|template|numa|freeze|autostart", QEMU, boolean("0")),
+    rule("acpi|kvm|tablet|reboot", QEMU, boolean("1")),
+    rule("localtime", QEMU, boolean()),
+    rule("onboot|protection|template|unprivileged|debug", LXC, boolean("0")),
+    rule("console", LXC, boolean("1")),
+    # Plain strings with defaults.
+    rule("ostype", QEMU, text("other")),
+    rule("scsihw", QEMU, text("lsi")),
+    rule("bios", QEMU, text("seabios")),
+    rule("arch", LXC, text("amd64")),
+    rule("cmode", LXC, text("tty")),
+    # Property strings.
+    rule(r"net\d+", QEMU, PropertyString(default_key="model", nic=True)),
+    rule(r"net\d+", LXC, PropertyString()),
+    rule("cpu", QEMU, PropertyString(default_key="cputype", default="kvm64")),
+    rule("agent", QEMU, PropertyString(default_key="enabled", default="0")),
+    rule("vga", QEMU, PropertyString(default_key="type")),
+    rule("boot", QEMU, PropertyString(default_key="legacy")),
+    rule("startup", ANY, PropertyString(default_key="order")),
+    rule(r"ipconfig\d+|smbios1|features|numa\d+|spice_enhancements|rng0|audio0|watchdog", ANY,
+         PropertyString()),
+    rule(r"usb\d+|hostpci\d+", QEMU, PropertyString(default_key="host")),
+    rule(r"dev\d+", LXC, PropertyString(default_key="path")),
+)
+
+DEFAULT_REGISTRY = Registry(DEFAULT_RULES)
