@@ -171,8 +171,8 @@ def parse_property_string(value: str, default_key: str | None, nic: bool = False
     With ``nic``, QEMU's ``model=MAC`` form (``virtio=BC:24:11:..``) becomes model and macaddr.
     """
     fields: dict[str, str] = {}
-    for token in value.split(","):
-        token = token.strip()
+    for raw in value.split(","):
+        token = raw.strip()
         if not token:
             continue
         name, eq, val = token.partition("=")
@@ -279,7 +279,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # Data-bearing: disks and volumes.
     rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0", QEMU, _disk("file")),
     rule(r"rootfs|mp\d+", LXC, _disk("volume")),
-    rule(r"unused\d+", ANY, _disk("file")),
+    # A disk key on the wrong guest type is still never written: PVE would allocate or refuse.
+    rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+", ANY, _disk("file")),
     # Numbers (defaults as PVE applies them when the key is absent).
     rule("cores|sockets", QEMU, number("1")),
     rule("memory", QEMU, PropertyString(default_key="current", default="512")),

@@ -10,7 +10,7 @@ import structlog
 from planner.model import Action, Plan, SetConfig, Start, Stop
 from planner.plan import plan
 from planner.v1 import planner_pb2 as pb
-from planner.validate import InvalidRequest, validate
+from planner.validate import InvalidRequestError, validate
 
 log = structlog.get_logger("planner.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PlannerService"].full_name
@@ -50,7 +50,7 @@ class PlannerServicer:
         started = time.perf_counter()
         try:
             validate(request.desired, request.actual)
-        except InvalidRequest as exc:
+        except InvalidRequestError as exc:
             log.info("plan_rejected", field=exc.field, reason=exc.reason)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:

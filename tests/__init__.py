@@ -1,0 +1,1 @@
+"""pve-reconcile tests."""
