@@ -51,6 +51,9 @@ class SpecView(Protocol):
     def config(self) -> Mapping[str, str]:
         """PVE key to desired value."""
 
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes:  # noqa: N802
+        """A canonical fingerprint: equal specs give equal bytes (deterministic=True)."""
+
 
 class DesiredView(Protocol):
     """One declared guest; ``HasField`` tells which parts are managed."""

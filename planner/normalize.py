@@ -8,6 +8,7 @@ absent value as the key's PVE default where one is known.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -165,8 +166,8 @@ DESCRIPTION = Canonical(canon=canon_description)
 UNCOMPARABLE = Canonical(comparable=False)
 
 
-def parse_property_string(value: str, default_key: str | None, nic: bool = False) -> dict[str, str]:
-    """Parse ``a,k=v,...`` into canonical fields; a bare first token belongs to ``default_key``.
+def raw_fields(value: str, default_key: str | None, nic: bool = False) -> dict[str, str]:
+    """Split ``a,k=v,...`` into fields as written; a bare first token belongs to ``default_key``.
 
     With ``nic``, QEMU's ``model=MAC`` form (``virtio=BC:24:11:..``) becomes model and macaddr.
     """
@@ -176,20 +177,49 @@ def parse_property_string(value: str, default_key: str | None, nic: bool = False
         if not token:
             continue
         name, eq, val = token.partition("=")
-        if nic and name.lower() in NIC_MODELS:
+        if nic and (name in NIC_MODELS or name.lower() in NIC_MODELS):
             fields["model"] = name.lower()
             if eq:
-                fields["macaddr"] = val.upper()
+                fields["macaddr"] = val
             continue
         if not eq:
             name, val = (default_key, token) if default_key else (token, "1")
-        fields[name.strip()] = canon_inner(name.strip(), val.strip())
+        fields[name.strip()] = val.strip()
     return fields
 
 
-def _unset(value: str | None) -> bool:
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """A declared property string: canonical fields, and a pattern proving all of them literally.
+
+    ``proof`` looks in ``,actual,`` for each field spelled as PVE writes it back
+    (``,bridge=vmbr0,``, a bare default value, QEMU's ``,virtio=`` model-with-MAC): a match
+    settles the comparison in one C-level search, without parsing actual, whose generated MAC
+    makes every value unique. No match means: parse and compare field by field.
+    """
+
+    fields: dict[str, str]
+    proof: re.Pattern[str]
+
+
+@functools.lru_cache(maxsize=4096)
+def pinned(value: str, default_key: str | None, nic: bool = False) -> Pinned:
+    """Parse a declared property string once; declared values repeat across a snapshot."""
+    fields = {name: canon_inner(name, val) for name, val in raw_fields(value, default_key, nic).items()}
+    lookaheads = []
+    for name, val in fields.items():
+        alternatives = [f",{name}={val},"]
+        if name == default_key:
+            alternatives.append(f",{val},")
+        if nic and name == "model":
+            alternatives += [f",{val}=", f",{val},"]
+        lookaheads.append("(?=.*(?:" + "|".join(map(re.escape, alternatives)) + "))")
+    return Pinned(fields, re.compile("".join(lookaheads), re.DOTALL))
+
+
+def _unset(value: str) -> bool:
     """A pinned field whose actual is absent matches when the pin is the zero/blank default."""
-    return value is None or value in ("", "0")
+    return value in ("", "0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,21 +236,28 @@ class PropertyString:
     data_bearing: bool = False
     comparable: bool = True
 
-    def parse(self, value: str | None) -> dict[str, str] | None:
-        """Canonical fields, or None for absent without a default."""
-        if is_blank(value):
-            value = self.default
-            if value is None:
-                return None
-        assert value is not None
-        return parse_property_string(value, self.default_key, self.nic)
-
     def same(self, desired: str, actual: str | None) -> bool:
         """Every field desired pins has that value in actual."""
-        want, have = self.parse(desired), self.parse(actual)
-        if want is None or have is None:
-            return want is have
-        return all(have.get(k) == v or (k not in have and _unset(v)) for k, v in want.items())
+        if is_blank(desired):
+            desired = self.default or ""
+        if is_blank(actual):
+            actual = self.default or ""
+        assert actual is not None
+        if not desired or not actual:
+            return desired == actual
+        want = pinned(desired, self.default_key, self.nic)
+        if want.proof.match(f",{actual},"):
+            return True
+        # The actual side is usually unique (generated MACs): canonicalize only what is pinned.
+        have = raw_fields(actual, self.default_key, self.nic)
+        for name, value in want.fields.items():
+            found = have.get(name)
+            if found is None:
+                if not _unset(value):
+                    return False
+            elif found != value and canon_inner(name, found) != value:
+                return False
+        return True
 
     def write(self, desired: str) -> str:
         """Property strings are written as declared."""

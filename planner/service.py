@@ -10,7 +10,7 @@ import structlog
 from planner.model import Action, Plan, SetConfig, Start, Stop
 from planner.plan import plan
 from planner.v1 import planner_pb2 as pb
-from planner.validate import InvalidRequestError, validate
+from planner.validate import InvalidRequestError
 
 log = structlog.get_logger("planner.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PlannerService"].full_name
@@ -49,12 +49,10 @@ class PlannerServicer:
         """Plan one snapshot; INVALID_ARGUMENT names the bad field."""
         started = time.perf_counter()
         try:
-            validate(request.desired, request.actual)
+            result = plan(request.desired, request.actual)
         except InvalidRequestError as exc:
             log.info("plan_rejected", field=exc.field, reason=exc.reason)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            result = plan(request.desired, request.actual)
         except Exception:
             # A bug must not reach the client as UNKNOWN with a traceback: INTERNAL, logged here.
             log.exception("plan_failed")

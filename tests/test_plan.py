@@ -133,14 +133,14 @@ def test_quirky_round_trip_plans_nothing() -> None:
 
 # --- properties -------------------------------------------------------------------------------
 
-KEYS = ["memory", "cores", "onboot", "tags", "name", "description", "net0", "cpulimit", "scsi0"]
 VALUES = {
     "memory": ["512", "2048", "4096.0"], "cores": ["1", "2", "4"], "onboot": ["0", "1", "true", "off", ""],
-    "tags": ["a;b", "b,a", "web", ""], "name": ["web", "db", "", " "], "description": ["x", "x\n", "y"],
+    "tags": ["a;b", "b,a", "web", ""], "name": ["web", "db", "", " "],
     "net0": ["virtio,bridge=vmbr0", "virtio=BC:24:11:00:00:01,bridge=vmbr0", "e1000,bridge=vmbr1"],
     "cpulimit": ["0", "0.5", ".5"], "scsi0": ["local:1,size=1G", "local:1,size=1024M", "local:2"],
 }
 configs = st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in VALUES.items()})
+descriptions = st.none() | st.sampled_from(["x", "x\n", "y", ""])
 states = st.sampled_from([RUNNING, STOPPED, PAUSED])
 
 
@@ -152,10 +152,13 @@ def snapshots(draw: st.DrawFn) -> tuple[list[pb.DesiredGuest], list[pb.ActualGue
         role = draw(st.sampled_from(["both", "both", "desired", "actual"]))
         if role != "actual":
             desired.append(want(vmid, state=draw(st.none() | st.sampled_from([RUNNING, STOPPED])),
-                                config=draw(st.none() | configs)))
+                                config=draw(st.none() | configs), description=draw(descriptions)))
         if role != "desired":
-            actual.append(have(vmid, kind=draw(st.sampled_from([QEMU, LXC])), state=draw(states),
-                               config=draw(configs), known=draw(st.booleans()),
+            config = draw(configs)
+            if (description := draw(descriptions)) is not None:
+                config["description"] = description
+            actual.append(have(vmid, kind=draw(st.sampled_from([QEMU, LXC])), state=draw(states), config=config,
+                               known=draw(st.booleans()),
                                lock=draw(st.sampled_from(["", "", "", "backup"]))))
     return desired, actual
 

@@ -17,27 +17,13 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from bench.snapshot import snapshot
 from planner import server
 from planner.v1 import planner_pb2 as pb
 from planner.v1 import planner_pb2_grpc as pb_grpc
 from tests.builders import RUNNING, STOPPED, have, want
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def big_request(n: int, drift_every: int = 100) -> pb.PlanRequest:
-    """n guests, one in ``drift_every`` drifted, configs as PVE returns them."""
-    request = pb.PlanRequest()
-    for i in range(n):
-        vmid = 100 + i
-        config = {"memory": "4096", "cores": "2", "onboot": "1", "name": f"vm{i}", "ostype": "l26",
-                  "net0": f"virtio=BC:24:11:00:{i % 256:02X}:{i // 256 % 256:02X},bridge=vmbr0",
-                  "scsi0": f"local-lvm:vm-{vmid}-disk-0,size=32G", "vmgenid": "0a1b2c3d", "tags": "prod;web"}
-        request.actual.append(have(vmid, config=config, state=RUNNING))
-        wanted = {"memory": "8192" if i % drift_every == 0 else "4096", "cores": "2", "onboot": "1",
-                  "net0": "virtio,bridge=vmbr0", "tags": "web,prod"}
-        request.desired.append(want(vmid, state=RUNNING, config=wanted))
-    return request
 
 
 def test_plan_over_a_real_channel(channel: grpc.Channel) -> None:
@@ -54,7 +40,7 @@ def test_plan_over_a_real_channel(channel: grpc.Channel) -> None:
 def test_same_input_gives_same_bytes(channel: grpc.Channel) -> None:
     """The same snapshot, in any order, gives byte-identical responses."""
     call = channel.unary_unary("/planner.v1.PlannerService/Plan")
-    request = big_request(300, drift_every=7)
+    request = snapshot(300, drift_every=7)
     reordered = pb.PlanRequest(desired=list(reversed(request.desired)), actual=list(reversed(request.actual)))
     assert call(request.SerializeToString(), timeout=30) == call(reordered.SerializeToString(), timeout=30)
 
@@ -89,11 +75,11 @@ def test_reflection_lists_and_describes_services(channel: grpc.Channel) -> None:
 
 def test_fifty_thousand_guests_plan_without_resource_exhausted(channel: grpc.Channel) -> None:
     """A 50,000-guest snapshot (~8x gRPC's default 4 MiB) is planned: 1% drift, 500 SetConfigs."""
-    request = big_request(50_000)
+    request = snapshot(50_000)
     assert request.ByteSize() > 4 * 1024 * 1024
     response = pb_grpc.PlannerServiceStub(channel).Plan(request, timeout=120)
     assert len(response.actions) == 500
-    assert all(a.set_config.set["memory"] == "8192" for a in response.actions)
+    assert all(dict(a.set_config.set) == {"memory": "8192"} for a in response.actions)
 
 
 def test_message_limit_is_configurable() -> None:
@@ -102,9 +88,9 @@ def test_message_limit_is_configurable() -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.PlannerServiceStub(channel)
-            assert stub.Plan(big_request(100), timeout=10) is not None
+            assert stub.Plan(snapshot(100), timeout=10) is not None
             with pytest.raises(grpc.RpcError) as info:
-                stub.Plan(big_request(5_000), timeout=30)
+                stub.Plan(snapshot(5_000), timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         server.stop(running, grace=1)

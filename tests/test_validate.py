@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from planner.plan import plan
 from planner.v1 import planner_pb2 as pb
-from planner.validate import InvalidRequestError, validate
+from planner.validate import InvalidRequestError
 from tests.builders import PAUSED, RUNNING, have, want
 
 
 def refused(desired: list[pb.DesiredGuest], actual: list[pb.ActualGuest]) -> str:
     with pytest.raises(InvalidRequestError) as info:
-        validate(desired, actual)
+        plan(desired, actual)
     return str(info.value)
 
 
@@ -34,8 +35,9 @@ def refused(desired: list[pb.DesiredGuest], actual: list[pb.ActualGuest]) -> str
         ([want(100, config={"name": "a\x00"})], [], "desired[0].spec.config['name']: value contains"),
         ([want(100, description="a\x00")], [], "desired[0].description: contains NUL"),
         ([want(100, description="x" * 8193)], [], "desired[0].description: longer than PVE's 8192"),
-        ([want(100, config={"description": "a"}, description="b")], [],
-         "desired[0].spec.config[\"description\"]: set the description field instead"),
+        ([want(100, config={"description": "a"})], [], "desired[0].spec.config['description']: declare it in the"),
+        ([want(100, config={"Bad": "1"})], [have(100, lock="backup")], "desired[0].spec.config['Bad']"),
+        ([want(100, config={"name": "a\nb"})], [], "desired[0].spec.config['name']: value contains"),
     ],
 )
 def test_bad_request_names_the_field(desired: list[pb.DesiredGuest], actual: list[pb.ActualGuest],
@@ -46,6 +48,6 @@ def test_bad_request_names_the_field(desired: list[pb.DesiredGuest], actual: lis
 
 def test_valid_request_passes() -> None:
     """Newlines are fine in descriptions; PVE key names with digits, '_' and '-' are valid."""
-    validate([want(100, state=RUNNING, config={"net0": "virtio", "migrate_downtime": "1", "amd-sev": "type=std",
-                                               "description": "a\nb"})],
-             [have(100), have(999_999_999)])
+    plan([want(100, state=RUNNING, config={"net0": "virtio", "migrate_downtime": "1", "amd-sev": "type=std"},
+               description="a\nb")],
+         [have(100), have(999_999_999)])
