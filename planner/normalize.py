@@ -238,11 +238,10 @@ class PropertyString:
 
     def same(self, desired: str, actual: str | None) -> bool:
         """Every field desired pins has that value in actual."""
-        if is_blank(desired):
+        if not desired.strip():
             desired = self.default or ""
-        if is_blank(actual):
+        if actual is None or not actual.strip():
             actual = self.default or ""
-        assert actual is not None
         if not desired or not actual:
             return desired == actual
         want = pinned(desired, self.default_key, self.nic)

@@ -26,9 +26,21 @@ from planner.model import (
     Stop,
 )
 from planner.normalize import DEFAULT_REGISTRY, Registry, canon_bool, is_blank
-from planner.validate import LINE_BREAK_OR_NUL, check_desired, check_key, index_actual, refuse_value
+from planner.validate import (
+    DESIRED_RUN_STATES,
+    LINE_BREAK_OR_NUL,
+    VMID_MAX,
+    VMID_MIN,
+    check_description,
+    check_key,
+    check_run_state,
+    check_vmid,
+    index_actual,
+    refuse_value,
+)
 
 DESCRIPTION_KEY = "description"
+SpecForm = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 class Verdict(Enum):
@@ -47,11 +59,12 @@ class Comparer:
 
     registry: Registry
     memo: dict[tuple[int, str, str, str | None], tuple[Verdict, str]] = field(default_factory=dict)
-    specs: dict[bytes, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    specs: dict[bytes, SpecForm] = field(default_factory=dict)
 
-    def spec_form(self, index: int, spec: SpecView, known_keys: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def spec_form(self, index: int, spec: SpecView, known_keys: set[str]) -> SpecForm:
         """A desired spec as (keys, values), checked once: fleets repeat the same spec."""
-        fingerprint = spec.SerializeToString(deterministic=True)
+        # Only a cache key: equal bytes are equal maps; unequal bytes for equal maps are a miss.
+        fingerprint = spec.SerializeToString()
         form = self.specs.get(fingerprint)
         if form is None:
             config = spec.config
@@ -102,7 +115,19 @@ class _Diff:
             self.uncomparable.append(key)
 
 
-NO_DIFF = _Diff()  # shared, never mutated: "compared, nothing differs"
+@dataclass(slots=True)
+class _Planning:
+    """The state of one plan() call: what was seen, and what it has produced so far."""
+
+    comparer: Comparer
+    seen: dict[int, int] = field(default_factory=dict)
+    known_keys: set[str] = field(default_factory=set)
+    actions: list[Action] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def skip(self, vmid: int, reason: SkipReason, detail: str, keys: tuple[str, ...] = ()) -> None:
+        """Record a skip."""
+        self.skipped.append(Skip(vmid=vmid, reason=reason, detail=detail, keys=keys))
 
 
 def plan(
@@ -115,62 +140,72 @@ def plan(
     Raises InvalidRequestError naming the first bad field; the input order does not matter.
     """
     by_vmid = index_actual(actual)
-    comparer = Comparer(registry)
-    seen: dict[int, int] = {}
-    known_keys: set[str] = set()
-    actions: list[Action] = []
-    skipped: list[Skip] = []
-    for index, want in sorted(enumerate(desired), key=lambda pair: pair[1].vmid):
-        has_power, has_spec = want.HasField("run_state"), want.HasField("spec")
-        has_description = want.HasField("description")
-        check_desired(index, want, seen, has_power, has_description)
-        have = by_vmid.get(want.vmid)
-        lock = have.lock if have is not None else ""
-        writable = have is not None and not lock and have.config_known
-        diff = _diff_config(index, want, have if writable else None, comparer, known_keys,
-                            has_spec=has_spec, has_description=has_description)
-        if have is None:
-            skipped.append(Skip(vmid=want.vmid, reason=SkipReason.NOT_FOUND,
-                                detail="declared guest not found on the node"))
-        elif lock:
-            skipped.append(Skip(vmid=want.vmid, reason=SkipReason.LOCKED, detail=f"guest is locked ({lock})"))
+    state = _Planning(Comparer(registry))
+    # Each message field is read once: a protobuf attribute read costs a name lookup, and this
+    # loop runs once per guest of a snapshot of up to 50,000.
+    seen = state.seen
+    for vmid, index, want in sorted((want.vmid, index, want) for index, want in enumerate(desired)):
+        if vmid in seen or not VMID_MIN <= vmid <= VMID_MAX:
+            check_vmid("desired", index, vmid, seen)  # raises, naming the field
+        seen[vmid] = index
+        _plan_guest(state, index, vmid, want, by_vmid.get(vmid))
+    state.skipped.sort(key=lambda s: (s.vmid, s.reason))
+    return Plan(actions=tuple(state.actions), skipped=tuple(state.skipped))
+
+
+def _plan_guest(state: _Planning, index: int, vmid: int, want: DesiredView, have: ActualView | None) -> None:
+    """Check one desired guest, then append its actions (config first) and skips."""
+    want_power = want.run_state if want.HasField("run_state") else None
+    if want_power is not None and want_power not in DESIRED_RUN_STATES:
+        check_run_state(index, want_power)  # raises, naming the field
+    description = want.description if want.HasField("description") else None
+    if description is not None:
+        check_description(f"desired[{index}].description", description)
+    form = state.comparer.spec_form(index, want.spec, state.known_keys) if want.HasField("spec") else None
+    if have is None:
+        state.skip(vmid, SkipReason.NOT_FOUND, "declared guest not found on the node")
+        return
+    lock = have.lock
+    if lock:
+        state.skip(vmid, SkipReason.LOCKED, f"guest is locked ({lock})")
+        return
+    config_known = have.config_known
+    if form is not None or description is not None:
+        if config_known:
+            _plan_config(state, vmid, form, description, have)
         else:
-            if diff is not None:
-                if diff is not NO_DIFF:
-                    _emit_config(want, have, diff, actions, skipped)
-            elif has_spec or has_description:
-                skipped.append(Skip(vmid=want.vmid, reason=SkipReason.CONFIG_UNKNOWN,
-                                    detail="config could not be read; config and description not planned"))
-            if has_power and want.run_state != have.run_state:
-                _plan_power(want, have, actions, skipped)
-    skipped.sort(key=lambda s: (s.vmid, s.reason))
-    return Plan(actions=tuple(actions), skipped=tuple(skipped))
+            state.skip(vmid, SkipReason.CONFIG_UNKNOWN, "config could not be read; config and description not planned")
+    if want_power is not None:
+        have_power = have.run_state
+        if want_power != have_power:
+            _plan_power(state, vmid, want_power, have_power, have, config_known=config_known)
 
 
-def _diff_config(index: int, want: DesiredView, have: ActualView | None, comparer: Comparer,
-                 known_keys: set[str], *, has_spec: bool, has_description: bool) -> _Diff | None:
-    """Check every declared key; compare them when ``have`` (writable actual) is given.
+def _plan_config(state: _Planning, vmid: int, form: SpecForm | None, description: str | None,
+                 have: ActualView) -> None:
+    """Compare the declared keys with the actual config; emit what differs.
 
-    None when config and description are unmanaged or cannot be compared. This runs once per
-    guest of a whole snapshot, so it works on the spec's cached (keys, values) form and reads
-    the actual values in one C-level pass; only the keys whose text differs reach the normalizers.
+    The actual values are read in one C-level pass; only keys whose text differs reach the
+    normalizers, and their verdicts are memoized.
     """
-    keys, values = comparer.spec_form(index, want.spec, known_keys) if has_spec else ((), ())
-    if have is None or not (has_spec or has_description):
-        return None
-    diff: _Diff | None = None  # created on the first difference: most guests have none
-    current, guest_type = have.config, have.type
-    if has_description:
-        keys, values = (*keys, DESCRIPTION_KEY), (*values, want.description)
+    keys, values = form or ((), ())
+    if description is not None:
+        keys, values = (*keys, DESCRIPTION_KEY), (*values, description)
+    current = have.config
     found = tuple(map(current.get, keys))
-    if found != values:
-        for key, value, actual in zip(keys, values, found, strict=True):
-            if value != actual:
-                verdict, written = comparer.judge(guest_type, key, value, actual)
-                if verdict is not Verdict.EQUAL:
-                    diff = diff or _Diff()
-                    diff.add(key, verdict, written)
-    return diff or NO_DIFF
+    if found == values:
+        return
+    diff: _Diff | None = None  # most guests differ only in spelling: no diff at all
+    guest_type = have.type
+    judge = state.comparer.judge
+    for key, value, actual in zip(keys, values, found):  # noqa: B905 (equal lengths by construction)
+        if value != actual:
+            verdict, written = judge(guest_type, key, value, actual)
+            if verdict is not Verdict.EQUAL:
+                diff = diff or _Diff()
+                diff.add(key, verdict, written)
+    if diff is not None:
+        _emit_config(state, vmid, dict(zip(keys, values, strict=True)), have, diff)
 
 
 def _check_items(index: int, config: Mapping[str, str], known_keys: set[str]) -> None:
@@ -184,41 +219,31 @@ def _check_items(index: int, config: Mapping[str, str], known_keys: set[str]) ->
             refuse_value(index, key)
 
 
-def _emit_config(want: DesiredView, have: ActualView, diff: _Diff, actions: list[Action],
-                 skipped: list[Skip]) -> None:
+def _emit_config(state: _Planning, vmid: int, wanted: dict[str, str], have: ActualView, diff: _Diff) -> None:
     """Append a SetConfig with the differing keys and skips for what must not be written."""
     if diff.to_set or diff.to_delete:
-        actions.append(SetConfig(
-            vmid=want.vmid, guest_type=GuestType(have.type), set=tuple(sorted(diff.to_set.items())),
+        state.actions.append(SetConfig(
+            vmid=vmid, guest_type=GuestType(have.type), set=tuple(sorted(diff.to_set.items())),
             delete=tuple(sorted(diff.to_delete)), digest=have.digest,
         ))
     if diff.data:
         keys = tuple(sorted(diff.data))
-        wanted = want.spec.config
-        skipped.append(Skip(
-            vmid=want.vmid, reason=SkipReason.DATA_BEARING_KEY, keys=keys,
-            detail="data-bearing keys differ and are never written: "
-            + "; ".join(f"{k}: {have.config.get(k, '<absent>')!r} -> {wanted.get(k)!r}" for k in keys),
-        ))
+        state.skip(vmid, SkipReason.DATA_BEARING_KEY, "data-bearing keys differ and are never written: " + "; ".join(
+            f"{k}: {have.config.get(k, '<absent>')!r} -> {wanted[k]!r}" for k in keys), keys)
     if diff.uncomparable:
-        skipped.append(Skip(
-            vmid=want.vmid, reason=SkipReason.UNCOMPARABLE_KEY, keys=tuple(sorted(diff.uncomparable)),
-            detail="write-only or generated keys cannot be compared and are not written",
-        ))
+        state.skip(vmid, SkipReason.UNCOMPARABLE_KEY, "write-only or generated keys cannot be compared and are "
+                   "not written", tuple(sorted(diff.uncomparable)))
 
 
-def _plan_power(want: DesiredView, have: ActualView, actions: list[Action], skipped: list[Skip]) -> None:
-    """Append Start or Stop when the run state differs."""
-    guest_type = GuestType(have.type)
-    if want.run_state == RunState.RUNNING:
-        if have.run_state == RunState.PAUSED:
-            skipped.append(Skip(vmid=want.vmid, reason=SkipReason.PAUSED,
-                                detail="guest is paused; resuming is not planned"))
-        elif have.run_state == RunState.STOPPED:
-            if have.config_known and canon_bool(have.config.get("template", "0")) == "1":
-                skipped.append(Skip(vmid=want.vmid, reason=SkipReason.TEMPLATE,
-                                    detail="guest is a template and cannot be started"))
-            else:
-                actions.append(Start(vmid=want.vmid, guest_type=guest_type))
-    elif want.run_state == RunState.STOPPED and have.run_state != RunState.STOPPED:
-        actions.append(Stop(vmid=want.vmid, guest_type=guest_type))
+def _plan_power(state: _Planning, vmid: int, want: int, have_power: int, have: ActualView, *,
+                config_known: bool) -> None:
+    """Append Start or Stop for a run state that differs."""
+    if want == RunState.RUNNING:
+        if have_power == RunState.PAUSED:
+            state.skip(vmid, SkipReason.PAUSED, "guest is paused; resuming is not planned")
+        elif config_known and canon_bool(have.config.get("template", "0")) == "1":
+            state.skip(vmid, SkipReason.TEMPLATE, "guest is a template and cannot be started")
+        else:
+            state.actions.append(Start(vmid=vmid, guest_type=GuestType(have.type)))
+    elif want == RunState.STOPPED:
+        state.actions.append(Stop(vmid=vmid, guest_type=GuestType(have.type)))

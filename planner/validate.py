@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from planner.model import ActualView, DesiredView, GuestType, RunState
+from planner.model import ActualView, GuestType, RunState
 
 VMID_MIN, VMID_MAX = 100, 999_999_999
 DESCRIPTION_MAX = 8192
@@ -58,15 +58,11 @@ def index_actual(actual: Iterable[ActualView]) -> dict[int, ActualView]:
     return by_vmid
 
 
-def check_desired(index: int, guest: DesiredView, seen: dict[int, int], has_power: bool,
-                  has_description: bool) -> None:
-    """The guest-level rules of one desired guest (its config items are checked by the plan)."""
-    check_vmid("desired", index, guest.vmid, seen)
-    if has_power and guest.run_state not in DESIRED_RUN_STATES:
+def check_run_state(index: int, run_state: int) -> None:
+    """A desired run state, when set, is RUNNING or STOPPED."""
+    if run_state not in DESIRED_RUN_STATES:
         raise InvalidRequestError(f"desired[{index}].run_state",
                                   "must be RUN_STATE_RUNNING or RUN_STATE_STOPPED when set")
-    if has_description:
-        check_description(f"desired[{index}].description", guest.description)
 
 
 def check_key(index: int, key: str) -> None:
