@@ -197,10 +197,12 @@ def _plan_config(state: _Planning, vmid: int, form: SpecForm | None, description
         return
     diff: _Diff | None = None  # most guests differ only in spelling: no diff at all
     guest_type = have.type
-    judge = state.comparer.judge
+    comparer = state.comparer
+    memo = comparer.memo
     for key, value, actual in zip(keys, values, found):  # noqa: B905 (equal lengths by construction)
         if value != actual:
-            verdict, written = judge(guest_type, key, value, actual)
+            verdict, written = memo.get((guest_type, key, value, actual)) or comparer.judge(
+                guest_type, key, value, actual)
             if verdict is not Verdict.EQUAL:
                 diff = diff or _Diff()
                 diff.add(key, verdict, written)

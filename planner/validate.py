@@ -46,15 +46,16 @@ def check_vmid(field: str, index: int, vmid: int, seen: dict[int, int]) -> None:
 
 def index_actual(actual: Iterable[ActualView]) -> dict[int, ActualView]:
     """Actual guests by vmid, each checked: vmid, type and run state."""
-    by_vmid: dict[int, ActualView] = {}
-    seen: dict[int, int] = {}
+    by_vmid: dict[int, ActualView] = {}  # insertion order is input order: index = position
     for i, guest in enumerate(actual):
-        check_vmid("actual", i, guest.vmid, seen)
+        vmid = guest.vmid
+        if vmid in by_vmid or not VMID_MIN <= vmid <= VMID_MAX:
+            check_vmid("actual", i, vmid, {v: n for n, v in enumerate(by_vmid)})  # raises
         if guest.type not in GUEST_TYPES:
             raise InvalidRequestError(f"actual[{i}].type", "required: GUEST_TYPE_QEMU or GUEST_TYPE_LXC")
         if guest.run_state not in ACTUAL_RUN_STATES:
             raise InvalidRequestError(f"actual[{i}].run_state", "required: RUN_STATE_RUNNING, _STOPPED or _PAUSED")
-        by_vmid[guest.vmid] = guest
+        by_vmid[vmid] = guest
     return by_vmid
 
 
