@@ -12,9 +12,8 @@ import collections
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,17 @@ from journal.errors import (
     KeyInFlightError,
     OutcomeUnknownError,
 )
-from journal.records import Applied, Begun, Ended, Outcome, Record, TaskStarted, encode, payload_hash
+from journal.records import (
+    Applied,
+    Ended,
+    Outcome,
+    Record,
+    TaskStarted,
+    encode_obj,
+    from_json,
+    payload_hash,
+    to_json,
+)
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -48,6 +57,29 @@ class InFlight:
     upid: str | None = None
 
 
+class _Waiter:
+    """One queued record and how its thread learns the outcome."""
+
+    __slots__ = ("error", "event", "frame", "lead", "obj")
+
+    def __init__(self, frame: bytes, obj: dict[str, Any]) -> None:
+        self.frame, self.obj = frame, obj
+        self.event: threading.Event | None = None  # only a thread that must sleep gets one
+        self.lead = False
+        self.error: OSError | None = None
+
+    def wake(self) -> None:
+        """Wake the thread if it sleeps."""
+        if self.event is not None:
+            self.event.set()
+
+    def raise_error(self) -> None:
+        """Raise the write failure this record met, if any."""
+        if self.error is not None:
+            raise JournalWriteError(f"journal write failed, journal now refuses writes: "
+                                    f"{self.error.strerror or self.error}") from self.error
+
+
 @dataclass(frozen=True, slots=True)
 class _KeyState:
     """An idempotency key: its payload, its operation, and how that ended (None: in flight)."""
@@ -61,17 +93,18 @@ class _KeyState:
 class Journal:
     """The executor's memory across crashes. Use ``Journal.open(directory)``; thread-safe."""
 
-    def __init__(self, directory: Path, fd: int, lock_fd: int, sequence: int, size: int, *,
+    def __init__(self, directory: Path, segment: segments.ActiveSegment, lock_fd: int, sequence: int, *,
                  retention: float, segment_bytes: int, clock: Callable[[], float], keep_recent: int) -> None:
         self.directory = directory
-        self._fd, self._lock_fd, self._sequence, self._size = fd, lock_fd, sequence, size
+        self._segment, self._lock_fd, self._sequence = segment, lock_fd, sequence
         self._retention, self._segment_bytes, self._clock = retention, segment_bytes, clock
-        self._ops: dict[str, InFlight] = {}
+        # State is kept as the records' JSON objects: replay folds them without building objects.
+        self._ops: dict[str, dict[str, Any]] = {}
+        self._upids: dict[str, str] = {}
         self._keys: dict[str, _KeyState] = {}
-        self._recent: collections.deque[Record] = collections.deque(maxlen=keep_recent)
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_recent)
         self._cond = threading.Condition()
-        self._pending: list[tuple[bytes, Record]] = []
-        self._queued = self._durable = 0
+        self._queue: list[_Waiter] = []
         self._leading = False
         self._failure: BaseException | None = None
         self._closed = False
@@ -95,7 +128,7 @@ class Journal:
             lock_fd = segments.lock(path)
             segments.check_space(path)
             records, sequence = segments.recover(path)
-            fd, size = segments.open_active(path, sequence)
+            segment = segments.ActiveSegment.open(path, sequence)
         except BlockingIOError as exc:
             segments.close_quietly(lock_fd)
             raise JournalOpenError(f"journal {path} is in use by another process") from exc
@@ -105,10 +138,11 @@ class Journal:
         except JournalError:
             segments.close_quietly(lock_fd)
             raise
-        journal = cls(path, fd, lock_fd, sequence, size, retention=retention, segment_bytes=segment_bytes,
+        journal = cls(path, segment, lock_fd, sequence, retention=retention, segment_bytes=segment_bytes,
                       clock=clock, keep_recent=keep_recent)
-        for record in records:
-            journal._apply(record)
+        apply = journal._apply
+        for obj in records:
+            apply(obj)
         return journal
 
     # --- the operation lifecycle -----------------------------------------------------------
@@ -121,17 +155,17 @@ class Journal:
         in flight (KeyInFlightError), ended unknown (OutcomeUnknownError), or came with another
         payload (IdempotencyConflictError).
         """
-        op_id = op_id or uuid.uuid4().hex
-        record = Begun(op_id=op_id, vmid=vmid, kind=kind, payload=dict(payload), key=key, at=self._clock())
-        frame = encode(record)
+        op_id, at = op_id or os.urandom(16).hex(), self._clock()
+        obj = {"t": "begun", "op": op_id, "vmid": vmid, "kind": kind, "payload": dict(payload), "key": key, "at": at}
+        frame = encode_obj(obj)
         with self._cond:
             self._check_open()
             if op_id in self._ops:
                 raise JournalError(f"operation {op_id} is already in flight")
             if key is not None:
-                self._reserve(key, payload_hash(record.payload), op_id, record.at)
+                self._reserve(key, payload_hash(payload), op_id, at)
             try:
-                self._commit(frame, record)
+                self._commit(frame, obj)
             except BaseException:
                 if key is not None and op_id not in self._ops:
                     self._keys.pop(key, None)  # release the reservation: nothing was recorded
@@ -147,19 +181,22 @@ class Journal:
         self._append_for(op_id, Ended(op_id=op_id, outcome=outcome, error=error, at=self._clock()))
 
     def _append_for(self, op_id: str, record: TaskStarted | Ended) -> None:
-        frame = encode(record)
+        obj = to_json(record)
+        frame = encode_obj(obj)
         with self._cond:
             self._check_open()
             if op_id not in self._ops:
                 raise JournalError(f"operation {op_id} is not in flight")
-            self._commit(frame, record)
+            self._commit(frame, obj)
 
     # --- queries ------------------------------------------------------------------------------
 
     def in_flight(self) -> list[InFlight]:
         """Operations begun and not ended, oldest first."""
         with self._cond:
-            return sorted(self._ops.values(), key=lambda op: op.begun_at)
+            return [InFlight(op_id=op["op"], vmid=op["vmid"], kind=op["kind"], payload=op["payload"], key=op["key"],
+                             begun_at=op["at"], upid=self._upids.get(op["op"]))
+                    for op in sorted(self._ops.values(), key=lambda op: op["at"])]
 
     def already_applied(self, key: str, payload: Mapping[str, Any] | None = None) -> bool:
         """Whether an operation with ``key`` ended ok within the retention window.
@@ -179,7 +216,8 @@ class Journal:
     def recent(self, limit: int = 100) -> list[Record]:
         """The last ``limit`` records, oldest first."""
         with self._cond:
-            return list(self._recent)[-limit:] if limit > 0 else []
+            objects = list(self._recent)[-limit:] if limit > 0 else []
+        return [from_json(obj) for obj in objects]
 
     @property
     def stats(self) -> tuple[int, int]:
@@ -199,7 +237,7 @@ class Journal:
             if self._closed:
                 return
             self._closed = True
-            segments.close_quietly(self._fd)
+            self._segment.close()
             segments.close_quietly(self._lock_fd)
             self._cond.notify_all()
 
@@ -238,69 +276,87 @@ class Journal:
             raise OutcomeUnknownError(f"key {key!r}: operation {state.op_id} ended with an unknown outcome")
         self._keys[key] = _KeyState(digest, op_id, None, at)
 
-    def _commit(self, frame: bytes, record: Record) -> None:
-        """Queue ``frame`` and return once it is durable (leading the sync if nobody is)."""
-        self._pending.append((frame, record))
-        self._queued += 1
-        ticket = self._queued
-        while self._durable < ticket:
-            self._check_open()
-            if self._leading:
-                self._cond.wait()
-            else:
-                self._lead()
+    def _commit(self, frame: bytes, obj: dict[str, Any]) -> None:
+        """Queue ``frame`` and return once it is durable. Called with the lock held.
+
+        Group commit: with nobody syncing, this thread leads: it writes and syncs everything
+        queued, then hands the lead to the first thread that queued meanwhile. Every other thread
+        sleeps on its own event and is woken once, when its record is durable (or the lead is
+        handed to it), never by every sync.
+        """
+        waiter = _Waiter(frame, obj)
+        self._queue.append(waiter)
+        if self._leading:
+            waiter.event = threading.Event()
+            self._cond.release()
+            try:
+                waiter.event.wait()
+            finally:
+                self._cond.acquire()
+            if not waiter.lead:
+                waiter.raise_error()
+                return
+        self._leading = True
+        self._lead()
+        waiter.raise_error()
 
     def _lead(self) -> None:
-        """Write and sync every queued frame with the lock released, then publish them."""
-        batch, upto = self._pending, self._queued
-        self._pending = []
-        self._leading = True
+        """Write and sync the queue with the lock released, publish it, then hand the lead on."""
+        batch, self._queue = self._queue, []
         error: OSError | None = None
         self._cond.release()
         try:
-            self._size += segments.write_all(self._fd, b"".join(frame for frame, _ in batch))
-            self._syncs += 1
-            self._appends += len(batch)
+            self._segment.append(b"".join(w.frame for w in batch))
         except OSError as exc:
             error = exc
         finally:
             self._cond.acquire()
-            self._leading = False
-            self._cond.notify_all()
+        if error is None:
+            self._syncs += 1
+            self._appends += len(batch)
+            for waiter in batch:
+                self._apply(waiter.obj)
+            if self._segment.size > self._segment_bytes:
+                error = self._compact()
         if error is not None:
             self._failure = error
-            raise JournalWriteError(f"journal {self.directory}: write failed, journal now refuses writes: "
-                                    f"{error.strerror or error}") from error
-        for _, record in batch:
-            self._apply(record)
-        self._durable = upto
-        if self._size > self._segment_bytes:
-            self._compact()
+            batch += self._queue  # nobody may write after a failure: fail the queued ones too
+            self._queue = []
+        for waiter in batch:
+            waiter.error = error
+            waiter.wake()
+        if self._queue:
+            self._queue[0].lead = True
+            self._queue[0].wake()
+        else:
+            self._leading = False
+            self._cond.notify_all()  # close() may be waiting for the lead to end
 
-    def _apply(self, record: Record) -> None:
-        """Fold a durable record into the in-memory state (idempotent, for replay)."""
-        self._recent.append(record)
-        match record:
-            case Begun():
-                self._ops[record.op_id] = InFlight(op_id=record.op_id, vmid=record.vmid, kind=record.kind,
-                                                   payload=record.payload, key=record.key, begun_at=record.at)
-                if record.key is not None:
-                    self._keys[record.key] = _KeyState(payload_hash(record.payload), record.op_id, None, record.at)
-            case TaskStarted():
-                if (op := self._ops.get(record.op_id)) is not None:
-                    self._ops[record.op_id] = replace(op, upid=record.upid)
-            case Ended():
-                op = self._ops.pop(record.op_id, None)
-                if op is not None and op.key is not None:
-                    if record.outcome is Outcome.FAILED:
-                        self._keys.pop(op.key, None)  # a failed one-shot may be retried
-                    else:
-                        self._keys[op.key] = _KeyState(payload_hash(op.payload), op.op_id, record.outcome,
-                                                       record.at)
-            case Applied():
-                self._keys[record.key] = _KeyState(record.payload_hash, record.op_id, record.outcome, record.at)
+    def _apply(self, obj: dict[str, Any]) -> None:
+        """Fold a durable record's JSON object into the in-memory state (idempotent, for replay)."""
+        self._recent.append(obj)
+        kind, keys = obj["t"], self._keys
+        if kind == "begun":
+            self._ops[obj["op"]] = obj
+            if (key := obj["key"]) is not None:
+                keys[key] = _KeyState(payload_hash(obj["payload"]), obj["op"], None, obj["at"])
+        elif kind == "task":
+            if obj["op"] in self._ops:
+                self._upids[obj["op"]] = obj["upid"]
+        elif kind == "ended":
+            op = self._ops.pop(obj["op"], None)
+            self._upids.pop(obj["op"], None)
+            if op is not None and (key := op["key"]) is not None:
+                if obj["outcome"] == Outcome.FAILED.value:
+                    keys.pop(key, None)  # a failed one-shot may be retried
+                else:
+                    known = keys.get(key)
+                    digest = known.payload_hash if known is not None else payload_hash(op["payload"])
+                    keys[key] = _KeyState(digest, op["op"], Outcome(obj["outcome"]), obj["at"])
+        elif kind == "applied":
+            keys[obj["key"]] = _KeyState(obj["hash"], obj["op"], Outcome(obj["outcome"]), obj["at"])
 
-    def _compact(self) -> None:
+    def _compact(self) -> OSError | None:
         """Start a new segment holding only what recovery and idempotency need; drop the old ones.
 
         The snapshot is written to a temporary file, synced and renamed before any old segment is
@@ -308,27 +364,25 @@ class Journal:
         which replay folds idempotently).
         """
         now = self._clock()
-        live: list[Record] = []
-        for op in sorted(self._ops.values(), key=lambda o: o.begun_at):
-            live.append(Begun(op_id=op.op_id, vmid=op.vmid, kind=op.kind, payload=op.payload, key=op.key,
-                              at=op.begun_at))
-            if op.upid is not None:
-                live.append(TaskStarted(op_id=op.op_id, upid=op.upid, at=op.begun_at))
+        live: list[dict[str, Any]] = []
+        for op in sorted(self._ops.values(), key=lambda o: o["at"]):
+            live.append(op)
+            if (upid := self._upids.get(op["op"])) is not None:
+                live.append(to_json(TaskStarted(op_id=op["op"], upid=upid, at=op["at"])))
         for key, state in list(self._keys.items()):
             if state.outcome is None:
                 continue
             if now - state.at > self._retention:
                 del self._keys[key]
                 continue
-            live.append(Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id, outcome=state.outcome,
-                                at=state.at))
+            live.append(to_json(Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id,
+                                        outcome=state.outcome, at=state.at)))
         try:
-            fd, size = segments.rotate(self.directory, self._sequence + 1, b"".join(encode(r) for r in live))
+            segment = segments.rotate(self.directory, self._sequence + 1, b"".join(encode_obj(o) for o in live))
         except OSError as exc:
-            self._failure = exc
-            raise JournalWriteError(f"journal {self.directory}: compaction failed, journal now refuses writes: "
-                                    f"{exc.strerror or exc}") from exc
-        segments.close_quietly(self._fd)
-        self._fd, self._size, self._sequence = fd, size, self._sequence + 1
+            return exc
+        self._segment.close()
+        self._segment, self._sequence = segment, self._sequence + 1
         segments.remove_before(self.directory, self._sequence)
+        return None
 

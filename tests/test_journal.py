@@ -168,6 +168,19 @@ def test_corruption_in_the_middle_is_an_error_naming_file_and_offset(path: Path)
     assert str(segment) in str(info.value) and str(info.value.offset) in str(info.value)
 
 
+def test_zeros_left_in_an_older_segment_are_not_corruption(path: Path) -> None:
+    """A crash between a compaction's rename and its clean-up leaves the old segment's zero run."""
+    ops = _write_ops(path, 3)
+    old = path / name(1)
+    old.write_bytes(old.read_bytes() + bytes(4096))
+    (path / name(2)).write_bytes(b"")
+    with Journal.open(path) as journal:
+        assert [f.op_id for f in journal.in_flight()] == ops
+    old.write_bytes(old.read_bytes() + b"garbage" + bytes(100))
+    with pytest.raises(JournalCorruptError):
+        Journal.open(path)
+
+
 def test_concurrent_appends_are_safe_and_group_committed(path: Path) -> None:
     """16 threads appending at once: every record lands, in fewer syncs than records."""
     with Journal.open(path) as journal:
