@@ -87,7 +87,7 @@ def reopen_seconds(directory: Path) -> float:
 
 def keys_rss_mb(directory: Path) -> tuple[float, float]:
     """RSS and peak RSS (MB) of a fresh process that opened a journal holding 100,000 keys."""
-    chunks = [encode(Applied(key=f"snapshot-{i}-pre-upgrade", payload_hash=f"{i:064x}", op_id=f"{i:032x}",
+    chunks = [encode(Applied(key=f"snapshot-{i}-pre-upgrade", payload_hash=i.to_bytes(32, "big"), op_id=f"{i:032x}",
                              outcome=Outcome.OK, at=time.time())) for i in range(100_000)]
     (directory / name(1)).write_bytes(b"".join(chunks))
     probe = (

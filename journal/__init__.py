@@ -19,7 +19,8 @@ from journal.errors import (
     OutcomeUnknownError,
 )
 from journal.records import Applied, Begun, Ended, Outcome, Record, TaskStarted
-from journal.store import InFlight, Journal
+from journal.state import InFlight
+from journal.store import Journal
 
 __all__ = [
     "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",

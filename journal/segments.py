@@ -11,11 +11,11 @@ import fcntl
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from journal.errors import JournalCorruptError
-from journal.records import scan
+from journal.records import Body, scan
 
 PREFIX, SUFFIX, TMP = "journal-", ".log", ".tmp"
 PROBE_BYTES = 64 * 1024
@@ -77,8 +77,8 @@ def sequences(directory: Path) -> list[int]:
     return sorted(found)
 
 
-def recover(directory: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every record of every segment, in order, and the last segment's sequence (1 when none).
+def recover(directory: Path, sink: Callable[[Body], None]) -> int:
+    """Feed every record of every segment, in order, to ``sink``; return the last sequence (1 when none).
 
     A torn tail of the last segment (a crash mid-append: nothing valid after it) is truncated, as
     is the run of zeros an active segment keeps ahead of its data (left in an older segment when a
@@ -88,11 +88,10 @@ def recover(directory: Path) -> tuple[list[dict[str, Any]], int]:
     for leftover in directory.glob(f"{PREFIX}*{TMP}"):
         leftover.unlink()  # an unfinished compaction: the old segments are still complete
     present = sequences(directory)
-    records: list[dict[str, Any]] = []
     for sequence in present:
         path = directory / name(sequence)
         data = path.read_bytes()
-        found, bad, valid_after = scan(data)
+        bad, valid_after = scan(data, sink)
         if bad is not None:
             zeros_only = not data[bad.offset:].strip(b"\0")
             if valid_after or (sequence != present[-1] and not zeros_only):
@@ -100,8 +99,7 @@ def recover(directory: Path) -> tuple[list[dict[str, Any]], int]:
                 shutil.copyfile(path, copy)
                 raise JournalCorruptError(str(path), bad.offset, copy, bad.reason)
             _truncate(path, bad.offset)
-        records.extend(found)
-    return records, present[-1] if present else 1
+    return present[-1] if present else 1
 
 
 def _truncate(path: Path, size: int) -> None:

@@ -8,12 +8,10 @@ write, since a retried fsync can report success for data the kernel already drop
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,41 +27,30 @@ from journal.errors import (
     OutcomeUnknownError,
 )
 from journal.records import (
-    Applied,
+    Begun,
+    Body,
     Ended,
     Outcome,
     Record,
     TaskStarted,
-    encode_obj,
-    from_json,
+    encode_body,
+    fields_of,
     payload_hash,
-    to_json,
+    record_of,
 )
+from journal.state import InFlight, KeyState, State
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InFlight:
-    """An operation begun and not ended: what the executor re-checks on restart."""
-
-    op_id: str
-    vmid: int
-    kind: str
-    payload: Mapping[str, Any]
-    key: str | None
-    begun_at: float
-    upid: str | None = None
-
-
 class _Waiter:
     """One queued record and how its thread learns the outcome."""
 
-    __slots__ = ("error", "event", "frame", "lead", "obj")
+    __slots__ = ("body", "error", "event", "frame", "lead")
 
-    def __init__(self, frame: bytes, obj: dict[str, Any]) -> None:
-        self.frame, self.obj = frame, obj
+    def __init__(self, frame: bytes, body: Body) -> None:
+        self.frame, self.body = frame, body
         self.event: threading.Event | None = None  # only a thread that must sleep gets one
         self.lead = False
         self.error: OSError | None = None
@@ -80,29 +67,15 @@ class _Waiter:
                                     f"{self.error.strerror or self.error}") from self.error
 
 
-@dataclass(frozen=True, slots=True)
-class _KeyState:
-    """An idempotency key: its payload, its operation, and how that ended (None: in flight)."""
-
-    payload_hash: str
-    op_id: str
-    outcome: Outcome | None
-    at: float
-
-
 class Journal:
     """The executor's memory across crashes. Use ``Journal.open(directory)``; thread-safe."""
 
-    def __init__(self, directory: Path, segment: segments.ActiveSegment, lock_fd: int, sequence: int, *,
-                 retention: float, segment_bytes: int, clock: Callable[[], float], keep_recent: int) -> None:
+    def __init__(self, directory: Path, segment: segments.ActiveSegment, lock_fd: int, sequence: int, state: State, *,
+                 retention: float, segment_bytes: int, clock: Callable[[], float]) -> None:
         self.directory = directory
         self._segment, self._lock_fd, self._sequence = segment, lock_fd, sequence
         self._retention, self._segment_bytes, self._clock = retention, segment_bytes, clock
-        # State is kept as the records' JSON objects: replay folds them without building objects.
-        self._ops: dict[str, dict[str, Any]] = {}
-        self._upids: dict[str, str] = {}
-        self._keys: dict[str, _KeyState] = {}
-        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_recent)
+        self._state = state
         self._cond = threading.Condition()
         self._queue: list[_Waiter] = []
         self._leading = False
@@ -127,7 +100,8 @@ class Journal:
             path.mkdir(parents=True, exist_ok=True)
             lock_fd = segments.lock(path)
             segments.check_space(path)
-            records, sequence = segments.recover(path)
+            state = State(keep_recent)
+            sequence = segments.recover(path, state.apply)
             segment = segments.ActiveSegment.open(path, sequence)
         except BlockingIOError as exc:
             segments.close_quietly(lock_fd)
@@ -138,12 +112,8 @@ class Journal:
         except JournalError:
             segments.close_quietly(lock_fd)
             raise
-        journal = cls(path, segment, lock_fd, sequence, retention=retention, segment_bytes=segment_bytes,
-                      clock=clock, keep_recent=keep_recent)
-        apply = journal._apply
-        for obj in records:
-            apply(obj)
-        return journal
+        return cls(path, segment, lock_fd, sequence, state, retention=retention, segment_bytes=segment_bytes,
+                   clock=clock)
 
     # --- the operation lifecycle -----------------------------------------------------------
 
@@ -156,19 +126,21 @@ class Journal:
         payload (IdempotencyConflictError).
         """
         op_id, at = op_id or os.urandom(16).hex(), self._clock()
-        obj = {"t": "begun", "op": op_id, "vmid": vmid, "kind": kind, "payload": dict(payload), "key": key, "at": at}
-        frame = encode_obj(obj)
+        body = fields_of(Begun(op_id=op_id, vmid=vmid, kind=kind, payload=payload, key=key, at=at))
+        frame = encode_body(body)
         with self._cond:
             self._check_open()
-            if op_id in self._ops:
+            if op_id in self._state.ops:
                 raise JournalError(f"operation {op_id} is already in flight")
             if key is not None:
-                self._reserve(key, payload_hash(payload), op_id, at)
+                canonical_payload = body[3][3]
+                assert canonical_payload is not None
+                self._reserve(key, payload_hash(canonical_payload), op_id, at)
             try:
-                self._commit(frame, obj)
+                self._commit(frame, body)
             except BaseException:
-                if key is not None and op_id not in self._ops:
-                    self._keys.pop(key, None)  # release the reservation: nothing was recorded
+                if key is not None and op_id not in self._state.ops:
+                    self._state.keys.pop(key, None)  # release the reservation: nothing was recorded
                 raise
         return op_id
 
@@ -181,22 +153,20 @@ class Journal:
         self._append_for(op_id, Ended(op_id=op_id, outcome=outcome, error=error, at=self._clock()))
 
     def _append_for(self, op_id: str, record: TaskStarted | Ended) -> None:
-        obj = to_json(record)
-        frame = encode_obj(obj)
+        body = fields_of(record)
+        frame = encode_body(body)
         with self._cond:
             self._check_open()
-            if op_id not in self._ops:
+            if op_id not in self._state.ops:
                 raise JournalError(f"operation {op_id} is not in flight")
-            self._commit(frame, obj)
+            self._commit(frame, body)
 
     # --- queries ------------------------------------------------------------------------------
 
     def in_flight(self) -> list[InFlight]:
         """Operations begun and not ended, oldest first."""
         with self._cond:
-            return [InFlight(op_id=op["op"], vmid=op["vmid"], kind=op["kind"], payload=op["payload"], key=op["key"],
-                             begun_at=op["at"], upid=self._upids.get(op["op"]))
-                    for op in sorted(self._ops.values(), key=lambda op: op["at"])]
+            return self._state.in_flight()
 
     def already_applied(self, key: str, payload: Mapping[str, Any] | None = None) -> bool:
         """Whether an operation with ``key`` ended ok within the retention window.
@@ -216,8 +186,8 @@ class Journal:
     def recent(self, limit: int = 100) -> list[Record]:
         """The last ``limit`` records, oldest first."""
         with self._cond:
-            objects = list(self._recent)[-limit:] if limit > 0 else []
-        return [from_json(obj) for obj in objects]
+            bodies = list(self._state.recent)[-limit:] if limit > 0 else []
+        return [record_of(body) for body in bodies]
 
     @property
     def stats(self) -> tuple[int, int]:
@@ -256,13 +226,13 @@ class Journal:
             raise JournalWriteError(f"journal {self.directory} failed earlier and takes no more writes: "
                                     f"{self._failure}") from self._failure
 
-    def _live_key(self, key: str) -> _KeyState | None:
-        state = self._keys.get(key)
+    def _live_key(self, key: str) -> KeyState | None:
+        state = self._state.keys.get(key)
         if state is not None and state.outcome is not None and self._clock() - state.at > self._retention:
             return None
         return state
 
-    def _reserve(self, key: str, digest: str, op_id: str, at: float) -> None:
+    def _reserve(self, key: str, digest: bytes, op_id: str, at: float) -> None:
         if not key:
             raise ValueError("an idempotency key must not be empty")
         state = self._live_key(key)
@@ -274,9 +244,9 @@ class Journal:
             if state.outcome is Outcome.OK:
                 raise AlreadyAppliedError(f"key {key!r} was applied by operation {state.op_id}")
             raise OutcomeUnknownError(f"key {key!r}: operation {state.op_id} ended with an unknown outcome")
-        self._keys[key] = _KeyState(digest, op_id, None, at)
+        self._state.keys[key] = KeyState(digest, op_id, None, at)
 
-    def _commit(self, frame: bytes, obj: dict[str, Any]) -> None:
+    def _commit(self, frame: bytes, body: Body) -> None:
         """Queue ``frame`` and return once it is durable. Called with the lock held.
 
         Group commit: with nobody syncing, this thread leads: it writes and syncs everything
@@ -284,7 +254,7 @@ class Journal:
         sleeps on its own event and is woken once, when its record is durable (or the lead is
         handed to it), never by every sync.
         """
-        waiter = _Waiter(frame, obj)
+        waiter = _Waiter(frame, body)
         self._queue.append(waiter)
         if self._leading:
             waiter.event = threading.Event()
@@ -315,7 +285,7 @@ class Journal:
             self._syncs += 1
             self._appends += len(batch)
             for waiter in batch:
-                self._apply(waiter.obj)
+                self._state.apply(waiter.body)
             if self._segment.size > self._segment_bytes:
                 error = self._compact()
         if error is not None:
@@ -332,30 +302,6 @@ class Journal:
             self._leading = False
             self._cond.notify_all()  # close() may be waiting for the lead to end
 
-    def _apply(self, obj: dict[str, Any]) -> None:
-        """Fold a durable record's JSON object into the in-memory state (idempotent, for replay)."""
-        self._recent.append(obj)
-        kind, keys = obj["t"], self._keys
-        if kind == "begun":
-            self._ops[obj["op"]] = obj
-            if (key := obj["key"]) is not None:
-                keys[key] = _KeyState(payload_hash(obj["payload"]), obj["op"], None, obj["at"])
-        elif kind == "task":
-            if obj["op"] in self._ops:
-                self._upids[obj["op"]] = obj["upid"]
-        elif kind == "ended":
-            op = self._ops.pop(obj["op"], None)
-            self._upids.pop(obj["op"], None)
-            if op is not None and (key := op["key"]) is not None:
-                if obj["outcome"] == Outcome.FAILED.value:
-                    keys.pop(key, None)  # a failed one-shot may be retried
-                else:
-                    known = keys.get(key)
-                    digest = known.payload_hash if known is not None else payload_hash(op["payload"])
-                    keys[key] = _KeyState(digest, op["op"], Outcome(obj["outcome"]), obj["at"])
-        elif kind == "applied":
-            keys[obj["key"]] = _KeyState(obj["hash"], obj["op"], Outcome(obj["outcome"]), obj["at"])
-
     def _compact(self) -> OSError | None:
         """Start a new segment holding only what recovery and idempotency need; drop the old ones.
 
@@ -364,21 +310,9 @@ class Journal:
         which replay folds idempotently).
         """
         now = self._clock()
-        live: list[dict[str, Any]] = []
-        for op in sorted(self._ops.values(), key=lambda o: o["at"]):
-            live.append(op)
-            if (upid := self._upids.get(op["op"])) is not None:
-                live.append(to_json(TaskStarted(op_id=op["op"], upid=upid, at=op["at"])))
-        for key, state in list(self._keys.items()):
-            if state.outcome is None:
-                continue
-            if now - state.at > self._retention:
-                del self._keys[key]
-                continue
-            live.append(to_json(Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id,
-                                        outcome=state.outcome, at=state.at)))
+        live = self._state.live(lambda state: now - state.at > self._retention)
         try:
-            segment = segments.rotate(self.directory, self._sequence + 1, b"".join(encode_obj(o) for o in live))
+            segment = segments.rotate(self.directory, self._sequence + 1, b"".join(encode_body(body) for body in live))
         except OSError as exc:
             return exc
         self._segment.close()

@@ -1,0 +1,103 @@
+"""The journal's in-memory state, folded from record bodies (replay and live appends alike)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from journal.records import APPLIED, BEGUN, ENDED, OUTCOME_CODES, OUTCOMES, TASK, Applied, Body, Outcome
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InFlight:
+    """An operation begun and not ended: what the executor re-checks on restart."""
+
+    op_id: str
+    vmid: int
+    kind: str
+    payload: dict[str, Any]
+    key: str | None
+    begun_at: float
+    upid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """An idempotency key: its payload hash, its operation, how that ended (None: in flight), when."""
+
+    payload_hash: bytes
+    op_id: str
+    outcome: Outcome | None
+    at: float
+
+
+class State:
+    """Operations in flight and idempotency keys, kept as raw bodies: replay builds no objects."""
+
+    def __init__(self, keep_recent: int) -> None:
+        self.ops: dict[str, Body] = {}
+        self.upids: dict[str, str] = {}
+        self.keys: dict[str, KeyState] = {}
+        self.recent: collections.deque[Body] = collections.deque(maxlen=keep_recent)
+
+    def apply(self, body: Body) -> None:
+        """Fold one durable record (idempotent: compaction may leave records replayed twice)."""
+        self.recent.append(body)
+        kind, at, number, fields = body
+        op = fields[0].decode() if fields and fields[0] is not None else ""
+        if kind == BEGUN:
+            self.ops[op] = body
+            if (key := fields[2]) is not None and fields[3] is not None:
+                self.keys[key.decode()] = KeyState(hashlib.sha256(fields[3]).digest(), op, None, at)
+        elif kind == TASK:
+            if op in self.ops and fields[1] is not None:
+                self.upids[op] = fields[1].decode()
+        elif kind == ENDED:
+            self._end(op, OUTCOMES[number], at)
+        elif kind == APPLIED and fields[1] is not None and fields[2] is not None:
+            self.keys[fields[1].decode()] = KeyState(fields[2], op, OUTCOMES[number], at)
+
+    def _end(self, op: str, outcome: Outcome, at: float) -> None:
+        begun = self.ops.pop(op, None)
+        self.upids.pop(op, None)
+        if begun is None or (raw_key := begun[3][2]) is None:
+            return
+        key = raw_key.decode()
+        if outcome is Outcome.FAILED:
+            self.keys.pop(key, None)  # a failed one-shot may be retried
+        elif (known := self.keys.get(key)) is not None:
+            self.keys[key] = KeyState(known.payload_hash, op, outcome, at)
+
+    def in_flight(self) -> list[InFlight]:
+        """Operations in flight, oldest first, decoded."""
+        flights = []
+        for op, (_, at, vmid, fields) in self.ops.items():
+            kind, key, payload = fields[1], fields[2], fields[3]
+            flights.append(InFlight(op_id=op, vmid=vmid, kind=kind.decode() if kind else "",
+                                    payload=json.loads(payload) if payload else {},
+                                    key=key.decode() if key is not None else None, begun_at=at,
+                                    upid=self.upids.get(op)))
+        return sorted(flights, key=lambda f: f.begun_at)
+
+    def live(self, expired: Callable[[KeyState], bool]) -> list[Body]:
+        """What compaction keeps: in-flight begun (and task) records, and unexpired keys."""
+        bodies: list[Body] = []
+        for op, begun in sorted(self.ops.items(), key=lambda item: item[1][1]):
+            bodies.append(begun)
+            if (upid := self.upids.get(op)) is not None:
+                bodies.append((TASK, begun[1], 0, [op.encode(), upid.encode()]))
+        for key, state in list(self.keys.items()):
+            if state.outcome is None:
+                continue
+            if expired(state):
+                del self.keys[key]
+                continue
+            applied = Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id, outcome=state.outcome,
+                              at=state.at)
+            bodies.append((APPLIED, applied.at, OUTCOME_CODES[applied.outcome],
+                           [applied.op_id.encode(), key.encode(), applied.payload_hash]))
+        return bodies
