@@ -1,0 +1,55 @@
+"""Actions as the executor runs them: converted once from the planner's wire type."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from executor.pve import LXC, QEMU
+from planner.v1 import planner_pb2 as pb
+
+START, STOP, SET_CONFIG = "start", "stop", "set_config"
+TYPES = {pb.GUEST_TYPE_QEMU: QEMU, pb.GUEST_TYPE_LXC: LXC}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One mutation of one guest."""
+
+    vmid: int
+    guest_type: str
+    kind: str
+    set: tuple[tuple[str, str], ...] = ()
+    delete: tuple[str, ...] = ()
+    digest: str = ""
+
+    def payload(self) -> dict[str, Any]:
+        """What the journal records of it."""
+        if self.kind != SET_CONFIG:
+            return {"type": self.guest_type}
+        return {"type": self.guest_type, "set": dict(self.set), "delete": list(self.delete), "digest": self.digest}
+
+
+def step_from_proto(action: pb.Action) -> Step:
+    """A planner.v1 Action as a Step."""
+    guest_type = TYPES[action.type]
+    match action.WhichOneof("kind"):
+        case "start":
+            return Step(vmid=action.vmid, guest_type=guest_type, kind=START)
+        case "stop":
+            return Step(vmid=action.vmid, guest_type=guest_type, kind=STOP)
+        case "set_config":
+            change = action.set_config
+            return Step(vmid=action.vmid, guest_type=guest_type, kind=SET_CONFIG,
+                        set=tuple(sorted(change.set.items())), delete=tuple(change.delete), digest=change.digest)
+    raise ValueError(f"action for {action.vmid} has no kind")
+
+
+def by_guest(actions: Iterable[pb.Action]) -> dict[int, list[Step]]:
+    """Steps grouped per vmid, each guest's in plan order."""
+    grouped: dict[int, list[Step]] = {}
+    for action in actions:
+        step = step_from_proto(action)
+        grouped.setdefault(step.vmid, []).append(step)
+    return grouped

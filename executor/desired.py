@@ -1,0 +1,192 @@
+"""Desired state: the provider seam and its first providers.
+
+``EmptyProvider`` (the default: nothing declared, nothing mutated), ``StaticProvider`` (tests),
+``FileProvider`` (a YAML file, re-read when it changes). A future hub over gRPC is one more
+``DesiredProvider``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+import yaml
+
+log = structlog.get_logger("executor.desired")
+GUEST_KEYS = frozenset({"vmid", "state", "config", "description"})
+STATES = frozenset({"running", "stopped"})
+_KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Declared:
+    """One guest's declared state; None parts are not managed."""
+
+    vmid: int
+    state: str | None = None
+    config: Mapping[str, str] | None = field(default=None)
+    description: str | None = None
+
+
+class DesiredProvider(Protocol):
+    """Where declared state comes from."""
+
+    def desired(self) -> list[Declared]:
+        """The current declared state (raising DesiredStateError when it cannot be had at all)."""
+
+
+class DesiredStateError(ValueError):
+    """The declared state is invalid or unreadable; the message names the file, line and field."""
+
+
+class EmptyProvider:
+    """Nothing declared: the daemon runs and mutates nothing."""
+
+    def desired(self) -> list[Declared]:
+        """Always empty."""
+        return []
+
+
+@dataclass(slots=True)
+class StaticProvider:
+    """A fixed list, for tests and embedding."""
+
+    guests: list[Declared]
+
+    def desired(self) -> list[Declared]:
+        """The list given."""
+        return list(self.guests)
+
+
+class FileProvider:
+    """A YAML file (``guests: [{vmid, state, config, description}]``), re-read when it changes.
+
+    The first read must succeed; on a later bad edit the last good state is kept and a warning
+    logged, so a typo never turns into "manage nothing" or a half-applied file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._guests = parse(self.path.read_text(encoding="utf-8"), str(self.path))
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int]:
+        st = self.path.stat()
+        return st.st_mtime_ns, st.st_size
+
+    def desired(self) -> list[Declared]:
+        """The file's guests; reloaded when its mtime or size changed."""
+        try:
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._guests = parse(self.path.read_text(encoding="utf-8"), str(self.path))
+                self._stamp = stamp
+                log.info("desired_reloaded", path=str(self.path), guests=len(self._guests))
+        except (OSError, DesiredStateError) as exc:
+            log.warning("desired_reload_failed", path=str(self.path), error=str(exc), kept=len(self._guests))
+        return list(self._guests)
+
+
+def parse(text: str, name: str = "<desired>") -> list[Declared]:
+    """Parse and check a desired-state document; DesiredStateError names file, line and field."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise DesiredStateError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        raise DesiredStateError(f"{name}:{root.start_mark.line + 1}: expected a mapping with a 'guests' list")
+    guests_node = None
+    for key, value in root.value:
+        if key.value != "guests":
+            raise DesiredStateError(f"{name}:{key.start_mark.line + 1}: unknown key {key.value!r} (expected 'guests')")
+        guests_node = value
+    if guests_node is None or (isinstance(guests_node, yaml.ScalarNode) and guests_node.value in ("", "~", "null")):
+        return []
+    if not isinstance(guests_node, yaml.SequenceNode):
+        raise DesiredStateError(f"{name}:{guests_node.start_mark.line + 1}: 'guests' must be a list")
+    seen: dict[int, int] = {}
+    declared = []
+    for item in guests_node.value:
+        guest = _guest(item, name)
+        line = item.start_mark.line + 1
+        if guest.vmid in seen:
+            raise DesiredStateError(f"{name}:{line}: vmid: duplicate vmid {guest.vmid} "
+                                    f"(first at line {seen[guest.vmid]})")
+        seen[guest.vmid] = line
+        declared.append(guest)
+    return declared
+
+
+def _where(name: str, node: yaml.Node, field_name: str) -> str:
+    return f"{name}:{node.start_mark.line + 1}: {field_name}"
+
+
+def _guest(node: yaml.Node, name: str) -> Declared:
+    if not isinstance(node, yaml.MappingNode):
+        raise DesiredStateError(f"{_where(name, node, 'guest')}: each guest must be a mapping")
+    fields: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if key.value not in GUEST_KEYS:
+            raise DesiredStateError(f"{_where(name, key, key.value)}: unknown key (expected one of "
+                                    f"{', '.join(sorted(GUEST_KEYS))})")
+        fields[key.value] = value
+    if "vmid" not in fields:
+        raise DesiredStateError(f"{_where(name, node, 'vmid')}: required")
+    vmid_node = fields["vmid"]
+    if not (isinstance(vmid_node, yaml.ScalarNode) and vmid_node.tag.endswith(":int")):
+        raise DesiredStateError(f"{_where(name, vmid_node, 'vmid')}: must be an integer, got {vmid_node.value!r}")
+    vmid = int(vmid_node.value)
+    if not 100 <= vmid <= 999_999_999:
+        raise DesiredStateError(f"{_where(name, vmid_node, 'vmid')}: must be 100..999999999, got {vmid}")
+    return Declared(vmid=vmid, state=_state(fields.get("state"), name), config=_config(fields.get("config"), name),
+                    description=_description(fields.get("description"), name))
+
+
+def _state(node: yaml.Node | None, name: str) -> str | None:
+    if node is None:
+        return None
+    if not isinstance(node, yaml.ScalarNode) or node.value not in STATES:
+        raise DesiredStateError(f"{_where(name, node, 'state')}: must be running or stopped, got {node.value!r}")
+    return str(node.value)
+
+
+def _config(node: yaml.Node | None, name: str) -> dict[str, str] | None:
+    if node is None:
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        raise DesiredStateError(f"{_where(name, node, 'config')}: must be a mapping of PVE keys to values")
+    config: dict[str, str] = {}
+    for key, value in node.value:
+        if not _KEY.fullmatch(str(key.value)):
+            raise DesiredStateError(f"{_where(name, key, 'config.' + str(key.value))}: not a PVE config key")
+        if not isinstance(value, yaml.ScalarNode):
+            raise DesiredStateError(f"{_where(name, value, 'config.' + key.value)}: must be a single value")
+        config[key.value] = _scalar(value)
+    return config
+
+
+def _scalar(node: yaml.ScalarNode) -> str:
+    """A YAML scalar as PVE text: booleans as 1/0 (PVE refuses True), null as blank (delete)."""
+    if node.tag.endswith(":bool"):
+        return "1" if node.value.lower() in ("true", "yes", "on") else "0"
+    if node.tag.endswith(":null"):
+        return ""
+    return str(node.value)
+
+
+def _description(node: yaml.Node | None, name: str) -> str | None:
+    if node is None:
+        return None
+    if not isinstance(node, yaml.ScalarNode):
+        raise DesiredStateError(f"{_where(name, node, 'description')}: must be text")
+    return str(node.value)

@@ -1,0 +1,79 @@
+"""The executor's client of the planner service: deadline, bounded retry, one error type."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import grpc
+
+from executor.desired import Declared
+from executor.pve import LXC, QEMU, GuestState
+from planner.v1 import planner_pb2 as pb
+from planner.v1 import planner_pb2_grpc as pb_grpc
+
+RUN_STATES = {"running": pb.RUN_STATE_RUNNING, "stopped": pb.RUN_STATE_STOPPED, "paused": pb.RUN_STATE_PAUSED}
+GUEST_TYPES = {QEMU: pb.GUEST_TYPE_QEMU, LXC: pb.GUEST_TYPE_LXC}
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class PlannerUnavailableError(RuntimeError):
+    """The planner could not produce a plan (unreachable, or it refused the request)."""
+
+
+def desired_to_proto(guests: Iterable[Declared]) -> list[pb.DesiredGuest]:
+    """Declared guests as planner.v1 messages."""
+    out = []
+    for guest in guests:
+        message = pb.DesiredGuest(vmid=guest.vmid)
+        if guest.state is not None:
+            message.run_state = RUN_STATES[guest.state]
+        if guest.config is not None:
+            message.spec.SetInParent()
+            message.spec.config.update(guest.config)
+        if guest.description is not None:
+            message.description = guest.description
+        out.append(message)
+    return out
+
+
+def actual_to_proto(guest: GuestState, config: tuple[dict[str, str], str] | None) -> pb.ActualGuest:
+    """An observed guest (with its config and digest when read) as a planner.v1 message."""
+    message = pb.ActualGuest(vmid=guest.vmid, type=GUEST_TYPES[guest.type],
+                             run_state=RUN_STATES.get(guest.status, pb.RUN_STATE_STOPPED), lock=guest.lock)
+    if config is not None:
+        message.config_known = True
+        message.config.update(config[0])
+        message.digest = config[1]
+    return message
+
+
+class PlannerClient:
+    """Calls planner.v1.PlannerService/Plan over one long-lived channel."""
+
+    def __init__(self, target: str, *, deadline: float = 30.0, attempts: int = 3,
+                 channel: grpc.Channel | None = None) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self._channel = channel or grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.PlannerServiceStub(self._channel)
+        self._deadline, self._attempts = deadline, attempts
+
+    def plan(self, desired: Sequence[pb.DesiredGuest], actual: Sequence[pb.ActualGuest]) -> pb.PlanResponse:
+        """Plan, retrying transient failures with a short backoff; PlannerUnavailableError otherwise."""
+        request = pb.PlanRequest(desired=desired, actual=actual)
+        for attempt in range(1, self._attempts + 1):
+            try:
+                response: pb.PlanResponse = self._stub.Plan(request, timeout=self._deadline)
+                return response
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in RETRYABLE or attempt == self._attempts:
+                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from None
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()

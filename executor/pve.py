@@ -1,0 +1,270 @@
+"""The Proxmox adapter: proxmoxer over HTTPS, and PVE's task semantics.
+
+One ``ProxmoxAPI`` (one HTTPS session) for the life of the process: a new session costs ~45 ms.
+Timeouts are well above proxmoxer's 5 s default. Secrets live in ``Credentials`` fields that are
+never printed (``repr=False``) and never logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import requests
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import AuthenticationError, ResourceException
+
+# proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
+logging.getLogger("proxmoxer").setLevel(logging.WARNING)
+
+QEMU, LXC = "qemu", "lxc"
+
+
+class PveError(Exception):
+    """A Proxmox call failed; ``status`` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PveUnavailableError(PveError):
+    """No answer: connection refused or reset, timeout, TLS failure, 5xx from a proxy."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    """API token (``user@realm!id`` + secret) or user + password; secrets are never printed."""
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+    token_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def is_token(self) -> bool:
+        """Token auth needs no ticket renewal."""
+        return "!" in self.user
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connection:
+    """Where and how to reach the node's API."""
+
+    host: str
+    port: int = 8006
+    node: str
+    credentials: Credentials
+    ca_file: str | None = None
+    insecure: bool = False
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestState:
+    """A guest as the node's guest list shows it."""
+
+    vmid: int
+    type: str  # qemu or lxc
+    status: str  # running, stopped or paused
+    lock: str
+
+
+class TaskResult(enum.Enum):
+    """How a PVE task ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """A finished task's result and PVE's exit status text."""
+
+    result: TaskResult
+    exitstatus: str
+
+
+def classify(exitstatus: str) -> TaskOutcome:
+    """PVE's exit status: ``OK`` and ``WARNINGS: n`` succeed, "unexpected status" is unknown."""
+    if exitstatus == "OK" or exitstatus.startswith("WARNINGS"):
+        return TaskOutcome(TaskResult.OK, exitstatus)
+    if "unexpected status" in exitstatus:
+        return TaskOutcome(TaskResult.UNKNOWN, exitstatus)
+    return TaskOutcome(TaskResult.FAILED, exitstatus)
+
+
+def upid_node(upid: str) -> str:
+    """The node a UPID names (``UPID:{node}:...``): ask that node about the task."""
+    parts = upid.split(":")
+    if len(parts) < 9 or parts[0] != "UPID":
+        raise PveError(f"not a UPID: {upid!r}")
+    return parts[1]
+
+
+def as_text(value: object) -> str:
+    """A PVE config value as the planner compares it: numbers as they read, strings as they are."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+class Pve(Protocol):
+    """What the executor needs from a Proxmox node (one real implementation: ``ProxmoxNode``)."""
+
+    node: str
+
+    def guests(self) -> list[GuestState]:
+        """Every guest of the node with its run state and lock (one request per guest type)."""
+
+    def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
+        """The pending-applied config and its digest."""
+
+    def start(self, guest_type: str, vmid: int) -> str:
+        """Start; the task's UPID."""
+
+    def shutdown(self, guest_type: str, vmid: int, timeout: int, force: bool) -> str:
+        """Graceful shutdown, forced stop after ``timeout`` when ``force``; the task's UPID."""
+
+    def set_config(self, guest_type: str, vmid: int, values: Mapping[str, str], delete: Sequence[str],
+                   digest: str) -> str | None:
+        """Write config (QEMU: a UPID to wait on; LXC: None, already done)."""
+
+    def task_status(self, upid: str) -> dict[str, Any]:
+        """The task's status record."""
+
+    def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
+        """The node's tasks for a guest started at or after ``since`` (Unix time)."""
+
+
+class ProxmoxNode:
+    """``Pve`` over proxmoxer, with re-login on a revoked or expired ticket."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.node = connection.node
+        self._connection = connection
+        self._login_lock = threading.Lock()
+        self._api = self._login()
+
+    def _login(self) -> Any:
+        c, creds = self._connection, self._connection.credentials
+        verify: bool | str = False if c.insecure else (c.ca_file or True)
+        kwargs: dict[str, Any] = {"port": c.port, "verify_ssl": verify, "timeout": c.timeout, "service": "PVE"}
+        if creds.is_token:
+            user, _, token_name = creds.user.partition("!")
+            kwargs.update(user=user, token_name=token_name, token_value=creds.token_secret)
+        else:
+            kwargs.update(user=creds.user, password=creds.password)
+        try:
+            return ProxmoxAPI(c.host, **kwargs)
+        except AuthenticationError:
+            raise PveError(f"login to {c.host}:{c.port} as {creds.user} refused", 401) from None
+        except requests.RequestException as exc:
+            raise PveUnavailableError(f"cannot reach {c.host}:{c.port}: {type(exc).__name__}") from None
+
+    def _call(self, request: Callable[[Any], Any]) -> Any:
+        """Run one API request; translate errors once; log in again once on a 401 (tickets)."""
+        for attempt in (1, 2):
+            try:
+                return request(self._api)
+            except ResourceException as exc:
+                if exc.status_code == 401 and attempt == 1 and not self._connection.credentials.is_token:
+                    with self._login_lock:
+                        self._api = self._login()
+                    continue
+                message = str(exc.content or exc.status_message).strip()
+                if exc.errors:
+                    message = f"{message} {exc.errors}"
+                error = PveUnavailableError if exc.status_code in (502, 503, 504, 595, 596) else PveError
+                raise error(message, exc.status_code) from None
+            except requests.RequestException as exc:
+                raise PveUnavailableError(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")
+
+    def guests(self) -> list[GuestState]:
+        """QEMU (``full=1`` for qmpstatus) and LXC lists of the node."""
+        found = []
+        for kind in (QEMU, LXC):
+            params = {"full": 1} if kind == QEMU else {}
+
+            def listing(api: Any, kind: str = kind, params: dict[str, int] = params) -> Any:
+                return getattr(api.nodes(self.node), kind).get(**params)
+
+            for item in self._call(listing) or []:
+                status = item.get("status", "unknown")
+                if status == "running" and item.get("qmpstatus") in ("paused", "suspended", "prelaunch"):
+                    status = "paused"
+                found.append(GuestState(vmid=int(item["vmid"]), type=kind, status=status,
+                                        lock=str(item.get("lock") or "")))
+        return found
+
+    def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
+        """GET .../config: PVE's pending-applied view, values as text, digest apart."""
+        data = self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).config.get()) or {}
+        digest = str(data.pop("digest", ""))
+        return {key: as_text(value) for key, value in data.items()}, digest
+
+    def start(self, guest_type: str, vmid: int) -> str:
+        """POST .../status/start."""
+        return str(self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).status.start.post()))
+
+    def shutdown(self, guest_type: str, vmid: int, timeout: int, force: bool) -> str:
+        """POST .../status/shutdown with PVE's own timeout and forceStop fallback."""
+        params = {"timeout": timeout, "forceStop": 1 if force else 0}
+        return str(self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).status.shutdown.post(
+            **params)))
+
+    def set_config(self, guest_type: str, vmid: int, values: Mapping[str, str], delete: Sequence[str],
+                   digest: str) -> str | None:
+        """QEMU: POST (a qmconfig task); LXC: PUT (synchronous). The digest guards both."""
+        params: dict[str, Any] = dict(values)
+        if delete:
+            params["delete"] = ",".join(delete)
+        if digest:
+            params["digest"] = digest
+        if guest_type == QEMU:
+            answer = self._call(lambda api: api.nodes(self.node).qemu(vmid).config.post(**params))
+        else:
+            answer = self._call(lambda api: api.nodes(self.node).lxc(vmid).config.put(**params))
+        return str(answer) if answer else None
+
+    def task_status(self, upid: str) -> dict[str, Any]:
+        """GET /nodes/{upid's node}/tasks/{upid}/status."""
+        return dict(self._call(lambda api: api.nodes(upid_node(upid)).tasks(upid).status.get()) or {})
+
+    def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
+        """GET /nodes/{node}/tasks?vmid=&since=."""
+        listed = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100))
+        return [dict(t) for t in listed or [] if int(t.get("starttime", 0)) >= int(since)]
+
+
+def wait_task(pve: Pve, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep, missing_grace: float = 5.0) -> TaskOutcome:
+    """Poll a task until it stops: fast first, backing off; "no such task" is retried briefly.
+
+    Past ``deadline`` (a ``clock`` time) the outcome is UNKNOWN: the task may still finish.
+    """
+    delay, first_missing = 0.02, None
+    while True:
+        try:
+            status = pve.task_status(upid)
+        except PveUnavailableError:
+            status = {}
+        except PveError as exc:
+            # A UPID can answer "no such task" right after it was issued.
+            now = clock()
+            first_missing = first_missing or now
+            if now - first_missing > missing_grace:
+                return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}")
+            status = {}
+        if status.get("status") == "stopped":
+            return classify(str(status.get("exitstatus", "")))
+        if clock() >= deadline:
+            return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline")
+        sleep(delay)
+        delay = min(delay * 1.6, 2.0)
