@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from executor.desired import Declared, StaticProvider
+from executor.engine import Engine, Settings
+from executor.planner_client import PlannerClient
+from executor.pve import Connection, Credentials, ProxmoxNode
+from executor.queue import GuestQueue
+from journal import Journal
 from planner import server
 
 
@@ -26,3 +34,44 @@ def _channel(planner: server.Running) -> Iterator[grpc.Channel]:
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     with grpc.insecure_channel(f"127.0.0.1:{planner.port}", options=options) as channel:
         yield channel
+
+
+@pytest.fixture(name="connect")
+def _connect(fakepve: Any, fakepve_cafile: str) -> Callable[..., Connection]:
+    """Connection settings for the fakepve fixture (password login, its CA verified)."""
+    def make(**overrides: Any) -> Connection:
+        options: dict[str, Any] = {"host": "127.0.0.1", "port": fakepve.port, "node": "pve1",
+                                   "credentials": Credentials(user="root@pam", password="secret"),
+                                   "ca_file": fakepve_cafile}
+        options.update(overrides)
+        return Connection(**options)
+    return make
+
+
+@pytest.fixture(name="node")
+def _node(connect: Callable[..., Connection]) -> ProxmoxNode:
+    """The real Proxmox adapter, logged in to fakepve over HTTPS."""
+    return ProxmoxNode(connect())
+
+
+@pytest.fixture(name="make_engine")
+def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
+    """Engines over the real adapter, a real planner on loopback and a real journal; closed after."""
+    made: list[tuple[Engine, GuestQueue]] = []
+
+    def make(desired: list[Declared], *, max_parallel: int = 4, journal: bool = True, pve: Any = None,
+             **settings: Any) -> Engine:
+        queue = GuestQueue(max_parallel)
+        engine = Engine(pve=pve or node, planner=PlannerClient(f"127.0.0.1:{planner.port}"),
+                        provider=StaticProvider(desired), queue=queue,
+                        journal=Journal.open(tmp_path / f"journal-{len(made)}") if journal else None,
+                        settings=Settings(**{"backoff_base": 0.0, **settings}))
+        made.append((engine, queue))
+        return engine
+
+    yield make
+    for engine, queue in made:
+        queue.close(5)
+        engine.close()
+        if engine.journal is not None:
+            engine.journal.close()

@@ -1,0 +1,203 @@
+"""The executor against fakepve over HTTPS, a real planner and a real journal: convergence."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from executor.desired import Declared
+from executor.engine import Engine, TickOutcome
+from executor.planner_client import PlannerClient
+from executor.pve import ProxmoxNode
+
+Make = Callable[..., Engine]
+WRITES = ("POST", "PUT", "DELETE")
+
+
+def writes(fakepve: Any, vmid: int | None = None) -> list[tuple[str, str]]:
+    """The mutating requests fakepve received (logins aside), optionally for one guest."""
+    found = [(m, p) for m, p, _ in fakepve.requests if m in WRITES and not p.endswith("/access/ticket")]
+    return [(m, p) for m, p in found if vmid is None or f"/{vmid}/" in p + "/"]
+
+
+def test_converges_power_and_config_on_qemu_and_lxc(fakepve: Any, make_engine: Make) -> None:
+    """Start, stop and config changes land on both guest types; the second tick plans nothing."""
+    vm = fakepve.add_vm(100, "web", status="stopped", config={"memory": 2048, "cores": 1,
+                                                             "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})
+    ct = fakepve.add_ct(101, "cache", status="running", config={"memory": 512, "hostname": "cache"})
+    vm2 = fakepve.add_vm(102, "db", status="running", config={"memory": 1024})
+    ct2 = fakepve.add_ct(103, "proxy", status="stopped", config={"memory": 256, "hostname": "proxy"})
+    engine = make_engine([
+        Declared(vmid=100, state="running", config={"memory": "4096", "net0": "virtio,bridge=vmbr0"},
+                 description="web tier"),
+        Declared(vmid=101, state="stopped", config={"memory": "1024"}),
+        Declared(vmid=102, state="stopped"),
+        Declared(vmid=103, state="running", config={"onboot": "true"}, description="proxy"),
+    ])
+    first = engine.tick(wait=True)
+    assert (first.outcome, first.queued, first.succeeded, first.failed) == (TickOutcome.OK, 7, 7, 0)
+    assert (vm.status, vm.config["memory"], vm.config["description"]) == ("running", "4096", "web tier")
+    assert vm.config["net0"] == "virtio=BC:24:11:00:00:01,bridge=vmbr0"  # the generated MAC kept
+    assert (ct.status, str(ct.config["memory"])) == ("stopped", "1024")
+    assert vm2.status == "stopped"
+    assert (ct2.status, str(ct2.config["onboot"]), ct2.config["description"].strip()) == ("running", "1", "proxy")
+    before = len(fakepve.requests)
+    second = engine.tick(wait=True)
+    assert (second.outcome, second.queued) == (TickOutcome.OK, 0)
+    assert not [r for r in fakepve.requests[before:] if r[0] in WRITES]
+    assert engine.counters == {("set_config", "ok"): 3, ("start", "ok"): 2, ("stop", "ok"): 2}
+
+
+def test_unmanaged_guests_and_keys_are_untouched(fakepve: Any, make_engine: Make) -> None:
+    """Only declared guests and declared keys are written; nothing without a declaration."""
+    vm = fakepve.add_vm(100, "web", status="running", config={"memory": 2048, "cores": 8, "onboot": 0})
+    fakepve.add_vm(900, "other", status="stopped", config={"memory": 1})
+    engine = make_engine([Declared(vmid=100, config={"onboot": "1"})])
+    assert engine.tick(wait=True).succeeded == 1
+    assert writes(fakepve, 900) == []
+    assert (vm.status, vm.config["cores"], vm.config["memory"], str(vm.config["onboot"])) == ("running", 8, 2048, "1")
+    body = [b for m, p, b in fakepve.requests if m == "POST" and p.endswith("/qemu/100/config")]
+    assert len(body) == 1 and "onboot" in str(body[0]) and "cores" not in str(body[0])
+
+
+def test_nothing_declared_means_no_reads_and_no_writes(fakepve: Any, make_engine: Make) -> None:
+    """The default empty desired state performs zero mutations (and does not even read)."""
+    fakepve.add_vm(100, "web", status="stopped")
+    before = len(fakepve.requests)
+    summary = make_engine([]).tick(wait=True)
+    assert (summary.outcome, summary.queued) == (TickOutcome.OK, 0)
+    assert fakepve.requests[before:] == []
+
+
+def test_locked_guest_is_skipped(fakepve: Any, make_engine: Make) -> None:
+    """A guest under a backup lock gets no request at all that would fail; it is reported skipped."""
+    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    fakepve.snapshot_lock(100, "backup")
+    summary = make_engine([Declared(vmid=100, state="running", config={"memory": "1024"})]).tick(wait=True)
+    assert (summary.queued, summary.skipped) == (0, 1)
+    assert writes(fakepve, 100) == []
+
+
+def test_task_error_is_counted_and_retried(fakepve: Any, make_engine: Make) -> None:
+    """A start whose task ends in error is a failed action; a later tick retries and converges."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    vm.start_error = "start failed: could not activate storage 'nfs-down'"
+    engine = make_engine([Declared(vmid=100, state="running")])
+    failed = engine.tick(wait=True)
+    assert (failed.outcome, failed.failed) == (TickOutcome.ACTIONS_FAILED, 1)
+    assert engine.counters[("start", "failed")] == 1
+    assert engine.backoff[100][0] == 1
+    vm.start_error = None
+    time.sleep(0.01)
+    assert engine.tick(wait=True).succeeded == 1
+    assert vm.status == "running" and 100 not in engine.backoff
+
+
+def test_failed_guest_backs_off_before_the_retry(fakepve: Any, make_engine: Make) -> None:
+    """With a backoff, the failed guest is deferred on the next tick instead of hammered."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    vm.start_error = "boom"
+    engine = make_engine([Declared(vmid=100, state="running")], backoff_base=60.0)
+    engine.tick(wait=True)
+    again = engine.tick(wait=True)
+    assert (again.queued, again.deferred) == (0, 1)
+
+
+def test_shutdown_that_times_out_falls_back_to_a_forced_stop(fakepve: Any, make_engine: Make) -> None:
+    """A guest ignoring ACPI past the timeout is stopped by force; without force the action fails."""
+    fakepve.time_scale = 0.005
+    stubborn = fakepve.add_vm(100, "web", status="running")
+    stubborn.shutdown_secs = 300
+    assert make_engine([Declared(vmid=100, state="stopped")], shutdown_timeout=20).tick(wait=True).succeeded == 1
+    assert stubborn.status == "stopped"
+    log = [t for t in fakepve.tasklog if t["type"] == "qmshutdown"][-1]["log"]
+    assert any("terminating now" in line for line in log)
+    polite = fakepve.add_vm(101, "db", status="running")
+    polite.shutdown_secs = 300
+    summary = make_engine([Declared(vmid=101, state="stopped")], shutdown_timeout=20, force_stop=False).tick(wait=True)
+    assert summary.failed == 1 and polite.status == "running"
+
+
+def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make, node: ProxmoxNode) -> None:
+    """PVE's "CT n not running" on a stop means the goal is reached, not a failure."""
+    fakepve.add_ct(101, "cache", status="stopped")
+    engine = make_engine([])
+    from executor.actions import STOP, Step  # noqa: PLC0415
+
+    assert engine.execute(Step(vmid=101, guest_type="lxc", kind=STOP)).value == "ok"
+
+
+def test_http_5xx_and_a_flaky_network_only_delay_convergence(fakepve: Any, make_engine: Make) -> None:
+    """A 500 on the guest list and dropped connections fail ticks or actions, never the daemon."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    engine = make_engine([Declared(vmid=100, state="running", config={"memory": "1024"})])
+    fakepve.fail("GET", "/nodes/pve1/qemu", 500, "proxy error", times=1)
+    assert engine.tick(wait=True).outcome is TickOutcome.PVE_UNAVAILABLE
+    fakepve.flaky_network(drop_rate=0.3, seed=7)
+    for _ in range(30):
+        engine.tick(wait=True)
+        if vm.status == "running" and str(vm.config.get("memory")) == "1024":
+            break
+    fakepve.flaky_network()
+    assert vm.status == "running" and str(vm.config["memory"]) == "1024"
+    assert engine.tick(wait=True).queued == 0
+
+
+def test_revoked_ticket_logs_in_again(fakepve: Any, make_engine: Make) -> None:
+    """After every ticket is revoked, the next request re-authenticates and the tick succeeds."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    engine = make_engine([Declared(vmid=100, state="running")])
+    fakepve.revoke_tickets()
+    assert engine.tick(wait=True).succeeded == 1
+    assert vm.status == "running"
+    logins = [p for m, p, _ in fakepve.requests if p.endswith("/access/ticket")]
+    assert len(logins) == 2
+
+
+class ChangesBehindOurBack:
+    """The real adapter, but an administrator edits the guest between our read and our write."""
+
+    def __init__(self, node: ProxmoxNode, fakepve: Any) -> None:
+        self._node, self._fakepve, self.node = node, fakepve, node.node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+    def set_config(self, *args: Any, **kwargs: Any) -> Any:
+        vm = self._fakepve.vm(args[1])
+        vm.config["cores"] = 4  # someone else's edit: the digest we read is stale now
+        return self._node.set_config(*args, **kwargs)
+
+
+def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(fakepve: Any, make_engine: Make,
+                                                                      node: ProxmoxNode) -> None:
+    """A config changed between read and write is refused by PVE; re-read, re-planned, converged."""
+    vm = fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    racing = make_engine([Declared(vmid=100, config={"memory": "2048"})], pve=ChangesBehindOurBack(node, fakepve))
+    summary = racing.tick(wait=True)
+    assert summary.failed == 1 and str(vm.config["memory"]) == "512"
+    assert racing.counters[("set_config", "failed")] == 1
+    assert make_engine([Declared(vmid=100, config={"memory": "2048"})]).tick(wait=True).succeeded == 1
+    assert (str(vm.config["memory"]), vm.config["cores"]) == ("2048", 4)
+
+
+def test_planner_down_means_zero_mutations(fakepve: Any, make_engine: Make, unused_port: int) -> None:
+    """With the planner unreachable the tick reads, fails to plan, and writes nothing."""
+    fakepve.add_vm(100, "web", status="stopped")
+    engine = make_engine([Declared(vmid=100, state="running")])
+    engine.planner = PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2)
+    summary = engine.tick(wait=True)
+    assert summary.outcome is TickOutcome.PLANNER_UNAVAILABLE and "UNAVAILABLE" in summary.error
+    assert writes(fakepve) == []
+
+
+@pytest.fixture(name="unused_port")
+def _unused_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
