@@ -1,8 +1,9 @@
 """The per-guest serializer queue: the single choke point of every mutation.
 
 Jobs of one vmid run strictly one at a time in submit order; jobs of different vmids run in
-parallel, at most ``max_parallel`` at once. When a worker frees up it takes the lane whose head
-job has waited longest, so no lane starves. Submitting never blocks. A later safety gate can wrap
+parallel, at most ``max_parallel`` at once. When a worker frees up it takes the lane that has
+waited longest for a worker (a lane that just ran goes to the back), so a guest with a long queue
+cannot starve the others. Submitting never blocks. A later safety gate can wrap
 ``run`` (the one function every job passes through) without touching the queue.
 """
 
@@ -42,7 +43,7 @@ class GuestQueue:
         self._on_error = on_error
         self._lock = threading.Condition()
         self._lanes: dict[int, deque[Job]] = {}
-        self._ready: list[tuple[int, int]] = []  # (seq of the lane's head job, vmid): a heap
+        self._ready: list[tuple[int, int]] = []  # (when the lane became ready, as a seq; vmid): a heap
         self._running: set[int] = set()
         self._workers: list[threading.Thread] = []
         self._seq = itertools.count()
@@ -112,7 +113,7 @@ class GuestQueue:
                 if lane and lane[0] is job:
                     lane.popleft()
                 if lane:
-                    heapq.heappush(self._ready, (lane[0].seq, vmid))
+                    heapq.heappush(self._ready, (next(self._seq), vmid))  # to the back of the line
                 else:
                     del self._lanes[vmid]
                 self._lock.notify_all()
