@@ -23,7 +23,7 @@ class Job:
     """Work for one guest; ``seq`` orders it globally by submission."""
 
     vmid: int
-    run: Callable[[], None]
+    run: Callable[[], object]
     label: str = ""
     seq: int = 0
     submitted: float = field(default_factory=time.monotonic)

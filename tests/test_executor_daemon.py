@@ -21,7 +21,7 @@ from executor.engine import Engine
 from executor.server import start_api
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import Journal, Outcome
+from journal import Ended, Journal, Outcome
 from planner import server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_sigkill_during_a_slow_task_is_resolved_from_its_upid(fakepve: Any, fake
     assert len([t for t in fakepve.tasklog if t["type"] == "qmstart"]) == 1
     with Journal.open(tmp_path / "state") as journal:
         assert journal.in_flight() == []
-        assert [r.outcome for r in journal.recent() if type(r).__name__ == "Ended"] == [Outcome.OK]
+        assert [r.outcome for r in journal.recent() if isinstance(r, Ended)] == [Outcome.OK]
 
 
 def test_executor_api_status_reconcile_and_operations(fakepve: Any, make_engine: Callable[..., Engine]) -> None:

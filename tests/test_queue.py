@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -68,7 +69,7 @@ def test_oldest_waiting_lane_goes_first_so_none_starves() -> None:
     queue, order, gate = GuestQueue(1), [], threading.Event()
     queue.submit(Job(vmid=100, run=gate.wait))
     for n in range(3):
-        queue.submit(Job(vmid=100, run=lambda n=n: order.append((100, n))))
+        queue.submit(Job(vmid=100, run=functools.partial(order.append, (100, n))))
     queue.submit(Job(vmid=200, run=lambda: order.append((200, 0))))
     gate.set()
     assert queue.wait_idle(10)
