@@ -66,7 +66,8 @@ def test_submit_never_blocks_and_busy_reports_depths() -> None:
 
 def test_oldest_waiting_lane_goes_first_so_none_starves() -> None:
     """With one worker, a lane with many jobs does not starve a guest that queued later."""
-    queue, order, gate = GuestQueue(1), [], threading.Event()
+    queue, gate = GuestQueue(1), threading.Event()
+    order: list[tuple[int, int]] = []
     queue.submit(Job(vmid=100, run=gate.wait))
     for n in range(3):
         queue.submit(Job(vmid=100, run=functools.partial(order.append, (100, n))))
