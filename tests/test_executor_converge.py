@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -201,3 +202,38 @@ def _unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_same_guest_in_order_different_guests_in_parallel(fakepve: Any, make_engine: Make) -> None:
+    """Per guest: config written and its task awaited before the start; across guests: 3 starts at once."""
+    fakepve.time_scale = 0.01
+    vmids = list(range(100, 106))
+    for vmid in vmids:
+        fakepve.add_vm(vmid, f"vm{vmid}", status="stopped", config={"memory": 512}).start_secs = 40  # 0.4 s
+    engine = make_engine([Declared(vmid=v, state="running", config={"memory": "1024"}) for v in vmids],
+                         max_parallel=3)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            running = [t for t in fakepve.tasklog if t["type"] == "qmstart" and t["status"] == "running"]
+            peak[0] = max(peak[0], len(running))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    summary = engine.tick(wait=True)
+    elapsed = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    assert summary.succeeded == 12
+    assert peak[0] == 3  # parallel across guests, never beyond --max-parallel
+    assert elapsed < 6 * 0.4 * 0.75  # well under the serial time
+    for vmid in vmids:
+        mine = [(m, p) for m, p, _ in fakepve.requests if f"/qemu/{vmid}/" in p or f":{vmid}:" in p]
+        config_at = mine.index(("POST", f"/api2/json/nodes/pve1/qemu/{vmid}/config"))
+        start_at = mine.index(("POST", f"/api2/json/nodes/pve1/qemu/{vmid}/status/start"))
+        assert config_at < start_at
+        polled = [m for m, p in mine[config_at:start_at] if m == "GET" and "qmconfig" in p]
+        assert polled, f"the start of {vmid} did not wait for its config task"

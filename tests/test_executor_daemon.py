@@ -179,3 +179,21 @@ def test_bad_reload_keeps_the_last_good_state(tmp_path: Path) -> None:
     assert logs[0]["event"] == "desired_reload_failed" and "runing" in logs[0]["error"]
     path.write_text("guests:\n  - vmid: 100\n    state: stopped\n    # now valid\n")
     assert provider.desired() == [Declared(vmid=100, state="stopped")]
+
+
+def test_a_journal_that_cannot_open_means_journal_less_operation(fakepve: Any, fakepve_cafile: str,
+                                                                 planner: server.Running, tmp_path: Path) -> None:
+    """An unusable state directory is a loud warning, not a crash: the node still converges."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - vmid: 100\n    state: running\n")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = subprocess.run(cli(fakepve, fakepve_cafile, planner.port, tmp_path, "run", "--once", "--desired",
+                                str(desired), "--state-dir", str(blocker / "state")),
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    warning = next(e for e in events if e["event"] == "journal_unavailable_running_without_it")
+    assert warning["level"] == "error" and str(blocker) in warning["error"]
+    assert vm.status == "running"
