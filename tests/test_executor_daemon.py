@@ -197,3 +197,63 @@ def test_a_journal_that_cannot_open_means_journal_less_operation(fakepve: Any, f
     warning = next(e for e in events if e["event"] == "journal_unavailable_running_without_it")
     assert warning["level"] == "error" and str(blocker) in warning["error"]
     assert vm.status == "running"
+
+
+def test_api_token_auth_needs_no_login(fakepve: Any, connect: Callable[..., Any]) -> None:
+    """With an API token every request carries it; no ticket is ever requested."""
+    from executor.pve import Credentials, ProxmoxNode  # noqa: PLC0415
+
+    fakepve.apitokens["reconcile@pve!executor"] = "0b6c-token-secret"
+    fakepve.add_vm(100, "web", status="running")
+    node = ProxmoxNode(connect(credentials=Credentials(user="reconcile@pve!executor",
+                                                       token_secret="0b6c-token-secret")))
+    assert [g.vmid for g in node.guests()] == [100]
+    assert not [p for _, p, _ in fakepve.requests if p.endswith("/access/ticket")]
+    assert "0b6c" not in repr(node._connection)  # secrets are never printed
+
+
+def test_daemon_ticks_until_sigterm_then_drains_and_exits(fakepve: Any, fakepve_cafile: str,
+                                                          planner: server.Running, tmp_path: Path) -> None:
+    """`pve-executor run` ticks every interval, serves its API, and on SIGTERM exits 0 promptly."""
+    vm = fakepve.add_vm(100, "web", status="stopped")
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - vmid: 100\n    state: running\n")
+    child = subprocess.Popen(cli(fakepve, fakepve_cafile, planner.port, tmp_path, "run", "--interval", "0.2",
+                                 "--listen", "127.0.0.1:0", "--desired", str(desired), "--state-dir",
+                                 str(tmp_path / "state")), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while vm.status != "running":
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few more ticks, each planning nothing
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.stderr is not None
+    events = [json.loads(line) for line in child.stderr.read().splitlines()]
+    ticks = [e for e in events if e["event"] == "tick"]
+    assert len(ticks) >= 3 and sum(t["queued"] for t in ticks) == 1
+    assert [e["event"] for e in events][-1] != "tick" or events[-1]["queued"] == 0
+    assert any(e["event"] == "signal_received" for e in events)
+    assert any(e["event"] == "executor_api_listening" for e in events)
+
+
+def test_recovery_without_upid_uses_the_task_list_or_the_guest_state(fakepve: Any, node: Any,
+                                                                     tmp_path: Path) -> None:
+    """A crash before the UPID was journalled: the guest's tasks, else its state, decide; else unknown."""
+    from executor.recovery import recover  # noqa: PLC0415
+
+    fakepve.add_vm(100, "web", status="stopped")
+    fakepve.add_vm(101, "db", status="running")
+    fakepve.add_vm(102, "mail", status="stopped")
+    with Journal.open(tmp_path / "j") as journal:
+        started = journal.begin(vmid=100, kind="start", payload={"type": "qemu"})
+        node.start("qemu", 100)  # the call went out, the crash came before journal.task()
+        journal.begin(vmid=101, kind="start", payload={"type": "qemu"})   # no task, but running: ok
+        journal.begin(vmid=102, kind="start", payload={"type": "qemu"})   # no task, still stopped: unknown
+        decided = {op.vmid: outcome for op, outcome in recover(journal, node)}
+        assert decided == {100: Outcome.OK, 101: Outcome.OK, 102: Outcome.UNKNOWN}
+        assert journal.in_flight() == [] and started
