@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: show what would change, mutate nothing")
     _connection_flags(plan)
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    check = sub.add_parser("selftest", help="write a description to a scratch guest, read it back, restore it")
+    _connection_flags(check)
+    check.add_argument("--vmid", type=int, required=True, help="a scratch guest whose description may be changed")
     return top
 
 
@@ -108,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         conn = connection(args)
         if args.command == "plan":
             return daemon.show_plan(args, conn)
+        if args.command == "selftest":
+            return daemon.run_selftest(args, conn)
         return daemon.run(args, conn)
     except UsageError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)

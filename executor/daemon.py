@@ -29,6 +29,7 @@ from executor.planner_client import (
 from executor.pve import Connection, ProxmoxNode, Pve
 from executor.queue import GuestQueue
 from executor.recovery import recover
+from executor.selftest import selftest
 from executor.server import start_api
 from journal import Journal, JournalOpenError
 from planner.v1 import planner_pb2 as pb
@@ -139,6 +140,19 @@ def render(plan: Any, configs: dict[int, dict[str, str]], color: bool) -> str:
         lines.append(paint(f"guest {skip.vmid}: skipped ({reason.removeprefix('SKIP_REASON_').lower()}): "
                            f"{skip.detail}", "33"))
     return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
+
+
+def run_selftest(args: argparse.Namespace, conn: Connection) -> int:
+    """``pve-executor selftest``: 0 when the normalized round trip holds and the guest is restored."""
+    try:
+        result = selftest(ProxmoxNode(conn), PlannerClient(args.planner), args.vmid)
+    except PlannerUnavailableError as exc:
+        print(f"pve-executor: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote     {result.written!r}\nread back {result.read_back!r}\n{result.detail}\n"
+          f"original description {'restored' if result.restored else 'NOT restored'}")
+    print("selftest: ok" if result.ok else "selftest: FAILED")
+    return 0 if result.ok else 1
 
 
 def show_plan(args: argparse.Namespace, conn: Connection) -> int:

@@ -257,3 +257,18 @@ def test_recovery_without_upid_uses_the_task_list_or_the_guest_state(fakepve: An
         decided = {op.vmid: outcome for op, outcome in recover(journal, node)}
         assert decided == {100: Outcome.OK, 101: Outcome.OK, 102: Outcome.UNKNOWN}
         assert journal.in_flight() == [] and started
+
+
+@pytest.mark.parametrize("kind", ["qemu", "lxc"])
+def test_selftest_round_trips_a_description_and_restores_it(kind: str, fakepve: Any, fakepve_cafile: str,
+                                                             planner: server.Running, tmp_path: Path) -> None:
+    """`pve-executor selftest` writes, reads back equal after normalization, and restores the original."""
+    add = fakepve.add_vm if kind == "qemu" else fakepve.add_ct
+    guest = add(150, "scratch", status="stopped", config={"description": "keep me"})
+    result = subprocess.run(cli(fakepve, fakepve_cafile, planner.port, tmp_path, "selftest", "--vmid", "150"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selftest: ok" in result.stdout and "restored" in result.stdout
+    assert guest.config["description"].rstrip("\n") == "keep me"
+    writes = [p for m, p, _ in fakepve.requests if m in ("POST", "PUT") and p.endswith("/150/config")]
+    assert len(writes) == 2
