@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from executor import logs
+from common import logs
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
 from executor.planner_client import PlannerClient

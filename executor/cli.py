@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from executor import logs
+from common import logs
 from executor.pve import Connection, Credentials, PveError
 
 

@@ -3,43 +3,50 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Sequence
 
-from planner import logs, server
+from common import logs
+from common.config import ConfigError, add_flags, resolve
+from common.grpcserver import ServerTls
+from planner import server
+from planner.config import ENV_PREFIX, OPTIONS
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser (flags default from PVE_PLANNER_* environment variables)."""
-    env = os.environ.get
+    """The argument parser; every setting also comes from the TOML file or a PVE_PLANNER_* variable."""
     top = argparse.ArgumentParser(prog="pve-planner", description="pve-reconcile planner service")
     sub = top.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve planner.v1.PlannerService over gRPC")
-    serve.add_argument("--listen", default=env("PVE_PLANNER_LISTEN", "127.0.0.1:50051"),
-                       help="HOST:PORT to bind; port 0 picks a free one (default %(default)s)")
-    serve.add_argument("--max-message-mb", type=int, default=int(env("PVE_PLANNER_MAX_MESSAGE_MB", "256")),
-                       help="largest request/response in MiB (default %(default)s; 50,000 guests ~ 40)")
-    serve.add_argument("--grace", type=float, default=float(env("PVE_PLANNER_GRACE", "10")),
-                       help="seconds in-flight calls get on SIGTERM (default %(default)s)")
-    serve.add_argument("--workers", type=int, default=int(env("PVE_PLANNER_WORKERS", "8")),
-                       help="server thread pool size (default %(default)s)")
-    serve.add_argument("--log-format", choices=("auto", "json", "console"),
-                       default=env("PVE_PLANNER_LOG_FORMAT", "auto"),
-                       help="auto: console on a TTY, JSON lines otherwise")
+    add_flags(serve, OPTIONS, ENV_PREFIX)
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pve-planner``."""
     args = parser().parse_args(argv)
-    logs.configure(args.log_format)
-    if args.max_message_mb <= 0 or args.workers <= 0 or args.grace < 0:
-        print("pve-planner: --max-message-mb and --workers must be positive, --grace not negative",
-              file=sys.stderr)
-        return 2
     try:
-        server.serve(args.listen, grace=args.grace, max_message_bytes=args.max_message_mb << 20,
-                     workers=args.workers)
+        config = resolve(OPTIONS, args, ENV_PREFIX)
+        settings = config.namespace()
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+        if settings.tls_client_ca and not settings.tls_cert:
+            raise ConfigError("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+    except ConfigError as exc:
+        print(f"pve-planner: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.render())
+        return 0
+    logs.configure(settings.log_format)
+    tls = ServerTls(cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca) \
+        if settings.tls_cert else None
+    try:
+        server.serve(settings.listen, grace=settings.grace, max_message_bytes=settings.max_message_mb << 20,
+                     workers=settings.workers, tls=tls, metrics_listen=settings.metrics_listen)
+    except ConfigError as exc:
+        print(f"pve-planner: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"pve-planner: {exc}", file=sys.stderr)
         return 1

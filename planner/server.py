@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import signal
 import threading
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1.health import HealthServicer
 
+from common import grpcserver
+from common.grpcserver import ServerTls
+from common.metrics import MetricsEndpoint, serve_metrics
+from planner.metrics import PlannerMetrics
 from planner.service import SERVICE_NAME, PlannerServicer
 from planner.v1 import planner_pb2 as pb
 
@@ -34,48 +36,49 @@ def add_planner(server: grpc.Server, servicer: PlannerServicer) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Running:
-    """A started server, its bound port and its health servicer."""
+    """A started planner: its gRPC server and port, health, metrics and their endpoint."""
 
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
+    grpc: grpcserver.Running
+    metrics: PlannerMetrics
+    metrics_endpoint: MetricsEndpoint | None
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.grpc.port
+
+    @property
+    def health(self) -> HealthServicer:
+        """The health servicer."""
+        return self.grpc.health
 
 
-def start(listen: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8) -> Running:
+def start(listen: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8,
+          tls: ServerTls | None = None, metrics_listen: str | None = None) -> Running:
     """Bind ``listen`` (port 0 picks one), start, and mark SERVING once ready."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    add_planner(server, PlannerServicer())
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot bind {listen}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics = PlannerMetrics()
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    running = grpcserver.start(listen, lambda server: add_planner(server, PlannerServicer(metrics)), (SERVICE_NAME,),
+                               tls=tls, workers=workers, options=options)
+    endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
     host = listen.rsplit(":", 1)[0]
-    log.info("planner_listening", address=f"{host}:{port}", max_message_bytes=max_message_bytes)
-    return Running(server=server, port=port, health=health_servicer)
+    log.info("planner_listening", address=f"{host}:{running.port}", tls=tls is not None,
+             mutual_tls=bool(tls and tls.client_ca), max_message_bytes=max_message_bytes,
+             **({"metrics": f"{metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}"} if endpoint and metrics_listen
+                else {}))
+    return Running(grpc=running, metrics=metrics, metrics_endpoint=endpoint)
 
 
 def stop(running: Running, grace: float) -> None:
     """NOT_SERVING first so balancers move away, then let in-flight calls finish within ``grace``."""
-    running.health.enter_graceful_shutdown()
-    running.server.stop(grace).wait()
+    running.grpc.stop(grace)
+    if running.metrics_endpoint is not None:
+        running.metrics_endpoint.stop()
     log.info("planner_stopped")
 
 
-def serve(listen: str, *, grace: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          workers: int = 8) -> None:
+def serve(listen: str, *, grace: float = 10.0, **options: object) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     done = threading.Event()
 
@@ -85,6 +88,6 @@ def serve(listen: str, *, grace: float = 10.0, max_message_bytes: int = DEFAULT_
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    running = start(listen, max_message_bytes=max_message_bytes, workers=workers)
+    running = start(listen, **options)  # type: ignore[arg-type]
     done.wait()
     stop(running, grace)

@@ -7,6 +7,7 @@ import time
 import grpc
 import structlog
 
+from planner.metrics import PlannerMetrics
 from planner.model import Action, Plan, SetConfig, Start, Stop
 from planner.plan import plan
 from planner.v1 import planner_pb2 as pb
@@ -43,7 +44,10 @@ def plan_to_proto(result: Plan) -> pb.PlanResponse:
 
 
 class PlannerServicer:
-    """``planner.v1.PlannerService``: validates, plans, logs one line per call."""
+    """``planner.v1.PlannerService``: validates, plans, logs one line per call, counts in ``metrics``."""
+
+    def __init__(self, metrics: PlannerMetrics | None = None) -> None:
+        self.metrics = metrics or PlannerMetrics()
 
     def Plan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.PlanResponse:  # noqa: N802
         """Plan one snapshot; INVALID_ARGUMENT names the bad field."""
@@ -51,16 +55,23 @@ class PlannerServicer:
         try:
             result = plan(request.desired, request.actual)
         except InvalidRequestError as exc:
+            self.metrics.plans.labels("invalid").inc()
             log.info("plan_rejected", field=exc.field, reason=exc.reason)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             # A bug must not reach the client as UNKNOWN with a traceback: INTERNAL, logged here.
+            self.metrics.plans.labels("error").inc()
             log.exception("plan_failed")
             context.abort(grpc.StatusCode.INTERNAL, "planner failed on this request; see the planner log")
         response = plan_to_proto(result)
+        elapsed = time.perf_counter() - started
+        self.metrics.plans.labels("ok").inc()
+        self.metrics.duration.observe(elapsed)
+        self.metrics.guests.observe(len(request.desired))
+        self.metrics.actions.observe(len(result.actions))
         log.info(
             "plan", desired=len(request.desired), actual=len(request.actual),
             actions=len(result.actions), skipped=len(result.skipped),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(elapsed * 1000, 2),
         )
         return response
