@@ -17,8 +17,10 @@ from typing import Any
 import structlog
 from google.protobuf.json_format import MessageToDict
 
+from common.metrics import serve_metrics
 from executor.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
 from executor.engine import Engine, Settings, TickOutcome
+from executor.metrics import ExecutorMetrics
 from executor.planner_client import (
     RUN_STATES,
     PlannerClient,
@@ -64,14 +66,19 @@ def run(args: argparse.Namespace, conn: Connection) -> int:
     except DesiredStateError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 2
-    pve = ProxmoxNode(conn)
+    metrics = ExecutorMetrics()
+    pve = ProxmoxNode(conn, on_error=metrics.pve_error)
     journal = open_journal(args.state_dir)
     if journal is not None:
         recover(journal, pve)
     queue = GuestQueue(args.max_parallel)
-    planner = PlannerClient(args.planner)
-    settings = Settings(shutdown_timeout=args.shutdown_timeout, force_stop=not args.no_force_stop)
-    engine = Engine(pve=pve, planner=planner, provider=desired, queue=queue, journal=journal, settings=settings)
+    planner = PlannerClient(args.planner, tls=args.planner_credentials)
+    settings = Settings(shutdown_timeout=args.shutdown_timeout, force_stop=args.force_stop)
+    engine = Engine(pve=pve, planner=planner, provider=desired, queue=queue, journal=journal, settings=settings,
+                    metrics=metrics)
+    endpoint = serve_metrics(args.metrics_listen, metrics.registry) if args.metrics_listen else None
+    if endpoint is not None:
+        log.info("metrics_listening", address=f"{args.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
     try:
         if args.once:
             summary = engine.tick(wait=True)
@@ -83,6 +90,8 @@ def run(args: argparse.Namespace, conn: Connection) -> int:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
         engine.close()
         planner.close()
+        if endpoint is not None:
+            endpoint.stop()
         if engine.journal is not None:
             engine.journal.close()
 
@@ -96,13 +105,13 @@ def _loop(engine: Engine, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    api = start_api(engine, args.listen)
+    api = start_api(engine, args.listen, tls=args.api_tls)
     try:
         while not stop.is_set():
             engine.tick()
             stop.wait(args.interval)
     finally:
-        api.stop()
+        api.stop(5.0)
     return 0
 
 
@@ -145,7 +154,7 @@ def render(plan: Any, configs: dict[int, dict[str, str]], color: bool) -> str:
 def run_selftest(args: argparse.Namespace, conn: Connection) -> int:
     """``pve-executor selftest``: 0 when the normalized round trip holds and the guest is restored."""
     try:
-        result = selftest(ProxmoxNode(conn), PlannerClient(args.planner), args.vmid)
+        result = selftest(ProxmoxNode(conn), PlannerClient(args.planner, tls=args.planner_credentials), args.vmid)
     except PlannerUnavailableError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 1
@@ -158,7 +167,8 @@ def run_selftest(args: argparse.Namespace, conn: Connection) -> int:
 def show_plan(args: argparse.Namespace, conn: Connection) -> int:
     """``pve-executor plan``: read, plan, print; mutate nothing."""
     try:
-        plan, configs = read_plan(ProxmoxNode(conn), PlannerClient(args.planner), provider(args))
+        planner = PlannerClient(args.planner, tls=args.planner_credentials)
+        plan, configs = read_plan(ProxmoxNode(conn), planner, provider(args))
     except (DesiredStateError, PlannerUnavailableError) as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 1

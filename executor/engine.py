@@ -21,6 +21,7 @@ import structlog
 
 from executor.actions import SET_CONFIG, START, STOP, Step, by_guest
 from executor.desired import Declared, DesiredProvider, DesiredStateError
+from executor.metrics import ExecutorMetrics
 from executor.planner_client import (
     RUN_STATES,
     PlannerClient,
@@ -103,7 +104,7 @@ class Engine:
 
     def __init__(self, *, pve: Pve, planner: PlannerClient, provider: DesiredProvider, queue: GuestQueue,
                  journal: Journal | None, settings: Settings | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: ExecutorMetrics | None = None) -> None:
         self.pve, self.planner, self.provider, self.queue = pve, planner, provider, queue
         self.journal = journal
         self.settings = settings or Settings()
@@ -113,6 +114,8 @@ class Engine:
         self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
         self.ticks = 0
         self.last: TickSummary | None = None
+        self.metrics = metrics or ExecutorMetrics()
+        self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
         self._reader = ThreadPoolExecutor(max_workers=self.settings.read_parallel, thread_name_prefix="pve-read")
 
     # --- the tick -----------------------------------------------------------------------------
@@ -128,6 +131,8 @@ class Engine:
             with self._lock:
                 self.ticks += 1
                 self.last = summary
+            self.metrics.ticks.labels(summary.outcome.name.lower()).inc()
+            self.metrics.tick_duration.observe(summary.duration)
             log.info("tick", outcome=summary.outcome.name.lower(), queued=summary.queued,
                      succeeded=summary.succeeded, failed=summary.failed, skipped=summary.skipped,
                      deferred=summary.deferred, duration_s=round(summary.duration, 3),
@@ -222,7 +227,9 @@ class Engine:
             if upid:
                 bound = bound.bind(upid=upid)
                 self._journal(lambda j: j.task(op_id, upid))
-                result = wait_task(self.pve, upid, deadline=self._clock() + self.settings.task_timeout)
+                waiting = self._clock()
+                result = wait_task(self.pve, upid, deadline=waiting + self.settings.task_timeout)
+                self.metrics.task_wait.observe(self._clock() - waiting)
             else:
                 result = TaskOutcome(TaskResult.OK, "")
         except PveError as exc:
@@ -233,6 +240,7 @@ class Engine:
         self._journal(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
         with self._lock:
             self.counters[(step.kind, outcome.value)] += 1
+        self.metrics.actions.labels(step.kind, outcome.value).inc()
         bound.info("action", outcome=outcome.value, duration_s=round(self._clock() - started, 3),
                    **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
         return outcome
@@ -252,7 +260,8 @@ class Engine:
         if journal is None:
             return os.urandom(8).hex()
         try:
-            return journal.begin(vmid=step.vmid, kind=step.kind, payload=step.payload())
+            with self.metrics.journal_append.time():
+                return journal.begin(vmid=step.vmid, kind=step.kind, payload=step.payload())
         except JournalError as exc:
             self._lose_journal(exc)
             return os.urandom(8).hex()
@@ -262,7 +271,8 @@ class Engine:
         if journal is None:
             return
         try:
-            write(journal)
+            with self.metrics.journal_append.time():
+                write(journal)
         except JournalError as exc:
             self._lose_journal(exc)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
+from common.grpcserver import ClientTls, channel_credentials
 from executor.desired import Declared
 from executor.pve import LXC, QEMU, GuestState
 from planner.v1 import planner_pb2 as pb
@@ -53,10 +54,13 @@ def actual_to_proto(guest: GuestState, config: tuple[dict[str, str], str] | None
 class PlannerClient:
     """Calls planner.v1.PlannerService/Plan over one long-lived channel."""
 
-    def __init__(self, target: str, *, deadline: float = 30.0, attempts: int = 3,
-                 channel: grpc.Channel | None = None) -> None:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-        self._channel = channel or grpc.insecure_channel(target, options=options)
+    def __init__(self, target: str, *, deadline: float = 30.0, attempts: int = 3, tls: ClientTls | None = None) -> None:
+        # round_robin: a DNS name or an ipv4:A,B list of several stateless planners spreads the calls,
+        # and a planner that goes away is skipped by the channel.
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.lb_policy_name", "round_robin")]
+        self._channel = (grpc.secure_channel(target, channel_credentials(tls), options=options) if tls
+                         else grpc.insecure_channel(target, options=options))
         self._stub = pb_grpc.PlannerServiceStub(self._channel)
         self._deadline, self._attempts = deadline, attempts
 

@@ -145,9 +145,10 @@ class Pve(Protocol):
 class ProxmoxNode:
     """``Pve`` over proxmoxer, with re-login on a revoked or expired ticket."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
         self.node = connection.node
         self._connection = connection
+        self._on_error = on_error or (lambda _status: None)
         self._login_lock = threading.Lock()
         self._api = self._login()
 
@@ -177,12 +178,14 @@ class ProxmoxNode:
                     with self._login_lock:
                         self._api = self._login()
                     continue
+                self._on_error(exc.status_code)
                 message = str(exc.content or exc.status_message).strip()
                 if exc.errors:
                     message = f"{message} {exc.errors}"
                 error = PveUnavailableError if exc.status_code in (502, 503, 504, 595, 596) else PveError
                 raise error(message, exc.status_code) from None
             except requests.RequestException as exc:
+                self._on_error(None)
                 raise PveUnavailableError(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent import futures
-from dataclasses import dataclass
-
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from common import grpcserver
+from common.grpcserver import ServerTls
 from executor.engine import Engine, TickSummary
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
@@ -79,33 +76,10 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return pb.ListOperationsResponse(operations=[record_to_proto(r) for r in records])
 
 
-@dataclass(frozen=True, slots=True)
-class Api:
-    """A started executor API server."""
-
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
-
-    def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, then stop within ``grace``."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-
-
-def start_api(engine: Engine, listen: str) -> Api:
-    """Serve the executor API on ``listen`` (port 0 picks one)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot bind {listen}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("executor_api_listening", address=f"{listen.rsplit(':', 1)[0]}:{port}")
-    return Api(server, port, health_servicer)
+def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None) -> grpcserver.Running:
+    """Serve the executor API on ``listen`` (port 0 picks one); TLS, mutual when a client CA is set."""
+    api = grpcserver.start(listen, lambda server: pb_grpc.add_ExecutorServiceServicer_to_server(
+        ExecutorServicer(engine), server), (SERVICE_NAME,), tls=tls, workers=4)
+    log.info("executor_api_listening", address=f"{listen.rsplit(':', 1)[0]}:{api.port}", tls=tls is not None,
+             mutual_tls=bool(tls and tls.client_ca))
+    return api

@@ -74,7 +74,7 @@ def test_bad_flags_and_bad_desired_file_exit_2_naming_the_problem(fakepve: Any, 
     no_node = subprocess.run([sys.executable, "-m", "executor", "plan"], cwd=ROOT, capture_output=True, text=True,
                              timeout=60, check=False, env={k: v for k, v in os.environ.items()
                                                            if not k.startswith("PVE_EXECUTOR_")})
-    assert no_node.returncode == 2 and "--node is required" in no_node.stderr
+    assert no_node.returncode == 2 and "config: node: required" in no_node.stderr
     bad = tmp_path / "desired.yaml"
     bad.write_text("guests:\n  - vmid: 100\n    state: sleeping\n")
     result = subprocess.run(cli(fakepve, fakepve_cafile, planner.port, tmp_path, "run", "--once", "--desired",

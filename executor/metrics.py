@@ -1,0 +1,43 @@
+"""Prometheus metrics of the executor (one registry per engine; no per-guest labels)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class ExecutorMetrics:
+    """Ticks, actions, queue, in-flight operations, task waits, Proxmox errors, journal latency."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.ticks = Counter("pve_executor_ticks", "Ticks run, by outcome.", ["outcome"], registry=r)
+        self.tick_duration = Histogram("pve_executor_tick_duration_seconds", "Wall time of a tick.", registry=r)
+        self.actions = Counter("pve_executor_actions", "Actions run, by kind (start, stop, set_config) and outcome "
+                               "(ok, failed, unknown).", ["kind", "outcome"], registry=r)
+        self.task_wait = Histogram("pve_executor_task_wait_seconds", "Time from a task's UPID to its end.",
+                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900), registry=r)
+        self.pve_errors = Counter("pve_executor_pve_api_errors", "Proxmox API errors, by HTTP status "
+                                  "(none: no answer).", ["status"], registry=r)
+        self.journal_append = Histogram("pve_executor_journal_append_seconds", "Latency of a durable journal append.",
+                                        buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+                                        registry=r)
+        self.queue_depth = Gauge("pve_executor_queue_depth", "Jobs queued or running.", registry=r)
+        self.busy_guests = Gauge("pve_executor_busy_guests", "Guests with queued or running work.", registry=r)
+        self.in_flight = Gauge("pve_executor_in_flight_operations", "Journal operations begun and not ended.",
+                               registry=r)
+
+    def pve_error(self, status: int | None) -> None:
+        """Count one Proxmox API error."""
+        self.pve_errors.labels("none" if status is None else str(status)).inc()
+
+    def watch(self, busy: Callable[[], dict[int, int]], in_flight: Callable[[], int]) -> None:
+        """Compute the gauges at scrape time."""
+        self.queue_depth.set_function(lambda: float(sum(busy().values())))
+        self.busy_guests.set_function(lambda: float(len(busy())))
+        self.in_flight.set_function(lambda: float(in_flight()))
