@@ -183,7 +183,7 @@ def test_number_spellings_are_one_value(value: object) -> None:
     assert canon_number(spelled) == canon_number(f" {spelled}0 " if "." in spelled else f" {spelled} ")
 
 
-@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00")))
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00\r")))
 def test_description_canonical_form_is_stable(value: str) -> None:
     """Canonicalizing twice changes nothing, and PVE's trailing newline never matters."""
     once = canon_description(value)
