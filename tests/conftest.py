@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from hypothesis import settings
 
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
@@ -16,6 +18,12 @@ from executor.pve import Connection, Credentials, ProxmoxNode
 from executor.queue import GuestQueue
 from journal import Journal
 from planner import server
+
+# No per-example deadline (this machine's speed varies by 2x); in CI the examples are derandomized,
+# so a red run can be reproduced and a green one is not luck.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(name="planner")
