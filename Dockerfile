@@ -1,17 +1,33 @@
-# One image for both services: `pve-planner serve` (default) or `pve-executor run`.
+# One image for both services:
+#   docker run IMAGE                                   -> pve-planner serve on 0.0.0.0:50051
+#   docker run -e PVE_HEALTH_ADDRESS=127.0.0.1:50052 IMAGE pve-executor run ...
+# Build stage: install the package into a virtualenv (wheels only; nothing is compiled).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY common ./common
 COPY planner ./planner
 COPY executor ./executor
 COPY journal ./journal
-RUN python -m venv /opt/pve-reconcile && /opt/pve-reconcile/bin/pip install --no-cache-dir .
+RUN python -m venv /opt/pve-reconcile \
+ && /opt/pve-reconcile/bin/pip install --no-cache-dir --only-binary=:all: . \
+ && /opt/pve-reconcile/bin/pip uninstall --yes pip
 
+# Final stage: the virtualenv only, run as an unprivileged user.
 FROM python:3.11-slim
 COPY --from=build /opt/pve-reconcile /opt/pve-reconcile
-RUN useradd --system --uid 10001 --no-create-home pve-reconcile
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pve-reconcile \
+ && mkdir -p /var/lib/pve-reconcile && chown pve-reconcile /var/lib/pve-reconcile
 USER pve-reconcile
-ENV PATH=/opt/pve-reconcile/bin:$PATH
-EXPOSE 50051
-ENTRYPOINT ["pve-planner"]
-CMD ["serve", "--listen", "0.0.0.0:50051"]
+ENV PATH=/opt/pve-reconcile/bin:$PATH \
+    PVE_PLANNER_LISTEN=0.0.0.0:50051 \
+    PVE_PLANNER_LOG_FORMAT=json \
+    PVE_EXECUTOR_LOG_FORMAT=json \
+    PVE_EXECUTOR_STATE_DIR=/var/lib/pve-reconcile \
+    PVE_HEALTH_ADDRESS=127.0.0.1:50051
+EXPOSE 50051 50052
+VOLUME ["/var/lib/pve-reconcile"]
+# The gRPC health service decides (SERVING); set PVE_HEALTH_ADDRESS for the executor's API port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+  CMD pve-healthcheck "$PVE_HEALTH_ADDRESS" || exit 1
+CMD ["pve-planner", "serve"]
