@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from typing import Any
 
 import structlog
 from google.protobuf.json_format import MessageToDict
 
 from common.metrics import serve_metrics
+from common.signals import stop_on_signals
 from executor.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
 from executor.engine import Engine, Settings, TickOutcome
 from executor.metrics import ExecutorMetrics
@@ -97,14 +96,7 @@ def run(args: argparse.Namespace, conn: Connection) -> int:
 
 
 def _loop(engine: Engine, args: argparse.Namespace) -> int:
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = stop_on_signals()
     api = start_api(engine, args.listen, tls=args.api_tls)
     try:
         while not stop.is_set():

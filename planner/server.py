@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +11,7 @@ from grpc_health.v1.health import HealthServicer
 from common import grpcserver
 from common.grpcserver import ServerTls
 from common.metrics import MetricsEndpoint, serve_metrics
+from common.signals import stop_on_signals
 from planner.metrics import PlannerMetrics
 from planner.service import SERVICE_NAME, PlannerServicer
 from planner.v1 import planner_pb2 as pb
@@ -80,14 +79,7 @@ def stop(running: Running, grace: float) -> None:
 
 def serve(listen: str, *, grace: float = 10.0, **options: object) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
-    done = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        done.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    done = stop_on_signals()
     running = start(listen, **options)  # type: ignore[arg-type]
     done.wait()
     stop(running, grace)
