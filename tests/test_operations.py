@@ -266,3 +266,34 @@ def test_full_run_logs_never_contain_the_token_secret_or_password(fakepve: Any, 
         assert result.returncode == 1  # the start failed, as arranged
         assert '"event": "action"' in result.stderr
         assert "SECRET" not in result.stderr + result.stdout
+
+
+def test_executor_api_over_mutual_tls(fakepve: Any, make_engine: Any, pki: Pki) -> None:
+    """The executor API served with TLS and required client certificates answers only trusted clients."""
+    from executor.server import start_api  # noqa: PLC0415
+    from executor.v1 import executor_pb2 as epb  # noqa: PLC0415
+    from executor.v1 import executor_pb2_grpc as epb_grpc  # noqa: PLC0415
+
+    engine = make_engine([])
+    api = start_api(engine, "127.0.0.1:0", tls=ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca))
+    try:
+        trusted = grpc.ssl_channel_credentials(Path(pki.ca).read_bytes(), Path(pki.client_key).read_bytes(),
+                                               Path(pki.client_cert).read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{api.port}", trusted) as channel:
+            assert epb_grpc.ExecutorServiceStub(channel).GetStatus(epb.GetStatusRequest(), timeout=5).journal_enabled
+        anonymous = grpc.ssl_channel_credentials(Path(pki.ca).read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{api.port}", anonymous) as channel, pytest.raises(grpc.RpcError):
+            epb_grpc.ExecutorServiceStub(channel).Reconcile(epb.ReconcileRequest(), timeout=3)
+    finally:
+        api.stop(0)
+
+
+def test_plan_output_is_coloured_only_on_a_tty() -> None:
+    """The dry run reads at a glance: key, current, desired; colour codes only when asked for."""
+    from executor.daemon import render  # noqa: PLC0415
+
+    plan = pb.PlanResponse(actions=[pb.Action(vmid=100, type=pb.GUEST_TYPE_QEMU,
+                                              set_config=pb.SetConfigAction(set={"memory": "4096"}))])
+    plain = render(plan, {100: {"memory": "2048"}}, color=False)
+    assert plain == "guest 100: set config\n    memory: '2048' -> '4096'"
+    assert "\033[32m'4096'\033[0m" in render(plan, {100: {"memory": "2048"}}, color=True)
