@@ -9,7 +9,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from journal.records import APPLIED, BEGUN, ENDED, OUTCOME_CODES, OUTCOMES, TASK, Applied, Body, Outcome
+from journal.records import (
+    APPLIED,
+    BEGUN,
+    ENDED,
+    OUTCOMES,
+    TASK,
+    Applied,
+    Body,
+    Outcome,
+    TaskStarted,
+    fields_of,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,15 +100,13 @@ class State:
         for op, begun in sorted(self.ops.items(), key=lambda item: item[1][1]):
             bodies.append(begun)
             if (upid := self.upids.get(op)) is not None:
-                bodies.append((TASK, begun[1], 0, [op.encode(), upid.encode()]))
+                bodies.append(fields_of(TaskStarted(op_id=op, upid=upid, at=begun[1])))
         for key, state in list(self.keys.items()):
             if state.outcome is None:
                 continue
             if expired(state):
                 del self.keys[key]
                 continue
-            applied = Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id, outcome=state.outcome,
-                              at=state.at)
-            bodies.append((APPLIED, applied.at, OUTCOME_CODES[applied.outcome],
-                           [applied.op_id.encode(), key.encode(), applied.payload_hash]))
+            bodies.append(fields_of(Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id,
+                                            outcome=state.outcome, at=state.at)))
         return bodies
