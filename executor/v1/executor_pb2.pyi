@@ -37,6 +37,8 @@ class _TickOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TickOutco
     """Proxmox could not be read: nothing was done."""
     TICK_OUTCOME_DESIRED_UNAVAILABLE: _TickOutcome.ValueType  # 5
     """The desired state could not be read: nothing was done."""
+    TICK_OUTCOME_PLANNER_REFUSED: _TickOutcome.ValueType  # 6
+    """The planner refused the request (INVALID_ARGUMENT and the like): an executor bug, not retried."""
 
 class TickOutcome(_TickOutcome, metaclass=_TickOutcomeEnumTypeWrapper):
     """How a tick ended."""
@@ -53,7 +55,301 @@ TICK_OUTCOME_PVE_UNAVAILABLE: TickOutcome.ValueType  # 4
 """Proxmox could not be read: nothing was done."""
 TICK_OUTCOME_DESIRED_UNAVAILABLE: TickOutcome.ValueType  # 5
 """The desired state could not be read: nothing was done."""
+TICK_OUTCOME_PLANNER_REFUSED: TickOutcome.ValueType  # 6
+"""The planner refused the request (INVALID_ARGUMENT and the like): an executor bug, not retried."""
 Global___TickOutcome: _TypeAlias = TickOutcome  # noqa: Y015
+
+class _ActionClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ActionClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActionClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACTION_CLASS_UNSPECIFIED: _ActionClass.ValueType  # 0
+    """Not classified."""
+    ACTION_CLASS_BENIGN: _ActionClass.ValueType  # 1
+    """Loses nothing; the prior state is restored by another benign write. Runs without approval."""
+    ACTION_CLASS_APPROVAL: _ActionClass.ValueType  # 2
+    """Loses no data but is disruptive, lowers a safeguard, changes an identity or commits capacity."""
+    ACTION_CLASS_DESTRUCTIVE: _ActionClass.ValueType  # 3
+    """Can destroy data, a recovery point or the guest's identity, is irreversible, or is root on the node."""
+
+class ActionClass(_ActionClass, metaclass=_ActionClassEnumTypeWrapper):
+    """What an action can cost, as the executor's classifier judges it (by effect, not by verb)."""
+
+ACTION_CLASS_UNSPECIFIED: ActionClass.ValueType  # 0
+"""Not classified."""
+ACTION_CLASS_BENIGN: ActionClass.ValueType  # 1
+"""Loses nothing; the prior state is restored by another benign write. Runs without approval."""
+ACTION_CLASS_APPROVAL: ActionClass.ValueType  # 2
+"""Loses no data but is disruptive, lowers a safeguard, changes an identity or commits capacity."""
+ACTION_CLASS_DESTRUCTIVE: ActionClass.ValueType  # 3
+"""Can destroy data, a recovery point or the guest's identity, is irreversible, or is root on the node."""
+Global___ActionClass: _TypeAlias = ActionClass  # noqa: Y015
+
+class _RefusalReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RefusalReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REFUSAL_REASON_UNSPECIFIED: _RefusalReason.ValueType  # 0
+    """Not set."""
+    REFUSAL_REASON_APPROVAL_REQUIRED: _RefusalReason.ValueType  # 1
+    """Not benign: it needs a signed operation approving exactly this action."""
+    REFUSAL_REASON_OUT_OF_SCOPE: _RefusalReason.ValueType  # 2
+    """Not something the desired state declared (an undeclared guest, key, or run-state direction)."""
+    REFUSAL_REASON_UNKNOWN_KIND: _RefusalReason.ValueType  # 3
+    """An action kind this executor does not know."""
+    REFUSAL_REASON_JOURNAL_UNAVAILABLE: _RefusalReason.ValueType  # 4
+    """The journal is not working: only benign actions run."""
+    REFUSAL_REASON_MALFORMED: _RefusalReason.ValueType  # 5
+    """A signed operation could not be parsed."""
+    REFUSAL_REASON_PAYLOAD_TYPE: _RefusalReason.ValueType  # 6
+    """A signed operation's payload type is not this application's."""
+    REFUSAL_REASON_SIGNATURE_INVALID: _RefusalReason.ValueType  # 7
+    """A signature does not verify."""
+    REFUSAL_REASON_UNKNOWN_KEY: _RefusalReason.ValueType  # 8
+    """Signed by a key the trust store does not hold."""
+    REFUSAL_REASON_KEY_EXPIRED: _RefusalReason.ValueType  # 9
+    """Signed by a key past its expiry."""
+    REFUSAL_REASON_KEY_REVOKED: _RefusalReason.ValueType  # 10
+    """Signed by a revoked key."""
+    REFUSAL_REASON_OP_REVOKED: _RefusalReason.ValueType  # 11
+    """The operation was revoked."""
+    REFUSAL_REASON_ROLE_DENIES: _RefusalReason.ValueType  # 12
+    """The signer's role does not allow this kind, class, audience or guest."""
+    REFUSAL_REASON_THRESHOLD_NOT_MET: _RefusalReason.ValueType  # 13
+    """Fewer distinct keys signed than the role's threshold."""
+    REFUSAL_REASON_NOT_YET_VALID: _RefusalReason.ValueType  # 14
+    """The operation's validity starts in the future."""
+    REFUSAL_REASON_EXPIRED: _RefusalReason.ValueType  # 15
+    """The operation has expired."""
+    REFUSAL_REASON_TTL_TOO_LONG: _RefusalReason.ValueType  # 16
+    """The operation's lifetime exceeds its role's maximum."""
+    REFUSAL_REASON_WRONG_AUDIENCE: _RefusalReason.ValueType  # 17
+    """The operation is for another node or cluster."""
+    REFUSAL_REASON_CLASS_MISMATCH: _RefusalReason.ValueType  # 18
+    """The signed class differs from the executor's verdict."""
+    REFUSAL_REASON_BINDING_MISMATCH: _RefusalReason.ValueType  # 19
+    """The operation names another guest, kind or parameters than the action."""
+    REFUSAL_REASON_DIGEST_STALE: _RefusalReason.ValueType  # 20
+    """The guest's config changed since the operation was planned."""
+    REFUSAL_REASON_LOCKED: _RefusalReason.ValueType  # 21
+    """The guest is locked (backup, migrate, snapshot...)."""
+    REFUSAL_REASON_PROTECTED: _RefusalReason.ValueType  # 22
+    """PVE's protection flag is set on the guest."""
+    REFUSAL_REASON_CHALLENGE_INVALID: _RefusalReason.ValueType  # 23
+    """A destructive operation without a valid challenge from this executor."""
+    REFUSAL_REASON_NONCE_SPENT: _RefusalReason.ValueType  # 24
+    """The operation already ran (or was consumed): a signed operation is single-use."""
+    REFUSAL_REASON_NONCE_IN_FLIGHT: _RefusalReason.ValueType  # 25
+    """The same operation is running now."""
+    REFUSAL_REASON_TRUST_STORE_INVALID: _RefusalReason.ValueType  # 26
+    """The trust store did not load: there are no signers."""
+
+class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
+    """Why the safety gate did not run an action."""
+
+REFUSAL_REASON_UNSPECIFIED: RefusalReason.ValueType  # 0
+"""Not set."""
+REFUSAL_REASON_APPROVAL_REQUIRED: RefusalReason.ValueType  # 1
+"""Not benign: it needs a signed operation approving exactly this action."""
+REFUSAL_REASON_OUT_OF_SCOPE: RefusalReason.ValueType  # 2
+"""Not something the desired state declared (an undeclared guest, key, or run-state direction)."""
+REFUSAL_REASON_UNKNOWN_KIND: RefusalReason.ValueType  # 3
+"""An action kind this executor does not know."""
+REFUSAL_REASON_JOURNAL_UNAVAILABLE: RefusalReason.ValueType  # 4
+"""The journal is not working: only benign actions run."""
+REFUSAL_REASON_MALFORMED: RefusalReason.ValueType  # 5
+"""A signed operation could not be parsed."""
+REFUSAL_REASON_PAYLOAD_TYPE: RefusalReason.ValueType  # 6
+"""A signed operation's payload type is not this application's."""
+REFUSAL_REASON_SIGNATURE_INVALID: RefusalReason.ValueType  # 7
+"""A signature does not verify."""
+REFUSAL_REASON_UNKNOWN_KEY: RefusalReason.ValueType  # 8
+"""Signed by a key the trust store does not hold."""
+REFUSAL_REASON_KEY_EXPIRED: RefusalReason.ValueType  # 9
+"""Signed by a key past its expiry."""
+REFUSAL_REASON_KEY_REVOKED: RefusalReason.ValueType  # 10
+"""Signed by a revoked key."""
+REFUSAL_REASON_OP_REVOKED: RefusalReason.ValueType  # 11
+"""The operation was revoked."""
+REFUSAL_REASON_ROLE_DENIES: RefusalReason.ValueType  # 12
+"""The signer's role does not allow this kind, class, audience or guest."""
+REFUSAL_REASON_THRESHOLD_NOT_MET: RefusalReason.ValueType  # 13
+"""Fewer distinct keys signed than the role's threshold."""
+REFUSAL_REASON_NOT_YET_VALID: RefusalReason.ValueType  # 14
+"""The operation's validity starts in the future."""
+REFUSAL_REASON_EXPIRED: RefusalReason.ValueType  # 15
+"""The operation has expired."""
+REFUSAL_REASON_TTL_TOO_LONG: RefusalReason.ValueType  # 16
+"""The operation's lifetime exceeds its role's maximum."""
+REFUSAL_REASON_WRONG_AUDIENCE: RefusalReason.ValueType  # 17
+"""The operation is for another node or cluster."""
+REFUSAL_REASON_CLASS_MISMATCH: RefusalReason.ValueType  # 18
+"""The signed class differs from the executor's verdict."""
+REFUSAL_REASON_BINDING_MISMATCH: RefusalReason.ValueType  # 19
+"""The operation names another guest, kind or parameters than the action."""
+REFUSAL_REASON_DIGEST_STALE: RefusalReason.ValueType  # 20
+"""The guest's config changed since the operation was planned."""
+REFUSAL_REASON_LOCKED: RefusalReason.ValueType  # 21
+"""The guest is locked (backup, migrate, snapshot...)."""
+REFUSAL_REASON_PROTECTED: RefusalReason.ValueType  # 22
+"""PVE's protection flag is set on the guest."""
+REFUSAL_REASON_CHALLENGE_INVALID: RefusalReason.ValueType  # 23
+"""A destructive operation without a valid challenge from this executor."""
+REFUSAL_REASON_NONCE_SPENT: RefusalReason.ValueType  # 24
+"""The operation already ran (or was consumed): a signed operation is single-use."""
+REFUSAL_REASON_NONCE_IN_FLIGHT: RefusalReason.ValueType  # 25
+"""The same operation is running now."""
+REFUSAL_REASON_TRUST_STORE_INVALID: RefusalReason.ValueType  # 26
+"""The trust store did not load: there are no signers."""
+Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
+
+@_typing.final
+class Refusal(_message.Message):
+    """An action the safety gate refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    ACTION_CLASS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    OP_ID_FIELD_NUMBER: _builtins.int
+    vmid: _builtins.int
+    """Guest id."""
+    op_kind: _builtins.str
+    """The classifier's op kind (start, stop, config, config.disk_detach, ...)."""
+    action_class: Global___ActionClass.ValueType
+    """The classifier's verdict."""
+    reason: Global___RefusalReason.ValueType
+    """Why it did not run."""
+    detail: _builtins.str
+    """The rule and reasons, in words."""
+    op_id: _builtins.str
+    """The signed operation's id, when one was refused."""
+    def __init__(
+        self,
+        *,
+        vmid: _builtins.int = ...,
+        op_kind: _builtins.str = ...,
+        action_class: Global___ActionClass.ValueType = ...,
+        reason: Global___RefusalReason.ValueType = ...,
+        detail: _builtins.str = ...,
+        op_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "detail", b"detail", "op_id", b"op_id", "op_kind", b"op_kind", "reason", b"reason", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refusal: _TypeAlias = Refusal  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """A refused non-benign action, described exactly enough for an operator to approve it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    ACTION_CLASS_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_SHA256_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _builtins.int
+    vmid: _builtins.int
+    """Guest id."""
+    op_kind: _builtins.str
+    """The classifier's op kind."""
+    action_class: Global___ActionClass.ValueType
+    """The classifier's verdict."""
+    rule: _builtins.str
+    """The classifier rule that decided the class."""
+    source: _builtins.str
+    """Where the action came from: local_file, hub, operator_op, selftest."""
+    descriptor: _builtins.bytes
+    """The action as canonical JSON: audience, vmid, guest_type, kind, params, class, precondition."""
+    descriptor_sha256: _builtins.str
+    """sha256 (hex) of descriptor."""
+    reason: Global___RefusalReason.ValueType
+    """Why it was refused (APPROVAL_REQUIRED, or the blast-radius limit's approval)."""
+    first_seen_unix_ms: _builtins.int
+    """When the gate first saw it, Unix time in milliseconds."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why, per key where it is a config write."""
+
+    def __init__(
+        self,
+        *,
+        vmid: _builtins.int = ...,
+        op_kind: _builtins.str = ...,
+        action_class: Global___ActionClass.ValueType = ...,
+        rule: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+        descriptor: _builtins.bytes = ...,
+        descriptor_sha256: _builtins.str = ...,
+        reason: Global___RefusalReason.ValueType = ...,
+        first_seen_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "descriptor", b"descriptor", "descriptor_sha256", b"descriptor_sha256", "first_seen_unix_ms", b"first_seen_unix_ms", "op_kind", b"op_kind", "reason", b"reason", "reasons", b"reasons", "rule", b"rule", "source", b"source", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015
+
+@_typing.final
+class GateStatus(_message.Message):
+    """The safety gate's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNED_OPS_FIELD_NUMBER: _builtins.int
+    JOURNAL_OK_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    MAX_STOPS_PER_TICK_FIELD_NUMBER: _builtins.int
+    signed_ops: _builtins.bool
+    """Whether signed operations are enabled (a trust store is loaded)."""
+    journal_ok: _builtins.bool
+    """False when the journal is not working: only benign actions run."""
+    pending: _builtins.int
+    """Pending approvals now."""
+    refused: _builtins.int
+    """Actions refused since start."""
+    deferred: _builtins.int
+    """Stops deferred by the per-tick limit since start."""
+    max_stops_per_tick: _builtins.int
+    """The per-tick stop limit for remote sources (0: the default rule)."""
+    def __init__(
+        self,
+        *,
+        signed_ops: _builtins.bool = ...,
+        journal_ok: _builtins.bool = ...,
+        pending: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        deferred: _builtins.int = ...,
+        max_stops_per_tick: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "journal_ok", b"journal_ok", "max_stops_per_tick", b"max_stops_per_tick", "pending", b"pending", "refused", b"refused", "signed_ops", b"signed_ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateStatus: _TypeAlias = GateStatus  # noqa: Y015
 
 @_typing.final
 class TickSummary(_message.Message):
@@ -70,6 +366,10 @@ class TickSummary(_message.Message):
     ACTIONS_FAILED_FIELD_NUMBER: _builtins.int
     GUESTS_SKIPPED_FIELD_NUMBER: _builtins.int
     GUESTS_DEFERRED_FIELD_NUMBER: _builtins.int
+    GUESTS_ELSEWHERE_FIELD_NUMBER: _builtins.int
+    ACTIONS_REFUSED_FIELD_NUMBER: _builtins.int
+    APPROVALS_PENDING_FIELD_NUMBER: _builtins.int
+    ACTIONS_DEFERRED_FIELD_NUMBER: _builtins.int
     started_unix_ms: _builtins.int
     """Start, Unix time in milliseconds."""
     duration_seconds: _builtins.float
@@ -88,6 +388,14 @@ class TickSummary(_message.Message):
     """Guests the planner skipped (locked, not found, data-bearing keys...)."""
     guests_deferred: _builtins.int
     """Guests left out of this tick: busy with earlier work, or backing off after a failure."""
+    guests_elsewhere: _builtins.int
+    """Declared guests that live on another node of the cluster (left to that node's executor)."""
+    actions_refused: _builtins.int
+    """Actions the safety gate refused this tick."""
+    approvals_pending: _builtins.int
+    """Refused actions waiting for an operator's approval after this tick."""
+    actions_deferred: _builtins.int
+    """Stops held back by the per-tick stop limit, for a later tick."""
     def __init__(
         self,
         *,
@@ -100,10 +408,14 @@ class TickSummary(_message.Message):
         actions_failed: _builtins.int = ...,
         guests_skipped: _builtins.int = ...,
         guests_deferred: _builtins.int = ...,
+        guests_elsewhere: _builtins.int = ...,
+        actions_refused: _builtins.int = ...,
+        approvals_pending: _builtins.int = ...,
+        actions_deferred: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_failed", b"actions_failed", "actions_queued", b"actions_queued", "actions_succeeded", b"actions_succeeded", "duration_seconds", b"duration_seconds", "error", b"error", "guests_deferred", b"guests_deferred", "guests_skipped", b"guests_skipped", "outcome", b"outcome", "started_unix_ms", b"started_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_deferred", b"actions_deferred", "actions_failed", b"actions_failed", "actions_queued", b"actions_queued", "actions_refused", b"actions_refused", "actions_succeeded", b"actions_succeeded", "approvals_pending", b"approvals_pending", "duration_seconds", b"duration_seconds", "error", b"error", "guests_deferred", b"guests_deferred", "guests_elsewhere", b"guests_elsewhere", "guests_skipped", b"guests_skipped", "outcome", b"outcome", "started_unix_ms", b"started_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,6 +491,7 @@ class Operation(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """Journal id."""
     vmid: _builtins.int
@@ -188,13 +501,17 @@ class Operation(_message.Message):
     upid: _builtins.str
     """Proxmox task id, when the call returned one."""
     record: _builtins.str
-    """begun, task or ended."""
+    """begun, task, ended, applied or refused."""
     outcome: _builtins.str
     """ok, failed or unknown (ended records only)."""
     error: _builtins.str
     """The error text (failed records only)."""
     at_unix_ms: _builtins.int
     """When the record was written, Unix time in milliseconds."""
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """The refusal (refused records only)."""
+
     def __init__(
         self,
         *,
@@ -206,10 +523,11 @@ class Operation(_message.Message):
         outcome: _builtins.str = ...,
         error: _builtins.str = ...,
         at_unix_ms: _builtins.int = ...,
+        refusal: Global___Refusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "outcome", b"outcome", "record", b"record", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "outcome", b"outcome", "record", b"record", "refusal", b"refusal", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,6 +562,7 @@ class GetStatusResponse(_message.Message):
     BUSY_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     JOURNAL_ENABLED_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     ticks: _builtins.int
     """Ticks run since start."""
     journal_enabled: _builtins.bool
@@ -264,6 +583,10 @@ class GetStatusResponse(_message.Message):
     def in_flight(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
         """Operations begun and not ended."""
 
+    @_builtins.property
+    def gate(self) -> Global___GateStatus:
+        """The safety gate."""
+
     def __init__(
         self,
         *,
@@ -273,10 +596,11 @@ class GetStatusResponse(_message.Message):
         busy: _abc.Iterable[Global___BusyGuest] | None = ...,
         in_flight: _abc.Iterable[Global___Operation] | None = ...,
         journal_enabled: _builtins.bool = ...,
+        gate: Global___GateStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_tick", b"last_tick"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "last_tick", b"last_tick"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "busy", b"busy", "in_flight", b"in_flight", "journal_enabled", b"journal_enabled", "last_tick", b"last_tick", "ticks", b"ticks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "busy", b"busy", "gate", b"gate", "in_flight", b"in_flight", "journal_enabled", b"journal_enabled", "last_tick", b"last_tick", "ticks", b"ticks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,18 +630,28 @@ class ReconcileResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TICK_FIELD_NUMBER: _builtins.int
+    WAITED_FOR_TICK_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
+    waited_for_tick: _builtins.bool
+    """True when another tick was running: this call waited for it, then ran its own."""
     @_builtins.property
     def tick(self) -> Global___TickSummary:
         """Its summary."""
+
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Refusal]:
+        """The actions the safety gate refused in this tick."""
 
     def __init__(
         self,
         *,
         tick: Global___TickSummary | None = ...,
+        waited_for_tick: _builtins.bool = ...,
+        refusals: _abc.Iterable[Global___Refusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tick", b"tick"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tick", b"tick"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refusals", b"refusals", "tick", b"tick", "waited_for_tick", b"waited_for_tick"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,3 +702,44 @@ class ListOperationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOperationsResponse: _TypeAlias = ListOperationsResponse  # noqa: Y015
+
+@_typing.final
+class ListPendingRequest(_message.Message):
+    """ListPending takes no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingRequest: _TypeAlias = ListPendingRequest  # noqa: Y015
+
+@_typing.final
+class ListPendingResponse(_message.Message):
+    """The pending approvals, by vmid then op kind."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """The descriptors."""
+
+    def __init__(
+        self,
+        *,
+        pending: _abc.Iterable[Global___PendingApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingResponse: _TypeAlias = ListPendingResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class ExecutorServiceStub:
                 request_serializer=executor_dot_v1_dot_executor__pb2.ListOperationsRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_executor__pb2.ListOperationsResponse.FromString,
                 _registered_method=True)
+        self.ListPending = channel.unary_unary(
+                '/executor.v1.ExecutorService/ListPending',
+                request_serializer=executor_dot_v1_dot_executor__pb2.ListPendingRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_executor__pb2.ListPendingResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -77,6 +82,13 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPending(self, request, context):
+        """The non-benign actions the safety gate refused, each waiting for an operator's approval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ListOperations,
                     request_deserializer=executor_dot_v1_dot_executor__pb2.ListOperationsRequest.FromString,
                     response_serializer=executor_dot_v1_dot_executor__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'ListPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPending,
+                    request_deserializer=executor_dot_v1_dot_executor__pb2.ListPendingRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_executor__pb2.ListPendingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class ExecutorService:
             '/executor.v1.ExecutorService/ListOperations',
             executor_dot_v1_dot_executor__pb2.ListOperationsRequest.SerializeToString,
             executor_dot_v1_dot_executor__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.ExecutorService/ListPending',
+            executor_dot_v1_dot_executor__pb2.ListPendingRequest.SerializeToString,
+            executor_dot_v1_dot_executor__pb2.ListPendingResponse.FromString,
             options,
             channel_credentials,
             insecure,

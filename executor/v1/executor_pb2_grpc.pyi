@@ -39,6 +39,8 @@ class ExecutorServiceStub:
     """Run one tick now (waiting for its actions) and return its summary."""
     ListOperations: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ListOperationsRequest, _executor_pb2.ListOperationsResponse]
     """The most recent journal records, newest last."""
+    ListPending: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ListPendingRequest, _executor_pb2.ListPendingResponse]
+    """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -51,6 +53,8 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Run one tick now (waiting for its actions) and return its summary."""
     ListOperations: _aio.UnaryUnaryMultiCallable[_executor_pb2.ListOperationsRequest, _executor_pb2.ListOperationsResponse]  # type: ignore[assignment]
     """The most recent journal records, newest last."""
+    ListPending: _aio.UnaryUnaryMultiCallable[_executor_pb2.ListPendingRequest, _executor_pb2.ListPendingResponse]  # type: ignore[assignment]
+    """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The node daemon's control and status API (loopback-only by default: Reconcile mutates)."""
@@ -78,5 +82,13 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.ListOperationsResponse, _abc.Awaitable[_executor_pb2.ListOperationsResponse]]:
         """The most recent journal records, newest last."""
+
+    @_abc_1.abstractmethod
+    def ListPending(
+        self,
+        request: _executor_pb2.ListPendingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.ListPendingResponse, _abc.Awaitable[_executor_pb2.ListPendingResponse]]:
+        """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
