@@ -19,7 +19,7 @@ import struct
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 MAGIC = b"\xa5\x4a"
 HEADER = struct.Struct("<2sII")  # magic, crc, length
@@ -28,6 +28,23 @@ _FIXED = struct.Struct("<cdI")  # type, at, number (vmid or outcome code)
 _LEN = struct.Struct("<I")
 _NONE = 0xFFFFFFFF
 BEGUN, TASK, ENDED, APPLIED = b"B", b"T", b"E", b"A"
+
+# Named positions. A body is (type, at, number, fields); code that reads one unpacks it
+# (``kind, at, number, fields = body``) or uses these, never a bare index.
+# (Final, so mypy knows which element type each index yields.)
+TYPE: Final = 0
+AT: Final = 1
+NUMBER: Final = 2
+FIELDS: Final = 3
+# Positions within ``fields``, per record type. Every type's first field is its op id.
+OP: Final = 0
+BEGUN_KIND: Final = 1
+BEGUN_KEY: Final = 2
+BEGUN_PAYLOAD: Final = 3
+TASK_UPID: Final = 1
+ENDED_ERROR: Final = 1
+APPLIED_KEY: Final = 1
+APPLIED_HASH: Final = 2
 
 
 class Outcome(enum.Enum):
@@ -121,15 +138,16 @@ def record_of(body: Body) -> Record:
     """The typed record of a decoded body (ValueError on a malformed one)."""
     kind, at, number, fields = body
     text = [f.decode() if f is not None else None for f in fields]
-    if kind == BEGUN and len(text) == 4 and fields[3] is not None:
-        return Begun(op_id=str(text[0]), vmid=number, kind=str(text[1]), key=text[2], at=at,
-                     payload=json.loads(fields[3]))
+    if kind == BEGUN and len(text) == 4 and (payload := fields[BEGUN_PAYLOAD]) is not None:
+        return Begun(op_id=str(text[OP]), vmid=number, kind=str(text[BEGUN_KIND]), key=text[BEGUN_KEY], at=at,
+                     payload=json.loads(payload))
     if kind == TASK and len(text) == 2:
-        return TaskStarted(op_id=str(text[0]), upid=str(text[1]), at=at)
+        return TaskStarted(op_id=str(text[OP]), upid=str(text[TASK_UPID]), at=at)
     if kind == ENDED and len(text) == 2:
-        return Ended(op_id=str(text[0]), outcome=OUTCOMES[number], error=str(text[1]), at=at)
-    if kind == APPLIED and len(fields) == 3 and fields[2] is not None:
-        return Applied(op_id=str(text[0]), key=str(text[1]), payload_hash=fields[2], outcome=OUTCOMES[number], at=at)
+        return Ended(op_id=str(text[OP]), outcome=OUTCOMES[number], error=str(text[ENDED_ERROR]), at=at)
+    if kind == APPLIED and len(fields) == 3 and (digest := fields[APPLIED_HASH]) is not None:
+        return Applied(op_id=str(text[OP]), key=str(text[APPLIED_KEY]), payload_hash=digest,
+                       outcome=OUTCOMES[number], at=at)
     raise ValueError(f"malformed record of type {kind!r}")
 
 

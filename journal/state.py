@@ -11,8 +11,11 @@ from typing import Any
 
 from journal.records import (
     APPLIED,
+    AT,
     BEGUN,
+    BEGUN_KEY,
     ENDED,
+    FIELDS,
     OUTCOMES,
     TASK,
     Applied,
@@ -59,23 +62,32 @@ class State:
         """Fold one durable record (idempotent: compaction may leave records replayed twice)."""
         self.recent.append(body)
         kind, at, number, fields = body
-        op = fields[0].decode() if fields and fields[0] is not None else ""
+        # Unpacking names each type's fields (see records.py) and checks their count: a ValueError
+        # here is reported by the scan as an undecodable record.
         if kind == BEGUN:
+            raw_op, _, key, payload = fields
+            op = raw_op.decode() if raw_op is not None else ""
             self.ops[op] = body
-            if (key := fields[2]) is not None and fields[3] is not None:
-                self.keys[key.decode()] = KeyState(hashlib.sha256(fields[3]).digest(), op, None, at)
+            if key is not None and payload is not None:
+                self.keys[key.decode()] = KeyState(hashlib.sha256(payload).digest(), op, None, at)
         elif kind == TASK:
-            if op in self.ops and fields[1] is not None:
-                self.upids[op] = fields[1].decode()
+            raw_op, upid = fields
+            op = raw_op.decode() if raw_op is not None else ""
+            if op in self.ops and upid is not None:
+                self.upids[op] = upid.decode()
         elif kind == ENDED:
-            self._end(op, OUTCOMES[number], at)
-        elif kind == APPLIED and fields[1] is not None and fields[2] is not None:
-            self.keys[fields[1].decode()] = KeyState(fields[2], op, OUTCOMES[number], at)
+            raw_op, _ = fields
+            self._end(raw_op.decode() if raw_op is not None else "", OUTCOMES[number], at)
+        elif kind == APPLIED:
+            raw_op, key, digest = fields
+            if key is not None and digest is not None:
+                self.keys[key.decode()] = KeyState(digest, raw_op.decode() if raw_op is not None else "",
+                                                   OUTCOMES[number], at)
 
     def _end(self, op: str, outcome: Outcome, at: float) -> None:
         begun = self.ops.pop(op, None)
         self.upids.pop(op, None)
-        if begun is None or (raw_key := begun[3][2]) is None:
+        if begun is None or (raw_key := begun[FIELDS][BEGUN_KEY]) is None:
             return
         key = raw_key.decode()
         if outcome is Outcome.FAILED:
@@ -87,7 +99,7 @@ class State:
         """Operations in flight, oldest first, decoded."""
         flights = []
         for op, (_, at, vmid, fields) in self.ops.items():
-            kind, key, payload = fields[1], fields[2], fields[3]
+            _, kind, key, payload = fields
             flights.append(InFlight(op_id=op, vmid=vmid, kind=kind.decode() if kind else "",
                                     payload=json.loads(payload) if payload else {},
                                     key=key.decode() if key is not None else None, begun_at=at,
@@ -97,10 +109,10 @@ class State:
     def live(self, expired: Callable[[KeyState], bool]) -> list[Body]:
         """What compaction keeps: in-flight begun (and task) records, and unexpired keys."""
         bodies: list[Body] = []
-        for op, begun in sorted(self.ops.items(), key=lambda item: item[1][1]):
+        for op, begun in sorted(self.ops.items(), key=lambda item: item[1][AT]):
             bodies.append(begun)
             if (upid := self.upids.get(op)) is not None:
-                bodies.append(fields_of(TaskStarted(op_id=op, upid=upid, at=begun[1])))
+                bodies.append(fields_of(TaskStarted(op_id=op, upid=upid, at=begun[AT])))
         for key, state in list(self.keys.items()):
             if state.outcome is None:
                 continue

@@ -27,6 +27,8 @@ from journal.errors import (
     OutcomeUnknownError,
 )
 from journal.records import (
+    BEGUN_PAYLOAD,
+    FIELDS,
     Begun,
     Body,
     Ended,
@@ -133,7 +135,7 @@ class Journal:
             if op_id in self._state.ops:
                 raise JournalError(f"operation {op_id} is already in flight")
             if key is not None:
-                canonical_payload = body[3][3]
+                canonical_payload = body[FIELDS][BEGUN_PAYLOAD]
                 assert canonical_payload is not None
                 self._reserve(key, payload_hash(canonical_payload), op_id, at)
             try:
