@@ -1,0 +1,13 @@
+"""Safety core: classifier, reversibility gate support and signed operations (standard library + cryptography).
+
+The rules of this package (checked by import-linter):
+
+- Pure: functions of values only. No I/O, no clock, no Proxmox reads; the caller passes what it
+  already read (``GuestFacts``), so classifying adds no reads to a tick.
+- ``safety.model``, ``safety.keys``, ``safety.classify``, ``safety.scope`` and ``safety.blast`` use
+  the standard library only: they import neither ``planner``, ``executor``, ``journal``, ``common``
+  nor gRPC/protobuf. The signed-op modules may also use ``cryptography``, nothing else.
+- Fail closed, never halt: an unknown kind is DESTRUCTIVE, an unknown config key needs approval,
+  and the source of an action can only raise its class, never lower it.
+- ``safety.keys`` is the single source of how each PVE config key is classed (SAFETY-DESIGN §4.1).
+"""

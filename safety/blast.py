@@ -1,0 +1,49 @@
+"""Blast radius: how many stops one tick may run, by source (SAFETY-DESIGN §4.1 rule 4).
+
+A rate that gives a person time to notice a bad edit: the node's own desired file is trusted with
+any number of stops, a remote source with max(2, 10% of the managed guests) per tick, the rest
+deferred to later ticks. A remote source asking to stop more than half of the managed guests at
+once gets every one of those stops refused as needing approval: a hub gone wrong must not drain a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from safety.model import Source
+
+REMOTE_FLOOR = 2
+REMOTE_PERCENT = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopBudget:
+    """This tick's stops split three ways; each vmid is in exactly one, each tuple ascending."""
+
+    admitted: tuple[int, ...]
+    deferred: tuple[int, ...]
+    need_approval: tuple[int, ...]
+
+
+def default_limit(*, managed: int, source: Source) -> int | None:
+    """Stops per tick when none is configured: None (unlimited) for the local file, else max(2, 10%)."""
+    if source is Source.LOCAL_FILE:
+        return None
+    return max(REMOTE_FLOOR, managed * REMOTE_PERCENT // 100)
+
+
+def limit_stops(stop_vmids: Sequence[int], *, managed: int, source: Source,
+                max_stops_per_tick: int | None) -> StopBudget:
+    """Admit the lowest vmids up to the limit, defer the rest; a remote mass stop needs approval."""
+    if managed < 0:
+        raise ValueError(f"managed must not be negative, got {managed}")
+    if max_stops_per_tick is not None and max_stops_per_tick < 1:
+        raise ValueError(f"max_stops_per_tick must be at least 1 (or unset), got {max_stops_per_tick}")
+    vmids = tuple(sorted(set(stop_vmids)))
+    if source is not Source.LOCAL_FILE and 2 * len(vmids) > managed:
+        return StopBudget(admitted=(), deferred=(), need_approval=vmids)
+    limit = max_stops_per_tick if max_stops_per_tick is not None else default_limit(managed=managed, source=source)
+    if limit is None:
+        return StopBudget(admitted=vmids, deferred=(), need_approval=())
+    return StopBudget(admitted=vmids[:limit], deferred=vmids[limit:], need_approval=())

@@ -1,0 +1,98 @@
+"""Scope check and blast radius: actions stay inside what was declared, and remote sources cannot drain a node."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from safety.blast import StopBudget, limit_stops
+from safety.classify import Action, Source
+from safety.scope import Declaration, out_of_scope
+
+RUNNING = Declaration(vmid=105, state="running", config_keys=frozenset({"memory", "net0"}), description=True)
+STOPPED = Declaration(vmid=105, state="stopped", config_keys=None, description=False)
+DESCRIBED = Declaration(vmid=105, state=None, config_keys=None, description=True)
+
+
+def act(kind: str, *, set_: dict[str, str] | None = None, delete: tuple[str, ...] = ()) -> Action:
+    return Action(kind=kind, vmid=105, guest_type="qemu", set=set_ or {}, delete=delete)
+
+
+@pytest.mark.parametrize(("action", "declared"), [
+    (act("start"), RUNNING),
+    (act("stop"), STOPPED),
+    (act("set_config", set_={"memory": "2048", "description": "web"}, delete=("net0",)), RUNNING),
+    (act("set_config", set_={"description": "web"}), DESCRIBED),
+    (act("set_config"), RUNNING),
+])
+def test_declared_actions_are_in_scope(action: Action, declared: Declaration) -> None:
+    """What the desired state declared, in its direction, passes the scope check."""
+    assert out_of_scope(action, declared) is None
+
+
+@pytest.mark.parametrize(("action", "declared", "says"), [
+    (act("start"), None, "not declared"),
+    (act("stop"), RUNNING, "declared run state is running"),
+    (act("start"), STOPPED, "declared run state is stopped"),
+    (act("start"), DESCRIBED, "run state is not managed"),
+    (act("set_config", set_={"hookscript": "local:snippets/x.pl"}), RUNNING, "keys not declared: hookscript"),
+    (act("set_config", delete=("scsi0", "cores")), RUNNING, "keys not declared: cores, scsi0"),
+    (act("set_config", set_={"memory": "1024"}), DESCRIBED, "keys not declared: memory"),
+    (act("set_config", set_={"description": "x"}), STOPPED, "neither config nor description is managed"),
+    (act("guest.destroy"), RUNNING, "never declares a 'guest.destroy' action"),
+    (act("teleport"), RUNNING, "never declares"),
+    (act("start"), Declaration(vmid=106, state="running", config_keys=None, description=False), "guest 106"),
+])
+def test_undeclared_actions_are_out_of_scope(action: Action, declared: Declaration | None, says: str) -> None:
+    """Anything the desired state did not declare is refused as out of scope, with a reason naming what."""
+    reason = out_of_scope(action, declared)
+    assert reason is not None and says in reason and "guest 105" in reason
+
+
+@pytest.mark.parametrize(("stops", "managed", "source", "limit", "budget"), [
+    # SAFETY-DESIGN §6 row 43: a hub stopping 40 of 50 needs approval; 12 of 50 runs 5 per tick.
+    (range(100, 140), 50, Source.HUB, None, StopBudget(admitted=(), deferred=(), need_approval=tuple(range(100, 140)))),
+    ([111, 100, 105, 101, 110, 102, 103, 104, 106, 107, 108, 109], 50, Source.HUB, None,
+     StopBudget(admitted=(100, 101, 102, 103, 104), deferred=tuple(range(105, 112)), need_approval=())),
+    (range(100, 125), 50, Source.HUB, None,  # exactly half is not "more than half"
+     StopBudget(admitted=tuple(range(100, 105)), deferred=tuple(range(105, 125)), need_approval=())),
+    (range(100, 140), 50, Source.LOCAL_FILE, None, StopBudget(admitted=tuple(range(100, 140)), deferred=(),
+                                                             need_approval=())),
+    (range(100, 140), 50, Source.LOCAL_FILE, 3, StopBudget(admitted=(100, 101, 102), deferred=tuple(range(103, 140)),
+                                                          need_approval=())),
+    ([7, 3, 5], 10, Source.SELFTEST, None, StopBudget(admitted=(3, 5), deferred=(7,), need_approval=())),
+    ([7, 3, 5], 10, Source.HUB, 8, StopBudget(admitted=(3, 5, 7), deferred=(), need_approval=())),
+    ([9, 9, 9], 4, Source.HUB, None, StopBudget(admitted=(9,), deferred=(), need_approval=())),
+    ([9], 0, Source.HUB, None, StopBudget(admitted=(), deferred=(), need_approval=(9,))),
+    ([], 0, Source.HUB, None, StopBudget(admitted=(), deferred=(), need_approval=())),
+])
+def test_stop_budget(stops: list[int], managed: int, source: Source, limit: int | None, budget: StopBudget) -> None:
+    """The node's file stops anything; a remote source gets max(2, 10%) per tick, lowest vmids first."""
+    assert limit_stops(list(stops), managed=managed, source=source, max_stops_per_tick=limit) == budget
+
+
+@pytest.mark.parametrize(("managed", "limit", "field"), [(-1, None, "managed"), (10, 0, "max_stops_per_tick")])
+def test_stop_budget_rejects_bad_settings(managed: int, limit: int | None, field: str) -> None:
+    """A nonsensical setting is an error naming it, not a silent 'stop nothing' or 'stop everything'."""
+    with pytest.raises(ValueError, match=field):
+        limit_stops([100], managed=managed, source=Source.HUB, max_stops_per_tick=limit)
+
+
+@given(st.lists(st.integers(100, 400), max_size=60), st.integers(0, 300), st.sampled_from(list(Source)),
+       st.none() | st.integers(1, 30))
+def test_stop_budget_partitions_the_stops(stops: list[int], managed: int, source: Source, limit: int | None) -> None:
+    """Every asked stop lands in exactly one bucket; admitted never exceeds the limit and precedes the deferred."""
+    budget = limit_stops(stops, managed=managed, source=source, max_stops_per_tick=limit)
+    parts = (*budget.admitted, *budget.deferred, *budget.need_approval)
+    assert sorted(parts) == sorted(set(stops))
+    assert all(list(p) == sorted(p) for p in (budget.admitted, budget.deferred, budget.need_approval))
+    if limit is not None:
+        assert len(budget.admitted) <= limit
+    if budget.admitted and budget.deferred:
+        assert budget.admitted[-1] < budget.deferred[0]
+    if source is Source.LOCAL_FILE:
+        assert not budget.need_approval
+    else:
+        assert len(budget.admitted) <= max(2, managed // 10) or limit is not None
+        assert 2 * len(budget.admitted + budget.deferred) <= managed
