@@ -1,0 +1,156 @@
+"""Helpers of the executor race and cluster tests: counting requests, widening windows, stand-ins."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from proxmoxer import ProxmoxAPI
+
+from executor.pve import GuestState, ProxmoxNode
+from planner.v1 import planner_pb2 as pb
+from planner.v1 import planner_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def requests_to(fakepve: Any, method: str, suffix: str, since: int = 0) -> list[str]:
+    """Paths of the ``method`` requests fakepve received (from index ``since``) ending with ``suffix``."""
+    return [p for m, p, _ in fakepve.requests[since:] if m == method and p.endswith(suffix)]
+
+
+def starts(fakepve: Any, vmid: int | None = None, since: int = 0) -> list[str]:
+    """The POST .../status/start requests fakepve received, optionally for one guest."""
+    found = requests_to(fakepve, "POST", "/status/start", since)
+    return [p for p in found if vmid is None or p.endswith(f"/{vmid}/status/start")]
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_task(fakepve: Any, cafile: str, vmid: int, node: str = "pve1") -> str:
+    """POST a QEMU guest's status/start straight to fakepve (not through the adapter); the task's UPID."""
+    api = ProxmoxAPI("127.0.0.1", port=fakepve.port, user="root@pam", password="secret", verify_ssl=cafile,
+                     service="PVE")
+    return str(api.nodes(node).qemu(vmid).status.start.post())
+
+
+class Rendezvous:
+    """Holds the first ``parties`` callers until all have arrived or ``timeout`` passes; later ones pass.
+
+    Two reads that overlap (the defect) meet here and go on together; reads that never overlap (the
+    fix) cost the first one ``timeout`` once.
+    """
+
+    def __init__(self, parties: int, timeout: float) -> None:
+        self._parties, self._timeout = parties, timeout
+        self._arrived = 0
+        self._cond = threading.Condition()
+
+    def arrive(self) -> bool:
+        """Wait for the others; True when they all came in time."""
+        with self._cond:
+            self._arrived += 1
+            if self._arrived > self._parties:
+                return True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._arrived >= self._parties, self._timeout)
+
+
+class HeldReads:
+    """The real adapter, but a guest list is held after it was read: every one (``every``) or the next."""
+
+    def __init__(self, node: ProxmoxNode, every: Callable[[], object] | None = None) -> None:
+        self._node, self.node = node, node.node
+        self._every = every
+        self._next: Callable[[], object] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+    def hold_next(self, hook: Callable[[], object]) -> None:
+        """Run ``hook`` after the next guest list is read (once)."""
+        self._next = hook
+
+    def guests(self) -> list[GuestState]:
+        """Read, then run the hooks (the list grows older while they wait)."""
+        found = self._node.guests()
+        hook, self._next = self._next, None
+        for run in (hook, self._every):
+            if run is not None:
+                run()
+        return found
+
+
+class RefusingPlanner(pb_grpc.PlannerServiceServicer):
+    """A planner.v1 stand-in whose Plan refuses every request with INVALID_ARGUMENT; counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def Plan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.PlanResponse:
+        """Refuse, as a planner refuses a malformed request."""
+        with self._lock:
+            self.calls += 1
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "desired[0].run_state: unknown value 7")
+        raise AssertionError("abort returned")
+
+
+@contextmanager
+def refusing_planner() -> Iterator[tuple[RefusingPlanner, int]]:
+    """A RefusingPlanner served on 127.0.0.1 (a free port): (servicer, port); stopped after."""
+    servicer = RefusingPlanner()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_PlannerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, port
+    finally:
+        server.stop(0)
+
+
+def cli(pve_url: str, cafile: str, planner: str, tmp_path: Path, *args: str, node: str = "pve1") -> list[str]:
+    """The pve-executor command line for ``node`` at ``pve_url``, the password in a file, JSON logs."""
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    return [sys.executable, "-m", "executor", *args, "--node", node, "--pve-url", pve_url, "--pve-user", "root@pam",
+            "--pve-password-file", str(password), "--pve-ca-file", cafile, "--planner", planner,
+            "--log-format", "json"]
+
+
+class LineReader:
+    """Collects a child's stream line by line in a thread (so a running daemon's log can be watched)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def events(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The JSON log events, once the stream has ended (or ``timeout``); non-JSON lines left out."""
+        self._thread.join(timeout)
+        out = []
+        for line in self.lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
