@@ -1,16 +1,24 @@
 """Field normalizers: when a desired PVE value and the value PVE reports mean the same thing.
 
-Each PVE round-trip quirk (see PVE-NOTES) is one ``FieldRule``; a ``Registry`` maps
-(guest type, key) to its rule. New quirks are new rules in the registry, never edits to the plan.
-All rules treat a blank value ("" or whitespace, which PVE may return as " ") as absent, and an
-absent value as the key's PVE default where one is known.
+PVE does not read back what it was sent: descriptions lose trailing whitespace (LXC adds a final
+newline, CRLF becomes LF); numbers and booleans come back as strings in other spellings (``1`` for
+``on``); tags are lowercased, deduplicated, sorted and ``;``-joined; an emptied value reads back as
+``" "``; keys at their default are omitted; property strings (``net0``, ``cpu``...) come back with
+their fields reordered and a generated MAC added; ``1024M`` comes back as ``1G``; ``cipassword``
+reads back as stars. Compared naively, each of these is drift forever.
+
+Each quirk is one ``FieldRule``; a ``Registry`` maps (guest type, key) to its rule. New quirks are
+new rules in the registry, never edits to the plan. All rules treat a blank value as absent, and an
+absent value as the key's PVE default where one is known. A rule also gives the value to write:
+PVE replaces a property string whole, so a property string is written as actual's fields with the
+desired ones laid over them (``PropertyString.write``).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Protocol
@@ -94,8 +102,8 @@ class FieldRule(Protocol):
     def same(self, desired: str, actual: str | None) -> bool:
         """Whether ``actual`` (None: absent) already satisfies ``desired``."""
 
-    def write(self, desired: str) -> str:
-        """The desired value in the form PVE expects on a write."""
+    def write(self, desired: str, actual: str | None) -> str:
+        """The value to send so that ``actual`` (None: absent) becomes ``desired``, in PVE's write form."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,8 +129,8 @@ class Canonical:
         """Canonical forms are equal."""
         return self.key(desired) == self.key(actual)
 
-    def write(self, desired: str) -> str:
-        """Desired value through the writer (identity without one)."""
+    def write(self, desired: str, actual: str | None) -> str:
+        """Desired value through the writer (identity without one); a plain value replaces ``actual``."""
         return self.writer(desired) if self.writer else desired
 
 
@@ -166,26 +174,32 @@ DESCRIPTION = Canonical(canon=canon_description)
 UNCOMPARABLE = Canonical(comparable=False)
 
 
-def raw_fields(value: str, default_key: str | None, nic: bool = False) -> dict[str, str]:
-    """Split ``a,k=v,...`` into fields as written; a bare first token belongs to ``default_key``.
+def split_fields(value: str, default_key: str | None, nic: bool = False) -> Iterator[tuple[str, str, str]]:
+    """``(name, value, token)`` per field of ``a,k=v,...``, as written.
 
-    With ``nic``, QEMU's ``model=MAC`` form (``virtio=BC:24:11:..``) becomes model and macaddr.
+    A bare token belongs to ``default_key`` (without one it is a flag: ``1``). With ``nic``, QEMU's
+    ``model=MAC`` token (``virtio=BC:24:11:..``) gives two fields, model and macaddr; models are
+    lowercase, as PVE's enum is.
     """
-    fields: dict[str, str] = {}
     for raw in value.split(","):
         token = raw.strip()
         if not token:
             continue
         name, eq, val = token.partition("=")
-        if nic and (name in NIC_MODELS or name.lower() in NIC_MODELS):
-            fields["model"] = name.lower()
+        name, val = name.strip(), val.strip()
+        if nic and name.lower() in NIC_MODELS:
+            yield "model", name.lower(), token
             if eq:
-                fields["macaddr"] = val
-            continue
-        if not eq:
-            name, val = (default_key, token) if default_key else (token, "1")
-        fields[name.strip()] = val.strip()
-    return fields
+                yield "macaddr", val, token
+        elif not eq:
+            yield (default_key, token, token) if default_key else (token, "1", token)
+        else:
+            yield name, val.lower() if nic and name == "model" else val, token
+
+
+def raw_fields(value: str, default_key: str | None, nic: bool = False) -> dict[str, str]:
+    """Fields by name as written (a repeated name: the last one counts, as in PVE)."""
+    return {name: val for name, val, _ in split_fields(value, default_key, nic)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,24 +231,27 @@ def pinned(value: str, default_key: str | None, nic: bool = False) -> Pinned:
     return Pinned(fields, re.compile("".join(lookaheads), re.DOTALL))
 
 
-def _unset(value: str) -> bool:
-    """A pinned field whose actual is absent matches when the pin is the zero/blank default."""
-    return value in ("", "0")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PropertyString:
     """``net0``, ``scsi0``, ``rootfs``...: compared parsed, only on the fields desired pins.
 
     PVE reorders keys, generates MACs (``virtio=BC:24:..``, ``hwaddr=``) and writes ``1`` for
-    ``on``; a field the desired value does not mention is PVE's business.
+    ``on``; a field the desired value does not mention is PVE's business. An omitted field means
+    its zero (``0``/blank), except the fields in ``on_by_default``, where it means ``1``.
     """
 
     default_key: str | None = None
     default: str | None = None
     nic: bool = False
+    # PVE writes the default key's value bare and first (``host,flags=+aes``); startup writes ``order=``.
+    bare_default: bool = True
+    on_by_default: frozenset[str] = frozenset()
     data_bearing: bool = False
     comparable: bool = True
+
+    def omitted(self, name: str, value: str) -> bool:
+        """Whether a field absent from a property string has the canonical ``value``."""
+        return value in ("", "1" if name in self.on_by_default else "0")
 
     def same(self, desired: str, actual: str | None) -> bool:
         """Every field desired pins has that value in actual."""
@@ -252,15 +269,44 @@ class PropertyString:
         for name, value in want.fields.items():
             found = have.get(name)
             if found is None:
-                if not _unset(value):
+                if not self.omitted(name, value):
                     return False
             elif found != value and canon_inner(name, found) != value:
                 return False
         return True
 
-    def write(self, desired: str) -> str:
-        """Property strings are written as declared."""
-        return desired
+    def write(self, desired: str, actual: str | None) -> str:
+        """Actual's fields with the pinned ones laid over them; as declared when actual is absent.
+
+        PVE replaces a property string whole and draws a new MAC for a NIC written without one, so
+        every field desired leaves alone is carried over; a field goes only where desired pins it
+        to its zero. Actual's order and spellings are kept: a QEMU NIC leads with ``model=MAC``,
+        a bare default value leads, new fields come last.
+        """
+        if actual is None or is_blank(actual) or is_blank(desired):
+            return desired
+        key, nic = self.default_key, self.nic
+        fields = {name: (val, token) for name, val, token in split_fields(actual, key, nic)}
+        for name, val, _ in split_fields(desired, key, nic):
+            old = fields.get(name)
+            canonical = canon_inner(name, val)
+            if canonical in ("", "0") and self.omitted(name, canonical):
+                fields.pop(name, None)
+            elif old is None or canon_inner(name, old[0]) != canonical:
+                bare = name == key and (old[1] == old[0] if old else self.bare_default)
+                fields[name] = (val, val if bare else f"{name}={val}")
+        return ",".join(self._tokens(fields)) or desired
+
+    def _tokens(self, fields: dict[str, tuple[str, str]]) -> list[str]:
+        """Tokens in PVE's write form: the NIC's ``model=MAC`` or a bare default value first."""
+        head, key = "", self.default_key
+        if self.nic:
+            model, mac = (fields.pop(name, ("", ""))[0] for name in ("model", "macaddr"))
+            head = f"{model}={mac}" if model and mac else model or (mac and f"macaddr={mac}")
+        elif key is not None and key in fields and fields[key][0] == fields[key][1]:  # written bare
+            head = fields.pop(key)[1]
+        rest = [token for _, token in fields.values()]
+        return [head, *rest] if head else rest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -304,8 +350,8 @@ class Registry:
         return Registry((*extra, *self.rules), self.fallback)
 
 
-def _disk(default_key: str) -> PropertyString:
-    return PropertyString(default_key=default_key, data_bearing=True)
+def _disk(default_key: str, on_by_default: frozenset[str] = frozenset()) -> PropertyString:
+    return PropertyString(default_key=default_key, on_by_default=on_by_default, data_bearing=True)
 
 
 DEFAULT_RULES: tuple[Rule, ...] = (
@@ -313,8 +359,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     rule("tags", ANY, TAGS),
     rule("cipassword|vmgenid", ANY, UNCOMPARABLE),
     # Data-bearing: disks and volumes.
-    rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0", QEMU, _disk("file")),
-    rule(r"rootfs|mp\d+", LXC, _disk("volume")),
+    rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0", QEMU, _disk("file", frozenset({"backup", "replicate"}))),
+    rule(r"rootfs|mp\d+", LXC, _disk("volume", frozenset({"replicate"}))),
     # A disk key on the wrong guest type is still never written: PVE would allocate or refuse.
     rule(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+", ANY, _disk("file")),
     # Numbers (defaults as PVE applies them when the key is absent).
@@ -339,13 +385,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     rule(r"net\d+", QEMU, PropertyString(default_key="model", nic=True)),
     rule(r"net\d+", LXC, PropertyString()),
     rule("cpu", QEMU, PropertyString(default_key="cputype", default="kvm64")),
-    rule("agent", QEMU, PropertyString(default_key="enabled", default="0")),
+    rule("agent", QEMU, PropertyString(default_key="enabled", default="0",
+                                       on_by_default=frozenset({"freeze-fs-on-backup"}))),
     rule("vga", QEMU, PropertyString(default_key="type")),
     rule("boot", QEMU, PropertyString(default_key="legacy")),
-    rule("startup", ANY, PropertyString(default_key="order")),
+    rule("startup", ANY, PropertyString(default_key="order", bare_default=False)),
     rule(r"ipconfig\d+|smbios1|features|numa\d+|spice_enhancements|rng0|audio0|watchdog", ANY,
          PropertyString()),
-    rule(r"usb\d+|hostpci\d+", QEMU, PropertyString(default_key="host")),
+    rule(r"hostpci\d+", QEMU, PropertyString(default_key="host", on_by_default=frozenset({"rombar"}))),
+    rule(r"usb\d+", QEMU, PropertyString(default_key="host")),
     rule(r"dev\d+", LXC, PropertyString(default_key="path")),
 )
 

@@ -91,7 +91,7 @@ class Comparer:
             return Verdict.DATA_BEARING, ""
         if is_blank(desired):
             return Verdict.DELETE, ""
-        return Verdict.SET, rule.write(desired)
+        return Verdict.SET, rule.write(desired, actual)
 
 
 @dataclass(slots=True)

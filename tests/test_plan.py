@@ -131,6 +131,39 @@ def test_quirky_round_trip_plans_nothing() -> None:
                 [have(100, config={**actual, "description": "x\n"})]) == Plan(actions=(), skipped=())
 
 
+def test_property_strings_are_written_merged_over_actual() -> None:
+    """A changed NIC keeps its MAC and flags in the SetConfig itself (PVE replaces the whole value and draws
+    a new MAC when none is sent); an absent key is written as declared; an LXC NIC keeps its hwaddr."""
+    result = plan(
+        [want(100, config={"net0": "e1000,bridge=vmbr1", "net1": "virtio,bridge=vmbr2", "cpu": "host",
+                           "agent": "enabled=1", "startup": "order=2", "ipconfig0": "ip=10.0.0.5/24,gw=10.0.0.1"}),
+         want(101, config={"net0": "name=eth0,bridge=vmbr1"})],
+        [have(100, config={"net0": "virtio=BC:24:11:AA:BB:CC,bridge=vmbr0,firewall=1", "cpu": "kvm64,flags=+aes",
+                           "agent": "0,fstrim_cloned_disks=1", "startup": "order=1,up=30",
+                           "ipconfig0": "ip=dhcp,ip6=auto"}),
+         have(101, kind=LXC, config={"net0": "name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:00:01,ip=dhcp,type=veth"})])
+    assert result.actions == (
+        SetConfig(vmid=100, guest_type=Q, delete=(), digest="digest-100", set=(
+            ("agent", "1,fstrim_cloned_disks=1"), ("cpu", "host,flags=+aes"),
+            ("ipconfig0", "ip=10.0.0.5/24,ip6=auto,gw=10.0.0.1"),
+            ("net0", "e1000=BC:24:11:AA:BB:CC,bridge=vmbr1,firewall=1"), ("net1", "virtio,bridge=vmbr2"),
+            ("startup", "order=2,up=30"))),
+        SetConfig(vmid=101, guest_type=L, delete=(), digest="digest-101", set=(
+            ("net0", "name=eth0,bridge=vmbr1,hwaddr=BC:24:11:00:00:01,ip=dhcp,type=veth"),)),
+    )
+
+
+def test_nic_write_drops_only_what_desired_pins_to_zero_and_takes_a_pinned_mac() -> None:
+    """firewall=0 removes the flag; a MAC the desired value pins replaces the actual one."""
+    nic = "virtio=BC:24:11:AA:BB:CC,bridge=vmbr0,firewall=1"
+    result = plan([want(100, config={"net0": "virtio,bridge=vmbr0,firewall=0",
+                                     "net1": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})],
+                  [have(100, config={"net0": nic, "net1": nic})])
+    assert result.actions == (SetConfig(vmid=100, guest_type=Q, delete=(), digest="digest-100", set=(
+        ("net0", "virtio=BC:24:11:AA:BB:CC,bridge=vmbr0"),
+        ("net1", "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1"))),)
+
+
 # --- properties -------------------------------------------------------------------------------
 
 VALUES = {
