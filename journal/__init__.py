@@ -3,7 +3,9 @@
 A leaf package: standard library only (checked by import-linter). The executor writes ``begun``
 before each Proxmox call, ``task`` when the call returned a UPID and ``ended`` when it is done;
 ``in_flight()`` is what it re-checks on restart; ``already_applied(key)`` keeps one-shot
-operations from running twice.
+operations from running twice, and a burn key (``op:<op_id>``) is a nonce no outcome releases
+(``NonceSpentError``). ``refuse()`` records a refused step; ``high_water`` is the largest record
+time seen, the floor of the gate's clock.
 """
 
 from journal.errors import (
@@ -16,14 +18,16 @@ from journal.errors import (
     JournalOpenError,
     JournalWriteError,
     KeyInFlightError,
+    NonceSpentError,
     OutcomeUnknownError,
 )
-from journal.records import Applied, Begun, Ended, Outcome, Record, TaskStarted
-from journal.state import InFlight
+from journal.records import Applied, Begun, Ended, Outcome, Record, Refused, TaskStarted
+from journal.state import BURN_PREFIX, InFlight, is_burn_key
 from journal.store import Journal
 
 __all__ = [
-    "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",
+    "BURN_PREFIX", "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",
     "InFlight", "Journal", "JournalClosedError", "JournalCorruptError", "JournalError", "JournalOpenError",
-    "JournalWriteError", "KeyInFlightError", "Outcome", "OutcomeUnknownError", "Record", "TaskStarted",
+    "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError", "Record", "Refused",
+    "TaskStarted", "is_burn_key",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from journal.records import Outcome
+
 
 class JournalError(Exception):
     """Any journal failure."""
@@ -48,3 +50,14 @@ class OutcomeUnknownError(IdempotencyError):
 
 class IdempotencyConflictError(IdempotencyError):
     """The same key was used with a different payload."""
+
+
+class NonceSpentError(IdempotencyError):
+    """A burn key (``op:...``) was already used: its operation ran, failed or was cut short; never again.
+
+    ``op_id`` is the operation that spent it and ``outcome`` how that ended.
+    """
+
+    def __init__(self, key: str, op_id: str, outcome: Outcome) -> None:
+        super().__init__(f"key {key!r} is spent: operation {op_id} used it and ended {outcome.value}")
+        self.key, self.op_id, self.outcome = key, op_id, outcome

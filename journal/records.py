@@ -8,6 +8,11 @@ Body: ``type (1) | at (8, double) | number (4) | fields``, each field a 4-byte l
 for none) and its bytes. Binary rather than JSON: reopening a million-record journal decodes a
 million bodies, and JSON decoding alone costs more than the 5 s that may take. Payloads are kept
 as canonical JSON bytes (sorted keys), so their hash needs no decoding either.
+
+Types: ``B`` begun, ``T`` task, ``E`` ended, ``A`` applied (compaction's carry-over of a key),
+``R`` refused, ``H`` high-water mark (compaction's carry-over of the largest ``at`` seen). A
+new type only ever adds a letter: the bodies of the older ones never change, so every journal an
+older version wrote still opens.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ MAX_BODY = 16 * 1024 * 1024
 _FIXED = struct.Struct("<cdI")  # type, at, number (vmid or outcome code)
 _LEN = struct.Struct("<I")
 _NONE = 0xFFFFFFFF
-BEGUN, TASK, ENDED, APPLIED = b"B", b"T", b"E", b"A"
+BEGUN, TASK, ENDED, APPLIED, REFUSED, MARK = b"B", b"T", b"E", b"A", b"R", b"H"
 
 # Named positions. A body is (type, at, number, fields); code that reads one unpacks it
 # (``kind, at, number, fields = body``) or uses these, never a bare index.
@@ -45,6 +50,10 @@ TASK_UPID: Final = 1
 ENDED_ERROR: Final = 1
 APPLIED_KEY: Final = 1
 APPLIED_HASH: Final = 2
+REFUSED_KIND: Final = 1
+REFUSED_REASON: Final = 2
+REFUSED_DETAIL: Final = 3
+REFUSED_KEY: Final = 4
 
 
 class Outcome(enum.Enum):
@@ -92,7 +101,7 @@ class Ended:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Applied:
-    """Compaction's carry-over of an idempotency key whose operation ended ok or unknown."""
+    """Compaction's carry-over of a key whose operation ended ok or unknown (a burn key: any outcome)."""
 
     key: str
     payload_hash: bytes
@@ -101,7 +110,24 @@ class Applied:
     at: float
 
 
-Record = Begun | TaskStarted | Ended | Applied
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """A step the executor refused (by policy or for want of approval): no operation, no in-flight state.
+
+    ``key`` names the refusal for de-duplication (the gate's ``vmid:kind:descriptor``); ``op_id`` is
+    the signed op refused, if any.
+    """
+
+    vmid: int
+    kind: str
+    reason: str
+    detail: str
+    op_id: str | None
+    key: str | None
+    at: float
+
+
+Record = Begun | TaskStarted | Ended | Applied | Refused
 Body = tuple[bytes, float, int, list[bytes | None]]  # type, at, number, fields
 
 
@@ -132,23 +158,69 @@ def fields_of(record: Record) -> Body:
         case Applied():
             return APPLIED, record.at, OUTCOME_CODES[record.outcome], [record.op_id.encode(), record.key.encode(),
                                                                        record.payload_hash]
+        case Refused():
+            return REFUSED, record.at, record.vmid, [_text(record.op_id), record.kind.encode(), record.reason.encode(),
+                                                     record.detail.encode(), _text(record.key)]
+
+
+def mark(high_water: float) -> Body:
+    """The high-water mark a compaction writes first, so the largest ``at`` survives it."""
+    return MARK, high_water, 0, []
+
+
+def _str(field: bytes | None) -> str:
+    if field is None:
+        raise ValueError("a required field is missing")
+    return field.decode()
+
+
+def _opt(field: bytes | None) -> str | None:
+    return None if field is None else field.decode()
+
+
+def _begun(at: float, number: int, fields: list[bytes | None]) -> Record:
+    op, kind, key, payload = fields
+    return Begun(op_id=_str(op), vmid=number, kind=_str(kind), key=_opt(key), at=at, payload=json.loads(_str(payload)))
+
+
+def _task(at: float, _number: int, fields: list[bytes | None]) -> Record:
+    op, upid = fields
+    return TaskStarted(op_id=_str(op), upid=_str(upid), at=at)
+
+
+def _ended(at: float, number: int, fields: list[bytes | None]) -> Record:
+    op, error = fields
+    return Ended(op_id=_str(op), outcome=OUTCOMES[number], error=_str(error), at=at)
+
+
+def _applied(at: float, number: int, fields: list[bytes | None]) -> Record:
+    op, key, digest = fields  # the digest is raw bytes: never decoded as text
+    if digest is None:
+        raise ValueError("an applied record without its payload hash")
+    return Applied(op_id=_str(op), key=_str(key), payload_hash=digest, outcome=OUTCOMES[number], at=at)
+
+
+def _refused(at: float, number: int, fields: list[bytes | None]) -> Record:
+    op, kind, reason, detail, key = fields
+    return Refused(op_id=_opt(op), vmid=number, kind=_str(kind), reason=_str(reason), detail=_str(detail),
+                   key=_opt(key), at=at)
+
+
+_DECODERS: dict[bytes, Callable[[float, int, list[bytes | None]], Record]] = {
+    BEGUN: _begun, TASK: _task, ENDED: _ended, APPLIED: _applied, REFUSED: _refused,
+}
 
 
 def record_of(body: Body) -> Record:
     """The typed record of a decoded body (ValueError on a malformed one)."""
     kind, at, number, fields = body
-    text = [f.decode() if f is not None else None for f in fields]
-    if kind == BEGUN and len(text) == 4 and (payload := fields[BEGUN_PAYLOAD]) is not None:
-        return Begun(op_id=str(text[OP]), vmid=number, kind=str(text[BEGUN_KIND]), key=text[BEGUN_KEY], at=at,
-                     payload=json.loads(payload))
-    if kind == TASK and len(text) == 2:
-        return TaskStarted(op_id=str(text[OP]), upid=str(text[TASK_UPID]), at=at)
-    if kind == ENDED and len(text) == 2:
-        return Ended(op_id=str(text[OP]), outcome=OUTCOMES[number], error=str(text[ENDED_ERROR]), at=at)
-    if kind == APPLIED and len(fields) == 3 and (digest := fields[APPLIED_HASH]) is not None:
-        return Applied(op_id=str(text[OP]), key=str(text[APPLIED_KEY]), payload_hash=digest,
-                       outcome=OUTCOMES[number], at=at)
-    raise ValueError(f"malformed record of type {kind!r}")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ValueError(f"no record type {kind!r}")
+    try:
+        return decoder(at, number, fields)
+    except (ValueError, KeyError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"malformed record of type {kind!r}: {exc}") from exc
 
 
 def encode(record: Record) -> bytes:

@@ -17,13 +17,25 @@ from journal.records import (
     ENDED,
     FIELDS,
     OUTCOMES,
+    REFUSED,
+    REFUSED_DETAIL,
+    REFUSED_REASON,
     TASK,
     Applied,
     Body,
     Outcome,
     TaskStarted,
     fields_of,
+    mark,
 )
+
+BURN_PREFIX = "op:"
+"""Keys starting with this are nonces: spent by their ``begin``, whatever the outcome, never released."""
+
+
+def is_burn_key(key: str) -> bool:
+    """Whether ``key`` is a nonce that no outcome releases."""
+    return key.startswith(BURN_PREFIX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,18 +62,25 @@ class KeyState:
 
 
 class State:
-    """Operations in flight and idempotency keys, kept as raw bodies: replay builds no objects."""
+    """Operations in flight, idempotency keys and the last refusal per key, kept as raw bodies.
+
+    Replay builds no objects beyond the key states. ``high_water`` is the largest record ``at``
+    folded so far.
+    """
 
     def __init__(self, keep_recent: int) -> None:
         self.ops: dict[str, Body] = {}
         self.upids: dict[str, str] = {}
         self.keys: dict[str, KeyState] = {}
+        self.refusals: dict[str, Body] = {}
         self.recent: collections.deque[Body] = collections.deque(maxlen=keep_recent)
+        self.high_water = 0.0
 
     def apply(self, body: Body) -> None:
         """Fold one durable record (idempotent: compaction may leave records replayed twice)."""
-        self.recent.append(body)
         kind, at, number, fields = body
+        if at > self.high_water:  # noqa: PLR1730 (max() costs 7x the compare, once per record at replay)
+            self.high_water = at
         # Unpacking names each type's fields (see records.py) and checks their count: a ValueError
         # here is reported by the scan as an undecodable record.
         if kind == BEGUN:
@@ -83,6 +102,13 @@ class State:
             if key is not None and digest is not None:
                 self.keys[key.decode()] = KeyState(digest, raw_op.decode() if raw_op is not None else "",
                                                    OUTCOMES[number], at)
+        elif kind == REFUSED:
+            _, _, _, _, key = fields
+            if key is not None:
+                self.refusals[key.decode()] = body
+        else:
+            return  # MARK only carries the high-water mark; a type from a newer version is not ours to read
+        self.recent.append(body)
 
     def _end(self, op: str, outcome: Outcome, at: float) -> None:
         begun = self.ops.pop(op, None)
@@ -90,10 +116,20 @@ class State:
         if begun is None or (raw_key := begun[FIELDS][BEGUN_KEY]) is None:
             return
         key = raw_key.decode()
-        if outcome is Outcome.FAILED:
-            self.keys.pop(key, None)  # a failed one-shot may be retried
+        if outcome is Outcome.FAILED and not is_burn_key(key):
+            self.keys.pop(key, None)  # a failed one-shot may be retried; a spent nonce may not
         elif (known := self.keys.get(key)) is not None:
             self.keys[key] = KeyState(known.payload_hash, op, outcome, at)
+
+    def last_refusal(self, key: str) -> tuple[str, str, float] | None:
+        """The reason, detail and time of the last refusal journaled under ``key``."""
+        body = self.refusals.get(key)
+        if body is None:
+            return None
+        fields = body[FIELDS]
+        reason, detail = fields[REFUSED_REASON], fields[REFUSED_DETAIL]
+        return (reason.decode() if reason is not None else "", detail.decode() if detail is not None else "",
+                body[AT])
 
     def in_flight(self) -> list[InFlight]:
         """Operations in flight, oldest first, decoded."""
@@ -106,9 +142,13 @@ class State:
                                     upid=self.upids.get(op)))
         return sorted(flights, key=lambda f: f.begun_at)
 
-    def live(self, expired: Callable[[KeyState], bool]) -> list[Body]:
-        """What compaction keeps: in-flight begun (and task) records, and unexpired keys."""
-        bodies: list[Body] = []
+    def live(self, expired: Callable[[float], bool]) -> list[Body]:
+        """What compaction keeps, forgetting what ``expired`` (given a record's time) says is out of the window.
+
+        The high-water mark; in-flight begun (and task) records; ended keys (burn keys whatever
+        their outcome); the last refusal per key.
+        """
+        bodies: list[Body] = [mark(self.high_water)]
         for op, begun in sorted(self.ops.items(), key=lambda item: item[1][AT]):
             bodies.append(begun)
             if (upid := self.upids.get(op)) is not None:
@@ -116,9 +156,14 @@ class State:
         for key, state in list(self.keys.items()):
             if state.outcome is None:
                 continue
-            if expired(state):
+            if expired(state.at):
                 del self.keys[key]
                 continue
             bodies.append(fields_of(Applied(key=key, payload_hash=state.payload_hash, op_id=state.op_id,
                                             outcome=state.outcome, at=state.at)))
+        for key, body in list(self.refusals.items()):
+            if expired(body[AT]):
+                del self.refusals[key]
+            else:
+                bodies.append(body)
         return bodies

@@ -1,9 +1,8 @@
 """The journal: an fsync'd, checksummed, self-compacting log of operations and idempotency keys.
 
 Every append returns only once its bytes are on disk (``fdatasync``). Concurrent appends are
-group-committed: the first writer to find no sync running writes and syncs everything queued so
-far, the others wait for it. A failed write or sync poisons the journal: it refuses every later
-write, since a retried fsync can report success for data the kernel already dropped.
+group-committed (``journal.commit``). A failed write or sync poisons the journal: it refuses every
+later write, since a retried fsync can report success for data the kernel already dropped.
 """
 
 from __future__ import annotations
@@ -15,16 +14,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from journal import segments
+from journal import keys, segments
+from journal.commit import GroupCommit
 from journal.errors import (
-    AlreadyAppliedError,
     IdempotencyConflictError,
     JournalClosedError,
     JournalError,
     JournalOpenError,
     JournalWriteError,
-    KeyInFlightError,
-    OutcomeUnknownError,
 )
 from journal.records import (
     BEGUN_PAYLOAD,
@@ -34,6 +31,7 @@ from journal.records import (
     Ended,
     Outcome,
     Record,
+    Refused,
     TaskStarted,
     encode_body,
     fields_of,
@@ -46,29 +44,6 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 
 
-class _Waiter:
-    """One queued record and how its thread learns the outcome."""
-
-    __slots__ = ("body", "error", "event", "frame", "lead")
-
-    def __init__(self, frame: bytes, body: Body) -> None:
-        self.frame, self.body = frame, body
-        self.event: threading.Event | None = None  # only a thread that must sleep gets one
-        self.lead = False
-        self.error: OSError | None = None
-
-    def wake(self) -> None:
-        """Wake the thread if it sleeps."""
-        if self.event is not None:
-            self.event.set()
-
-    def raise_error(self) -> None:
-        """Raise the write failure this record met, if any."""
-        if self.error is not None:
-            raise JournalWriteError(f"journal write failed, journal now refuses writes: "
-                                    f"{self.error.strerror or self.error}") from self.error
-
-
 class Journal:
     """The executor's memory across crashes. Use ``Journal.open(directory)``; thread-safe."""
 
@@ -79,11 +54,10 @@ class Journal:
         self._retention, self._segment_bytes, self._clock = retention, segment_bytes, clock
         self._state = state
         self._cond = threading.Condition()
-        self._queue: list[_Waiter] = []
-        self._leading = False
-        self._failure: BaseException | None = None
+        # A lambda, not the bound method: compaction replaces the segment.
+        self._group = GroupCommit(self._cond, lambda data: self._segment.append(data), self._publish)  # noqa: PLW0108
         self._closed = False
-        self._appends = self._syncs = 0
+        self._snapshot_bytes = 0  # the last compaction's snapshot: compact again only once it has doubled
 
     # --- opening --------------------------------------------------------------------------
 
@@ -125,7 +99,8 @@ class Journal:
 
         With ``key`` (one-shot operations), refuses a key that ended ok (AlreadyAppliedError), is
         in flight (KeyInFlightError), ended unknown (OutcomeUnknownError), or came with another
-        payload (IdempotencyConflictError).
+        payload (IdempotencyConflictError). A burn key (``op:...``) is spent by this record: once it
+        ended, whatever the outcome, it raises NonceSpentError until the retention window passes.
         """
         op_id, at = op_id or os.urandom(16).hex(), self._clock()
         body = fields_of(Begun(op_id=op_id, vmid=vmid, kind=kind, payload=payload, key=key, at=at))
@@ -153,6 +128,51 @@ class Journal:
     def end(self, op_id: str, outcome: Outcome, error: str = "") -> None:
         """Record how the operation ended."""
         self._append_for(op_id, Ended(op_id=op_id, outcome=outcome, error=error, at=self._clock()))
+
+    def refuse(self, *, vmid: int, kind: str, reason: str, detail: str = "", op_id: str | None = None,
+               key: str | None = None) -> None:
+        """Record, durably, that a step was refused (no operation begins; nothing is in flight).
+
+        ``key`` names the refusal for ``last_refusal``; ``op_id`` is the signed op refused, if any.
+        """
+        self._refuse(Refused(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
+                             at=self._clock()), only_if_new=False)
+
+    def refuse_if_new(self, *, vmid: int, kind: str, reason: str, key: str, detail: str = "",
+                      op_id: str | None = None) -> bool:
+        """``refuse`` unless ``key``'s last refusal had the same reason; True when it was written.
+
+        How a refusal is journaled when first seen and when its reason changes, not on every tick
+        (atomic: of two threads with the same new refusal, one writes it).
+        """
+        return self._refuse(Refused(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
+                                    at=self._clock()), only_if_new=True)
+
+    def _refuse(self, record: Refused, *, only_if_new: bool) -> bool:
+        if record.key == "":
+            raise ValueError("a refusal key must not be empty (None for no key)")
+        body = fields_of(record)
+        frame = encode_body(body)
+        with self._cond:
+            self._check_open()
+            if record.key is None:
+                self._commit(frame, body)
+                return True
+            last = self._live_refusal(record.key)
+            if only_if_new and last is not None and last[0] == record.reason:
+                return False
+            # Reserved before the write, as keys are: a second thread with the same refusal sees it.
+            previous = self._state.refusals.get(record.key)
+            self._state.refusals[record.key] = body
+            try:
+                self._commit(frame, body)
+            except BaseException:
+                if previous is None:
+                    self._state.refusals.pop(record.key, None)
+                else:
+                    self._state.refusals[record.key] = previous
+                raise
+        return True
 
     def _append_for(self, op_id: str, record: TaskStarted | Ended) -> None:
         body = fields_of(record)
@@ -185,6 +205,24 @@ class Journal:
             raise IdempotencyConflictError(f"key {key!r} was used with a different payload")
         return state.outcome is Outcome.OK
 
+    def check_key(self, key: str, payload: Mapping[str, Any] | None = None) -> None:
+        """Raise what ``begin(key=key, payload=payload)`` would raise for the key, writing nothing.
+
+        The read-only look-up before an op is queued (NonceSpentError, KeyInFlightError...).
+        Without ``payload``, payloads are not compared.
+        """
+        digest = payload_hash(payload) if payload is not None else None
+        with self._cond:
+            error = keys.refusal(key, self._live_key(key), digest)
+        if error is not None:
+            raise error
+
+    def last_refusal(self, key: str) -> tuple[str, str] | None:
+        """(reason, detail) of the last refusal journaled under ``key`` within the retention window."""
+        with self._cond:
+            last = self._live_refusal(key)
+        return None if last is None else (last[0], last[1])
+
     def recent(self, limit: int = 100) -> list[Record]:
         """The last ``limit`` records, oldest first."""
         with self._cond:
@@ -194,17 +232,32 @@ class Journal:
     @property
     def stats(self) -> tuple[int, int]:
         """(records appended, syncs) since open: appends per sync shows the group commit at work."""
-        return self._appends, self._syncs
+        return self._group.appends, self._group.syncs
+
+    @property
+    def high_water(self) -> float:
+        """The largest record time (``at``) this journal has seen, replayed or appended: never goes back.
+
+        Survives reopen and compaction; 0.0 for an empty journal. The gate's clock is
+        ``max(time.time(), journal.high_water)``.
+        """
+        with self._cond:
+            return self._state.high_water
+
+    @property
+    def retention(self) -> float:
+        """Seconds an ended key (and a spent nonce, and a refusal) is remembered."""
+        return self._retention
 
     @property
     def failed(self) -> bool:
         """True once a write or sync failed: the journal takes no more writes."""
-        return self._failure is not None
+        return self._group.failure is not None
 
     def close(self) -> None:
         """Wait for a running sync, then close the files; later calls raise JournalClosedError."""
         with self._cond:
-            while self._leading:
+            while self._group.leading:
                 self._cond.wait()
             if self._closed:
                 return
@@ -224,9 +277,9 @@ class Journal:
     def _check_open(self) -> None:
         if self._closed:
             raise JournalClosedError(f"journal {self.directory} is closed")
-        if self._failure is not None:
+        if (failure := self._group.failure) is not None:
             raise JournalWriteError(f"journal {self.directory} failed earlier and takes no more writes: "
-                                    f"{self._failure}") from self._failure
+                                    f"{failure}") from failure
 
     def _live_key(self, key: str) -> KeyState | None:
         state = self._state.keys.get(key)
@@ -234,89 +287,47 @@ class Journal:
             return None
         return state
 
+    def _live_refusal(self, key: str) -> tuple[str, str, float] | None:
+        last = self._state.last_refusal(key)
+        if last is not None and self._clock() - last[2] > self._retention:
+            return None
+        return last
+
     def _reserve(self, key: str, digest: bytes, op_id: str, at: float) -> None:
-        if not key:
-            raise ValueError("an idempotency key must not be empty")
-        state = self._live_key(key)
-        if state is not None:
-            if state.payload_hash != digest:
-                raise IdempotencyConflictError(f"key {key!r} was used with a different payload")
-            if state.outcome is None:
-                raise KeyInFlightError(f"key {key!r} is in flight as operation {state.op_id}")
-            if state.outcome is Outcome.OK:
-                raise AlreadyAppliedError(f"key {key!r} was applied by operation {state.op_id}")
-            raise OutcomeUnknownError(f"key {key!r}: operation {state.op_id} ended with an unknown outcome")
+        error = keys.refusal(key, self._live_key(key), digest)
+        if error is not None:
+            raise error
         self._state.keys[key] = KeyState(digest, op_id, None, at)
 
     def _commit(self, frame: bytes, body: Body) -> None:
-        """Queue ``frame`` and return once it is durable. Called with the lock held.
+        self._group.commit(frame, body)
 
-        Group commit: with nobody syncing, this thread leads: it writes and syncs everything
-        queued, then hands the lead to the first thread that queued meanwhile. Every other thread
-        sleeps on its own event and is woken once, when its record is durable (or the lead is
-        handed to it), never by every sync.
-        """
-        waiter = _Waiter(frame, body)
-        self._queue.append(waiter)
-        if self._leading:
-            waiter.event = threading.Event()
-            self._cond.release()
-            try:
-                waiter.event.wait()
-            finally:
-                self._cond.acquire()
-            if not waiter.lead:
-                waiter.raise_error()
-                return
-        self._leading = True
-        self._lead()
-        waiter.raise_error()
-
-    def _lead(self) -> None:
-        """Write and sync the queue with the lock released, publish it, then hand the lead on."""
-        batch, self._queue = self._queue, []
-        error: OSError | None = None
-        self._cond.release()
-        try:
-            self._segment.append(b"".join(w.frame for w in batch))
-        except OSError as exc:
-            error = exc
-        finally:
-            self._cond.acquire()
-        if error is None:
-            self._syncs += 1
-            self._appends += len(batch)
-            for waiter in batch:
-                self._state.apply(waiter.body)
-            if self._segment.size > self._segment_bytes:
-                error = self._compact()
-        if error is not None:
-            self._failure = error
-            batch += self._queue  # nobody may write after a failure: fail the queued ones too
-            self._queue = []
-        for waiter in batch:
-            waiter.error = error
-            waiter.wake()
-        if self._queue:
-            self._queue[0].lead = True
-            self._queue[0].wake()
-        else:
-            self._leading = False
-            self._cond.notify_all()  # close() may be waiting for the lead to end
+    def _publish(self, bodies: list[Body]) -> OSError | None:
+        """Fold records now durable; compact when the segment has grown enough."""
+        for body in bodies:
+            self._state.apply(body)
+        if self._segment.size > max(self._segment_bytes, 2 * self._snapshot_bytes):
+            return self._compact()
+        return None
 
     def _compact(self) -> OSError | None:
         """Start a new segment holding only what recovery and idempotency need; drop the old ones.
+
+        Runs when the segment passes ``segment_bytes`` and twice the last snapshot: a live set
+        larger than a segment then costs a compaction per doubling, not one per append.
 
         The snapshot is written to a temporary file, synced and renamed before any old segment is
         removed: a crash at any point leaves either the old segments or the new one (or both,
         which replay folds idempotently).
         """
         now = self._clock()
-        live = self._state.live(lambda state: now - state.at > self._retention)
+        live = self._state.live(lambda at: now - at > self._retention)
+        snapshot = b"".join(encode_body(body) for body in live)
         try:
-            segment = segments.rotate(self.directory, self._sequence + 1, b"".join(encode_body(body) for body in live))
+            segment = segments.rotate(self.directory, self._sequence + 1, snapshot)
         except OSError as exc:
             return exc
+        self._snapshot_bytes = len(snapshot)
         self._segment.close()
         self._segment, self._sequence = segment, self._sequence + 1
         segments.remove_before(self.directory, self._sequence)

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
+import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from journal import (
     AlreadyAppliedError,
+    Applied,
+    Begun,
+    Ended,
     IdempotencyConflictError,
     Journal,
     JournalCorruptError,
@@ -20,9 +28,13 @@ from journal import (
     JournalOpenError,
     JournalWriteError,
     KeyInFlightError,
+    NonceSpentError,
     Outcome,
     OutcomeUnknownError,
+    Refused,
+    TaskStarted,
 )
+from journal.records import encode
 from journal.segments import name, sequences
 
 UPID = "UPID:pve1:0000A1B2:00C3D4E5:6560F00D:qmstart:100:root@pam:"
@@ -111,7 +123,7 @@ def test_idempotency_refusals(path: Path) -> None:
 
 
 def test_failed_one_shot_may_run_again(path: Path) -> None:
-    """A keyed op that failed is not applied: it may be begun again."""
+    """A keyed op that failed is not applied: it may be begun again (an ordinary key, not an ``op:`` one)."""
     with Journal.open(path) as journal:
         op = journal.begin(vmid=100, kind="snapshot", payload={}, key="k")
         journal.end(op, Outcome.FAILED, "storage full")
@@ -276,3 +288,300 @@ def test_open_failures_are_clear_errors(tmp_path: Path) -> None:
         (mount / "filler").write_bytes(b"\0" * (64 * 1024 - 4096))
         with pytest.raises(JournalOpenError, match="No space left"):
             Journal.open(mount / "journal")
+
+
+# --- burn keys: the nonces of signed operations -------------------------------------------------
+
+def _fill(journal: Journal, count: int) -> None:
+    """Unkeyed operations begun and ended: enough of them make a small journal compact."""
+    for i in range(count):
+        journal.end(journal.begin(vmid=900, kind="start", payload={"i": i}), Outcome.OK)
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_a_spent_nonce_is_refused_whatever_the_outcome(path: Path, outcome: Outcome) -> None:
+    """An ``op:`` key is spent by its begin: after ok, failed or unknown it never begins again, even after reopen."""
+    with Journal.open(path) as journal:
+        op = journal.begin(vmid=100, kind="destroy", payload={"purge": 1}, key="op:n1")
+        journal.end(op, outcome, "" if outcome is Outcome.OK else "storage gone")
+        for payload in ({"purge": 1}, {"purge": 0}):  # another payload does not make it fresh
+            with pytest.raises(NonceSpentError) as info:
+                journal.begin(vmid=100, kind="destroy", payload=payload, key="op:n1")
+            assert (info.value.key, info.value.op_id, info.value.outcome) == ("op:n1", op, outcome)
+    with Journal.open(path) as journal:
+        with pytest.raises(NonceSpentError) as info:
+            journal.begin(vmid=100, kind="destroy", payload={"purge": 1}, key="op:n1")
+        assert info.value.outcome is outcome
+        with pytest.raises(NonceSpentError):
+            journal.check_key("op:n1")
+        assert journal.already_applied("op:n1") is (outcome is Outcome.OK)
+        assert journal.in_flight() == []
+
+
+def test_a_nonce_in_flight_is_refused_as_in_flight_then_spent(path: Path) -> None:
+    """While its op runs (also across a restart) an ``op:`` key is in flight; once ended, it is spent."""
+    with Journal.open(path) as journal:
+        op = journal.begin(vmid=100, kind="detach", payload={"key": "scsi1"}, key="op:n2")
+        with pytest.raises(KeyInFlightError):
+            journal.begin(vmid=100, kind="detach", payload={"key": "scsi2"}, key="op:n2")
+        with pytest.raises(KeyInFlightError):
+            journal.check_key("op:n2")
+    with Journal.open(path) as journal:
+        (flight,) = journal.in_flight()
+        assert (flight.op_id, flight.key) == (op, "op:n2")
+        with pytest.raises(KeyInFlightError):
+            journal.begin(vmid=100, kind="detach", payload={"key": "scsi1"}, key="op:n2")
+        journal.end(op, Outcome.FAILED, "not applied")  # what recovery writes after a crash before the call
+        with pytest.raises(NonceSpentError):
+            journal.begin(vmid=100, kind="detach", payload={"key": "scsi1"}, key="op:n2")
+
+
+def test_check_key_refuses_exactly_as_begin_would_and_writes_nothing(path: Path) -> None:
+    """The read-only look-up raises what begin would, for ordinary and burn keys, and leaves no record."""
+    with Journal.open(path) as journal:
+        journal.check_key("op:fresh")
+        journal.check_key("ordinary", {"a": 1})
+        journal.end(journal.begin(vmid=100, kind="snapshot", payload={"a": 1}, key="ordinary"), Outcome.OK)
+        with pytest.raises(AlreadyAppliedError):
+            journal.check_key("ordinary")
+        with pytest.raises(IdempotencyConflictError):
+            journal.check_key("ordinary", {"a": 2})
+        with pytest.raises(ValueError, match="empty"):
+            journal.check_key("")
+        assert journal.stats[0] == 2
+        journal.begin(vmid=100, kind="destroy", payload={}, key="op:fresh")  # check_key spent nothing
+
+
+def test_spent_nonces_survive_compaction_until_retention_expires(path: Path) -> None:
+    """Compaction carries every spent ``op:`` key (with its outcome) forward; past retention it may be forgotten."""
+    clock = Clock()
+    spent = {}
+    with Journal.open(path, segment_bytes=4096, retention=3600, clock=clock) as journal:
+        for outcome in Outcome:
+            key = f"op:{outcome.value}"
+            spent[key] = (journal.begin(vmid=100, kind="destroy", payload={}, key=key), outcome)
+            journal.end(spent[key][0], outcome)
+        journal.end(journal.begin(vmid=100, kind="snapshot", payload={}, key="plain"), Outcome.FAILED)
+        _fill(journal, 60)
+    assert sequences(path)[0] > 1  # compacted: the begun/ended records of the nonces are gone
+    clock.now += 3000
+    with Journal.open(path, segment_bytes=4096, retention=3600, clock=clock) as journal:
+        carried = {r.key: (r.op_id, r.outcome) for r in journal.recent(1000) if isinstance(r, Applied)}
+        assert carried == spent  # FAILED included; the failed ordinary key is not carried
+        for key, (op, outcome) in spent.items():
+            with pytest.raises(NonceSpentError) as info:
+                journal.check_key(key)
+            assert (info.value.op_id, info.value.outcome) == (op, outcome)
+        clock.now += 601  # past retention: an op this old is refused on time before its nonce is looked up
+        _fill(journal, 60)
+    with Journal.open(path, segment_bytes=4096, retention=3600, clock=clock) as journal:
+        assert not [r for r in journal.recent(1000) if isinstance(r, Applied)]
+        for key in spent:
+            journal.check_key(key)
+
+
+def _model_refusal(history: dict[int, Outcome | None], slot: int, burn: bool) -> type[Exception] | None:
+    """What a begin under key ``slot`` should meet, from the outcomes so far (the spec, written plainly)."""
+    if slot not in history:
+        return None
+    outcome = history[slot]
+    if outcome is None:
+        return KeyInFlightError
+    if burn:
+        return NonceSpentError
+    return {Outcome.OK: AlreadyAppliedError, Outcome.UNKNOWN: OutcomeUnknownError}.get(outcome)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.booleans(), st.lists(st.tuples(st.integers(0, 3), st.sampled_from([None, *Outcome]), st.booleans()),
+                               max_size=25))
+def test_keys_follow_their_rules_through_any_history_and_reopen(burn: bool,
+                                                                steps: list[tuple[int, Outcome | None, bool]]) -> None:
+    """Any sequence of begins, ends and restarts: a burn key never begins twice; failure frees an ordinary key."""
+    history: dict[int, Outcome | None] = {}  # key slot -> outcome of its current op (None: in flight)
+    ops: dict[int, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Journal.open(Path(tmp) / "j", segment_bytes=2048)
+        try:
+            for slot, outcome, reopen in steps:
+                key = f"{'op:' if burn else 'k'}{slot}"
+                if slot in history and history[slot] is None and outcome is not None:
+                    journal.end(ops[slot], outcome)
+                    history[slot] = outcome
+                    if outcome is Outcome.FAILED and not burn:
+                        del history[slot]
+                    continue
+                expected = _model_refusal(history, slot, burn)
+                if expected is None:
+                    ops[slot] = journal.begin(vmid=100, kind="op", payload={}, key=key)
+                    history[slot] = None
+                else:
+                    with pytest.raises(expected):
+                        journal.begin(vmid=100, kind="op", payload={}, key=key)
+                if reopen:
+                    journal.close()
+                    journal = Journal.open(Path(tmp) / "j", segment_bytes=2048)
+        finally:
+            journal.close()
+
+
+# --- the high-water mark ------------------------------------------------------------------------
+
+def test_high_water_is_the_largest_time_seen_and_survives_reopen_and_compaction(path: Path) -> None:
+    """A clock set back does not lower it; it survives a restart and a compaction that dropped its record."""
+    clock = Clock()
+    with Journal.open(path, segment_bytes=4096, clock=clock) as journal:
+        assert journal.high_water == 0.0
+        peak = clock.now + 7200
+        clock.now = peak  # the record at the peak is an unkeyed op: compaction drops it
+        journal.end(journal.begin(vmid=100, kind="start", payload={}), Outcome.OK)
+        clock.now = peak - 7200  # the clock is set back two hours
+        journal.refuse(vmid=100, kind="destroy", reason="EXPIRED")
+        assert journal.high_water == peak
+        _fill(journal, 60)
+        assert journal.high_water == peak
+    assert sequences(path)[0] > 1
+    with Journal.open(path, clock=clock) as journal:
+        assert journal.high_water == peak
+        assert all(r.at < peak for r in journal.recent(1000))  # only the mark carried it
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e5), st.booleans()), min_size=1, max_size=30))
+def test_high_water_never_goes_backwards(steps: list[tuple[float, bool]]) -> None:
+    """Whatever the clock does, with restarts and compactions between, high_water is the largest time so far."""
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Journal.open(Path(tmp) / "j", segment_bytes=1024, clock=clock)
+        seen = previous = 0.0
+        try:
+            for i, (at, reopen) in enumerate(steps):
+                clock.now = at
+                journal.end(journal.begin(vmid=100, kind="start", payload={"pad": "x" * (i * 7 % 100)}), Outcome.OK)
+                seen = max(seen, at)
+                if reopen:
+                    journal.close()
+                    journal = Journal.open(Path(tmp) / "j", segment_bytes=1024, clock=clock)
+                assert journal.high_water == seen >= previous
+                previous = journal.high_water
+        finally:
+            journal.close()
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+def test_a_refusal_is_durable_readable_and_never_in_flight(path: Path) -> None:
+    """refuse() writes a Refused record recent() returns, after a restart too; nothing is in flight."""
+    with Journal.open(path) as journal:
+        journal.refuse(vmid=101, kind="destroy", reason="APPROVAL_REQUIRED", detail="class destructive",
+                       key="101:destroy:ab12")
+        journal.refuse(vmid=102, kind="disk_detach", reason="SIGNATURE_THRESHOLD", op_id="op-7")
+        assert journal.in_flight() == []
+    with Journal.open(path) as journal:
+        first, second = journal.recent()
+        assert isinstance(first, Refused) and isinstance(second, Refused)
+        assert (first.vmid, first.kind, first.reason, first.detail, first.op_id, first.key) == (
+            101, "destroy", "APPROVAL_REQUIRED", "class destructive", None, "101:destroy:ab12")
+        assert (second.vmid, second.op_id, second.key, second.detail) == (102, "op-7", None, "")
+        assert journal.in_flight() == []
+        assert journal.last_refusal("101:destroy:ab12") == ("APPROVAL_REQUIRED", "class destructive")
+        assert journal.last_refusal("nope") is None
+        with pytest.raises(ValueError, match="empty"):
+            journal.refuse(vmid=1, kind="stop", reason="X", key="")
+
+
+def test_a_refusal_is_journaled_when_first_seen_and_when_its_reason_changes(path: Path) -> None:
+    """refuse_if_new writes on the first sighting and on a new reason, not on every tick, also after a restart."""
+    clock = Clock()
+    key = "100:stop:9f8e"
+    sightings = [("APPROVAL_REQUIRED", "a", True), ("APPROVAL_REQUIRED", "a", False),
+                 ("APPROVAL_REQUIRED", "other detail", False), ("TOO_MANY_STOPS", "", True),
+                 ("APPROVAL_REQUIRED", "a", True)]
+    with Journal.open(path, segment_bytes=4096, retention=3600, clock=clock) as journal:
+        for reason, detail, written in sightings:
+            assert journal.refuse_if_new(vmid=100, kind="stop", reason=reason, detail=detail, key=key) is written
+        assert [r.reason for r in journal.recent() if isinstance(r, Refused)] == [
+            "APPROVAL_REQUIRED", "TOO_MANY_STOPS", "APPROVAL_REQUIRED"]
+        _fill(journal, 60)  # compaction carries the last refusal per key
+    assert sequences(path)[0] > 1
+    with Journal.open(path, retention=3600, clock=clock) as journal:
+        assert not journal.refuse_if_new(vmid=100, kind="stop", reason="APPROVAL_REQUIRED", key=key)
+        clock.now += 3601  # a refusal standing for the whole retention window is journaled again, once
+        assert journal.last_refusal(key) is None
+        assert journal.refuse_if_new(vmid=100, kind="stop", reason="APPROVAL_REQUIRED", key=key)
+
+
+def test_concurrent_identical_refusals_are_journaled_once(path: Path) -> None:
+    """Eight threads meeting the same new refusal at once: exactly one record."""
+    with Journal.open(path) as journal:
+        barrier = threading.Barrier(8)
+        written: list[bool] = []
+
+        def sight() -> None:
+            barrier.wait()
+            written.append(journal.refuse_if_new(vmid=100, kind="stop", reason="OUT_OF_SCOPE", key="100:stop:x"))
+
+        threads = [threading.Thread(target=sight) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(written) == [False] * 7 + [True]
+        assert len([r for r in journal.recent() if isinstance(r, Refused)]) == 1
+
+
+# --- format compatibility, retention, compaction cost -----------------------------------------------
+
+def v1_frame(kind: bytes, at: float, number: int, fields: list[bytes | None]) -> bytes:
+    """A frame laid out by hand as records.py documented it before refusals and burn keys (commit 93a6534)."""
+    body = struct.pack("<cdI", kind, at, number) + b"".join(
+        struct.pack("<I", 0xFFFFFFFF) if f is None else struct.pack("<I", len(f)) + f for f in fields)
+    framed = struct.pack("<I", len(body)) + body
+    return b"\xa5\x4a" + struct.pack("<I", zlib.crc32(framed)) + framed
+
+
+def test_a_journal_written_by_the_previous_format_still_opens(path: Path) -> None:
+    """Segments from before burn keys and refusals (no mark, old record types) replay to the same state."""
+    t0 = 1_700_000_000.0
+    old = [
+        (Begun(op_id="a", vmid=100, kind="start", payload={}, key=None, at=t0),
+         v1_frame(b"B", t0, 100, [b"a", b"start", None, b"{}"])),
+        (TaskStarted(op_id="a", upid=UPID, at=t0 + 1), v1_frame(b"T", t0 + 1, 0, [b"a", UPID.encode()])),
+        (Begun(op_id="b", vmid=101, kind="snapshot", payload={"name": "x"}, key="snap", at=t0 + 2),
+         v1_frame(b"B", t0 + 2, 101, [b"b", b"snapshot", b"snap", b'{"name":"x"}'])),
+        (Ended(op_id="b", outcome=Outcome.OK, error="", at=t0 + 3), v1_frame(b"E", t0 + 3, 1, [b"b", b""])),
+        (Applied(key="old", payload_hash=b"\x01" * 32, op_id="c", outcome=Outcome.UNKNOWN, at=t0 + 4),
+         v1_frame(b"A", t0 + 4, 3, [b"c", b"old", b"\x01" * 32])),
+    ]
+    for record, frame in old:
+        assert encode(record) == frame, record  # the old types' bytes never change
+    path.mkdir()
+    (path / name(1)).write_bytes(b"".join(frame for _, frame in old))
+    with Journal.open(path, clock=lambda: t0 + 10) as journal:
+        assert [(f.op_id, f.upid) for f in journal.in_flight()] == [("a", UPID)]
+        assert journal.already_applied("snap")
+        with pytest.raises(OutcomeUnknownError):
+            journal.check_key("old")
+        assert journal.high_water == t0 + 4
+        assert journal.recent() == [record for record, _ in old]
+
+
+def test_retention_is_exposed_for_the_start_up_check(path: Path) -> None:
+    """The executor asserts retention > longest op TTL + skew at start: the journal says what it keeps."""
+    with Journal.open(path, retention=8 * 86400) as journal:
+        assert journal.retention == 8 * 86400
+    with Journal.open(path) as journal:
+        assert journal.retention > 24 * 3600 + 300
+
+
+def test_a_live_set_larger_than_a_segment_does_not_compact_on_every_append(path: Path) -> None:
+    """Once the keys kept outgrow a segment, compaction waits for the segment to double, not one per append."""
+    with Journal.open(path, segment_bytes=4096) as journal:
+        for i in range(300):  # about 30 KB of live keys: far more than a segment
+            journal.end(journal.begin(vmid=100, kind="destroy", payload={}, key=f"op:{i:04d}"), Outcome.OK)
+        _fill(journal, 100)
+    assert sequences(path)[0] < 30
+    with Journal.open(path) as journal:
+        for i in range(300):
+            with pytest.raises(NonceSpentError):
+                journal.check_key(f"op:{i:04d}")
