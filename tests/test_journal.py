@@ -31,6 +31,7 @@ from journal import (
     NonceSpentError,
     Outcome,
     OutcomeUnknownError,
+    Record,
     Refused,
     TaskStarted,
 )
@@ -543,7 +544,7 @@ def v1_frame(kind: bytes, at: float, number: int, fields: list[bytes | None]) ->
 def test_a_journal_written_by_the_previous_format_still_opens(path: Path) -> None:
     """Segments from before burn keys and refusals (no mark, old record types) replay to the same state."""
     t0 = 1_700_000_000.0
-    old = [
+    old: list[tuple[Record, bytes]] = [
         (Begun(op_id="a", vmid=100, kind="start", payload={}, key=None, at=t0),
          v1_frame(b"B", t0, 100, [b"a", b"start", None, b"{}"])),
         (TaskStarted(op_id="a", upid=UPID, at=t0 + 1), v1_frame(b"T", t0 + 1, 0, [b"a", UPID.encode()])),
