@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import logs
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
+from executor.gate import Gate
 from executor.planner_client import PlannerClient
 from executor.pve import Connection, Credentials, ProxmoxNode
+from executor.pvewrite import ProxmoxWriter
 from executor.queue import GuestQueue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +90,10 @@ def node(port: int, ca_file: str | None = None) -> ProxmoxNode:
 
 def engine(port: int, address: str, desired: list[Declared], max_parallel: int, ca_file: str | None = None) -> Engine:
     """An engine without a journal (the journal has its own benchmark)."""
-    return Engine(pve=node(port, ca_file), planner=PlannerClient(address), provider=StaticProvider(desired),
-                  queue=GuestQueue(max_parallel), journal=None, settings=Settings())
+    reader = node(port, ca_file)
+    gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=None)
+    return Engine(pve=reader, gate=gate, planner=PlannerClient(address), provider=StaticProvider(desired),
+                  queue=GuestQueue(max_parallel), settings=Settings())
 
 
 def converge_seconds(n: int, address: str, max_parallel: int) -> float:

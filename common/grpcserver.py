@@ -34,6 +34,20 @@ class ClientTls:
     key: str | None = None
 
 
+def pair(cert: str | None, key: str | None, names: tuple[str, str]) -> None:
+    """The one TLS rule every service shares: a certificate and its key go together."""
+    if bool(cert) != bool(key):
+        raise ConfigError(names[0], f"{names[0]} and {names[1]} go together")
+
+
+def server_tls(cert: str | None, key: str | None, client_ca: str | None) -> ServerTls | None:
+    """A server's TLS settings checked (None: plaintext); a client CA makes it mutual and needs the pair."""
+    pair(cert, key, ("tls_cert", "tls_key"))
+    if client_ca and not cert:
+        raise ConfigError("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+    return ServerTls(cert=cert, key=key, client_ca=client_ca) if cert and key else None
+
+
 def _read(path: str, key: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -50,8 +64,7 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     """gRPC channel credentials (system CAs unless ``ca``; a client certificate when given)."""
-    if bool(tls.cert) != bool(tls.key):
-        raise ConfigError("tls_client_cert", "a client certificate needs its key, and a key its certificate")
+    pair(tls.cert, tls.key, ("tls_client_cert", "tls_client_key"))
     return grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca, "tls_ca") if tls.ca else None,
         private_key=_read(tls.key, "tls_client_key") if tls.key else None,
@@ -76,6 +89,13 @@ class Running:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    names: tuple[str, ...] = ()
+
+    def set_serving(self, serving: bool) -> None:
+        """SERVING or NOT_SERVING for the server and each of its services (e.g. while recovering)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.names):
+            self.health.set(name, status)
 
     def stop(self, grace: float) -> None:
         """NOT_SERVING first so balancers move away, then let in-flight calls finish within ``grace``."""
@@ -100,6 +120,6 @@ def start(listen: str, register: Callable[[grpc.Server], None], service_names: S
     if port == 0:
         raise OSError(f"cannot bind {listen}")
     server.start()
-    for name in ("", *service_names):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer)
+    running = Running(server, port, health_servicer, tuple(service_names))
+    running.set_serving(True)
+    return running

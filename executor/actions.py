@@ -1,4 +1,9 @@
-"""Actions as the executor runs them: converted once from the planner's wire type."""
+"""Actions as the executor runs them: converted once from the planner's wire type.
+
+A planner action this executor cannot read (a kind or guest type added by a newer planner, or
+none at all) still becomes a ``Step``, of kind ``unknown``: the safety gate refuses it, counts it
+and logs it; it never crashes a queue worker.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 from executor.pve import LXC, QEMU
 from planner.v1 import planner_pb2 as pb
 
-START, STOP, SET_CONFIG = "start", "stop", "set_config"
+START, STOP, SET_CONFIG, UNKNOWN = "start", "stop", "set_config", "unknown"
 TYPES = {pb.GUEST_TYPE_QEMU: QEMU, pb.GUEST_TYPE_LXC: LXC}
 
 
@@ -23,6 +28,7 @@ class Step:
     set: tuple[tuple[str, str], ...] = ()
     delete: tuple[str, ...] = ()
     digest: str = ""
+    detail: str = ""  # for an unknown step: what could not be read
 
     def payload(self) -> dict[str, Any]:
         """What the journal records of it."""
@@ -32,9 +38,13 @@ class Step:
 
 
 def step_from_proto(action: pb.Action) -> Step:
-    """A planner.v1 Action as a Step."""
-    guest_type = TYPES[action.type]
-    match action.WhichOneof("kind"):
+    """A planner.v1 Action as a Step (kind ``unknown`` when this executor cannot read it)."""
+    guest_type = TYPES.get(action.type)
+    kind = action.WhichOneof("kind")
+    if guest_type is None or kind is None:
+        what = f"guest type {action.type}" if guest_type is None else "an action kind this executor does not know"
+        return Step(vmid=action.vmid, guest_type=guest_type or "unknown", kind=UNKNOWN, detail=what)
+    match kind:
         case "start":
             return Step(vmid=action.vmid, guest_type=guest_type, kind=START)
         case "stop":
@@ -43,7 +53,7 @@ def step_from_proto(action: pb.Action) -> Step:
             change = action.set_config
             return Step(vmid=action.vmid, guest_type=guest_type, kind=SET_CONFIG,
                         set=tuple(sorted(change.set.items())), delete=tuple(change.delete), digest=change.digest)
-    raise ValueError(f"action for {action.vmid} has no kind")
+    return Step(vmid=action.vmid, guest_type=guest_type, kind=UNKNOWN, detail=f"action kind {kind!r}")
 
 
 def by_guest(actions: Iterable[pb.Action]) -> dict[int, list[Step]]:

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 
 from common import logs
 from common.config import ConfigError, add_flags, resolve
-from common.grpcserver import ClientTls, ServerTls, is_loopback
-from executor.config import CONNECTION, ENV_PREFIX, RUN
+from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls
+from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, RUN, ExecutorSettings
 from executor.pve import Connection, Credentials, PveError
 
 
@@ -40,7 +40,7 @@ def _secret(path: str | None, value: str | None, key: str) -> str | None:
     return value
 
 
-def connection(settings: argparse.Namespace) -> Connection:
+def connection(settings: ExecutorSettings) -> Connection:
     """The Proxmox connection the settings describe (ConfigError when incomplete)."""
     if not settings.node:
         raise ConfigError("node", "required (--node or PVE_EXECUTOR_NODE)")
@@ -65,23 +65,21 @@ def connection(settings: argparse.Namespace) -> Connection:
                       ca_file=settings.pve_ca_file, insecure=settings.pve_insecure, timeout=settings.pve_timeout)
 
 
-def planner_tls(settings: argparse.Namespace) -> ClientTls | None:
+def planner_tls(settings: ExecutorSettings) -> ClientTls | None:
     """TLS towards the planner, when asked for (a client certificate makes it mutual)."""
+    pair(settings.planner_client_cert, settings.planner_client_key, ("planner_client_cert", "planner_client_key"))
     if not (settings.planner_tls or settings.planner_ca or settings.planner_client_cert):
         return None
     return ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key)
 
 
-def api_tls(settings: argparse.Namespace) -> ServerTls | None:
+def api_tls(settings: ExecutorSettings) -> ServerTls | None:
     """TLS of the executor API; beyond loopback it must be mutual: Reconcile mutates."""
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("tls_cert", "tls_cert and tls_key go together")
-    if not is_loopback(settings.listen) and not (settings.tls_cert and settings.tls_client_ca):
+    tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if not is_loopback(settings.listen) and not (tls and tls.client_ca):
         raise ConfigError("listen", f"{settings.listen} is beyond loopback: the executor API (Reconcile mutates) "
                                     "then requires tls_cert, tls_key and tls_client_ca (mutual TLS)")
-    if not settings.tls_cert:
-        return None
-    return ServerTls(cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca)
+    return tls
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,21 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = resolve(options, args, ENV_PREFIX)
-        settings = config.namespace()
-        for extra in ("once", "json", "vmid"):
-            if hasattr(args, extra):
-                setattr(settings, extra, getattr(args, extra))
+        settings = ExecutorSettings.from_config(config, **{k: v for k, v in vars(args).items() if k in EXTRAS})
         if args.print_config:
             print(config.render())
             return 0
         logs.configure(settings.log_format)
-        conn = connection(settings)
-        settings.planner_credentials = planner_tls(settings)
         if args.command == "plan":
-            return daemon.show_plan(settings, conn)
+            return daemon.show_plan(settings)
+        conn = connection(settings)
         if args.command == "selftest":
             return daemon.run_selftest(settings, conn)
-        settings.api_tls = api_tls(settings)
         return daemon.run(settings, conn)
     except ConfigError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)

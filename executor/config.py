@@ -1,8 +1,16 @@
-"""The executor's settings: TOML file < PVE_EXECUTOR_* environment < flags."""
+"""The executor's settings: TOML file < PVE_EXECUTOR_* environment < flags.
+
+Each setting is declared once as an ``Option`` (its flag, variable, type, default and help) and
+once as a typed field of ``ExecutorSettings``, the frozen object the daemon reads; a test keeps the
+two lists equal, so mypy checks every use of a setting.
+"""
 
 from __future__ import annotations
 
-from common.config import Option
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.config import Config, Option
 
 ENV_PREFIX = "PVE_EXECUTOR_"
 CONNECTION = (
@@ -40,4 +48,58 @@ RUN = (
     Option(key="shutdown_timeout", kind=int, default=60, minimum=0, help="seconds a graceful shutdown gets"),
     Option(key="force_stop", kind=bool, default=True, help="force a stop after the shutdown timeout"),
     Option(key="grace", kind=float, default=30.0, minimum=0, help="seconds queued work gets on SIGTERM"),
+    Option(key="max_stops_per_tick", kind=int, minimum=1,
+           help="stops run per tick at most (unset: unlimited for a root-owned local desired file, "
+                "max(2, 10%% of the managed guests) for any other source)"),
 )
+EXTRAS = ("once", "json", "vmid")  # flags of one command, not settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutorSettings:
+    """Every setting of pve-executor, typed; built once from the resolved layers, never mutated."""
+
+    node: str | None = None
+    pve_url: str = "https://127.0.0.1:8006"
+    pve_token_id: str | None = None
+    pve_token_file: str | None = None
+    pve_token_secret: str | None = None
+    pve_user: str | None = None
+    pve_password_file: str | None = None
+    pve_password: str | None = None
+    pve_ca_file: str | None = None
+    pve_insecure: bool = False
+    pve_timeout: float = 30.0
+    planner: str = "127.0.0.1:50051"
+    planner_tls: bool = False
+    planner_ca: str | None = None
+    planner_client_cert: str | None = None
+    planner_client_key: str | None = None
+    desired: str | None = None
+    log_format: str = "auto"
+    state_dir: str = "/var/lib/pve-reconcile"
+    interval: float = 30.0
+    max_parallel: int = 4
+    listen: str = "127.0.0.1:50052"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    metrics_listen: str | None = None
+    shutdown_timeout: int = 60
+    force_stop: bool = True
+    grace: float = 30.0
+    max_stops_per_tick: int | None = None
+    once: bool = False
+    json: bool = False
+    vmid: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, **extras: Any) -> ExecutorSettings:
+        """The resolved values (a command's own options) over the declared defaults; ``extras`` are EXTRAS."""
+        values = {o.key: o.default for o in (*CONNECTION, *RUN)} | dict(config.values)
+        return cls(**values, **extras)
+
+
+def settings_fields() -> frozenset[str]:
+    """The typed settings' field names (for the test that keeps them equal to the options)."""
+    return frozenset(f.name for f in fields(ExecutorSettings))

@@ -1,35 +1,41 @@
-"""The daemon's lifecycle, and the dry-run command.
+"""The daemon's lifecycle, and the dry-run and self-test commands.
 
-run: open the journal (journal-less with a loud warning if it cannot open), recover in-flight
-operations, then tick every interval until SIGTERM/SIGINT; then stop ticking, drain the queue
-within the grace period, close the journal.
+run: install the signal handlers first (a SIGTERM during start-up or recovery stops cleanly);
+open the journal (journal-less with a loud warning if it cannot open: then only benign actions
+run); serve the API (health NOT_SERVING, Reconcile refused) while recovery resolves in-flight
+operations; then tick every interval until SIGTERM/SIGINT; then stop ticking, drain the queue
+within the grace period, close the journal. A stop during recovery leaves what is unresolved in
+flight in the journal, for the next start to resolve.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from google.protobuf.json_format import MessageToDict
 
+from common.grpcserver import Running
 from common.metrics import serve_metrics
 from common.signals import stop_on_signals
-from executor.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
+from executor.actions import by_guest
+from executor.cli import api_tls, connection, planner_tls
+from executor.config import ExecutorSettings
+from executor.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider, provider_source
 from executor.engine import Engine, Settings, TickOutcome
+from executor.gate import Admission, Gate, GateSettings, declaration_of
+from executor.kinds import CallSettings
 from executor.metrics import ExecutorMetrics
-from executor.planner_client import (
-    RUN_STATES,
-    PlannerClient,
-    PlannerUnavailableError,
-    actual_to_proto,
-    desired_to_proto,
-)
-from executor.pve import Connection, ProxmoxNode, Pve
+from executor.observe import Observed, observe
+from executor.planner_client import PlannerClient, PlannerError
+from executor.pve import Connection, ProxmoxNode
+from executor.pvewrite import ProxmoxWriter
 from executor.queue import GuestQueue
-from executor.recovery import recover
+from executor.recovery import RecoveryInterruptedError, recover
 from executor.selftest import selftest
 from executor.server import start_api
 from journal import Journal, JournalOpenError
@@ -38,14 +44,14 @@ from planner.v1 import planner_pb2 as pb
 log = structlog.get_logger("executor.daemon")
 
 
-def provider(args: argparse.Namespace) -> DesiredProvider:
+def provider(settings: ExecutorSettings) -> DesiredProvider:
     """FileProvider for --desired, else EmptyProvider (manage nothing)."""
-    if not args.desired:
+    if not settings.desired:
         return EmptyProvider()
     try:
-        return FileProvider(args.desired)
+        return FileProvider(settings.desired)
     except OSError as exc:
-        raise DesiredStateError(f"{args.desired}: cannot read: {exc.strerror}") from None
+        raise DesiredStateError(f"{settings.desired}: cannot read: {exc.strerror}") from None
 
 
 def open_journal(state_dir: str) -> Journal | None:
@@ -53,119 +59,207 @@ def open_journal(state_dir: str) -> Journal | None:
     try:
         return Journal.open(state_dir)
     except JournalOpenError as exc:
-        log.error("journal_unavailable_running_without_it", state_dir=state_dir, error=str(exc),
-                  consequence="in-flight operations will not survive a crash")
+        log.error("journal_unavailable_benign_only", state_dir=state_dir, error=str(exc),
+                  consequence="only benign actions run; in-flight operations will not survive a crash")
         return None
 
 
-def run(args: argparse.Namespace, conn: Connection) -> int:
+@dataclass(slots=True)
+class Parts:
+    """What a daemon (or a one-shot command) is made of; ``close`` releases it all."""
+
+    reader: ProxmoxNode
+    planner: PlannerClient
+    queue: GuestQueue
+    engine: Engine
+
+    def close(self, grace: float) -> None:
+        """Drain the queue within ``grace``, then close the planner channel and the journal."""
+        unfinished = self.queue.close(grace)
+        if unfinished:
+            log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
+        self.engine.close()
+        self.planner.close()
+        if self.engine.journal is not None:
+            self.engine.journal.close()
+
+
+def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider, journal: Journal | None,
+          metrics: ExecutorMetrics | None = None) -> Parts:
+    """Wire the parts: the writer goes to the gate and nowhere else."""
+    metrics = metrics or ExecutorMetrics()
+    reader = ProxmoxNode(conn, on_error=metrics.pve_error)
+    gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
+                settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
+                                                         force_stop=settings.force_stop),
+                                      max_stops_per_tick=settings.max_stops_per_tick))
+    planner = PlannerClient(settings.planner, tls=planner_tls(settings))
+    queue = GuestQueue(settings.max_parallel)
+    engine = Engine(pve=reader, gate=gate, planner=planner, provider=desired, queue=queue, settings=Settings(),
+                    metrics=metrics)
+    return Parts(reader, planner, queue, engine)
+
+
+def run(settings: ExecutorSettings, conn: Connection) -> int:
     """``pve-executor run``."""
+    stop = stop_on_signals()  # first: a SIGTERM from here on is a clean stop
     try:
-        desired = provider(args)
+        desired = provider(settings)
     except DesiredStateError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 2
+    tls = api_tls(settings)
     metrics = ExecutorMetrics()
-    pve = ProxmoxNode(conn, on_error=metrics.pve_error)
-    journal = open_journal(args.state_dir)
-    if journal is not None:
-        recover(journal, pve)
-    queue = GuestQueue(args.max_parallel)
-    planner = PlannerClient(args.planner, tls=args.planner_credentials)
-    settings = Settings(shutdown_timeout=args.shutdown_timeout, force_stop=args.force_stop)
-    engine = Engine(pve=pve, planner=planner, provider=desired, queue=queue, journal=journal, settings=settings,
-                    metrics=metrics)
-    endpoint = serve_metrics(args.metrics_listen, metrics.registry) if args.metrics_listen else None
-    if endpoint is not None:
-        log.info("metrics_listening", address=f"{args.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
+    parts = build(settings, conn, desired, open_journal(settings.state_dir), metrics)
+    engine = parts.engine
+    endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
+    if endpoint is not None and settings.metrics_listen:
+        log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
+    api = None if settings.once else start_api(engine, settings.listen, tls=tls)
     try:
-        if args.once:
+        if not _recover(engine, parts.reader, api, stop):
+            return 0 if stop.is_set() else 1
+        if settings.once:
             summary = engine.tick(wait=True)
             return 0 if summary.outcome is TickOutcome.OK else 1
-        return _loop(engine, args)
-    finally:
-        unfinished = queue.close(args.grace)
-        if unfinished:
-            log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
-        engine.close()
-        planner.close()
-        if endpoint is not None:
-            endpoint.stop()
-        if engine.journal is not None:
-            engine.journal.close()
-
-
-def _loop(engine: Engine, args: argparse.Namespace) -> int:
-    stop = stop_on_signals()
-    api = start_api(engine, args.listen, tls=args.api_tls)
-    try:
         while not stop.is_set():
             engine.tick()
-            stop.wait(args.interval)
+            stop.wait(settings.interval)
+        return 0
     finally:
-        api.stop(5.0)
-    return 0
+        if api is not None:
+            api.stop(5.0)
+        parts.close(settings.grace)
+        if endpoint is not None:
+            endpoint.stop()
 
 
-def read_plan(pve: Pve, planner: PlannerClient, desired: DesiredProvider) -> tuple[Any, dict[int, dict[str, str]]]:
-    """The plan for the node now, and the configs read (to show current values)."""
-    declared = desired.desired()
-    guests = {g.vmid: g for g in pve.guests() if g.status in RUN_STATES}
-    configs = {d.vmid: pve.config(guests[d.vmid].type, d.vmid) for d in declared
-               if d.vmid in guests and (d.config is not None or d.description is not None)}
-    actual = [actual_to_proto(guests[d.vmid], configs.get(d.vmid)) for d in declared if d.vmid in guests]
-    plan = planner.plan(desired_to_proto(declared), actual)
-    return plan, {vmid: config for vmid, (config, _) in configs.items()}
-
-
-def render(plan: Any, configs: dict[int, dict[str, str]], color: bool) -> str:
-    """The plan as a person reads it: per guest, key, current and desired."""
-    def paint(text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if color else text
-
-    lines = []
-    for action in plan.actions:
-        kind = action.WhichOneof("kind")
-        if kind == "set_config":
-            lines.append(paint(f"guest {action.vmid}: set config", "1"))
-            current = configs.get(action.vmid, {})
-            for key, value in sorted(action.set_config.set.items()):
-                old = paint(repr(current.get(key, "<absent>")), "31")
-                lines.append(f"    {key}: {old} -> {paint(repr(value), '32')}")
-            for key in action.set_config.delete:
-                lines.append(f"    {key}: {paint(repr(current.get(key, '')), '31')} -> {paint('<deleted>', '32')}")
-        else:
-            lines.append(paint(f"guest {action.vmid}: {kind}", "1"))
-    for skip in plan.skipped:
-        reason = pb.SkipReason.Name(skip.reason)
-        lines.append(paint(f"guest {skip.vmid}: skipped ({reason.removeprefix('SKIP_REASON_').lower()}): "
-                           f"{skip.detail}", "33"))
-    return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
-
-
-def run_selftest(args: argparse.Namespace, conn: Connection) -> int:
-    """``pve-executor selftest``: 0 when the normalized round trip holds and the guest is restored."""
+def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: threading.Event) -> bool:
+    """Resolve the journal's in-flight operations; False when stopped or Proxmox stayed unavailable."""
+    journal = engine.journal
+    if journal is None:
+        return True
+    engine.recovering.set()
+    if api is not None:
+        api.set_serving(False)
     try:
-        result = selftest(ProxmoxNode(conn), PlannerClient(args.planner, tls=args.planner_credentials), args.vmid)
-    except PlannerUnavailableError as exc:
+        recover(journal, reader, stop=stop)
+    except RecoveryInterruptedError as exc:
+        event = "shutdown_during_recovery" if stop.is_set() else "recovery_incomplete"
+        log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()))
+        return False
+    engine.recovering.clear()
+    if api is not None:
+        api.set_serving(True)
+    return True
+
+
+def run_selftest(settings: ExecutorSettings, conn: Connection) -> int:
+    """``pve-executor selftest``: 0 when the normalized round trip holds and the guest is restored."""
+    journal = open_journal(settings.state_dir) if settings.state_dir else None
+    parts = build(settings, conn, EmptyProvider(), journal)
+    try:
+        result = selftest(parts.engine, settings.vmid or 0)
+    except PlannerError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 1
+    finally:
+        parts.close(30.0)
     print(f"wrote     {result.written!r}\nread back {result.read_back!r}\n{result.detail}\n"
           f"original description {'restored' if result.restored else 'NOT restored'}")
     print("selftest: ok" if result.ok else "selftest: FAILED")
     return 0 if result.ok else 1
 
 
-def show_plan(args: argparse.Namespace, conn: Connection) -> int:
-    """``pve-executor plan``: read, plan, print; mutate nothing."""
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    """What ``run`` would do now: the plan, what the gate would make of it, and the read it came from."""
+
+    plan: pb.PlanResponse
+    admission: Admission
+    observed: Observed
+
+
+def dry_run(settings: ExecutorSettings) -> DryRun:
+    """The read path, plan and gate of a tick, with no writer: nothing can be mutated."""
+    desired = provider(settings)
+    declared = desired.desired()  # local, cheap input first: a typo is reported before any network
+    reader = ProxmoxNode(connection(settings))
+    planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     try:
-        planner = PlannerClient(args.planner, tls=args.planner_credentials)
-        plan, configs = read_plan(ProxmoxNode(conn), planner, provider(args))
-    except (DesiredStateError, PlannerUnavailableError) as exc:
+        observed = observe(reader, declared)
+        plan = planner.plan(*observed.request(declared))
+    finally:
+        planner.close()
+    gate = Gate(reader=reader, writer=None, journal=None, dry_run=True,
+                settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick))
+    mine = [d for d in declared if d.vmid not in observed.elsewhere]
+    declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in mine}
+    admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,
+                           source=provider_source(desired), managed=len(mine), record=False)
+    return DryRun(plan, admission, observed)
+
+
+def render(result: DryRun, color: bool) -> str:
+    """The plan as a person reads it: per guest, key, current and desired, and each action's class."""
+    def paint(text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if color else text
+
+    refused = {(r.vmid, r.op_kind): r for r in result.admission.refused}
+    lines = []
+    for step, verdict in result.admission.verdicts:
+        refusal = refused.get((step.vmid, verdict.op_kind))
+        note = f"[{verdict.cls.name.lower()}]"
+        if refusal is not None:
+            note += f" REFUSED {refusal.reason.lower()}: {refusal.detail}"
+        elif step.vmid in result.admission.deferred and step.kind == "stop":
+            note += " deferred to a later tick (stop limit)"
+        head = "set config" if step.kind == "set_config" else step.kind
+        lines.append(paint(f"guest {step.vmid}: {head} {note}", "1" if refusal is None else "1;31"))
+        current = result.observed.configs.get(step.vmid, ({}, ""))[0]
+        for key, value in step.set:
+            lines.append(f"    {key}: {paint(repr(current.get(key, '<absent>')), '31')} -> {paint(repr(value), '32')}")
+        for key in step.delete:
+            lines.append(f"    {key}: {paint(repr(current.get(key, '')), '31')} -> {paint('<deleted>', '32')}")
+    for skip in result.plan.skipped:
+        reason = pb.SkipReason.Name(skip.reason)
+        lines.append(paint(f"guest {skip.vmid}: skipped ({reason.removeprefix('SKIP_REASON_').lower()}): "
+                           f"{skip.detail}", "33"))
+    if result.observed.elsewhere:
+        lines.append(f"{len(result.observed.elsewhere)} declared guest(s) on other nodes, left to their executors")
+    return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
+
+
+def as_json(result: DryRun) -> dict[str, Any]:
+    """The plan as the planner returned it, plus the gate's verdicts and descriptors."""
+    body = MessageToDict(result.plan, preserving_proto_field_name=True)
+    refused = {(r.vmid, r.op_kind): r for r in result.admission.refused}
+    body["verdicts"] = [
+        {"vmid": step.vmid, "action": step.kind, "class": verdict.cls.name, "op_kind": verdict.op_kind,
+         "rule": verdict.rule, "reasons": list(verdict.reasons),
+         "decision": "refused" if (step.vmid, verdict.op_kind) in refused else (
+             "deferred" if step.kind == "stop" and step.vmid in result.admission.deferred else "admitted"),
+         **({"refusal": refused[(step.vmid, verdict.op_kind)].reason}
+            if (step.vmid, verdict.op_kind) in refused else {})}
+        for step, verdict in result.admission.verdicts]
+    body["pending"] = [json.loads(p.descriptor) | {"descriptor_sha256": p.descriptor_sha256}
+                       for p in result.admission.pending]
+    body["elsewhere"] = sorted(result.observed.elsewhere)
+    return body
+
+
+def show_plan(settings: ExecutorSettings) -> int:
+    """``pve-executor plan``: read, plan, classify, print; mutate nothing."""
+    try:
+        result = dry_run(settings)
+    except DesiredStateError as exc:
+        print(f"pve-executor: {exc}", file=sys.stderr)
+        return 2
+    except PlannerError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(MessageToDict(plan, preserving_proto_field_name=True), indent=2, sort_keys=True))
+    if settings.json:
+        print(json.dumps(as_json(result), indent=2, sort_keys=True))
     else:
-        print(render(plan, configs, sys.stdout.isatty()))
+        print(render(result, sys.stdout.isatty()))
     return 0

@@ -3,6 +3,11 @@
 ``EmptyProvider`` (the default: nothing declared, nothing mutated), ``StaticProvider`` (tests),
 ``FileProvider`` (a YAML file, re-read when it changes). A future hub over gRPC is one more
 ``DesiredProvider``.
+
+A provider says where its state comes from (``source``), because the safety gate trusts a
+root-owned file on this node more than anything remote: a remote source gets a per-tick stop
+limit. A provider that does not say counts as remote (``Source.HUB``); a file that is not
+root-owned, or that group or others may write, counts as remote too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Protocol
 
 import structlog
 import yaml
+
+from safety.classify import Source
 
 log = structlog.get_logger("executor.desired")
 GUEST_KEYS = frozenset({"vmid", "state", "config", "description"})
@@ -40,12 +47,20 @@ class DesiredProvider(Protocol):
         """The current declared state (raising DesiredStateError when it cannot be had at all)."""
 
 
+def provider_source(provider: DesiredProvider) -> Source:
+    """Where the provider's state comes from; remote (HUB) unless it says otherwise."""
+    source = getattr(provider, "source", Source.HUB)
+    return source if isinstance(source, Source) else Source.HUB
+
+
 class DesiredStateError(ValueError):
     """The declared state is invalid or unreadable; the message names the file, line and field."""
 
 
 class EmptyProvider:
     """Nothing declared: the daemon runs and mutates nothing."""
+
+    source = Source.LOCAL_FILE
 
     def desired(self) -> list[Declared]:
         """Always empty."""
@@ -57,6 +72,7 @@ class StaticProvider:
     """A fixed list, for tests and embedding."""
 
     guests: list[Declared]
+    source: Source = Source.LOCAL_FILE
 
     def desired(self) -> list[Declared]:
         """The list given."""
@@ -75,6 +91,12 @@ class FileProvider:
         self._stamp: tuple[int, int] | None = None
         self._guests = parse(self.path.read_text(encoding="utf-8"), str(self.path))
         self._stamp = self._stat()
+
+    @property
+    def source(self) -> Source:
+        """LOCAL_FILE only for a root-owned file that neither group nor others may write."""
+        st = self.path.stat()
+        return Source.LOCAL_FILE if st.st_uid == 0 and not st.st_mode & 0o022 else Source.HUB
 
     def _stat(self) -> tuple[int, int]:
         st = self.path.stat()

@@ -1,40 +1,41 @@
-"""One tick of the executor: desired + actual -> plan -> journal -> queue -> Proxmox -> journal.
+"""One tick of the executor: desired + actual -> plan -> gate -> queue -> Proxmox -> journal.
 
 Nothing here is fatal: a planner or Proxmox that cannot be reached makes the tick do nothing; a
 failed action is counted and its guest retried on a later tick, after a capped exponential
-backoff. A guest with queued or running work is left out of planning until it is idle.
+backoff. Every mutation goes through ``submit`` (the safety gate admits it, the per-guest queue
+runs it), whatever its source.
+
+Nothing is run twice: one tick runs at a time (a second caller waits for the running tick, then
+runs its own); a guest with queued or running work is left out of planning; and a guest whose
+last job ended after the tick began reading is left for the next tick, so no action is ever
+planned from a read older than the last action run on that guest.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
-from executor.actions import SET_CONFIG, START, STOP, Step, by_guest
-from executor.desired import Declared, DesiredProvider, DesiredStateError
+from executor.actions import Step, by_guest
+from executor.desired import Declared, DesiredProvider, DesiredStateError, provider_source
+from executor.gate import Admission, Admitted, Gate, GateState, Refusal, declaration_of
 from executor.metrics import ExecutorMetrics
-from executor.planner_client import (
-    RUN_STATES,
-    PlannerClient,
-    PlannerUnavailableError,
-    actual_to_proto,
-    desired_to_proto,
-)
-from executor.pve import GuestState, Pve, PveError, TaskOutcome, TaskResult, wait_task
+from executor.observe import Observed, observe
+from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
+from executor.pve import PveError, PveReader
 from executor.queue import GuestQueue, Job
-from journal import Journal, JournalError, Outcome
+from journal import InFlight, Journal, Outcome
+from safety.classify import Source
 
 log = structlog.get_logger("executor.engine")
-OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
 
 
 class TickOutcome(enum.Enum):
@@ -45,6 +46,7 @@ class TickOutcome(enum.Enum):
     PLANNER_UNAVAILABLE = 3
     PVE_UNAVAILABLE = 4
     DESIRED_UNAVAILABLE = 5
+    PLANNER_REFUSED = 6
 
 
 @dataclass(slots=True)
@@ -60,24 +62,40 @@ class TickSummary:
     failed: int = 0
     skipped: int = 0
     deferred: int = 0
+    elsewhere: int = 0
+    refused: int = 0
+    pending: int = 0
+    stops_deferred: int = 0
+    waited: bool = False
+    refusals: tuple[Refusal, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Tunables of the engine."""
 
-    shutdown_timeout: int = 60
-    force_stop: bool = True
-    task_timeout: float = 900.0
     read_parallel: int = 8
     backoff_base: float = 5.0
     backoff_cap: float = 600.0
     wait_timeout: float = 1800.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineStatus:
+    """A consistent snapshot of the engine for GetStatus (read under the locks that guard it)."""
+
+    ticks: int
+    last: TickSummary | None
+    counters: dict[tuple[str, str], int]
+    busy: dict[int, int]
+    in_flight: list[InFlight]
+    journal_enabled: bool
+    gate: GateState
+
+
 @dataclass(slots=True)
 class _Tracker:
-    """A tick's jobs: how many remain, and their results."""
+    """A batch's jobs: how many remain, and their results."""
 
     remaining: int
     succeeded: int = 0
@@ -99,44 +117,83 @@ class _Tracker:
                 self.done.set()
 
 
-class Engine:
-    """Runs ticks; owns the counters and per-guest backoff."""
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What ``submit`` did with a batch: the gate's admission and the jobs' tracker."""
 
-    def __init__(self, *, pve: Pve, planner: PlannerClient, provider: DesiredProvider, queue: GuestQueue,
-                 journal: Journal | None, settings: Settings | None = None,
-                 clock: Callable[[], float] = time.monotonic, metrics: ExecutorMetrics | None = None) -> None:
-        self.pve, self.planner, self.provider, self.queue = pve, planner, provider, queue
-        self.journal = journal
+    admission: Admission
+    tracker: _Tracker
+
+
+class Engine:
+    """Runs ticks; owns the tick lock, the per-guest backoff and the submit funnel."""
+
+    def __init__(self, *, pve: PveReader, gate: Gate, planner: PlannerClient, provider: DesiredProvider,
+                 queue: GuestQueue, settings: Settings | None = None, clock: Callable[[], float] = time.monotonic,
+                 metrics: ExecutorMetrics | None = None) -> None:
+        self.pve, self.gate, self.planner, self.provider, self.queue = pve, gate, planner, provider, queue
         self.settings = settings or Settings()
         self._clock = clock
         self._lock = threading.Lock()
-        self.counters: Counter[tuple[str, str]] = Counter()
+        self._tick_lock = threading.Lock()
+        self.recovering = threading.Event()  # set by the daemon while recovery runs: no tick then
         self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
+        self._finished: dict[int, float] = {}  # vmid -> when its last job ended (clock time)
         self.ticks = 0
         self.last: TickSummary | None = None
-        self.metrics = metrics or ExecutorMetrics()
+        self.metrics = metrics or gate.metrics
         self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
         self._reader = ThreadPoolExecutor(max_workers=self.settings.read_parallel, thread_name_prefix="pve-read")
+
+    @property
+    def journal(self) -> Journal | None:
+        """The gate's journal (None when it could not open or a write failed)."""
+        return self.gate.journal
+
+    @property
+    def counters(self) -> Counter[tuple[str, str]]:
+        """Actions run, by (kind, outcome)."""
+        with self.gate._lock:
+            return Counter(self.gate.counters)
+
+    def status(self) -> EngineStatus:
+        """A snapshot for the API."""
+        with self._lock:
+            ticks, last = self.ticks, self.last
+        journal = self.journal
+        return EngineStatus(ticks=ticks, last=last, counters=dict(self.counters), busy=self.queue.busy(),
+                            in_flight=journal.in_flight() if journal is not None else [],
+                            journal_enabled=journal is not None, gate=self.gate.state())
 
     # --- the tick -----------------------------------------------------------------------------
 
     def tick(self, *, wait: bool = False) -> TickSummary:
-        """Plan and queue the actions; with ``wait``, also wait for them and count their results."""
-        summary = TickSummary(started=time.time())
-        started = self._clock()
+        """Plan and submit the actions; with ``wait``, also wait for them and count their results.
+
+        One tick at a time: a call made while another tick runs waits for it (``waited``), then runs.
+        """
+        waited = not self._tick_lock.acquire(blocking=False)
+        if waited:
+            self._tick_lock.acquire()
         try:
-            self._tick(summary, wait)
+            summary = TickSummary(started=time.time(), waited=waited)
+            started = self._clock()
+            try:
+                self._tick(summary, wait)
+            finally:
+                summary.duration = self._clock() - started
+                with self._lock:
+                    self.ticks += 1
+                    self.last = summary
         finally:
-            summary.duration = self._clock() - started
-            with self._lock:
-                self.ticks += 1
-                self.last = summary
-            self.metrics.ticks.labels(summary.outcome.name.lower()).inc()
-            self.metrics.tick_duration.observe(summary.duration)
-            log.info("tick", outcome=summary.outcome.name.lower(), queued=summary.queued,
-                     succeeded=summary.succeeded, failed=summary.failed, skipped=summary.skipped,
-                     deferred=summary.deferred, duration_s=round(summary.duration, 3),
-                     **({"error": summary.error} if summary.error else {}))
+            self._tick_lock.release()
+        self.metrics.ticks.labels(summary.outcome.name.lower()).inc()
+        self.metrics.tick_duration.observe(summary.duration)
+        log.info("tick", outcome=summary.outcome.name.lower(), queued=summary.queued, succeeded=summary.succeeded,
+                 failed=summary.failed, skipped=summary.skipped, deferred=summary.deferred,
+                 elsewhere=summary.elsewhere, refused=summary.refused, approvals_pending=summary.pending,
+                 stops_deferred=summary.stops_deferred, duration_s=round(summary.duration, 3),
+                 **({"error": summary.error} if summary.error else {}))
         return summary
 
     def _tick(self, summary: TickSummary, wait: bool) -> None:
@@ -147,66 +204,80 @@ class Engine:
             return
         if not declared:
             return  # nothing declared: nothing to read, nothing to do
+        read_at = self._clock()
+        held = self._held(since=read_at)  # taken before the read: a busy guest's state is in motion
         try:
-            guests = {g.vmid: g for g in self.pve.guests() if g.status in RUN_STATES}
+            observed = observe(self.pve, [d for d in declared if d.vmid not in held], pool=self._reader)
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
             return
-        deferred = self._deferred()
-        wanted = [d for d in declared if d.vmid not in deferred]
+        held |= self._held(since=read_at)  # and a job that ended while we read: that read is stale
+        wanted = [d for d in declared if d.vmid not in held]
         summary.deferred = len(declared) - len(wanted)
-        configs = self._read_configs([guests[d.vmid] for d in wanted if d.vmid in guests and _needs_config(d)])
-        actual = [actual_to_proto(guests[d.vmid], configs.get(d.vmid)) for d in wanted if d.vmid in guests]
+        summary.elsewhere = sum(1 for d in wanted if d.vmid in observed.elsewhere)
         try:
-            plan = self.planner.plan(desired_to_proto(wanted), actual)
+            plan = self.planner.plan(*observed.request(wanted))
+        except PlannerRefusedError as exc:
+            summary.outcome, summary.error = TickOutcome.PLANNER_REFUSED, str(exc)
+            return
         except PlannerUnavailableError as exc:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
             return
         summary.skipped = len({s.vmid for s in plan.skipped})
-        steps = by_guest(plan.actions)
-        summary.queued = sum(len(s) for s in steps.values())
-        tracker = _Tracker(remaining=len(steps))
-        for vmid, guest_steps in steps.items():
-            self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, guest_steps, tracker),
-                                  label=",".join(s.kind for s in guest_steps)))
-        if wait and steps:
-            tracker.done.wait(self.settings.wait_timeout)
+        submission = self.submit(by_guest(plan.actions), source=provider_source(self.provider), observed=observed,
+                                 declared=wanted, wait=wait)
+        admission, tracker = submission.admission, submission.tracker
+        summary.queued = sum(len(s) for s in admission.admitted.values())
+        summary.refused, summary.refusals = len(admission.refused), admission.refused
+        summary.stops_deferred = len(admission.deferred)
+        summary.pending = len(self.gate.pending())
+        if wait and admission.admitted:
             summary.succeeded, summary.failed = tracker.succeeded, tracker.failed
             if tracker.failed:
                 summary.outcome = TickOutcome.ACTIONS_FAILED
 
-    def _deferred(self) -> set[int]:
+    def _held(self, *, since: float) -> set[int]:
+        """Guests not to plan now: busy, backing off, or whose last job ended at or after ``since``."""
         now = self._clock()
         with self._lock:
-            backing_off = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
-        return set(self.queue.busy()) | backing_off
+            held = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
+            held |= {vmid for vmid, ended in self._finished.items() if ended >= since}
+        return held | set(self.queue.busy())
 
-    def _read_configs(self, guests: list[GuestState]) -> dict[int, tuple[dict[str, str], str]]:
-        """Configs of the guests whose config is managed, in parallel; an unreadable one is left out."""
-        def read(guest: GuestState) -> tuple[int, tuple[dict[str, str], str] | None]:
-            try:
-                return guest.vmid, self.pve.config(guest.type, guest.vmid)
-            except PveError as exc:
-                log.warning("config_unreadable", vmid=guest.vmid, error=str(exc))
-                return guest.vmid, None
-        return {vmid: found for vmid, found in self._reader.map(read, guests) if found is not None}
+    # --- the funnel ---------------------------------------------------------------------------
 
-    # --- running actions ----------------------------------------------------------------------
+    def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
+               declared: Sequence[Declared], wait: bool = False) -> Submission:
+        """The single entry of every mutation: the gate admits, the per-guest queue runs."""
+        declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in declared}
+        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source,
+                                    managed=len(declared))
+        self.gate.count_admitted(admission)
+        tracker = _Tracker(remaining=len(admission.admitted))
+        for vmid, admitted in admission.admitted.items():
+            self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker),
+                                  label=",".join(a.step.kind for a in admitted)))
+        if wait and admission.admitted:
+            tracker.done.wait(self.settings.wait_timeout)
+        return Submission(admission, tracker)
 
-    def _run_guest(self, steps: list[Step], tracker: _Tracker) -> None:
+    def _run_guest(self, steps: list[Admitted], tracker: _Tracker) -> None:
         """One guest's steps in order; the first failure leaves the rest for a later tick."""
+        vmid = steps[0].step.vmid
         try:
-            for index, step in enumerate(steps):
-                ok = self.execute(step) is Outcome.OK
+            for index, admitted in enumerate(steps):
+                ok = self.gate.execute(admitted) is Outcome.OK
                 tracker.record(ok)
                 if not ok:
                     for _ in steps[index + 1:]:
                         tracker.record(False)
-                    self._back_off(step.vmid)
+                    self._back_off(vmid)
                     return
             with self._lock:
-                self.backoff.pop(steps[0].vmid, None)
+                self.backoff.pop(vmid, None)
         finally:
+            with self._lock:
+                self._finished[vmid] = self._clock()
             tracker.finish_job()
 
     def _back_off(self, vmid: int) -> None:
@@ -216,84 +287,6 @@ class Engine:
             self.backoff[vmid] = (failures, self._clock() + delay)
         log.info("guest_backing_off", vmid=vmid, failures=failures, retry_in_s=delay)
 
-    def execute(self, step: Step) -> Outcome:
-        """Journal, call Proxmox, wait for the task, journal the end; never raises for PVE errors."""
-        bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
-        started = self._clock()
-        op_id = self._begin(step)
-        bound = bound.bind(op_id=op_id)
-        try:
-            upid = self._call(step)
-            if upid:
-                bound = bound.bind(upid=upid)
-                self._journal(lambda j: j.task(op_id, upid))
-                waiting = self._clock()
-                result = wait_task(self.pve, upid, deadline=waiting + self.settings.task_timeout)
-                self.metrics.task_wait.observe(self._clock() - waiting)
-            else:
-                result = TaskOutcome(TaskResult.OK, "")
-        except PveError as exc:
-            result = TaskOutcome(TaskResult.FAILED, str(exc))
-        if result.result is TaskResult.FAILED and already_there(step, result.exitstatus):
-            result = TaskOutcome(TaskResult.OK, result.exitstatus)
-        outcome = OUTCOMES[result.result]
-        self._journal(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
-        with self._lock:
-            self.counters[(step.kind, outcome.value)] += 1
-        self.metrics.actions.labels(step.kind, outcome.value).inc()
-        bound.info("action", outcome=outcome.value, duration_s=round(self._clock() - started, 3),
-                   **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
-        return outcome
-
-    def _call(self, step: Step) -> str | None:
-        if step.kind == START:
-            return self.pve.start(step.guest_type, step.vmid)
-        if step.kind == STOP:
-            return self.pve.shutdown(step.guest_type, step.vmid, self.settings.shutdown_timeout,
-                                     self.settings.force_stop)
-        if step.kind == SET_CONFIG:
-            return self.pve.set_config(step.guest_type, step.vmid, dict(step.set), step.delete, step.digest)
-        raise ValueError(f"unknown step kind {step.kind!r}")
-
-    def _begin(self, step: Step) -> str:
-        journal = self.journal
-        if journal is None:
-            return os.urandom(8).hex()
-        try:
-            with self.metrics.journal_append.time():
-                return journal.begin(vmid=step.vmid, kind=step.kind, payload=step.payload())
-        except JournalError as exc:
-            self._lose_journal(exc)
-            return os.urandom(8).hex()
-
-    def _journal(self, write: Callable[[Journal], None]) -> None:
-        journal = self.journal
-        if journal is None:
-            return
-        try:
-            with self.metrics.journal_append.time():
-                write(journal)
-        except JournalError as exc:
-            self._lose_journal(exc)
-
-    def _lose_journal(self, exc: JournalError) -> None:
-        log.error("journal_failed_running_without_it", error=str(exc))
-        self.journal = None
-
     def close(self) -> None:
         """Stop the config readers."""
         self._reader.shutdown(wait=False)
-
-
-def already_there(step: Step, error: str) -> bool:
-    """PVE's "already in the desired state" answers are successes (LXC: "CT 101 not running")."""
-    text = error.lower()
-    if step.kind == STOP:
-        return "not running" in text
-    if step.kind == START:
-        return "already running" in text
-    return False
-
-
-def _needs_config(declared: Declared) -> bool:
-    return declared.config is not None or declared.description is not None

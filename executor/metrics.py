@@ -27,6 +27,9 @@ class ExecutorMetrics:
         self.journal_append = Histogram("pve_executor_journal_append_seconds", "Latency of a durable journal append.",
                                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
                                         registry=r)
+        self.gate_decisions = Counter("pve_executor_gate_decisions", "Safety gate decisions, by class (benign, "
+                                      "approval, destructive), decision (admitted, refused, deferred) and reason.",
+                                      ["class", "decision", "reason"], registry=r)
         self.queue_depth = Gauge("pve_executor_queue_depth", "Jobs queued or running.", registry=r)
         self.busy_guests = Gauge("pve_executor_busy_guests", "Guests with queued or running work.", registry=r)
         self.in_flight = Gauge("pve_executor_in_flight_operations", "Journal operations begun and not ended.",

@@ -17,11 +17,21 @@ RUN_STATES = {"running": pb.RUN_STATE_RUNNING, "stopped": pb.RUN_STATE_STOPPED, 
 GUEST_TYPES = {QEMU: pb.GUEST_TYPE_QEMU, LXC: pb.GUEST_TYPE_LXC}
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
+REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED})
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
-class PlannerUnavailableError(RuntimeError):
-    """The planner could not produce a plan (unreachable, or it refused the request)."""
+class PlannerError(RuntimeError):
+    """The planner produced no plan."""
+
+
+class PlannerUnavailableError(PlannerError):
+    """The planner could not be reached (after the retries): the next tick tries again."""
+
+
+class PlannerRefusedError(PlannerError):
+    """The planner answered and refused the request (INVALID_ARGUMENT...): a bug here, not retried."""
 
 
 def desired_to_proto(guests: Iterable[Declared]) -> list[pb.DesiredGuest]:
@@ -73,6 +83,8 @@ class PlannerClient:
                 return response
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code in REFUSED:
+                    raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from None
                 if code not in RETRYABLE or attempt == self._attempts:
                     raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from None
                 time.sleep(0.2 * attempt)

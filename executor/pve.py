@@ -114,16 +114,35 @@ def as_text(value: object) -> str:
     return str(value)
 
 
-class Pve(Protocol):
-    """What the executor needs from a Proxmox node (one real implementation: ``ProxmoxNode``)."""
+class PveReader(Protocol):
+    """What the executor reads from a Proxmox node (one real implementation: ``ProxmoxNode``)."""
 
     node: str
 
     def guests(self) -> list[GuestState]:
         """Every guest of the node with its run state and lock (one request per guest type)."""
 
+    def cluster_guests(self) -> dict[int, str]:
+        """vmid -> node for every guest of the cluster (one read of /cluster/resources)."""
+
+    def cluster_name(self) -> str:
+        """The cluster's name ("" for a node outside a cluster)."""
+
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
         """The pending-applied config and its digest."""
+
+    def pending_keys(self, guest_type: str, vmid: int) -> frozenset[str]:
+        """Keys with a change in PVE's pending section (applied by the next start)."""
+
+    def task_status(self, upid: str) -> dict[str, Any]:
+        """The task's status record."""
+
+    def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
+        """The node's tasks for a guest started at or after ``since`` (Unix time)."""
+
+
+class PveWriter(Protocol):
+    """Every mutating Proxmox call; only the safety gate holds one (``executor.pvewrite``)."""
 
     def start(self, guest_type: str, vmid: int) -> str:
         """Start; the task's UPID."""
@@ -135,15 +154,9 @@ class Pve(Protocol):
                    digest: str) -> str | None:
         """Write config (QEMU: a UPID to wait on; LXC: None, already done)."""
 
-    def task_status(self, upid: str) -> dict[str, Any]:
-        """The task's status record."""
 
-    def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
-        """The node's tasks for a guest started at or after ``since`` (Unix time)."""
-
-
-class ProxmoxNode:
-    """``Pve`` over proxmoxer, with re-login on a revoked or expired ticket."""
+class Session:
+    """One logged-in proxmoxer API (one HTTPS session) with errors translated once."""
 
     def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
         self.node = connection.node
@@ -168,7 +181,7 @@ class ProxmoxNode:
         except requests.RequestException as exc:
             raise PveUnavailableError(f"cannot reach {c.host}:{c.port}: {type(exc).__name__}") from None
 
-    def _call(self, request: Callable[[Any], Any]) -> Any:
+    def call(self, request: Callable[[Any], Any]) -> Any:
         """Run one API request; translate errors once; log in again once on a 401 (tickets)."""
         for attempt in (1, 2):
             try:
@@ -189,6 +202,19 @@ class ProxmoxNode:
                 raise PveUnavailableError(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
+    def guest(self, api: Any, guest_type: str, vmid: int) -> Any:
+        """The proxmoxer path of one guest of this node."""
+        return getattr(api.nodes(self.node), guest_type)(vmid)
+
+
+class ProxmoxNode:
+    """``PveReader`` over proxmoxer; ``session`` is shared with the gate's writer."""
+
+    def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
+        self.session = Session(connection, on_error)
+        self.node = connection.node
+        self._call = self.session.call
+
     def guests(self) -> list[GuestState]:
         """QEMU (``full=1`` for qmpstatus) and LXC lists of the node."""
         found = []
@@ -206,35 +232,26 @@ class ProxmoxNode:
                                         lock=str(item.get("lock") or "")))
         return found
 
+    def cluster_guests(self) -> dict[int, str]:
+        """GET /cluster/resources?type=vm: where each guest of the cluster lives."""
+        listed = self._call(lambda api: api.cluster.resources.get(type="vm")) or []
+        return {int(item["vmid"]): str(item.get("node", "")) for item in listed if "vmid" in item}
+
+    def cluster_name(self) -> str:
+        """GET /cluster/status: the entry of type cluster names it."""
+        status = self._call(lambda api: api.cluster.status.get()) or []
+        return next((str(item.get("name", "")) for item in status if item.get("type") == "cluster"), "")
+
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
         """GET .../config: PVE's pending-applied view, values as text, digest apart."""
-        data = self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).config.get()) or {}
+        data = self._call(lambda api: self.session.guest(api, guest_type, vmid).config.get()) or {}
         digest = str(data.pop("digest", ""))
         return {key: as_text(value) for key, value in data.items()}, digest
 
-    def start(self, guest_type: str, vmid: int) -> str:
-        """POST .../status/start."""
-        return str(self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).status.start.post()))
-
-    def shutdown(self, guest_type: str, vmid: int, timeout: int, force: bool) -> str:
-        """POST .../status/shutdown with PVE's own timeout and forceStop fallback."""
-        params = {"timeout": timeout, "forceStop": 1 if force else 0}
-        return str(self._call(lambda api: getattr(api.nodes(self.node), guest_type)(vmid).status.shutdown.post(
-            **params)))
-
-    def set_config(self, guest_type: str, vmid: int, values: Mapping[str, str], delete: Sequence[str],
-                   digest: str) -> str | None:
-        """QEMU: POST (a qmconfig task); LXC: PUT (synchronous). The digest guards both."""
-        params: dict[str, Any] = dict(values)
-        if delete:
-            params["delete"] = ",".join(delete)
-        if digest:
-            params["digest"] = digest
-        if guest_type == QEMU:
-            answer = self._call(lambda api: api.nodes(self.node).qemu(vmid).config.post(**params))
-        else:
-            answer = self._call(lambda api: api.nodes(self.node).lxc(vmid).config.put(**params))
-        return str(answer) if answer else None
+    def pending_keys(self, guest_type: str, vmid: int) -> frozenset[str]:
+        """GET .../pending: keys with a pending value or a pending delete."""
+        listed = self._call(lambda api: self.session.guest(api, guest_type, vmid).pending.get()) or []
+        return frozenset(str(item["key"]) for item in listed if "pending" in item or item.get("delete"))
 
     def task_status(self, upid: str) -> dict[str, Any]:
         """GET /nodes/{upid's node}/tasks/{upid}/status."""
@@ -246,17 +263,21 @@ class ProxmoxNode:
         return [dict(t) for t in listed or [] if int(t.get("starttime", 0)) >= int(since)]
 
 
-def wait_task(pve: Pve, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep, missing_grace: float = 5.0) -> TaskOutcome:
+def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep, missing_grace: float = 5.0,
+              transient: Callable[[PveUnavailableError], None] | None = None) -> TaskOutcome:
     """Poll a task until it stops: fast first, backing off; "no such task" is retried briefly.
 
-    Past ``deadline`` (a ``clock`` time) the outcome is UNKNOWN: the task may still finish.
+    Past ``deadline`` (a ``clock`` time) the outcome is UNKNOWN: the task may still finish. A
+    transient error (no answer, a 5xx) is polled through, or handed to ``transient`` when given.
     """
     delay, first_missing = 0.02, None
     while True:
         try:
             status = pve.task_status(upid)
-        except PveUnavailableError:
+        except PveUnavailableError as exc:
+            if transient is not None:
+                transient(exc)
             status = {}
         except PveError as exc:
             # A UPID can answer "no such task" right after it was issued.

@@ -2,34 +2,55 @@
 
 With a UPID, the task's status decides (waiting for it if it still runs). Without one (a crash
 between the call and the journal write), the guest's task list since the operation began is
-searched for a matching task; failing that, the guest's state. What stays ambiguous is recorded as
-unknown and logged: nothing is ever run a second time here.
+searched for a task of the kind's types; failing that, the guest's state. What stays ambiguous is
+recorded as unknown and logged: nothing is ever run a second time here.
+
+Only a definite answer ends an operation. A transient error (a 5xx, no answer) is retried with a
+capped backoff for ``retry_for`` seconds; past that the operation stays in flight, so the next
+start resolves it, and the daemon does not tick while anything is unresolved. A stop request
+(SIGTERM) ends recovery at once and leaves the unresolved operations in flight for the same reason.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 
-from executor.actions import SET_CONFIG, START, STOP
-from executor.pve import Pve, PveError, TaskOutcome, TaskResult, classify, wait_task
+from executor.kinds import KINDS
+from executor.pve import PveError, PveReader, PveUnavailableError, TaskOutcome, TaskResult, classify, wait_task
 from journal import InFlight, Journal, Outcome
 
 log = structlog.get_logger("executor.recovery")
-TASK_TYPES = {START: ("qmstart", "vzstart"), STOP: ("qmshutdown", "vzshutdown", "qmstop", "vzstop"),
-              SET_CONFIG: ("qmconfig",)}
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+T = TypeVar("T")
 
 
-def recover(journal: Journal, pve: Pve, *, task_timeout: float = 900.0) -> list[tuple[InFlight, Outcome]]:
-    """End every in-flight operation with what Proxmox says happened; return what was decided."""
+class RecoveryInterruptedError(RuntimeError):
+    """Stopped (SIGTERM) or out of retries: what is unresolved stays in flight in the journal."""
+
+
+def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, retry_for: float = 60.0,
+            stop: threading.Event | None = None) -> list[tuple[InFlight, Outcome]]:
+    """End every in-flight operation with what Proxmox says happened; return what was decided.
+
+    Raises RecoveryInterruptedError when stopped or when Proxmox stays unavailable.
+    """
+    stop = stop or threading.Event()
+    pending = journal.in_flight()
+    log.info("recovery_started", ops=len(pending))
     decided = []
-    for op in journal.in_flight():
+    for op in pending:
         bound = log.bind(vmid=op.vmid, op_id=op.op_id, action=op.kind, upid=op.upid)
         try:
-            result = _resolve(op, pve, task_timeout)
-        except PveError as exc:
+            result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop), retry_for, stop, bound)
+        except PveUnavailableError:
+            raise
+        except PveError as exc:  # a definite refusal (4xx): the task cannot be checked
             result = TaskOutcome(TaskResult.UNKNOWN, f"could not check: {exc}")
         outcome = OUTCOMES[result.result]
         journal.end(op.op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus)
@@ -39,37 +60,61 @@ def recover(journal: Journal, pve: Pve, *, task_timeout: float = 900.0) -> list[
     return decided
 
 
-def _resolve(op: InFlight, pve: Pve, task_timeout: float) -> TaskOutcome:
+def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event, bound: structlog.BoundLogger) -> T:
+    """``resolve()`` again after each transient error, backing off, until ``retry_for`` has passed."""
+    deadline, delay = time.monotonic() + retry_for, 0.2
+    while True:
+        if stop.is_set():
+            raise RecoveryInterruptedError("stopped during recovery")
+        try:
+            return resolve()
+        except PveUnavailableError as exc:
+            if time.monotonic() + delay > deadline:
+                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from None
+            bound.warning("recovery_retrying", error=str(exc), retry_in_s=round(delay, 2))
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.Event) -> TaskOutcome:
     upid = op.upid or _find_task(op, pve)
     if upid is not None:
         status = pve.task_status(upid)
         if status.get("status") == "stopped":
             return classify(str(status.get("exitstatus", "")))
-        return wait_task(pve, upid, deadline=time.monotonic() + task_timeout)
+        outcome = wait_task(pve, upid, deadline=time.monotonic() + task_timeout, sleep=_interruptible(stop),
+                            transient=_raise)
+        return outcome
     return _from_state(op, pve)
 
 
-def _find_task(op: InFlight, pve: Pve) -> str | None:
-    """A task of the operation's type for its guest, started since it began (the UPID never recorded)."""
-    wanted = TASK_TYPES.get(op.kind, ())
+def _interruptible(stop: threading.Event) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise RecoveryInterruptedError("stopped during recovery")
+    return sleep
+
+
+def _raise(exc: PveUnavailableError) -> None:
+    raise exc
+
+
+def _find_task(op: InFlight, pve: PveReader) -> str | None:
+    """A task of the operation's types for its guest, started since it began (the UPID never recorded)."""
+    kind = KINDS.get(op.kind)
+    wanted = kind.task_types if kind is not None else ()
     for task in pve.tasks(op.vmid, since=op.begun_at - 1):
         if task.get("type") in wanted and str(task.get("id")) == str(op.vmid):
             return str(task["upid"])
     return None
 
 
-def _from_state(op: InFlight, pve: Pve) -> TaskOutcome:
+def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
     """No task: does the guest already show the change? Otherwise it cannot be told."""
     guest = next((g for g in pve.guests() if g.vmid == op.vmid), None)
     if guest is None:
         return TaskOutcome(TaskResult.UNKNOWN, "guest no longer on this node")
-    if op.kind == START and guest.status == "running":
-        return TaskOutcome(TaskResult.OK, "guest is running")
-    if op.kind == STOP and guest.status == "stopped":
-        return TaskOutcome(TaskResult.OK, "guest is stopped")
-    if op.kind == SET_CONFIG:
-        config, _ = pve.config(guest.type, op.vmid)
-        wanted = op.payload.get("set", {})
-        if all(config.get(k) == v for k, v in wanted.items()) and not set(op.payload.get("delete", [])) & set(config):
-            return TaskOutcome(TaskResult.OK, "config shows the change")
+    kind = KINDS.get(op.kind)
+    if kind is not None and kind.shows(pve, guest, op.payload):
+        return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
     return TaskOutcome(TaskResult.UNKNOWN, "no task found and the guest does not show the change")

@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from executor.actions import SET_CONFIG, Step
 from executor.desired import Declared
-from executor.planner_client import PlannerClient, actual_to_proto, desired_to_proto
-from executor.pve import Pve, PveError, TaskResult, wait_task
+from executor.engine import Engine
+from executor.observe import observe
+from executor.planner_client import actual_to_proto, desired_to_proto
+from executor.pve import PveError
+from safety.classify import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,17 +31,25 @@ class SelftestResult:
     detail: str
 
 
-def _write(pve: Pve, guest_type: str, vmid: int, values: dict[str, str], delete: list[str]) -> None:
-    _, digest = pve.config(guest_type, vmid)
-    upid = pve.set_config(guest_type, vmid, values, delete, digest)
-    if upid:
-        outcome = wait_task(pve, upid, deadline=time.monotonic() + 120)
-        if outcome.result is not TaskResult.OK:
-            raise PveError(f"config task ended: {outcome.exitstatus}")
+def _write(engine: Engine, vmid: int, values: dict[str, str], delete: list[str]) -> None:
+    """One description write through the engine's funnel (the gate admits it as SELFTEST)."""
+    declared = [Declared(vmid=vmid, description="")]
+    observed = observe(engine.pve, declared)
+    guest = observed.guests[vmid]
+    _, digest = observed.configs[vmid]
+    step = Step(vmid=vmid, guest_type=guest.type, kind=SET_CONFIG, set=tuple(sorted(values.items())),
+                delete=tuple(delete), digest=digest)
+    submission = engine.submit({vmid: [step]}, source=Source.SELFTEST, observed=observed, declared=declared,
+                               wait=True)
+    if submission.admission.refused:
+        raise PveError(f"the gate refused the write: {submission.admission.refused[0].detail}")
+    if submission.tracker.failed or submission.tracker.remaining:
+        raise PveError("the description write failed (see the action log line)")
 
 
-def selftest(pve: Pve, planner: PlannerClient, vmid: int) -> SelftestResult:
+def selftest(engine: Engine, vmid: int) -> SelftestResult:
     """Run the round trip on ``vmid`` and restore it."""
+    pve, planner = engine.pve, engine.planner
     guest = next((g for g in pve.guests() if g.vmid == vmid), None)
     if guest is None:
         return SelftestResult(False, "", "", False, f"guest {vmid} is not on node {pve.node}")
@@ -47,7 +59,7 @@ def selftest(pve: Pve, planner: PlannerClient, vmid: int) -> SelftestResult:
     written = f"pve-reconcile selftest {int(time.time())}\r\nsecond line  \n"
     restored = False
     try:
-        _write(pve, guest.type, vmid, {"description": written}, [])
+        _write(engine, vmid, {"description": written}, [])
         config, digest = pve.config(guest.type, vmid)
         read_back = config.get("description", "")
         plan = planner.plan(desired_to_proto([Declared(vmid=vmid, description=written)]),
@@ -56,8 +68,8 @@ def selftest(pve: Pve, planner: PlannerClient, vmid: int) -> SelftestResult:
         detail = "round trip equal after normalization" if ok else f"planner still sees drift: {plan}"
     finally:
         if original is None:
-            _write(pve, guest.type, vmid, {}, ["description"])
+            _write(engine, vmid, {}, ["description"])
         else:
-            _write(pve, guest.type, vmid, {"description": original}, [])
+            _write(engine, vmid, {"description": original}, [])
         restored = pve.config(guest.type, vmid)[0].get("description") == original
     return SelftestResult(ok and restored, written, read_back, restored, detail)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from common import logs
 from common.config import ConfigError, add_flags, resolve
-from common.grpcserver import ServerTls
+from common.grpcserver import server_tls
 from planner import server
 from planner.config import ENV_PREFIX, OPTIONS
 
@@ -28,10 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve(OPTIONS, args, ENV_PREFIX)
         settings = config.namespace()
-        if bool(settings.tls_cert) != bool(settings.tls_key):
-            raise ConfigError("tls_cert", "tls_cert and tls_key go together")
-        if settings.tls_client_ca and not settings.tls_cert:
-            raise ConfigError("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+        tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     except ConfigError as exc:
         print(f"pve-planner: {exc}", file=sys.stderr)
         return 2
@@ -39,8 +36,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config.render())
         return 0
     logs.configure(settings.log_format)
-    tls = ServerTls(cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca) \
-        if settings.tls_cert else None
     try:
         server.serve(settings.listen, grace=settings.grace, max_message_bytes=settings.max_message_mb << 20,
                      workers=settings.workers, tls=tls, metrics_listen=settings.metrics_listen)

@@ -13,11 +13,15 @@ from hypothesis import settings
 
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
+from executor.gate import Gate, GateSettings
+from executor.kinds import CallSettings
 from executor.planner_client import PlannerClient
 from executor.pve import Connection, Credentials, ProxmoxNode
+from executor.pvewrite import ProxmoxWriter
 from executor.queue import GuestQueue
 from journal import Journal
 from planner import server
+from safety.classify import Source
 
 # No per-example deadline (this machine's speed varies by 2x); in CI the examples are derandomized,
 # so a red run can be reproduced and a green one is not luck.
@@ -68,11 +72,19 @@ def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> 
     made: list[tuple[Engine, GuestQueue]] = []
 
     def make(desired: list[Declared], *, max_parallel: int = 4, journal: bool = True, pve: Any = None,
+             writer: Any = None, source: Source = Source.LOCAL_FILE, planner_target: str | None = None,
              **settings: Any) -> Engine:
+        """``pve`` replaces the reader and ``writer`` the gate's writer (e.g. to widen a race window)."""
+        calls = CallSettings(**{k: settings.pop(k) for k in ("shutdown_timeout", "force_stop") if k in settings})
+        gate_settings = GateSettings(calls=calls, **{k: settings.pop(k) for k in ("task_timeout", "max_stops_per_tick",
+                                                                                   "audience") if k in settings})
+        reader = pve or node
+        writer = writer or ProxmoxWriter(getattr(reader, "session", node.session))
+        gate = Gate(reader=reader, writer=writer, settings=gate_settings,
+                    journal=Journal.open(tmp_path / f"journal-{len(made)}") if journal else None)
         queue = GuestQueue(max_parallel)
-        engine = Engine(pve=pve or node, planner=PlannerClient(f"127.0.0.1:{planner.port}"),
-                        provider=StaticProvider(desired), queue=queue,
-                        journal=Journal.open(tmp_path / f"journal-{len(made)}") if journal else None,
+        engine = Engine(pve=reader, gate=gate, planner=PlannerClient(planner_target or f"127.0.0.1:{planner.port}"),
+                        provider=StaticProvider(desired, source=source), queue=queue,
                         settings=Settings(**{"backoff_base": 0.0, **settings}))
         made.append((engine, queue))
         return engine

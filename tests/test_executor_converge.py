@@ -13,6 +13,7 @@ from executor.desired import Declared
 from executor.engine import Engine, TickOutcome
 from executor.planner_client import PlannerClient
 from executor.pve import ProxmoxNode
+from executor.pvewrite import ProxmoxWriter
 
 Make = Callable[..., Engine]
 WRITES = ("POST", "PUT", "DELETE")
@@ -127,8 +128,12 @@ def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make
     fakepve.add_ct(101, "cache", status="stopped")
     engine = make_engine([])
     from executor.actions import STOP, Step  # noqa: PLC0415
+    from executor.gate import Admitted  # noqa: PLC0415
+    from safety.classify import Class, Source, Verdict  # noqa: PLC0415
 
-    assert engine.execute(Step(vmid=101, guest_type="lxc", kind=STOP)).value == "ok"
+    admitted = Admitted(step=Step(vmid=101, guest_type="lxc", kind=STOP), source=Source.LOCAL_FILE,
+                        verdict=Verdict(cls=Class.BENIGN, op_kind="stop", rule="stop", reasons=()))
+    assert engine.gate.execute(admitted).value == "ok"
 
 
 def test_http_5xx_and_a_flaky_network_only_delay_convergence(fakepve: Any, make_engine: Make) -> None:
@@ -160,25 +165,26 @@ def test_revoked_ticket_logs_in_again(fakepve: Any, make_engine: Make) -> None:
 
 
 class ChangesBehindOurBack:
-    """The real adapter, but an administrator edits the guest between our read and our write."""
+    """The real writer, but an administrator edits the guest between our read and our write."""
 
-    def __init__(self, node: ProxmoxNode, fakepve: Any) -> None:
-        self._node, self._fakepve, self.node = node, fakepve, node.node
+    def __init__(self, writer: ProxmoxWriter, fakepve: Any) -> None:
+        self._writer, self._fakepve = writer, fakepve
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._node, name)
+        return getattr(self._writer, name)
 
     def set_config(self, *args: Any, **kwargs: Any) -> Any:
         vm = self._fakepve.vm(args[1])
         vm.config["cores"] = 4  # someone else's edit: the digest we read is stale now
-        return self._node.set_config(*args, **kwargs)
+        return self._writer.set_config(*args, **kwargs)
 
 
 def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(fakepve: Any, make_engine: Make,
                                                                       node: ProxmoxNode) -> None:
     """A config changed between read and write is refused by PVE; re-read, re-planned, converged."""
     vm = fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
-    racing = make_engine([Declared(vmid=100, config={"memory": "2048"})], pve=ChangesBehindOurBack(node, fakepve))
+    racing = make_engine([Declared(vmid=100, config={"memory": "2048"})],
+                         writer=ChangesBehindOurBack(ProxmoxWriter(node.session), fakepve))
     summary = racing.tick(wait=True)
     assert summary.failed == 1 and str(vm.config["memory"]) == "512"
     assert racing.counters[("set_config", "failed")] == 1

@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from common.grpcserver import ClientTls, ServerTls
 from executor.desired import Declared
-from executor.planner_client import PlannerClient, PlannerUnavailableError
+from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from planner import server
 from planner.v1 import planner_pb2 as pb
 from tests.builders import RUNNING, STOPPED, have, want
@@ -97,7 +97,7 @@ def test_planner_metrics_endpoint(tmp_path: Path) -> None:
     try:
         client = PlannerClient(f"127.0.0.1:{running.port}")
         client.plan(*ONE_GUEST)
-        with pytest.raises(PlannerUnavailableError):
+        with pytest.raises(PlannerRefusedError):
             client.plan([want(0)], [])
         assert running.metrics_endpoint is not None
         text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_endpoint.port}/metrics", timeout=5).read()
@@ -290,10 +290,18 @@ def test_executor_api_over_mutual_tls(fakepve: Any, make_engine: Any, pki: Pki) 
 
 def test_plan_output_is_coloured_only_on_a_tty() -> None:
     """The dry run reads at a glance: key, current, desired; colour codes only when asked for."""
-    from executor.daemon import render  # noqa: PLC0415
+    from executor.actions import SET_CONFIG, Step  # noqa: PLC0415
+    from executor.daemon import DryRun, render  # noqa: PLC0415
+    from executor.gate import Admission  # noqa: PLC0415
+    from executor.observe import Observed  # noqa: PLC0415
+    from safety.classify import Class, Verdict  # noqa: PLC0415
 
     plan = pb.PlanResponse(actions=[pb.Action(vmid=100, type=pb.GUEST_TYPE_QEMU,
                                               set_config=pb.SetConfigAction(set={"memory": "4096"}))])
-    plain = render(plan, {100: {"memory": "2048"}}, color=False)
-    assert plain == "guest 100: set config\n    memory: '2048' -> '4096'"
-    assert "\033[32m'4096'\033[0m" in render(plan, {100: {"memory": "2048"}}, color=True)
+    step = Step(vmid=100, guest_type="qemu", kind=SET_CONFIG, set=(("memory", "4096"),))
+    verdict = Verdict(cls=Class.BENIGN, op_kind="config", rule="benign_key", reasons=())
+    result = DryRun(plan, Admission(admitted={}, verdicts=((step, verdict),)),
+                    Observed(guests={}, configs={100: ({"memory": "2048"}, "")}, elsewhere=frozenset()))
+    plain = render(result, color=False)
+    assert plain == "guest 100: set config [benign]\n    memory: '2048' -> '4096'"
+    assert "\033[32m'4096'\033[0m" in render(result, color=True)

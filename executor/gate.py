@@ -1,0 +1,389 @@
+"""The safety gate: the one place where the executor mutates Proxmox.
+
+Every mutation source (the tick, the executor API, selftest; later the hub and signed operations)
+reaches Proxmox through ``Engine.submit``, which asks the gate to *admit* each step, and the gate
+alone holds the ``PveWriter`` that *executes* them. What the planner (or any remote part) returns
+is never trusted: each step is scope-checked against what was declared, classified by its effect
+(``safety.classify``), and only benign steps run. Anything else is refused with a typed reason
+and, where an operator could approve it, listed as a pending approval with a descriptor of the
+exact action. A refused step never stops the other guests. Without a working journal only benign
+steps run (nothing non-benign may run that a crash could not account for).
+
+Admission makes no Proxmox reads for the steps of a no-drift tick (there are none) and none for
+benign config writes; a start reads the guest's pending section (a start applies pending disk
+changes), and a start or stop from a remote source reads the config for ``protection``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from executor.actions import SET_CONFIG, START, STOP, UNKNOWN, Step
+from executor.kinds import KINDS, CallSettings
+from executor.metrics import ExecutorMetrics
+from executor.observe import Observed
+from executor.pve import PveError, PveReader, PveWriter, TaskOutcome, TaskResult, wait_task
+from journal import Journal, JournalError, Outcome
+from safety.blast import limit_stops
+from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
+from safety.scope import Declaration, out_of_scope
+
+log = structlog.get_logger("executor.gate")
+OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+|vmstate")
+REMOTE_POWER_NEEDS_CONFIG = frozenset({START, STOP})
+
+# Refusal reasons (the executor.v1 RefusalReason names without their prefix).
+APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
+    "APPROVAL_REQUIRED", "OUT_OF_SCOPE", "UNKNOWN_KIND", "JOURNAL_UNAVAILABLE")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateSettings:
+    """The gate's tunables."""
+
+    calls: CallSettings = field(default_factory=CallSettings)
+    task_timeout: float = 900.0
+    max_stops_per_tick: int | None = None  # None: unlimited for the local file, max(2, 10%) for remote sources
+    audience: str | None = None  # node@cluster, read once from /cluster/status when unset
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A step the gate did not run, and why."""
+
+    vmid: int
+    op_kind: str
+    cls: Class
+    reason: str
+    detail: str
+    op_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pending:
+    """A refused non-benign step an operator could approve: the exact action, as a descriptor."""
+
+    vmid: int
+    op_kind: str
+    cls: Class
+    rule: str
+    reasons: tuple[str, ...]
+    source: Source
+    reason: str
+    descriptor: bytes
+    first_seen: float
+
+    @property
+    def descriptor_sha256(self) -> str:
+        """What binds an approval to this exact action."""
+        return hashlib.sha256(self.descriptor).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admitted:
+    """A step the gate admitted, with the verdict it was admitted under."""
+
+    step: Step
+    verdict: Verdict
+    source: Source
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admission:
+    """What the gate made of one batch of steps."""
+
+    admitted: dict[int, list[Admitted]]
+    refused: tuple[Refusal, ...] = ()
+    deferred: tuple[int, ...] = ()  # stops held back by the per-tick limit
+    pending: tuple[Pending, ...] = ()  # the refused steps an operator could approve
+    verdicts: tuple[tuple[Step, Verdict], ...] = ()  # every classified step, in order (for the dry run)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateState:
+    """What GetStatus reports of the gate."""
+
+    signed_ops: bool
+    journal_ok: bool
+    pending: int
+    refused: int
+    deferred: int
+    max_stops_per_tick: int | None
+
+
+def to_action(step: Step) -> Action:
+    """The classifier's view of a step."""
+    return Action(kind=step.kind, vmid=step.vmid, guest_type=step.guest_type, set=dict(step.set),
+                  delete=tuple(step.delete))
+
+
+def declaration_of(vmid: int, state: str | None, config: Mapping[str, str] | None, description: bool) -> Declaration:
+    """What the desired state declares for one guest, as the scope check reads it."""
+    return Declaration(vmid=vmid, state=state, config_keys=frozenset(config) if config is not None else None,
+                       description=description)
+
+
+def descriptor(step: Step, verdict: Verdict, facts: GuestFacts, audience: str) -> bytes:
+    """The exact action as canonical JSON: what an approval would have to name."""
+    params: dict[str, object] = {}
+    if step.kind == SET_CONFIG:
+        params = {"set": dict(step.set), "delete": sorted(step.delete)}
+    body = {"audience": audience, "vmid": step.vmid, "guest_type": step.guest_type, "kind": verdict.op_kind,
+            "action": step.kind, "params": params, "class": verdict.cls.name,
+            "precondition": {"digest": facts.digest, "run_state": facts.run_state}}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+class Gate:
+    """Admits steps by scope and class; the only holder of the Proxmox writer."""
+
+    def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
+                 settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, dry_run: bool = False) -> None:
+        self._reader, self._writer, self._dry_run = reader, writer, dry_run
+        self.journal = journal
+        self.settings = settings or GateSettings()
+        self.metrics = metrics or ExecutorMetrics()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, Pending] = {}
+        self._journaled: dict[str, str] = {}  # refusal key -> the reason last journaled
+        self._audience = self.settings.audience
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.refused_total = 0
+        self.deferred_total = 0
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
+              declared: Mapping[int, Declaration], source: Source, managed: int, record: bool = True) -> Admission:
+        """Scope-check and classify every step; admit the benign ones within the stop limit.
+
+        ``record``: journal refusals, keep pending approvals and count (False for the dry run).
+        """
+        admitted: dict[int, list[Admitted]] = {}
+        refused: list[Refusal] = []
+        pending: list[Pending] = []
+        verdicts: list[tuple[Step, Verdict]] = []
+        for vmid, guest_steps in steps.items():
+            facts = self._facts(vmid, guest_steps, observed, source)
+            for step in guest_steps:
+                verdict, reason, detail = self._judge(step, facts, declared.get(vmid), source)
+                verdicts.append((step, verdict))
+                if reason is None:
+                    admitted.setdefault(vmid, []).append(Admitted(step=step, verdict=verdict, source=source))
+                    continue
+                refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
+                                       detail=detail))
+                if reason in (APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE) and facts is not None:
+                    pending.append(self._pending_of(step, verdict, facts, source, reason))
+        deferred = self._limit_stops(admitted, refused, pending, observed=observed, source=source, managed=managed)
+        if record:
+            self._record(refused, pending, deferred, set(steps), observed)
+        return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
+                         verdicts=tuple(verdicts))
+
+    def _judge(self, step: Step, facts: GuestFacts | None, declared: Declaration | None,
+               source: Source) -> tuple[Verdict, str | None, str]:
+        """The verdict, and the refusal reason (None: admitted) with its detail."""
+        if step.kind == UNKNOWN or step.kind not in KINDS or facts is None:
+            verdict = classify(to_action(step), facts or GuestFacts(), source)
+            if facts is None and step.kind in KINDS:
+                return verdict, OUT_OF_SCOPE, "the guest is not on this node"
+            return verdict, UNKNOWN_KIND, step.detail or f"action kind {step.kind!r}"
+        action = to_action(step)
+        if source in (Source.LOCAL_FILE, Source.HUB, Source.SELFTEST):
+            why = out_of_scope(action, declared)
+            if why is not None:
+                return classify(action, facts, source), OUT_OF_SCOPE, why
+        verdict = classify(action, facts, source)
+        if verdict.cls is Class.BENIGN:
+            return verdict, None, ""
+        detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
+        if self.journal is None and not self._dry_run:
+            return verdict, JOURNAL_UNAVAILABLE, detail
+        return verdict, APPROVAL_REQUIRED, detail
+
+    def _facts(self, vmid: int, steps: Sequence[Step], observed: Observed, source: Source) -> GuestFacts | None:
+        """What the classifier needs of the guest: as read, plus the reads a start or remote stop needs."""
+        guest = observed.guests.get(vmid)
+        if guest is None:
+            return None
+        config, digest = observed.configs.get(vmid, (None, ""))
+        kinds = {s.kind for s in steps}
+        pending: frozenset[str] = frozenset()
+        try:
+            if config is None and kinds & REMOTE_POWER_NEEDS_CONFIG and source is not Source.LOCAL_FILE:
+                config, digest = self._reader.config(guest.type, vmid)
+            if START in kinds:
+                pending = frozenset(k for k in self._reader.pending_keys(guest.type, vmid) if DRIVE_KEY.fullmatch(k))
+        except PveError as exc:
+            # Unknown facts are never read as benign: the read stands for the start or stop it guards.
+            log.warning("facts_unreadable", vmid=vmid, error=str(exc))
+            return GuestFacts(config=None, digest=digest, run_state=guest.status, lock=guest.lock,
+                              pending_drive_keys=frozenset({"<unreadable>"}))
+        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock,
+                          pending_drive_keys=pending)
+
+    def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending], *,
+                     observed: Observed, source: Source, managed: int) -> tuple[int, ...]:
+        """At most ``max_stops_per_tick`` stops; a remote source stopping over half the guests needs approval."""
+        stops = sorted(vmid for vmid, steps in admitted.items() if any(a.step.kind == STOP for a in steps))
+        if not stops:
+            return ()
+        budget = limit_stops(stops, managed=managed, source=source, max_stops_per_tick=self.settings.max_stops_per_tick)
+        for vmid in (*budget.deferred, *budget.need_approval):
+            kept = [a for a in admitted[vmid] if a.step.kind != STOP]
+            stop = next(a for a in admitted[vmid] if a.step.kind == STOP)
+            if kept:
+                admitted[vmid] = kept
+            else:
+                del admitted[vmid]
+            if vmid in budget.need_approval:
+                verdict = Verdict(cls=Class.APPROVAL, op_kind=stop.verdict.op_kind, rule="blast_radius",
+                                  reasons=(f"a {source.value} source asks to stop {len(stops)} of {managed} "
+                                           "managed guests at once",))
+                refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=APPROVAL_REQUIRED,
+                                       detail="blast_radius: " + verdict.reasons[0]))
+                guest = observed.guests[vmid]
+                facts = GuestFacts(config=None, digest=observed.configs.get(vmid, ({}, ""))[1],
+                                   run_state=guest.status, lock=guest.lock)
+                pending.append(self._pending_of(stop.step, verdict, facts, source, APPROVAL_REQUIRED))
+        return tuple(budget.deferred)
+
+    def _pending_of(self, step: Step, verdict: Verdict, facts: GuestFacts, source: Source, reason: str) -> Pending:
+        return Pending(vmid=step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
+                       reasons=verdict.reasons, source=source, reason=reason,
+                       descriptor=descriptor(step, verdict, facts, self.audience()), first_seen=time.time())
+
+    def audience(self) -> str:
+        """node@cluster: what a signed approval names (read once, only when first needed)."""
+        if self._audience is None:
+            try:
+                cluster = self._reader.cluster_name()
+            except PveError:
+                return f"{self._reader.node}@"  # not cached: the next refusal tries again
+            self._audience = f"{self._reader.node}@{cluster}"
+        return self._audience
+
+    def _record(self, refused: Sequence[Refusal], pending: Sequence[Pending], deferred: Sequence[int],
+                planned: set[int], observed: Observed) -> None:
+        """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes."""
+        for refusal in refused:
+            self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", refusal.reason.lower()).inc()
+            log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=refusal.cls.name,
+                        reason=refusal.reason, detail=refusal.detail)
+        for _ in deferred:
+            self.metrics.gate_decisions.labels("benign", "deferred", "stop_limit").inc()
+        with self._lock:
+            self.refused_total += len(refused)
+            self.deferred_total += len(deferred)
+            # Pending entries of guests not planned this tick (busy, backing off) stay; the rest are replaced.
+            kept = {k: p for k, p in self._pending.items() if p.vmid not in planned and p.vmid in observed.guests}
+            for entry in pending:
+                key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
+                old = self._pending.get(key)
+                kept[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
+            self._pending = kept
+        for refusal in refused:
+            self._journal_refusal(refusal)
+
+    def _journal_refusal(self, refusal: Refusal) -> None:
+        key = f"{refusal.vmid}:{refusal.op_kind}"
+        with self._lock:
+            if self._journaled.get(key) == refusal.reason:
+                return
+            self._journaled[key] = refusal.reason
+        self._journal(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
+                                         detail=refusal.detail, key=key))
+
+    def count_admitted(self, admission: Admission) -> None:
+        """Count the admitted steps (the refusals were counted by ``admit``)."""
+        for steps in admission.admitted.values():
+            for admitted in steps:
+                self.metrics.gate_decisions.labels(admitted.verdict.cls.name.lower(), "admitted", "none").inc()
+
+    def pending(self) -> list[Pending]:
+        """Pending approvals, by vmid then op kind."""
+        with self._lock:
+            return sorted(self._pending.values(), key=lambda p: (p.vmid, p.op_kind, p.descriptor_sha256))
+
+    def state(self) -> GateState:
+        """The gate's state, read under its lock."""
+        with self._lock:
+            return GateState(signed_ops=False, journal_ok=self.journal is not None, pending=len(self._pending),
+                             refused=self.refused_total, deferred=self.deferred_total,
+                             max_stops_per_tick=self.settings.max_stops_per_tick)
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def execute(self, admitted: Admitted) -> Outcome:
+        """Journal, call Proxmox, wait for the task, journal the end; never raises for PVE errors."""
+        step = admitted.step
+        kind = KINDS[step.kind]
+        if self._writer is None:
+            raise RuntimeError("this gate has no writer (a dry run)")
+        bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
+        started = self._clock()
+        op_id = self._begin(admitted)
+        bound = bound.bind(op_id=op_id)
+        try:
+            upid = kind.call(self._writer, step, self.settings.calls)
+            if upid:
+                bound = bound.bind(upid=upid)
+                self._journal(lambda j: j.task(op_id, upid))
+                waiting = self._clock()
+                result = wait_task(self._reader, upid, deadline=waiting + self.settings.task_timeout)
+                self.metrics.task_wait.observe(self._clock() - waiting)
+            else:
+                result = TaskOutcome(TaskResult.OK, "")
+        except PveError as exc:
+            result = TaskOutcome(TaskResult.FAILED, str(exc))
+        if result.result is TaskResult.FAILED and kind.is_already_there(result.exitstatus):
+            result = TaskOutcome(TaskResult.OK, result.exitstatus)
+        outcome = OUTCOMES[result.result]
+        self._journal(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
+        with self._lock:
+            self.counters[(step.kind, outcome.value)] += 1
+        self.metrics.actions.labels(step.kind, outcome.value).inc()
+        bound.info("action", outcome=outcome.value, duration_s=round(self._clock() - started, 3),
+                   **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
+        return outcome
+
+    def _begin(self, admitted: Admitted) -> str:
+        step, journal = admitted.step, self.journal
+        if journal is None:
+            return os.urandom(8).hex()
+        payload = {**step.payload(), "class": admitted.verdict.cls.name.lower(), "source": admitted.source.value}
+        try:
+            with self.metrics.journal_append.time():
+                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload)
+        except JournalError as exc:
+            self._lose_journal(exc)
+            return os.urandom(8).hex()
+
+    def _journal(self, write: Callable[[Journal], None]) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            with self.metrics.journal_append.time():
+                write(journal)
+        except JournalError as exc:
+            self._lose_journal(exc)
+
+    def _lose_journal(self, exc: JournalError) -> None:
+        # From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
+        log.error("journal_failed_benign_only_from_now", error=str(exc))
+        self.journal = None
