@@ -158,7 +158,6 @@ class Gate:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
-        self._journaled: dict[str, str] = {}  # refusal key -> the reason last journaled
         self._audience = self.settings.audience
         self.counters: Counter[tuple[str, str]] = Counter()
         self.refused_total = 0
@@ -300,13 +299,10 @@ class Gate:
             self._journal_refusal(refusal)
 
     def _journal_refusal(self, refusal: Refusal) -> None:
+        # The journal keeps the last reason per key (across restarts): a refusal seen every tick is written once.
         key = f"{refusal.vmid}:{refusal.op_kind}"
-        with self._lock:
-            if self._journaled.get(key) == refusal.reason:
-                return
-            self._journaled[key] = refusal.reason
-        self._journal(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
-                                         detail=refusal.detail, key=key))
+        self._journal(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
+                                                detail=refusal.detail, key=key))
 
     def count_admitted(self, admission: Admission) -> None:
         """Count the admitted steps (the refusals were counted by ``admit``)."""
