@@ -369,7 +369,7 @@ class Gate:
             self._lose_journal(exc)
             return os.urandom(8).hex()
 
-    def _journal(self, write: Callable[[Journal], None]) -> None:
+    def _journal(self, write: Callable[[Journal], object]) -> None:
         journal = self.journal
         if journal is None:
             return
