@@ -16,9 +16,11 @@ RUN python -m venv /opt/pve-reconcile \
 # Final stage: the virtualenv only, run as an unprivileged user.
 FROM python:3.11-slim
 COPY --from=build /opt/pve-reconcile /opt/pve-reconcile
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pve-reconcile \
- && mkdir -p /var/lib/pve-reconcile && chown pve-reconcile /var/lib/pve-reconcile
-USER pve-reconcile
+RUN groupadd --system --gid 10001 pve-reconcile \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pve-reconcile \
+ && mkdir -p /var/lib/pve-reconcile && chown 10001:10001 /var/lib/pve-reconcile
+# Numeric, so a runtime that checks "non-root" without reading /etc/passwd (Kubernetes) can tell.
+USER 10001:10001
 ENV PATH=/opt/pve-reconcile/bin:$PATH \
     PVE_PLANNER_LISTEN=0.0.0.0:50051 \
     PVE_PLANNER_LOG_FORMAT=json \
@@ -28,6 +30,7 @@ ENV PATH=/opt/pve-reconcile/bin:$PATH \
 EXPOSE 50051 50052
 VOLUME ["/var/lib/pve-reconcile"]
 # The gRPC health service decides (SERVING); set PVE_HEALTH_ADDRESS for the executor's API port.
+# Exec form (no shell): pve-healthcheck reads PVE_HEALTH_ADDRESS itself when given no address.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
-  CMD pve-healthcheck "$PVE_HEALTH_ADDRESS" || exit 1
+  CMD ["/opt/pve-reconcile/bin/pve-healthcheck"]
 CMD ["pve-planner", "serve"]

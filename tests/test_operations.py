@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -23,6 +25,8 @@ from tests.builders import RUNNING, STOPPED, have, want
 from tests.certs import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
+UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+MAX_EXPOSURE = 1.8  # systemd-analyze's "OK"; today's units score exactly this
 ONE_GUEST = ([want(100, state=RUNNING)], [have(100, state=STOPPED)])
 
 
@@ -217,6 +221,70 @@ def test_systemd_units_are_hardened(unit: str) -> None:
         assert "%d/" in text  # the secret is read from the credentials directory, never from the unit
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[0].endswith(("pve-planner", "pve-executor"))
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool (the virtualenv's first, e.g. hadolint from the dev extras), or skip."""
+    found = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.skip(f"{name} is not installed here")
+    return found
+
+
+def test_dockerfile_is_clean_under_hadolint() -> None:
+    """hadolint finds nothing in the Dockerfile, not even an info (exec-form commands, a numeric USER...)."""
+    result = subprocess.run([tool("hadolint"), "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_healthcheck_reads_its_address_from_the_environment() -> None:
+    """An exec-form HEALTHCHECK has no shell: given no address, pve-healthcheck reads PVE_HEALTH_ADDRESS."""
+    plain = server.start("127.0.0.1:0")
+    try:
+        ok = run("common.healthcheck", env={"PVE_HEALTH_ADDRESS": f"127.0.0.1:{plain.port}"})
+        assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
+    finally:
+        server.stop(plain, 0)
+    missing = run("common.healthcheck", env={"PVE_HEALTH_ADDRESS": ""})
+    assert missing.returncode == 2 and "PVE_HEALTH_ADDRESS" in missing.stderr
+    assert 'CMD ["/opt/pve-reconcile/bin/pve-healthcheck"]' in (ROOT / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda path: path.name)
+def test_systemd_units_verify_cleanly(unit: Path, tmp_path: Path) -> None:
+    """systemd-analyze verify reports nothing: no unknown or misspelt directive, no bad value.
+
+    It runs against a scratch root holding the system's units, this unit and stand-ins for the
+    commands it starts (verify checks they are executable; they are installed only on a node).
+    """
+    analyze = tool("systemd-analyze")
+    system_units = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()),
+                        None)
+    if system_units is None:
+        pytest.skip("no systemd unit directory here")
+    shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(unit, tmp_path / "etc/systemd/system" / unit.name)
+    for line in unit.read_text().splitlines():
+        if line.startswith("ExecStart="):
+            command = tmp_path / line.split("=", 1)[1].split()[0].lstrip("/")
+            command.parent.mkdir(parents=True, exist_ok=True)
+            command.write_text("#!/bin/sh\n")
+            command.chmod(0o755)
+    result = subprocess.run([analyze, "verify", f"--root={tmp_path}", unit.name], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda path: path.name)
+def test_systemd_units_exposure_is_ok(unit: Path) -> None:
+    """systemd-analyze security --offline rates each unit's exposure at most 1.8 ("OK")."""
+    result = subprocess.run([tool("systemd-analyze"), "security", "--offline=true", "--no-pager", str(unit)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
+    assert found is not None, result.stdout + result.stderr
+    assert float(found[1]) <= MAX_EXPOSURE and found[2] == "OK", found[0]
 
 
 def test_grpc_status_details_never_carry_secrets(mtls_planner: server.Running, pki: Pki) -> None:
