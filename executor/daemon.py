@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -32,7 +32,7 @@ from executor.kinds import CallSettings
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerError
-from executor.pve import Connection, ProxmoxNode
+from executor.pve import Connection, ProxmoxNode, PveError
 from executor.pvewrite import ProxmoxWriter
 from executor.queue import GuestQueue
 from executor.recovery import RecoveryInterruptedError, recover
@@ -197,7 +197,28 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
     declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in mine}
     admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,
                            source=provider_source(desired), managed=len(mine), record=False)
-    return DryRun(plan, admission, observed)
+    return DryRun(plan, _authorized(gate, admission), observed)
+
+
+def _authorized(gate: Gate, admission: Admission) -> Admission:
+    """The admission as the lanes would leave it: the lane's reads and checks, as ``run`` makes them."""
+    admitted, refused = {}, list(admission.refused)
+    for vmid, steps in admission.admitted.items():
+        kept = []
+        for step in steps:
+            try:
+                refusal = gate.authorize(step)
+            except PveError as exc:  # run would fail this step without a call: so does the dry run
+                log.warning("cannot_authorize", vmid=vmid, action=step.step.kind, error=str(exc))
+                break
+            if refusal is not None:
+                refused.append(refusal)
+                break  # as in the lane: the guest's later steps wait for a later tick
+            kept.append(step)
+        if kept:
+            admitted[vmid] = kept
+    return replace(admission, admitted=admitted, refused=tuple(refused),
+                   pending=admission.pending + tuple(gate.pending()))
 
 
 def render(result: DryRun, color: bool) -> str:

@@ -100,6 +100,7 @@ class _Tracker:
     remaining: int
     succeeded: int = 0
     failed: int = 0
+    refused: list[Refusal] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -109,6 +110,10 @@ class _Tracker:
                 self.succeeded += 1
             else:
                 self.failed += 1
+
+    def record_refused(self, refusal: Refusal) -> None:
+        with self.lock:
+            self.refused.append(refusal)
 
     def finish_job(self) -> None:
         with self.lock:
@@ -233,6 +238,9 @@ class Engine:
         summary.pending = len(self.gate.pending())
         if wait and admission.admitted:
             summary.succeeded, summary.failed = tracker.succeeded, tracker.failed
+            summary.refused += len(tracker.refused)
+            summary.refusals += tuple(tracker.refused)
+            summary.pending = len(self.gate.pending())
             if tracker.failed:
                 summary.outcome = TickOutcome.ACTIONS_FAILED
 
@@ -266,7 +274,11 @@ class Engine:
         vmid = steps[0].step.vmid
         try:
             for index, admitted in enumerate(steps):
-                ok = self.gate.execute(admitted) is Outcome.OK
+                result = self.gate.execute(admitted)
+                if isinstance(result, Refusal):  # refused in the lane: the guest's later steps wait too
+                    tracker.record_refused(result)
+                    return
+                ok = result is Outcome.OK
                 tracker.record(ok)
                 if not ok:
                     for _ in steps[index + 1:]:

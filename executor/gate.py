@@ -9,9 +9,10 @@ and, where an operator could approve it, listed as a pending approval with a des
 exact action. A refused step never stops the other guests. Without a working journal only benign
 steps run (nothing non-benign may run that a crash could not account for).
 
-Admission makes no Proxmox reads for the steps of a no-drift tick (there are none) and none for
-benign config writes; a start reads the guest's pending section (a start applies pending disk
-changes), and a start or stop from a remote source reads the config for ``protection``.
+Admission makes no Proxmox reads. In the guest's lane, right before the call, ``authorize`` reads
+what a start or a remote stop still needs (a start applies PVE's pending section, pending disk
+changes included; a remote source's power action needs ``protection``): those reads run in
+parallel across lanes, and config writes need none.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from safety.scope import Declaration, out_of_scope
 log = structlog.get_logger("executor.gate")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
 DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+|vmstate")
-REMOTE_POWER_NEEDS_CONFIG = frozenset({START, STOP})
 
 # Refusal reasons (the executor.v1 RefusalReason names without their prefix).
 APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
@@ -97,6 +97,7 @@ class Admitted:
     step: Step
     verdict: Verdict
     source: Source
+    facts: GuestFacts = field(default_factory=GuestFacts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,12 +177,14 @@ class Gate:
         pending: list[Pending] = []
         verdicts: list[tuple[Step, Verdict]] = []
         for vmid, guest_steps in steps.items():
-            facts = self._facts(vmid, guest_steps, observed, source)
+            facts = self._facts(vmid, observed)
             for step in guest_steps:
                 verdict, reason, detail = self._judge(step, facts, declared.get(vmid), source)
                 verdicts.append((step, verdict))
                 if reason is None:
-                    admitted.setdefault(vmid, []).append(Admitted(step=step, verdict=verdict, source=source))
+                    assert facts is not None  # a step for a guest not on this node is never admitted
+                    admitted.setdefault(vmid, []).append(Admitted(step=step, verdict=verdict, source=source,
+                                                                  facts=facts))
                     continue
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail))
@@ -206,7 +209,11 @@ class Gate:
             why = out_of_scope(action, declared)
             if why is not None:
                 return classify(action, facts, source), OUT_OF_SCOPE, why
-        verdict = classify(action, facts, source)
+        if step.kind in (START, STOP) and facts.config is None:
+            # The plan did not read this guest's config; the lane reads it (``authorize``) before the call.
+            verdict = classify(action, replace(facts, config={}), source)
+        else:
+            verdict = classify(action, facts, source)
         if verdict.cls is Class.BENIGN:
             return verdict, None, ""
         detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
@@ -214,26 +221,56 @@ class Gate:
             return verdict, JOURNAL_UNAVAILABLE, detail
         return verdict, APPROVAL_REQUIRED, detail
 
-    def _facts(self, vmid: int, steps: Sequence[Step], observed: Observed, source: Source) -> GuestFacts | None:
-        """What the classifier needs of the guest: as read, plus the reads a start or remote stop needs."""
+    def _facts(self, vmid: int, observed: Observed) -> GuestFacts | None:
+        """What the classifier needs of the guest, as read for the plan (admission reads nothing more)."""
         guest = observed.guests.get(vmid)
         if guest is None:
             return None
         config, digest = observed.configs.get(vmid, (None, ""))
-        kinds = {s.kind for s in steps}
-        pending: frozenset[str] = frozenset()
-        try:
-            if config is None and kinds & REMOTE_POWER_NEEDS_CONFIG and source is not Source.LOCAL_FILE:
-                config, digest = self._reader.config(guest.type, vmid)
-            if START in kinds:
-                pending = frozenset(k for k in self._reader.pending_keys(guest.type, vmid) if DRIVE_KEY.fullmatch(k))
-        except PveError as exc:
-            # Unknown facts are never read as benign: the read stands for the start or stop it guards.
-            log.warning("facts_unreadable", vmid=vmid, error=str(exc))
-            return GuestFacts(config=None, digest=digest, run_state=guest.status, lock=guest.lock,
-                              pending_drive_keys=frozenset({"<unreadable>"}))
-        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock,
-                          pending_drive_keys=pending)
+        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+
+    def authorize(self, admitted: Admitted) -> Refusal | None:
+        """In the guest's lane, right before the call: the facts a start or a remote stop still needs.
+
+        A start applies PVE's pending section (pending disk deletes and swaps included), so its
+        pending keys are read here; a start or stop from a remote source needs ``protection``, so the
+        config is read when the plan did not read it. These reads run in parallel in the lanes, one
+        per start, and none for config writes. A class raised by what is read refuses the step.
+        """
+        step, source = admitted.step, admitted.source
+        if step.kind not in (START, STOP):
+            return None
+        needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP)
+        if step.kind == STOP and not needs_config:
+            return None
+        # A PveError here propagates: a read that failed is no verdict, the step fails and is retried.
+        config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else None
+        pending = (frozenset(k for k in self._reader.pending_keys(step.guest_type, step.vmid)
+                             if DRIVE_KEY.fullmatch(k)) if step.kind == START else frozenset())
+        facts = replace(admitted.facts, config=config if config is not None else admitted.facts.config,
+                        pending_drive_keys=pending)
+        verdict = classify(to_action(step), facts, source)
+        if verdict.cls <= admitted.verdict.cls:
+            return None
+        detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
+        return self._refuse_in_lane(admitted, verdict, APPROVAL_REQUIRED, detail)
+
+    def _refuse_in_lane(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
+        refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
+                          detail=detail)
+        self.metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()
+        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=verdict.cls.name,
+                    reason=reason, detail=detail, where="lane")
+        entry = Pending(vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
+                        reasons=verdict.reasons, source=admitted.source, reason=reason, first_seen=time.time(),
+                        descriptor=descriptor(admitted.step, verdict, admitted.facts, self.audience()))
+        with self._lock:
+            self.refused_total += 1
+            key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
+            old = self._pending.get(key)
+            self._pending[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
+        self._journal_refusal(refusal)
+        return refusal
 
     def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending], *,
                      observed: Observed, source: Source, managed: int) -> tuple[int, ...]:
@@ -324,12 +361,23 @@ class Gate:
 
     # --- execution ----------------------------------------------------------------------------
 
-    def execute(self, admitted: Admitted) -> Outcome:
-        """Journal, call Proxmox, wait for the task, journal the end; never raises for PVE errors."""
+    def execute(self, admitted: Admitted) -> Outcome | Refusal:
+        """Authorize in the lane, journal, call Proxmox, wait for the task, journal the end.
+
+        Never raises for PVE errors; a step refused in the lane returns its Refusal and is not run.
+        """
         step = admitted.step
         kind = KINDS[step.kind]
         if self._writer is None:
             raise RuntimeError("this gate has no writer (a dry run)")
+        try:
+            refusal = self.authorize(admitted)
+        except PveError as exc:
+            log.warning("action", vmid=step.vmid, action=step.kind, outcome="failed", error=f"cannot authorize: {exc}")
+            self._count(step.kind, Outcome.FAILED)
+            return Outcome.FAILED
+        if refusal is not None:
+            return refusal
         bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
         started = self._clock()
         op_id = self._begin(admitted)
@@ -350,12 +398,15 @@ class Gate:
             result = TaskOutcome(TaskResult.OK, result.exitstatus)
         outcome = OUTCOMES[result.result]
         self._journal(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
-        with self._lock:
-            self.counters[(step.kind, outcome.value)] += 1
-        self.metrics.actions.labels(step.kind, outcome.value).inc()
+        self._count(step.kind, outcome)
         bound.info("action", outcome=outcome.value, duration_s=round(self._clock() - started, 3),
                    **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
         return outcome
+
+    def _count(self, kind: str, outcome: Outcome) -> None:
+        with self._lock:
+            self.counters[(kind, outcome.value)] += 1
+        self.metrics.actions.labels(kind, outcome.value).inc()
 
     def _begin(self, admitted: Admitted) -> str:
         step, journal = admitted.step, self.journal

@@ -14,6 +14,7 @@ from executor.engine import Engine, TickOutcome
 from executor.planner_client import PlannerClient
 from executor.pve import ProxmoxNode
 from executor.pvewrite import ProxmoxWriter
+from journal import Outcome
 
 Make = Callable[..., Engine]
 WRITES = ("POST", "PUT", "DELETE")
@@ -133,7 +134,7 @@ def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make
 
     admitted = Admitted(step=Step(vmid=101, guest_type="lxc", kind=STOP), source=Source.LOCAL_FILE,
                         verdict=Verdict(cls=Class.BENIGN, op_kind="stop", rule="stop", reasons=()))
-    assert engine.gate.execute(admitted).value == "ok"
+    assert engine.gate.execute(admitted) is Outcome.OK
 
 
 def test_http_5xx_and_a_flaky_network_only_delay_convergence(fakepve: Any, make_engine: Make) -> None:

@@ -233,3 +233,32 @@ def _walk(value: Any, path: str, seen: set[int] | None = None) -> Iterator[tuple
     for name in names:
         if hasattr(value, name):
             yield from _walk(getattr(value, name), f"{path}.{name}", seen)
+
+
+def test_a_start_that_would_apply_a_pending_disk_change_needs_approval(fakepve: Any, make_engine: Make) -> None:
+    """PVE's start applies the pending section: with a disk delete pending, the start is refused in the
+    guest's lane (one read of /pending, no start), and listed for approval; without one it runs."""
+    fakepve.add_vm(100, "web", status="stopped", config={"scsi1": "local-lvm:vm-100-disk-1,size=8G"},
+                   pending={"scsi1": None})
+    fakepve.add_vm(101, "db", status="stopped", pending={"memory": 2048})
+    engine = make_engine([Declared(vmid=100, state="running"), Declared(vmid=101, state="running")])
+    summary = engine.tick(wait=True)
+    assert [p for m, p, _ in mutations(fakepve)] == ["/api2/json/nodes/pve1/qemu/101/status/start"]
+    assert [(r.vmid, r.op_kind, r.reason) for r in summary.refusals] == [(100, "start", "APPROVAL_REQUIRED")]
+    assert [(p.vmid, p.cls.name) for p in engine.gate.pending()] == [(100, "APPROVAL")]
+    assert fakepve.vm(100).status == "stopped" and fakepve.vm(101).status == "running"
+
+
+def test_a_remote_source_cannot_stop_a_protected_guest(fakepve: Any, make_engine: Make) -> None:
+    """PVE's protection flag makes a hub's stop need approval (read in the lane); the local file may stop it."""
+    fakepve.add_vm(100, "guarded", status="running", config={"protection": 1})
+    fakepve.add_vm(101, "plain", status="running")
+    for vmid in range(102, 106):  # declared running: two stops of six stay under the blast-radius rule
+        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
+    declared = [Declared(vmid=100, state="stopped"), Declared(vmid=101, state="stopped"),
+                *(Declared(vmid=v, state="running") for v in range(102, 106))]
+    hub = make_engine(declared, source=Source.HUB).tick(wait=True)
+    assert [(r.vmid, r.op_kind, r.reason) for r in hub.refusals] == [(100, "stop", "APPROVAL_REQUIRED")]
+    assert (fakepve.vm(100).status, fakepve.vm(101).status) == ("running", "stopped")
+    assert make_engine(declared[:1]).tick(wait=True).succeeded == 1
+    assert fakepve.vm(100).status == "stopped"
