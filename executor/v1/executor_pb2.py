@@ -24,49 +24,69 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xecutor/v1/executor.proto\x12\x0b\x65xecutor.v1\"\xa3\x01\n\x07Refusal\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0f\n\x07op_kind\x18\x02 \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x03 \x01(\x0e\x32\x18.executor.v1.ActionClass\x12*\n\x06reason\x18\x04 \x01(\x0e\x32\x1a.executor.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\r\n\x05op_id\x18\x06 \x01(\t\"\x86\x02\n\x0fPendingApproval\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0f\n\x07op_kind\x18\x02 \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x03 \x01(\x0e\x32\x18.executor.v1.ActionClass\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\ndescriptor\x18\x07 \x01(\x0c\x12\x19\n\x11\x64\x65scriptor_sha256\x18\x08 \x01(\t\x12*\n\x06reason\x18\t \x01(\x0e\x32\x1a.executor.v1.RefusalReason\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\n \x01(\x03\"\x84\x01\n\nGateStatus\x12\x12\n\nsigned_ops\x18\x01 \x01(\x08\x12\x12\n\njournal_ok\x18\x02 \x01(\x08\x12\x0f\n\x07pending\x18\x03 \x01(\r\x12\x0f\n\x07refused\x18\x04 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x05 \x01(\x04\x12\x1a\n\x12max_stops_per_tick\x18\x06 \x01(\r\"\xde\x02\n\x0bTickSummary\x12\x17\n\x0fstarted_unix_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12)\n\x07outcome\x18\x03 \x01(\x0e\x32\x18.executor.v1.TickOutcome\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63tions_queued\x18\x05 \x01(\r\x12\x19\n\x11\x61\x63tions_succeeded\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x63tions_failed\x18\x07 \x01(\r\x12\x16\n\x0eguests_skipped\x18\x08 \x01(\r\x12\x17\n\x0fguests_deferred\x18\t \x01(\r\x12\x18\n\x10guests_elsewhere\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tions_refused\x18\x0b \x01(\r\x12\x19\n\x11\x61pprovals_pending\x18\x0c \x01(\r\x12\x18\n\x10\x61\x63tions_deferred\x18\r \x01(\r\"=\n\rActionCounter\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"(\n\tBusyGuest\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"\xaf\x01\n\tOperation\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04vmid\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04upid\x18\x04 \x01(\t\x12\x0e\n\x06record\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nat_unix_ms\x18\x08 \x01(\x03\x12%\n\x07refusal\x18\t \x01(\x0b\x32\x14.executor.v1.Refusal\"\x12\n\x10GetStatusRequest\"\x8d\x02\n\x11GetStatusResponse\x12+\n\tlast_tick\x18\x01 \x01(\x0b\x32\x18.executor.v1.TickSummary\x12\r\n\x05ticks\x18\x02 \x01(\x04\x12+\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1a.executor.v1.ActionCounter\x12$\n\x04\x62usy\x18\x04 \x03(\x0b\x32\x16.executor.v1.BusyGuest\x12)\n\tin_flight\x18\x05 \x03(\x0b\x32\x16.executor.v1.Operation\x12\x17\n\x0fjournal_enabled\x18\x06 \x01(\x08\x12%\n\x04gate\x18\x07 \x01(\x0b\x32\x17.executor.v1.GateStatus\"\x12\n\x10ReconcileRequest\"|\n\x11ReconcileResponse\x12&\n\x04tick\x18\x01 \x01(\x0b\x32\x18.executor.v1.TickSummary\x12\x17\n\x0fwaited_for_tick\x18\x02 \x01(\x08\x12&\n\x08refusals\x18\x03 \x03(\x0b\x32\x14.executor.v1.Refusal\"&\n\x15ListOperationsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"D\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.executor.v1.Operation\"\x14\n\x12ListPendingRequest\"D\n\x13ListPendingResponse\x12-\n\x07pending\x18\x01 \x03(\x0b\x32\x1c.executor.v1.PendingApproval*\xf1\x01\n\x0bTickOutcome\x12\x1c\n\x18TICK_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTICK_OUTCOME_OK\x10\x01\x12\x1f\n\x1bTICK_OUTCOME_ACTIONS_FAILED\x10\x02\x12$\n TICK_OUTCOME_PLANNER_UNAVAILABLE\x10\x03\x12 \n\x1cTICK_OUTCOME_PVE_UNAVAILABLE\x10\x04\x12$\n TICK_OUTCOME_DESIRED_UNAVAILABLE\x10\x05\x12 \n\x1cTICK_OUTCOME_PLANNER_REFUSED\x10\x06*}\n\x0b\x41\x63tionClass\x12\x1c\n\x18\x41\x43TION_CLASS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43TION_CLASS_BENIGN\x10\x01\x12\x19\n\x15\x41\x43TION_CLASS_APPROVAL\x10\x02\x12\x1c\n\x18\x41\x43TION_CLASS_DESTRUCTIVE\x10\x03*\x9f\x07\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12$\n REFUSAL_REASON_APPROVAL_REQUIRED\x10\x01\x12\x1f\n\x1bREFUSAL_REASON_OUT_OF_SCOPE\x10\x02\x12\x1f\n\x1bREFUSAL_REASON_UNKNOWN_KIND\x10\x03\x12&\n\"REFUSAL_REASON_JOURNAL_UNAVAILABLE\x10\x04\x12\x1c\n\x18REFUSAL_REASON_MALFORMED\x10\x05\x12\x1f\n\x1bREFUSAL_REASON_PAYLOAD_TYPE\x10\x06\x12$\n REFUSAL_REASON_SIGNATURE_INVALID\x10\x07\x12\x1e\n\x1aREFUSAL_REASON_UNKNOWN_KEY\x10\x08\x12\x1e\n\x1aREFUSAL_REASON_KEY_EXPIRED\x10\t\x12\x1e\n\x1aREFUSAL_REASON_KEY_REVOKED\x10\n\x12\x1d\n\x19REFUSAL_REASON_OP_REVOKED\x10\x0b\x12\x1e\n\x1aREFUSAL_REASON_ROLE_DENIES\x10\x0c\x12$\n REFUSAL_REASON_THRESHOLD_NOT_MET\x10\r\x12 \n\x1cREFUSAL_REASON_NOT_YET_VALID\x10\x0e\x12\x1a\n\x16REFUSAL_REASON_EXPIRED\x10\x0f\x12\x1f\n\x1bREFUSAL_REASON_TTL_TOO_LONG\x10\x10\x12!\n\x1dREFUSAL_REASON_WRONG_AUDIENCE\x10\x11\x12!\n\x1dREFUSAL_REASON_CLASS_MISMATCH\x10\x12\x12#\n\x1fREFUSAL_REASON_BINDING_MISMATCH\x10\x13\x12\x1f\n\x1bREFUSAL_REASON_DIGEST_STALE\x10\x14\x12\x19\n\x15REFUSAL_REASON_LOCKED\x10\x15\x12\x1c\n\x18REFUSAL_REASON_PROTECTED\x10\x16\x12$\n REFUSAL_REASON_CHALLENGE_INVALID\x10\x17\x12\x1e\n\x1aREFUSAL_REASON_NONCE_SPENT\x10\x18\x12\"\n\x1eREFUSAL_REASON_NONCE_IN_FLIGHT\x10\x19\x12&\n\"REFUSAL_REASON_TRUST_STORE_INVALID\x10\x1a\x32\xd6\x02\n\x0f\x45xecutorService\x12J\n\tGetStatus\x12\x1d.executor.v1.GetStatusRequest\x1a\x1e.executor.v1.GetStatusResponse\x12J\n\tReconcile\x12\x1d.executor.v1.ReconcileRequest\x1a\x1e.executor.v1.ReconcileResponse\x12Y\n\x0eListOperations\x12\".executor.v1.ListOperationsRequest\x1a#.executor.v1.ListOperationsResponse\x12P\n\x0bListPending\x12\x1f.executor.v1.ListPendingRequest\x1a .executor.v1.ListPendingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xecutor/v1/executor.proto\x12\x0b\x65xecutor.v1\"\xa3\x01\n\x07Refusal\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0f\n\x07op_kind\x18\x02 \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x03 \x01(\x0e\x32\x18.executor.v1.ActionClass\x12*\n\x06reason\x18\x04 \x01(\x0e\x32\x1a.executor.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\r\n\x05op_id\x18\x06 \x01(\t\"\x86\x02\n\x0fPendingApproval\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0f\n\x07op_kind\x18\x02 \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x03 \x01(\x0e\x32\x18.executor.v1.ActionClass\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\ndescriptor\x18\x07 \x01(\x0c\x12\x19\n\x11\x64\x65scriptor_sha256\x18\x08 \x01(\t\x12*\n\x06reason\x18\t \x01(\x0e\x32\x1a.executor.v1.RefusalReason\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\n \x01(\x03\"\xf7\x01\n\nGateStatus\x12\x12\n\nsigned_ops\x18\x01 \x01(\x08\x12\x12\n\njournal_ok\x18\x02 \x01(\x08\x12\x0f\n\x07pending\x18\x03 \x01(\r\x12\x0f\n\x07refused\x18\x04 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x05 \x01(\x04\x12\x1a\n\x12max_stops_per_tick\x18\x06 \x01(\r\x12\x15\n\rtrust_version\x18\x07 \x01(\x04\x12\x0c\n\x04keys\x18\x08 \x01(\r\x12\x1b\n\x13\x63lock_high_water_ms\x18\t \x01(\x03\x12\x14\n\x0c\x61\x63\x63\x65pted_ops\x18\n \x01(\r\x12\x19\n\x11signed_ops_detail\x18\x0b \x01(\t\"\xde\x02\n\x0bTickSummary\x12\x17\n\x0fstarted_unix_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12)\n\x07outcome\x18\x03 \x01(\x0e\x32\x18.executor.v1.TickOutcome\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63tions_queued\x18\x05 \x01(\r\x12\x19\n\x11\x61\x63tions_succeeded\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x63tions_failed\x18\x07 \x01(\r\x12\x16\n\x0eguests_skipped\x18\x08 \x01(\r\x12\x17\n\x0fguests_deferred\x18\t \x01(\r\x12\x18\n\x10guests_elsewhere\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tions_refused\x18\x0b \x01(\r\x12\x19\n\x11\x61pprovals_pending\x18\x0c \x01(\r\x12\x18\n\x10\x61\x63tions_deferred\x18\r \x01(\r\"=\n\rActionCounter\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"(\n\tBusyGuest\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"\x81\x02\n\tOperation\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04vmid\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04upid\x18\x04 \x01(\t\x12\x0e\n\x06record\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nat_unix_ms\x18\x08 \x01(\x03\x12%\n\x07refusal\x18\t \x01(\x0b\x32\x14.executor.v1.Refusal\x12\x0f\n\x07op_kind\x18\n \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x0b \x01(\x0e\x32\x18.executor.v1.ActionClass\x12\x0f\n\x07signers\x18\x0c \x03(\t\"\x12\n\x10GetStatusRequest\"\x8d\x02\n\x11GetStatusResponse\x12+\n\tlast_tick\x18\x01 \x01(\x0b\x32\x18.executor.v1.TickSummary\x12\r\n\x05ticks\x18\x02 \x01(\x04\x12+\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1a.executor.v1.ActionCounter\x12$\n\x04\x62usy\x18\x04 \x03(\x0b\x32\x16.executor.v1.BusyGuest\x12)\n\tin_flight\x18\x05 \x03(\x0b\x32\x16.executor.v1.Operation\x12\x17\n\x0fjournal_enabled\x18\x06 \x01(\x08\x12%\n\x04gate\x18\x07 \x01(\x0b\x32\x17.executor.v1.GateStatus\"\x12\n\x10ReconcileRequest\"|\n\x11ReconcileResponse\x12&\n\x04tick\x18\x01 \x01(\x0b\x32\x18.executor.v1.TickSummary\x12\x17\n\x0fwaited_for_tick\x18\x02 \x01(\x08\x12&\n\x08refusals\x18\x03 \x03(\x0b\x32\x14.executor.v1.Refusal\"&\n\x15ListOperationsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"D\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.executor.v1.Operation\"\x14\n\x12ListPendingRequest\"D\n\x13ListPendingResponse\x12-\n\x07pending\x18\x01 \x03(\x0b\x32\x1c.executor.v1.PendingApproval\"_\n\x08SignedOp\x12\x14\n\x0cpayload_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12,\n\nsignatures\x18\x03 \x03(\x0b\x32\x18.executor.v1.OpSignature\")\n\x0bOpSignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"C\n\x10ProposeOpRequest\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\xf0\x01\n\x11ProposeOpResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\x0c\x12\x11\n\tchallenge\x18\x02 \x01(\t\x12.\n\x0c\x61\x63tion_class\x18\x03 \x01(\x0e\x32\x18.executor.v1.ActionClass\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12:\n\x06\x62\x65\x66ore\x18\x06 \x03(\x0b\x32*.executor.v1.ProposeOpResponse.BeforeEntry\x1a-\n\x0b\x42\x65\x66oreEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0fSubmitOpRequest\x12!\n\x02op\x18\x01 \x01(\x0b\x32\x15.executor.v1.SignedOp\"Z\n\x10SubmitOpResponse\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12%\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.executor.v1.Refusal\"<\n\x0fRevokeOpRequest\x12)\n\nrevocation\x18\x01 \x01(\x0b\x32\x15.executor.v1.SignedOp\"Z\n\x10RevokeOpResponse\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12%\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.executor.v1.Refusal*\xf1\x01\n\x0bTickOutcome\x12\x1c\n\x18TICK_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTICK_OUTCOME_OK\x10\x01\x12\x1f\n\x1bTICK_OUTCOME_ACTIONS_FAILED\x10\x02\x12$\n TICK_OUTCOME_PLANNER_UNAVAILABLE\x10\x03\x12 \n\x1cTICK_OUTCOME_PVE_UNAVAILABLE\x10\x04\x12$\n TICK_OUTCOME_DESIRED_UNAVAILABLE\x10\x05\x12 \n\x1cTICK_OUTCOME_PLANNER_REFUSED\x10\x06*}\n\x0b\x41\x63tionClass\x12\x1c\n\x18\x41\x43TION_CLASS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43TION_CLASS_BENIGN\x10\x01\x12\x19\n\x15\x41\x43TION_CLASS_APPROVAL\x10\x02\x12\x1c\n\x18\x41\x43TION_CLASS_DESTRUCTIVE\x10\x03*\x9f\x07\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12$\n REFUSAL_REASON_APPROVAL_REQUIRED\x10\x01\x12\x1f\n\x1bREFUSAL_REASON_OUT_OF_SCOPE\x10\x02\x12\x1f\n\x1bREFUSAL_REASON_UNKNOWN_KIND\x10\x03\x12&\n\"REFUSAL_REASON_JOURNAL_UNAVAILABLE\x10\x04\x12\x1c\n\x18REFUSAL_REASON_MALFORMED\x10\x05\x12\x1f\n\x1bREFUSAL_REASON_PAYLOAD_TYPE\x10\x06\x12$\n REFUSAL_REASON_SIGNATURE_INVALID\x10\x07\x12\x1e\n\x1aREFUSAL_REASON_UNKNOWN_KEY\x10\x08\x12\x1e\n\x1aREFUSAL_REASON_KEY_EXPIRED\x10\t\x12\x1e\n\x1aREFUSAL_REASON_KEY_REVOKED\x10\n\x12\x1d\n\x19REFUSAL_REASON_OP_REVOKED\x10\x0b\x12\x1e\n\x1aREFUSAL_REASON_ROLE_DENIES\x10\x0c\x12$\n REFUSAL_REASON_THRESHOLD_NOT_MET\x10\r\x12 \n\x1cREFUSAL_REASON_NOT_YET_VALID\x10\x0e\x12\x1a\n\x16REFUSAL_REASON_EXPIRED\x10\x0f\x12\x1f\n\x1bREFUSAL_REASON_TTL_TOO_LONG\x10\x10\x12!\n\x1dREFUSAL_REASON_WRONG_AUDIENCE\x10\x11\x12!\n\x1dREFUSAL_REASON_CLASS_MISMATCH\x10\x12\x12#\n\x1fREFUSAL_REASON_BINDING_MISMATCH\x10\x13\x12\x1f\n\x1bREFUSAL_REASON_DIGEST_STALE\x10\x14\x12\x19\n\x15REFUSAL_REASON_LOCKED\x10\x15\x12\x1c\n\x18REFUSAL_REASON_PROTECTED\x10\x16\x12$\n REFUSAL_REASON_CHALLENGE_INVALID\x10\x17\x12\x1e\n\x1aREFUSAL_REASON_NONCE_SPENT\x10\x18\x12\"\n\x1eREFUSAL_REASON_NONCE_IN_FLIGHT\x10\x19\x12&\n\"REFUSAL_REASON_TRUST_STORE_INVALID\x10\x1a\x32\xb4\x04\n\x0f\x45xecutorService\x12J\n\tGetStatus\x12\x1d.executor.v1.GetStatusRequest\x1a\x1e.executor.v1.GetStatusResponse\x12J\n\tReconcile\x12\x1d.executor.v1.ReconcileRequest\x1a\x1e.executor.v1.ReconcileResponse\x12Y\n\x0eListOperations\x12\".executor.v1.ListOperationsRequest\x1a#.executor.v1.ListOperationsResponse\x12P\n\x0bListPending\x12\x1f.executor.v1.ListPendingRequest\x1a .executor.v1.ListPendingResponse\x12J\n\tProposeOp\x12\x1d.executor.v1.ProposeOpRequest\x1a\x1e.executor.v1.ProposeOpResponse\x12G\n\x08SubmitOp\x12\x1c.executor.v1.SubmitOpRequest\x1a\x1d.executor.v1.SubmitOpResponse\x12G\n\x08RevokeOp\x12\x1c.executor.v1.RevokeOpRequest\x1a\x1d.executor.v1.RevokeOpResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'executor.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TICKOUTCOME']._serialized_start=1886
-  _globals['_TICKOUTCOME']._serialized_end=2127
-  _globals['_ACTIONCLASS']._serialized_start=2129
-  _globals['_ACTIONCLASS']._serialized_end=2254
-  _globals['_REFUSALREASON']._serialized_start=2257
-  _globals['_REFUSALREASON']._serialized_end=3184
+  _globals['_PROPOSEOPRESPONSE_BEFOREENTRY']._loaded_options = None
+  _globals['_PROPOSEOPRESPONSE_BEFOREENTRY']._serialized_options = b'8\001'
+  _globals['_TICKOUTCOME']._serialized_start=2835
+  _globals['_TICKOUTCOME']._serialized_end=3076
+  _globals['_ACTIONCLASS']._serialized_start=3078
+  _globals['_ACTIONCLASS']._serialized_end=3203
+  _globals['_REFUSALREASON']._serialized_start=3206
+  _globals['_REFUSALREASON']._serialized_end=4133
   _globals['_REFUSAL']._serialized_start=44
   _globals['_REFUSAL']._serialized_end=207
   _globals['_PENDINGAPPROVAL']._serialized_start=210
   _globals['_PENDINGAPPROVAL']._serialized_end=472
   _globals['_GATESTATUS']._serialized_start=475
-  _globals['_GATESTATUS']._serialized_end=607
-  _globals['_TICKSUMMARY']._serialized_start=610
-  _globals['_TICKSUMMARY']._serialized_end=960
-  _globals['_ACTIONCOUNTER']._serialized_start=962
-  _globals['_ACTIONCOUNTER']._serialized_end=1023
-  _globals['_BUSYGUEST']._serialized_start=1025
-  _globals['_BUSYGUEST']._serialized_end=1065
-  _globals['_OPERATION']._serialized_start=1068
-  _globals['_OPERATION']._serialized_end=1243
-  _globals['_GETSTATUSREQUEST']._serialized_start=1245
-  _globals['_GETSTATUSREQUEST']._serialized_end=1263
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1266
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1535
-  _globals['_RECONCILEREQUEST']._serialized_start=1537
-  _globals['_RECONCILEREQUEST']._serialized_end=1555
-  _globals['_RECONCILERESPONSE']._serialized_start=1557
-  _globals['_RECONCILERESPONSE']._serialized_end=1681
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1683
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1721
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1723
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1791
-  _globals['_LISTPENDINGREQUEST']._serialized_start=1793
-  _globals['_LISTPENDINGREQUEST']._serialized_end=1813
-  _globals['_LISTPENDINGRESPONSE']._serialized_start=1815
-  _globals['_LISTPENDINGRESPONSE']._serialized_end=1883
-  _globals['_EXECUTORSERVICE']._serialized_start=3187
-  _globals['_EXECUTORSERVICE']._serialized_end=3529
+  _globals['_GATESTATUS']._serialized_end=722
+  _globals['_TICKSUMMARY']._serialized_start=725
+  _globals['_TICKSUMMARY']._serialized_end=1075
+  _globals['_ACTIONCOUNTER']._serialized_start=1077
+  _globals['_ACTIONCOUNTER']._serialized_end=1138
+  _globals['_BUSYGUEST']._serialized_start=1140
+  _globals['_BUSYGUEST']._serialized_end=1180
+  _globals['_OPERATION']._serialized_start=1183
+  _globals['_OPERATION']._serialized_end=1440
+  _globals['_GETSTATUSREQUEST']._serialized_start=1442
+  _globals['_GETSTATUSREQUEST']._serialized_end=1460
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1463
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1732
+  _globals['_RECONCILEREQUEST']._serialized_start=1734
+  _globals['_RECONCILEREQUEST']._serialized_end=1752
+  _globals['_RECONCILERESPONSE']._serialized_start=1754
+  _globals['_RECONCILERESPONSE']._serialized_end=1878
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1880
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1918
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1920
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1988
+  _globals['_LISTPENDINGREQUEST']._serialized_start=1990
+  _globals['_LISTPENDINGREQUEST']._serialized_end=2010
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=2012
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=2080
+  _globals['_SIGNEDOP']._serialized_start=2082
+  _globals['_SIGNEDOP']._serialized_end=2177
+  _globals['_OPSIGNATURE']._serialized_start=2179
+  _globals['_OPSIGNATURE']._serialized_end=2220
+  _globals['_PROPOSEOPREQUEST']._serialized_start=2222
+  _globals['_PROPOSEOPREQUEST']._serialized_end=2289
+  _globals['_PROPOSEOPRESPONSE']._serialized_start=2292
+  _globals['_PROPOSEOPRESPONSE']._serialized_end=2532
+  _globals['_PROPOSEOPRESPONSE_BEFOREENTRY']._serialized_start=2487
+  _globals['_PROPOSEOPRESPONSE_BEFOREENTRY']._serialized_end=2532
+  _globals['_SUBMITOPREQUEST']._serialized_start=2534
+  _globals['_SUBMITOPREQUEST']._serialized_end=2586
+  _globals['_SUBMITOPRESPONSE']._serialized_start=2588
+  _globals['_SUBMITOPRESPONSE']._serialized_end=2678
+  _globals['_REVOKEOPREQUEST']._serialized_start=2680
+  _globals['_REVOKEOPREQUEST']._serialized_end=2740
+  _globals['_REVOKEOPRESPONSE']._serialized_start=2742
+  _globals['_REVOKEOPRESPONSE']._serialized_end=2832
+  _globals['_EXECUTORSERVICE']._serialized_start=4136
+  _globals['_EXECUTORSERVICE']._serialized_end=4700
 # @@protoc_insertion_point(module_scope)

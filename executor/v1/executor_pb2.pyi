@@ -321,6 +321,11 @@ class GateStatus(_message.Message):
     REFUSED_FIELD_NUMBER: _builtins.int
     DEFERRED_FIELD_NUMBER: _builtins.int
     MAX_STOPS_PER_TICK_FIELD_NUMBER: _builtins.int
+    TRUST_VERSION_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    CLOCK_HIGH_WATER_MS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_OPS_FIELD_NUMBER: _builtins.int
+    SIGNED_OPS_DETAIL_FIELD_NUMBER: _builtins.int
     signed_ops: _builtins.bool
     """Whether signed operations are enabled (a trust store is loaded)."""
     journal_ok: _builtins.bool
@@ -333,6 +338,16 @@ class GateStatus(_message.Message):
     """Stops deferred by the per-tick limit since start."""
     max_stops_per_tick: _builtins.int
     """The per-tick stop limit for remote sources (0: the default rule)."""
+    trust_version: _builtins.int
+    """The trust store's version (0: none loaded)."""
+    keys: _builtins.int
+    """Keys in the trust store."""
+    clock_high_water_ms: _builtins.int
+    """The gate's clock floor: the largest time the journal has seen, Unix milliseconds."""
+    accepted_ops: _builtins.int
+    """Signed operations accepted and not yet run."""
+    signed_ops_detail: _builtins.str
+    """Why signed operations are off, when they are (no trust store configured, or it did not load)."""
     def __init__(
         self,
         *,
@@ -342,10 +357,15 @@ class GateStatus(_message.Message):
         refused: _builtins.int = ...,
         deferred: _builtins.int = ...,
         max_stops_per_tick: _builtins.int = ...,
+        trust_version: _builtins.int = ...,
+        keys: _builtins.int = ...,
+        clock_high_water_ms: _builtins.int = ...,
+        accepted_ops: _builtins.int = ...,
+        signed_ops_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "journal_ok", b"journal_ok", "max_stops_per_tick", b"max_stops_per_tick", "pending", b"pending", "refused", b"refused", "signed_ops", b"signed_ops"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_ops", b"accepted_ops", "clock_high_water_ms", b"clock_high_water_ms", "deferred", b"deferred", "journal_ok", b"journal_ok", "keys", b"keys", "max_stops_per_tick", b"max_stops_per_tick", "pending", b"pending", "refused", b"refused", "signed_ops", b"signed_ops", "signed_ops_detail", b"signed_ops_detail", "trust_version", b"trust_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -492,6 +512,9 @@ class Operation(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    ACTION_CLASS_FIELD_NUMBER: _builtins.int
+    SIGNERS_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """Journal id."""
     vmid: _builtins.int
@@ -508,9 +531,17 @@ class Operation(_message.Message):
     """The error text (failed records only)."""
     at_unix_ms: _builtins.int
     """When the record was written, Unix time in milliseconds."""
+    op_kind: _builtins.str
+    """The classifier's op kind (signed operations)."""
+    action_class: Global___ActionClass.ValueType
+    """The signed operation's class."""
     @_builtins.property
     def refusal(self) -> Global___Refusal:
         """The refusal (refused records only)."""
+
+    @_builtins.property
+    def signers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key ids that signed it."""
 
     def __init__(
         self,
@@ -524,10 +555,13 @@ class Operation(_message.Message):
         error: _builtins.str = ...,
         at_unix_ms: _builtins.int = ...,
         refusal: Global___Refusal | None = ...,
+        op_kind: _builtins.str = ...,
+        action_class: Global___ActionClass.ValueType = ...,
+        signers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "outcome", b"outcome", "record", b"record", "refusal", b"refusal", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "record", b"record", "refusal", b"refusal", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -743,3 +777,271 @@ class ListPendingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPendingResponse: _TypeAlias = ListPendingResponse  # noqa: Y015
+
+@_typing.final
+class SignedOp(_message.Message):
+    """A DSSE v1 envelope: the signed bytes exactly as the signer produced them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    payload_type: _builtins.str
+    """Must be application/vnd.pve-reconcile.op.v1+json."""
+    payload: _builtins.bytes
+    """The UTF-8 JSON payload, as signed (never re-serialized)."""
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpSignature]:
+        """One to four signatures over the pre-authentication encoding of payload_type and payload."""
+
+    def __init__(
+        self,
+        *,
+        payload_type: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        signatures: _abc.Iterable[Global___OpSignature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "payload_type", b"payload_type", "signatures", b"signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedOp: _TypeAlias = SignedOp  # noqa: Y015
+
+@_typing.final
+class OpSignature(_message.Message):
+    """One signature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYID_FIELD_NUMBER: _builtins.int
+    SIG_FIELD_NUMBER: _builtins.int
+    keyid: _builtins.str
+    """sha256:<hex> of the signer's raw Ed25519 public key (a lookup hint only)."""
+    sig: _builtins.bytes
+    """The 64-byte Ed25519 signature."""
+    def __init__(
+        self,
+        *,
+        keyid: _builtins.str = ...,
+        sig: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keyid", b"keyid", "sig", b"sig"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpSignature: _TypeAlias = OpSignature  # noqa: Y015
+
+@_typing.final
+class ProposeOpRequest(_message.Message):
+    """What to propose: the guest and one operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    vmid: _builtins.int
+    """Guest id (on this node)."""
+    kind: _builtins.str
+    """The operation's kind (guest.destroy, config.disk_detach, config.unused_delete, disk.resize,
+    snapshot.create, snapshot.rollback, snapshot.delete, config.protection_off, start, stop, config...).
+    """
+    params_json: _builtins.str
+    """Its parameters as a JSON object (the kind's closed schema: see the README)."""
+    def __init__(
+        self,
+        *,
+        vmid: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        params_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "params_json", b"params_json", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeOpRequest: _TypeAlias = ProposeOpRequest  # noqa: Y015
+
+@_typing.final
+class ProposeOpResponse(_message.Message):
+    """A proposal: the unsigned action an operator signs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BeforeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    ACTION_CLASS_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    action: _builtins.bytes
+    """The action part as canonical JSON (audience, vmid, guest_type, kind, params, class, precondition)."""
+    challenge: _builtins.str
+    """The executor's challenge (DESTRUCTIVE ops must carry it; valid one hour)."""
+    action_class: Global___ActionClass.ValueType
+    """The classifier's verdict: class, rule and reasons."""
+    rule: _builtins.str
+    """The classifier rule."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why, in words."""
+
+    @_builtins.property
+    def before(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The guest's config as read (the before-image an undo restores)."""
+
+    def __init__(
+        self,
+        *,
+        action: _builtins.bytes = ...,
+        challenge: _builtins.str = ...,
+        action_class: Global___ActionClass.ValueType = ...,
+        rule: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        before: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_class", b"action_class", "before", b"before", "challenge", b"challenge", "reasons", b"reasons", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeOpResponse: _TypeAlias = ProposeOpResponse  # noqa: Y015
+
+@_typing.final
+class SubmitOpRequest(_message.Message):
+    """A signed operation to run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def op(self) -> Global___SignedOp:
+        """The envelope."""
+
+    def __init__(
+        self,
+        *,
+        op: Global___SignedOp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOpRequest: _TypeAlias = SubmitOpRequest  # noqa: Y015
+
+@_typing.final
+class SubmitOpResponse(_message.Message):
+    """Whether the gate accepted the operation for its lane."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    op_id: _builtins.str
+    """The operation's id (its nonce)."""
+    decision: _builtins.str
+    """accepted or refused."""
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """Why, when refused."""
+
+    def __init__(
+        self,
+        *,
+        op_id: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        refusal: Global___Refusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "op_id", b"op_id", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOpResponse: _TypeAlias = SubmitOpResponse  # noqa: Y015
+
+@_typing.final
+class RevokeOpRequest(_message.Message):
+    """A revocation: a signed op.revoke naming the operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOCATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revocation(self) -> Global___SignedOp:
+        """The envelope (kind op.revoke, params {op_id})."""
+
+    def __init__(
+        self,
+        *,
+        revocation: Global___SignedOp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revocation", b"revocation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revocation", b"revocation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOpRequest: _TypeAlias = RevokeOpRequest  # noqa: Y015
+
+@_typing.final
+class RevokeOpResponse(_message.Message):
+    """The revocation's result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    op_id: _builtins.str
+    """The revoked operation's id."""
+    decision: _builtins.str
+    """revoked or refused."""
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """Why, when refused."""
+
+    def __init__(
+        self,
+        *,
+        op_id: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        refusal: Global___Refusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "op_id", b"op_id", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOpResponse: _TypeAlias = RevokeOpResponse  # noqa: Y015

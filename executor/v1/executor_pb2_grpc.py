@@ -55,6 +55,21 @@ class ExecutorServiceStub:
                 request_serializer=executor_dot_v1_dot_executor__pb2.ListPendingRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_executor__pb2.ListPendingResponse.FromString,
                 _registered_method=True)
+        self.ProposeOp = channel.unary_unary(
+                '/executor.v1.ExecutorService/ProposeOp',
+                request_serializer=executor_dot_v1_dot_executor__pb2.ProposeOpRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_executor__pb2.ProposeOpResponse.FromString,
+                _registered_method=True)
+        self.SubmitOp = channel.unary_unary(
+                '/executor.v1.ExecutorService/SubmitOp',
+                request_serializer=executor_dot_v1_dot_executor__pb2.SubmitOpRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_executor__pb2.SubmitOpResponse.FromString,
+                _registered_method=True)
+        self.RevokeOp = channel.unary_unary(
+                '/executor.v1.ExecutorService/RevokeOp',
+                request_serializer=executor_dot_v1_dot_executor__pb2.RevokeOpRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_executor__pb2.RevokeOpResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -89,6 +104,28 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeOp(self, request, context):
+        """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitOp(self, request, context):
+        """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
+        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOp(self, request, context):
+        """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +148,21 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ListPending,
                     request_deserializer=executor_dot_v1_dot_executor__pb2.ListPendingRequest.FromString,
                     response_serializer=executor_dot_v1_dot_executor__pb2.ListPendingResponse.SerializeToString,
+            ),
+            'ProposeOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeOp,
+                    request_deserializer=executor_dot_v1_dot_executor__pb2.ProposeOpRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_executor__pb2.ProposeOpResponse.SerializeToString,
+            ),
+            'SubmitOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitOp,
+                    request_deserializer=executor_dot_v1_dot_executor__pb2.SubmitOpRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_executor__pb2.SubmitOpResponse.SerializeToString,
+            ),
+            'RevokeOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOp,
+                    request_deserializer=executor_dot_v1_dot_executor__pb2.RevokeOpRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_executor__pb2.RevokeOpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +274,87 @@ class ExecutorService:
             '/executor.v1.ExecutorService/ListPending',
             executor_dot_v1_dot_executor__pb2.ListPendingRequest.SerializeToString,
             executor_dot_v1_dot_executor__pb2.ListPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.ExecutorService/ProposeOp',
+            executor_dot_v1_dot_executor__pb2.ProposeOpRequest.SerializeToString,
+            executor_dot_v1_dot_executor__pb2.ProposeOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.ExecutorService/SubmitOp',
+            executor_dot_v1_dot_executor__pb2.SubmitOpRequest.SerializeToString,
+            executor_dot_v1_dot_executor__pb2.SubmitOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.ExecutorService/RevokeOp',
+            executor_dot_v1_dot_executor__pb2.RevokeOpRequest.SerializeToString,
+            executor_dot_v1_dot_executor__pb2.RevokeOpResponse.FromString,
             options,
             channel_credentials,
             insecure,

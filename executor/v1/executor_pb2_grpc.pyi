@@ -41,6 +41,14 @@ class ExecutorServiceStub:
     """The most recent journal records, newest last."""
     ListPending: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ListPendingRequest, _executor_pb2.ListPendingResponse]
     """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
+    ProposeOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ProposeOpRequest, _executor_pb2.ProposeOpResponse]
+    """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
+    SubmitOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]
+    """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
+    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    """
+    RevokeOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]
+    """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -55,6 +63,14 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """The most recent journal records, newest last."""
     ListPending: _aio.UnaryUnaryMultiCallable[_executor_pb2.ListPendingRequest, _executor_pb2.ListPendingResponse]  # type: ignore[assignment]
     """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
+    ProposeOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.ProposeOpRequest, _executor_pb2.ProposeOpResponse]  # type: ignore[assignment]
+    """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
+    SubmitOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]  # type: ignore[assignment]
+    """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
+    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    """
+    RevokeOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]  # type: ignore[assignment]
+    """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The node daemon's control and status API (loopback-only by default: Reconcile mutates)."""
@@ -90,5 +106,31 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.ListPendingResponse, _abc.Awaitable[_executor_pb2.ListPendingResponse]]:
         """The non-benign actions the safety gate refused, each waiting for an operator's approval."""
+
+    @_abc_1.abstractmethod
+    def ProposeOp(
+        self,
+        request: _executor_pb2.ProposeOpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.ProposeOpResponse, _abc.Awaitable[_executor_pb2.ProposeOpResponse]]:
+        """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
+
+    @_abc_1.abstractmethod
+    def SubmitOp(
+        self,
+        request: _executor_pb2.SubmitOpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.SubmitOpResponse, _abc.Awaitable[_executor_pb2.SubmitOpResponse]]:
+        """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
+        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeOp(
+        self,
+        request: _executor_pb2.RevokeOpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.RevokeOpResponse, _abc.Awaitable[_executor_pb2.RevokeOpResponse]]:
+        """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
