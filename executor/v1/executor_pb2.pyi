@@ -265,6 +265,7 @@ class PendingApproval(_message.Message):
     DESCRIPTOR_SHA256_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
     vmid: _builtins.int
     """Guest id."""
     op_kind: _builtins.str
@@ -283,6 +284,8 @@ class PendingApproval(_message.Message):
     """Why it was refused (APPROVAL_REQUIRED, or the blast-radius limit's approval)."""
     first_seen_unix_ms: _builtins.int
     """When the gate first saw it, Unix time in milliseconds."""
+    challenge: _builtins.str
+    """The executor's challenge for it (a DESTRUCTIVE approval must carry it; valid one hour)."""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why, per key where it is a config write."""
@@ -300,10 +303,11 @@ class PendingApproval(_message.Message):
         descriptor_sha256: _builtins.str = ...,
         reason: Global___RefusalReason.ValueType = ...,
         first_seen_unix_ms: _builtins.int = ...,
+        challenge: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "descriptor", b"descriptor", "descriptor_sha256", b"descriptor_sha256", "first_seen_unix_ms", b"first_seen_unix_ms", "op_kind", b"op_kind", "reason", b"reason", "reasons", b"reasons", "rule", b"rule", "source", b"source", "vmid", b"vmid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "challenge", b"challenge", "descriptor", b"descriptor", "descriptor_sha256", b"descriptor_sha256", "first_seen_unix_ms", b"first_seen_unix_ms", "op_kind", b"op_kind", "reason", b"reason", "reasons", b"reasons", "rule", b"rule", "source", b"source", "vmid", b"vmid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -515,6 +519,7 @@ class Operation(_message.Message):
     OP_KIND_FIELD_NUMBER: _builtins.int
     ACTION_CLASS_FIELD_NUMBER: _builtins.int
     SIGNERS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """Journal id."""
     vmid: _builtins.int
@@ -535,6 +540,10 @@ class Operation(_message.Message):
     """The classifier's op kind (signed operations)."""
     action_class: Global___ActionClass.ValueType
     """The signed operation's class."""
+    payload_json: _builtins.str
+    """What the journal recorded of the operation (begun records): its parameters and, for a signed
+    operation, the config before it ran (the before-image an undo restores), as JSON.
+    """
     @_builtins.property
     def refusal(self) -> Global___Refusal:
         """The refusal (refused records only)."""
@@ -558,10 +567,11 @@ class Operation(_message.Message):
         op_kind: _builtins.str = ...,
         action_class: Global___ActionClass.ValueType = ...,
         signers: _abc.Iterable[_builtins.str] | None = ...,
+        payload_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "record", b"record", "refusal", b"refusal", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "at_unix_ms", b"at_unix_ms", "error", b"error", "kind", b"kind", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "payload_json", b"payload_json", "record", b"record", "refusal", b"refusal", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
