@@ -28,13 +28,17 @@ class Step:
     set: tuple[tuple[str, str], ...] = ()
     delete: tuple[str, ...] = ()
     digest: str = ""
+    params: tuple[tuple[str, Any], ...] = ()  # other kinds' parameters (a signed op's), sorted by name
     detail: str = ""  # for an unknown step: what could not be read
 
     def payload(self) -> dict[str, Any]:
         """What the journal records of it."""
-        if self.kind != SET_CONFIG:
-            return {"type": self.guest_type}
-        return {"type": self.guest_type, "set": dict(self.set), "delete": list(self.delete), "digest": self.digest}
+        body: dict[str, Any] = {"type": self.guest_type}
+        if self.kind == SET_CONFIG:
+            body.update({"set": dict(self.set), "delete": list(self.delete), "digest": self.digest})
+        if self.params:
+            body["params"] = dict(self.params)
+        return body
 
 
 def step_from_proto(action: pb.Action) -> Step:

@@ -48,6 +48,11 @@ RUN = (
     Option(key="shutdown_timeout", kind=int, default=60, minimum=0, help="seconds a graceful shutdown gets"),
     Option(key="force_stop", kind=bool, default=True, help="force a stop after the shutdown timeout"),
     Option(key="grace", kind=float, default=30.0, minimum=0, help="seconds queued work gets on SIGTERM"),
+    Option(key="trust_store", help="TOML trust store of the keys that may sign operations "
+                                   "(unset: signed operations are off; every non-benign step is refused)"),
+    Option(key="executor_id", help="this executor's audience in signed ops (default NODE@CLUSTER from /cluster/status)"),
+    Option(key="op_clock_skew", kind=float, default=120.0, minimum=0,
+           help="seconds a signed op's not_before may lie in the future (at most 300)"),
     Option(key="max_stops_per_tick", kind=int, minimum=1,
            help="stops run per tick at most (unset: unlimited for a root-owned local desired file, "
                 "max(2, 10%% of the managed guests) for any other source)"),
@@ -88,6 +93,9 @@ class ExecutorSettings:
     shutdown_timeout: int = 60
     force_stop: bool = True
     grace: float = 30.0
+    trust_store: str | None = None
+    executor_id: str | None = None
+    op_clock_skew: float = 120.0
     max_stops_per_tick: int | None = None
     once: bool = False
     json: bool = False

@@ -11,6 +11,7 @@ flight in the journal, for the next start to resolve.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from typing import Any
 import structlog
 from google.protobuf.json_format import MessageToDict
 
+from common.config import ConfigError
 from common.grpcserver import Running
 from common.metrics import serve_metrics
 from common.signals import stop_on_signals
@@ -31,6 +33,7 @@ from executor.gate import Admission, Gate, GateSettings, declaration_of
 from executor.kinds import CallSettings
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed, observe
+from executor.ops import OP_TTL_MAX, GateClock, OpDesk, OpSettings, gate_secret
 from executor.planner_client import PlannerClient, PlannerError
 from executor.pve import Connection, ProxmoxNode, PveError
 from executor.pvewrite import ProxmoxWriter
@@ -72,6 +75,7 @@ class Parts:
     planner: PlannerClient
     queue: GuestQueue
     engine: Engine
+    desk: OpDesk
 
     def close(self, grace: float) -> None:
         """Drain the queue within ``grace``, then close the planner channel and the journal."""
@@ -88,16 +92,25 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
           metrics: ExecutorMetrics | None = None) -> Parts:
     """Wire the parts: the writer goes to the gate and nowhere else."""
     metrics = metrics or ExecutorMetrics()
+    if journal is not None and journal.retention <= OP_TTL_MAX:
+        raise ConfigError("state_dir", f"the journal keeps nonces {journal.retention:.0f} s: it must outlive the "
+                                       f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
+    clock = GateClock(lambda: gate.journal, settings.state_dir)
     gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
+                wall=clock.now,
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
-                                      max_stops_per_tick=settings.max_stops_per_tick))
+                                      max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
+                                      secret=gate_secret(settings.state_dir) if journal is not None else None))
     planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     queue = GuestQueue(settings.max_parallel)
     engine = Engine(pve=reader, gate=gate, planner=planner, provider=desired, queue=queue, settings=Settings(),
                     metrics=metrics)
-    return Parts(reader, planner, queue, engine)
+    desk = OpDesk(engine=engine, clock=clock, settings=OpSettings(state_dir=settings.state_dir,
+                                                                   trust_store=settings.trust_store,
+                                                                   skew=settings.op_clock_skew))
+    return Parts(reader, planner, queue, engine, desk)
 
 
 def run(settings: ExecutorSettings, conn: Connection) -> int:
@@ -115,7 +128,8 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
     endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
     if endpoint is not None and settings.metrics_listen:
         log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
-    api = None if settings.once else start_api(engine, settings.listen, tls=tls)
+    api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    reload_on_hangup(parts.desk)
     try:
         if not _recover(engine, parts.reader, api, stop):
             return 0 if stop.is_set() else 1
@@ -132,6 +146,11 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         parts.close(settings.grace)
         if endpoint is not None:
             endpoint.stop()
+
+
+def reload_on_hangup(desk: OpDesk) -> None:
+    """SIGHUP reloads the trust store (a bad file keeps the last good store)."""
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: desk.reload())
 
 
 def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: threading.Event) -> bool:

@@ -34,6 +34,7 @@ from executor.pve import PveError, PveReader
 from executor.queue import GuestQueue, Job
 from journal import InFlight, Journal, Outcome
 from safety.classify import Source
+from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.engine")
 
@@ -142,6 +143,8 @@ class Engine:
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()
         self.recovering = threading.Event()  # set by the daemon while recovery runs: no tick then
+        self.holders: list[Callable[[], set[int]]] = []  # more guests not to plan (e.g. with a signed op queued)
+        self.before_tick: list[Callable[[], None]] = []  # run at the start of each tick, under the tick lock
         self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
         self._finished: dict[int, float] = {}  # vmid -> when its last job ended (clock time)
         self.ticks = 0
@@ -202,6 +205,8 @@ class Engine:
         return summary
 
     def _tick(self, summary: TickSummary, wait: bool) -> None:
+        for hook in self.before_tick:
+            hook()
         try:
             declared = self.provider.desired()
         except DesiredStateError as exc:
@@ -250,31 +255,40 @@ class Engine:
         with self._lock:
             held = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
             held |= {vmid for vmid, ended in self._finished.items() if ended >= since}
+        for holder in self.holders:
+            held |= holder()
         return held | set(self.queue.busy())
 
     # --- the funnel ---------------------------------------------------------------------------
 
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
-               declared: Sequence[Declared], wait: bool = False) -> Submission:
-        """The single entry of every mutation: the gate admits, the per-guest queue runs."""
+               declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
+               on_done: Callable[[str, Outcome | Refusal], None] | None = None) -> Submission:
+        """The single entry of every mutation: the gate admits, the per-guest queue runs.
+
+        ``op``: the signed op the steps come from; ``on_done(op_id, result)`` hears how its lane ended.
+        """
         declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in declared}
         admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source,
-                                    managed=len(declared))
+                                    managed=len(declared), op=op)
         self.gate.count_admitted(admission)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():
-            self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker),
+            self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker, on_done),
                                   label=",".join(a.step.kind for a in admitted)))
         if wait and admission.admitted:
             tracker.done.wait(self.settings.wait_timeout)
         return Submission(admission, tracker)
 
-    def _run_guest(self, steps: list[Admitted], tracker: _Tracker) -> None:
+    def _run_guest(self, steps: list[Admitted], tracker: _Tracker,
+                   on_done: Callable[[str, Outcome | Refusal], None] | None = None) -> None:
         """One guest's steps in order; the first failure leaves the rest for a later tick."""
         vmid = steps[0].step.vmid
         try:
             for index, admitted in enumerate(steps):
                 result = self.gate.execute(admitted)
+                if on_done is not None and admitted.op is not None:
+                    on_done(admitted.op.payload.op_id, result)
                 if isinstance(result, Refusal):  # refused in the lane: the guest's later steps wait too
                     tracker.record_refused(result)
                     return

@@ -29,15 +29,20 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from executor.actions import SET_CONFIG, START, STOP, UNKNOWN, Step
+from executor.actions import START, STOP, UNKNOWN, Step
 from executor.kinds import KINDS, CallSettings
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
+from executor.opsteps import PROTECTION_BLOCKS, before_image, bound_action, params_of
 from executor.pve import PveError, PveReader, PveWriter, TaskOutcome, TaskResult, wait_task
-from journal import Journal, JournalError, Outcome
+from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
+from safety import challenge as challenges
 from safety.blast import limit_stops
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
+from safety.payload import check_binding
+from safety.refusal import Refused
 from safety.scope import Declaration, out_of_scope
+from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.gate")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
@@ -56,6 +61,7 @@ class GateSettings:
     task_timeout: float = 900.0
     max_stops_per_tick: int | None = None  # None: unlimited for the local file, max(2, 10%) for remote sources
     audience: str | None = None  # node@cluster, read once from /cluster/status when unset
+    secret: bytes | None = None  # state_dir/gate.secret: keys the challenges of DESTRUCTIVE approvals
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +89,7 @@ class Pending:
     reason: str
     descriptor: bytes
     first_seen: float
+    challenge: str = ""
 
     @property
     def descriptor_sha256(self) -> str:
@@ -98,6 +105,7 @@ class Admitted:
     verdict: Verdict
     source: Source
     facts: GuestFacts = field(default_factory=GuestFacts)
+    op: VerifiedOp | None = None  # the signed op that approves it (source OPERATOR_OP)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,14 +143,19 @@ def declaration_of(vmid: int, state: str | None, config: Mapping[str, str] | Non
                        description=description)
 
 
-def descriptor(step: Step, verdict: Verdict, facts: GuestFacts, audience: str) -> bytes:
-    """The exact action as canonical JSON: what an approval would have to name."""
-    params: dict[str, object] = {}
-    if step.kind == SET_CONFIG:
-        params = {"set": dict(step.set), "delete": sorted(step.delete)}
-    body = {"audience": audience, "vmid": step.vmid, "guest_type": step.guest_type, "kind": verdict.op_kind,
-            "action": step.kind, "params": params, "class": verdict.cls.name,
-            "precondition": {"digest": facts.digest, "run_state": facts.run_state}}
+def descriptor(step: Step, verdict: Verdict, facts: GuestFacts, audience: str, cls: Class | None = None) -> bytes:
+    """The exact action as canonical JSON: the action part a signed approval must name (``op sign`` takes it)."""
+    try:
+        body = bound_action(step, verdict, facts, audience, cls_name=cls.name if cls is not None else None)
+    except Refused:  # a kind or value no op can name: still shown, never signable
+        body = {"audience": audience, "vmid": step.vmid, "guest_type": step.guest_type, "kind": verdict.op_kind,
+                "params": params_of(step, verdict.op_kind), "class": verdict.cls.name,
+                "precondition": {"digest": facts.digest, "run_state": facts.run_state}}
+    return canonical(body)
+
+
+def canonical(body: Mapping[str, object]) -> bytes:
+    """Sorted, compact, ASCII JSON: one spelling per action."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -151,14 +164,17 @@ class Gate:
 
     def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, dry_run: bool = False) -> None:
+                 clock: Callable[[], float] = time.monotonic, dry_run: bool = False,
+                 wall: Callable[[], float] = time.time) -> None:
         self._reader, self._writer, self._dry_run = reader, writer, dry_run
+        self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal = journal
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
+        self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._audience = self.settings.audience
         self.counters: Counter[tuple[str, str]] = Counter()
         self.refused_total = 0
@@ -167,10 +183,13 @@ class Gate:
     # --- admission ----------------------------------------------------------------------------
 
     def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
-              declared: Mapping[int, Declaration], source: Source, managed: int, record: bool = True) -> Admission:
+              declared: Mapping[int, Declaration], source: Source, managed: int, record: bool = True,
+              op: VerifiedOp | None = None) -> Admission:
         """Scope-check and classify every step; admit the benign ones within the stop limit.
 
         ``record``: journal refusals, keep pending approvals and count (False for the dry run).
+        ``op``: the verified signed op the steps come from (source OPERATOR_OP): it admits exactly
+        the action it names, whatever its class.
         """
         admitted: dict[int, list[Admitted]] = {}
         refused: list[Refusal] = []
@@ -179,12 +198,12 @@ class Gate:
         for vmid, guest_steps in steps.items():
             facts = self._facts(vmid, observed)
             for step in guest_steps:
-                verdict, reason, detail = self._judge(step, facts, declared.get(vmid), source)
+                verdict, reason, detail = self._judge(step, facts, declared.get(vmid), source, op)
                 verdicts.append((step, verdict))
                 if reason is None:
                     assert facts is not None  # a step for a guest not on this node is never admitted
                     admitted.setdefault(vmid, []).append(Admitted(step=step, verdict=verdict, source=source,
-                                                                  facts=facts))
+                                                                  facts=facts, op=op))
                     continue
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail))
@@ -197,7 +216,7 @@ class Gate:
                          verdicts=tuple(verdicts))
 
     def _judge(self, step: Step, facts: GuestFacts | None, declared: Declaration | None,
-               source: Source) -> tuple[Verdict, str | None, str]:
+               source: Source, op: VerifiedOp | None = None) -> tuple[Verdict, str | None, str]:
         """The verdict, and the refusal reason (None: admitted) with its detail."""
         if step.kind == UNKNOWN or step.kind not in KINDS or facts is None:
             verdict = classify(to_action(step), facts or GuestFacts(), source)
@@ -214,12 +233,36 @@ class Gate:
             verdict = classify(action, replace(facts, config={}), source)
         else:
             verdict = classify(action, facts, source)
+        if op is not None:
+            return self._judge_op(step, verdict, facts, op)
         if verdict.cls is Class.BENIGN:
             return verdict, None, ""
         detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
         if self.journal is None and not self._dry_run:
             return verdict, JOURNAL_UNAVAILABLE, detail
         return verdict, APPROVAL_REQUIRED, detail
+
+    def _judge_op(self, step: Step, verdict: Verdict, facts: GuestFacts, op: VerifiedOp) -> tuple[Verdict, str | None, str]:
+        """A signed op's step: its class and kind must be the verdict's (no downgrade, no over-approval)."""
+        if self.journal is None:
+            return verdict, JOURNAL_UNAVAILABLE, "a signed op needs a working journal (its nonce is spent there)"
+        expected = self.expected_class(step, verdict, facts)
+        if op.payload.class_ != expected.name:
+            return verdict, "CLASS_MISMATCH", f"signed {op.payload.class_}, the gate classes it {expected.name}"
+        if op.payload.kind != verdict.op_kind:
+            return verdict, "BINDING_MISMATCH", f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
+        return verdict, None, ""
+
+    def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
+        """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
+
+        A remote source's stops beyond the blast radius were listed as APPROVAL; signing that exact
+        descriptor approves it, although the same stop from an operator alone is benign.
+        """
+        action = descriptor(step, verdict, facts, self.audience())
+        with self._lock:
+            listed = [p.cls for p in self._pending.values() if p.descriptor == action]
+        return max([verdict.cls, *listed])
 
     def _facts(self, vmid: int, observed: Observed) -> GuestFacts | None:
         """What the classifier needs of the guest, as read for the plan (admission reads nothing more)."""
@@ -238,6 +281,8 @@ class Gate:
         per start, and none for config writes. A class raised by what is read refuses the step.
         """
         step, source = admitted.step, admitted.source
+        if admitted.op is not None:
+            return self._authorize_op(admitted)
         if step.kind not in (START, STOP):
             return None
         needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP)
@@ -254,6 +299,58 @@ class Gate:
             return None
         detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
         return self._refuse_in_lane(admitted, verdict, APPROVAL_REQUIRED, detail)
+
+    def _authorize_op(self, admitted: Admitted) -> Refusal | None:
+        """Steps 13 of §4.4, in the lane: fresh facts, expiry, lock, protection, binding; nothing written yet.
+
+        A refusal here leaves the nonce unspent (LOCKED is retried by the desk until the op expires).
+        """
+        step, op = admitted.step, admitted.op
+        assert op is not None
+        payload = op.payload
+        now = self.wall()
+        if now >= payload.not_after:
+            return self._refuse_op(admitted, "EXPIRED", f"expired at {payload.not_after}, now {int(now)}")
+        guest = next((g for g in self._reader.guests() if g.vmid == step.vmid), None)
+        if guest is None:
+            return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
+        config, digest = self._reader.config(guest.type, step.vmid)
+        pending = frozenset(k for k in self._reader.pending_keys(guest.type, step.vmid) if DRIVE_KEY.fullmatch(k)) \
+            if step.kind == START else frozenset()
+        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock,
+                           pending_drive_keys=pending)
+        if guest.lock:
+            return self._refuse_op(admitted, "LOCKED", f"guest {step.vmid} is locked ({guest.lock})")
+        if payload.kind in PROTECTION_BLOCKS and facts.protection:
+            return self._refuse_op(admitted, "PROTECTED", f"guest {step.vmid} has protection=1: clear it first "
+                                                          "with its own approved config.protection_off op")
+        verdict = classify(to_action(step), facts, Source.OPERATOR_OP)
+        expected = bound_action(step, verdict, facts, self.audience(),
+                                cls_name=self.expected_class(step, verdict, facts).name)
+        try:
+            check_binding(payload, expected)
+        except Refused as exc:
+            return self._refuse_op(admitted, exc.reason.value, exc.detail)
+        check = getattr(KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
+        problem = check(step, config) if check is not None else None
+        if problem is not None:
+            return self._refuse_op(admitted, "MALFORMED", problem)
+        self._before[payload.op_id] = before_image(config, step)
+        return None
+
+    def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
+        op = admitted.op
+        assert op is not None
+        refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
+                          reason=reason, detail=detail, op_id=op.payload.op_id)
+        self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
+        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
+                    detail=detail, where="lane")
+        with self._lock:
+            self.refused_total += 1
+        self._journal(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason, detail=detail,
+                                         op_id=refusal.op_id, key=f"op:{refusal.op_id}:refused"))
+        return refusal
 
     def _refuse_in_lane(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
@@ -299,9 +396,20 @@ class Gate:
         return tuple(budget.deferred)
 
     def _pending_of(self, step: Step, verdict: Verdict, facts: GuestFacts, source: Source, reason: str) -> Pending:
+        if not facts.digest and step.kind in KINDS:
+            # Only refused steps pay this read: an approval must bind the config version it was planned on.
+            try:
+                config, digest = self._reader.config(step.guest_type, step.vmid)
+                facts = replace(facts, config=facts.config if facts.config is not None else config, digest=digest)
+            except PveError as exc:
+                log.warning("config_unreadable", vmid=step.vmid, error=str(exc))
+        action = descriptor(step, verdict, facts, self.audience())
+        challenge = ""
+        if self.settings.secret is not None and verdict.cls is Class.DESTRUCTIVE:
+            challenge = challenges.issue(self.settings.secret, json.loads(action), now=self.wall())
         return Pending(vmid=step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
-                       reasons=verdict.reasons, source=source, reason=reason,
-                       descriptor=descriptor(step, verdict, facts, self.audience()), first_seen=time.time())
+                       reasons=verdict.reasons, source=source, reason=reason, descriptor=action,
+                       first_seen=time.time(), challenge=challenge)
 
     def audience(self) -> str:
         """node@cluster: what a signed approval names (read once, only when first needed)."""
@@ -380,7 +488,10 @@ class Gate:
             return refusal
         bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
         started = self._clock()
-        op_id = self._begin(admitted)
+        begun = self._begin(admitted)
+        if isinstance(begun, Refusal):
+            return begun
+        op_id = begun
         bound = bound.bind(op_id=op_id)
         try:
             upid = kind.call(self._writer, step, self.settings.calls)
@@ -408,16 +519,32 @@ class Gate:
             self.counters[(kind, outcome.value)] += 1
         self.metrics.actions.labels(kind, outcome.value).inc()
 
-    def _begin(self, admitted: Admitted) -> str:
-        step, journal = admitted.step, self.journal
+    def _begin(self, admitted: Admitted) -> str | Refusal:
+        """Journal the intent; for a signed op the same fdatasync'd record spends its nonce (``op:<op_id>``)."""
+        step, journal, op = admitted.step, self.journal, admitted.op
+        payload: dict[str, object] = {**step.payload(), "class": admitted.verdict.cls.name.lower(),
+                                      "source": admitted.source.value}
+        if op is not None:
+            payload.update(digest=op.payload.precondition.digest, before=self._before.pop(op.payload.op_id, {}),
+                           op={"id": op.payload.op_id, "kind": op.payload.kind, "class": op.payload.class_,
+                               "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,
+                               "not_after": op.payload.not_after})
         if journal is None:
+            if op is not None:
+                return self._refuse_op(admitted, JOURNAL_UNAVAILABLE, "the journal is not working")
             return os.urandom(8).hex()
-        payload = {**step.payload(), "class": admitted.verdict.cls.name.lower(), "source": admitted.source.value}
+        key = f"{BURN_PREFIX}{op.payload.op_id}" if op is not None else None
         try:
             with self.metrics.journal_append.time():
-                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload)
+                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload, key=key)
+        except NonceSpentError:
+            return self._refuse_op(admitted, "NONCE_SPENT", "this signed op was already used")
+        except KeyInFlightError:
+            return self._refuse_op(admitted, "NONCE_IN_FLIGHT", "this signed op is running now")
         except JournalError as exc:
             self._lose_journal(exc)
+            if op is not None:  # nothing durable says the nonce was spent: the op did not run
+                return self._refuse_op(admitted, JOURNAL_UNAVAILABLE, f"the journal failed: {exc}")
             return os.urandom(8).hex()
 
     def _journal(self, write: Callable[[Journal], object]) -> None:

@@ -140,6 +140,9 @@ class PveReader(Protocol):
     def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
         """The node's tasks for a guest started at or after ``since`` (Unix time)."""
 
+    def snapshots(self, guest_type: str, vmid: int) -> list[str]:
+        """The names of the guest's snapshots (PVE's ``current`` entry left out)."""
+
 
 class PveWriter(Protocol):
     """Every mutating Proxmox call; only the safety gate holds one (``executor.pvewrite``)."""
@@ -151,8 +154,23 @@ class PveWriter(Protocol):
         """Graceful shutdown, forced stop after ``timeout`` when ``force``; the task's UPID."""
 
     def set_config(self, guest_type: str, vmid: int, values: Mapping[str, str], delete: Sequence[str],
-                   digest: str) -> str | None:
-        """Write config (QEMU: a UPID to wait on; LXC: None, already done)."""
+                   digest: str, *, force: bool = False) -> str | None:
+        """Write config (QEMU: a UPID to wait on; LXC: None, already done); ``force`` frees deleted disks."""
+
+    def destroy(self, guest_type: str, vmid: int, *, purge: bool, destroy_unreferenced_disks: bool) -> str:
+        """Destroy the guest and every volume it owns; the task's UPID."""
+
+    def resize(self, guest_type: str, vmid: int, disk: str, size: str, digest: str) -> str | None:
+        """Grow a disk to ``size`` (PVE's size string); the task's UPID (None from a PVE that answers at once)."""
+
+    def snapshot(self, guest_type: str, vmid: int, snapname: str, *, vmstate: bool) -> str:
+        """Take a snapshot (QEMU: with the RAM when ``vmstate``); the task's UPID."""
+
+    def rollback(self, guest_type: str, vmid: int, snapname: str) -> str:
+        """Roll the guest back to a snapshot; the task's UPID."""
+
+    def delete_snapshot(self, guest_type: str, vmid: int, snapname: str, *, force: bool) -> str:
+        """Delete a snapshot (``force``: drop it from the config even if the storage delete fails); the UPID."""
 
 
 class Session:
@@ -261,6 +279,11 @@ class ProxmoxNode:
         """GET /nodes/{node}/tasks?vmid=&since=."""
         listed = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100))
         return [dict(t) for t in listed or [] if int(t.get("starttime", 0)) >= int(since)]
+
+    def snapshots(self, guest_type: str, vmid: int) -> list[str]:
+        """GET .../snapshot: every entry but ``current`` (where the guest is now)."""
+        listed = self._call(lambda api: self.session.guest(api, guest_type, vmid).snapshot.get()) or []
+        return [str(item["name"]) for item in listed if item.get("name") != "current"]
 
 
 def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from executor.pve import QEMU, Session
+from executor.pve import QEMU, PveError, Session
 
 
 class ProxmoxWriter:
@@ -29,16 +29,60 @@ class ProxmoxWriter:
             lambda api: self._session.guest(api, guest_type, vmid).status.shutdown.post(**params)))
 
     def set_config(self, guest_type: str, vmid: int, values: Mapping[str, str], delete: Sequence[str],
-                   digest: str) -> str | None:
-        """QEMU: POST (a qmconfig task); LXC: PUT (synchronous). The digest guards both."""
+                   digest: str, *, force: bool = False) -> str | None:
+        """QEMU: POST (a qmconfig task); LXC: PUT (synchronous). The digest guards both.
+
+        ``force`` (QEMU only; PVE requires a delete with it) frees a deleted disk's volume instead of
+        keeping it as ``unusedN``. LXC's config API has no such flag: refused here, before any request.
+        """
         params: dict[str, Any] = dict(values)
         if delete:
             params["delete"] = ",".join(delete)
         if digest:
             params["digest"] = digest
+        if force:
+            if guest_type != QEMU or not delete:
+                raise PveError("force frees deleted QEMU disks only: LXC's config has no force, and it needs a "
+                               "delete", 400)
+            params["force"] = 1
         guest = self._session.guest
         if guest_type == QEMU:
             answer = self._session.call(lambda api: guest(api, guest_type, vmid).config.post(**params))
         else:
             answer = self._session.call(lambda api: guest(api, guest_type, vmid).config.put(**params))
         return str(answer) if answer else None
+
+    def destroy(self, guest_type: str, vmid: int, *, purge: bool, destroy_unreferenced_disks: bool) -> str:
+        """DELETE /nodes/{n}/{type}/{vmid}: qmdestroy or vzdestroy. Never ``skiplock``, never LXC's ``force``."""
+        params = {name: 1 for name, on in (("purge", purge),
+                                           ("destroy-unreferenced-disks", destroy_unreferenced_disks)) if on}
+        return str(self._session.call(lambda api: self._session.guest(api, guest_type, vmid).delete(**params)))
+
+    def resize(self, guest_type: str, vmid: int, disk: str, size: str, digest: str) -> str | None:
+        """PUT .../resize with an absolute size (no ``+``) and the digest: a ``resize`` task on PVE 8+."""
+        params: dict[str, Any] = {"disk": disk, "size": size}
+        if digest:
+            params["digest"] = digest
+        answer = self._session.call(lambda api: self._session.guest(api, guest_type, vmid).resize.put(**params))
+        return str(answer) if answer else None
+
+    def snapshot(self, guest_type: str, vmid: int, snapname: str, *, vmstate: bool) -> str:
+        """POST .../snapshot: qmsnapshot or vzsnapshot (``vmstate`` exists for QEMU only)."""
+        params: dict[str, Any] = {"snapname": snapname}
+        if vmstate:
+            if guest_type != QEMU:
+                raise PveError("vmstate: LXC snapshots have no RAM state", 400)
+            params["vmstate"] = 1
+        return str(self._session.call(
+            lambda api: self._session.guest(api, guest_type, vmid).snapshot.post(**params)))
+
+    def rollback(self, guest_type: str, vmid: int, snapname: str) -> str:
+        """POST .../snapshot/{snapname}/rollback: qmrollback or vzrollback (never ``start``)."""
+        return str(self._session.call(
+            lambda api: self._session.guest(api, guest_type, vmid).snapshot(snapname).rollback.post()))
+
+    def delete_snapshot(self, guest_type: str, vmid: int, snapname: str, *, force: bool) -> str:
+        """DELETE .../snapshot/{snapname}: qmdelsnapshot or vzdelsnapshot."""
+        params = {"force": 1} if force else {}
+        return str(self._session.call(
+            lambda api: self._session.guest(api, guest_type, vmid).snapshot(snapname).delete(**params)))

@@ -5,6 +5,11 @@ between the call and the journal write), the guest's task list since the operati
 searched for a task of the kind's types; failing that, the guest's state. What stays ambiguous is
 recorded as unknown and logged: nothing is ever run a second time here.
 
+One-shot kinds (destroy, resize, snapshots) and every signed op (its journal key is ``op:<op_id>``)
+can also end as "not applied": no task was found and the guest's config digest is still the one the
+op was planned from (``payload["digest"]``), so the crash came between the journal's begin and the
+Proxmox call. That is a failure, not an unknown: the nonce stays spent and the operator re-signs.
+
 Only a definite answer ends an operation. A transient error (a 5xx, no answer) is retried with a
 capped backoff for ``retry_for`` seconds; past that the operation stays in flight, so the next
 start resolves it, and the daemon does not tick while anything is unresolved. A stop request
@@ -23,9 +28,10 @@ import structlog
 
 from executor.kinds import KINDS
 from executor.pve import PveError, PveReader, PveUnavailableError, TaskOutcome, TaskResult, classify, wait_task
-from journal import InFlight, Journal, Outcome
+from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
+NOT_APPLIED = "not applied"  # the end's detail for an op whose call was never made
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
 T = TypeVar("T")
 
@@ -110,11 +116,22 @@ def _find_task(op: InFlight, pve: PveReader) -> str | None:
 
 
 def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
-    """No task: does the guest already show the change? Otherwise it cannot be told."""
+    """No task: does the guest show the change, or is its config untouched since the op was planned?"""
     guest = next((g for g in pve.guests() if g.vmid == op.vmid), None)
-    if guest is None:
-        return TaskOutcome(TaskResult.UNKNOWN, "guest no longer on this node")
     kind = KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
+    if guest is None:
+        return TaskOutcome(TaskResult.UNKNOWN, "guest no longer on this node")
+    planned = _planned_digest(op)
+    if planned and pve.config(guest.type, op.vmid)[1] == planned:
+        return TaskOutcome(TaskResult.FAILED, NOT_APPLIED)
     return TaskOutcome(TaskResult.UNKNOWN, "no task found and the guest does not show the change")
+
+
+def _planned_digest(op: InFlight) -> str:
+    """The digest an op was planned from, where an unchanged one proves the call was never made."""
+    kind = KINDS.get(op.kind)
+    if not ((kind is not None and kind.one_shot) or is_burn_key(op.key or "")):
+        return ""  # a planned step: keep to what the state shows (it is re-planned from the next read)
+    return str(op.payload.get("digest") or "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import structlog
 
@@ -9,10 +11,14 @@ from common import grpcserver
 from common.grpcserver import ServerTls
 from executor.engine import Engine, TickSummary
 from executor.gate import GateState, Pending, Refusal
+from executor.ops import OpDesk, RateLimitedError
+from executor.pve import PveError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
 from journal import Begun, Ended, Record, Refused, TaskStarted
 from safety.classify import Class
+from safety.refusal import Refused as OpRefused
+from safety.signedop import Envelope, Signature
 
 log = structlog.get_logger("executor.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
@@ -39,7 +45,7 @@ def pending_to_proto(entry: Pending) -> pb.PendingApproval:
     return pb.PendingApproval(vmid=entry.vmid, op_kind=entry.op_kind, action_class=CLASSES[entry.cls], rule=entry.rule,
                               reasons=entry.reasons, source=entry.source.value, descriptor=entry.descriptor,
                               descriptor_sha256=entry.descriptor_sha256, reason=reason_to_proto(entry.reason),
-                              first_seen_unix_ms=int(entry.first_seen * 1000))
+                              first_seen_unix_ms=int(entry.first_seen * 1000), challenge=entry.challenge)
 
 
 def gate_to_proto(state: GateState) -> pb.GateStatus:
@@ -80,17 +86,76 @@ def record_to_proto(record: Record) -> pb.Operation:
     return pb.Operation(op_id=record.op_id, record="applied", outcome=record.outcome.value, at_unix_ms=at)
 
 
-class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
-    """GetStatus, Reconcile, ListOperations, ListPending over an Engine."""
+def envelope_of(op: pb.SignedOp) -> Envelope:
+    """The proto form of a signed op as the library's envelope (the bytes untouched)."""
+    return Envelope(payload_type=op.payload_type, payload=op.payload,
+                    signatures=tuple(Signature(keyid=s.keyid, sig=s.sig) for s in op.signatures))
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+
+class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
+    """GetStatus, Reconcile, ListOperations, ListPending, ProposeOp, SubmitOp, RevokeOp over an Engine."""
+
+    def __init__(self, engine: Engine, desk: OpDesk | None = None) -> None:
+        self._engine, self._desk = engine, desk
+
+    def _ops(self, context: grpc.ServicerContext) -> OpDesk:
+        if self._desk is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "signed operations are not set up on this executor")
+        assert self._desk is not None
+        return self._desk
+
+    def ProposeOp(self, request: pb.ProposeOpRequest, context: grpc.ServicerContext) -> pb.ProposeOpResponse:  # noqa: N802
+        """Describe an op for signing; mutates nothing."""
+        desk = self._ops(context)
+        try:
+            params = json.loads(request.params_json or "{}", parse_constant=_no_constant)
+            if not isinstance(params, dict):
+                raise ValueError("must be a JSON object")
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json: {exc}")
+        try:
+            proposal = desk.propose(request.vmid, request.kind, params)
+        except OpRefused as exc:
+            code = grpc.StatusCode.NOT_FOUND if "not on node" in exc.detail else grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, f"{exc.reason.value}: {exc.detail}")
+        except PveError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"Proxmox: {exc}")
+        return pb.ProposeOpResponse(action=proposal.action, challenge=proposal.challenge,
+                                    action_class=CLASSES[proposal.cls], rule=proposal.rule, reasons=proposal.reasons,
+                                    before=proposal.before)
+
+    def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:  # noqa: N802
+        """Admit a signed op into its guest's lane, or refuse it with a reason."""
+        desk = self._ops(context)
+        try:
+            op_id, refusal = desk.submit(envelope_of(request.op))
+        except RateLimitedError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if refusal is not None:
+            return pb.SubmitOpResponse(op_id=op_id, decision="refused", refusal=refusal_to_proto(refusal))
+        return pb.SubmitOpResponse(op_id=op_id, decision="accepted")
+
+    def RevokeOp(self, request: pb.RevokeOpRequest, context: grpc.ServicerContext) -> pb.RevokeOpResponse:  # noqa: N802
+        """Spend a signed op's nonce before it runs."""
+        desk = self._ops(context)
+        try:
+            op_id, refusal = desk.revoke(envelope_of(request.revocation))
+        except RateLimitedError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if refusal is not None:
+            return pb.RevokeOpResponse(op_id=op_id, decision="refused", refusal=refusal_to_proto(refusal))
+        return pb.RevokeOpResponse(op_id=op_id, decision="revoked")
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:  # noqa: N802
         """The daemon's status."""
         status = self._engine.status()
         response = pb.GetStatusResponse(ticks=status.ticks, journal_enabled=status.journal_enabled,
                                         gate=gate_to_proto(status.gate))
+        if self._desk is not None:
+            on, version, keys, why = self._desk.state()
+            response.gate.MergeFrom(pb.GateStatus(signed_ops=on, trust_version=version, keys=keys,
+                                                  signed_ops_detail=why, accepted_ops=self._desk.accepted(),
+                                                  clock_high_water_ms=int(self._desk.clock.now() * 1000)))
         if status.last is not None:
             response.last_tick.CopyFrom(tick_to_proto(status.last))
         for (kind, outcome), count in sorted(status.counters.items()):
@@ -125,10 +190,15 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return pb.ListPendingResponse(pending=[pending_to_proto(p) for p in self._engine.gate.pending()])
 
 
-def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None) -> grpcserver.Running:
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None,
+              desk: OpDesk | None = None) -> grpcserver.Running:
     """Serve the executor API on ``listen`` (port 0 picks one); TLS, mutual when a client CA is set."""
     api = grpcserver.start(listen, lambda server: pb_grpc.add_ExecutorServiceServicer_to_server(
-        ExecutorServicer(engine), server), (SERVICE_NAME,), tls=tls, workers=4)
+        ExecutorServicer(engine, desk), server), (SERVICE_NAME,), tls=tls, workers=4)
     log.info("executor_api_listening", address=f"{listen.rsplit(':', 1)[0]}:{api.port}", tls=tls is not None,
              mutual_tls=bool(tls and tls.client_ca))
     return api

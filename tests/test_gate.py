@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -147,9 +148,10 @@ def test_pending_approvals_describe_the_exact_action(fakepve: Any, hostile: list
         (102, "config.host_code", epb.ACTION_CLASS_DESTRUCTIVE)]
     detach = json.loads(pending[0].descriptor)
     _, digest = ProxmoxNode.config(engine.pve, "qemu", 101)  # type: ignore[arg-type]
-    assert detach == {"action": "set_config", "audience": "pve1@fakecluster", "class": "DESTRUCTIVE",
-                      "guest_type": "qemu", "kind": "config.disk_detach", "params": {"delete": ["scsi0"], "set": {}},
+    assert detach == {"audience": "pve1@fakecluster", "class": "DESTRUCTIVE", "guest_type": "qemu",
+                      "kind": "config.disk_detach", "params": {"delete": ["scsi0"], "force": False, "set": {}},
                       "precondition": {"digest": digest, "run_state": "stopped"}, "vmid": 101}
+    assert re.fullmatch(r"\d+\.[0-9a-f]{64}", pending[0].challenge)  # what a DESTRUCTIVE approval must carry
     assert pending[0].reasons and pending[0].source == "local_file" and len(pending[0].descriptor_sha256) == 64
     assert (status.gate.pending, status.gate.refused, status.gate.journal_ok) == (2, 2, True)
     assert [o.refusal.reason for o in operations if o.record == "refused"] == [epb.REFUSAL_REASON_APPROVAL_REQUIRED] * 2

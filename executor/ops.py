@@ -1,0 +1,402 @@
+"""Signed operations at the executor: propose, submit, revoke, and the clock and trust store behind them.
+
+``OpDesk.submit`` runs the cheap, unauthenticated checks first and writes nothing before a
+signature holds (SAFETY-DESIGN §4.4): rate limit -> trust store -> verify (steps 1-11, on the
+gate's clock) -> the clock-reset floor -> the nonce, read-only (step 12) -> the guest's current
+facts -> ``Engine.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
+names. The nonce is spent later, in the guest's lane, by the journal record that states the intent.
+A lane refusal leaves it unspent: LOCKED (a backup holds the guest) is retried each tick until
+the op expires; anything else drops the op, and the operator re-proposes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from executor.actions import Step
+from executor.gate import Refusal, descriptor, to_action
+from executor.kinds import KINDS
+from executor.observe import Observed
+from executor.opsteps import step_from
+from executor.pve import PveError
+from journal import BURN_PREFIX, Journal, KeyInFlightError, NonceSpentError, Outcome
+from safety import challenge as challenges
+from safety.classify import Class, GuestFacts, Source, classify
+from safety.opschema import SIGNABLE_CLASSES
+from safety.refusal import RefusalReason, Refused
+from safety.signedop import Envelope, VerifiedOp, verify
+from safety.truststore import TrustStoreHolder
+
+if TYPE_CHECKING:
+    from executor.engine import Engine
+
+log = structlog.get_logger("executor.ops")
+REVOKE = "op.revoke"
+MAX_SKEW = 300.0
+OP_TTL_MAX = 24 * 3600 + MAX_SKEW  # the longest an op can live: the journal must remember nonces longer
+
+
+class RateLimitedError(RuntimeError):
+    """Too many SubmitOp calls: refused before any parsing."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpSettings:
+    """Where the trust store and the gate's secrets live, and the limits."""
+
+    state_dir: str
+    trust_store: str | None = None  # unset: signed ops are off, every non-benign step is refused
+    skew: float = 120.0  # op_clock_skew: how far in the future not_before may be (never on not_after)
+    rate: float = 5.0  # SubmitOp calls per second, sustained
+    burst: int = 20
+
+
+class GateClock:
+    """The gate's time: never before the journal's high-water mark, so a clock set back revives nothing.
+
+    ``pve-executor clock-reset`` (daemon stopped) writes state_dir/clock.reset after a clock that ran
+    ahead: the mark is then read less the offset, and ops signed before the reset are refused.
+    """
+
+    def __init__(self, journal: Callable[[], Journal | None], state_dir: str | Path) -> None:
+        self._journal = journal
+        self.offset, self.floor = 0.0, 0.0
+        reset = Path(state_dir) / "clock.reset"
+        if reset.is_file():
+            data = json.loads(reset.read_text(encoding="utf-8"))
+            self.offset, self.floor = float(data["offset"]), float(data["floor"])
+
+    def now(self) -> float:
+        """max(wall time, the journal's high-water mark less a reset's offset)."""
+        journal = self._journal()
+        mark = journal.high_water - self.offset if journal is not None else 0.0
+        wall = time.time()
+        if mark > wall + MAX_SKEW:
+            log.warning("clock_ahead_of_high_water", wall=wall, high_water=mark,
+                        remedy="stop the daemon, fix the clock, run pve-executor clock-reset")
+        return max(wall, mark)
+
+
+def clock_reset(state_dir: str | Path, journal: Journal) -> tuple[float, float]:
+    """Record a clock reset (daemon stopped): offset = high-water mark - now; floor = now. Returns both."""
+    now = time.time()
+    offset = max(0.0, journal.high_water - now)
+    path = Path(state_dir) / "clock.reset"
+    _write_private(path, json.dumps({"offset": offset, "floor": now}).encode())
+    return offset, now
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600, synced."""
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def gate_secret(state_dir: str | Path) -> bytes:
+    """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges."""
+    path = Path(state_dir) / "gate.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(path, challenges.new_secret())
+    return path.read_bytes()
+
+
+class TokenBucket:
+    """``rate`` per second, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._tokens, self._at = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """One token, if there is one."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Proposal:
+    """What ``ProposeOp`` returns: the action part to sign, its challenge, the verdict, the before-image."""
+
+    action: bytes
+    challenge: str
+    cls: Class
+    rule: str
+    reasons: tuple[str, ...]
+    before: dict[str, str]
+
+
+class OpDesk:
+    """The executor's counter for signed operations."""
+
+    def __init__(self, *, engine: Engine, settings: OpSettings, clock: GateClock) -> None:
+        self._engine, self.settings, self.clock = engine, settings, clock
+        self._lock = threading.Lock()
+        self._accepted: dict[str, VerifiedOp] = {}  # queued or waiting for a retry, not yet run
+        self._retry: set[str] = set()
+        self._bucket = TokenBucket(settings.rate, settings.burst)
+        self.store: TrustStoreHolder | None = None
+        self._store_stamp: tuple[int, int] | None = None
+        if settings.trust_store:
+            self.store = TrustStoreHolder(settings.trust_store, min_version=self._version_floor())
+            self.reload()
+        engine.holders.append(self.held)
+        engine.before_tick.append(self.tick)
+
+    # --- trust store ---------------------------------------------------------------------------
+
+    def _version_file(self) -> Path:
+        return Path(self.settings.state_dir) / "trust.version"
+
+    def _version_floor(self) -> int:
+        try:
+            return int(self._version_file().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return 0
+
+    def reload(self) -> None:
+        """Load the trust store again (SIGHUP, or its mtime changed); a bad file keeps the last good store."""
+        if self.store is None:
+            return
+        try:
+            st = os.stat(self.store.path)
+            self._store_stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            self._store_stamp = None
+        error = self.store.reload()
+        if error is not None:
+            log.error("trust_store_invalid", path=str(self.store.path), error=str(error),
+                      consequence="no signers" if self.store.current is None else "the last good store stays")
+            return
+        current = self.store.current
+        assert current is not None
+        _write_private(self._version_file(), str(current.version).encode())
+        log.info("trust_store_loaded", version=current.version, keys=len(current.keys), roles=len(current.roles))
+
+    def _reload_if_changed(self) -> None:
+        if self.store is None:
+            return
+        try:
+            st = os.stat(self.store.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._store_stamp:
+            self.reload()
+
+    def state(self) -> tuple[bool, int, int, str]:
+        """(signed ops on, trust version, keys, why off)."""
+        if self.store is None:
+            return False, 0, 0, "no trust store configured (trust_store): every non-benign step is refused"
+        current = self.store.current
+        if current is None:
+            return False, 0, 0, f"trust store invalid: {self.store.error}"
+        return True, current.version, len(current.keys), ""
+
+    # --- propose ---------------------------------------------------------------------------------
+
+    def propose(self, vmid: int, kind: str, params: dict[str, object]) -> Proposal:
+        """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing."""
+        reader, gate = self._engine.pve, self._engine.gate
+        guest = next((g for g in reader.guests() if g.vmid == vmid), None)
+        if guest is None:
+            raise Refused(RefusalReason.BINDING_MISMATCH, f"guest {vmid} is not on node {reader.node}")
+        config, digest = reader.config(guest.type, vmid)
+        step = step_from(kind=kind, vmid=vmid, guest_type=guest.type, params=params, digest=digest)
+        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+        verdict = classify(to_action(step), facts, Source.OPERATOR_OP)
+        if verdict.op_kind != kind:
+            raise Refused(RefusalReason.BINDING_MISMATCH, f"this change is a {verdict.op_kind}: propose that kind")
+        cls = gate.expected_class(step, verdict, facts)
+        if cls.name not in SIGNABLE_CLASSES:
+            raise Refused(RefusalReason.MALFORMED, "a benign change needs no approval: declare it instead")
+        check = getattr(KINDS.get(step.kind), "check", None)
+        problem = check(step, config) if check is not None else None
+        if problem is not None:
+            raise Refused(RefusalReason.MALFORMED, problem)
+        action = descriptor(step, verdict, facts, gate.audience(), cls)
+        challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
+        return Proposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
+                        before=dict(config))
+
+    def _secret(self) -> bytes:
+        secret = self._engine.gate.settings.secret
+        if secret is None:
+            raise Refused(RefusalReason.TRUST_STORE_INVALID, "no gate secret: signed ops are not set up")
+        return secret
+
+    # --- submit ----------------------------------------------------------------------------------
+
+    def submit(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+        """Admission of a signed op (steps 1-12, then the gate); the result comes through ListOperations."""
+        if not self._bucket.take():
+            raise RateLimitedError("SubmitOp: too many calls; try again in a second")
+        try:
+            op = self._verify(envelope)
+        except Refused as exc:
+            return "", self._refusal(0, "", exc)
+        payload = op.payload
+        try:
+            self._check_nonce(payload.op_id)
+        except Refused as exc:
+            return payload.op_id, self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
+        with self._lock:
+            if payload.op_id in self._accepted:
+                twice = Refused(RefusalReason.NONCE_IN_FLIGHT, "this signed op is already accepted and queued")
+                return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
+            self._accepted[payload.op_id] = op
+        refusal = self._queue(op)
+        if refusal is not None:
+            self._forget(payload.op_id)
+        log.info("op_submitted", op_id=payload.op_id, vmid=payload.vmid, op_kind=payload.kind,
+                 decision="refused" if refusal else "accepted", signers=list(op.signers))
+        return payload.op_id, refusal
+
+    def _verify(self, envelope: Envelope) -> VerifiedOp:
+        store = self.store.current if self.store is not None else None
+        if store is None:
+            raise Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3])
+        if self._engine.journal is None:
+            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: only benign steps run")
+        now = self.clock.now()
+        op = verify(envelope, store, now=now, audience=self._engine.gate.audience(),
+                    challenge_key=self._engine.gate.settings.secret, skew=self.settings.skew)
+        if op.payload.not_before < self.clock.floor:
+            raise Refused(RefusalReason.EXPIRED, f"signed before the clock reset at {int(self.clock.floor)}")
+        return op
+
+    def _check_nonce(self, op_id: str) -> None:
+        """Step 12, read-only: an op whose nonce was spent (ran, failed, was cut short, revoked) never runs."""
+        journal = self._engine.journal
+        if journal is None:
+            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
+        try:
+            journal.check_key(BURN_PREFIX + op_id)
+        except NonceSpentError as exc:
+            if journal.last_refusal(f"{BURN_PREFIX}{op_id}:revoked") is not None:
+                raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked") from None
+            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value})") from None
+        except KeyInFlightError:
+            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
+
+    def _queue(self, op: VerifiedOp) -> Refusal | None:
+        """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
+        payload = op.payload
+        reader = self._engine.pve
+        try:
+            guest = next((g for g in reader.guests() if g.vmid == payload.vmid), None)
+            if guest is None:
+                raise Refused(RefusalReason.DIGEST_STALE, f"guest {payload.vmid} is not on node {reader.node}")
+            config = reader.config(guest.type, payload.vmid)
+        except PveError as exc:
+            return self._refusal(payload.vmid, payload.kind,
+                                 Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
+        except Refused as exc:
+            return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
+        step: Step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type,
+                               params=dict(payload.params), digest=payload.precondition.digest)
+        observed = Observed(guests={guest.vmid: guest}, configs={guest.vmid: config}, elsewhere=frozenset())
+        submission = self._engine.submit({payload.vmid: [step]}, source=Source.OPERATOR_OP, observed=observed,
+                                         declared=[], op=op, on_done=self._done)
+        refused = submission.admission.refused
+        return refused[0] if refused else None
+
+    def _done(self, op_id: str, result: Outcome | Refusal) -> None:
+        """The lane's word on an op: ran (or failed) -> forgotten; LOCKED -> retried next tick until expiry."""
+        if isinstance(result, Refusal) and result.reason == RefusalReason.LOCKED.value:
+            with self._lock:
+                if op_id in self._accepted:
+                    self._retry.add(op_id)
+            return
+        self._forget(op_id)
+
+    def _forget(self, op_id: str) -> None:
+        with self._lock:
+            self._accepted.pop(op_id, None)
+            self._retry.discard(op_id)
+
+    def held(self) -> set[int]:
+        """Guests with an accepted op not yet run: left out of planning, like a busy guest."""
+        with self._lock:
+            return {op.payload.vmid for op in self._accepted.values()}
+
+    def accepted(self) -> int:
+        """Signed ops accepted and not yet run."""
+        with self._lock:
+            return len(self._accepted)
+
+    def tick(self) -> None:
+        """Each tick: reload a changed trust store; requeue the ops a lock held back; drop the expired."""
+        self._reload_if_changed()
+        now = self.clock.now()
+        with self._lock:
+            due = [self._accepted[op_id] for op_id in sorted(self._retry)]
+            self._retry.clear()
+        for op in due:
+            if now >= op.payload.not_after:
+                log.warning("op_expired_waiting", op_id=op.payload.op_id, vmid=op.payload.vmid)
+                self._forget(op.payload.op_id)
+                continue
+            if self._queue(op) is not None:
+                self._forget(op.payload.op_id)
+
+    # --- revoke ----------------------------------------------------------------------------------
+
+    def revoke(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+        """A signed ``op.revoke`` spends the named op's nonce for good (a veto): it can never run after."""
+        if not self._bucket.take():
+            raise RateLimitedError("RevokeOp: too many calls; try again in a second")
+        try:
+            revocation = self._verify(envelope)
+            if revocation.payload.kind != REVOKE:
+                raise Refused(RefusalReason.BINDING_MISMATCH, f"RevokeOp takes an {REVOKE} op, not "
+                                                              f"{revocation.payload.kind}")
+            target = str(revocation.payload.params["op_id"])
+            self._check_nonce(target)
+        except Refused as exc:
+            return "", self._refusal(0, REVOKE, exc)
+        journal = self._engine.journal
+        assert journal is not None
+        try:
+            op_id = journal.begin(vmid=revocation.payload.vmid, kind=REVOKE, key=BURN_PREFIX + target,
+                                  payload={"revoked": target, "by": list(revocation.signers),
+                                           "revocation": revocation.payload.op_id})
+        except (NonceSpentError, KeyInFlightError) as exc:
+            return target, self._refusal(0, REVOKE, Refused(RefusalReason.NONCE_IN_FLIGHT, str(exc)))
+        journal.refuse(vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
+                       detail=f"revoked by {', '.join(revocation.signers)}", op_id=target,
+                       key=f"{BURN_PREFIX}{target}:revoked")
+        journal.end(op_id, Outcome.FAILED, "revoked")
+        self._forget(target)
+        log.warning("op_revoked", op_id=target, by=list(revocation.signers))
+        return target, None
+
+    def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "") -> Refusal:
+        """A Refusal for the API; counted and logged, never journaled for unauthenticated input."""
+        metrics = self._engine.gate.metrics
+        metrics.gate_decisions.labels("unknown", "refused", exc.reason.value.lower()).inc()
+        log.warning("op_refused", vmid=vmid, op_kind=kind, op_id=op_id, reason=exc.reason.value, detail=exc.detail)
+        return Refusal(vmid=vmid, op_kind=kind, cls=Class.DESTRUCTIVE, reason=exc.reason.value, detail=exc.detail,
+                       op_id=op_id)

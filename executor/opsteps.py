@@ -1,0 +1,72 @@
+"""Signed operations as steps, and steps as the action part an approval binds (both directions, one place).
+
+A signed op fully describes its action: ``step_of`` turns its payload into the step the lane runs
+(config kinds run as a config write, the others as their own action-table row), and ``bound_action``
+turns a step, with the facts read in the lane, back into the action part the payload must equal.
+The comparison itself is ``safety.payload.check_binding``: typed fields, never bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from executor.actions import SET_CONFIG, START, STOP, Step
+from safety.classify import GuestFacts, Verdict
+from safety.opschema import plain
+from safety.payload import OpPayload, action_of
+
+POWER = {"start": START, "stop": STOP}
+# PVE's protection flag refuses these (SAFETY-DESIGN F4): checked before the nonce is spent.
+PROTECTION_BLOCKS = frozenset({"guest.destroy", "config.disk_detach", "config.unused_delete"})
+
+
+def is_config_kind(kind: str) -> bool:
+    """``config`` and ``config.*``: a config write with the digest."""
+    return kind == "config" or kind.startswith("config.")
+
+
+def step_of(payload: OpPayload) -> Step:
+    """The step a verified op runs."""
+    return step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type,
+                     params=dict(payload.params), digest=payload.precondition.digest)
+
+
+def step_from(*, kind: str, vmid: int, guest_type: str, params: Mapping[str, object], digest: str) -> Step:
+    """The step for an op kind and its params (config kinds: a config write guarded by ``digest``)."""
+    raw = plain(params)
+    values: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+    if kind in POWER:
+        return Step(vmid=vmid, guest_type=guest_type, kind=POWER[kind])
+    if is_config_kind(kind):
+        extra: tuple[tuple[str, Any], ...] = (("force", True),) if values.get("force") else ()
+        return Step(vmid=vmid, guest_type=guest_type, kind=SET_CONFIG,
+                    set=tuple(sorted((str(k), str(v)) for k, v in values.get("set", {}).items())),
+                    delete=tuple(sorted(values.get("delete", ()))), digest=digest, params=extra)
+    return Step(vmid=vmid, guest_type=guest_type, kind=kind, params=tuple(sorted(values.items())), digest=digest)
+
+
+def params_of(step: Step, op_kind: str) -> dict[str, object]:
+    """A step's parameters in the op schema's shape for ``op_kind``."""
+    if step.kind == SET_CONFIG:
+        params: dict[str, object] = {"set": dict(step.set), "delete": sorted(step.delete)}
+        if op_kind == "config.disk_detach":
+            params["force"] = bool(dict(step.params).get("force", False))
+        return params
+    return dict(step.params)
+
+
+def bound_action(step: Step, verdict: Verdict, facts: GuestFacts, audience: str,
+                 cls_name: str | None = None) -> dict[str, object]:
+    """The action part of ``step`` as classified on ``facts``: what a signed op for it must name."""
+    return action_of(audience=audience, vmid=step.vmid, guest_type=step.guest_type, kind=verdict.op_kind,
+                     params=params_of(step, verdict.op_kind), class_=cls_name or verdict.cls.name,
+                     digest=facts.digest, run_state=facts.run_state)
+
+
+def before_image(config: Mapping[str, str] | None, step: Step) -> dict[str, str | None]:
+    """The values the step changes, as they were (None: absent): what an undo writes back."""
+    if config is None:
+        return {}
+    keys = {k for k, _ in step.set} | set(step.delete)
+    return {key: config.get(key) for key in sorted(keys)} if keys else dict(config)
