@@ -7,7 +7,7 @@ validated during the same single pass (see ``planner.validate``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -26,21 +26,11 @@ from planner.model import (
     Stop,
 )
 from planner.normalize import DEFAULT_REGISTRY, Registry, canon_bool, is_blank
-from planner.validate import (
-    DESIRED_RUN_STATES,
-    LINE_BREAK_OR_NUL,
-    VMID_MAX,
-    VMID_MIN,
-    check_description,
-    check_key,
-    check_run_state,
-    check_vmid,
-    index_actual,
-    refuse_value,
-)
+from planner.validate import check_config, check_description, check_run_state, check_vmid, index_actual
 
 DESCRIPTION_KEY = "description"
 SpecForm = tuple[tuple[str, ...], tuple[str, ...]]
+Judged = tuple[int, str, str, str | None]  # (guest type, key, desired, actual)
 
 
 class Verdict(Enum):
@@ -53,12 +43,43 @@ class Verdict(Enum):
     UNCOMPARABLE = "uncomparable"
 
 
+def judge(registry: Registry, guest_type: int, key: str, desired: str, actual: str | None) -> tuple[Verdict, str]:
+    """The verdict and, for SET, the value in PVE's write form (merged over ``actual``)."""
+    rule = registry.lookup(guest_type, key)
+    if not rule.comparable:
+        return Verdict.UNCOMPARABLE, ""
+    if rule.same(desired, actual):
+        return Verdict.EQUAL, ""
+    if rule.data_bearing:
+        return Verdict.DATA_BEARING, ""
+    if is_blank(desired):
+        return Verdict.DELETE, ""
+    return Verdict.SET, rule.write(desired, actual)
+
+
+class Verdicts(dict[Judged, tuple[Verdict, str]]):
+    """``verdicts[type, key, desired, actual]``: judged on the first lookup, then remembered.
+
+    Snapshots repeat the same values; a dict whose ``__missing__`` judges makes a repeat one
+    C-level lookup, with no Python call.
+    """
+
+    __slots__ = ("registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def __missing__(self, judged: Judged) -> tuple[Verdict, str]:
+        verdict = self[judged] = judge(self.registry, *judged)
+        return verdict
+
+
 @dataclass(slots=True)
 class Comparer:
     """Judges (type, key, desired, actual) once per plan: snapshots repeat the same values."""
 
-    registry: Registry
-    memo: dict[tuple[int, str, str, str | None], tuple[Verdict, str]] = field(default_factory=dict)
+    verdicts: Verdicts
     specs: dict[bytes, SpecForm] = field(default_factory=dict)
 
     def spec_form(self, index: int, spec: SpecView, known_keys: set[str]) -> SpecForm:
@@ -68,30 +89,10 @@ class Comparer:
         form = self.specs.get(fingerprint)
         if form is None:
             config = spec.config
-            _check_items(index, config, known_keys)
+            check_config(index, config, known_keys)
             keys = tuple(config)
             form = self.specs[fingerprint] = (keys, tuple(config[k] for k in keys))
         return form
-
-    def judge(self, guest_type: int, key: str, desired: str, actual: str | None) -> tuple[Verdict, str]:
-        """The verdict and, for SET, the value in PVE's write form."""
-        memo_key = (guest_type, key, desired, actual)
-        verdict = self.memo.get(memo_key)
-        if verdict is None:
-            verdict = self.memo[memo_key] = self._judge(guest_type, key, desired, actual)
-        return verdict
-
-    def _judge(self, guest_type: int, key: str, desired: str, actual: str | None) -> tuple[Verdict, str]:
-        rule = self.registry.lookup(guest_type, key)
-        if not rule.comparable:
-            return Verdict.UNCOMPARABLE, ""
-        if rule.same(desired, actual):
-            return Verdict.EQUAL, ""
-        if rule.data_bearing:
-            return Verdict.DATA_BEARING, ""
-        if is_blank(desired):
-            return Verdict.DELETE, ""
-        return Verdict.SET, rule.write(desired, actual)
 
 
 @dataclass(slots=True)
@@ -140,14 +141,12 @@ def plan(
     Raises InvalidRequestError naming the first bad field; the input order does not matter.
     """
     by_vmid = index_actual(actual)
-    state = _Planning(Comparer(registry))
+    state = _Planning(Comparer(Verdicts(registry)))
     # Each message field is read once: a protobuf attribute read costs a name lookup, and this
     # loop runs once per guest of a snapshot of up to 50,000.
     seen = state.seen
     for vmid, index, want in sorted((want.vmid, index, want) for index, want in enumerate(desired)):
-        if vmid in seen or not VMID_MIN <= vmid <= VMID_MAX:
-            check_vmid("desired", index, vmid, seen)  # raises, naming the field
-        seen[vmid] = index
+        check_vmid("desired", index, vmid, seen)
         _plan_guest(state, index, vmid, want, by_vmid.get(vmid))
     state.skipped.sort(key=lambda s: (s.vmid, s.reason))
     return Plan(actions=tuple(state.actions), skipped=tuple(state.skipped))
@@ -156,8 +155,8 @@ def plan(
 def _plan_guest(state: _Planning, index: int, vmid: int, want: DesiredView, have: ActualView | None) -> None:
     """Check one desired guest, then append its actions (config first) and skips."""
     want_power = want.run_state if want.HasField("run_state") else None
-    if want_power is not None and want_power not in DESIRED_RUN_STATES:
-        check_run_state(index, want_power)  # raises, naming the field
+    if want_power is not None:
+        check_run_state(index, want_power)
     description = want.description if want.HasField("description") else None
     if description is not None:
         check_description(f"desired[{index}].description", description)
@@ -185,8 +184,8 @@ def _plan_config(state: _Planning, vmid: int, form: SpecForm | None, description
                  have: ActualView) -> None:
     """Compare the declared keys with the actual config; emit what differs.
 
-    The actual values are read in one C-level pass; only keys whose text differs reach the
-    normalizers, and their verdicts are memoized.
+    The actual values are read in one C-level pass; only keys whose text differs are judged,
+    each distinct (key, desired, actual) once.
     """
     keys, values = form or ((), ())
     if description is not None:
@@ -197,28 +196,15 @@ def _plan_config(state: _Planning, vmid: int, form: SpecForm | None, description
         return
     diff: _Diff | None = None  # most guests differ only in spelling: no diff at all
     guest_type = have.type
-    comparer = state.comparer
-    memo = comparer.memo
+    verdicts = state.comparer.verdicts
     for key, value, actual in zip(keys, values, found):  # noqa: B905 (equal lengths by construction)
         if value != actual:
-            verdict, written = memo.get((guest_type, key, value, actual)) or comparer.judge(
-                guest_type, key, value, actual)
+            verdict, written = verdicts[guest_type, key, value, actual]
             if verdict is not Verdict.EQUAL:
                 diff = diff or _Diff()
                 diff.add(key, verdict, written)
     if diff is not None:
         _emit_config(state, vmid, dict(zip(keys, values, strict=True)), have, diff)
-
-
-def _check_items(index: int, config: Mapping[str, str], known_keys: set[str]) -> None:
-    """Key names and values of one desired config (names are checked once per snapshot)."""
-    search = LINE_BREAK_OR_NUL.search
-    for key in config:
-        if key not in known_keys:
-            check_key(index, key)
-            known_keys.add(key)
-        if search(config[key]):
-            refuse_value(index, key)
 
 
 def _emit_config(state: _Planning, vmid: int, wanted: dict[str, str], have: ActualView, diff: _Diff) -> None:

@@ -1,21 +1,22 @@
 """Request validation: every rule PVE would enforce, reported with the offending field's path.
 
-The plan calls these checks during its single pass over the request (a second pass over a
-50,000-guest snapshot would cost as much as its transport). The plan is pure, so a request that
-fails a check is refused whole: nothing was applied, nothing is returned but the error.
+Each rule is written once, here. The plan calls these checks during its single pass over the
+request (a second pass over a 50,000-guest snapshot would cost as much as its transport). The plan
+is pure, so a request that fails a check is refused whole: nothing was applied, nothing is returned
+but the error.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from planner.model import ActualView, GuestType, RunState
 
 VMID_MIN, VMID_MAX = 100, 999_999_999
 DESCRIPTION_MAX = 8192
 _KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-LINE_BREAK_OR_NUL = re.compile("[\x00\r\n]")
+_LINE_BREAK_OR_NUL = re.compile("[\x00\r\n]")
 # Keys PVE reports but never accepts as config: declaring one is a mistake, not drift.
 READ_ONLY_KEYS = frozenset({"digest", "lock", "pending", "meta", "parent", "snaptime"})
 DESIRED_RUN_STATES = frozenset({RunState.RUNNING, RunState.STOPPED})
@@ -33,10 +34,7 @@ class InvalidRequestError(ValueError):
 
 
 def check_vmid(field: str, index: int, vmid: int, seen: dict[int, int]) -> None:
-    """vmid in PVE's range and not seen before; records it in ``seen``."""
-    if VMID_MIN <= vmid <= VMID_MAX and vmid not in seen:
-        seen[vmid] = index
-        return
+    """vmid in PVE's range and not seen before; records it in ``seen`` (vmid -> index)."""
     if not VMID_MIN <= vmid <= VMID_MAX:
         raise InvalidRequestError(f"{field}[{index}].vmid", f"must be {VMID_MIN}..{VMID_MAX}, got {vmid}")
     first = seen.setdefault(vmid, index)
@@ -46,11 +44,11 @@ def check_vmid(field: str, index: int, vmid: int, seen: dict[int, int]) -> None:
 
 def index_actual(actual: Iterable[ActualView]) -> dict[int, ActualView]:
     """Actual guests by vmid, each checked: vmid, type and run state."""
-    by_vmid: dict[int, ActualView] = {}  # insertion order is input order: index = position
+    by_vmid: dict[int, ActualView] = {}
+    seen: dict[int, int] = {}
     for i, guest in enumerate(actual):
         vmid = guest.vmid
-        if vmid in by_vmid or not VMID_MIN <= vmid <= VMID_MAX:
-            check_vmid("actual", i, vmid, {v: n for n, v in enumerate(by_vmid)})  # raises
+        check_vmid("actual", i, vmid, seen)
         if guest.type not in GUEST_TYPES:
             raise InvalidRequestError(f"actual[{i}].type", "required: GUEST_TYPE_QEMU or GUEST_TYPE_LXC")
         if guest.run_state not in ACTUAL_RUN_STATES:
@@ -66,6 +64,17 @@ def check_run_state(index: int, run_state: int) -> None:
                                   "must be RUN_STATE_RUNNING or RUN_STATE_STOPPED when set")
 
 
+def check_config(index: int, config: Mapping[str, str], known_keys: set[str]) -> None:
+    """Key names and values of one desired config; ``known_keys`` holds names already checked."""
+    for key, value in config.items():
+        if key not in known_keys:
+            check_key(index, key)
+            known_keys.add(key)
+        if _LINE_BREAK_OR_NUL.search(value):
+            raise InvalidRequestError(f"desired[{index}].spec.config[{key!r}]",
+                                      "value contains a line break or NUL, which PVE refuses")
+
+
 def check_key(index: int, key: str) -> None:
     """A declarable PVE config key name."""
     if not _KEY.fullmatch(key):
@@ -75,12 +84,6 @@ def check_key(index: int, key: str) -> None:
         raise InvalidRequestError(f"desired[{index}].spec.config[{key!r}]", "is set by PVE and cannot be declared")
     if key == "description":
         raise InvalidRequestError(f"desired[{index}].spec.config[{key!r}]", "declare it in the description field")
-
-
-def refuse_value(index: int, key: str) -> None:
-    """A config value (never a description) with a line break or NUL: PVE refuses it."""
-    raise InvalidRequestError(f"desired[{index}].spec.config[{key!r}]",
-                              "value contains a line break or NUL, which PVE refuses")
 
 
 def check_description(field: str, value: str) -> None:
