@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from common import logs
 from common.config import ConfigError, add_flags, resolve
 from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls
+from executor import opcli
 from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, RUN, ExecutorSettings
 from executor.pve import Connection, Credentials, PveError
 
@@ -28,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("selftest", help="write a description to a scratch guest, read it back, restore it")
     add_flags(check, CONNECTION, ENV_PREFIX)
     check.add_argument("--vmid", type=int, required=True, help="a scratch guest whose description may be changed")
+    opcli.add_parsers(sub)
     return top
 
 
@@ -82,9 +84,11 @@ def api_tls(settings: ExecutorSettings) -> ServerTls | None:
     return tls
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit per command and per error
     """Entry point of ``pve-executor``."""
     args = parser().parse_args(argv)
+    if args.command in opcli.COMMANDS:  # the operator's commands talk to the executor API, never to Proxmox
+        return opcli.main(args)
     options = (*CONNECTION, *RUN) if args.command == "run" else CONNECTION
     from executor import daemon  # noqa: PLC0415 (keeps `--help` fast)
 

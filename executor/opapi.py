@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -18,9 +17,10 @@ from contextlib import contextmanager
 import grpc
 
 from common.grpcserver import ClientTls, channel_credentials
+from executor.opcli import DEFAULT_TTL, api_target
 from executor.opdoc import OpError, Proposal, action_words, parse_action_json, proposal_document, summary, when
 from executor.opkeys import load_private
-from executor.opsign import DEFAULT_TTL, build_payload, parse_ttl, read_envelope
+from executor.opsign import build_payload, parse_ttl, read_envelope
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
 from safety import signedop
@@ -28,24 +28,13 @@ from safety.opschema import APPROVAL, canonical_params, plain
 from safety.payload import parse_payload
 from safety.refusal import Refused
 
-DEFAULT_API = "127.0.0.1:50052"
-API_ENV = "PVE_EXECUTOR_API"
 ZERO_DIGEST = "0" * 40
-
-
-def add_api_flags(parser: argparse.ArgumentParser) -> None:
-    """Where the executor API is and how to reach it."""
-    parser.add_argument("--api", metavar="HOST:PORT", help=f"executor API [{API_ENV}] (default {DEFAULT_API})")
-    parser.add_argument("--api-ca", metavar="PEM", help="CA of the API's certificate (turns TLS on)")
-    parser.add_argument("--api-cert", metavar="PEM", help="client certificate for mutual TLS")
-    parser.add_argument("--api-key", metavar="PEM", help="client key for mutual TLS")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
 
 
 @contextmanager
 def stub(args: argparse.Namespace) -> Iterator[pb_grpc.ExecutorServiceStub]:
     """A stub on a channel to the API the flags (or PVE_EXECUTOR_API) name, closed afterwards."""
-    target = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    target = api_target(args)
     if args.api_ca or args.api_cert or args.api_key:
         tls = ClientTls(ca=args.api_ca, cert=args.api_cert, key=args.api_key)
         channel = grpc.secure_channel(target, channel_credentials(tls))
@@ -218,11 +207,3 @@ def revoke(args: argparse.Namespace) -> int:
     with stub(args) as api:
         response = api.RevokeOp(pb.RevokeOpRequest(revocation=to_proto(envelope)), timeout=args.timeout)
     return _decision(response.op_id or args.op_id, response.decision, response.refusal, "revoked")
-
-
-def api_error(exc: grpc.RpcError) -> str:
-    """A gRPC failure as the operator reads it: the status and the server's details."""
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"executor API: {code.name if code is not None else 'ERROR'}: {details}"
-

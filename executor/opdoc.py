@@ -193,11 +193,32 @@ def summary(payload: OpPayload, *, now: float) -> str:
     ])
 
 
+def api_error(exc: Exception) -> str:
+    """A gRPC failure as the operator reads it: the status and the server's details."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    status = code().name if callable(code) else "ERROR"
+    return f"executor API: {status}: {details() if callable(details) else exc}"
+
+
 def refusal_text(exc: Refused) -> str:
     """A refusal as the operator reads it: the reason's name, then the detail."""
     return f"{exc.reason.value}: {exc.detail}"
 
 
-__all__ = ["ACTION_FIELDS", "PARAM_WORDS", "VERBS", "OpError", "Proposal", "action_from",
-           "action_words", "parse_action_json", "proposal_document", "read_proposal", "refusal_text", "summary",
-           "visible", "when"]
+__all__ = [
+    "ACTION_FIELDS",
+    "PARAM_WORDS",
+    "VERBS",
+    "OpError",
+    "Proposal",
+    "action_from",
+    "action_words",
+    "api_error",
+    "parse_action_json",
+    "proposal_document",
+    "read_proposal",
+    "refusal_text",
+    "summary",
+    "visible",
+    "when",
+]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from executor.opcli import DEFAULT_TTL
 from executor.opdoc import OpError, Proposal, read_proposal, refusal_text, summary
 from executor.opkeys import load_private
 from safety import signedop, truststore
@@ -26,7 +27,6 @@ from safety.payload import OpPayload, parse_payload, to_json
 from safety.refusal import Refused
 
 BACKDATE = 60  # seconds not_before lies in the past, for a gate whose clock runs behind (§4.5)
-DEFAULT_TTL = "15m"
 _TTL = re.compile(r"([0-9]{1,6})([smh]?)", re.ASCII)
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 
@@ -95,7 +95,10 @@ def build_payload(proposal: Proposal, *, role: str, ttl: int, reason: str, now: 
 def _answer(stream: IO[str], prompt: IO[str], vmid: int) -> str:
     prompt.write(f"type the vmid ({vmid}) to sign, anything else refuses: ")
     prompt.flush()
-    return stream.readline()
+    line = stream.readline()
+    if not stream.isatty():  # a terminal echoed the line break; a pipe did not
+        prompt.write("\n")
+    return line
 
 
 def confirm(vmid: int, *, stdin_taken: bool) -> None:
@@ -125,7 +128,7 @@ def sign(args: argparse.Namespace) -> int:
     proposal = read_proposal(read_input(args.proposal, "PROPOSAL"), "proposal")
     now = time.time()
     data = build_payload(proposal, role=args.role, ttl=parse_ttl(args.ttl or DEFAULT_TTL),
-                         reason=args.reason, now=now)
+                         reason=args.reason or "no reason given", now=now)
     payload = parse_payload(data)
     print(f"signing:\n{summary(payload, now=now)}", file=sys.stderr)
     if not args.yes:

@@ -1,10 +1,11 @@
 """``op undo OP_ID``: the inverse of a signed op that ran, proposed from its journaled before-image.
 
-The gate journals each signed op's begun record with what it wrote and the config before it
-(``{"type", "set", "delete", "digest", "params", "before", "op"}``). A config write is undone by writing
-back the before values of every key it set or deleted and deleting the keys it added; a snapshot it took
-is deleted. Everything else says why there is no undo. The inverse is only *proposed* (ProposeOp): it is
-signed and submitted like any other op, so an undo passes the gate like anything else.
+The gate journals each signed op's begun record with what it wrote and the values before it
+(``{"type", "set", "delete", "digest", "params", "before": {key: value or null}, "op": {"id", "kind", ...}}``).
+A config write is undone by writing back the before values of every key it set or deleted and deleting
+the keys it added (null before); a snapshot it took is deleted. Everything else says why there is no
+undo. The inverse is only *proposed* (ProposeOp): it is signed and submitted like any other op, so an
+undo passes the gate like anything else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from executor.opapi import call_propose, print_proposal, stub
 from executor.opdoc import OpError, visible
 from executor.v1 import executor_pb2 as pb
+from safety.classify import Action, GuestFacts, Source, classify
 
 LIST_LIMIT = 1000
 
@@ -48,38 +50,47 @@ def _record(response: pb.ListOperationsResponse, op_id: str) -> tuple[pb.Operati
         except json.JSONDecodeError:
             continue
         signed = body.get("op") if isinstance(body, dict) else None
-        named = signed.get("op_id") if isinstance(signed, dict) else None
-        if op_id in (operation.op_id, operation.op_id.removeprefix("op:"), named):
+        named = {signed.get("id"), signed.get("op_id")} if isinstance(signed, dict) else set()
+        if op_id in {operation.op_id, operation.op_id.removeprefix("op:"), *named}:
             return operation, body
     raise OpError(f"no begun record of op {op_id} with a payload in the last {LIST_LIMIT} journal records "
                   "(it never ran, or it was compacted away)")
 
 
-def _config_undo(body: Mapping[str, Any]) -> tuple[str, dict[str, object]]:
+def _changes(body: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """What the op wrote and deleted: the record's own fields, else the signed params."""
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    assert isinstance(params, dict)
+    return dict(body.get("set") or params.get("set") or {}), list(body.get("delete") or params.get("delete") or [])
+
+
+def _config_undo(body: Mapping[str, Any], vmid: int) -> tuple[str, dict[str, object]]:
     before = body.get("before")
     if not isinstance(before, dict):
         raise OpError("the journal holds no before-image for this op: nothing to restore from")
-    params = body.get("params") if isinstance(body.get("params"), dict) else {}
-    assert isinstance(params, dict)
-    written = dict(body.get("set") or params.get("set") or {})
-    deleted = list(body.get("delete") or params.get("delete") or [])
-    if params.get("force") is True:
+    if isinstance(body.get("params"), dict) and body["params"].get("force") is True:
         raise OpError("the detach ran with force=true, which destroyed the volume: restore it from a backup")
-    restore = {key: str(before[key]) for key in (*written, *deleted) if key in before}
-    added = sorted(key for key in written if key not in before)
+    written, deleted = _changes(body)
+    restore = {key: str(before[key]) for key in (*written, *deleted) if before.get(key) is not None}
+    added = sorted(key for key in written if before.get(key) is None)
     if not restore and not added:
         raise OpError("the op changed no key the before-image records: there is nothing to undo")
-    return "config", {"set": restore, "delete": added}
+    # The executor proposes only the op kind its classifier names (a re-attach is config.disk_attach, ...):
+    # classify the inverse on the config as the op left it.
+    action = Action(kind="set_config", vmid=vmid, guest_type=str(body.get("type") or "qemu"), set=restore,
+                    delete=tuple(added))
+    verdict = classify(action, GuestFacts(config=dict(written)), Source.OPERATOR_OP)
+    return verdict.op_kind, {"set": restore, "delete": added}
 
 
-def _snapshot_undo(body: Mapping[str, Any]) -> tuple[str, dict[str, object]]:
+def _snapshot_undo(body: Mapping[str, Any], vmid: int) -> tuple[str, dict[str, object]]:
     params = body.get("params")
     if not isinstance(params, dict) or not isinstance(params.get("snapname"), str):
         raise OpError("the journal does not name the snapshot taken")
     return "snapshot.delete", {"snapname": params["snapname"], "force": False}
 
 
-def _inverse(kind: str) -> Callable[[Mapping[str, Any]], tuple[str, dict[str, object]]]:
+def _inverse(kind: str) -> Callable[[Mapping[str, Any], int], tuple[str, dict[str, object]]]:
     if kind in NO_UNDO:
         raise OpError(f"{kind} has no undo: {NO_UNDO[kind]}")
     if kind.startswith("config"):
@@ -91,10 +102,10 @@ def _inverse(kind: str) -> Callable[[Mapping[str, Any]], tuple[str, dict[str, ob
 
 def _drift(body: Mapping[str, Any], current: Mapping[str, str]) -> list[str]:
     """Keys changed again since the op ran: the undo would overwrite those later changes too."""
-    written = dict(body.get("set") or {})
+    written, deleted = _changes(body)
     notes = [f"{key} is now {visible(current.get(key, '<unset>'))}, not the op's {visible(str(value))}"
              for key, value in written.items() if current.get(key) != value]
-    notes += [f"{key} was deleted by the op and is set again" for key in body.get("delete") or [] if key in current]
+    notes += [f"{key} was deleted by the op and is set again" for key in deleted if key in current]
     return notes
 
 
@@ -109,7 +120,7 @@ def undo(args: argparse.Namespace) -> int:
     vmid = operation.vmid or int(signed.get("vmid") or 0)
     if body.get("params") is None and isinstance(signed.get("params"), dict):
         body = {**body, "params": signed["params"]}
-    inverse_kind, params = _inverse(kind)(body)
+    inverse_kind, params = _inverse(kind)(body, vmid)
     document = call_propose(args, vmid, inverse_kind, params)
     print_proposal(document)
     before = document.get("before")

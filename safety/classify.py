@@ -114,6 +114,7 @@ KINDS: dict[str, KindRule] = {
     "guest.destroy": KindRule(cls=_D, op_kind="guest.destroy",
                               why="destroys every owned volume, the config, ACLs and firewall rules",
                               flags=_DESTROY_FLAGS),
+    "op.revoke": KindRule(cls=_A, op_kind="op.revoke", why="vetoes a signed op before it runs; changes no guest"),
 }
 """Every action kind the classifier knows; any other kind is destructive."""
 

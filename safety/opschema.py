@@ -38,6 +38,7 @@ DISK = _ascii(r"(ide|sata|scsi|virtio|mp|unused)[0-9]{1,3}|efidisk0|tpmstate0|ro
 SNAPNAME = _ascii(r"[A-Za-z][A-Za-z0-9_-]{1,39}")
 STORAGE = _ascii(r"[A-Za-z][A-Za-z0-9._-]{0,99}")
 NODE = _ascii(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
+OP_ID = _ascii(r"[0-9a-f]{32}")
 _LINE_BREAK_OR_NUL = re.compile("[\x00\r\n]")
 
 Validator = Callable[[str, object], object]
@@ -154,6 +155,8 @@ SCHEMAS: Mapping[str, KindSchema] = MappingProxyType({
     # Both flags are required: whoever signs a destroy states whether it reaches backups and stray volumes.
     "guest.destroy": KindSchema(fields={"purge": (boolean, _REQUIRED),
                                         "destroy_unreferenced_disks": (boolean, _REQUIRED)}),
+    # A veto: names the signed op whose nonce RevokeOp spends before it runs (§4.5).
+    "op.revoke": KindSchema(fields={"op_id": (text(OP_ID, "32 lowercase hex (the op to revoke)"), _REQUIRED)}),
 })
 KINDS = frozenset(SCHEMAS)
 

@@ -219,10 +219,12 @@ def _check_signers(role: Role, keys: list[TrustKey], store: TrustStore, now: flo
 
 
 def verify(env: Envelope, store: TrustStore, *, now: float, audience: str, challenge_key: bytes | None,
-           skew: float = 120.0) -> VerifiedOp:
+           skew: float = 120.0, check_challenge: bool = True) -> VerifiedOp:
     """Steps 1-11 of §4.4 for ``env`` at ``now`` on the executor named ``audience``; raises Refused.
 
     ``challenge_key`` is the gate secret; without it no DESTRUCTIVE op verifies. Reads nothing, writes nothing.
+    ``check_challenge=False`` skips step 11: only for offline review without the secret (``op verify``,
+    which says so), never for the gate.
     """
     if not 0 <= skew <= MAX_SKEW:
         raise ValueError(f"skew must be 0..{MAX_SKEW:.0f} seconds")
@@ -238,7 +240,7 @@ def verify(env: Envelope, store: TrustStore, *, now: float, audience: str, chall
     signers = _check_signers(role, keys, store, now)
     if payload.op_id in store.revoked_ops:
         raise Refused(RefusalReason.OP_REVOKED, f"op {payload.op_id} is revoked in trust store v{store.version}")
-    if payload.class_ == DESTRUCTIVE:
+    if payload.class_ == DESTRUCTIVE and check_challenge:
         if payload.challenge is None or challenge_key is None:
             raise Refused(RefusalReason.CHALLENGE_INVALID, "a DESTRUCTIVE op needs a challenge from this executor")
         challenges.verify(challenge_key, payload.challenge, action_part(payload), now=now)
