@@ -11,11 +11,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from executor.pve import LXC, QEMU
 from planner.v1 import planner_pb2 as pb
 
 START, STOP, SET_CONFIG, UNKNOWN = "start", "stop", "set_config", "unknown"
 TYPES = {pb.GUEST_TYPE_QEMU: QEMU, pb.GUEST_TYPE_LXC: LXC}
+VMID_MIN, VMID_MAX = 100, 999_999_999
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,13 +45,26 @@ class Step:
         return body
 
 
+def _unread(message: Message) -> bool:
+    """Whether ``message`` carries fields this executor's contract does not know (a newer planner's)."""
+    return len(UnknownFieldSet(message)) > 0
+
+
 def step_from_proto(action: pb.Action) -> Step:
-    """A planner.v1 Action as a Step (kind ``unknown`` when this executor cannot read it)."""
+    """A planner.v1 Action as a Step (kind ``unknown`` when this executor cannot read all of it).
+
+    Nothing of an action is silently dropped: a field added by a newer planner (a condition, a
+    ``force``) could change what the action means, so an action with one is not run at all.
+    """
     guest_type = TYPES.get(action.type)
     kind = action.WhichOneof("kind")
-    if guest_type is None or kind is None:
-        what = f"guest type {action.type}" if guest_type is None else "an action kind this executor does not know"
-        return Step(vmid=action.vmid, guest_type=guest_type or "unknown", kind=UNKNOWN, detail=what)
+    problem = (f"guest type {action.type}" if guest_type is None
+               else f"vmid {action.vmid} is outside 100..999999999" if not VMID_MIN <= action.vmid <= VMID_MAX
+               else "an action kind this executor does not know" if kind is None
+               else f"{kind} fields this executor does not know" if _unread(action) or _unread(getattr(action, kind))
+               else "")
+    if problem or kind is None or guest_type is None:
+        return Step(vmid=action.vmid, guest_type=guest_type or "unknown", kind=UNKNOWN, detail=problem)
     match kind:
         case "start":
             return Step(vmid=action.vmid, guest_type=guest_type, kind=START)

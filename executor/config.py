@@ -50,7 +50,8 @@ RUN = (
     Option(key="grace", kind=float, default=30.0, minimum=0, help="seconds queued work gets on SIGTERM"),
     Option(key="trust_store", help="TOML trust store of the keys that may sign operations "
                                    "(unset: signed operations are off; every non-benign step is refused)"),
-    Option(key="executor_id", help="this executor's audience in signed ops (default NODE@CLUSTER from /cluster/status)"),
+    Option(key="executor_id",
+           help="this executor's audience in signed ops (default NODE@CLUSTER from /cluster/status)"),
     Option(key="op_clock_skew", kind=float, default=120.0, minimum=0,
            help="seconds a signed op's not_before may lie in the future (at most 300)"),
     Option(key="max_stops_per_tick", kind=int, minimum=1,

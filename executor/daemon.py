@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -203,6 +204,7 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
     """The read path, plan and gate of a tick, with no writer: nothing can be mutated."""
     desired = provider(settings)
     declared = desired.desired()  # local, cheap input first: a typo is reported before any network
+    source = provider_source(desired)
     reader = ProxmoxNode(connection(settings))
     planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     try:
@@ -210,34 +212,44 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
         plan = planner.plan(*observed.request(declared))
     finally:
         planner.close()
+    secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
     gate = Gate(reader=reader, writer=None, journal=None, dry_run=True,
-                settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick))
+                settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
+                                      secret=secret.read_bytes() if secret.is_file() else None))
     mine = [d for d in declared if d.vmid not in observed.elsewhere]
-    declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in mine}
+    declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in mine}
     admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,
-                           source=provider_source(desired), managed=len(mine), record=False)
+                           source=source, record=False)
     return DryRun(plan, _authorized(gate, admission), observed)
 
 
 def _authorized(gate: Gate, admission: Admission) -> Admission:
     """The admission as the lanes would leave it: the lane's reads and checks, as ``run`` makes them."""
-    admitted, refused = {}, list(admission.refused)
+    admitted, refused, judged = {}, list(admission.refused), list(admission.judged)
     for vmid, steps in admission.admitted.items():
         kept = []
         for step in steps:
+            position = next(i for i, j in enumerate(judged) if j.step.vmid == vmid and j.reason is None
+                            and j.step.kind == step.step.kind and j.step.set == step.step.set)
             try:
-                refusal = gate.authorize(step)
+                refusal = gate.lane.authorize(step)
             except PveError as exc:  # run would fail this step without a call: so does the dry run
-                log.warning("cannot_authorize", vmid=vmid, action=step.step.kind, error=str(exc))
+                judged[position] = replace(judged[position], reason="FAILED", detail=f"cannot authorize: {exc}")
                 break
             if refusal is not None:
                 refused.append(refusal)
+                judged[position] = replace(judged[position], reason=refusal.reason, detail=refusal.detail)
                 break  # as in the lane: the guest's later steps wait for a later tick
             kept.append(step)
         if kept:
             admitted[vmid] = kept
-    return replace(admission, admitted=admitted, refused=tuple(refused),
+    return replace(admission, admitted=admitted, refused=tuple(refused), judged=tuple(judged),
                    pending=admission.pending + tuple(gate.pending()))
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped: a planner cannot erase or forge lines of ``plan``."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def render(result: DryRun, color: bool) -> str:
@@ -245,44 +257,42 @@ def render(result: DryRun, color: bool) -> str:
     def paint(text: str, code: str) -> str:
         return f"\033[{code}m{text}\033[0m" if color else text
 
-    refused = {(r.vmid, r.op_kind): r for r in result.admission.refused}
     lines = []
-    for step, verdict in result.admission.verdicts:
-        refusal = refused.get((step.vmid, verdict.op_kind))
+    for judged in result.admission.judged:
+        step, verdict = judged.step, judged.verdict
         note = f"[{verdict.cls.name.lower()}]"
-        if refusal is not None:
-            note += f" REFUSED {refusal.reason.lower()}: {refusal.detail}"
-        elif step.vmid in result.admission.deferred and step.kind == "stop":
+        if judged.decision == "refused":
+            note += f" REFUSED {judged.reason.lower() if judged.reason else ''}: {printable(judged.detail)}"
+        elif judged.decision == "deferred":
             note += " deferred to a later tick (stop limit)"
-        head = "set config" if step.kind == "set_config" else step.kind
-        lines.append(paint(f"guest {step.vmid}: {head} {note}", "1" if refusal is None else "1;31"))
+        head = "set config" if step.kind == "set_config" else printable(step.kind)
+        lines.append(paint(f"guest {step.vmid}: {head} {note}", "1" if judged.reason is None else "1;31"))
         current = result.observed.configs.get(step.vmid, ({}, ""))[0]
         for key, value in step.set:
-            lines.append(f"    {key}: {paint(repr(current.get(key, '<absent>')), '31')} -> {paint(repr(value), '32')}")
+            old = paint(repr(current.get(key, "<absent>")), "31")
+            lines.append(f"    {printable(key)}: {old} -> {paint(repr(value), '32')}")
         for key in step.delete:
-            lines.append(f"    {key}: {paint(repr(current.get(key, '')), '31')} -> {paint('<deleted>', '32')}")
+            old = paint(repr(current.get(key, "")), "31")
+            lines.append(f"    {printable(key)}: {old} -> {paint('<deleted>', '32')}")
     for skip in result.plan.skipped:
         reason = pb.SkipReason.Name(skip.reason)
         lines.append(paint(f"guest {skip.vmid}: skipped ({reason.removeprefix('SKIP_REASON_').lower()}): "
-                           f"{skip.detail}", "33"))
+                           f"{printable(skip.detail)}", "33"))
     if result.observed.elsewhere:
         lines.append(f"{len(result.observed.elsewhere)} declared guest(s) on other nodes, left to their executors")
     return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
 
 
 def as_json(result: DryRun) -> dict[str, Any]:
-    """The plan as the planner returned it, plus the gate's verdicts and descriptors."""
+    """The plan as the planner returned it, plus the gate's verdict and decision per step, and descriptors."""
     body = MessageToDict(result.plan, preserving_proto_field_name=True)
-    refused = {(r.vmid, r.op_kind): r for r in result.admission.refused}
     body["verdicts"] = [
-        {"vmid": step.vmid, "action": step.kind, "class": verdict.cls.name, "op_kind": verdict.op_kind,
-         "rule": verdict.rule, "reasons": list(verdict.reasons),
-         "decision": "refused" if (step.vmid, verdict.op_kind) in refused else (
-             "deferred" if step.kind == "stop" and step.vmid in result.admission.deferred else "admitted"),
-         **({"refusal": refused[(step.vmid, verdict.op_kind)].reason}
-            if (step.vmid, verdict.op_kind) in refused else {})}
-        for step, verdict in result.admission.verdicts]
-    body["pending"] = [json.loads(p.descriptor) | {"descriptor_sha256": p.descriptor_sha256}
+        {"vmid": j.step.vmid, "action": j.step.kind, "class": j.verdict.cls.name, "op_kind": j.verdict.op_kind,
+         "rule": j.verdict.rule, "reasons": list(j.verdict.reasons), "decision": j.decision,
+         **({"refusal": j.reason, "detail": j.detail} if j.decision == "refused" else {})}
+        for j in result.admission.judged]
+    body["pending"] = [{"action": json.loads(p.descriptor), "challenge": p.challenge, "class": p.cls.name,
+                        "rule": p.rule, "reasons": list(p.reasons), "descriptor_sha256": p.descriptor_sha256}
                        for p in result.admission.pending]
     body["elsewhere"] = sorted(result.observed.elsewhere)
     return body

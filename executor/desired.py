@@ -48,9 +48,12 @@ class DesiredProvider(Protocol):
 
 
 def provider_source(provider: DesiredProvider) -> Source:
-    """Where the provider's state comes from; remote (HUB) unless it says otherwise."""
+    """Where the provider's state comes from: LOCAL_FILE when it says so, else remote (HUB).
+
+    Desired state is never an operator's signed op nor a self-test, whatever a provider claims.
+    """
     source = getattr(provider, "source", Source.HUB)
-    return source if isinstance(source, Source) else Source.HUB
+    return Source.LOCAL_FILE if source is Source.LOCAL_FILE else Source.HUB
 
 
 class DesiredStateError(ValueError):
@@ -88,29 +91,37 @@ class FileProvider:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
-        self._guests = parse(self.path.read_text(encoding="utf-8"), str(self.path))
-        self._stamp = self._stat()
+        text, self._stamp, self.source = self._read()
+        self._guests = parse(text, str(self.path))
 
-    @property
-    def source(self) -> Source:
-        """LOCAL_FILE only for a root-owned file that neither group nor others may write."""
-        st = self.path.stat()
-        return Source.LOCAL_FILE if st.st_uid == 0 and not st.st_mode & 0o022 else Source.HUB
+    def _read(self) -> tuple[str, tuple[int, ...], Source]:
+        """The file's text, its identity, and the trust its content earns, all from one open descriptor.
 
-    def _stat(self) -> tuple[int, int]:
+        Trust is decided on the descriptor the content is read from (fstat), never on the path later:
+        a file swapped in between cannot borrow the root-owned file's trust. The directory counts too:
+        whoever may write it may replace the file.
+        """
+        with self.path.open("rb") as handle:
+            st = os.fstat(handle.fileno())
+            text = handle.read().decode("utf-8")
+        folder = self.path.parent.stat()
+        trusted = (st.st_uid == 0 and not st.st_mode & 0o022 and folder.st_uid == 0
+                   and not (folder.st_mode & 0o022 and not folder.st_mode & 0o1000))
+        return text, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), (
+            Source.LOCAL_FILE if trusted else Source.HUB)
+
+    def _stat(self) -> tuple[int, ...]:
         st = self.path.stat()
-        return st.st_mtime_ns, st.st_size
+        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
     def desired(self) -> list[Declared]:
-        """The file's guests; reloaded when its mtime or size changed."""
+        """The file's guests; reloaded when it changed (``source`` is then the new content's trust)."""
         try:
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._guests = parse(self.path.read_text(encoding="utf-8"), str(self.path))
-                self._stamp = stamp
-                log.info("desired_reloaded", path=str(self.path), guests=len(self._guests))
-        except (OSError, DesiredStateError) as exc:
+            if self._stat() != self._stamp:
+                text, stamp, source = self._read()
+                self._guests, self._stamp, self.source = parse(text, str(self.path)), stamp, source
+                log.info("desired_reloaded", path=str(self.path), guests=len(self._guests), source=source.value)
+        except (OSError, UnicodeDecodeError, DesiredStateError) as exc:
             log.warning("desired_reload_failed", path=str(self.path), error=str(exc), kept=len(self._guests))
         return list(self._guests)
 

@@ -143,7 +143,8 @@ class Engine:
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()
         self.recovering = threading.Event()  # set by the daemon while recovery runs: no tick then
-        self.holders: list[Callable[[], set[int]]] = []  # more guests not to plan (e.g. with a signed op queued)
+        # More guests not to plan: a task still running past its deadline; later, a signed op queued.
+        self.holders: list[Callable[[], set[int]]] = [gate.lane.unsettled]
         self.before_tick: list[Callable[[], None]] = []  # run at the start of each tick, under the tick lock
         self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
         self._finished: dict[int, float] = {}  # vmid -> when its last job ended (clock time)
@@ -209,6 +210,7 @@ class Engine:
             hook()
         try:
             declared = self.provider.desired()
+            source = provider_source(self.provider)  # the trust of the content just read, nothing later
         except DesiredStateError as exc:
             summary.outcome, summary.error = TickOutcome.DESIRED_UNAVAILABLE, str(exc)
             return
@@ -234,8 +236,8 @@ class Engine:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
             return
         summary.skipped = len({s.vmid for s in plan.skipped})
-        submission = self.submit(by_guest(plan.actions), source=provider_source(self.provider), observed=observed,
-                                 declared=wanted, wait=wait)
+        submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted,
+                                 wait=wait)
         admission, tracker = submission.admission, submission.tracker
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
@@ -268,9 +270,8 @@ class Engine:
 
         ``op``: the signed op the steps come from; ``on_done(op_id, result)`` hears how its lane ended.
         """
-        declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description is not None) for d in declared}
-        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source,
-                                    managed=len(declared), op=op)
+        declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
+        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op)
         self.gate.count_admitted(admission)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():

@@ -1,56 +1,52 @@
-"""The safety gate: the one place where the executor mutates Proxmox.
+"""The safety gate: the one place where the executor decides what may mutate Proxmox.
 
-Every mutation source (the tick, the executor API, selftest; later the hub and signed operations)
-reaches Proxmox through ``Engine.submit``, which asks the gate to *admit* each step, and the gate
-alone holds the ``PveWriter`` that *executes* them. What the planner (or any remote part) returns
-is never trusted: each step is scope-checked against what was declared, classified by its effect
-(``safety.classify``), and only benign steps run. Anything else is refused with a typed reason
-and, where an operator could approve it, listed as a pending approval with a descriptor of the
-exact action. A refused step never stops the other guests. Without a working journal only benign
-steps run (nothing non-benign may run that a crash could not account for).
+Every mutation source (the tick, the executor API, selftest, signed operations; later the hub)
+reaches Proxmox through ``Engine.submit``, which asks the gate to *admit* each step; the gate's
+``Lane`` (``executor.lane``), which alone holds the ``PveWriter``, authorizes and runs each admitted
+step in the guest's queue lane. What the planner (or any remote part) returns is never trusted:
+each step is checked against what was declared (guest, key, value, direction), against the guest
+as read (its type, the digest it was planned from), classified by its effect
+(``safety.classify``), and only benign steps run, unless a verified signed op names exactly that
+action. Anything else is refused with a typed reason and, where an operator could approve it,
+listed as a pending approval with a descriptor of the exact action. A refused step never stops
+the other guests. Without a working journal only benign steps run.
 
-Admission makes no Proxmox reads. In the guest's lane, right before the call, ``authorize`` reads
-what a start or a remote stop still needs (a start applies PVE's pending section, pending disk
-changes included; a remote source's power action needs ``protection``): those reads run in
-parallel across lanes, and config writes need none.
+Admission makes no Proxmox reads (a refused step pays one to bind its descriptor to a digest).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
-import os
-import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
 
-from executor.actions import START, STOP, UNKNOWN, Step
+from executor.actions import SET_CONFIG, START, STOP, UNKNOWN, Step
 from executor.kinds import KINDS, CallSettings
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
-from executor.opsteps import PROTECTION_BLOCKS, before_image, bound_action, params_of
-from executor.pve import PveError, PveReader, PveWriter, TaskOutcome, TaskResult, wait_task
-from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
+from executor.opsteps import bound_action, params_of
+from executor.pve import PveError, PveReader, PveWriter
+from journal import Journal, JournalError, Outcome
 from safety import challenge as challenges
 from safety.blast import limit_stops
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
-from safety.payload import check_binding
 from safety.refusal import Refused
 from safety.scope import Declaration, out_of_scope
 from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.gate")
-OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
-DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+|vmstate")
 
 # Refusal reasons (the executor.v1 RefusalReason names without their prefix).
 APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
     "APPROVAL_REQUIRED", "OUT_OF_SCOPE", "UNKNOWN_KIND", "JOURNAL_UNAVAILABLE")
+DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = "DIGEST_STALE", "CLASS_MISMATCH", "BINDING_MISMATCH"
+APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +56,7 @@ class GateSettings:
     calls: CallSettings = field(default_factory=CallSettings)
     task_timeout: float = 900.0
     max_stops_per_tick: int | None = None  # None: unlimited for the local file, max(2, 10%) for remote sources
+    stop_window: float = 30.0  # the stop limit holds per window (the daemon's interval), however many ticks run
     audience: str | None = None  # node@cluster, read once from /cluster/status when unset
     secret: bytes | None = None  # state_dir/gate.secret: keys the challenges of DESTRUCTIVE approvals
 
@@ -99,7 +96,7 @@ class Pending:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Admitted:
-    """A step the gate admitted, with the verdict it was admitted under."""
+    """A step the gate admitted, with the verdict and facts it was admitted under."""
 
     step: Step
     verdict: Verdict
@@ -109,14 +106,29 @@ class Admitted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Judged:
+    """One step as the gate judged it: its verdict and the decision (reason None: admitted)."""
+
+    step: Step
+    verdict: Verdict
+    reason: str | None = None
+    detail: str = ""
+
+    @property
+    def decision(self) -> str:
+        """admitted, refused or deferred."""
+        return "admitted" if self.reason is None else ("deferred" if self.reason == "DEFERRED" else "refused")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Admission:
     """What the gate made of one batch of steps."""
 
     admitted: dict[int, list[Admitted]]
     refused: tuple[Refusal, ...] = ()
-    deferred: tuple[int, ...] = ()  # stops held back by the per-tick limit
+    deferred: tuple[int, ...] = ()  # stops held back by the per-window limit
     pending: tuple[Pending, ...] = ()  # the refused steps an operator could approve
-    verdicts: tuple[tuple[Step, Verdict], ...] = ()  # every classified step, in order (for the dry run)
+    judged: tuple[Judged, ...] = ()  # every step, in order, with its decision (for the dry run)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,15 +144,19 @@ class GateState:
 
 
 def to_action(step: Step) -> Action:
-    """The classifier's view of a step."""
+    """The classifier's view of a step (ValueError for a step no action can describe)."""
     return Action(kind=step.kind, vmid=step.vmid, guest_type=step.guest_type, set=dict(step.set),
-                  delete=tuple(step.delete))
+                  delete=tuple(step.delete), params=dict(step.params))
 
 
-def declaration_of(vmid: int, state: str | None, config: Mapping[str, str] | None, description: bool) -> Declaration:
+def declaration_of(vmid: int, state: str | None, config: Mapping[str, str] | None,
+                   description: str | None) -> Declaration:
     """What the desired state declares for one guest, as the scope check reads it."""
+    values = dict(config or {})
+    if description is not None:
+        values["description"] = description
     return Declaration(vmid=vmid, state=state, config_keys=frozenset(config) if config is not None else None,
-                       description=description)
+                       description=description is not None, values=values)
 
 
 def descriptor(step: Step, verdict: Verdict, facts: GuestFacts, audience: str, cls: Class | None = None) -> bytes:
@@ -159,14 +175,31 @@ def canonical(body: Mapping[str, object]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def _readable(step: Step) -> tuple[Action | None, str]:
+    """The classifier's view of a step, or why there is none (an unknown kind, a value no action holds)."""
+    if step.kind == UNKNOWN or step.kind not in KINDS:
+        return None, step.detail or f"action kind {step.kind!r}"
+    try:
+        return to_action(step), ""
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def unknown(step: Step, detail: str) -> Verdict:
+    """The verdict of a step no rule can read: destructive (fail closed), never classified further."""
+    return Verdict(cls=Class.DESTRUCTIVE, op_kind=UNKNOWN, rule="unknown_kind", reasons=(detail,))
+
+
 class Gate:
-    """Admits steps by scope and class; the only holder of the Proxmox writer."""
+    """Admits steps by scope, binding and class; keeps the pending approvals."""
 
     def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, dry_run: bool = False,
                  wall: Callable[[], float] = time.time) -> None:
-        self._reader, self._writer, self._dry_run = reader, writer, dry_run
+        from executor.lane import Lane  # noqa: PLC0415 (the lane needs the gate's types)
+
+        self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal = journal
         self.settings = settings or GateSettings()
@@ -174,83 +207,120 @@ class Gate:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
-        self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._audience = self.settings.audience
-        self.counters: Counter[tuple[str, str]] = Counter()
+        self._remote_stops: collections.deque[float] = collections.deque()  # when each remote stop was admitted
         self.refused_total = 0
         self.deferred_total = 0
+        self.lane = Lane(gate=self, reader=reader, writer=writer)
 
     # --- admission ----------------------------------------------------------------------------
 
     def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
-              declared: Mapping[int, Declaration], source: Source, managed: int, record: bool = True,
+              declared: Mapping[int, Declaration], source: Source, record: bool = True,
               op: VerifiedOp | None = None) -> Admission:
-        """Scope-check and classify every step; admit the benign ones within the stop limit.
+        """Check and classify every step; admit the benign ones within the stop limit.
 
         ``record``: journal refusals, keep pending approvals and count (False for the dry run).
-        ``op``: the verified signed op the steps come from (source OPERATOR_OP): it admits exactly
-        the action it names, whatever its class.
+        ``op``: the verified signed op the steps come from: it admits exactly the action it names.
         """
+        if op is None and source is Source.OPERATOR_OP:
+            source = Source.HUB  # only a verified op is an operator's: anything else claiming it is remote
         admitted: dict[int, list[Admitted]] = {}
         refused: list[Refusal] = []
         pending: list[Pending] = []
-        verdicts: list[tuple[Step, Verdict]] = []
+        judged: list[Judged] = []
+        seen: set[Step] = set()
         for vmid, guest_steps in steps.items():
             facts = self._facts(vmid, observed)
             for step in guest_steps:
-                verdict, reason, detail = self._judge(step, facts, declared.get(vmid), source, op)
-                verdicts.append((step, verdict))
+                verdict, reason, detail = self._judge(step, facts, observed, declared=declared.get(vmid),
+                                                      source=source, op=op)
+                if reason is None and step in seen:
+                    reason, detail = OUT_OF_SCOPE, "the same step twice in one plan: it runs once"
+                seen.add(step)
+                judged.append(Judged(step=step, verdict=verdict, reason=reason, detail=detail))
                 if reason is None:
                     assert facts is not None  # a step for a guest not on this node is never admitted
-                    admitted.setdefault(vmid, []).append(Admitted(step=step, verdict=verdict, source=source,
+                    run = replace(step, digest=facts.digest) if step.kind == SET_CONFIG and facts.digest else step
+                    # ``run`` writes against the config version the gate classified, whatever the planner sent.
+                    admitted.setdefault(vmid, []).append(Admitted(step=run, verdict=verdict, source=source,
                                                                   facts=facts, op=op))
                     continue
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
-                                       detail=detail))
-                if reason in (APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE) and facts is not None:
+                                       detail=detail, op_id=op.payload.op_id if op is not None else ""))
+                if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
-        deferred = self._limit_stops(admitted, refused, pending, observed=observed, source=source, managed=managed)
+        deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, declared=declared,
+                                     source=source, record=record)
         if record:
             self._record(refused, pending, deferred, set(steps), observed)
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
-                         verdicts=tuple(verdicts))
+                         judged=tuple(judged))
 
-    def _judge(self, step: Step, facts: GuestFacts | None, declared: Declaration | None,
-               source: Source, op: VerifiedOp | None = None) -> tuple[Verdict, str | None, str]:
+    def _judge(self, step: Step, facts: GuestFacts | None, observed: Observed, *, declared: Declaration | None,
+               source: Source, op: VerifiedOp | None) -> tuple[Verdict, str | None, str]:
         """The verdict, and the refusal reason (None: admitted) with its detail."""
-        if step.kind == UNKNOWN or step.kind not in KINDS or facts is None:
-            verdict = classify(to_action(step), facts or GuestFacts(), source)
-            if facts is None and step.kind in KINDS:
-                return verdict, OUT_OF_SCOPE, "the guest is not on this node"
-            return verdict, UNKNOWN_KIND, step.detail or f"action kind {step.kind!r}"
-        action = to_action(step)
-        if source in (Source.LOCAL_FILE, Source.HUB, Source.SELFTEST):
-            why = out_of_scope(action, declared)
-            if why is not None:
-                return classify(action, facts, source), OUT_OF_SCOPE, why
+        action, unreadable = _readable(step)
+        if action is None:
+            return unknown(step, unreadable), UNKNOWN_KIND, unreadable
+        if facts is None:
+            return classify(action, GuestFacts(), source), OUT_OF_SCOPE, "the guest is not on this node"
         if step.kind in (START, STOP) and facts.config is None:
-            # The plan did not read this guest's config; the lane reads it (``authorize``) before the call.
+            # The plan did not read this guest's config; the lane reads it (``Lane.authorize``) before the call.
             verdict = classify(action, replace(facts, config={}), source)
         else:
             verdict = classify(action, facts, source)
+        for check in (self._guest_type, self._in_scope, self._digest_current):
+            refusal = check(step, action, facts, observed, declared, op)
+            if refusal is not None:
+                return verdict, *refusal
         if op is not None:
             return self._judge_op(step, verdict, facts, op)
         if verdict.cls is Class.BENIGN:
             return verdict, None, ""
         detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
-        if self.journal is None and not self._dry_run:
-            return verdict, JOURNAL_UNAVAILABLE, detail
-        return verdict, APPROVAL_REQUIRED, detail
+        journal_less = self.journal is None and not self._dry_run
+        return verdict, JOURNAL_UNAVAILABLE if journal_less else APPROVAL_REQUIRED, detail
 
-    def _judge_op(self, step: Step, verdict: Verdict, facts: GuestFacts, op: VerifiedOp) -> tuple[Verdict, str | None, str]:
+    # Checks before the class (each: None, or the refusal reason and its detail).
+
+    @staticmethod
+    def _guest_type(step: Step, _action: Action, _facts: GuestFacts, observed: Observed,
+                    _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
+        """The endpoint and the key table follow the guest as read, never the planner's word for it."""
+        actual = observed.guests[step.vmid].type
+        if actual == step.guest_type:
+            return None
+        return OUT_OF_SCOPE, f"the step is for a {step.guest_type} guest, guest {step.vmid} is {actual}"
+
+    @staticmethod
+    def _in_scope(_step: Step, action: Action, facts: GuestFacts, _observed: Observed,
+                  declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
+        """Desired state may do only what it declared (a signed op is scoped by its own binding)."""
+        why = None if op is not None else out_of_scope(action, declared, facts.config)
+        return None if why is None else (OUT_OF_SCOPE, why)
+
+    @staticmethod
+    def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: Observed,
+                        _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
+        """A config write planned from another version of the config is stale (PVE would refuse it too)."""
+        if step.kind != SET_CONFIG or not step.digest or not facts.digest or step.digest == facts.digest:
+            return None
+        return DIGEST_STALE, f"planned from config digest {step.digest[:12]}, the guest's is {facts.digest[:12]}"
+
+    def _judge_op(self, step: Step, verdict: Verdict, facts: GuestFacts,
+                  op: VerifiedOp) -> tuple[Verdict, str | None, str]:
         """A signed op's step: its class and kind must be the verdict's (no downgrade, no over-approval)."""
         if self.journal is None:
             return verdict, JOURNAL_UNAVAILABLE, "a signed op needs a working journal (its nonce is spent there)"
+        if op.payload.precondition.digest != facts.digest:
+            return verdict, DIGEST_STALE, (f"signed for config digest {op.payload.precondition.digest[:12]}, "
+                                           f"the guest's is {facts.digest[:12]}")
         expected = self.expected_class(step, verdict, facts)
         if op.payload.class_ != expected.name:
-            return verdict, "CLASS_MISMATCH", f"signed {op.payload.class_}, the gate classes it {expected.name}"
+            return verdict, CLASS_MISMATCH, f"signed {op.payload.class_}, the gate classes it {expected.name}"
         if op.payload.kind != verdict.op_kind:
-            return verdict, "BINDING_MISMATCH", f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
+            return verdict, BINDING_MISMATCH, f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
         return verdict, None, ""
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
@@ -259,10 +329,10 @@ class Gate:
         A remote source's stops beyond the blast radius were listed as APPROVAL; signing that exact
         descriptor approves it, although the same stop from an operator alone is benign.
         """
-        action = descriptor(step, verdict, facts, self.audience())
         with self._lock:
-            listed = [p.cls for p in self._pending.values() if p.descriptor == action]
-        return max([verdict.cls, *listed])
+            listed = [p for p in self._pending.values() if p.vmid == step.vmid and p.op_kind == verdict.op_kind]
+        classes = [p.cls for p in listed if p.descriptor == descriptor(step, verdict, facts, self.audience(), p.cls)]
+        return max([verdict.cls, *classes])
 
     def _facts(self, vmid: int, observed: Observed) -> GuestFacts | None:
         """What the classifier needs of the guest, as read for the plan (admission reads nothing more)."""
@@ -272,127 +342,48 @@ class Gate:
         config, digest = observed.configs.get(vmid, (None, ""))
         return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
 
-    def authorize(self, admitted: Admitted) -> Refusal | None:
-        """In the guest's lane, right before the call: the facts a start or a remote stop still needs.
+    def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending],
+                     judged: list[Judged], *, observed: Observed, declared: Mapping[int, Declaration],
+                     source: Source, record: bool) -> tuple[int, ...]:
+        """The blast radius: a stop rate per window, and no remote source stops over half the managed guests.
 
-        A start applies PVE's pending section (pending disk deletes and swaps included), so its
-        pending keys are read here; a start or stop from a remote source needs ``protection``, so the
-        config is read when the plan did not read it. These reads run in parallel in the lanes, one
-        per start, and none for config writes. A class raised by what is read refuses the step.
+        ``managed`` counts the declared guests that are on this node (phantom vmids raise nothing), and
+        guests already stopped by the declaration count towards the half.
         """
-        step, source = admitted.step, admitted.source
-        if admitted.op is not None:
-            return self._authorize_op(admitted)
-        if step.kind not in (START, STOP):
-            return None
-        needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP)
-        if step.kind == STOP and not needs_config:
-            return None
-        # A PveError here propagates: a read that failed is no verdict, the step fails and is retried.
-        config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else None
-        pending = (frozenset(k for k in self._reader.pending_keys(step.guest_type, step.vmid)
-                             if DRIVE_KEY.fullmatch(k)) if step.kind == START else frozenset())
-        facts = replace(admitted.facts, config=config if config is not None else admitted.facts.config,
-                        pending_drive_keys=pending)
-        verdict = classify(to_action(step), facts, source)
-        if verdict.cls <= admitted.verdict.cls:
-            return None
-        detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
-        return self._refuse_in_lane(admitted, verdict, APPROVAL_REQUIRED, detail)
-
-    def _authorize_op(self, admitted: Admitted) -> Refusal | None:
-        """Steps 13 of §4.4, in the lane: fresh facts, expiry, lock, protection, binding; nothing written yet.
-
-        A refusal here leaves the nonce unspent (LOCKED is retried by the desk until the op expires).
-        """
-        step, op = admitted.step, admitted.op
-        assert op is not None
-        payload = op.payload
-        now = self.wall()
-        if now >= payload.not_after:
-            return self._refuse_op(admitted, "EXPIRED", f"expired at {payload.not_after}, now {int(now)}")
-        guest = next((g for g in self._reader.guests() if g.vmid == step.vmid), None)
-        if guest is None:
-            return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
-        config, digest = self._reader.config(guest.type, step.vmid)
-        pending = frozenset(k for k in self._reader.pending_keys(guest.type, step.vmid) if DRIVE_KEY.fullmatch(k)) \
-            if step.kind == START else frozenset()
-        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock,
-                           pending_drive_keys=pending)
-        if guest.lock:
-            return self._refuse_op(admitted, "LOCKED", f"guest {step.vmid} is locked ({guest.lock})")
-        if payload.kind in PROTECTION_BLOCKS and facts.protection:
-            return self._refuse_op(admitted, "PROTECTED", f"guest {step.vmid} has protection=1: clear it first "
-                                                          "with its own approved config.protection_off op")
-        verdict = classify(to_action(step), facts, Source.OPERATOR_OP)
-        expected = bound_action(step, verdict, facts, self.audience(),
-                                cls_name=self.expected_class(step, verdict, facts).name)
-        try:
-            check_binding(payload, expected)
-        except Refused as exc:
-            return self._refuse_op(admitted, exc.reason.value, exc.detail)
-        check = getattr(KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
-        problem = check(step, config) if check is not None else None
-        if problem is not None:
-            return self._refuse_op(admitted, "MALFORMED", problem)
-        self._before[payload.op_id] = before_image(config, step)
-        return None
-
-    def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
-        op = admitted.op
-        assert op is not None
-        refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
-                          reason=reason, detail=detail, op_id=op.payload.op_id)
-        self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
-        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
-                    detail=detail, where="lane")
-        with self._lock:
-            self.refused_total += 1
-        self._journal(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason, detail=detail,
-                                         op_id=refusal.op_id, key=f"op:{refusal.op_id}:refused"))
-        return refusal
-
-    def _refuse_in_lane(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
-        refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
-                          detail=detail)
-        self.metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()
-        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=verdict.cls.name,
-                    reason=reason, detail=detail, where="lane")
-        entry = Pending(vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
-                        reasons=verdict.reasons, source=admitted.source, reason=reason, first_seen=time.time(),
-                        descriptor=descriptor(admitted.step, verdict, admitted.facts, self.audience()))
-        with self._lock:
-            self.refused_total += 1
-            key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
-            old = self._pending.get(key)
-            self._pending[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
-        self._journal_refusal(refusal)
-        return refusal
-
-    def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending], *,
-                     observed: Observed, source: Source, managed: int) -> tuple[int, ...]:
-        """At most ``max_stops_per_tick`` stops; a remote source stopping over half the guests needs approval."""
-        stops = sorted(vmid for vmid, steps in admitted.items() if any(a.step.kind == STOP for a in steps))
+        stops = sorted(vmid for vmid, steps in admitted.items()
+                       if any(a.step.kind == STOP and a.op is None for a in steps))
         if not stops:
             return ()
-        budget = limit_stops(stops, managed=managed, source=source, max_stops_per_tick=self.settings.max_stops_per_tick)
+        managed = sum(1 for vmid in declared if vmid in observed.guests)
+        already = sum(1 for vmid, d in declared.items()
+                      if d.state == "stopped" and getattr(observed.guests.get(vmid), "status", "") == "stopped")
+        now = self._clock()
+        with self._lock:
+            while self._remote_stops and self._remote_stops[0] <= now - self.settings.stop_window:
+                self._remote_stops.popleft()
+            used = len(self._remote_stops) if source is not Source.LOCAL_FILE else 0
+        budget = limit_stops(stops, managed=managed, source=source, max_stops_per_tick=self.settings.max_stops_per_tick,
+                             already_stopped=already, used=used)
+        if record and source is not Source.LOCAL_FILE:
+            with self._lock:
+                self._remote_stops.extend([now] * len(budget.admitted))
         for vmid in (*budget.deferred, *budget.need_approval):
-            kept = [a for a in admitted[vmid] if a.step.kind != STOP]
             stop = next(a for a in admitted[vmid] if a.step.kind == STOP)
-            if kept:
-                admitted[vmid] = kept
-            else:
+            admitted[vmid] = [a for a in admitted[vmid] if a is not stop]
+            if not admitted[vmid]:
                 del admitted[vmid]
-            if vmid in budget.need_approval:
-                verdict = Verdict(cls=Class.APPROVAL, op_kind=stop.verdict.op_kind, rule="blast_radius",
-                                  reasons=(f"a {source.value} source asks to stop {len(stops)} of {managed} "
-                                           "managed guests at once",))
-                refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=APPROVAL_REQUIRED,
-                                       detail="blast_radius: " + verdict.reasons[0]))
-                guest = observed.guests[vmid]
-                facts = GuestFacts(config=None, digest=observed.configs.get(vmid, ({}, ""))[1],
-                                   run_state=guest.status, lock=guest.lock)
-                pending.append(self._pending_of(stop.step, verdict, facts, source, APPROVAL_REQUIRED))
+            position = next(i for i, j in enumerate(judged) if j.step == stop.step)
+            if vmid in budget.deferred:
+                judged[position] = replace(judged[position], reason="DEFERRED", detail="stop limit: a later tick")
+                continue
+            verdict = Verdict(cls=Class.APPROVAL, op_kind=stop.verdict.op_kind, rule="blast_radius",
+                              reasons=(f"a {source.value} source asks to stop {len(stops)} of {managed} managed "
+                                       f"guests at once ({already} already stopped)",))
+            detail = "blast_radius: " + verdict.reasons[0]
+            judged[position] = Judged(step=stop.step, verdict=verdict, reason=APPROVAL_REQUIRED, detail=detail)
+            refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=APPROVAL_REQUIRED,
+                                   detail=detail))
+            pending.append(self._pending_of(stop.step, verdict, stop.facts, source, APPROVAL_REQUIRED))
         return tuple(budget.deferred)
 
     def _pending_of(self, step: Step, verdict: Verdict, facts: GuestFacts, source: Source, reason: str) -> Pending:
@@ -421,6 +412,8 @@ class Gate:
             self._audience = f"{self._reader.node}@{cluster}"
         return self._audience
 
+    # --- what the gate keeps ------------------------------------------------------------------
+
     def _record(self, refused: Sequence[Refusal], pending: Sequence[Pending], deferred: Sequence[int],
                 planned: set[int], observed: Observed) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes."""
@@ -435,25 +428,35 @@ class Gate:
             self.deferred_total += len(deferred)
             # Pending entries of guests not planned this tick (busy, backing off) stay; the rest are replaced.
             kept = {k: p for k, p in self._pending.items() if p.vmid not in planned and p.vmid in observed.guests}
-            for entry in pending:
-                key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
-                old = self._pending.get(key)
-                kept[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
             self._pending = kept
+        for entry in pending:
+            self.keep_pending(entry)
         for refusal in refused:
-            self._journal_refusal(refusal)
+            self.journal_refusal(refusal)
 
-    def _journal_refusal(self, refusal: Refusal) -> None:
-        # The journal keeps the last reason per key (across restarts): a refusal seen every tick is written once.
+    def keep_pending(self, entry: Pending) -> None:
+        """List ``entry`` for approval (keeping when it was first seen)."""
+        key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
+        with self._lock:
+            old = self._pending.get(key)
+            self._pending[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
+
+    def journal_refusal(self, refusal: Refusal) -> None:
+        """Journal ``refusal`` unless its guest and kind were last refused for the same reason (across restarts)."""
         key = f"{refusal.vmid}:{refusal.op_kind}"
-        self._journal(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
-                                                detail=refusal.detail, key=key))
+        self.journal_write(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
+                                                     detail=refusal.detail, key=key, op_id=refusal.op_id or None))
 
     def count_admitted(self, admission: Admission) -> None:
         """Count the admitted steps (the refusals were counted by ``admit``)."""
         for steps in admission.admitted.values():
             for admitted in steps:
                 self.metrics.gate_decisions.labels(admitted.verdict.cls.name.lower(), "admitted", "none").inc()
+
+    def count_refused(self) -> None:
+        """One more refusal (made in a lane)."""
+        with self._lock:
+            self.refused_total += 1
 
     def pending(self) -> list[Pending]:
         """Pending approvals, by vmid then op kind."""
@@ -467,87 +470,17 @@ class Gate:
                              refused=self.refused_total, deferred=self.deferred_total,
                              max_stops_per_tick=self.settings.max_stops_per_tick)
 
-    # --- execution ----------------------------------------------------------------------------
+    @property
+    def counters(self) -> collections.Counter[tuple[str, str]]:
+        """Actions run, by (kind, outcome) (kept by the lane)."""
+        return self.lane.counters()
 
     def execute(self, admitted: Admitted) -> Outcome | Refusal:
-        """Authorize in the lane, journal, call Proxmox, wait for the task, journal the end.
+        """Run an admitted step in its lane (see ``Lane.execute``)."""
+        return self.lane.execute(admitted)
 
-        Never raises for PVE errors; a step refused in the lane returns its Refusal and is not run.
-        """
-        step = admitted.step
-        kind = KINDS[step.kind]
-        if self._writer is None:
-            raise RuntimeError("this gate has no writer (a dry run)")
-        try:
-            refusal = self.authorize(admitted)
-        except PveError as exc:
-            log.warning("action", vmid=step.vmid, action=step.kind, outcome="failed", error=f"cannot authorize: {exc}")
-            self._count(step.kind, Outcome.FAILED)
-            return Outcome.FAILED
-        if refusal is not None:
-            return refusal
-        bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
-        started = self._clock()
-        begun = self._begin(admitted)
-        if isinstance(begun, Refusal):
-            return begun
-        op_id = begun
-        bound = bound.bind(op_id=op_id)
-        try:
-            upid = kind.call(self._writer, step, self.settings.calls)
-            if upid:
-                bound = bound.bind(upid=upid)
-                self._journal(lambda j: j.task(op_id, upid))
-                waiting = self._clock()
-                result = wait_task(self._reader, upid, deadline=waiting + self.settings.task_timeout)
-                self.metrics.task_wait.observe(self._clock() - waiting)
-            else:
-                result = TaskOutcome(TaskResult.OK, "")
-        except PveError as exc:
-            result = TaskOutcome(TaskResult.FAILED, str(exc))
-        if result.result is TaskResult.FAILED and kind.is_already_there(result.exitstatus):
-            result = TaskOutcome(TaskResult.OK, result.exitstatus)
-        outcome = OUTCOMES[result.result]
-        self._journal(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
-        self._count(step.kind, outcome)
-        bound.info("action", outcome=outcome.value, duration_s=round(self._clock() - started, 3),
-                   **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
-        return outcome
-
-    def _count(self, kind: str, outcome: Outcome) -> None:
-        with self._lock:
-            self.counters[(kind, outcome.value)] += 1
-        self.metrics.actions.labels(kind, outcome.value).inc()
-
-    def _begin(self, admitted: Admitted) -> str | Refusal:
-        """Journal the intent; for a signed op the same fdatasync'd record spends its nonce (``op:<op_id>``)."""
-        step, journal, op = admitted.step, self.journal, admitted.op
-        payload: dict[str, object] = {**step.payload(), "class": admitted.verdict.cls.name.lower(),
-                                      "source": admitted.source.value}
-        if op is not None:
-            payload.update(digest=op.payload.precondition.digest, before=self._before.pop(op.payload.op_id, {}),
-                           op={"id": op.payload.op_id, "kind": op.payload.kind, "class": op.payload.class_,
-                               "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,
-                               "not_after": op.payload.not_after})
-        if journal is None:
-            if op is not None:
-                return self._refuse_op(admitted, JOURNAL_UNAVAILABLE, "the journal is not working")
-            return os.urandom(8).hex()
-        key = f"{BURN_PREFIX}{op.payload.op_id}" if op is not None else None
-        try:
-            with self.metrics.journal_append.time():
-                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload, key=key)
-        except NonceSpentError:
-            return self._refuse_op(admitted, "NONCE_SPENT", "this signed op was already used")
-        except KeyInFlightError:
-            return self._refuse_op(admitted, "NONCE_IN_FLIGHT", "this signed op is running now")
-        except JournalError as exc:
-            self._lose_journal(exc)
-            if op is not None:  # nothing durable says the nonce was spent: the op did not run
-                return self._refuse_op(admitted, JOURNAL_UNAVAILABLE, f"the journal failed: {exc}")
-            return os.urandom(8).hex()
-
-    def _journal(self, write: Callable[[Journal], object]) -> None:
+    def journal_write(self, write: Callable[[Journal], object]) -> None:
+        """One journal write; a failure switches the gate to benign-only."""
         journal = self.journal
         if journal is None:
             return
@@ -555,9 +488,9 @@ class Gate:
             with self.metrics.journal_append.time():
                 write(journal)
         except JournalError as exc:
-            self._lose_journal(exc)
+            self.lose_journal(exc)
 
-    def _lose_journal(self, exc: JournalError) -> None:
-        # From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
+    def lose_journal(self, exc: JournalError) -> None:
+        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest)."""
         log.error("journal_failed_benign_only_from_now", error=str(exc))
         self.journal = None

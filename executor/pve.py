@@ -74,6 +74,18 @@ class GuestState:
     lock: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pending:
+    """A guest's pending section: the values now, the values and deletes the next start applies."""
+
+    current: dict[str, str] = field(default_factory=dict)
+    set: dict[str, str] = field(default_factory=dict)
+    delete: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.delete)
+
+
 class TaskResult(enum.Enum):
     """How a PVE task ended."""
 
@@ -131,8 +143,8 @@ class PveReader(Protocol):
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
         """The pending-applied config and its digest."""
 
-    def pending_keys(self, guest_type: str, vmid: int) -> frozenset[str]:
-        """Keys with a change in PVE's pending section (applied by the next start)."""
+    def pending(self, guest_type: str, vmid: int) -> Pending:
+        """PVE's pending section (what the next start applies) with the current values beside it."""
 
     def task_status(self, upid: str) -> dict[str, Any]:
         """The task's status record."""
@@ -266,10 +278,13 @@ class ProxmoxNode:
         digest = str(data.pop("digest", ""))
         return {key: as_text(value) for key, value in data.items()}, digest
 
-    def pending_keys(self, guest_type: str, vmid: int) -> frozenset[str]:
-        """GET .../pending: keys with a pending value or a pending delete."""
+    def pending(self, guest_type: str, vmid: int) -> Pending:
+        """GET .../pending: per key its current value, its pending value or a pending delete."""
         listed = self._call(lambda api: self.session.guest(api, guest_type, vmid).pending.get()) or []
-        return frozenset(str(item["key"]) for item in listed if "pending" in item or item.get("delete"))
+        current = {str(i["key"]): as_text(i["value"]) for i in listed if "value" in i}
+        values = {str(i["key"]): as_text(i["pending"]) for i in listed if "pending" in i}
+        deleted = frozenset(str(i["key"]) for i in listed if i.get("delete"))
+        return Pending(current=current, set=values, delete=deleted)
 
     def task_status(self, upid: str) -> dict[str, Any]:
         """GET /nodes/{upid's node}/tasks/{upid}/status."""

@@ -33,7 +33,7 @@ class SelftestResult:
 
 def _write(engine: Engine, vmid: int, values: dict[str, str], delete: list[str]) -> None:
     """One description write through the engine's funnel (the gate admits it as SELFTEST)."""
-    declared = [Declared(vmid=vmid, description="")]
+    declared = [Declared(vmid=vmid, description=values.get("description", ""))]  # exactly what is written
     observed = observe(engine.pve, declared)
     guest = observed.guests[vmid]
     _, digest = observed.configs[vmid]

@@ -34,16 +34,23 @@ def default_limit(*, managed: int, source: Source) -> int | None:
 
 
 def limit_stops(stop_vmids: Sequence[int], *, managed: int, source: Source,
-                max_stops_per_tick: int | None) -> StopBudget:
-    """Admit the lowest vmids up to the limit, defer the rest; a remote mass stop needs approval."""
-    if managed < 0:
-        raise ValueError(f"managed must not be negative, got {managed}")
+                max_stops_per_tick: int | None, already_stopped: int = 0, used: int = 0) -> StopBudget:
+    """Admit the lowest vmids up to the limit, defer the rest; a remote mass stop needs approval.
+
+    ``already_stopped``: managed guests stopped now and declared stopped (a hub that drains a node
+    half at a time still drains it). ``used``: stops this source already ran in the current limit
+    window (ticks on demand must not multiply the rate).
+    """
+    for name, count in (("managed", managed), ("already_stopped", already_stopped), ("used", used)):
+        if count < 0:
+            raise ValueError(f"{name} must not be negative, got {count}")
     if max_stops_per_tick is not None and max_stops_per_tick < 1:
         raise ValueError(f"max_stops_per_tick must be at least 1 (or unset), got {max_stops_per_tick}")
     vmids = tuple(sorted(set(stop_vmids)))
-    if source is not Source.LOCAL_FILE and 2 * len(vmids) > managed:
+    if source is not Source.LOCAL_FILE and 2 * (len(vmids) + already_stopped) > managed:
         return StopBudget(admitted=(), deferred=(), need_approval=vmids)
     limit = max_stops_per_tick if max_stops_per_tick is not None else default_limit(managed=managed, source=source)
     if limit is None:
         return StopBudget(admitted=vmids, deferred=(), need_approval=())
-    return StopBudget(admitted=vmids[:limit], deferred=vmids[limit:], need_approval=())
+    room = max(0, limit - used)
+    return StopBudget(admitted=vmids[:room], deferred=vmids[room:], need_approval=())

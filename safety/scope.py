@@ -1,13 +1,22 @@
 """The scope check, before classification: an action may touch only what the desired state declared.
 
 A start or stop only where a run state is declared, and in its direction; a config write only of
-declared keys (and ``description`` when it is declared); an undeclared guest, or any other kind,
-is out of scope of desired state, whatever its class.
+declared keys (and ``description`` when it is declared), only with the declared value, and a
+delete only of a key declared blank; an undeclared guest, or any other kind, is out of scope of
+desired state, whatever its class.
+
+"The declared value" allows the spellings the planner writes: the same number, boolean or tag set
+in another form, text equal but for trailing whitespace and line endings, and a property string
+whose fields all come from the declared value or from the value the guest has now (a kept MAC, a
+field the declaration does not pin). Any other value is the planner's invention, and refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 
 from safety.model import Action
 
@@ -23,10 +32,15 @@ class Declaration:
     state: str | None  # "running" | "stopped" | None: power not managed
     config_keys: frozenset[str] | None  # None: config not managed
     description: bool  # description managed
+    values: Mapping[str, str] = field(default_factory=dict)  # the declared values (description included)
 
 
-def out_of_scope(action: Action, declared: Declaration | None) -> str | None:
-    """None when ``action`` stays inside what ``declared`` manages; otherwise why it does not."""
+def out_of_scope(action: Action, declared: Declaration | None,
+                 actual: Mapping[str, str] | None = None) -> str | None:
+    """None when ``action`` stays inside what ``declared`` manages; otherwise why it does not.
+
+    ``actual``: the config as read, for the fields a written property string may keep from it.
+    """
     what = f"{action.kind} for guest {action.vmid}"
     if declared is None:
         return f"{what}: the guest is not declared in the desired state"
@@ -36,7 +50,7 @@ def out_of_scope(action: Action, declared: Declaration | None) -> str | None:
     if wanted is not None:
         return _power(what, wanted, declared)
     if action.kind in _CONFIG_KINDS:
-        return _config(what, action, declared)
+        return _config(what, action, declared) or _values(what, action, declared, actual or {})
     return f"{what}: desired state never declares a {action.kind!r} action"
 
 
@@ -59,3 +73,65 @@ def _config(what: str, action: Action, declared: Declaration) -> str | None:
     if extra:
         return f"{what}: keys not declared: {', '.join(extra)}"
     return None
+
+
+_TRUE, _FALSE = frozenset({"1", "on", "yes", "true"}), frozenset({"0", "off", "no", "false"})
+_TAGS = re.compile(r"[;,\s]+")
+
+
+def _values(what: str, action: Action, declared: Declaration, actual: Mapping[str, str]) -> str | None:
+    """Each written value is a spelling of the declared one; a deleted key is declared blank."""
+    for key, value in sorted(action.set.items()):
+        wanted = declared.values.get(key)
+        if wanted is not None and not same_value(wanted, value, actual.get(key)):
+            return f"{what}: {key}: writes {value[:80]!r}, the declared value is {wanted[:80]!r}"
+    for key in action.delete:
+        wanted = declared.values.get(key)
+        if wanted is not None and wanted.strip():
+            return f"{what}: {key}: deletes a key declared as {wanted[:80]!r}"
+    return None
+
+
+def same_value(declared: str, written: str, actual: str | None) -> bool:
+    """Whether ``written`` is a spelling of ``declared`` (fields may also come from ``actual``)."""
+    if _canon(declared) == _canon(written) or _text(declared) == _text(written):
+        return True
+    if _tags(declared) == _tags(written) and ";" in written:
+        return True
+    if "," in written or "=" in written:
+        allowed = _fields(declared) | _fields(actual or "")
+        return _fields(written) <= allowed
+    return False
+
+
+def _canon(value: str) -> str:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return "1"
+    if text in _FALSE:
+        return "0"
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return text
+    return format(number.normalize(), "f") if number.is_finite() else text
+
+
+def _text(value: str) -> str:
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(line.rstrip() for line in lines).rstrip()
+
+
+def _tags(value: str) -> frozenset[str]:
+    return frozenset(t.lower() for t in _TAGS.split(value) if t)
+
+
+def _fields(value: str) -> frozenset[str]:
+    """A property string's fields, canonical (``k=v`` or a bare token), in no order."""
+    found = set()
+    for token in value.split(","):
+        name, eq, val = token.strip().partition("=")
+        if not name:
+            continue
+        found.add(f"{name.lower()}={_canon(val)}" if eq else _canon(name))
+    return frozenset(found)

@@ -82,9 +82,10 @@ def _hostile(fakepve: Any) -> list[Declared]:
     fakepve.add_vm(102, "hooked", status="stopped", config={"memory": 512})
     fakepve.add_vm(103, "cache", status="running")
     fakepve.add_vm(104, "undeclared", status="stopped")
+    # 101 and 102 declare the very change the planner sends: in scope, and still never benign.
     return [Declared(vmid=100, state="running", config={"memory": "1024"}),
-            Declared(vmid=101, config={"scsi0": "local-lvm:vm-101-disk-0,size=32G"}),
-            Declared(vmid=102, config={"hookscript": "local:snippets/ok.sh"}),
+            Declared(vmid=101, config={"scsi0": ""}),
+            Declared(vmid=102, config={"hookscript": "local:snippets/evil.sh"}),
             Declared(vmid=103, state="running")]
 
 
@@ -187,7 +188,7 @@ def test_a_remote_source_stops_a_few_guests_per_tick_and_never_drains_the_node(f
     for vmid in range(100, 150):
         fakepve.add_vm(vmid, f"vm{vmid}", status="running")
     few = [Declared(vmid=v, state="stopped" if v < 112 else "running") for v in range(100, 150)]
-    hub = make_engine(few, source=Source.HUB)
+    hub = make_engine(few, source=Source.HUB, stop_window=0.0)  # the limit per tick (the window is its own test)
     first = hub.tick(wait=True)
     assert (first.succeeded, first.stops_deferred) == (5, 7)
     assert sorted(v.vmid for v in fakepve.vms if v.status == "stopped") == list(range(100, 105))
@@ -217,7 +218,7 @@ def test_only_the_gate_holds_the_proxmox_writer(fakepve: Any, fakepve_cafile: st
     parts = build(ExecutorSettings(planner=f"127.0.0.1:{planner.port}"), conn, EmptyProvider(), None)
     try:
         holders = [path for path, value in _walk(parts, "parts") if isinstance(value, ProxmoxWriter)]
-        assert holders == ["parts.engine.gate._writer"]
+        assert holders == ["parts.engine.gate.lane._writer"]
     finally:
         parts.close(1)
 
@@ -238,8 +239,9 @@ def _walk(value: Any, path: str, seen: set[int] | None = None) -> Iterator[tuple
 
 
 def test_a_start_that_would_apply_a_pending_disk_change_needs_approval(fakepve: Any, make_engine: Make) -> None:
-    """PVE's start applies the pending section: with a disk delete pending, the start is refused in the
-    guest's lane (one read of /pending, no start), and listed for approval; without one it runs."""
+    """PVE's start applies the pending section: with a disk delete pending, the start is as destructive as
+    that delete, refused in the guest's lane (one read of /pending, no start) and listed for approval; a
+    pending memory change is benign, and that start runs."""
     fakepve.add_vm(100, "web", status="stopped", config={"scsi1": "local-lvm:vm-100-disk-1,size=8G"},
                    pending={"scsi1": None})
     fakepve.add_vm(101, "db", status="stopped", pending={"memory": 2048})
@@ -247,7 +249,8 @@ def test_a_start_that_would_apply_a_pending_disk_change_needs_approval(fakepve: 
     summary = engine.tick(wait=True)
     assert [p for m, p, _ in mutations(fakepve)] == ["/api2/json/nodes/pve1/qemu/101/status/start"]
     assert [(r.vmid, r.op_kind, r.reason) for r in summary.refusals] == [(100, "start", "APPROVAL_REQUIRED")]
-    assert [(p.vmid, p.cls.name) for p in engine.gate.pending()] == [(100, "APPROVAL")]
+    listed = [(p.vmid, p.cls.name, p.rule) for p in engine.gate.pending()]
+    assert listed == [(100, "DESTRUCTIVE", "pending_disk_detach")]
     assert fakepve.vm(100).status == "stopped" and fakepve.vm(101).status == "running"
 
 

@@ -2,9 +2,8 @@
 
 The attacker controls the planner's answers, the content (and claimed source) of a non-local
 desired state, or the timing of the Proxmox API. Each test counts what fakepve actually received.
-Tests marked ``xfail(strict=True)`` are holes found in review: each reason names the hole; the fix
-removes the marker. The passing tests are kept as the instructive ones (what the gate already
-stops, and why).
+The tests under "holes" each failed when the review found them and pass since their fix; the
+others are kept as the instructive ones (what the gate already stopped, and why).
 """
 
 from __future__ import annotations
@@ -149,8 +148,6 @@ def test_with_the_config_unreadable_no_disk_nic_or_protection_write_is_benign(fa
 
 # --- holes ---------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="hole: an action with an unknown guest type or vmid 0 raises "
-                                       "ValueError in Action.__post_init__ via gate._judge: the tick crashes")
 @pytest.mark.parametrize("bad", [pb.Action(vmid=100, type=7, start=pb.StartAction()),  # type: ignore[arg-type]
                                  start(0)], ids=["guest type 7", "vmid 0"])
 def test_an_unreadable_action_is_refused_and_never_stops_the_tick(bad: pb.Action, fakepve: Any,
@@ -165,8 +162,6 @@ def test_an_unreadable_action_is_refused_and_never_stops_the_tick(bad: pb.Action
     assert [r.vmid for r in summary.refusals] == [bad.vmid]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the gate writes with the planner's digest (kinds.py SET_CONFIG "
-                                       "call uses Step.digest), not the digest it classified against")
 def test_a_planner_that_drops_the_digest_cannot_write_over_a_change_made_after_the_read(
         fakepve: Any, node: ProxmoxNode, make_engine: Make) -> None:
     """`protection: 0` over an actual 0 is benign; if an operator turns protection on after the read, a
@@ -184,8 +179,6 @@ def test_a_planner_that_drops_the_digest_cannot_write_over_a_change_made_after_t
     assert is_on(str(fakepve.vm(100).config["protection"])), "protection lowered without approval"
 
 
-@pytest.mark.xfail(strict=True, reason="hole: gate.execute ends an unanswered call as FAILED (PveError -> "
-                                       "FAILED); the next tick plans the start again while it still runs")
 def test_a_start_whose_answer_was_lost_is_not_sent_again(fakepve: Any, node: ProxmoxNode, make_engine: Make) -> None:
     """PVE took the start but the answer was lost (flaky network): the op is not a failure, and the start
     is not sent a second time while its task is still running."""
@@ -200,8 +193,6 @@ def test_a_start_whose_answer_was_lost_is_not_sent_again(fakepve: Any, node: Pro
     assert Outcome.FAILED not in [r.outcome for r in engine.journal.recent() if isinstance(r, Ended)]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a task still running at task_timeout ends UNKNOWN and the guest "
-                                       "is only backed off, so the next tick sends the start again")
 def test_a_start_still_running_at_the_task_deadline_is_not_sent_again(fakepve: Any, make_engine: Make) -> None:
     """A start that outlives the executor's task deadline keeps its guest held until the task ends."""
     fakepve.time_scale = 0.01
@@ -213,8 +204,6 @@ def test_a_start_still_running_at_the_task_deadline_is_not_sent_again(fakepve: A
     assert len(starts(fakepve, 100)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a step listed twice is admitted twice (gate.admit keeps "
-                                       "duplicates): two starts are sent")
 def test_a_step_listed_twice_runs_once(fakepve: Any, make_engine: Make) -> None:
     """A planner repeating an action in one answer gets it run once."""
     fakepve.add_vm(100, "web", status="stopped")
@@ -223,8 +212,6 @@ def test_a_step_listed_twice_runs_once(fakepve: Any, make_engine: Make) -> None:
     assert len(starts(fakepve, 100)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a start's pending check is gate.DRIVE_KEY, not the key table: "
-                                       "a pending 'args' (host code) is applied by an admitted start")
 def test_a_start_that_would_apply_pending_host_code_needs_approval(fakepve: Any, make_engine: Make) -> None:
     """A start applies the whole pending section: a pending `args` makes it as destructive as writing `args`."""
     vm = fakepve.add_vm(100, "web", status="stopped", pending={"args": "-device pci-assign,host=00:02.0"})
@@ -233,8 +220,6 @@ def test_a_start_that_would_apply_pending_host_code_needs_approval(fakepve: Any,
     assert [(r.op_kind, r.reason) for r in summary.refusals] == [("start", "APPROVAL_REQUIRED")]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: managed = len(declared) counts guests that are not on this node "
-                                       "(engine.submit): a hub inflates its stop budget with phantom vmids")
 def test_phantom_guests_do_not_raise_a_hubs_stop_budget(fakepve: Any, make_engine: Make) -> None:
     """A hub that stops every guest of the node is refused, however many absent vmids it also declares."""
     for vmid in range(100, 104):
@@ -246,8 +231,6 @@ def test_phantom_guests_do_not_raise_a_hubs_stop_budget(fakepve: Any, make_engin
     assert {r.reason for r in summary.refusals} == {"APPROVAL_REQUIRED"}
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the stop limit is per tick, and Reconcile runs ticks on demand: "
-                                       "back-to-back ticks multiply a hub's stop rate")
 def test_back_to_back_ticks_do_not_multiply_a_hubs_stop_rate(fakepve: Any, make_engine: Make) -> None:
     """The limit gives a person time to notice: three Reconcile calls in a second still stop max(2, 10%)."""
     for vmid in range(100, 110):
@@ -259,8 +242,6 @@ def test_back_to_back_ticks_do_not_multiply_a_hubs_stop_rate(fakepve: Any, make_
     assert len(stopped(fakepve)) <= 2
 
 
-@pytest.mark.xfail(strict=True, reason="hole: 'more than half' counts only this tick's stops (blast.limit_stops):"
-                                       " a hub drains a node half at a time")
 def test_a_hub_cannot_drain_a_node_half_at_a_time(fakepve: Any, make_engine: Make) -> None:
     """Stopping half, then the other half, still stops more than half of the managed guests: needs approval."""
     for vmid in range(100, 106):
@@ -275,8 +256,6 @@ def test_a_hub_cannot_drain_a_node_half_at_a_time(fakepve: Any, make_engine: Mak
     assert stopped(fakepve) == [100, 101, 102], "the node was drained without an approval"
 
 
-@pytest.mark.xfail(strict=True, reason="hole: provider_source trusts any Source a provider claims, and "
-                                       "gate._judge skips the scope check for OPERATOR_OP")
 def test_a_desired_state_provider_cannot_claim_to_be_a_signed_operation(fakepve: Any, make_engine: Make) -> None:
     """Only a verified signed op is OPERATOR_OP: a provider claiming it still gets the scope check."""
     fakepve.add_vm(100, "web", status="running")
@@ -288,8 +267,6 @@ def test_a_desired_state_provider_cannot_claim_to_be_a_signed_operation(fakepve:
     assert [(r.vmid, r.reason) for r in summary.refusals] == [(104, "OUT_OF_SCOPE")]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the scope check is per key, not per value (scope._config): a "
-                                       "planner writes any value to a declared benign key (LXC memory 16 MB)")
 def test_a_planner_writes_only_the_declared_value(fakepve: Any, make_engine: Make) -> None:
     """A running container declared with 2048 MB is not given 16 MB (hot-applied: an OOM kill, a stop in disguise)."""
     fakepve.add_ct(101, "db", status="running", config={"memory": 2048})
@@ -300,8 +277,6 @@ def test_a_planner_writes_only_the_declared_value(fakepve: Any, make_engine: Mak
     assert [r.vmid for r in summary.refusals] == [101]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: fields this executor cannot read are dropped (actions.step_from_proto)"
-                                       " and the rest of the action runs")
 def test_an_action_with_fields_this_executor_cannot_read_is_refused(fakepve: Any, make_engine: Make) -> None:
     """A newer planner's SetConfig field (say a `force` or a condition) is not silently dropped: the action
     is refused as unknown, as an unknown kind is."""
@@ -314,8 +289,6 @@ def test_an_action_with_fields_this_executor_cannot_read_is_refused(fakepve: Any
     assert [r.vmid for r in summary.refusals] == [100]
 
 
-@pytest.mark.xfail(strict=True, reason="hole (low): the endpoint and the key table follow the planner's guest "
-                                       "type, not the observed one (kinds.py, gate.to_action)")
 def test_a_step_for_the_wrong_guest_type_is_refused_not_sent(fakepve: Any, make_engine: Make) -> None:
     """A planner calling a VM a container gets the step refused; no request reaches the other endpoint."""
     fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
@@ -326,8 +299,6 @@ def test_a_step_for_the_wrong_guest_type_is_refused_not_sent(fakepve: Any, make_
     assert [r.vmid for r in summary.refusals] == [100]
 
 
-@pytest.mark.xfail(strict=True, reason="hole: FileProvider.source stats the file on every tick and raises "
-                                       "FileNotFoundError through provider_source: the tick (the daemon) crashes")
 def test_a_desired_file_removed_while_running_does_not_crash_the_tick(fakepve: Any, make_engine: Make,
                                                                       tmp_path: Path) -> None:
     """The file provider keeps its last good state when the file goes away; the tick goes on."""
@@ -342,8 +313,6 @@ def test_a_desired_file_removed_while_running_does_not_crash_the_tick(fakepve: A
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the node's own file is trusted only when root owns it")
-@pytest.mark.xfail(strict=True, reason="hole: the file's trust is stat'ed after the plan (provider_source), not "
-                                       "with the content read: swapping files between the two mixes them")
 def test_the_trust_given_to_the_desired_file_is_that_of_the_content_read(fakepve: Any, node: ProxmoxNode,
                                                                          make_engine: Make, tmp_path: Path) -> None:
     """Someone who may write the file's directory plants a world-writable file (a remote source: stopping
@@ -387,8 +356,6 @@ def _ran(settings: ExecutorSettings, connect: Callable[..., Connection], desired
     return sorted((m, p) for m, p, _ in mutations(fakepve, before))
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the dry run counts managed = guests not elsewhere, run counts every "
-                                       "declared guest (daemon.dry_run vs engine.submit): different stop budgets")
 def test_dry_run_and_run_give_a_hub_the_same_stop_budget(fakepve: Any, fakepve_cafile: str, planner: server.Running,
                                                          connect: Callable[..., Connection], tmp_path: Path) -> None:
     """Guests declared here but living on another node count the same in `plan` and in `run`."""
@@ -406,8 +373,6 @@ def test_dry_run_and_run_give_a_hub_the_same_stop_budget(fakepve: Any, fakepve_c
     assert [int(p.split("/")[-3]) for _, p in sent] == promised
 
 
-@pytest.mark.xfail(strict=True, reason="hole: render/as_json find a step's refusal by (vmid, op_kind): a refused "
-                                       "config write marks the admitted one of the same guest refused too")
 def test_the_dry_run_marks_only_the_refused_step_refused(fakepve: Any, fakepve_cafile: str,
                                                          connect: Callable[..., Connection], tmp_path: Path) -> None:
     """Two config writes for one guest, one declared and one not: `plan --json` admits the one `run` sends."""
@@ -423,8 +388,6 @@ def test_the_dry_run_marks_only_the_refused_step_refused(fakepve: Any, fakepve_c
     assert [v["decision"] for v in shown["verdicts"]] == ["admitted", "refused"]
 
 
-@pytest.mark.xfail(strict=True, reason="hole (low): render prints planner-chosen key names raw: terminal escape "
-                                       "sequences can rewrite what `pve-executor plan` shows")
 def test_the_dry_run_prints_no_escape_sequence_a_planner_sent(fakepve: Any, fakepve_cafile: str,
                                                                tmp_path: Path) -> None:
     """A key like "\\x1b[2K\\rmemory" is shown escaped, so a planner cannot erase or forge lines of `plan`."""

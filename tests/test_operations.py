@@ -360,7 +360,7 @@ def test_plan_output_is_coloured_only_on_a_tty() -> None:
     """The dry run reads at a glance: key, current, desired; colour codes only when asked for."""
     from executor.actions import SET_CONFIG, Step  # noqa: PLC0415
     from executor.daemon import DryRun, render  # noqa: PLC0415
-    from executor.gate import Admission  # noqa: PLC0415
+    from executor.gate import Admission, Judged  # noqa: PLC0415
     from executor.observe import Observed  # noqa: PLC0415
     from safety.classify import Class, Verdict  # noqa: PLC0415
 
@@ -368,7 +368,7 @@ def test_plan_output_is_coloured_only_on_a_tty() -> None:
                                               set_config=pb.SetConfigAction(set={"memory": "4096"}))])
     step = Step(vmid=100, guest_type="qemu", kind=SET_CONFIG, set=(("memory", "4096"),))
     verdict = Verdict(cls=Class.BENIGN, op_kind="config", rule="benign_key", reasons=())
-    result = DryRun(plan, Admission(admitted={}, verdicts=((step, verdict),)),
+    result = DryRun(plan, Admission(admitted={}, judged=(Judged(step=step, verdict=verdict),)),
                     Observed(guests={}, configs={100: ({"memory": "2048"}, "")}, elsewhere=frozenset()))
     plain = render(result, color=False)
     assert plain == "guest 100: set config [benign]\n    memory: '2048' -> '4096'"

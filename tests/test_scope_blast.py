@@ -96,3 +96,30 @@ def test_stop_budget_partitions_the_stops(stops: list[int], managed: int, source
     else:
         assert len(budget.admitted) <= max(2, managed // 10) or limit is not None
         assert 2 * len(budget.admitted + budget.deferred) <= managed
+
+
+def test_a_hub_that_drains_a_node_in_halves_needs_approval_for_the_second_half() -> None:
+    """Guests already stopped by the declaration count: half now and half later is still a drain."""
+    assert limit_stops([103, 104, 105], managed=6, source=Source.HUB, max_stops_per_tick=10,
+                       already_stopped=0).admitted == (103, 104, 105)
+    assert limit_stops([103, 104, 105], managed=6, source=Source.HUB, max_stops_per_tick=10,
+                       already_stopped=3).need_approval == (103, 104, 105)
+
+
+def test_stops_already_run_in_the_window_use_up_the_budget() -> None:
+    """Ticks on demand do not multiply the rate: stops run in the window count against the limit."""
+    budget = limit_stops([100, 101, 102], managed=30, source=Source.HUB, max_stops_per_tick=None, used=2)
+    assert (budget.admitted, budget.deferred) == ((100,), (101, 102))
+
+
+def test_a_written_value_must_be_a_spelling_of_the_declared_one() -> None:
+    """Numbers, booleans, tags and text in other spellings pass; a property string may keep actual's fields
+    (the MAC); anything else the planner writes is out of scope."""
+    from safety.scope import same_value  # noqa: PLC0415
+
+    assert same_value("2048", "2048.0", None) and same_value("yes", "1", None) and same_value("a,B", "a;b", None)
+    assert same_value("web tier\r\n", "web tier", None)
+    assert same_value("virtio,bridge=vmbr1", "virtio=BC:24:11:00:00:01,bridge=vmbr1,firewall=1",
+                      "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1")
+    assert not same_value("2048", "16", None)
+    assert not same_value("virtio,bridge=vmbr1", "virtio,bridge=vmbr1,tag=666", "virtio=BC:24:11:00:00:01,bridge=vmbr0")
