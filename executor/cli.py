@@ -9,10 +9,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from common import logs
-from common.config import ConfigError, add_flags, resolve
+from common.config import ConfigError, Option, add_flags, resolve
 from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls
 from executor import opcli
-from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, RUN, ExecutorSettings
+from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, ExecutorSettings
 from executor.pve import Connection, Credentials, PveError
 
 
@@ -24,11 +24,14 @@ def parser() -> argparse.ArgumentParser:
     add_flags(run, (*CONNECTION, *RUN), ENV_PREFIX)
     run.add_argument("--once", action="store_true", help="recover, run one tick, wait for it, exit (1 if it failed)")
     plan = sub.add_parser("plan", help="dry run: show what would change, mutate nothing")
-    add_flags(plan, CONNECTION, ENV_PREFIX)
+    add_flags(plan, (*CONNECTION, *PLAN), ENV_PREFIX)
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     check = sub.add_parser("selftest", help="write a description to a scratch guest, read it back, restore it")
     add_flags(check, CONNECTION, ENV_PREFIX)
     check.add_argument("--vmid", type=int, required=True, help="a scratch guest whose description may be changed")
+    reset = sub.add_parser("clock-reset", help="after a clock that ran ahead (daemon stopped): let the gate's clock "
+                                               "follow the wall clock again; ops signed before now are refused")
+    add_flags(reset, STATE, ENV_PREFIX)
     opcli.add_parsers(sub)
     return top
 
@@ -89,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit 
     args = parser().parse_args(argv)
     if args.command in opcli.COMMANDS:  # the operator's commands talk to the executor API, never to Proxmox
         return opcli.main(args)
-    options = (*CONNECTION, *RUN) if args.command == "run" else CONNECTION
+    options: tuple[Option, ...] = (*CONNECTION, *RUN) if args.command == "run" else CONNECTION
     from executor import daemon  # noqa: PLC0415 (keeps `--help` fast)
 
+    options = {"plan": (*CONNECTION, *PLAN), "clock-reset": STATE}.get(args.command, options)
     try:
         config = resolve(options, args, ENV_PREFIX)
         settings = ExecutorSettings.from_config(config, **{k: v for k, v in vars(args).items() if k in EXTRAS})
@@ -99,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit 
             print(config.render())
             return 0
         logs.configure(settings.log_format)
+        if args.command == "clock-reset":
+            return daemon.reset_clock(settings)
         if args.command == "plan":
             return daemon.show_plan(settings)
         conn = connection(settings)

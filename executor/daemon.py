@@ -34,7 +34,7 @@ from executor.gate import Admission, Gate, GateSettings, declaration_of
 from executor.kinds import CallSettings
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed, observe
-from executor.ops import OP_TTL_MAX, GateClock, OpDesk, OpSettings, gate_secret
+from executor.ops import OP_TTL_MAX, GateClock, OpDesk, OpSettings, clock_reset, gate_secret
 from executor.planner_client import PlannerClient, PlannerError
 from executor.pve import Connection, ProxmoxNode, PveError
 from executor.pvewrite import ProxmoxWriter
@@ -172,6 +172,20 @@ def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: thr
     if api is not None:
         api.set_serving(True)
     return True
+
+
+def reset_clock(settings: ExecutorSettings) -> int:
+    """``pve-executor clock-reset``: the daemon must be stopped (the journal's lock says so)."""
+    try:
+        journal = Journal.open(settings.state_dir)
+    except JournalOpenError as exc:
+        print(f"pve-executor: clock-reset: {exc} (stop the daemon first)", file=sys.stderr)
+        return 2
+    with journal:
+        offset, floor = clock_reset(settings.state_dir, journal)
+    print(f"clock reset: the journal's high-water mark is read {offset:.0f} s lower; "
+          f"signed ops from before {floor:.0f} are refused")
+    return 0
 
 
 def run_selftest(settings: ExecutorSettings, conn: Connection) -> int:

@@ -24,6 +24,7 @@ log = structlog.get_logger("executor.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 CLASSES = {Class.BENIGN: pb.ACTION_CLASS_BENIGN, Class.APPROVAL: pb.ACTION_CLASS_APPROVAL,
            Class.DESTRUCTIVE: pb.ACTION_CLASS_DESTRUCTIVE}
+CLASS_NAMES = {cls.name: value for cls, value in CLASSES.items()}
 
 
 def reason_to_proto(reason: str) -> pb.RefusalReason.ValueType:
@@ -72,7 +73,12 @@ def record_to_proto(record: Record) -> pb.Operation:
     at = int(record.at * 1000)
     match record:
         case Begun():
-            return pb.Operation(op_id=record.op_id, vmid=record.vmid, kind=record.kind, record="begun", at_unix_ms=at)
+            op = record.payload.get("op") or {}
+            cls = str(op.get("class") or record.payload.get("class", "")).upper()
+            return pb.Operation(op_id=record.op_id, vmid=record.vmid, kind=record.kind, record="begun", at_unix_ms=at,
+                                op_kind=str(op.get("kind", "")), signers=[str(s) for s in op.get("signers", [])],
+                                action_class=CLASS_NAMES.get(cls, pb.ACTION_CLASS_UNSPECIFIED),
+                                payload_json=json.dumps(record.payload, sort_keys=True))
         case TaskStarted():
             return pb.Operation(op_id=record.op_id, upid=record.upid, record="task", at_unix_ms=at)
         case Ended():
