@@ -26,7 +26,7 @@ from planner.model import (
     Stop,
 )
 from planner.normalize import DEFAULT_REGISTRY, Registry, canon_bool, is_blank
-from planner.validate import check_config, check_description, check_run_state, check_vmid, index_actual
+from planner.validate import check_config, check_desired, index_actual, index_guests
 
 DESCRIPTION_KEY = "description"
 SpecForm = tuple[tuple[str, ...], tuple[str, ...]]
@@ -71,7 +71,8 @@ class Verdicts(dict[Judged, tuple[Verdict, str]]):
         self.registry = registry
 
     def __missing__(self, judged: Judged) -> tuple[Verdict, str]:
-        verdict = self[judged] = judge(self.registry, *judged)
+        guest_type, key, desired, actual = judged  # a plain call: a star-call takes a slower path
+        verdict = self[judged] = judge(self.registry, guest_type, key, desired, actual)
         return verdict
 
 
@@ -118,10 +119,9 @@ class _Diff:
 
 @dataclass(slots=True)
 class _Planning:
-    """The state of one plan() call: what was seen, and what it has produced so far."""
+    """The state of one plan() call: the keys checked so far, and what it has produced."""
 
     comparer: Comparer
-    seen: dict[int, int] = field(default_factory=dict)
     known_keys: set[str] = field(default_factory=set)
     actions: list[Action] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
@@ -141,12 +141,11 @@ def plan(
     Raises InvalidRequestError naming the first bad field; the input order does not matter.
     """
     by_vmid = index_actual(actual)
+    wanted = index_guests("desired", desired)
     state = _Planning(Comparer(Verdicts(registry)))
     # Each message field is read once: a protobuf attribute read costs a name lookup, and this
     # loop runs once per guest of a snapshot of up to 50,000.
-    seen = state.seen
-    for vmid, index, want in sorted((want.vmid, index, want) for index, want in enumerate(desired)):
-        check_vmid("desired", index, vmid, seen)
+    for vmid, index, want in sorted((vmid, index, want) for index, (vmid, want) in enumerate(wanted.items())):
         _plan_guest(state, index, vmid, want, by_vmid.get(vmid))
     state.skipped.sort(key=lambda s: (s.vmid, s.reason))
     return Plan(actions=tuple(state.actions), skipped=tuple(state.skipped))
@@ -155,11 +154,8 @@ def plan(
 def _plan_guest(state: _Planning, index: int, vmid: int, want: DesiredView, have: ActualView | None) -> None:
     """Check one desired guest, then append its actions (config first) and skips."""
     want_power = want.run_state if want.HasField("run_state") else None
-    if want_power is not None:
-        check_run_state(index, want_power)
     description = want.description if want.HasField("description") else None
-    if description is not None:
-        check_description(f"desired[{index}].description", description)
+    check_desired(index, want_power, description)
     form = state.comparer.spec_form(index, want.spec, state.known_keys) if want.HasField("spec") else None
     if have is None:
         state.skip(vmid, SkipReason.NOT_FOUND, "declared guest not found on the node")
