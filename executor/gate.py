@@ -46,6 +46,7 @@ log = structlog.get_logger("executor.gate")
 APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
     "APPROVAL_REQUIRED", "OUT_OF_SCOPE", "UNKNOWN_KIND", "JOURNAL_UNAVAILABLE")
 DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = "DIGEST_STALE", "CLASS_MISMATCH", "BINDING_MISMATCH"
+LOCKED = "LOCKED"
 APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
 
 
@@ -313,6 +314,8 @@ class Gate:
         """A signed op's step: its class and kind must be the verdict's (no downgrade, no over-approval)."""
         if self.journal is None:
             return verdict, JOURNAL_UNAVAILABLE, "a signed op needs a working journal (its nonce is spent there)"
+        if facts.lock:  # before the digest: PVE writes the lock into the config, so it moves the digest too
+            return verdict, LOCKED, f"guest {step.vmid} is locked ({facts.lock}): retried until the op expires"
         if op.payload.precondition.digest != facts.digest:
             return verdict, DIGEST_STALE, (f"signed for config digest {op.payload.precondition.digest[:12]}, "
                                            f"the guest's is {facts.digest[:12]}")

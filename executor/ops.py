@@ -268,6 +268,8 @@ class OpDesk:
                 return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
             self._accepted[payload.op_id] = op
         refusal = self._queue(op)
+        if refusal is not None and self._wait_if_locked(refusal):
+            refusal = None  # accepted: it waits for the lock, retried each tick until it expires
         if refusal is not None:
             self._forget(payload.op_id)
         log.info("op_submitted", op_id=payload.op_id, vmid=payload.vmid, op_kind=payload.kind,
@@ -325,12 +327,17 @@ class OpDesk:
 
     def _done(self, op_id: str, result: Outcome | Refusal) -> None:
         """The lane's word on an op: ran (or failed) -> forgotten; LOCKED -> retried next tick until expiry."""
-        if isinstance(result, Refusal) and result.reason == RefusalReason.LOCKED.value:
-            with self._lock:
-                if op_id in self._accepted:
-                    self._retry.add(op_id)
-            return
-        self._forget(op_id)
+        if not (isinstance(result, Refusal) and self._wait_if_locked(result)):
+            self._forget(op_id)
+
+    def _wait_if_locked(self, refusal: Refusal) -> bool:
+        """A LOCKED refusal (a backup, a migration) puts the op up for the next tick's retry: True if it did."""
+        if refusal.reason != RefusalReason.LOCKED.value:
+            return False
+        with self._lock:
+            if refusal.op_id in self._accepted:
+                self._retry.add(refusal.op_id)
+        return True
 
     def _forget(self, op_id: str) -> None:
         with self._lock:
@@ -359,7 +366,8 @@ class OpDesk:
                 log.warning("op_expired_waiting", op_id=op.payload.op_id, vmid=op.payload.vmid)
                 self._forget(op.payload.op_id)
                 continue
-            if self._queue(op) is not None:
+            refusal = self._queue(op)
+            if refusal is not None and not self._wait_if_locked(refusal):
                 self._forget(op.payload.op_id)
 
     # --- revoke ----------------------------------------------------------------------------------

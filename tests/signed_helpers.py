@@ -1,0 +1,203 @@
+"""Helpers of the signed-op end-to-end and matrix tests: a trust store for fakepve's node, an in-process
+desk (a real engine, gate, journal and OpDesk), signing with the CLI's own payload builder, the journal
+read from disk while a daemon holds it, and a hold on one fakepve request (to kill a daemon mid-call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from executor.desired import Declared
+from executor.engine import Engine
+from executor.gate import Refusal
+from executor.opdoc import Proposal as Unsigned
+from executor.ops import GateClock, OpDesk, OpSettings, Proposal, gate_secret
+from executor.opsign import build_payload
+from journal import BURN_PREFIX, NonceSpentError, Record, segments
+from journal.records import record_of, scan
+from safety import signedop
+from safety.signedop import Envelope
+from tests.signing import key_entry, kid, private, to_toml, write_store
+
+AUDIENCE = "pve1@fakecluster"  # fakepve's node pve1 in its cluster "fakecluster"
+DESTROYER_KINDS = ["config.disk_detach", "config.unused_delete", "guest.destroy", "snapshot.delete",
+                   "snapshot.rollback"]
+OPERATOR_KINDS = ["config.nic_identity", "config.protection_off", "disk.resize", "op.revoke", "snapshot.create",
+                  "start", "stop"]
+GiB = 1 << 30
+
+
+def roles(audience: str = AUDIENCE) -> list[dict[str, Any]]:
+    """destroyer (DESTRUCTIVE kinds, threshold 2, 1 h, vmids 100-199) and operator (APPROVAL, threshold 1, 4 h)."""
+    return [
+        {"name": "destroyer", "kinds": DESTROYER_KINDS, "classes": ["DESTRUCTIVE"], "audiences": [audience],
+         "vmids": ["100-199"], "max_ttl": "1h", "threshold": 2},
+        {"name": "operator", "kinds": OPERATOR_KINDS, "classes": ["APPROVAL"], "audiences": [audience],
+         "vmids": ["100-199"], "max_ttl": "4h", "threshold": 1},
+    ]
+
+
+def store_doc(version: int = 1) -> dict[str, Any]:
+    """alice (destroyer, operator) and bob (destroyer), the deterministic test keys of tests.signing."""
+    return {"version": version, "roles": roles(),
+            "keys": [key_entry("alice", ["destroyer", "operator"]), key_entry("bob", ["destroyer"])]}
+
+
+@dataclass(slots=True)
+class Desk:
+    """An in-process executor: a real engine (fakepve over HTTPS, real planner, real journal) and its OpDesk."""
+
+    engine: Engine
+    desk: OpDesk
+    state_dir: Path
+
+    def propose(self, vmid: int, kind: str, **params: Any) -> Proposal:
+        """ProposeOp, in process."""
+        return self.desk.propose(vmid, kind, params)
+
+    def sign(self, proposal: Proposal | Unsigned, *signers: str, role: str, ttl: int = 900, now: float | None = None,
+             mutate: Callable[[bytes], bytes] | None = None) -> Envelope:
+        """The payload ``op sign`` builds from ``proposal``, signed by the named test keys.
+
+        ``mutate`` edits the payload bytes before signing (an attacker with a key, or a signer's tool gone wrong).
+        """
+        unsigned = proposal if isinstance(proposal, Unsigned) else unsigned_of(proposal)
+        data = build_payload(unsigned, role=role, ttl=ttl, reason="test", now=time.time() if now is None else now)
+        if mutate is not None:
+            data = mutate(data)
+        return seal(data, *signers)
+
+    def submit(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+        """SubmitOp, in process."""
+        return self.desk.submit(envelope)
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until the lanes ran (or refused) every op queued (an op ends in its lane's job)."""
+        assert self.engine.queue.wait_idle(timeout), "the lanes never finished"
+
+    def run(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+        """Submit and wait for the lane."""
+        result = self.submit(envelope)
+        self.settle()
+        return result
+
+    def records(self) -> list[Record]:
+        """The journal's recent records, oldest first."""
+        journal = self.engine.journal
+        assert journal is not None
+        return journal.recent(1000)
+
+
+def unsigned_of(proposal: Proposal) -> Unsigned:
+    """A ProposeOp answer as the document ``op sign`` reads."""
+    return Unsigned(action=json.loads(proposal.action), challenge=proposal.challenge or None)
+
+
+def seal(payload: bytes, *signers: str) -> Envelope:
+    """An envelope over ``payload`` signed by the named test keys."""
+    signatures = tuple(signedop.Signature(keyid=kid(name),
+                                          sig=private(name).sign(signedop.pae(signedop.PAYLOAD_TYPE, payload)))
+                       for name in signers)
+    return Envelope(payload_type=signedop.PAYLOAD_TYPE, payload=payload, signatures=signatures)
+
+
+def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list[Declared] | None = None, *,
+              doc: dict[str, Any] | str | None = None, journal: bool = True, **settings: Any) -> Desk:
+    """An engine from the ``make_engine`` fixture with an OpDesk wired as the daemon wires it (gate clock included)."""
+    engine = make_engine(declared or [], journal=journal, **settings)
+    state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    trust = write_store(tmp_path, doc if doc is not None else store_doc(), name=f"trust-{state_dir.name}.toml")
+    clock = GateClock(lambda: engine.gate.journal, state_dir)
+    engine.gate.wall = clock.now  # as the daemon wires it: its own secret in state_dir, the gate's clock
+    engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=gate_secret(state_dir))
+    desk = OpDesk(engine=engine, clock=clock, settings=OpSettings(state_dir=str(state_dir), trust_store=str(trust)))
+    return Desk(engine=engine, desk=desk, state_dir=state_dir)
+
+
+def trust_toml(entries: dict[str, str], audience: str = AUDIENCE) -> str:
+    """A trust store from the [[keys]] entries ``keys generate`` printed: alice (destroyer, operator), bob."""
+    granted = {"alice": '["destroyer", "operator"]', "bob": '["destroyer"]'}
+    keys = [entries[name].replace("roles = []", f"roles = {granted[name]}") for name in ("alice", "bob")]
+    return "\n".join([to_toml({"version": 1, "roles": roles(audience)}), *keys])
+
+
+# --- the journal on disk ----------------------------------------------------------------------------
+
+def records_on_disk(directory: Path) -> list[Record]:
+    """Every record in the journal's segment files as they are on disk now (no lock taken: a daemon may hold it)."""
+    found: list[Record] = []
+    for sequence in segments.sequences(directory):
+        data = (directory / segments.name(sequence)).read_bytes()
+        scan(data, lambda body: found.append(record_of(body)))
+    return found
+
+
+def journal_files(directory: Path) -> dict[str, bytes]:
+    """The journal directory's files and their bytes (to prove nothing was written)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# --- holding one request in fakepve --------------------------------------------------------------------
+
+class HeldRequest(list[Any]):
+    """fakepve's request list, but the first request matching (method, path suffix) is held once recorded.
+
+    fakepve records a request before it acts on it. Holding there (in fakepve's own thread) keeps Proxmox
+    from acting until ``release``: the client's call is out on the wire, unanswered, the instant a test
+    kills the client. ``seen`` is set when the request arrives.
+    """
+
+    def __init__(self, fakepve: Any, method: str, suffix: str, timeout: float = 30.0) -> None:
+        super().__init__(fakepve.requests)
+        self._match, self._timeout = (method, suffix), timeout
+        self.seen, self._released = threading.Event(), threading.Event()
+        fakepve.requests = self
+
+    def append(self, item: Any) -> None:
+        """Record the request; hold it if it is the one (only the first time)."""
+        super().append(item)
+        method, path = item[0], item[1]
+        if not self.seen.is_set() and method == self._match[0] and path.endswith(self._match[1]):
+            self.seen.set()
+            self._released.wait(self._timeout)
+
+    def release(self) -> None:
+        """Let fakepve act on the held request."""
+        self._released.set()
+
+
+# --- guests and what happened to them --------------------------------------------------------------------
+
+def add_vm(fakepve: Any, vmid: int, *, disks: int = 2, status: str = "stopped", **config: Any) -> Any:
+    """A QEMU guest with ``disks`` 4 GiB volumes on local-lvm as scsi0.. (real volumes, so a destroy frees them)."""
+    volumes = fakepve.storages["local-lvm"].setdefault("volumes", {})
+    for n in range(disks):
+        volumes[f"vm-{vmid}-disk-{n}"] = {"content": "images", "format": "raw", "size": 4 * GiB, "vmid": vmid,
+                                          "ctime": 0}
+        config.setdefault(f"scsi{n}", f"local-lvm:vm-{vmid}-disk-{n},size=4G")
+    return fakepve.add_vm(vmid, f"vm{vmid}", status=status,
+                          config={"cores": 2, "smbios1": f"uuid=00000000-0000-4000-8000-{vmid:012d}", **config})
+
+
+def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str]]:
+    """(method, path) of every mutating request fakepve received from index ``since`` (logins aside)."""
+    return [(m, p) for m, p, _ in fakepve.requests[since:] if m in ("POST", "PUT", "DELETE") and "/access/" not in p]
+
+
+def spent(desk: Desk, op_id: str) -> bool:
+    """Whether the op's nonce is spent (its ``op:`` key ended in the journal, whatever the outcome)."""
+    journal = desk.engine.journal
+    assert journal is not None
+    try:
+        journal.check_key(BURN_PREFIX + op_id)
+    except NonceSpentError:
+        return True
+    return False
