@@ -254,7 +254,9 @@ class Gate:
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, declared=declared,
                                      source=source, record=record)
         if record:
-            self._record(refused, pending, deferred, set(steps), observed)
+            # A tick replaces the pending entries of the guests it planned; a signed op's admission plans
+            # nothing, and the entry it approves must stay listed until its lane has run it.
+            self._record(refused, pending, deferred, set(steps) | set(declared), observed, prune=op is None)
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
                          judged=tuple(judged))
 
@@ -418,8 +420,12 @@ class Gate:
     # --- what the gate keeps ------------------------------------------------------------------
 
     def _record(self, refused: Sequence[Refusal], pending: Sequence[Pending], deferred: Sequence[int],
-                planned: set[int], observed: Observed) -> None:
-        """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes."""
+                planned: set[int], observed: Observed, *, prune: bool) -> None:
+        """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
+
+        ``prune``: drop the entries of the ``planned`` guests (declared and not held, or given a step) and
+        of guests gone from the node; a guest planned with nothing left to do has nothing pending.
+        """
         for refusal in refused:
             self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", refusal.reason.lower()).inc()
             log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=refusal.cls.name,
@@ -429,9 +435,9 @@ class Gate:
         with self._lock:
             self.refused_total += len(refused)
             self.deferred_total += len(deferred)
-            # Pending entries of guests not planned this tick (busy, backing off) stay; the rest are replaced.
-            kept = {k: p for k, p in self._pending.items() if p.vmid not in planned and p.vmid in observed.guests}
-            self._pending = kept
+            if prune:  # the entries of guests not planned this tick (busy, backing off) stay
+                self._pending = {k: p for k, p in self._pending.items()
+                                 if p.vmid not in planned and p.vmid in observed.guests}
         for entry in pending:
             self.keep_pending(entry)
         for refusal in refused:

@@ -8,6 +8,7 @@ the payload builder ``op sign`` uses. The crash rows (3, 4) kill a real daemon: 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from executor.desired import Declared
 from executor.engine import Engine
+from executor.opdoc import Proposal as Unsigned
 from journal import Ended, Refused
+from safety.classify import Source
 from safety.payload import parse_payload
 from tests.signed_helpers import add_vm, mutations, open_desk, spent
 
@@ -74,3 +78,29 @@ def test_row45_a_lock_that_outlasts_the_op_drops_it_unrun(fakepve: Any, make_eng
     assert fakepve.vm(100) is not None and not spent(desk, op_id)
     assert not [r for r in desk.records() if isinstance(r, Ended)]
     assert desk.submit(envelope)[1].reason == "EXPIRED"  # type: ignore[union-attr]
+
+
+def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any, make_engine: Make,
+                                                                     tmp_path: Path) -> None:
+    """Row 43, its approval: a hub stopping 3 of 5 guests gets each stop listed for approval. Signing two of
+    the listed entries (operator, threshold 1) and submitting them one after the other runs both, and
+    nothing else: a SubmitOp leaves the other entries listed (the second approval still matches its entry),
+    and the next tick drops the entries of the guests that converged, keeping the one still refused."""
+    for vmid in range(110, 115):
+        add_vm(fakepve, vmid, disks=1, status="running")
+    declared = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
+    desk = open_desk(make_engine, tmp_path, declared, source=Source.HUB)
+    refused = desk.engine.tick(wait=True).refusals
+    assert [(r.vmid, r.reason) for r in refused] == [(110, "APPROVAL_REQUIRED"), (111, "APPROVAL_REQUIRED"),
+                                                     (112, "APPROVAL_REQUIRED")]
+    entries = {p.vmid: Unsigned(action=json.loads(p.descriptor), challenge=None) for p in desk.engine.gate.pending()}
+    assert sorted(entries) == [110, 111, 112]
+    before = len(fakepve.requests)
+    for vmid in (110, 111):
+        assert desk.run(desk.sign(entries[vmid], "alice", role="operator"))[1] is None
+        assert sorted(p.vmid for p in desk.engine.gate.pending()) == [110, 111, 112]
+    assert [fakepve.vm(v).status for v in range(110, 115)] == ["stopped", "stopped", "running", "running", "running"]
+    assert [p for _, p in mutations(fakepve, before)] == [f"/api2/json/nodes/pve1/qemu/{v}/status/shutdown"
+                                                          for v in (110, 111)]
+    desk.engine.tick(wait=True)
+    assert [p.vmid for p in desk.engine.gate.pending()] == [112]
