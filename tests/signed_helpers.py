@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,23 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from executor.desired import Declared
 from executor.engine import Engine
 from executor.gate import Refusal
+from executor.opapi import to_proto
 from executor.opdoc import Proposal as Unsigned
 from executor.ops import GateClock, OpDesk, OpSettings, Proposal, gate_secret
 from executor.opsign import build_payload
-from journal import BURN_PREFIX, NonceSpentError, Record, segments
+from executor.v1 import executor_pb2 as epb
+from executor.v1 import executor_pb2_grpc as epb_grpc
+from journal import BURN_PREFIX, Journal, NonceSpentError, Record, segments
 from journal.records import record_of, scan
 from safety import signedop
 from safety.signedop import Envelope
+from tests.executor_helpers import ROOT, LineReader, cli
 from tests.signing import key_entry, kid, private, to_toml, write_store
 
 AUDIENCE = "pve1@fakecluster"  # fakepve's node pve1 in its cluster "fakecluster"
 DESTROYER_KINDS = ["config.disk_detach", "config.unused_delete", "guest.destroy", "snapshot.delete",
                    "snapshot.rollback"]
-OPERATOR_KINDS = ["config.nic_identity", "config.protection_off", "disk.resize", "op.revoke", "snapshot.create",
-                  "start", "stop"]
+OPERATOR_KINDS = ["config.disk_attach", "config.nic_identity", "config.protection_off", "disk.resize", "op.revoke",
+                  "snapshot.create", "start", "stop"]
 GiB = 1 << 30
 
 
@@ -62,8 +73,8 @@ class Desk:
         """ProposeOp, in process."""
         return self.desk.propose(vmid, kind, params)
 
-    def sign(self, proposal: Proposal | Unsigned, *signers: str, role: str, ttl: int = 900, now: float | None = None,
-             mutate: Callable[[bytes], bytes] | None = None) -> Envelope:
+    def sign(self, proposal: Proposal | Unsigned, *signers: str, role: str, ttl: int = 900,
+             now: float | None = None, mutate: Callable[[bytes], bytes] | None = None) -> Envelope:
         """The payload ``op sign`` builds from ``proposal``, signed by the named test keys.
 
         ``mutate`` edits the payload bytes before signing (an attacker with a key, or a signer's tool gone wrong).
@@ -109,15 +120,24 @@ def seal(payload: bytes, *signers: str) -> Envelope:
 
 
 def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list[Declared] | None = None, *,
-              doc: dict[str, Any] | str | None = None, journal: bool = True, **settings: Any) -> Desk:
-    """An engine from the ``make_engine`` fixture with an OpDesk wired as the daemon wires it (gate clock included)."""
-    engine = make_engine(declared or [], journal=journal, **settings)
+              doc: dict[str, Any] | str | None = None, journal: bool = True, journal_dir: Path | None = None,
+              **settings: Any) -> Desk:
+    """An engine from the ``make_engine`` fixture with an OpDesk wired as ``daemon.build`` wires it.
+
+    The state dir is the journal's directory (``journal_dir``: open the journal there; the caller closes it
+    if the gate drops it); the gate's secret is state_dir/gate.secret, none without a journal; the gate's
+    wall clock is the desk's GateClock (never before the journal's high-water mark).
+    """
+    engine = make_engine(declared or [], journal=journal and journal_dir is None, **settings)
+    if journal_dir is not None:
+        engine.gate.journal = Journal.open(journal_dir)
     state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     trust = write_store(tmp_path, doc if doc is not None else store_doc(), name=f"trust-{state_dir.name}.toml")
     clock = GateClock(lambda: engine.gate.journal, state_dir)
-    engine.gate.wall = clock.now  # as the daemon wires it: its own secret in state_dir, the gate's clock
-    engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=gate_secret(state_dir))
+    engine.gate.wall = clock.now
+    secret = gate_secret(state_dir) if engine.journal is not None else None
+    engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=secret)
     desk = OpDesk(engine=engine, clock=clock, settings=OpSettings(state_dir=str(state_dir), trust_store=str(trust)))
     return Desk(engine=engine, desk=desk, state_dir=state_dir)
 
@@ -201,3 +221,107 @@ def spent(desk: Desk, op_id: str) -> bool:
     except NonceSpentError:
         return True
     return False
+
+
+# --- the daemon and the operator's commands as processes -------------------------------------------------
+
+def operator(*args: str, cwd: Path, api: int | None = None) -> subprocess.Popen[str]:
+    """``python -m executor ARGS`` started in ``cwd`` (its own session: no terminal), the API on port ``api``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if api is not None:
+        env["PVE_EXECUTOR_API"] = f"127.0.0.1:{api}"
+    return subprocess.Popen([sys.executable, "-m", "executor", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def done(*children: subprocess.Popen[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Wait for operator commands started together (they run in parallel); their results in order."""
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=60)
+        results.append(subprocess.CompletedProcess(child.args, child.returncode, out, err))
+    return results
+
+
+def ok(*children: subprocess.Popen[str]) -> list[str]:
+    """Wait for the commands; each must exit 0; their standard outputs."""
+    results = done(*children)
+    for result in results:
+        assert result.returncode == 0, f"{result.args[3:]}: {result.stdout}{result.stderr}"
+    return [result.stdout for result in results]
+
+
+class Daemon:
+    """``pve-executor run`` as a child process: its API on a loopback port, its JSON log, SIGKILL or SIGTERM."""
+
+    def __init__(self, command: list[str], port: int) -> None:
+        self.port = port
+        self.child = subprocess.Popen([*command, "--listen", f"127.0.0.1:{port}"], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert self.child.stderr is not None
+        self.log = LineReader(self.child.stderr)
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.api = epb_grpc.ExecutorServiceStub(self._channel)
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Until the API answers SERVING: it is up and recovery has ended."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.child.poll() is None, f"the daemon exited {self.child.returncode}"
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "the daemon never served"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for it to be gone."""
+        self.child.send_signal(signal.SIGKILL)
+        self.child.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM; its exit status."""
+        self.child.send_signal(signal.SIGTERM)
+        return self.child.wait(15)
+
+    def close(self) -> None:
+        """Kill it if it still runs; close the channel."""
+        if self.child.poll() is None:
+            self.kill()
+        self._channel.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def api_propose(api: epb_grpc.ExecutorServiceStub, vmid: int, kind: str, **params: Any) -> Unsigned:
+    """ProposeOp over the API: the document ``op sign`` signs."""
+    response = api.ProposeOp(epb.ProposeOpRequest(vmid=vmid, kind=kind, params_json=json.dumps(params)), timeout=10)
+    return Unsigned(action=json.loads(response.action), challenge=response.challenge or None)
+
+
+def api_submit(api: epb_grpc.ExecutorServiceStub, envelope: Envelope) -> tuple[str, str]:
+    """SubmitOp over the API: (decision, refusal reason without its prefix)."""
+    response = api.SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)), timeout=10)
+    return response.decision, epb.RefusalReason.Name(response.refusal.reason).removeprefix("REFUSAL_REASON_")
+
+
+def signed_by(unsigned: Unsigned, *signers: str, role: str, ttl: int = 900) -> Envelope:
+    """``unsigned`` signed now by the named test keys (tests.signing), as ``op sign`` builds the payload."""
+    return seal(build_payload(unsigned, role=role, ttl=ttl, reason="test", now=time.time()), *signers)
+
+
+def run_command(fakepve: Any, cafile: str, planner_port: int, tmp_path: Path, *extra: str) -> list[str]:
+    """``pve-executor run`` against the fixtures with the test trust store (alice, bob) and state in tmp_path."""
+    trust = tmp_path / "trust-daemon.toml"
+    if not trust.exists():
+        write_store(tmp_path, store_doc(), name=trust.name)
+    return cli(f"https://127.0.0.1:{fakepve.port}", cafile, f"127.0.0.1:{planner_port}", tmp_path, "run",
+               "--trust-store", str(trust), "--state-dir", str(tmp_path / "state"), "--interval", "30", *extra)

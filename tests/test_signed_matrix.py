@@ -3,14 +3,17 @@
 Rows 6-37 and 46 (the offline checks) have unit tests in tests/test_signedop.py and test_truststore.py,
 rows 42-43 in tests/test_gate.py. Here the rows that need the executor: a real engine, gate, lane and
 journal in process (``open_desk``: fakepve over HTTPS, the real planner) and its OpDesk, signing with
-the payload builder ``op sign`` uses. The crash rows (3, 4) kill a real daemon: tests/test_signed_e2e.py.
+the payload builder ``op sign`` uses. The crash rows (3, 4) run ``pve-executor run`` as a process and kill it
+with SIGKILL while fakepve holds its Proxmox call.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,28 @@ from structlog.testing import capture_logs
 
 from executor.desired import Declared
 from executor.engine import Engine
+from executor.gate import Refusal
 from executor.opdoc import Proposal as Unsigned
-from journal import Ended, Refused
+from executor.queue import Job
+from journal import Begun, Ended, Outcome, Refused, TaskStarted
+from planner import server
 from safety.classify import Source
 from safety.payload import parse_payload
-from tests.signed_helpers import add_vm, mutations, open_desk, spent
+from safety.signedop import Envelope
+from tests.executor_helpers import unused_port
+from tests.signed_helpers import (
+    Daemon,
+    HeldRequest,
+    add_vm,
+    api_propose,
+    api_submit,
+    mutations,
+    open_desk,
+    records_on_disk,
+    run_command,
+    signed_by,
+    spent,
+)
 
 Make = Callable[..., Engine]
 
@@ -104,3 +124,289 @@ def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any,
                                                           for v in (110, 111)]
     desk.engine.tick(wait=True)
     assert [p.vmid for p in desk.engine.gate.pending()] == [112]
+
+
+
+# --- replays and races ------------------------------------------------------------------------------------
+
+DETACH = {"delete": ["scsi1"]}
+
+
+def test_row1_replaying_an_op_that_ran_is_nonce_spent(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 1: a detach runs once; the same envelope again is NONCE_SPENT and sends nothing."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    op_id, refusal = desk.run(envelope)
+    assert refusal is None and "scsi1" not in fakepve.vm(100).config and spent(desk, op_id)
+    before = len(fakepve.requests)
+    assert _reason(desk.run(envelope)) == "NONCE_SPENT"
+    assert mutations(fakepve, before) == []
+
+
+def test_row2_replaying_an_op_whose_run_failed_is_nonce_spent(fakepve: Any, make_engine: Make,
+                                                              tmp_path: Path) -> None:
+    """Row 2: the detach's write fails at PVE; the nonce stays spent (burn keys are never released), so the
+    same envelope is NONCE_SPENT and the write is never tried again: the operator re-signs."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    fakepve.fail("POST", "/nodes/pve1/qemu/100/config", 500, "storage busy", times=1)
+    op_id, refusal = desk.run(envelope)
+    assert refusal is None and "scsi1" in fakepve.vm(100).config
+    assert [r.outcome for r in desk.records() if isinstance(r, Ended)] == [Outcome.FAILED] and spent(desk, op_id)
+    before = len(fakepve.requests)
+    assert _reason(desk.run(envelope)) == "NONCE_SPENT"
+    assert mutations(fakepve, before) == [] and "scsi1" in fakepve.vm(100).config
+
+
+def test_row5_the_same_op_submitted_twice_at_once_runs_once(fakepve: Any, make_engine: Make,
+                                                             tmp_path: Path) -> None:
+    """Row 5: two SubmitOp calls with one envelope, at once (the destroy held at PVE so neither can finish
+    first): one is accepted, the other NONCE_IN_FLIGHT; the destroy is sent once."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    held = HeldRequest(fakepve, "DELETE", "/nodes/pve1/qemu/100")
+    start = threading.Barrier(2)
+
+    def submit() -> str:
+        start.wait(5)
+        return _reason(desk.submit(envelope))
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = sorted(pool.map(lambda _: submit(), range(2)))
+    finally:
+        held.release()
+    desk.settle()
+    assert answers == ["NONCE_IN_FLIGHT", "accepted"]
+    assert fakepve.vm(100) is None
+    assert [m for m, p in mutations(fakepve) if p.endswith("/qemu/100")] == ["DELETE"]
+
+
+def test_row48_two_ops_for_one_action_run_it_once(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 48: the same detach signed twice (two nonces): the first runs, the second is DIGEST_STALE (the
+    first changed the config), whether it comes after or is already queued behind it; its nonce stays unspent."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 101)
+    desk = open_desk(make_engine, tmp_path)
+    for vmid in (100, 101):
+        proposal = desk.propose(vmid, "config.disk_detach", **DETACH)
+        first, second = (desk.sign(proposal, "alice", "bob", role="destroyer") for _ in range(2))
+        if vmid == 100:  # one after the other
+            assert desk.run(first)[1] is None
+            op_id, refusal = desk.run(second)
+            assert _reason((op_id, refusal)) == "DIGEST_STALE"
+        else:  # both accepted before either ran: the lane refuses the second on the config it reads
+            gate = _hold_lane(desk, vmid)
+            assert desk.submit(first)[1] is None
+            op_id, refusal = desk.submit(second)
+            gate.set()
+            desk.settle()
+            assert refusal is None and _lane_refusal(desk, op_id) == "DIGEST_STALE"
+        assert "scsi1" not in fakepve.vm(vmid).config and not spent(desk, op_id)
+    assert len([p for m, p in mutations(fakepve) if p.endswith("/config")]) == 2
+
+
+# --- the guest moved on ------------------------------------------------------------------------------------
+
+def test_row13_an_op_for_another_config_version_is_digest_stale(fakepve: Any, make_engine: Make,
+                                                                tmp_path: Path) -> None:
+    """Row 13: a destroy signed before an administrator's edit is DIGEST_STALE at admission; one accepted
+    and then edited while it waits in the guest's lane is DIGEST_STALE in the lane. Neither runs; both
+    nonces stay unspent, so a fresh proposal can still be signed and run."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    stale = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    fakepve.vm(100).config["memory"] = 4096
+    stale_id, refusal = desk.run(stale)
+    assert _reason((stale_id, refusal)) == "DIGEST_STALE"
+    queued = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    gate = _hold_lane(desk, 100)
+    queued_id, refusal = desk.submit(queued)
+    fakepve.vm(100).config["memory"] = 8192
+    gate.set()
+    desk.settle()
+    assert refusal is None and _lane_refusal(desk, queued_id) == "DIGEST_STALE"
+    assert fakepve.vm(100) is not None and not spent(desk, stale_id) and not spent(desk, queued_id)
+
+
+def test_row14_a_destroyed_and_recreated_vmid_is_digest_stale(fakepve: Any, make_engine: Make,
+                                                              tmp_path: Path) -> None:
+    """Row 14: a destroy signed for guest 100; 100 is destroyed out of band and created again (PVE gives a
+    new guest a new SMBIOS uuid): the op is DIGEST_STALE and the new guest stays; the nonce is unspent."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    fakepve.vms.remove(fakepve.vm(100))
+    add_vm(fakepve, 100, smbios1="uuid=0c6a3d27-7c1e-4d8a-9a41-5d8f0e0f1a2b")
+    op_id, refusal = desk.run(envelope)
+    assert _reason((op_id, refusal)) == "DIGEST_STALE"
+    assert fakepve.vm(100) is not None and not spent(desk, op_id)
+
+
+def test_row44_a_protected_guest_is_not_destroyed_until_protection_is_cleared_by_its_own_op(
+        fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 44: a destroy of a guest with protection=1 is refused PROTECTED before the call, nonce unspent.
+    Clearing protection is its own approved op (config.protection_off, operator); after it, the same
+    envelope is DIGEST_STALE (the config moved), and a destroy proposed afresh runs."""
+    add_vm(fakepve, 100, protection=1)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    op_id, refusal = desk.run(envelope)
+    assert refusal is None and _lane_refusal(desk, op_id) == "PROTECTED"
+    assert fakepve.vm(100) is not None and not spent(desk, op_id)
+    off = desk.sign(desk.propose(100, "config.protection_off", delete=["protection"]), "alice", role="operator")
+    assert desk.run(off)[1] is None and "protection" not in fakepve.vm(100).config
+    assert _reason(desk.run(envelope)) == "DIGEST_STALE"
+    again = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    assert desk.run(again)[1] is None and fakepve.vm(100) is None
+
+
+def test_beyond_the_matrix_an_op_that_expires_while_queued_never_runs(fakepve: Any, make_engine: Make,
+                                                                      tmp_path: Path) -> None:
+    """Not in the matrix (row 6 in the lane): an op accepted while valid but still queued behind the guest's
+    work when it expires is refused EXPIRED in the lane, right before the call: not run, nonce unspent."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer", ttl=1)
+    gate = _hold_lane(desk, 100)
+    op_id, refusal = desk.submit(envelope)
+    assert refusal is None
+    not_after = parse_payload(envelope.payload).not_after
+    while desk.desk.clock.now() < not_after:
+        time.sleep(0.05)
+    gate.set()
+    desk.settle()
+    assert _lane_refusal(desk, op_id) == "EXPIRED"
+    assert fakepve.vm(100) is not None and not spent(desk, op_id)
+
+
+def test_beyond_the_matrix_a_key_smuggled_into_an_approved_config_op_is_class_mismatch(
+        fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Not in the matrix: an operator key (APPROVAL only) signs a config.protection_off that also sets a
+    hookscript (host code, DESTRUCTIVE). The gate classes the whole write: CLASS_MISMATCH, nothing sent."""
+    add_vm(fakepve, 100, protection=1)
+    desk = open_desk(make_engine, tmp_path)
+    action = json.loads(desk.propose(100, "config.protection_off", delete=["protection"]).action)
+    action["params"]["set"] = {"hookscript": "local:snippets/evil.sh"}
+    before = len(fakepve.requests)
+    op_id, refusal = desk.run(desk.sign(Unsigned(action=action, challenge=None), "alice", role="operator"))
+    assert _reason((op_id, refusal)) == "CLASS_MISMATCH"
+    assert mutations(fakepve, before) == [] and "hookscript" not in fakepve.vm(100).config
+
+
+def test_beyond_the_matrix_a_revoked_op_never_runs(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Not in the matrix (row 34 through RevokeOp): a signed op.revoke spends the target's nonce before it is
+    submitted; the destroy is then OP_REVOKED, never sent, and a second revocation is refused."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    target = parse_payload(envelope.payload).op_id
+    revocation = desk.sign(desk.propose(100, "op.revoke", op_id=target), "alice", role="operator")
+    assert desk.desk.revoke(revocation) == (target, None)
+    before = len(fakepve.requests)
+    assert _reason(desk.run(envelope)) == "OP_REVOKED"
+    assert mutations(fakepve, before) == [] and fakepve.vm(100) is not None and spent(desk, target)
+    again = desk.sign(desk.propose(100, "op.revoke", op_id=target), "alice", role="operator")
+    assert desk.desk.revoke(again)[1] is not None
+
+
+# --- helpers of the in-process rows --------------------------------------------------------------------------
+
+def _reason(result: tuple[str, Refusal | None]) -> str:
+    """A submit's outcome: "accepted", or the refusal's reason."""
+    return "accepted" if result[1] is None else result[1].reason
+
+
+def _hold_lane(desk: Any, vmid: int) -> threading.Event:
+    """Keep the guest's lane busy (a job ahead of the op) until the returned event is set."""
+    gate = threading.Event()
+    desk.engine.queue.submit(Job(vmid=vmid, run=lambda: gate.wait(20), label="held"))
+    return gate
+
+
+def _lane_refusal(desk: Any, op_id: str) -> str:
+    """The reason the lane refused the signed op ``op_id`` with (journaled under ``op:<op_id>:refused``)."""
+    journal = desk.engine.journal
+    assert journal is not None
+    last = journal.last_refusal(f"op:{op_id}:refused")
+    assert last is not None, f"the lane did not refuse op {op_id}"
+    return str(last[0])
+
+
+# --- the crash rows: a real daemon, killed with SIGKILL while its Proxmox call is held ------------------
+
+DESTROY = {"purge": False, "destroy_unreferenced_disks": False}
+
+
+def _killed_mid_destroy(fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path,
+                        *, reaches_pve: bool) -> tuple[list[str], Envelope, str]:
+    """A daemon submits a signed destroy of 100 and is SIGKILLed while fakepve holds its DELETE, unanswered.
+
+    The journal on disk then holds the op's begin (its nonce spent), no task and no end. After the kill
+    fakepve either acts on the held request (``reaches_pve``: PVE took the call) or answers it 595 (it never
+    reached PVE). Returns the daemon's command, the envelope and the journal's op id.
+    """
+    add_vm(fakepve, 100)
+    command = run_command(fakepve, fakepve_cafile, planner.port, tmp_path)
+    with Daemon(command, unused_port()) as daemon:
+        daemon.wait_serving()
+        envelope = signed_by(api_propose(daemon.api, 100, "guest.destroy", **DESTROY), "alice", "bob",
+                             role="destroyer")
+        held = HeldRequest(fakepve, "DELETE", "/nodes/pve1/qemu/100")
+        try:
+            assert api_submit(daemon.api, envelope)[0] == "accepted"
+            assert held.seen.wait(20), "the destroy never reached fakepve"
+            on_disk = records_on_disk(tmp_path / "state")
+            daemon.kill()
+            if not reaches_pve:
+                fakepve.fail("DELETE", "/nodes/pve1/qemu/100", 595, "No route to host", times=1)
+        finally:
+            held.release()
+    op_id = parse_payload(envelope.payload).op_id
+    (begun,) = [r for r in on_disk if isinstance(r, Begun) and r.key == f"op:{op_id}"]
+    assert [r for r in on_disk if isinstance(r, TaskStarted | Ended) and r.op_id == begun.op_id] == []
+    return command, envelope, begun.op_id
+
+
+def _restart(command: list[str]) -> tuple[Daemon, list[dict[str, Any]]]:
+    """The daemon again: once it serves, recovery has ended; its ``recovered`` log events."""
+    daemon = Daemon(command, unused_port())
+    daemon.wait_serving()
+    time.sleep(0.1)  # the log line is written before the health flips; let the reader thread catch up
+    return daemon, [e for e in daemon.log.events(timeout=0) if e.get("event") == "recovered"]
+
+
+def test_row3_killed_after_begin_before_the_call_ends_not_applied_and_spent(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path) -> None:
+    """Row 3: SIGKILL after the begin record, while the destroy call is held before PVE acts on it. The
+    restarted daemon's recovery finds no task and the digest as planned: FAILED "not applied". The guest
+    is intact, and resubmitting the same envelope is NONCE_SPENT: the nonce was spent exactly once."""
+    command, envelope, journal_id = _killed_mid_destroy(fakepve, fakepve_cafile, planner, tmp_path,
+                                                         reaches_pve=False)
+    daemon, recovered = _restart(command)
+    with daemon:
+        assert [(e["op_id"], e["outcome"], e["detail"]) for e in recovered] == [(journal_id, "failed",
+                                                                                 "not applied")]
+        assert api_submit(daemon.api, envelope) == ("refused", "NONCE_SPENT")
+    assert fakepve.vm(100) is not None and not [t for t in fakepve.tasklog if t["type"] == "qmdestroy"]
+
+
+def test_row4_killed_after_pve_took_the_call_recovers_the_task_and_ran_once(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path) -> None:
+    """Row 4: SIGKILL while PVE holds the destroy call, so no UPID was ever journaled; PVE then runs it. The
+    restarted daemon's recovery finds the qmdestroy task by type and vmid and takes the outcome from it
+    (ok, "OK"); the destroy ran once, and the envelope replayed is NONCE_SPENT."""
+    command, envelope, journal_id = _killed_mid_destroy(fakepve, fakepve_cafile, planner, tmp_path,
+                                                         reaches_pve=True)
+    (task,) = [t for t in fakepve.tasklog if t["type"] == "qmdestroy"]
+    seen = len(fakepve.requests)
+    daemon, recovered = _restart(command)
+    with daemon:
+        assert [(e["op_id"], e["outcome"], e["detail"]) for e in recovered] == [(journal_id, "ok", "OK")]
+        assert any(p.endswith(f"/tasks/{task['upid']}/status") for _, p, _ in fakepve.requests[seen:])
+        assert api_submit(daemon.api, envelope) == ("refused", "NONCE_SPENT")
+    assert fakepve.vm(100) is None
+    assert [m for m, p, _ in fakepve.requests if p.endswith("/qemu/100") and m == "DELETE"] == ["DELETE"]
