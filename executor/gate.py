@@ -289,12 +289,14 @@ class Gate:
 
     @staticmethod
     def _guest_type(step: Step, _action: Action, _facts: GuestFacts, observed: Observed,
-                    _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
-        """The endpoint and the key table follow the guest as read, never the planner's word for it."""
+                    _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
+        """The endpoint and the key table follow the guest as read, never the planner's (or a signer's) word."""
         actual = observed.guests[step.vmid].type
         if actual == step.guest_type:
             return None
-        return OUT_OF_SCOPE, f"the step is for a {step.guest_type} guest, guest {step.vmid} is {actual}"
+        # A signed op binds its guest type: a vmid re-created as the other type is no longer its guest.
+        return (BINDING_MISMATCH if op is not None else OUT_OF_SCOPE,
+                f"the step is for a {step.guest_type} guest, guest {step.vmid} is {actual}")
 
     @staticmethod
     def _in_scope(_step: Step, action: Action, facts: GuestFacts, _observed: Observed,

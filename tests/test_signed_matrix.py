@@ -246,6 +246,21 @@ def test_row14_a_destroyed_and_recreated_vmid_is_digest_stale(fakepve: Any, make
     assert fakepve.vm(100) is not None and not spent(desk, op_id)
 
 
+def test_beyond_the_matrix_a_vmid_recreated_as_another_guest_type_is_binding_mismatch(
+        fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Not in the matrix (row 14's sibling): a detach signed for QEMU guest 101, and 101 re-created as a
+    container. The op's guest type no longer binds: BINDING_MISMATCH, nothing sent, the nonce unspent."""
+    add_vm(fakepve, 101)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(101, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    fakepve.vms.remove(fakepve.vm(101))
+    fakepve.add_ct(101, "box")
+    before = len(fakepve.requests)
+    op_id, refusal = desk.run(envelope)
+    assert _reason((op_id, refusal)) == "BINDING_MISMATCH"
+    assert mutations(fakepve, before) == [] and not spent(desk, op_id)
+
+
 def test_row44_a_protected_guest_is_not_destroyed_until_protection_is_cleared_by_its_own_op(
         fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """Row 44: a destroy of a guest with protection=1 is refused PROTECTED before the call, nonce unspent.
