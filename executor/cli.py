@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit 
         if args.command == "clock-reset":
             return daemon.reset_clock(settings)
         if args.command == "plan":
-            return daemon.show_plan(settings)
+            from executor import dryrun  # noqa: PLC0415 (keeps `--help` fast)
+
+            return dryrun.show_plan(settings)
         conn = connection(settings)
         if args.command == "selftest":
             return daemon.run_selftest(settings, conn)

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from executor.config import CONNECTION, EXTRAS, RUN, ExecutorSettings, settings_fields
-from executor.daemon import build, dry_run
+from executor.daemon import build
 from executor.desired import FileProvider
+from executor.dryrun import dry_run
 from executor.engine import TickOutcome
 from executor.pve import Connection
 from journal import Journal

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from executor.config import ExecutorSettings
-from executor.daemon import as_json, build, dry_run, render
+from executor.daemon import build
 from executor.desired import Declared, FileProvider, StaticProvider
+from executor.dryrun import as_json, dry_run, render
 from executor.engine import Engine, TickOutcome
 from executor.pve import Connection, ProxmoxNode, PveUnavailableError
 from executor.pvewrite import ProxmoxWriter
