@@ -278,6 +278,15 @@ class Daemon:
             assert time.monotonic() < deadline, "the daemon never served"
             time.sleep(0.05)
 
+    def events(self, name: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Its log events named ``name``, once there is at least one (the log is read by a thread)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.log.events(timeout=0) if e.get("event") == name]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
     def kill(self) -> None:
         """SIGKILL, and wait for it to be gone."""
         self.child.send_signal(signal.SIGKILL)

@@ -9,7 +9,12 @@ with SIGKILL while fakepve holds its Proxmox call.
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,25 +22,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from structlog.testing import capture_logs
 
+from executor.daemon import open_journal
 from executor.desired import Declared
 from executor.engine import Engine
 from executor.gate import Refusal
 from executor.opdoc import Proposal as Unsigned
 from executor.queue import Job
-from journal import Begun, Ended, Outcome, Refused, TaskStarted
+from executor.server import start_api
+from executor.v1 import executor_pb2 as epb
+from executor.v1 import executor_pb2_grpc as epb_grpc
+from journal import Begun, Ended, Journal, JournalCorruptError, Outcome, Refused, TaskStarted
 from planner import server
 from safety.classify import Source
 from safety.payload import parse_payload
 from safety.signedop import Envelope
-from tests.executor_helpers import unused_port
+from tests.executor_helpers import ROOT, unused_port
 from tests.signed_helpers import (
     Daemon,
     HeldRequest,
     add_vm,
     api_propose,
     api_submit,
+    journal_files,
     mutations,
     open_desk,
     records_on_disk,
@@ -43,6 +55,7 @@ from tests.signed_helpers import (
     signed_by,
     spent,
 )
+from tests.test_journal import tiny_filesystem
 
 Make = Callable[..., Engine]
 
@@ -328,6 +341,203 @@ def test_beyond_the_matrix_a_revoked_op_never_runs(fakepve: Any, make_engine: Ma
     assert desk.desk.revoke(again)[1] is not None
 
 
+# --- the journal and the clock ------------------------------------------------------------------------------
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until its filesystem is full (page by page, unbuffered, so no page is left free)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+def test_row38_a_full_disk_at_begin_refuses_the_op_and_benign_work_goes_on(fakepve: Any, make_engine: Make,
+                                                                           tmp_path: Path) -> None:
+    """Row 38: the journal's disk fills up before the op's begin (a real, tiny tmpfs). The begin fails with
+    ENOSPC: the op is refused JOURNAL_UNAVAILABLE and not run, nothing durable spent its nonce, the gate is
+    benign-only from then on (a declared memory change still runs) and further signed ops are refused."""
+    add_vm(fakepve, 100)
+    fakepve.add_vm(101, "web", status="stopped", config={"memory": 512})
+    with tiny_filesystem(tmp_path) as mount:
+        desk = open_desk(make_engine, tmp_path, [Declared(vmid=101, config={"memory": "1024"})],
+                         journal_dir=mount / "journal")
+        journal = desk.engine.journal
+        assert journal is not None
+        try:
+            envelope = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob",
+                                 role="destroyer")
+            _fill(mount / "filler")
+            with capture_logs() as logs:
+                op_id, refusal = desk.run(envelope)
+            assert refusal is None  # admitted; the lane's begin is what met the full disk
+            assert [(e["reason"], e["where"]) for e in logs if e["event"] == "gate_refused"] == [
+                ("JOURNAL_UNAVAILABLE", "lane")]
+            failed = [e["error"] for e in logs if e["event"] == "journal_failed_benign_only_from_now"]
+            assert len(failed) == 1 and "No space left on device" in failed[0]
+            assert desk.engine.journal is None and "scsi1" in fakepve.vm(100).config
+            assert [p for _, p in mutations(fakepve)] == []
+            assert desk.engine.tick(wait=True).succeeded == 1 and str(fakepve.vm(101).config["memory"]) == "1024"
+            assert _reason(desk.submit(envelope)) == "JOURNAL_UNAVAILABLE"
+        finally:
+            journal.close()
+        (mount / "filler").unlink()
+        with Journal.open(mount / "journal") as reopened:
+            reopened.check_key(f"op:{op_id}")  # raises if the nonce had been spent
+            assert not [r for r in reopened.recent() if isinstance(r, Begun)]
+
+
+def test_row39_a_corrupt_journal_at_open_refuses_every_signed_op_and_benign_work_goes_on(
+        fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 39: the journal is damaged (a record in the middle): the daemon's open finds it corrupt and runs
+    journal-less. Every signed op, destructive or not, is refused JOURNAL_UNAVAILABLE and nothing is sent;
+    a declared benign change still runs."""
+    add_vm(fakepve, 100)
+    fakepve.add_vm(101, "web", status="stopped", config={"memory": 512})
+    healthy = open_desk(make_engine, tmp_path)
+    ops = [healthy.sign(healthy.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer"),
+           healthy.sign(healthy.propose(100, "snapshot.create", snapname="before"), "alice", role="operator")]
+    journal = healthy.engine.journal
+    assert journal is not None
+    for n in range(20):
+        journal.end(journal.begin(vmid=900, kind="start", payload={"n": n}), Outcome.OK)
+    journal.close()
+    (segment,) = healthy.state_dir.glob("journal-*.log")
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError):
+        Journal.open(healthy.state_dir)
+    with capture_logs() as logs:
+        assert open_journal(str(healthy.state_dir)) is None
+    assert [e["event"] for e in logs] == ["journal_unavailable_benign_only"]
+    desk = open_desk(make_engine, tmp_path, [Declared(vmid=101, config={"memory": "1024"})], journal=False)
+    before = len(fakepve.requests)
+    assert [_reason(desk.run(envelope)) for envelope in ops] == ["JOURNAL_UNAVAILABLE"] * 2
+    assert mutations(fakepve, before) == []
+    assert desk.engine.tick(wait=True).succeeded == 1
+    assert [p for _, p in mutations(fakepve, before)] == ["/api2/json/nodes/pve1/qemu/101/config"]
+
+
+def _journal_at(directory: Path, at: float) -> None:
+    """A journal in ``directory`` whose last record was written at ``at`` (its high-water mark)."""
+    with Journal.open(directory, clock=lambda: at) as journal:
+        journal.refuse(vmid=100, kind="stop", reason="APPROVAL_REQUIRED", detail="written by a clock at that time")
+
+
+def test_row40_a_clock_set_back_two_hours_revives_no_expired_op(fakepve: Any, make_engine: Make,
+                                                               tmp_path: Path) -> None:
+    """Row 40: the journal last wrote 2 h from now (when this op, valid 15 min, had long expired): the wall
+    clock has jumped back 2 h. The gate's clock is the high-water mark, so the op is EXPIRED, with the
+    executor's clock in the detail, and nothing runs."""
+    add_vm(fakepve, 100)
+    now = time.time()
+    _journal_at(tmp_path / "journal-0", now + 7200)  # the directory the desk's engine opens
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer", now=now)
+    assert parse_payload(envelope.payload).not_after > time.time()  # valid by the wall clock
+    op_id, refusal = desk.run(envelope)
+    assert refusal is not None and refusal.reason == "EXPIRED"
+    assert f"executor clock {int(now + 7200) // 100}" in refusal.detail
+    assert fakepve.vm(100) is not None and not spent(desk, op_id)
+
+
+def test_row41_a_clock_run_ahead_to_2040_expires_every_op_until_clock_reset(fakepve: Any, make_engine: Make,
+                                                                            tmp_path: Path) -> None:
+    """Row 41: a clock that ran ahead left the journal's high-water mark in 2040: every op is EXPIRED (fail
+    closed, logged). ``pve-executor clock-reset`` (daemon stopped) lets the gate follow the wall clock again:
+    an op signed after the reset runs; one whose not_before is earlier than the reset stays refused."""
+    add_vm(fakepve, 100)
+    state = tmp_path / "journal-0"
+    _journal_at(state, dt.datetime(2040, 1, 1, tzinfo=dt.UTC).timestamp())
+    ahead = open_desk(make_engine, tmp_path)
+    earlier = ahead.sign(ahead.propose(100, "snapshot.create", snapname="before"), "alice", role="operator")
+    with capture_logs() as logs:
+        assert _reason(ahead.run(earlier)) == "EXPIRED"
+    assert any(e["event"] == "clock_ahead_of_high_water" for e in logs)
+    assert ahead.engine.journal is not None
+    ahead.engine.journal.close()  # the daemon is stopped for the reset
+    reset = subprocess.run([sys.executable, "-m", "executor", "clock-reset", "--state-dir", str(state),
+                            "--log-format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert reset.returncode == 0 and reset.stdout.startswith("clock reset:"), reset.stderr
+    floor = json.loads((state / "clock.reset").read_text())["floor"]
+    after = open_desk(make_engine, tmp_path, journal_dir=state)
+    refusal = after.run(earlier)[1]
+    assert refusal is not None and (refusal.reason, refusal.detail) == (
+        "EXPIRED", f"signed before the clock reset at {int(floor)}")
+    fresh = after.sign(after.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer",
+                       now=floor + 61)  # op sign backdates not_before by 60 s: signed 61 s after the reset
+    assert after.run(fresh)[1] is None and "scsi1" not in fakepve.vm(100).config
+    assert fakepve.vm(100).snapshots == {}
+
+
+def test_row46_a_challenge_from_another_executor_is_refused(fakepve: Any, make_engine: Make,
+                                                            tmp_path: Path) -> None:
+    """Row 46: two executors of the same node (same audience), each with its own state_dir/gate.secret. A
+    destroy proposed by one, signed and submitted to the other, is CHALLENGE_INVALID there; its own
+    proposal, signed the same way, runs."""
+    add_vm(fakepve, 100)
+    this, other = open_desk(make_engine, tmp_path), open_desk(make_engine, tmp_path)
+    assert (this.state_dir / "gate.secret").read_bytes() != (other.state_dir / "gate.secret").read_bytes()
+    foreign = this.sign(other.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    assert _reason(this.run(foreign)) == "CHALLENGE_INVALID" and "scsi1" in fakepve.vm(100).config
+    own = this.sign(this.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    assert this.run(own)[1] is None and "scsi1" not in fakepve.vm(100).config
+
+
+def test_row47_a_flood_of_junk_is_refused_before_any_journal_write_then_rate_limited(
+        fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 47: 40 junk SubmitOp calls over the real API (forged signatures, unknown keys, a foreign payload
+    type, no or too many signatures, an oversized payload): each answered is refused with its reason and
+    counted, the journal's files are byte for byte unchanged, and after the burst of 20 the API answers
+    RESOURCE_EXHAUSTED."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    real = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    forged = epb.OpSignature(keyid=real.signatures[0].keyid, sig=os.urandom(64))
+    junk = [
+        epb.SignedOp(payload_type=real.payload_type, payload=real.payload, signatures=[forged]),
+        epb.SignedOp(payload_type=real.payload_type, payload=os.urandom(200),
+                     signatures=[epb.OpSignature(keyid="sha256:" + "0" * 64, sig=os.urandom(64))]),
+        epb.SignedOp(payload_type="application/vnd.in-toto+json", payload=real.payload, signatures=[forged]),
+        epb.SignedOp(payload_type=real.payload_type, payload=real.payload),
+        epb.SignedOp(payload_type=real.payload_type, payload=real.payload, signatures=[forged] * 5),
+        epb.SignedOp(payload_type=real.payload_type, payload=b"{" * 20000, signatures=[forged]),
+    ]
+    reasons = {"SIGNATURE_INVALID", "UNKNOWN_KEY", "PAYLOAD_TYPE", "MALFORMED"}
+    files = journal_files(desk.state_dir)
+    api = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
+    answered, exhausted = [], 0
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+            stub = epb_grpc.ExecutorServiceStub(channel)
+            for n in range(40):
+                try:
+                    response = stub.SubmitOp(epb.SubmitOpRequest(op=junk[n % len(junk)]), timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    exhausted += 1
+                    continue
+                answered.append((response.decision, epb.RefusalReason.Name(response.refusal.reason)))
+    finally:
+        api.stop(1)
+    assert len(answered) >= 20 and exhausted >= 15
+    assert answered[:6] == [("refused", f"REFUSAL_REASON_{r}") for r in ("SIGNATURE_INVALID", "UNKNOWN_KEY",
+                                                                        "PAYLOAD_TYPE", "MALFORMED", "MALFORMED",
+                                                                        "MALFORMED")]
+    assert {r.removeprefix("REFUSAL_REASON_") for _, r in answered} == reasons
+    assert journal_files(desk.state_dir) == files and not [r for r in desk.records() if isinstance(r, Refused)]
+    counted = sum(desk.engine.gate.metrics.registry.get_sample_value(
+        "pve_executor_gate_decisions_total", {"class": "unknown", "decision": "refused", "reason": r.lower()}) or 0
+        for r in reasons)
+    assert counted == len(answered)
+    assert mutations(fakepve) == []
+
+
 # --- helpers of the in-process rows --------------------------------------------------------------------------
 
 def _reason(result: tuple[str, Refusal | None]) -> str:
@@ -380,6 +590,10 @@ def _killed_mid_destroy(fakepve: Any, fakepve_cafile: str, planner: server.Runni
                 fakepve.fail("DELETE", "/nodes/pve1/qemu/100", 595, "No route to host", times=1)
         finally:
             held.release()
+    deadline = time.monotonic() + 10
+    while not (fakepve.vm(100) is None if reaches_pve else ("DELETE", "/nodes/pve1/qemu/100") not in fakepve.failures):
+        assert time.monotonic() < deadline, "fakepve never answered the held call"
+        time.sleep(0.01)
     op_id = parse_payload(envelope.payload).op_id
     (begun,) = [r for r in on_disk if isinstance(r, Begun) and r.key == f"op:{op_id}"]
     assert [r for r in on_disk if isinstance(r, TaskStarted | Ended) and r.op_id == begun.op_id] == []
@@ -390,8 +604,7 @@ def _restart(command: list[str]) -> tuple[Daemon, list[dict[str, Any]]]:
     """The daemon again: once it serves, recovery has ended; its ``recovered`` log events."""
     daemon = Daemon(command, unused_port())
     daemon.wait_serving()
-    time.sleep(0.1)  # the log line is written before the health flips; let the reader thread catch up
-    return daemon, [e for e in daemon.log.events(timeout=0) if e.get("event") == "recovered"]
+    return daemon, daemon.events("recovered")
 
 
 def test_row3_killed_after_begin_before_the_call_ends_not_applied_and_spent(
