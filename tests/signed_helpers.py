@@ -55,9 +55,9 @@ def roles(audience: str = AUDIENCE) -> list[dict[str, Any]]:
     ]
 
 
-def store_doc(version: int = 1) -> dict[str, Any]:
+def store_doc() -> dict[str, Any]:
     """alice (destroyer, operator) and bob (destroyer), the deterministic test keys of tests.signing."""
-    return {"version": version, "roles": roles(),
+    return {"version": 1, "roles": roles(),
             "keys": [key_entry("alice", ["destroyer", "operator"]), key_entry("bob", ["destroyer"])]}
 
 
@@ -74,15 +74,10 @@ class Desk:
         return self.desk.propose(vmid, kind, params)
 
     def sign(self, proposal: Proposal | Unsigned, *signers: str, role: str, ttl: int = 900,
-             now: float | None = None, mutate: Callable[[bytes], bytes] | None = None) -> Envelope:
-        """The payload ``op sign`` builds from ``proposal``, signed by the named test keys.
-
-        ``mutate`` edits the payload bytes before signing (an attacker with a key, or a signer's tool gone wrong).
-        """
+             now: float | None = None) -> Envelope:
+        """The payload ``op sign`` builds from ``proposal`` (signed ``now``), signed by the named test keys."""
         unsigned = proposal if isinstance(proposal, Unsigned) else unsigned_of(proposal)
         data = build_payload(unsigned, role=role, ttl=ttl, reason="test", now=time.time() if now is None else now)
-        if mutate is not None:
-            data = mutate(data)
         return seal(data, *signers)
 
     def submit(self, envelope: Envelope) -> tuple[str, Refusal | None]:
@@ -120,8 +115,7 @@ def seal(payload: bytes, *signers: str) -> Envelope:
 
 
 def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list[Declared] | None = None, *,
-              doc: dict[str, Any] | str | None = None, journal: bool = True, journal_dir: Path | None = None,
-              **settings: Any) -> Desk:
+              journal: bool = True, journal_dir: Path | None = None, **settings: Any) -> Desk:
     """An engine from the ``make_engine`` fixture with an OpDesk wired as ``daemon.build`` wires it.
 
     The state dir is the journal's directory (``journal_dir``: open the journal there; the caller closes it
@@ -133,7 +127,7 @@ def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list
         engine.gate.journal = Journal.open(journal_dir)
     state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    trust = write_store(tmp_path, doc if doc is not None else store_doc(), name=f"trust-{state_dir.name}.toml")
+    trust = write_store(tmp_path, store_doc(), name=f"trust-{state_dir.name}.toml")
     clock = GateClock(lambda: engine.gate.journal, state_dir)
     engine.gate.wall = clock.now
     secret = gate_secret(state_dir) if engine.journal is not None else None
