@@ -23,12 +23,14 @@ from common.metrics import serve_metrics
 from common.signals import stop_on_signals
 from executor.cli import api_tls, planner_tls
 from executor.config import ExecutorSettings
+from executor.decisions import GateSettings
 from executor.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
 from executor.engine import Engine, Settings, TickOutcome
-from executor.gate import Gate, GateSettings
+from executor.gate import Gate
 from executor.kinds import CallSettings
 from executor.metrics import ExecutorMetrics
-from executor.ops import OP_TTL_MAX, GateClock, OpDesk, OpSettings, clock_reset, gate_secret
+from executor.opclock import GateClock, clock_reset, gate_secret
+from executor.ops import OP_TTL_MAX, OpDesk, OpSettings
 from executor.planner_client import PlannerClient, PlannerError
 from executor.pve import Connection, ProxmoxNode
 from executor.pvewrite import ProxmoxWriter

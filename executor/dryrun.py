@@ -21,8 +21,9 @@ from executor.actions import by_guest
 from executor.cli import connection, planner_tls
 from executor.config import ExecutorSettings
 from executor.daemon import provider
+from executor.decisions import Admission, GateSettings, declaration_of
 from executor.desired import DesiredStateError, provider_source
-from executor.gate import Admission, Gate, GateSettings, declaration_of
+from executor.gate import Gate
 from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerError
 from executor.pve import ProxmoxNode, PveError

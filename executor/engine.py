@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from executor.actions import Step, by_guest
+from executor.decisions import Admission, Admitted, GateState, Refusal, declaration_of
 from executor.desired import Declared, DesiredProvider, DesiredStateError, provider_source
-from executor.gate import Admission, Admitted, Gate, GateState, Refusal, declaration_of
+from executor.gate import Gate
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError

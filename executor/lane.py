@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from executor.actions import START, STOP
+from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
 from executor.opsteps import PROTECTION_BLOCKS, before_image, bound_action
 from executor.pve import PveError, PveReader, PveUnavailableError, PveWriter, TaskOutcome, TaskResult, wait_task
@@ -31,7 +32,7 @@ from safety.payload import check_binding
 from safety.refusal import Refused
 
 if TYPE_CHECKING:
-    from executor.gate import Admitted, Gate, Refusal
+    from executor.gate import Gate
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
@@ -76,8 +77,6 @@ class Lane:
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
 
     def _gate_action(self, admitted: Admitted) -> Action:
-        from executor.gate import to_action  # noqa: PLC0415
-
         return to_action(admitted.step)
 
     def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted) -> Verdict:
@@ -139,8 +138,6 @@ class Lane:
         return None if problem is None else ("MALFORMED", problem)
 
     def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
-        from executor.gate import Refusal  # noqa: PLC0415
-
         op = admitted.op
         assert op is not None
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
@@ -155,8 +152,6 @@ class Lane:
         return refusal
 
     def _refuse(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
-        from executor.gate import Pending, Refusal, descriptor  # noqa: PLC0415
-
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                           detail=detail)
         self._gate.metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()

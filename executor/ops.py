@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,12 +21,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from executor.actions import Step
-from executor.gate import Refusal, descriptor, to_action
+from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
+from executor.opclock import MAX_SKEW, SIGNER_BACKDATE, GateClock, TokenBucket, write_private
 from executor.opsteps import step_from
 from executor.pve import PveError
-from journal import BURN_PREFIX, Journal, KeyInFlightError, NonceSpentError, Outcome
+from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("executor.ops")
 REVOKE = "op.revoke"
-MAX_SKEW = 300.0
 OP_TTL_MAX = 24 * 3600 + MAX_SKEW  # the longest an op can live: the journal must remember nonces longer
 
 
@@ -58,82 +56,6 @@ class OpSettings:
     skew: float = 120.0  # op_clock_skew: how far in the future not_before may be (never on not_after)
     rate: float = 5.0  # SubmitOp calls per second, sustained
     burst: int = 20
-
-
-class GateClock:
-    """The gate's time: never before the journal's high-water mark, so a clock set back revives nothing.
-
-    ``pve-executor clock-reset`` (daemon stopped) writes state_dir/clock.reset after a clock that ran
-    ahead: the mark is then read less the offset, and ops signed before the reset are refused.
-    """
-
-    def __init__(self, journal: Callable[[], Journal | None], state_dir: str | Path) -> None:
-        self._journal = journal
-        self.offset, self.floor = 0.0, 0.0
-        reset = Path(state_dir) / "clock.reset"
-        if reset.is_file():
-            data = json.loads(reset.read_text(encoding="utf-8"))
-            self.offset, self.floor = float(data["offset"]), float(data["floor"])
-
-    def now(self) -> float:
-        """max(wall time, the journal's high-water mark less a reset's offset)."""
-        journal = self._journal()
-        mark = journal.high_water - self.offset if journal is not None else 0.0
-        wall = time.time()
-        if mark > wall + MAX_SKEW:
-            log.warning("clock_ahead_of_high_water", wall=wall, high_water=mark,
-                        remedy="stop the daemon, fix the clock, run pve-executor clock-reset")
-        return max(wall, mark)
-
-
-def clock_reset(state_dir: str | Path, journal: Journal) -> tuple[float, float]:
-    """Record a clock reset (daemon stopped): offset = high-water mark - now; floor = now. Returns both."""
-    now = time.time()
-    offset = max(0.0, journal.high_water - now)
-    path = Path(state_dir) / "clock.reset"
-    _write_private(path, json.dumps({"offset": offset, "floor": now}).encode())
-    return offset, now
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600, synced."""
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
-def gate_secret(state_dir: str | Path) -> bytes:
-    """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges."""
-    path = Path(state_dir) / "gate.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(path, challenges.new_secret())
-    return path.read_bytes()
-
-
-class TokenBucket:
-    """``rate`` per second, ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate, self._burst = rate, float(burst)
-        self._tokens, self._at = float(burst), time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        """One token, if there is one."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-            self._at = now
-            if self._tokens < 1:
-                return False
-            self._tokens -= 1
-            return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,7 +114,7 @@ class OpDesk:
             return
         current = self.store.current
         assert current is not None
-        _write_private(self._version_file(), str(current.version).encode())
+        write_private(self._version_file(), str(current.version).encode())
         log.info("trust_store_loaded", version=current.version, keys=len(current.keys), roles=len(current.roles))
 
     def _reload_if_changed(self) -> None:
@@ -243,8 +165,8 @@ class OpDesk:
 
     def _secret(self) -> bytes:
         secret = self._engine.gate.settings.secret
-        if secret is None:
-            raise Refused(RefusalReason.TRUST_STORE_INVALID, "no gate secret: signed ops are not set up")
+        if self._engine.journal is None or secret is None:  # the daemon keeps a secret only with a journal
+            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: no signed op can run")
         return secret
 
     # --- submit ----------------------------------------------------------------------------------
@@ -285,7 +207,8 @@ class OpDesk:
         now = self.clock.now()
         op = verify(envelope, store, now=now, audience=self._engine.gate.audience(),
                     challenge_key=self._engine.gate.settings.secret, skew=self.settings.skew)
-        if op.payload.not_before < self.clock.floor:
+        if op.payload.not_before + SIGNER_BACKDATE < self.clock.floor:
+            # Nonces compacted while the clock ran ahead cannot be trusted: only ops signed since the reset.
             raise Refused(RefusalReason.EXPIRED, f"signed before the clock reset at {int(self.clock.floor)}")
         return op
 
@@ -402,9 +325,16 @@ class OpDesk:
         return target, None
 
     def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "") -> Refusal:
-        """A Refusal for the API; counted and logged, never journaled for unauthenticated input."""
+        """A Refusal for the API; counted and logged; journaled only once a signature held (``op_id``).
+
+        Unauthenticated junk never reaches the journal: a flood of it costs counters and log lines.
+        """
         metrics = self._engine.gate.metrics
         metrics.gate_decisions.labels("unknown", "refused", exc.reason.value.lower()).inc()
         log.warning("op_refused", vmid=vmid, op_kind=kind, op_id=op_id, reason=exc.reason.value, detail=exc.detail)
+        if op_id:
+            self._engine.gate.journal_write(lambda j: j.refuse_if_new(
+                vmid=vmid, kind=kind, reason=exc.reason.value, detail=exc.detail, op_id=op_id,
+                key=f"{BURN_PREFIX}{op_id}:refused"))
         return Refusal(vmid=vmid, op_kind=kind, cls=Class.DESTRUCTIVE, reason=exc.reason.value, detail=exc.detail,
                        op_id=op_id)

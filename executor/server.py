@@ -9,8 +9,8 @@ import structlog
 
 from common import grpcserver
 from common.grpcserver import ServerTls
+from executor.decisions import GateState, Pending, Refusal
 from executor.engine import Engine, TickSummary
-from executor.gate import GateState, Pending, Refusal
 from executor.ops import OpDesk, RateLimitedError
 from executor.pve import PveError
 from executor.v1 import executor_pb2 as pb

@@ -11,9 +11,10 @@ import grpc
 import pytest
 from hypothesis import settings
 
+from executor.decisions import GateSettings
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
-from executor.gate import Gate, GateSettings
+from executor.gate import Gate
 from executor.kinds import CallSettings
 from executor.planner_client import PlannerClient
 from executor.pve import Connection, Credentials, ProxmoxNode

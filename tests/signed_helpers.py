@@ -21,12 +21,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from executor.decisions import Refusal
 from executor.desired import Declared
 from executor.engine import Engine
-from executor.gate import Refusal
 from executor.opapi import to_proto
+from executor.opclock import GateClock, gate_secret
 from executor.opdoc import Proposal as Unsigned
-from executor.ops import GateClock, OpDesk, OpSettings, Proposal, gate_secret
+from executor.ops import OpDesk, OpSettings, Proposal
 from executor.opsign import build_payload
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc

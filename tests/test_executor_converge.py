@@ -129,7 +129,7 @@ def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make
     fakepve.add_ct(101, "cache", status="stopped")
     engine = make_engine([])
     from executor.actions import STOP, Step  # noqa: PLC0415
-    from executor.gate import Admitted  # noqa: PLC0415
+    from executor.decisions import Admitted  # noqa: PLC0415
     from safety.classify import Class, Source, Verdict  # noqa: PLC0415
 
     admitted = Admitted(step=Step(vmid=101, guest_type="lxc", kind=STOP), source=Source.LOCAL_FILE,

@@ -359,8 +359,8 @@ def test_executor_api_over_mutual_tls(fakepve: Any, make_engine: Any, pki: Pki) 
 def test_plan_output_is_coloured_only_on_a_tty() -> None:
     """The dry run reads at a glance: key, current, desired; colour codes only when asked for."""
     from executor.actions import SET_CONFIG, Step  # noqa: PLC0415
+    from executor.decisions import Admission, Judged  # noqa: PLC0415
     from executor.dryrun import DryRun, render  # noqa: PLC0415
-    from executor.gate import Admission, Judged  # noqa: PLC0415
     from executor.observe import Observed  # noqa: PLC0415
     from safety.classify import Class, Verdict  # noqa: PLC0415
 

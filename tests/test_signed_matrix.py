@@ -27,9 +27,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from executor.daemon import open_journal
+from executor.decisions import Refusal
 from executor.desired import Declared
 from executor.engine import Engine
-from executor.gate import Refusal
 from executor.opdoc import Proposal as Unsigned
 from executor.queue import Job
 from executor.server import start_api

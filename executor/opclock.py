@@ -1,0 +1,101 @@
+"""What signed operations keep on the node besides the journal: the gate's clock, its secret, a rate.
+
+``GateClock``: the gate's time is never before the journal's high-water mark, so a clock set back
+revives no expired op; ``clock_reset`` is the offline remedy for a clock that ran ahead.
+``gate_secret``: the key of this executor's challenges (state_dir/gate.secret, 0600).
+``TokenBucket``: SubmitOp's rate limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from journal import Journal
+from safety import challenge as challenges
+
+log = structlog.get_logger("executor.opclock")
+MAX_SKEW = 300.0
+SIGNER_BACKDATE = 60  # ``op sign`` puts not_before this far in the past (a gate whose clock runs behind)
+
+
+class GateClock:
+    """The gate's time: never before the journal's high-water mark, so a clock set back revives nothing.
+
+    ``pve-executor clock-reset`` (daemon stopped) writes state_dir/clock.reset after a clock that ran
+    ahead: the mark is then read less the offset, and ops signed before the reset are refused.
+    """
+
+    def __init__(self, journal: Callable[[], Journal | None], state_dir: str | Path) -> None:
+        self._journal = journal
+        self.offset, self.floor = 0.0, 0.0
+        reset = Path(state_dir) / "clock.reset"
+        if reset.is_file():
+            data = json.loads(reset.read_text(encoding="utf-8"))
+            self.offset, self.floor = float(data["offset"]), float(data["floor"])
+
+    def now(self) -> float:
+        """max(wall time, the journal's high-water mark less a reset's offset)."""
+        journal = self._journal()
+        mark = journal.high_water - self.offset if journal is not None else 0.0
+        wall = time.time()
+        if mark > wall + MAX_SKEW:
+            log.warning("clock_ahead_of_high_water", wall=wall, high_water=mark,
+                        remedy="stop the daemon, fix the clock, run pve-executor clock-reset")
+        return max(wall, mark)
+
+
+def clock_reset(state_dir: str | Path, journal: Journal) -> tuple[float, float]:
+    """Record a clock reset (daemon stopped): offset = high-water mark - now; floor = now. Returns both."""
+    now = time.time()
+    offset = max(0.0, journal.high_water - now)
+    path = Path(state_dir) / "clock.reset"
+    write_private(path, json.dumps({"offset": offset, "floor": now}).encode())
+    return offset, now
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600, synced."""
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def gate_secret(state_dir: str | Path) -> bytes:
+    """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges."""
+    path = Path(state_dir) / "gate.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, challenges.new_secret())
+    return path.read_bytes()
+
+
+class TokenBucket:
+    """``rate`` per second, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._tokens, self._at = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """One token, if there is one."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
