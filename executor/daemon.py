@@ -92,13 +92,14 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
         raise ConfigError("state_dir", f"the journal keeps nonces {journal.retention:.0f} s: it must outlive the "
                                        f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
+    secret = gate_secret(settings.state_dir) if journal is not None else None  # before the clock: it may set a floor
     clock = GateClock(lambda: gate.journal, settings.state_dir)
     gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
                 wall=clock.now,
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
                                       max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
-                                      secret=gate_secret(settings.state_dir) if journal is not None else None))
+                                      secret=secret))
     planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     queue = GuestQueue(settings.max_parallel)
     engine = Engine(pve=reader, gate=gate, planner=planner, provider=desired, queue=queue, settings=Settings(),

@@ -73,10 +73,18 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def gate_secret(state_dir: str | Path) -> bytes:
-    """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges."""
+    """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges.
+
+    A new secret means new state: whatever journal remembered the spent nonces before is not this
+    one (a wiped or fresh state_dir). So creating it also sets the clock floor to now: an op
+    signed before can never run here, even an APPROVAL op, which carries no challenge.
+    """
     path = Path(state_dir) / "gate.secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        reset = path.parent / "clock.reset"
+        if not reset.exists():
+            write_private(reset, json.dumps({"offset": 0.0, "floor": time.time()}).encode())
         write_private(path, challenges.new_secret())
     return path.read_bytes()
 

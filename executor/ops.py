@@ -207,9 +207,10 @@ class OpDesk:
         now = self.clock.now()
         op = verify(envelope, store, now=now, audience=self._engine.gate.audience(),
                     challenge_key=self._engine.gate.settings.secret, skew=self.settings.skew)
-        if op.payload.not_before + SIGNER_BACKDATE < self.clock.floor:
+        if op.payload.not_before + SIGNER_BACKDATE < int(self.clock.floor):  # payload times are whole seconds
             # Nonces compacted while the clock ran ahead cannot be trusted: only ops signed since the reset.
-            raise Refused(RefusalReason.EXPIRED, f"signed before the clock reset at {int(self.clock.floor)}")
+            raise Refused(RefusalReason.EXPIRED, f"signed before {int(self.clock.floor)}, when this executor's "
+                                                 "state began or its clock was reset")
         return op
 
     def _check_nonce(self, op_id: str) -> None:

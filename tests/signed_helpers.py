@@ -129,9 +129,9 @@ def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list
     state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     trust = write_store(tmp_path, store_doc(), name=f"trust-{state_dir.name}.toml")
+    secret = gate_secret(state_dir) if engine.journal is not None else None  # before the clock, as daemon.build
     clock = GateClock(lambda: engine.gate.journal, state_dir)
     engine.gate.wall = clock.now
-    secret = gate_secret(state_dir) if engine.journal is not None else None
     engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=secret)
     desk = OpDesk(engine=engine, clock=clock, settings=OpSettings(state_dir=str(state_dir), trust_store=str(trust)))
     return Desk(engine=engine, desk=desk, state_dir=state_dir)

@@ -55,7 +55,7 @@ from tests.signed_helpers import (
     signed_by,
     spent,
 )
-from tests.test_journal import tiny_filesystem
+from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
 
@@ -196,6 +196,23 @@ def test_row5_the_same_op_submitted_twice_at_once_runs_once(fakepve: Any, make_e
     assert answers == ["NONCE_IN_FLIGHT", "accepted"]
     assert fakepve.vm(100) is None
     assert [m for m, p in mutations(fakepve) if p.endswith("/qemu/100")] == ["DELETE"]
+
+
+def test_an_approval_op_from_before_a_wiped_state_dir_never_runs(fakepve: Any, make_engine: Make,
+                                                                 tmp_path: Path) -> None:
+    """Beyond the matrix: an APPROVAL op carries no challenge, so a wiped state_dir (a new journal that never
+    saw its nonce spent) would let it run again within its 24 h. A new gate secret sets the clock floor:
+    the op, run once on the old state, is refused on the new one as signed before this state began."""
+    add_vm(fakepve, 100)
+    old = open_desk(make_engine, tmp_path)
+    envelope = old.sign(old.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+    assert old.run(envelope)[1] is None and "s1" in fakepve.vm(100).snapshots
+    time.sleep(1.05)  # payload times are whole seconds: the new state begins a second later
+    fresh = open_desk(make_engine, tmp_path)  # another state dir: the spent nonce is not in its journal
+    before = len(fakepve.requests)
+    refusal = fresh.run(envelope)[1]
+    assert refusal is not None and refusal.reason == "EXPIRED" and "state began" in refusal.detail
+    assert mutations(fakepve, before) == []
 
 
 def test_row48_two_ops_for_one_action_run_it_once(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
@@ -454,7 +471,9 @@ def test_row41_a_clock_run_ahead_to_2040_expires_every_op_until_clock_reset(fake
     state = tmp_path / "journal-0"
     _journal_at(state, dt.datetime(2040, 1, 1, tzinfo=dt.UTC).timestamp())
     ahead = open_desk(make_engine, tmp_path)
-    earlier = ahead.sign(ahead.propose(100, "snapshot.create", snapname="before"), "alice", role="operator")
+    # Signed seconds before the reset (payload times are whole seconds: the same second would pass).
+    earlier = ahead.sign(ahead.propose(100, "snapshot.create", snapname="before"), "alice", role="operator",
+                         now=time.time() - 5)
     with capture_logs() as logs:
         assert _reason(ahead.run(earlier)) == "EXPIRED"
     assert any(e["event"] == "clock_ahead_of_high_water" for e in logs)
@@ -468,9 +487,9 @@ def test_row41_a_clock_run_ahead_to_2040_expires_every_op_until_clock_reset(fake
     after = open_desk(make_engine, tmp_path, journal_dir=state)
     refusal = after.run(earlier)[1]
     assert refusal is not None and (refusal.reason, refusal.detail) == (
-        "EXPIRED", f"signed before the clock reset at {int(floor)}")
+        "EXPIRED", f"signed before {int(floor)}, when this executor's state began or its clock was reset")
     fresh = after.sign(after.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer",
-                       now=floor + 61)  # op sign backdates not_before by 60 s: signed 61 s after the reset
+                       now=floor + 1)  # signed a second after the reset (op sign backdates not_before by 60 s)
     assert after.run(fresh)[1] is None and "scsi1" not in fakepve.vm(100).config
     assert fakepve.vm(100).snapshots == {}
 
