@@ -42,3 +42,11 @@ def have(
         vmid=vmid, type=kind, run_state=state, config_known=known, config=config or {},
         lock=lock, digest=digest or f"digest-{vmid}",
     )
+
+
+def config(vmid: int, values: dict[str, str] | None = None, delete: tuple[str, ...] = ()) -> pb.Action:
+    """A SetConfig action."""
+    return pb.Action(vmid=vmid, type=QEMU, set_config=pb.SetConfigAction(set=values or {}, delete=delete))
+
+
+ONE_GUEST = ([want(100, state=RUNNING)], [have(100, state=STOPPED)])  # a plan's input with one start to plan

@@ -1,4 +1,4 @@
-"""Fixtures: real planner servers on loopback, stopped after each test."""
+"""Fixtures: real planner servers on loopback (plaintext or mutual TLS), the executor's parts against fakepve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import grpc
 import pytest
 from hypothesis import settings
 
+from common.grpcserver import ServerTls
 from executor.decisions import GateSettings
 from executor.desired import Declared, StaticProvider
 from executor.engine import Engine, Settings
@@ -23,6 +24,7 @@ from executor.queue import GuestQueue
 from journal import Journal
 from planner import server
 from safety.classify import Source
+from tests.certs import Pki, make_pki
 
 # No per-example deadline (this machine's speed varies by 2x); in CI the examples are derandomized,
 # so a red run can be reproduced and a green one is not luck.
@@ -39,6 +41,21 @@ def _planner() -> Iterator[server.Running]:
         yield running
     finally:
         server.stop(running, grace=1)
+
+
+@pytest.fixture(name="pki", scope="module")
+def _pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA with server and client certificates, and a rogue CA (made once per test module)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(name="mtls_planner")
+def _mtls_planner(pki: Pki) -> Iterator[server.Running]:
+    """A real planner on 127.0.0.1 serving TLS that requires a client certificate signed by the test CA."""
+    running = server.start("127.0.0.1:0", tls=ServerTls(cert=pki.server_cert, key=pki.server_key,
+                                                        client_ca=pki.ca))
+    yield running
+    server.stop(running, 1)
 
 
 @pytest.fixture(name="channel")

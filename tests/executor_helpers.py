@@ -1,25 +1,29 @@
-"""Helpers of the executor race and cluster tests: counting requests, widening windows, stand-ins."""
+"""Helpers of the executor tests: its command line, fakepve's requests counted, race windows widened."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
 from proxmoxer import ProxmoxAPI
 
 from executor.pve import GuestState, ProxmoxNode
-from planner.v1 import planner_pb2 as pb
-from planner.v1 import planner_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m *args`` in the project root, no PVE_PLANNER_/PVE_EXECUTOR_ setting inherited but ``env``'s."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PVE_PLANNER_", "PVE_EXECUTOR_"))}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False, env={**clean, **(env or {})})
 
 
 def requests_to(fakepve: Any, method: str, suffix: str, since: int = 0) -> list[str]:
@@ -31,6 +35,11 @@ def starts(fakepve: Any, vmid: int | None = None, since: int = 0) -> list[str]:
     """The POST .../status/start requests fakepve received, optionally for one guest."""
     found = requests_to(fakepve, "POST", "/status/start", since)
     return [p for p in found if vmid is None or p.endswith(f"/{vmid}/status/start")]
+
+
+def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str, Any]]:
+    """Every mutating request fakepve received (logins aside)."""
+    return [r for r in fakepve.requests[since:] if r[0] in ("POST", "PUT", "DELETE") and "/access/" not in r[1]]
 
 
 def unused_port() -> int:
@@ -92,35 +101,6 @@ class HeldReads:
             if run is not None:
                 run()
         return found
-
-
-class RefusingPlanner(pb_grpc.PlannerServiceServicer):
-    """A planner.v1 stand-in whose Plan refuses every request with INVALID_ARGUMENT; counts the calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def Plan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.PlanResponse:
-        """Refuse, as a planner refuses a malformed request."""
-        with self._lock:
-            self.calls += 1
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "desired[0].run_state: unknown value 7")
-        raise AssertionError("abort returned")
-
-
-@contextmanager
-def refusing_planner() -> Iterator[tuple[RefusingPlanner, int]]:
-    """A RefusingPlanner served on 127.0.0.1 (a free port): (servicer, port); stopped after."""
-    servicer = RefusingPlanner()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_PlannerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, port
-    finally:
-        server.stop(0)
 
 
 def cli(pve_url: str, cafile: str, planner: str, tmp_path: Path, *args: str, node: str = "pve1") -> list[str]:

@@ -1,4 +1,4 @@
-"""`pve-executor plan` shows exactly what `run` would do: the same read path, plan and gate."""
+"""`pve-executor plan` shows exactly what `run` would do (the same read path, plan and gate), readably."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from typing import Any
 
 import pytest
 
+from executor.actions import SET_CONFIG, Step
 from executor.config import CONNECTION, EXTRAS, RUN, ExecutorSettings, settings_fields
 from executor.daemon import build
+from executor.decisions import Admission, Judged
 from executor.desired import FileProvider
-from executor.dryrun import dry_run
+from executor.dryrun import DryRun, dry_run, render
 from executor.engine import TickOutcome
+from executor.observe import Observed
 from executor.pve import Connection
 from journal import Journal
 from planner import server
+from planner.v1 import planner_pb2 as pb
+from safety.classify import Class, Verdict
 
 MUTATION = re.compile(r"/nodes/pve1/(qemu|lxc)/(\d+)/(status/start|status/shutdown|config)$")
 KINDS = {"status/start": "start", "status/shutdown": "stop", "config": "set_config"}
@@ -90,3 +95,16 @@ def test_plan_and_run_agree(scenario: Callable[[Any], str], fakepve: Any, fakepv
 def test_every_setting_is_a_typed_field() -> None:
     """The typed settings and the declared options are the same list, so mypy checks every setting's use."""
     assert settings_fields() == {o.key for o in (*CONNECTION, *RUN)} | set(EXTRAS)
+
+
+def test_plan_output_is_coloured_only_on_a_tty() -> None:
+    """The dry run reads at a glance: key, current, desired; colour codes only when asked for."""
+    plan = pb.PlanResponse(actions=[pb.Action(vmid=100, type=pb.GUEST_TYPE_QEMU,
+                                              set_config=pb.SetConfigAction(set={"memory": "4096"}))])
+    step = Step(vmid=100, guest_type="qemu", kind=SET_CONFIG, set=(("memory", "4096"),))
+    verdict = Verdict(cls=Class.BENIGN, op_kind="config", rule="benign_key", reasons=())
+    result = DryRun(plan, Admission(admitted={}, judged=(Judged(step=step, verdict=verdict),)),
+                    Observed(guests={}, configs={100: ({"memory": "2048"}, "")}, elsewhere=frozenset()))
+    plain = render(result, color=False)
+    assert plain == "guest 100: set config [benign]\n    memory: '2048' -> '4096'"
+    assert "\033[32m'4096'\033[0m" in render(result, color=True)

@@ -19,7 +19,8 @@ from executor.engine import Engine, TickOutcome
 from executor.planner_client import PlannerClient
 from executor.pve import Connection, ProxmoxNode
 from planner import server
-from tests.executor_helpers import ROOT, cli, refusing_planner, requests_to, starts, unused_port
+from tests.executor_helpers import ROOT, cli, requests_to, starts, unused_port
+from tests.planner_standins import refusing_planner
 
 Make = Callable[..., Engine]
 RESOURCES = "/cluster/resources"

@@ -15,6 +15,7 @@ from executor.planner_client import PlannerClient
 from executor.pve import ProxmoxNode
 from executor.pvewrite import ProxmoxWriter
 from journal import Outcome
+from tests import executor_helpers
 
 Make = Callable[..., Engine]
 WRITES = ("POST", "PUT", "DELETE")
@@ -205,11 +206,8 @@ def test_planner_down_means_zero_mutations(fakepve: Any, make_engine: Make, unus
 
 @pytest.fixture(name="unused_port")
 def _unused_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nothing listens on."""
+    return executor_helpers.unused_port()
 
 
 def test_same_guest_in_order_different_guests_in_parallel(fakepve: Any, make_engine: Make) -> None:

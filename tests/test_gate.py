@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -22,44 +19,15 @@ from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import Refused
 from planner.v1 import planner_pb2 as pb
-from planner.v1 import planner_pb2_grpc as pb_grpc
 from safety.classify import Source
+from tests.builders import QEMU, config
+from tests.executor_helpers import mutations
+from tests.planner_standins import scripted_planner
+
+__all__ = ["config", "mutations", "scripted_planner"]  # still importable from here, where they were first written
 
 Make = Callable[..., Engine]
-QEMU = pb.GUEST_TYPE_QEMU
 UNKNOWN_FIELD = b"\x78\x01"  # field 15, varint 1: an action kind a newer planner might send
-
-
-class ScriptedPlanner(pb_grpc.PlannerServiceServicer):
-    """A planner.v1 stand-in that answers the n-th Plan call with the n-th scripted response (the last repeats)."""
-
-    def __init__(self, responses: list[pb.PlanResponse]) -> None:
-        self._responses, self.calls = responses, 0
-        self._lock = threading.Lock()
-
-    def Plan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.PlanResponse:
-        """The next scripted answer, whatever was asked."""
-        with self._lock:
-            self.calls += 1
-            return self._responses[min(self.calls, len(self._responses)) - 1]
-
-
-@contextmanager
-def scripted_planner(responses: list[pb.PlanResponse]) -> Iterator[str]:
-    """A ScriptedPlanner on 127.0.0.1 (free port): its target; stopped after."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_PlannerServiceServicer_to_server(ScriptedPlanner(responses), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
-
-
-def config(vmid: int, values: dict[str, str] | None = None, delete: tuple[str, ...] = ()) -> pb.Action:
-    """A SetConfig action."""
-    return pb.Action(vmid=vmid, type=QEMU, set_config=pb.SetConfigAction(set=values or {}, delete=delete))
 
 
 def unknown_kind(vmid: int) -> pb.Action:
@@ -67,11 +35,6 @@ def unknown_kind(vmid: int) -> pb.Action:
     action = pb.Action()
     action.MergeFromString(pb.Action(vmid=vmid, type=QEMU).SerializeToString() + UNKNOWN_FIELD)
     return action
-
-
-def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str, Any]]:
-    """Every mutating request fakepve received (logins aside)."""
-    return [r for r in fakepve.requests[since:] if r[0] in ("POST", "PUT", "DELETE") and "/access/" not in r[1]]
 
 
 @pytest.fixture(name="hostile")

@@ -27,8 +27,9 @@ from planner import server
 from planner.v1 import planner_pb2 as pb
 from safety.classify import Source
 from safety.model import is_on
-from tests.executor_helpers import HeldReads, starts
-from tests.test_gate import config, mutations, scripted_planner
+from tests.builders import config
+from tests.executor_helpers import HeldReads, mutations, starts
+from tests.planner_standins import scripted_planner
 
 Make = Callable[..., Engine]
 QEMU, LXC = pb.GUEST_TYPE_QEMU, pb.GUEST_TYPE_LXC

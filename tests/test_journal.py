@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import subprocess
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +34,7 @@ from journal import (
 )
 from journal.records import encode
 from journal.segments import name, sequences
+from tests.tmpfs import tiny_filesystem
 
 UPID = "UPID:pve1:0000A1B2:00C3D4E5:6560F00D:qmstart:100:root@pam:"
 
@@ -247,21 +245,6 @@ def test_a_crash_during_compaction_loses_nothing(path: Path) -> None:
     (path / name(2)).write_bytes((path / name(1)).read_bytes())  # rename done, old not yet removed
     with Journal.open(path) as journal:
         assert [f.op_id for f in journal.in_flight()] == ops
-
-
-@contextlib.contextmanager
-def tiny_filesystem(tmp_path: Path, size: str = "256k") -> Iterator[Path]:
-    """A real, small tmpfs, so the disk really fills up (needs root to mount)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_failed_write_poisons_the_journal(tmp_path: Path) -> None:
