@@ -69,16 +69,19 @@ def _tick(desk: Desk) -> None:
 
 
 def _role(name: str, kinds: list[str], cls: str, *, vmids: str = "100-199", threshold: int = 1) -> dict[str, Any]:
+    """A [[roles]] entry for fakepve's node: ``kinds`` of class ``cls`` only."""
     return {"name": name, "kinds": kinds, "classes": [cls], "audiences": [AUDIENCE], "vmids": [vmids],
             "max_ttl": "1h", "threshold": threshold}
 
 
 def _volume(fakepve: Any, name: str, vmid: int) -> None:
+    """A 4 GiB volume ``name`` owned by ``vmid`` on local-lvm."""
     fakepve.storages["local-lvm"].setdefault("volumes", {})[name] = {
         "content": "images", "format": "raw", "size": 4 * GiB, "vmid": vmid, "ctime": 0}
 
 
 def _volumes(fakepve: Any) -> set[str]:
+    """The volumes on local-lvm."""
     return set(fakepve.storages["local-lvm"].get("volumes", {}))
 
 
