@@ -92,7 +92,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
         raise ConfigError("state_dir", f"the journal keeps nonces {journal.retention:.0f} s: it must outlive the "
                                        f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
-    secret = gate_secret(settings.state_dir) if journal is not None else None  # before the clock: it may set a floor
+    secret = gate_secret(settings.state_dir, journal) if journal is not None else None  # before the clock: a floor
     clock = GateClock(lambda: gate.journal, settings.state_dir)
     gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
                 wall=clock.now,

@@ -13,6 +13,7 @@ from executor.actions import UNKNOWN, Step
 from executor.kinds import KINDS, CallSettings
 from executor.opsteps import bound_action, params_of
 from safety.classify import Action, Class, GuestFacts, Source, Verdict
+from safety.keys import API_PARAMETERS
 from safety.refusal import Refused
 from safety.scope import Declaration
 from safety.signedop import VerifiedOp
@@ -155,6 +156,9 @@ def readable(step: Step) -> tuple[Action | None, str]:
     """The classifier's view of a step, or why there is none (an unknown kind, a value no action holds)."""
     if step.kind == UNKNOWN or step.kind not in KINDS:
         return None, step.detail or f"action kind {step.kind!r}"
+    reserved = sorted({k for k, _ in step.set} & API_PARAMETERS)
+    if reserved:
+        return None, f"{', '.join(reserved)}: a parameter of PVE's config call, never a config key"
     try:
         return to_action(step), ""
     except ValueError as exc:

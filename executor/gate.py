@@ -56,6 +56,7 @@ from journal import Journal, JournalError, Outcome
 from safety import challenge as challenges
 from safety.blast import limit_stops
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
+from safety.refusal import Refused
 from safety.scope import Declaration, out_of_scope
 from safety.signedop import VerifiedOp
 
@@ -80,6 +81,8 @@ class Gate:
         self._remote_stops: collections.deque[float] = collections.deque()  # when each remote stop was admitted
         self.refused_total = 0
         self.deferred_total = 0
+        # Set by the op desk: a signed op checked again against the trust store in force, in the lane.
+        self.reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None
         self.lane = Lane(gate=self, reader=reader, writer=writer)
 
     # --- admission ----------------------------------------------------------------------------
@@ -372,7 +375,7 @@ class Gate:
         except JournalError as exc:
             self.lose_journal(exc)
 
-    def lose_journal(self, exc: JournalError) -> None:
+    def lose_journal(self, exc: JournalError | OSError) -> None:
         """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest)."""
         log.error("journal_failed_benign_only_from_now", error=str(exc))
         self.journal = None

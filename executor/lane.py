@@ -24,7 +24,7 @@ import structlog
 from executor.actions import START, STOP
 from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
-from executor.opsteps import PROTECTION_BLOCKS, before_image, bound_action
+from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.pve import PveError, PveReader, PveUnavailableError, PveWriter, TaskOutcome, TaskResult, wait_task
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
@@ -123,6 +123,13 @@ class Lane:
         assert op is not None
         if facts.lock:
             return "LOCKED", f"guest {step.vmid} is locked ({facts.lock})"
+        again = self._gate.reverify(op, step, facts) if self._gate.reverify is not None else None
+        if again is not None:
+            return again.reason.value, again.detail
+        journal = self._gate.journal
+        ran = journal.last_refusal(action_key(op)) if journal is not None and op.payload.kind in ACTION_MARKED else None
+        if ran is not None:
+            return "DIGEST_STALE", f"this exact action already ran: {ran[1]}"
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
             return "PROTECTED", (f"guest {step.vmid} has protection=1: clear it first with its own approved "
                                  "config.protection_off op")
@@ -198,6 +205,12 @@ class Lane:
                 self._unsettled[step.vmid] = upid  # held from planning until PVE says the task stopped
         outcome = OUTCOMES[result.result]
         self._gate.journal_write(lambda j: j.end(begun, outcome, "" if outcome is Outcome.OK else result.exitstatus))
+        op = admitted.op
+        if op is not None and op.payload.kind in ACTION_MARKED and outcome is not Outcome.FAILED:
+            self._gate.journal_write(lambda j: j.refuse(
+                vmid=step.vmid, kind=op.payload.kind, reason="NONCE_SPENT", op_id=op.payload.op_id,
+                detail=f"op {op.payload.op_id} ran it ({outcome.value}): the same action needs a new proposal",
+                key=action_key(op)))
         self._count(step.kind, outcome)
         bound.info("action", outcome=outcome.value, duration_s=round(time.monotonic() - started, 3),
                    **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
@@ -274,7 +287,7 @@ class Lane:
         try:
             with self._gate.metrics.journal_append.time():
                 return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
-                                     key=f"{BURN_PREFIX}{op.payload.op_id}" if op is not None else None)
+                                     key=nonce_key(op) if op is not None else None)
         except NonceSpentError:
             return self._refuse_op(admitted, "NONCE_SPENT", "this signed op was already used")
         except KeyInFlightError:

@@ -72,21 +72,43 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def gate_secret(state_dir: str | Path) -> bytes:
+NONCES_MARK = "nonces.spent"  # in state_dir: this journal has accepted signed ops (it holds nonces)
+
+
+def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
     """state_dir/gate.secret, created (0600) on first use: keys this executor's challenges.
 
     A new secret means new state: whatever journal remembered the spent nonces before is not this
     one (a wiped or fresh state_dir). So creating it also sets the clock floor to now: an op
-    signed before can never run here, even an APPROVAL op, which carries no challenge.
+    signed before can never run here, even an APPROVAL op, which carries no challenge. The same
+    holds when ``journal`` opens empty although this state had accepted signed ops (its segments
+    were lost or moved aside): the spent nonces went with them.
     """
-    path = Path(state_dir) / "gate.secret"
+    folder = Path(state_dir)
+    path = folder / "gate.secret"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        reset = path.parent / "clock.reset"
-        if not reset.exists():
-            write_private(reset, json.dumps({"offset": 0.0, "floor": time.time()}).encode())
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "clock.reset").exists():
+            set_floor(folder)
         write_private(path, challenges.new_secret())
+    elif journal is not None and journal.high_water == 0 and (folder / NONCES_MARK).exists():
+        log.error("journal_lost_floor_set", state_dir=str(folder),
+                  consequence="signed ops from before now are refused: their spent nonces were in the lost journal")
+        set_floor(folder)
+        (folder / NONCES_MARK).unlink()
     return path.read_bytes()
+
+
+def set_floor(folder: Path) -> None:
+    """Ops whose not_before lies before now are refused from now on (the journal's mark is kept as read)."""
+    write_private(folder / "clock.reset", json.dumps({"offset": 0.0, "floor": time.time()}).encode())
+
+
+def mark_nonces(state_dir: str | Path) -> None:
+    """Remember, before the first signed op runs, that this state's journal holds spent nonces."""
+    mark = Path(state_dir) / NONCES_MARK
+    if not mark.exists():
+        write_private(mark, b"this state's journal holds spent nonces of signed operations\n")
 
 
 class TokenBucket:

@@ -14,26 +14,28 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from executor.actions import Step
+from executor.actions import SET_CONFIG, Step
 from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
-from executor.opclock import MAX_SKEW, SIGNER_BACKDATE, GateClock, TokenBucket, write_private
-from executor.opsteps import step_from
+from executor.opclock import MAX_SKEW, SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces, write_private
+from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
-from safety.classify import Class, GuestFacts, Source, classify
+from safety.classify import Action, Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES
+from safety.payload import OpPayload
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import Envelope, VerifiedOp, verify
-from safety.truststore import TrustStoreHolder
+from safety.truststore import Role, TrustStore, TrustStoreHolder
 
 if TYPE_CHECKING:
     from executor.engine import Engine
@@ -70,6 +72,47 @@ class Proposal:
     before: dict[str, str]
 
 
+def could_sign(store: TrustStore, signers: Iterable[str], payload: OpPayload) -> bool:
+    """Whether one of ``signers`` holds a role allowing ``payload``'s kind, class, audience and guest."""
+    for kid in signers:
+        key = store.keys.get(kid)
+        for name in key.roles if key is not None else ():
+            role = store.roles.get(name)
+            if (role is not None and payload.kind in role.kinds and payload.class_ in role.classes
+                    and role.allows_audience(payload.audience) and role.allows_vmid(payload.vmid)):
+                return True
+    return False
+
+
+def _revokers(detail: str) -> list[str]:
+    """The key ids a journaled veto names (none for a detail written otherwise)."""
+    try:
+        found = json.loads(detail).get("by", [])
+    except (ValueError, AttributeError):
+        return []
+    return [str(kid) for kid in found] if isinstance(found, list) else []
+
+
+def role_covers_keys(role: Role, step: Step, facts: GuestFacts) -> Refused | None:
+    """ROLE_DENIES unless ``role`` names the op kind of each non-benign key the step writes or deletes.
+
+    An op's kind is its strictest key's; a role granting ``config.nic_identity`` must not also lower
+    ``protection`` or delete ``unused0`` in the same signed write.
+    """
+    if step.kind != SET_CONFIG:
+        return None
+    changes = [Action(kind=SET_CONFIG, vmid=step.vmid, guest_type=step.guest_type, set={key: value})
+               for key, value in step.set]
+    changes += [Action(kind=SET_CONFIG, vmid=step.vmid, guest_type=step.guest_type, delete=(key,))
+                for key in step.delete]
+    for change in changes:
+        verdict = classify(change, facts, Source.OPERATOR_OP)
+        if verdict.cls is not Class.BENIGN and verdict.op_kind not in role.kinds:
+            key = next(iter(change.set), None) or change.delete[0]
+            return Refused(RefusalReason.ROLE_DENIES, f"{key}: {verdict.op_kind} is not among role {role.name}'s kinds")
+    return None
+
+
 class OpDesk:
     """The executor's counter for signed operations."""
 
@@ -77,6 +120,7 @@ class OpDesk:
         self._engine, self.settings, self.clock = engine, settings, clock
         self._lock = threading.Lock()
         self._accepted: dict[str, VerifiedOp] = {}  # queued or waiting for a retry, not yet run
+        self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
         self._bucket = TokenBucket(settings.rate, settings.burst)
         self.store: TrustStoreHolder | None = None
@@ -86,6 +130,7 @@ class OpDesk:
             self.reload()
         engine.holders.append(self.held)
         engine.before_tick.append(self.tick)
+        engine.gate.reverify = self.reverify
 
     # --- trust store ---------------------------------------------------------------------------
 
@@ -181,7 +226,7 @@ class OpDesk:
             return "", self._refusal(0, "", exc)
         payload = op.payload
         try:
-            self._check_nonce(payload.op_id)
+            self._check_nonce(op)
         except Refused as exc:
             return payload.op_id, self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         with self._lock:
@@ -189,6 +234,14 @@ class OpDesk:
                 twice = Refused(RefusalReason.NONCE_IN_FLIGHT, "this signed op is already accepted and queued")
                 return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
             self._accepted[payload.op_id] = op
+            self._envelopes[payload.op_id] = envelope
+        try:
+            mark_nonces(self.settings.state_dir)  # before it can spend a nonce: a lost journal is then noticed
+        except OSError as exc:  # the journal's own directory: its next write would fail the same way
+            self._engine.gate.lose_journal(exc)
+            self._forget(payload.op_id)
+            return payload.op_id, self._refusal(payload.vmid, payload.kind, Refused(
+                RefusalReason.JOURNAL_UNAVAILABLE, f"state_dir not writable: {exc.strerror}"), payload.op_id)
         refusal = self._queue(op)
         if refusal is not None and self._wait_if_locked(refusal):
             refusal = None  # accepted: it waits for the lock, retried each tick until it expires
@@ -213,16 +266,38 @@ class OpDesk:
                                                  "state began or its clock was reset")
         return op
 
-    def _check_nonce(self, op_id: str) -> None:
-        """Step 12, read-only: an op whose nonce was spent (ran, failed, was cut short, revoked) never runs."""
+    def reverify(self, op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
+        """In the lane, right before the nonce is spent: the op against the trust store in force now.
+
+        A key revoked, expired or stripped of its role, an op revoked, or a store rolled back while
+        the op waited for a lock all stop it here (the challenge was checked at submission). Then the
+        role must name the op kind of every non-benign key of a config op, not only the strictest.
+        """
+        store = self.store.current if self.store is not None else None
+        envelope = self._envelopes.get(op.payload.op_id)
+        if store is None or envelope is None:
+            return Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3] or "the op is not accepted here")
+        try:
+            verify(envelope, store, now=self.clock.now(), audience=self._engine.gate.audience(), challenge_key=None,
+                   skew=self.settings.skew, check_challenge=False)
+            self._check_nonce(op)  # a veto that came while the op waited
+        except Refused as exc:
+            return exc
+        return role_covers_keys(store.roles[op.payload.role], step, facts)
+
+    def _check_nonce(self, op: VerifiedOp) -> None:
+        """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
         journal = self._engine.journal
+        op_id = op.payload.op_id
         if journal is None:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
+        veto = journal.last_refusal(revoked_key(op_id))
+        store = self.store.current if self.store is not None else None
+        if veto is not None and store is not None and could_sign(store, _revokers(veto[1]), op.payload):
+            raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
         try:
-            journal.check_key(BURN_PREFIX + op_id)
+            journal.check_key(nonce_key(op))
         except NonceSpentError as exc:
-            if journal.last_refusal(f"{BURN_PREFIX}{op_id}:revoked") is not None:
-                raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked") from None
             raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value})") from None
         except KeyInFlightError:
             raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
@@ -243,6 +318,15 @@ class OpDesk:
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step: Step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type,
                                params=dict(payload.params), digest=payload.precondition.digest)
+        journal = self._engine.journal
+        ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
+        if ran is not None:
+            return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
+        store = self.store.current if self.store is not None else None
+        facts = GuestFacts(config=config[0], digest=config[1], run_state=guest.status, lock=guest.lock)
+        denied = role_covers_keys(store.roles[payload.role], step, facts) if store is not None else None
+        if denied is not None:
+            return self._refusal(payload.vmid, payload.kind, denied, payload.op_id)
         observed = Observed(guests={guest.vmid: guest}, configs={guest.vmid: config}, elsewhere=frozenset())
         submission = self._engine.submit({payload.vmid: [step]}, source=Source.OPERATOR_OP, observed=observed,
                                          declared=[], op=op, on_done=self._done)
@@ -266,6 +350,7 @@ class OpDesk:
     def _forget(self, op_id: str) -> None:
         with self._lock:
             self._accepted.pop(op_id, None)
+            self._envelopes.pop(op_id, None)
             self._retry.discard(op_id)
 
     def held(self) -> set[int]:
@@ -297,7 +382,11 @@ class OpDesk:
     # --- revoke ----------------------------------------------------------------------------------
 
     def revoke(self, envelope: Envelope) -> tuple[str, Refusal | None]:
-        """A signed ``op.revoke`` spends the named op's nonce for good (a veto): it can never run after."""
+        """A signed ``op.revoke`` marks the named op revoked for good (a veto): it can never run after.
+
+        When the target is accepted here, the revoker must be its kind's peer: the revocation names
+        the target's guest, and the revoker's role allows the target's kind and class (§4.5).
+        """
         if not self._bucket.take():
             raise RateLimitedError("RevokeOp: too many calls; try again in a second")
         try:
@@ -306,24 +395,33 @@ class OpDesk:
                 raise Refused(RefusalReason.BINDING_MISMATCH, f"RevokeOp takes an {REVOKE} op, not "
                                                               f"{revocation.payload.kind}")
             target = str(revocation.payload.params["op_id"])
-            self._check_nonce(target)
+            journal = self._engine.journal
+            if journal is not None and journal.last_refusal(revoked_key(target)) is not None:
+                raise Refused(RefusalReason.OP_REVOKED, f"op {target} is already revoked")
+            self._may_revoke(revocation, target)
         except Refused as exc:
             return "", self._refusal(0, REVOKE, exc)
-        journal = self._engine.journal
         assert journal is not None
-        try:
-            op_id = journal.begin(vmid=revocation.payload.vmid, kind=REVOKE, key=BURN_PREFIX + target,
-                                  payload={"revoked": target, "by": list(revocation.signers),
-                                           "revocation": revocation.payload.op_id})
-        except (NonceSpentError, KeyInFlightError) as exc:
-            return target, self._refusal(0, REVOKE, Refused(RefusalReason.NONCE_IN_FLIGHT, str(exc)))
+        # The detail names the revokers: an op submitted later is vetoed only if one of them could sign it.
         journal.refuse(vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
-                       detail=f"revoked by {', '.join(revocation.signers)}", op_id=target,
-                       key=f"{BURN_PREFIX}{target}:revoked")
-        journal.end(op_id, Outcome.FAILED, "revoked")
+                       detail=json.dumps({"by": sorted(revocation.signers)}), op_id=target, key=revoked_key(target))
         self._forget(target)
         log.warning("op_revoked", op_id=target, by=list(revocation.signers))
         return target, None
+
+    def _may_revoke(self, revocation: VerifiedOp, target: str) -> None:
+        """A veto only from a key that could have signed the op (§4.5), when the op is known here.
+
+        An op not submitted yet is unknown: the veto is recorded with its signers, and weighed when
+        the op arrives (``_check_nonce``).
+        """
+        with self._lock:
+            known = self._accepted.get(target)
+        store = self.store.current if self.store is not None else None
+        if known is not None and store is not None and not could_sign(store, revocation.signers, known.payload):
+            goal = known.payload
+            raise Refused(RefusalReason.ROLE_DENIES, f"no revoker could have signed op {target} "
+                                                     f"({goal.kind} {goal.class_} on guest {goal.vmid})")
 
     def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "") -> Refusal:
         """A Refusal for the API; counted and logged; journaled only once a signature held (``op_id``).

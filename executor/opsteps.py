@@ -8,17 +8,46 @@ The comparison itself is ``safety.payload.check_binding``: typed fields, never b
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from executor.actions import SET_CONFIG, START, STOP, Step
+from journal import BURN_PREFIX
 from safety.classify import GuestFacts, Verdict
 from safety.opschema import plain
-from safety.payload import OpPayload, action_of
+from safety.payload import OpPayload, action_of, action_part
+from safety.signedop import VerifiedOp
 
 POWER = {"start": START, "stop": STOP}
 # PVE's protection flag refuses these (SAFETY-DESIGN F4): checked before the nonce is spent.
 PROTECTION_BLOCKS = frozenset({"guest.destroy", "config.disk_detach", "config.unused_delete"})
+
+
+def nonce_key(op: VerifiedOp) -> str:
+    """The journal key a signed op spends: its op_id bound to its payload.
+
+    Binding the payload means a key holder who learns another op's op_id cannot burn that op's nonce
+    by signing something else under the same id; the same envelope replayed is the same key (spent).
+    """
+    return f"{BURN_PREFIX}{op.payload.op_id}:{op.payload_sha256[:32]}"
+
+
+# Kinds whose effect need not move the config digest or the run state an op binds: a second op for
+# the same action (another nonce) would pass the binding, so the action itself is marked when it ran.
+ACTION_MARKED = frozenset({"snapshot.rollback"})
+
+
+def action_key(op: VerifiedOp) -> str:
+    """The journal's refusal key marking that this exact action ran (for ACTION_MARKED kinds)."""
+    part = json.dumps(action_part(op.payload), sort_keys=True, separators=(",", ":")).encode()
+    return f"act:{hashlib.sha256(part).hexdigest()}"
+
+
+def revoked_key(op_id: str) -> str:
+    """The journal's refusal key that marks ``op_id`` revoked (a veto outlives restarts)."""
+    return f"{BURN_PREFIX}{op_id}:revoked"
 
 
 def is_config_kind(kind: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from executor.pve import QEMU, PveError, Session
+from safety.keys import API_PARAMETERS
 
 
 class ProxmoxWriter:
@@ -35,6 +36,9 @@ class ProxmoxWriter:
         ``force`` (QEMU only; PVE requires a delete with it) frees a deleted disk's volume instead of
         keeping it as ``unusedN``. LXC's config API has no such flag: refused here, before any request.
         """
+        bad = sorted(set(values) & API_PARAMETERS) + [k for k in delete if "," in k or k in API_PARAMETERS]
+        if bad:  # the last line of defence: a key named like a parameter would become that parameter
+            raise PveError(f"config keys {', '.join(bad)} are parameters of PVE's config call", 400)
         params: dict[str, Any] = dict(values)
         if delete:
             params["delete"] = ",".join(delete)

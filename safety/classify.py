@@ -150,7 +150,8 @@ def _key_judgments(action: Action, facts: GuestFacts) -> Iterator[Judgment]:
     changes: list[tuple[str, str | None]] = [(key, value) for key, value in sorted(action.set.items())]
     changes += [(key, None) for key in sorted(action.delete)]
     for key, value in changes:
-        change = keys.KeyChange(key=key, value=value, actual=facts.actual(key), config_read=facts.config is not None)
+        change = keys.KeyChange(key=key, value=value, actual=facts.actual(key), config_read=facts.config is not None,
+                                vmid=action.vmid)
         yield keys.lookup(action.guest_type, key).judge(change)
 
 

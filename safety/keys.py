@@ -30,6 +30,7 @@ class KeyChange:
     value: str | None  # None: the key is deleted
     actual: str | None  # None: absent (or the config was not read)
     config_read: bool
+    vmid: int = 0  # the guest written to (a volume of another guest is never this guest's to attach)
 
     @property
     def verb(self) -> str:
@@ -57,6 +58,31 @@ def fields(value: str) -> list[tuple[str | None, str]]:
             name, eq, val = token.partition("=")
             tokens.append((name.strip(), val.strip()) if eq else (None, token))
     return tokens
+
+
+_OWNER = re.compile(r"(?:^|[:/])(?:vm|base|subvol)-(\d+)-")
+
+
+def _foreign_volume(value: str, volume: str | None, vmid: int) -> str | None:
+    """Why a disk value reaches beyond this guest's own volumes (None: it does not).
+
+    Another guest's volume (``vm-N-``, ``base-N-``, ``subvol-N-``: two writers on one disk, or data
+    read across guests), a host path, or an import from elsewhere are never a plain attach.
+    """
+    if "import-from=" in value:
+        return "imports a volume from elsewhere (copies data across guests or from the host)"
+    if volume is not None and volume.startswith("/"):
+        return f"passes the host path {volume!r} to the guest"
+    owner = _OWNER.search(volume or "")
+    if owner is not None and vmid and int(owner.group(1)) != vmid:
+        return f"attaches {volume!r}, a volume of guest {owner.group(1)}"
+    return None
+
+
+# Parameters of PVE's config endpoints that are not config keys: a "key" of that name in a write
+# would become the parameter itself (``delete=scsi1``, ``force=1``, ``skiplock=1``).
+API_PARAMETERS = frozenset({"delete", "revert", "digest", "force", "skiplock", "background_delay", "node",
+                            "vmid", "current", "snapshot"})
 
 
 def default_field(value: str, name: str) -> str | None:
@@ -147,6 +173,9 @@ class Disk:
         if not change.config_read:
             return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", "disk_swap",
                              "with the config not read: cannot tell an attach from a volume swap")
+        foreign = _foreign_volume(change.value, new, change.vmid)
+        if foreign is not None:
+            return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", "disk_foreign", foreign)
         if change.actual is None:
             return _judgment(change, Class.APPROVAL, "config.disk_attach", "disk_attach",
                              f"attaches {new!r} to an empty slot (allocates storage)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from safety.keys import API_PARAMETERS
 from safety.refusal import RefusalReason, Refused
 
 # The names of safety.model.Class (REVERSIBLE_WITH_APPROVAL is spelled APPROVAL there); BENIGN needs no signature.
@@ -92,6 +93,8 @@ def config_map(path: str, value: object) -> Mapping[str, str]:
         raise malformed(path, "must be an object of config keys to strings")
     for key, item in value.items():
         text(CONFIG_KEY, "a PVE config key")(f"{path} key", key)
+        if key in API_PARAMETERS:
+            raise malformed(f"{path}.{key}", "is a parameter of PVE's config call, not a config key")
         if not isinstance(item, str):
             raise malformed(f"{path}.{key}", "must be a string")
         if key == "description":

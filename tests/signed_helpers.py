@@ -31,7 +31,7 @@ from executor.ops import OpDesk, OpSettings, Proposal
 from executor.opsign import build_payload
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import BURN_PREFIX, Journal, NonceSpentError, Record, segments
+from journal import BURN_PREFIX, Begun, Journal, NonceSpentError, Record, segments
 from journal.records import record_of, scan
 from safety import signedop
 from safety.signedop import Envelope
@@ -129,7 +129,8 @@ def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list
     state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     trust = write_store(tmp_path, store_doc(), name=f"trust-{state_dir.name}.toml")
-    secret = gate_secret(state_dir) if engine.journal is not None else None  # before the clock, as daemon.build
+    # Before the clock, as daemon.build: a new secret (or a lost journal) sets the clock floor.
+    secret = gate_secret(state_dir, engine.journal) if engine.journal is not None else None
     clock = GateClock(lambda: engine.gate.journal, state_dir)
     engine.gate.wall = clock.now
     engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=secret)
@@ -208,13 +209,16 @@ def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str]]:
 
 
 def spent(desk: Desk, op_id: str) -> bool:
-    """Whether the op's nonce is spent (its ``op:`` key ended in the journal, whatever the outcome)."""
+    """Whether the op's nonce is spent (its ``op:<op_id>:<payload>`` key ended in the journal, whatever the outcome)."""
     journal = desk.engine.journal
     assert journal is not None
-    try:
-        journal.check_key(BURN_PREFIX + op_id)
-    except NonceSpentError:
-        return True
+    prefix = f"{BURN_PREFIX}{op_id}:"
+    keys = {r.key for r in journal.recent(10_000) if isinstance(r, Begun) and r.key and r.key.startswith(prefix)}
+    for key in keys:
+        try:
+            journal.check_key(key)
+        except NonceSpentError:
+            return True
     return False
 
 

@@ -30,7 +30,8 @@ def run(guest_type: str, kind: str, *, set_: Mapping[str, str] | None = None, de
         params: Mapping[str, object] | None = None, config: Mapping[str, str] | None = None,
         read: bool = True, pending: frozenset[str] = frozenset(), source: Source = Source.HUB) -> Verdict:
     """Classify one action against the guest type's sample config (or ``config``, or none read)."""
-    action = Action(kind=kind, vmid=100, guest_type=guest_type, set=set_ or {}, delete=delete, params=params or {})
+    vmid = 200 if guest_type == "lxc" else 100  # the sample configs' volumes are these guests' own
+    action = Action(kind=kind, vmid=vmid, guest_type=guest_type, set=set_ or {}, delete=delete, params=params or {})
     facts = GuestFacts(config=(config or CONFIGS[guest_type]) if read else None, pending_drive_keys=pending)
     return classify(action, facts, source)
 
@@ -81,6 +82,13 @@ SET_DELETE_ROWS = [
     ("swap: new allocation", "qemu", {"scsi0": "local-lvm:32"}, (), D, "config.disk_swap"),
     ("swap: efidisk", "qemu", {"efidisk0": "other:vm-100-disk-5"}, (), D, "config.disk_swap"),
     ("swap: rootfs", "lxc", {"rootfs": "local-lvm:vm-200-disk-5,size=8G"}, (), D, "config.disk_swap"),
+    ("foreign: another guest's volume", "qemu", {"scsi5": "local-lvm:vm-500-disk-0,size=4G"}, (), D,
+     "config.disk_swap"),
+    ("foreign: a base image of another guest", "lxc", {"mp3": "local:base-900-disk-0,mp=/x"}, (), D,
+     "config.disk_swap"),
+    ("foreign: a host path", "qemu", {"scsi5": "/dev/sdb"}, (), D, "config.disk_swap"),
+    ("foreign: an import", "qemu", {"scsi5": "local-lvm:0,import-from=local:iso/disk.qcow2"}, (), D,
+     "config.disk_swap"),
     ("detach scsi", "qemu", {}, ("scsi0",), D, "config.disk_detach"),
     ("detach efidisk", "qemu", {}, ("efidisk0",), D, "config.disk_detach"),
     ("detach tpmstate", "qemu", {}, ("tpmstate0",), D, "config.disk_detach"),

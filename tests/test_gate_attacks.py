@@ -26,6 +26,7 @@ from journal import Ended, Journal, Outcome
 from planner import server
 from planner.v1 import planner_pb2 as pb
 from safety.classify import Source
+from safety.keys import API_PARAMETERS
 from safety.model import is_on
 from tests.builders import config
 from tests.executor_helpers import HeldReads, mutations, starts
@@ -106,14 +107,16 @@ KEY_TRICKS = [
 def test_key_name_tricks_from_a_hub_never_reach_proxmox(values: dict[str, str], delete: tuple[str, ...],
                                                         fakepve: Any, make_engine: Make) -> None:
     """Even when a hub declares the odd key itself (so the scope check passes), a key the table does not
-    know exactly needs approval: case, padding, spaces, lookalikes, comma-joined deletes, the writer's own
-    parameter names (delete, skiplock) and PVE aliases (cdrom) are all refused, and scsi0 stays."""
+    know exactly needs approval: case, padding, spaces, lookalikes, comma-joined deletes and PVE aliases
+    (cdrom) are all refused, the writer's own parameter names (delete, skiplock) as never a config key
+    (no approval can make them one), and scsi0 stays."""
     fakepve.add_vm(100, "db", status="stopped", config={"scsi0": "local-lvm:vm-100-disk-0,size=32G"})
     declared = [Declared(vmid=100, config={**dict.fromkeys(delete, ""), **values})]
     with scripted_planner([pb.PlanResponse(actions=[config(100, values, delete)])]) as target:
         summary = make_engine(declared, planner_target=target, source=Source.HUB).tick(wait=True)
     assert mutations(fakepve) == []
-    assert [r.reason for r in summary.refusals] == ["APPROVAL_REQUIRED"]
+    never = set(values) & API_PARAMETERS
+    assert [r.reason for r in summary.refusals] == ["UNKNOWN_KIND" if never else "APPROVAL_REQUIRED"]
     assert fakepve.vm(100).config["scsi0"].startswith("local-lvm:vm-100-disk-0")
 
 

@@ -30,6 +30,7 @@ from executor.daemon import open_journal
 from executor.decisions import Refusal
 from executor.desired import Declared
 from executor.engine import Engine
+from executor.opclock import mark_nonces
 from executor.opdoc import Proposal as Unsigned
 from executor.queue import Job
 from executor.server import start_api
@@ -331,20 +332,22 @@ def test_beyond_the_matrix_an_op_that_expires_while_queued_never_runs(fakepve: A
 def test_beyond_the_matrix_a_key_smuggled_into_an_approved_config_op_is_class_mismatch(
         fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """Not in the matrix: an operator key (APPROVAL only) signs a config.protection_off that also sets a
-    hookscript (host code, DESTRUCTIVE). The gate classes the whole write: CLASS_MISMATCH, nothing sent."""
+    hookscript (host code, DESTRUCTIVE). The operator role names no config.host_code: ROLE_DENIES (were it
+    named, the gate would class the whole write DESTRUCTIVE: CLASS_MISMATCH); nothing sent."""
     add_vm(fakepve, 100, protection=1)
     desk = open_desk(make_engine, tmp_path)
     action = json.loads(desk.propose(100, "config.protection_off", delete=["protection"]).action)
     action["params"]["set"] = {"hookscript": "local:snippets/evil.sh"}
     before = len(fakepve.requests)
     op_id, refusal = desk.run(desk.sign(Unsigned(action=action, challenge=None), "alice", role="operator"))
-    assert _reason((op_id, refusal)) == "CLASS_MISMATCH"
+    assert _reason((op_id, refusal)) == "ROLE_DENIES"
     assert mutations(fakepve, before) == [] and "hookscript" not in fakepve.vm(100).config
 
 
 def test_beyond_the_matrix_a_revoked_op_never_runs(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
-    """Not in the matrix (row 34 through RevokeOp): a signed op.revoke spends the target's nonce before it is
-    submitted; the destroy is then OP_REVOKED, never sent, and a second revocation is refused."""
+    """Not in the matrix (row 34 through RevokeOp): a signed op.revoke by a key that could have signed the
+    target marks it revoked before it is submitted; the destroy is then OP_REVOKED, never sent, its nonce
+    never spent, and a second revocation is refused."""
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
@@ -353,7 +356,7 @@ def test_beyond_the_matrix_a_revoked_op_never_runs(fakepve: Any, make_engine: Ma
     assert desk.desk.revoke(revocation) == (target, None)
     before = len(fakepve.requests)
     assert _reason(desk.run(envelope)) == "OP_REVOKED"
-    assert mutations(fakepve, before) == [] and fakepve.vm(100) is not None and spent(desk, target)
+    assert mutations(fakepve, before) == [] and fakepve.vm(100) is not None and not spent(desk, target)
     again = desk.sign(desk.propose(100, "op.revoke", op_id=target), "alice", role="operator")
     assert desk.desk.revoke(again)[1] is not None
 
@@ -387,9 +390,10 @@ def test_row38_a_full_disk_at_begin_refuses_the_op_and_benign_work_goes_on(fakep
         try:
             envelope = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob",
                                  role="destroyer")
+            mark_nonces(mount / "journal")  # this state accepted signed ops before: only the begin writes now
             _fill(mount / "filler")
             with capture_logs() as logs:
-                op_id, refusal = desk.run(envelope)
+                _, refusal = desk.run(envelope)
             assert refusal is None  # admitted; the lane's begin is what met the full disk
             assert [(e["reason"], e["where"]) for e in logs if e["event"] == "gate_refused"] == [
                 ("JOURNAL_UNAVAILABLE", "lane")]
@@ -403,7 +407,7 @@ def test_row38_a_full_disk_at_begin_refuses_the_op_and_benign_work_goes_on(fakep
             journal.close()
         (mount / "filler").unlink()
         with Journal.open(mount / "journal") as reopened:
-            reopened.check_key(f"op:{op_id}")  # raises if the nonce had been spent
+            assert not [k for k in (getattr(r, "key", None) for r in reopened.recent()) if k and k.startswith("op:")]
             assert not [r for r in reopened.recent() if isinstance(r, Begun)]
 
 
@@ -614,7 +618,7 @@ def _killed_mid_destroy(fakepve: Any, fakepve_cafile: str, planner: server.Runni
         assert time.monotonic() < deadline, "fakepve never answered the held call"
         time.sleep(0.01)
     op_id = parse_payload(envelope.payload).op_id
-    (begun,) = [r for r in on_disk if isinstance(r, Begun) and r.key == f"op:{op_id}"]
+    (begun,) = [r for r in on_disk if isinstance(r, Begun) and (r.key or "").startswith(f"op:{op_id}:")]
     assert [r for r in on_disk if isinstance(r, TaskStarted | Ended) and r.op_id == begun.op_id] == []
     return command, envelope, begun.op_id
 
