@@ -124,9 +124,14 @@ VERBS: Mapping[str, str] = {
 }
 
 
+_HIDDEN = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers: letters that print as nothing
+
+
 def visible(text: str) -> str:
-    """``text`` with control and format characters escaped, so a terminal shows what is signed."""
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    """``text`` with every character a terminal would hide or draw blank escaped: the signer sees what is signed."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _HIDDEN or c in _BLANK_LETTERS else c
+                   for c in text)
 
 
 def _size(value: object) -> str:

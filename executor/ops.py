@@ -14,28 +14,27 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from executor.actions import SET_CONFIG, Step
+from executor.actions import Step
 from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
+from executor.opauth import could_sign, revokers, role_covers_keys
 from executor.opclock import MAX_SKEW, SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces, write_private
 from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
-from safety.classify import Action, Class, GuestFacts, Source, classify
+from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES
-from safety.payload import OpPayload
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import Envelope, VerifiedOp, verify
-from safety.truststore import Role, TrustStore, TrustStoreHolder
+from safety.truststore import TrustStoreHolder
 
 if TYPE_CHECKING:
     from executor.engine import Engine
@@ -72,47 +71,6 @@ class Proposal:
     before: dict[str, str]
 
 
-def could_sign(store: TrustStore, signers: Iterable[str], payload: OpPayload) -> bool:
-    """Whether one of ``signers`` holds a role allowing ``payload``'s kind, class, audience and guest."""
-    for kid in signers:
-        key = store.keys.get(kid)
-        for name in key.roles if key is not None else ():
-            role = store.roles.get(name)
-            if (role is not None and payload.kind in role.kinds and payload.class_ in role.classes
-                    and role.allows_audience(payload.audience) and role.allows_vmid(payload.vmid)):
-                return True
-    return False
-
-
-def _revokers(detail: str) -> list[str]:
-    """The key ids a journaled veto names (none for a detail written otherwise)."""
-    try:
-        found = json.loads(detail).get("by", [])
-    except (ValueError, AttributeError):
-        return []
-    return [str(kid) for kid in found] if isinstance(found, list) else []
-
-
-def role_covers_keys(role: Role, step: Step, facts: GuestFacts) -> Refused | None:
-    """ROLE_DENIES unless ``role`` names the op kind of each non-benign key the step writes or deletes.
-
-    An op's kind is its strictest key's; a role granting ``config.nic_identity`` must not also lower
-    ``protection`` or delete ``unused0`` in the same signed write.
-    """
-    if step.kind != SET_CONFIG:
-        return None
-    changes = [Action(kind=SET_CONFIG, vmid=step.vmid, guest_type=step.guest_type, set={key: value})
-               for key, value in step.set]
-    changes += [Action(kind=SET_CONFIG, vmid=step.vmid, guest_type=step.guest_type, delete=(key,))
-                for key in step.delete]
-    for change in changes:
-        verdict = classify(change, facts, Source.OPERATOR_OP)
-        if verdict.cls is not Class.BENIGN and verdict.op_kind not in role.kinds:
-            key = next(iter(change.set), None) or change.delete[0]
-            return Refused(RefusalReason.ROLE_DENIES, f"{key}: {verdict.op_kind} is not among role {role.name}'s kinds")
-    return None
-
-
 class OpDesk:
     """The executor's counter for signed operations."""
 
@@ -123,6 +81,7 @@ class OpDesk:
         self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
         self._bucket = TokenBucket(settings.rate, settings.burst)
+        self._propose_bucket = TokenBucket(settings.rate, settings.burst)
         self.store: TrustStoreHolder | None = None
         self._store_stamp: tuple[int, int] | None = None
         if settings.trust_store:
@@ -185,7 +144,13 @@ class OpDesk:
     # --- propose ---------------------------------------------------------------------------------
 
     def propose(self, vmid: int, kind: str, params: dict[str, object]) -> Proposal:
-        """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing."""
+        """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing.
+
+        Rate-limited on its own (each call reads Proxmox twice and mints a challenge), so proposing
+        never eats into what submitting may do.
+        """
+        if not self._propose_bucket.take():
+            raise RateLimitedError("ProposeOp: too many calls; try again in a second")
         reader, gate = self._engine.pve, self._engine.gate
         guest = next((g for g in reader.guests() if g.vmid == vmid), None)
         if guest is None:
@@ -293,7 +258,7 @@ class OpDesk:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
         veto = journal.last_refusal(revoked_key(op_id))
         store = self.store.current if self.store is not None else None
-        if veto is not None and store is not None and could_sign(store, _revokers(veto[1]), op.payload):
+        if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
             raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
         try:
             journal.check_key(nonce_key(op))

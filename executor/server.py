@@ -107,6 +107,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def _ops(self, context: grpc.ServicerContext) -> OpDesk:
         if self._desk is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "signed operations are not set up on this executor")
+        if self._engine.recovering.is_set():  # an op checked against a journal still being resolved could run twice
+            context.abort(grpc.StatusCode.UNAVAILABLE, "recovering in-flight operations: try again when it ends")
         assert self._desk is not None
         return self._desk
 
@@ -126,6 +128,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             context.abort(code, f"{exc.reason.value}: {exc.detail}")
         except PveError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"Proxmox: {exc}")
+        except RateLimitedError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.ProposeOpResponse(action=proposal.action, challenge=proposal.challenge,
                                     action_class=CLASSES[proposal.cls], rule=proposal.rule, reasons=proposal.reasons,
                                     before=proposal.before)

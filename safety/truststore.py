@@ -315,6 +315,10 @@ class TrustStoreHolder:
         floor = max(self.min_version, self.current.version if self.current else 0)
         try:
             store = load(self.path, min_version=floor, check_owner=self.check_owner)
+            same = self.current is not None and store.version == self.current.version
+            if same and self.current is not None and store.sha256 != self.current.sha256:
+                raise TrustStoreError(f"{self.path}: version {store.version} changed content: a changed trust store "
+                                      "needs a higher version (else a revocation could be taken back unseen)")
         except TrustStoreError as exc:
             self.error = exc
             return exc
