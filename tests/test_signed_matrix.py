@@ -199,6 +199,30 @@ def test_row5_the_same_op_submitted_twice_at_once_runs_once(fakepve: Any, make_e
     assert [m for m, p in mutations(fakepve) if p.endswith("/qemu/100")] == ["DELETE"]
 
 
+def test_no_op_is_proposed_or_submitted_while_recovery_runs(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """An op checked against a journal whose in-flight operations are not resolved yet could run twice:
+    while the daemon recovers, ProposeOp and SubmitOp answer UNAVAILABLE (and the tick waits too)."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+    desk.engine.recovering.set()
+    api = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+            stub = epb_grpc.ExecutorServiceStub(channel)
+            signed = epb.SignedOp(payload_type=envelope.payload_type, payload=envelope.payload,
+                                  signatures=[epb.OpSignature(keyid=s.keyid, sig=s.sig) for s in envelope.signatures])
+            with pytest.raises(grpc.RpcError) as proposing:
+                stub.ProposeOp(epb.ProposeOpRequest(vmid=100, kind="snapshot.create", params_json='{"snapname": "s2"}'),
+                               timeout=5)
+            with pytest.raises(grpc.RpcError) as submitting:
+                stub.SubmitOp(epb.SubmitOpRequest(op=signed), timeout=5)
+            assert proposing.value.code() is submitting.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        api.stop(0)
+    assert fakepve.vm(100).snapshots == {}
+
+
 def test_an_approval_op_from_before_a_wiped_state_dir_never_runs(fakepve: Any, make_engine: Make,
                                                                  tmp_path: Path) -> None:
     """Beyond the matrix: an APPROVAL op carries no challenge, so a wiped state_dir (a new journal that never

@@ -190,6 +190,19 @@ def test_row36_rollback_to_an_older_version(write: Callable[..., Path]) -> None:
     refused_at_load(path, "version", "lower than 5", min_version=5)
 
 
+def test_a_changed_store_needs_a_higher_version(write: Callable[..., Path]) -> None:
+    """A revocation added under version 5 cannot be taken back by editing the file under the same version:
+    a store whose content changed but whose version did not is refused, and the last good store stays."""
+    path = write(version=5, revoked={"keys": [kid("bob")]})
+    holder = TrustStoreHolder(path)
+    assert holder.reload() is None and holder.current is not None
+    write(version=5)
+    assert "needs a higher version" in str(holder.reload())
+    assert holder.current is not None and kid("bob") in holder.current.revoked_keys
+    write(version=6)
+    assert holder.reload() is None and holder.current.version == 6
+
+
 def test_a_broken_reload_keeps_the_last_good_store(write: Callable[..., Path]) -> None:
     """An edit that breaks the file (a syntax error) leaves the store in force as it was, and reports why."""
     path = write()
