@@ -163,7 +163,8 @@ def _decision(op_id: str, decision: str, refusal: pb.Refusal, done: str) -> int:
     if decision == done:
         print(f"{decision} op {op_id}")
         return 0
-    print(f"{decision or 'refused'} op {op_id or refusal.op_id}: {reason_name(refusal.reason)}: {refusal.detail}")
+    named = op_id or refusal.op_id  # empty when refused before a signature held
+    print(f"{decision or 'refused'}{f' op {named}' if named else ''}: {reason_name(refusal.reason)}: {refusal.detail}")
     return 1
 
 

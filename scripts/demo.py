@@ -2,7 +2,9 @@
 
 Starts fakepve (a faithful fake of the PVE API, HTTPS on loopback, a test/demo dependency only)
 with a few guests, the planner service, and the executor with a sample desired-state file; shows
-the plan, converges, shows the result, then stops everything it started.
+the plan, converges, shows the result. Then the safety core: two operators' keys and a trust
+store, the daemon serving its API, a disk detach proposed, refused with one signature, run with
+two, refused when replayed. Then it stops everything it started.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +70,86 @@ def guests(pve: Any) -> None:
     pve.add_vm(102, "db", status="running", config={"memory": 8192})
     pve.snapshot_lock(102, "backup")
     pve.add_vm(103, "files", status="running", config={"scsi0": "local-lvm:vm-103-disk-0,size=32G"})
+    pve.add_vm(104, "scratch", status="stopped", config={"memory": 1024, "scsi0": "local-lvm:vm-104-disk-0,size=8G",
+                                                         "scsi1": "local-lvm:vm-104-disk-1,size=4G"})
     pve.add_vm(900, "not-managed", status="running", config={"memory": 1024})
 
 
 def show(pve: Any, title: str) -> None:
     """The node as the fake holds it."""
     print(f"\n== {title}")
-    for vmid in (100, 101, 102, 103, 900):
+    for vmid in (100, 101, 102, 103, 104, 900):
         guest = pve.guest(vmid)
-        config = {k: guest.config[k] for k in ("memory", "cores", "onboot", "tags", "description", "scsi0")
+        config = {k: guest.config[k] for k in ("memory", "cores", "onboot", "tags", "description", "scsi0", "scsi1")
                   if k in guest.config}
         print(f"  {vmid} {guest.status:8} {config}")
+
+
+ROLES = """\
+version = 1
+[[roles]]
+name = "destroyer"
+kinds = ["config.disk_detach", "guest.destroy"]
+classes = ["DESTRUCTIVE"]
+audiences = ["pve1@fakecluster"]
+vmids = ["100-199"]
+max_ttl = "1h"
+threshold = 2
+"""
+
+
+def signed_ops(base: list[str], tmp: Path, pve: Any) -> int:
+    """Two keys, a trust store, the daemon's API, and a detach approved by two operators (0 when it ran once)."""
+    cli = [sys.executable, "-m", "executor"]
+    entries = []
+    for name in ("alice", "bob"):
+        out = subprocess.run([*cli, "keys", "generate", "--out", str(tmp / f"{name}.key"), "--owner",
+                              f"{name}@example.org"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        entries.append(out.replace("roles = []", 'roles = ["destroyer"]'))
+    trust = tmp / "trust.toml"
+    trust.write_text(ROLES + "\n" + "\n".join(entries))
+    trust.chmod(0o644)
+    print("\n== the trust store (two destroyers, threshold 2)\n" + trust.read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        api = f"127.0.0.1:{probe.getsockname()[1]}"
+    daemon = subprocess.Popen([*base[:3], "run", *base[3:], "--state-dir", str(tmp / "state"), "--interval", "1",
+                               "--trust-store", str(trust), "--listen", api, "--log-format", "json"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        operator = [*cli, "op"]
+        for _ in range(100):  # the API serves once recovery is done
+            if subprocess.run([*cli, "pending", "--api", api], cwd=ROOT, capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        proposal, single, double = tmp / "detach.json", tmp / "detach.op", tmp / "detach2.op"
+        print("== pve-executor op propose --vmid 104 config.disk_detach delete=scsi1")
+        proposal.write_text(subprocess.run([*operator, "propose", "--api", api, "--vmid", "104", "config.disk_detach",
+                                            "delete=scsi1"], cwd=ROOT, capture_output=True, text=True,
+                                           check=True).stdout)
+        print(proposal.read_text())
+        print("== pve-executor op sign --key alice.key --role destroyer (what alice is shown)")
+        subprocess.run([*operator, "sign", "--key", str(tmp / "alice.key"), "--role", "destroyer", "--yes", "--reason",
+                        "retire the scratch disk", "--out", str(single), str(proposal)], cwd=ROOT, check=True)
+        print("\n== pve-executor op submit (one signature)")
+        subprocess.run([*operator, "submit", "--api", api, str(single)], cwd=ROOT, check=False)
+        print("\n== pve-executor op cosign --key bob.key, then op submit")
+        double.write_bytes(single.read_bytes())
+        subprocess.run([*operator, "cosign", "--key", str(tmp / "bob.key"), "--yes", str(double)], cwd=ROOT,
+                       check=True, stderr=subprocess.DEVNULL)
+        subprocess.run([*operator, "submit", "--api", api, str(double)], cwd=ROOT, check=False)
+        for _ in range(100):
+            if "scsi1" not in pve.guest(104).config:
+                break
+            time.sleep(0.1)
+        show(pve, "the node after the approved detach")
+        print("\n== pve-executor op submit (the same envelope again)")
+        replay = subprocess.run([*operator, "submit", "--api", api, str(double)], cwd=ROOT, check=False)
+        ran_once = "scsi1" not in pve.guest(104).config and replay.returncode != 0
+        return 0 if ran_once else 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
 
 
 def main() -> int:
@@ -112,6 +185,10 @@ def main() -> int:
             show(fake.pve, "the node after")
             print("\n== pve-executor plan (again)")
             executor("plan")
+            if code == 0 and os.geteuid() == 0:  # the trust store must be root-owned, as on a node
+                code = signed_ops(base, Path(tmp), fake.pve)
+            elif code == 0:
+                print("\n(signed operations skipped: the trust store must be root-owned; run the demo as root)")
             return code
         finally:
             if planner is not None:
