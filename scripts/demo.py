@@ -119,7 +119,8 @@ def signed_ops(base: list[str], tmp: Path, pve: Any) -> int:
     try:
         operator = [*cli, "op"]
         for _ in range(100):  # the API serves once recovery is done
-            if subprocess.run([*cli, "pending", "--api", api], cwd=ROOT, capture_output=True, check=False).returncode == 0:
+            ready = subprocess.run([*cli, "pending", "--api", api], cwd=ROOT, capture_output=True, check=False)
+            if ready.returncode == 0:
                 break
             time.sleep(0.1)
         proposal, single, double = tmp / "detach.json", tmp / "detach.op", tmp / "detach2.op"
