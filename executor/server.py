@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -136,25 +137,25 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
 
     def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:  # noqa: N802
         """Admit a signed op into its guest's lane, or refuse it with a reason."""
-        desk = self._ops(context)
-        try:
-            op_id, refusal = desk.submit(envelope_of(request.op))
-        except RateLimitedError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        if refusal is not None:
-            return pb.SubmitOpResponse(op_id=op_id, decision="refused", refusal=refusal_to_proto(refusal))
-        return pb.SubmitOpResponse(op_id=op_id, decision="accepted")
+        op_id, decision, refusal = self._decide(self._ops(context).submit, request.op, "accepted", context)
+        return pb.SubmitOpResponse(op_id=op_id, decision=decision, refusal=refusal)
 
     def RevokeOp(self, request: pb.RevokeOpRequest, context: grpc.ServicerContext) -> pb.RevokeOpResponse:  # noqa: N802
-        """Spend a signed op's nonce before it runs."""
-        desk = self._ops(context)
+        """Mark a signed op revoked for good, before it runs."""
+        op_id, decision, refusal = self._decide(self._ops(context).revoke, request.revocation, "revoked", context)
+        return pb.RevokeOpResponse(op_id=op_id, decision=decision, refusal=refusal)
+
+    @staticmethod
+    def _decide(call: Callable[[Envelope], tuple[str, Refusal | None]], signed: pb.SignedOp, done: str,
+                context: grpc.ServicerContext) -> tuple[str, str, pb.Refusal | None]:
+        """One desk call on an envelope: (op_id, decision, refusal), RESOURCE_EXHAUSTED past the rate."""
         try:
-            op_id, refusal = desk.revoke(envelope_of(request.revocation))
+            op_id, refusal = call(envelope_of(signed))
         except RateLimitedError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if refusal is not None:
-            return pb.RevokeOpResponse(op_id=op_id, decision="refused", refusal=refusal_to_proto(refusal))
-        return pb.RevokeOpResponse(op_id=op_id, decision="revoked")
+            return op_id, "refused", refusal_to_proto(refusal)
+        return op_id, done, None
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:  # noqa: N802
         """The daemon's status."""
