@@ -237,8 +237,8 @@ class Engine:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
             return
         summary.skipped = len({s.vmid for s in plan.skipped})
-        submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted,
-                                 wait=wait)
+        submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted, wait=wait,
+                                 population=[d for d in declared if d.vmid not in observed.elsewhere])
         admission, tracker = submission.admission, submission.tracker
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
@@ -266,13 +266,18 @@ class Engine:
 
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
-               on_done: Callable[[str, Outcome | Refusal], None] | None = None) -> Submission:
+               on_done: Callable[[str, Outcome | Refusal], None] | None = None,
+               population: Sequence[Declared] | None = None) -> Submission:
         """The single entry of every mutation: the gate admits, the per-guest queue runs.
 
         ``op``: the signed op the steps come from; ``on_done(op_id, result)`` hears how its lane ended.
+        ``population``: every declared guest of this node, for the blast radius (default: ``declared``).
         """
         declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
-        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op)
+        everyone = None if population is None else {
+            d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in population}
+        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op,
+                                    population=everyone)
         self.gate.count_admitted(admission)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():

@@ -89,9 +89,12 @@ class Gate:
 
     def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
               declared: Mapping[int, Declaration], source: Source, record: bool = True,
-              op: VerifiedOp | None = None) -> Admission:
+              op: VerifiedOp | None = None, population: Mapping[int, Declaration] | None = None) -> Admission:
         """Check and classify every step; admit the benign ones within the stop limit.
 
+        ``declared``: what the steps may do (the guests planned now). ``population``: every guest the
+        source declares on this node, held ones too, for the blast radius (default: ``declared``): a
+        guest held out of this tick (busy, just stopped) still counts as managed, and as stopped.
         ``record``: journal refusals, keep pending approvals and count (False for the dry run).
         ``op``: the verified signed op the steps come from: it admits exactly the action it names.
         """
@@ -122,7 +125,8 @@ class Gate:
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
-        deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, declared=declared,
+        deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
+                                     declared=population if population is not None else declared,
                                      source=source, record=record)
         if record:
             # A tick replaces the pending entries of the guests it planned; a signed op's admission plans
@@ -222,19 +226,20 @@ class Gate:
 
     def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending],
                      judged: list[Judged], *, observed: Observed, declared: Mapping[int, Declaration],
-                     source: Source, record: bool) -> tuple[int, ...]:
+                     planned: Mapping[int, Declaration], source: Source, record: bool) -> tuple[int, ...]:
         """The blast radius: a stop rate per window, and no remote source stops over half the managed guests.
 
         ``managed`` counts the declared guests that are on this node (phantom vmids raise nothing), and
-        guests already stopped by the declaration count towards the half.
+        guests stopped by the declaration count towards the half: those stopped now, and those held out
+        of this tick (not ``planned``: busy, a stop possibly running in their lane), counted as stopped.
         """
         stops = sorted(vmid for vmid, steps in admitted.items()
                        if any(a.step.kind == STOP and a.op is None for a in steps))
         if not stops:
             return ()
         managed = sum(1 for vmid in declared if vmid in observed.guests)
-        already = sum(1 for vmid, d in declared.items()
-                      if d.state == "stopped" and getattr(observed.guests.get(vmid), "status", "") == "stopped")
+        already = sum(1 for vmid, d in declared.items() if d.state == "stopped" and vmid in observed.guests
+                      and (observed.guests[vmid].status == "stopped" or vmid not in planned))
         now = self._clock()
         with self._lock:
             while self._remote_stops and self._remote_stops[0] <= now - self.settings.stop_window:

@@ -230,3 +230,18 @@ def test_a_remote_source_cannot_stop_a_protected_guest(fakepve: Any, make_engine
     assert (fakepve.vm(100).status, fakepve.vm(101).status) == ("running", "stopped")
     assert make_engine(declared[:1]).tick(wait=True).succeeded == 1
     assert fakepve.vm(100).status == "stopped"
+
+
+def test_a_held_guest_still_counts_for_the_blast_radius(fakepve: Any, make_engine: Make) -> None:
+    """A guest held out of a tick (busy, or a signed op queued for it) is still managed, and still stopped:
+    a hub that asks to stop 2 more of 5 guests while 1 is already stopped (and held) reaches more than half,
+    and those stops need approval."""
+    for vmid in range(110, 115):
+        fakepve.add_vm(vmid, f"vm{vmid}", status="stopped" if vmid == 111 else "running")
+    declared = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
+    engine = make_engine(declared, source=Source.HUB, max_stops_per_tick=10)
+    engine.holders.append(lambda: {111})  # e.g. its approved stop just ran in its lane
+    summary = engine.tick(wait=True)
+    assert mutations(fakepve) == []
+    assert sorted((r.vmid, r.reason) for r in summary.refusals) == [(110, "APPROVAL_REQUIRED"),
+                                                                     (112, "APPROVAL_REQUIRED")]

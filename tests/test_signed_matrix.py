@@ -685,3 +685,17 @@ def test_row4_killed_after_pve_took_the_call_recovers_the_task_and_ran_once(
         assert api_submit(daemon.api, envelope) == ("refused", "NONCE_SPENT")
     assert fakepve.vm(100) is None
     assert [m for m, p, _ in fakepve.requests if p.endswith("/qemu/100") and m == "DELETE"] == ["DELETE"]
+
+
+def test_state_files_written_at_once_from_many_threads_all_land(tmp_path: Path) -> None:
+    """Two SubmitOps at once both mark the state (nonces.spent): the private-file writer uses a temporary of
+    its own per write, so concurrent writers never trip over each other's rename, and the file is 0600."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from executor.opclock import write_private  # noqa: PLC0415
+
+    target = tmp_path / "nonces.spent"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: write_private(target, f"{i}\n".encode()), range(64)))
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_text().strip().isdigit()
+    assert [p.name for p in tmp_path.iterdir()] == ["nonces.spent"]
