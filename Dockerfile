@@ -9,6 +9,7 @@ COPY common ./common
 COPY planner ./planner
 COPY executor ./executor
 COPY journal ./journal
+COPY safety ./safety
 RUN python -m venv /opt/pve-reconcile \
  && /opt/pve-reconcile/bin/pip install --no-cache-dir --only-binary=:all: . \
  && /opt/pve-reconcile/bin/pip uninstall --yes pip

@@ -29,6 +29,7 @@ class Option:
     secret: bool = False
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -130,6 +131,8 @@ def _check(option: Option, raw: Any, source: str) -> Any:
         raise ConfigError(option.key, f"must be one of {', '.join(option.choices)}, got {value!r}", source)
     if option.minimum is not None and value is not None and value < option.minimum:
         raise ConfigError(option.key, f"must be at least {option.minimum}, got {value}", source)
+    if option.maximum is not None and value is not None and value > option.maximum:
+        raise ConfigError(option.key, f"must be at most {option.maximum}, got {value}", source)
     return value
 
 

@@ -52,7 +52,7 @@ RUN = (
                                    "(unset: signed operations are off; every non-benign step is refused)"),
     Option(key="executor_id",
            help="this executor's audience in signed ops (default NODE@CLUSTER from /cluster/status)"),
-    Option(key="op_clock_skew", kind=float, default=120.0, minimum=0,
+    Option(key="op_clock_skew", kind=float, default=120.0, minimum=0, maximum=300,
            help="seconds a signed op's not_before may lie in the future (at most 300)"),
     Option(key="max_stops_per_tick", kind=int, minimum=1,
            help="stops run per tick at most (unset: unlimited for a root-owned local desired file, "

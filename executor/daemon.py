@@ -125,7 +125,11 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
     endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
     if endpoint is not None and settings.metrics_listen:
         log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
+    if engine.journal is not None:
+        engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
     api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    if api is not None and engine.recovering.is_set():
+        api.set_serving(False)
     reload_on_hangup(parts.desk)
     try:
         if not _recover(engine, parts.reader, api, stop):
@@ -146,8 +150,12 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
 
 
 def reload_on_hangup(desk: OpDesk) -> None:
-    """SIGHUP reloads the trust store (a bad file keeps the last good store)."""
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: desk.reload())
+    """SIGHUP reloads the trust store at the next tick (a bad file keeps the last good store).
+
+    The handler only sets a flag: I/O or logging inside a signal handler could raise in, or deadlock,
+    whatever the main thread was doing.
+    """
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: desk.hang_up())
 
 
 def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: threading.Event) -> bool:

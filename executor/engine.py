@@ -266,11 +266,11 @@ class Engine:
 
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
-               on_done: Callable[[str, Outcome | Refusal], None] | None = None,
+               on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None,
                population: Sequence[Declared] | None = None) -> Submission:
         """The single entry of every mutation: the gate admits, the per-guest queue runs.
 
-        ``op``: the signed op the steps come from; ``on_done(op_id, result)`` hears how its lane ended.
+        ``op``: the signed op the steps come from; ``on_done(op, result)`` hears how its lane ended (None: it raised).
         ``population``: every declared guest of this node, for the blast radius (default: ``declared``).
         """
         declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
@@ -288,14 +288,17 @@ class Engine:
         return Submission(admission, tracker)
 
     def _run_guest(self, steps: list[Admitted], tracker: _Tracker,
-                   on_done: Callable[[str, Outcome | Refusal], None] | None = None) -> None:
+                   on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None) -> None:
         """One guest's steps in order; the first failure leaves the rest for a later tick."""
         vmid = steps[0].step.vmid
         try:
             for index, admitted in enumerate(steps):
-                result = self.gate.execute(admitted)
-                if on_done is not None and admitted.op is not None:
-                    on_done(admitted.op.payload.op_id, result)
+                result: Outcome | Refusal | None = None
+                try:
+                    result = self.gate.execute(admitted)
+                finally:  # the desk hears of its op even when the lane raised (None), so it never waits forever
+                    if on_done is not None and admitted.op is not None:
+                        on_done(admitted.op, result)
                 if isinstance(result, Refusal):  # refused in the lane: the guest's later steps wait too
                     tracker.record_refused(result)
                     return

@@ -97,8 +97,7 @@ def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
     path = folder / "gate.secret"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "clock.reset").exists():
-            set_floor(folder)
+        set_floor(folder)  # even over an old clock.reset left behind by a wipe: the floor only rises
         write_private(path, challenges.new_secret())
     elif journal is not None and journal.high_water == 0 and (folder / NONCES_MARK).exists():
         log.error("journal_lost_floor_set", state_dir=str(folder),
@@ -109,8 +108,16 @@ def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
 
 
 def set_floor(folder: Path) -> None:
-    """Ops whose not_before lies before now are refused from now on (the journal's mark is kept as read)."""
-    write_private(folder / "clock.reset", json.dumps({"offset": 0.0, "floor": time.time()}).encode())
+    """Ops whose not_before lies before now are refused from now on; a reset's offset is kept."""
+    reset = folder / "clock.reset"
+    offset, floor = 0.0, 0.0
+    if reset.is_file():
+        try:
+            old = json.loads(reset.read_text(encoding="utf-8"))
+            offset, floor = float(old["offset"]), float(old["floor"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: a fresh floor is the safe side
+    write_private(reset, json.dumps({"offset": offset, "floor": max(floor, time.time())}).encode())
 
 
 def mark_nonces(state_dir: str | Path) -> None:

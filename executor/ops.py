@@ -31,7 +31,7 @@ from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
-from safety.opschema import SIGNABLE_CLASSES
+from safety.opschema import SIGNABLE_CLASSES, canonical_params
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import Envelope, VerifiedOp, verify
 from safety.truststore import TrustStoreHolder
@@ -77,7 +77,8 @@ class OpDesk:
     def __init__(self, *, engine: Engine, settings: OpSettings, clock: GateClock) -> None:
         self._engine, self.settings, self.clock = engine, settings, clock
         self._lock = threading.Lock()
-        self._accepted: dict[str, VerifiedOp] = {}  # queued or waiting for a retry, not yet run
+        self._hangup = threading.Event()
+        self._accepted: dict[str, VerifiedOp] = {}  # by nonce key: queued or waiting for a retry, not yet run
         self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
         self._bucket = TokenBucket(settings.rate, settings.burst)
@@ -155,8 +156,9 @@ class OpDesk:
         guest = next((g for g in reader.guests() if g.vmid == vmid), None)
         if guest is None:
             raise Refused(RefusalReason.BINDING_MISMATCH, f"guest {vmid} is not on node {reader.node}")
+        checked = canonical_params(kind, params)  # MALFORMED / UNKNOWN_KIND naming the field, before any use
         config, digest = reader.config(guest.type, vmid)
-        step = step_from(kind=kind, vmid=vmid, guest_type=guest.type, params=params, digest=digest)
+        step = step_from(kind=kind, vmid=vmid, guest_type=guest.type, params=checked, digest=digest)
         facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
         verdict = classify(to_action(step), facts, Source.OPERATOR_OP)
         if verdict.op_kind != kind:
@@ -194,24 +196,29 @@ class OpDesk:
             self._check_nonce(op)
         except Refused as exc:
             return payload.op_id, self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
+        key = nonce_key(op)  # keyed as the journal keys it: another payload under this op_id is another op
         with self._lock:
-            if payload.op_id in self._accepted:
+            if key in self._accepted:
                 twice = Refused(RefusalReason.NONCE_IN_FLIGHT, "this signed op is already accepted and queued")
                 return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
-            self._accepted[payload.op_id] = op
-            self._envelopes[payload.op_id] = envelope
+            self._accepted[key] = op
+            self._envelopes[key] = envelope
         try:
             mark_nonces(self.settings.state_dir)  # before it can spend a nonce: a lost journal is then noticed
         except OSError as exc:  # the journal's own directory: its next write would fail the same way
             self._engine.gate.lose_journal(exc)
-            self._forget(payload.op_id)
+            self._forget(key)
             return payload.op_id, self._refusal(payload.vmid, payload.kind, Refused(
                 RefusalReason.JOURNAL_UNAVAILABLE, f"state_dir not writable: {exc.strerror}"), payload.op_id)
-        refusal = self._queue(op)
-        if refusal is not None and self._wait_if_locked(refusal):
+        try:
+            refusal = self._queue(op)
+        except Exception:  # never leave an accepted op holding its guest out of planning
+            self._forget(key)
+            raise
+        if refusal is not None and self._wait_if_locked(refusal, key):
             refusal = None  # accepted: it waits for the lock, retried each tick until it expires
         if refusal is not None:
-            self._forget(payload.op_id)
+            self._forget(key)
         log.info("op_submitted", op_id=payload.op_id, vmid=payload.vmid, op_kind=payload.kind,
                  decision="refused" if refusal else "accepted", signers=list(op.signers))
         return payload.op_id, refusal
@@ -239,7 +246,7 @@ class OpDesk:
         role must name the op kind of every non-benign key of a config op, not only the strictest.
         """
         store = self.store.current if self.store is not None else None
-        envelope = self._envelopes.get(op.payload.op_id)
+        envelope = self._envelopes.get(nonce_key(op))
         if store is None or envelope is None:
             return Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3] or "the op is not accepted here")
         try:
@@ -248,7 +255,7 @@ class OpDesk:
             self._check_nonce(op)  # a veto that came while the op waited
         except Refused as exc:
             return exc
-        return role_covers_keys(store.roles[op.payload.role], step, facts)
+        return role_covers_keys(store.roles[op.payload.role], step, facts)  # verify() found the role
 
     def _check_nonce(self, op: VerifiedOp) -> None:
         """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
@@ -288,8 +295,10 @@ class OpDesk:
         if ran is not None:
             return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
         store = self.store.current if self.store is not None else None
+        role = store.roles.get(payload.role) if store is not None else None
         facts = GuestFacts(config=config[0], digest=config[1], run_state=guest.status, lock=guest.lock)
-        denied = role_covers_keys(store.roles[payload.role], step, facts) if store is not None else None
+        denied = (role_covers_keys(role, step, facts) if role is not None
+                  else Refused(RefusalReason.ROLE_DENIES, f"role {payload.role} is not in the trust store in force"))
         if denied is not None:
             return self._refusal(payload.vmid, payload.kind, denied, payload.op_id)
         observed = Observed(guests={guest.vmid: guest}, configs={guest.vmid: config}, elsewhere=frozenset())
@@ -298,25 +307,26 @@ class OpDesk:
         refused = submission.admission.refused
         return refused[0] if refused else None
 
-    def _done(self, op_id: str, result: Outcome | Refusal) -> None:
-        """The lane's word on an op: ran (or failed) -> forgotten; LOCKED -> retried next tick until expiry."""
-        if not (isinstance(result, Refusal) and self._wait_if_locked(result)):
-            self._forget(op_id)
+    def _done(self, op: VerifiedOp, result: Outcome | Refusal | None) -> None:
+        """The lane's word on an op: ran, failed or crashed (None) -> forgotten; LOCKED -> retried next tick."""
+        key = nonce_key(op)
+        if not (isinstance(result, Refusal) and self._wait_if_locked(result, key)):
+            self._forget(key)
 
-    def _wait_if_locked(self, refusal: Refusal) -> bool:
+    def _wait_if_locked(self, refusal: Refusal, key: str) -> bool:
         """A LOCKED refusal (a backup, a migration) puts the op up for the next tick's retry: True if it did."""
         if refusal.reason != RefusalReason.LOCKED.value:
             return False
         with self._lock:
-            if refusal.op_id in self._accepted:
-                self._retry.add(refusal.op_id)
+            if key in self._accepted:
+                self._retry.add(key)
         return True
 
-    def _forget(self, op_id: str) -> None:
+    def _forget(self, key: str) -> None:
         with self._lock:
-            self._accepted.pop(op_id, None)
-            self._envelopes.pop(op_id, None)
-            self._retry.discard(op_id)
+            self._accepted.pop(key, None)
+            self._envelopes.pop(key, None)
+            self._retry.discard(key)
 
     def held(self) -> set[int]:
         """Guests with an accepted op not yet run: left out of planning, like a busy guest."""
@@ -329,20 +339,32 @@ class OpDesk:
             return len(self._accepted)
 
     def tick(self) -> None:
-        """Each tick: reload a changed trust store; requeue the ops a lock held back; drop the expired."""
+        """Each tick: reload a changed (or SIGHUP'd) trust store; requeue ops a lock held back; drop expired ones."""
+        if self._hangup.is_set():
+            self._hangup.clear()
+            self.reload()
         self._reload_if_changed()
         now = self.clock.now()
         with self._lock:
-            due = [self._accepted[op_id] for op_id in sorted(self._retry)]
+            due = [(key, self._accepted[key]) for key in sorted(self._retry)]
             self._retry.clear()
-        for op in due:
+        for key, op in due:
             if now >= op.payload.not_after:
                 log.warning("op_expired_waiting", op_id=op.payload.op_id, vmid=op.payload.vmid)
-                self._forget(op.payload.op_id)
+                self._forget(key)
                 continue
-            refusal = self._queue(op)
-            if refusal is not None and not self._wait_if_locked(refusal):
-                self._forget(op.payload.op_id)
+            try:
+                refusal = self._queue(op)
+            except Exception as exc:  # one op's trouble never stops the tick (nor the daemon)
+                log.error("op_requeue_failed", op_id=op.payload.op_id, error=repr(exc))
+                self._forget(key)
+                continue
+            if refusal is not None and not self._wait_if_locked(refusal, key):
+                self._forget(key)
+
+    def hang_up(self) -> None:
+        """SIGHUP: reload the trust store at the next tick (a signal handler does no I/O)."""
+        self._hangup.set()
 
     # --- revoke ----------------------------------------------------------------------------------
 
@@ -361,32 +383,43 @@ class OpDesk:
                                                               f"{revocation.payload.kind}")
             target = str(revocation.payload.params["op_id"])
             journal = self._engine.journal
-            if journal is not None and journal.last_refusal(revoked_key(target)) is not None:
-                raise Refused(RefusalReason.OP_REVOKED, f"op {target} is already revoked")
-            self._may_revoke(revocation, target)
+            prior = journal.last_refusal(revoked_key(target)) if journal is not None else None
+            by = set(revokers(prior[1])) if prior is not None else set()
+            if by >= set(revocation.signers):
+                raise Refused(RefusalReason.OP_REVOKED, f"op {target} is already revoked by these keys")
+            covered = self._may_revoke(revocation, target)
         except Refused as exc:
             return "", self._refusal(0, REVOKE, exc)
-        assert journal is not None
-        # The detail names the revokers: an op submitted later is vetoed only if one of them could sign it.
-        journal.refuse(vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
-                       detail=json.dumps({"by": sorted(revocation.signers)}), op_id=target, key=revoked_key(target))
-        self._forget(target)
+        # The detail names every revoker so far (a veto that counts for nothing never hides one that counts):
+        # an op submitted later is vetoed only if one of them could sign it.
+        self._engine.gate.journal_write(lambda j: j.refuse(
+            vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
+            detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target, key=revoked_key(target)))
+        if self._engine.journal is None:
+            return "", self._refusal(0, REVOKE, Refused(RefusalReason.JOURNAL_UNAVAILABLE,
+                                                        "the veto could not be journaled"))
+        for key in covered:
+            self._forget(key)
         log.warning("op_revoked", op_id=target, by=list(revocation.signers))
         return target, None
 
-    def _may_revoke(self, revocation: VerifiedOp, target: str) -> None:
-        """A veto only from a key that could have signed the op (§4.5), when the op is known here.
+    def _may_revoke(self, revocation: VerifiedOp, target: str) -> list[str]:
+        """The accepted ops under ``target`` the revokers could have signed (§4.5): the ones the veto stops.
 
-        An op not submitted yet is unknown: the veto is recorded with its signers, and weighed when
-        the op arrives (``_check_nonce``).
+        ROLE_DENIES when ops under that id wait here and the revokers could sign none of them. An op not
+        submitted yet is unknown: the veto is recorded with its signers and weighed when it arrives.
         """
         with self._lock:
-            known = self._accepted.get(target)
+            known = [(key, op) for key, op in self._accepted.items() if op.payload.op_id == target]
         store = self.store.current if self.store is not None else None
-        if known is not None and store is not None and not could_sign(store, revocation.signers, known.payload):
-            goal = known.payload
+        if not known or store is None:
+            return []
+        covered = [key for key, op in known if could_sign(store, revocation.signers, op.payload)]
+        if not covered:
+            goal = known[0][1].payload
             raise Refused(RefusalReason.ROLE_DENIES, f"no revoker could have signed op {target} "
                                                      f"({goal.kind} {goal.class_} on guest {goal.vmid})")
+        return covered
 
     def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "") -> Refusal:
         """A Refusal for the API; counted and logged; journaled only once a signature held (``op_id``).

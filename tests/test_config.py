@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import resolve
+from common.config import ConfigError, resolve
 from executor import config as executor_config
 from planner import config as planner_config
 from tests.executor_helpers import ROOT, run_module
@@ -53,3 +53,11 @@ def test_shipped_config_files_are_valid(service: str, path: str) -> None:
     resolved = resolve(options, argparse.Namespace(config=str(ROOT / path)), module.ENV_PREFIX, environ={})
     assert all(source == str(ROOT / path) for key, source in resolved.sources.items()
                if resolved.values[key] != next(o.default for o in options if o.key == key))
+
+
+def test_a_setting_above_its_maximum_names_the_bound() -> None:
+    """op_clock_skew above 300 s would make every signed op fail inside verify: refused at start instead."""
+    options = (*executor_config.CONNECTION, *executor_config.RUN)
+    with pytest.raises(ConfigError, match="op_clock_skew: must be at most 300"):
+        resolve(options, argparse.Namespace(), executor_config.ENV_PREFIX,
+                environ={"PVE_EXECUTOR_OP_CLOCK_SKEW": "400"})

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ def test_dockerfile_copies_what_exists_and_runs_installed_entry_points() -> None
         if words[0] == "COPY" and not any(w.startswith("--from") for w in words):
             for source in words[1:-1]:
                 assert (ROOT / source).exists(), source
+    copied = {words[1] for words in lines if words[0] == "COPY" and len(words) == 3}
+    packaged = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {pattern.rstrip("*") for pattern in packaged} <= copied, "a package the wheel needs is not copied"
     scripts = (ROOT / "pyproject.toml").read_text()
     for command in ("pve-planner", "pve-executor", "pve-healthcheck"):
         assert command in text and f'{command} = "' in scripts

@@ -365,3 +365,66 @@ def test_op_sign_shows_control_and_format_characters_in_values_escaped() -> None
     assert json.loads(data)["params"]["set"]["description"] == hidden
     envelope = seal(data, "alice")
     assert envelope.payload == data
+
+
+# --- found in the final review ---------------------------------------------------------------------------
+
+def test_a_role_removed_while_an_op_waits_drops_the_op_and_the_daemon_goes_on(fakepve: Any, make_engine: Make,
+                                                                              tmp_path: Path) -> None:
+    """A destroy waits for a backup lock; root then removes the destroyer role from the trust store. The
+    next tick does not crash (the daemon's loop would die): the waiting op is refused ROLE_DENIES and
+    dropped, its guest planned again, and nothing is sent."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    fakepve.snapshot_lock(100, "backup")
+    assert desk.run(envelope)[1] is None and desk.desk.accepted() == 1
+    _restore(desk, {"version": 2, "roles": [r for r in roles() if r["name"] != "destroyer"],
+                    "keys": [key_entry("alice", ["operator"]), key_entry("bob", [])]})
+    fakepve.unlock(100)
+    before = len(fakepve.requests)
+    _tick(desk)
+    assert desk.desk.accepted() == 0 and mutations(fakepve, before) == [] and fakepve.vm(100) is not None
+
+
+def test_a_void_veto_never_hides_a_real_one(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """carol (operator only) vetoes a destroy's op_id before it is submitted: her veto counts for nothing.
+    alice (a destroyer) then vetoes it too: that veto is recorded beside carol's and the destroy is
+    OP_REVOKED, never sent."""
+    add_vm(fakepve, 150)
+    desk = open_desk(make_engine, tmp_path)
+    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
+    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    target = parse_payload(destroy.payload).op_id
+    for revoker in ("carol", "alice"):
+        veto = desk.sign(desk.propose(150, "op.revoke", op_id=target), revoker, role="operator")
+        assert desk.desk.revoke(veto)[1] is None
+    before = len(fakepve.requests)
+    assert _reason(desk.run(destroy)) == "OP_REVOKED"
+    assert mutations(fakepve, before) == [] and fakepve.vm(150) is not None
+
+
+def test_an_op_reusing_another_ops_id_does_not_block_it(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """carol signs a snapshot of a locked guest under the op_id of a destroy she saw: hers waits for the lock,
+    and the destroy (another payload, so another nonce) is still accepted and runs."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 150)
+    desk = open_desk(make_engine, tmp_path)
+    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
+    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    target = parse_payload(destroy.payload).op_id
+    fakepve.snapshot_lock(100, "backup")
+    snap = unsigned_of(desk.propose(100, "snapshot.create", snapname="s1"))
+    assert desk.run(_reuse_op_id(snap, target, "carol", role="operator"))[1] is None  # waits for the lock
+    assert _reason(desk.run(destroy)) == "accepted" and fakepve.vm(150) is None
+
+
+def test_propose_checks_params_against_the_kinds_schema(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """ProposeOp refuses malformed params naming the field, before anything else reads them."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    malformed: list[dict[str, object]] = [{"set": [1]}, {"delete": "scsi1"}, {"delete": ["scsi1", 2]}]
+    for params in malformed:
+        with pytest.raises(Refused) as caught:
+            desk.desk.propose(100, "config.disk_detach", params)
+        assert caught.value.reason.value == "MALFORMED" and "params" in caught.value.detail

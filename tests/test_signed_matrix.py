@@ -699,3 +699,15 @@ def test_state_files_written_at_once_from_many_threads_all_land(tmp_path: Path) 
         list(pool.map(lambda i: write_private(target, f"{i}\n".encode()), range(64)))
     assert target.stat().st_mode & 0o777 == 0o600 and target.read_text().strip().isdigit()
     assert [p.name for p in tmp_path.iterdir()] == ["nonces.spent"]
+
+
+def test_a_new_secret_raises_the_floor_over_an_old_clock_reset(tmp_path: Path) -> None:
+    """A wipe that leaves an old clock.reset behind still gets a fresh floor when the secret is made anew
+    (the floor only rises; a reset's offset is kept)."""
+    from executor.opclock import gate_secret  # noqa: PLC0415
+
+    (tmp_path / "clock.reset").write_text(json.dumps({"offset": 12.0, "floor": 1000.0}))
+    before = time.time()
+    gate_secret(tmp_path)
+    reset = json.loads((tmp_path / "clock.reset").read_text())
+    assert reset["offset"] == 12.0 and reset["floor"] >= before
