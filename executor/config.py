@@ -55,8 +55,8 @@ RUN = (
     Option(key="op_clock_skew", kind=float, default=120.0, minimum=0, maximum=300,
            help="seconds a signed op's not_before may lie in the future (at most 300)"),
     Option(key="max_stops_per_tick", kind=int, minimum=1,
-           help="stops run per tick at most (unset: unlimited for a root-owned local desired file, "
-                "max(2, 10%% of the managed guests) for any other source)"),
+           help="stops run per interval at most, however many ticks run in it (unset: unlimited for a "
+                "root-owned local desired file, max(2, 10%% of the managed guests) for any other source)"),
 )
 EXTRAS = ("once", "json", "vmid")  # flags of one command, not settings
 STATE = tuple(o for o in (*CONNECTION, *RUN) if o.key in ("state_dir", "log_format"))

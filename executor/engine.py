@@ -219,6 +219,8 @@ class Engine:
             return  # nothing declared: nothing to read, nothing to do
         read_at = self._clock()
         held = self._held(since=read_at)  # taken before the read: a busy guest's state is in motion
+        for holder in self.holders:  # once a tick: an unsettled task costs a read per guest
+            held |= holder()
         try:
             observed = observe(self.pve, [d for d in declared if d.vmid not in held], pool=self._reader)
         except PveError as exc:
@@ -258,8 +260,6 @@ class Engine:
         with self._lock:
             held = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
             held |= {vmid for vmid, ended in self._finished.items() if ended >= since}
-        for holder in self.holders:
-            held |= holder()
         return held | set(self.queue.busy())
 
     # --- the funnel ---------------------------------------------------------------------------

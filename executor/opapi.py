@@ -192,7 +192,7 @@ def _revoke_proposal(args: argparse.Namespace) -> Proposal:
 
 
 def revoke(args: argparse.Namespace) -> int:
-    """``op revoke``: a signed op.revoke naming OP_ID, sent with RevokeOp; its nonce is then spent for good."""
+    """``op revoke``: a signed op.revoke naming OP_ID, sent with RevokeOp: a veto the op never outlives."""
     key = load_private(args.key, args.passphrase_file)
     try:
         canonical_params("op.revoke", {"op_id": args.op_id})

@@ -86,7 +86,8 @@ class OpDesk:
         self.store: TrustStoreHolder | None = None
         self._store_stamp: tuple[int, int] | None = None
         if settings.trust_store:
-            self.store = TrustStoreHolder(settings.trust_store, min_version=self._version_floor())
+            version, sha256 = self._version_floor()
+            self.store = TrustStoreHolder(settings.trust_store, min_version=version, min_sha256=sha256)
             self.reload()
         engine.holders.append(self.held)
         engine.before_tick.append(self.tick)
@@ -97,11 +98,13 @@ class OpDesk:
     def _version_file(self) -> Path:
         return Path(self.settings.state_dir) / "trust.version"
 
-    def _version_floor(self) -> int:
+    def _version_floor(self) -> tuple[int, str | None]:
+        """The last trust store accepted here: (version, sha256), from state_dir/trust.version."""
         try:
-            return int(self._version_file().read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return 0
+            words = self._version_file().read_text(encoding="utf-8").split()
+            return int(words[0]), words[1] if len(words) > 1 else None
+        except (OSError, ValueError, IndexError):
+            return 0, None
 
     def reload(self) -> None:
         """Load the trust store again (SIGHUP, or its mtime changed); a bad file keeps the last good store."""
@@ -119,7 +122,7 @@ class OpDesk:
             return
         current = self.store.current
         assert current is not None
-        write_private(self._version_file(), str(current.version).encode())
+        write_private(self._version_file(), f"{current.version} {current.sha256}\n".encode())
         log.info("trust_store_loaded", version=current.version, keys=len(current.keys), roles=len(current.roles))
 
     def _reload_if_changed(self) -> None:
@@ -288,8 +291,8 @@ class OpDesk:
                                  Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
         except Refused as exc:
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
-        step: Step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type,
-                               params=dict(payload.params), digest=payload.precondition.digest)
+        step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
+                         digest=payload.precondition.digest)
         journal = self._engine.journal
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:

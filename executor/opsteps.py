@@ -1,6 +1,6 @@
 """Signed operations as steps, and steps as the action part an approval binds (both directions, one place).
 
-A signed op fully describes its action: ``step_of`` turns its payload into the step the lane runs
+A signed op fully describes its action: ``step_from`` turns its kind and params into the step the lane runs
 (config kinds run as a config write, the others as their own action-table row), and ``bound_action``
 turns a step, with the facts read in the lane, back into the action part the payload must equal.
 The comparison itself is ``safety.payload.check_binding``: typed fields, never bytes.
@@ -17,7 +17,7 @@ from executor.actions import SET_CONFIG, START, STOP, Step
 from journal import BURN_PREFIX
 from safety.classify import GuestFacts, Verdict
 from safety.opschema import plain
-from safety.payload import OpPayload, action_of, action_part
+from safety.payload import action_of, action_part
 from safety.signedop import VerifiedOp
 
 POWER = {"start": START, "stop": STOP}
@@ -53,12 +53,6 @@ def revoked_key(op_id: str) -> str:
 def is_config_kind(kind: str) -> bool:
     """``config`` and ``config.*``: a config write with the digest."""
     return kind == "config" or kind.startswith("config.")
-
-
-def step_of(payload: OpPayload) -> Step:
-    """The step a verified op runs."""
-    return step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type,
-                     params=dict(payload.params), digest=payload.precondition.digest)
 
 
 def step_from(*, kind: str, vmid: int, guest_type: str, params: Mapping[str, object], digest: str) -> Step:

@@ -36,7 +36,7 @@ NO_UNDO: Mapping[str, str] = {
     "disk.reassign": "reassign it back: op propose disk.reassign on the other guest",
     "start": "stop the guest: op propose stop",
     "stop": "start the guest: op propose start",
-    "op.revoke": "a revocation is final: the revoked op's nonce stays spent",
+    "op.revoke": "a revocation is final: the revoked op can never run",
 }
 
 

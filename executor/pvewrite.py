@@ -1,7 +1,7 @@
-"""The Proxmox writer: every mutating call, held only by the safety gate (``executor.gate``).
+"""The Proxmox writer: every mutating call, held only by the gate's lane (``executor.lane``).
 
-A module of its own so that an import-linter contract can name who may import it: the gate, and
-the daemon that wires the gate up. Nothing else in the executor can reach a mutating call.
+A module of its own so that an import-linter contract can name who may import it: only the daemon,
+which wires the writer into the gate. Nothing else in the executor can reach a mutating call.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ class Journal:
         """The largest record time (``at``) this journal has seen, replayed or appended: never goes back.
 
         Survives reopen and compaction; 0.0 for an empty journal. The gate's clock is
-        ``max(time.time(), journal.high_water)``.
+        ``max(time.time(), journal.high_water - offset)`` (the offset of a ``clock-reset``, else 0).
         """
         with self._cond:
             return self._state.high_water

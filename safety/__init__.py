@@ -2,8 +2,10 @@
 
 The rules of this package (checked by import-linter):
 
-- Pure: functions of values only. No I/O, no clock, no Proxmox reads; the caller passes what it
-  already read (``GuestFacts``), so classifying adds no reads to a tick.
+- Pure where it decides: classifying, scoping and verifying are functions of values (no clock, no
+  Proxmox reads; the caller passes what it already read, ``GuestFacts``, and the time), so they add no
+  reads to a tick. Only ``safety.truststore`` touches a file: it reads the trust store, checking its
+  owner and mode.
 - ``safety.model``, ``safety.keys``, ``safety.classify``, ``safety.scope`` and ``safety.blast`` use
   the standard library only: they import neither ``planner``, ``executor``, ``journal``, ``common``
   nor gRPC/protobuf. The signed-op modules may also use ``cryptography``, nothing else.

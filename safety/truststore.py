@@ -301,12 +301,15 @@ class TrustStoreHolder:
     """The store in force: a reload that fails keeps the last good one; a first load that fails leaves none.
 
     The version floor only rises, so a file restored from an older backup is refused (row 36). The caller
-    persists ``current.version`` (state_dir/trust.version) and passes it as ``min_version`` after a restart.
+    persists ``current.version`` and ``current.sha256`` (state_dir/trust.version) and passes them as
+    ``min_version`` and ``min_sha256`` after a restart: the same version with other content is refused
+    across restarts too (a revocation cannot be taken back without a new version).
     """
 
-    def __init__(self, path: str | Path, *, min_version: int = 0, check_owner: bool = True) -> None:
+    def __init__(self, path: str | Path, *, min_version: int = 0, check_owner: bool = True,
+                 min_sha256: str | None = None) -> None:
         self.path, self.check_owner = Path(path), check_owner
-        self.min_version = min_version
+        self.min_version, self.min_sha256 = min_version, min_sha256
         self.current: TrustStore | None = None
         self.error: TrustStoreError | None = None
 
@@ -315,8 +318,9 @@ class TrustStoreHolder:
         floor = max(self.min_version, self.current.version if self.current else 0)
         try:
             store = load(self.path, min_version=floor, check_owner=self.check_owner)
-            same = self.current is not None and store.version == self.current.version
-            if same and self.current is not None and store.sha256 != self.current.sha256:
+            known = (self.current.version, self.current.sha256) if self.current is not None else (
+                self.min_version, self.min_sha256)
+            if store.version == known[0] and known[1] is not None and store.sha256 != known[1]:
                 raise TrustStoreError(f"{self.path}: version {store.version} changed content: a changed trust store "
                                       "needs a higher version (else a revocation could be taken back unseen)")
         except TrustStoreError as exc:

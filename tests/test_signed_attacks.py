@@ -5,9 +5,9 @@ other actions, the network (replay, delay, redirect), or the planner and hub tha
 descriptors operators sign. Each test drives a real engine, gate, lane, journal and OpDesk against fakepve
 over HTTPS (``tests.signed_helpers.open_desk``) and counts what fakepve received.
 
-Tests marked ``xfail(strict=True, reason="hole: ...")`` are holes this review found: each asserts the safe
-behaviour and fails today; the lead fixes them and drops the mark. The others are kept as the instructive
-ones: attacks the signed path already stops, and why.
+The ``test_hole_*`` tests, and those under "found in the final review", are holes the reviews found: each
+failed when found and passes since its fix. The others are kept as the instructive ones: attacks the
+signed path already stopped, and why.
 """
 
 from __future__ import annotations

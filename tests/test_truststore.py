@@ -200,7 +200,11 @@ def test_a_changed_store_needs_a_higher_version(write: Callable[..., Path]) -> N
     assert "needs a higher version" in str(holder.reload())
     assert holder.current is not None and kid("bob") in holder.current.revoked_keys
     write(version=6)
-    assert holder.reload() is None and holder.current.version == 6
+    assert holder.reload() is None and holder.current is not None and holder.current.version == 6
+    accepted = holder.current.sha256
+    write(version=6, revoked={"keys": [kid("bob")]})  # edited again, same version, then a restart
+    restarted = TrustStoreHolder(path, min_version=6, min_sha256=accepted)  # what trust.version keeps
+    assert "needs a higher version" in str(restarted.reload()) and restarted.current is None
 
 
 def test_a_broken_reload_keeps_the_last_good_store(write: Callable[..., Path]) -> None:
