@@ -71,13 +71,10 @@ class Lane:
             return None
         config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else admitted.facts.config
         facts = replace(admitted.facts, config=config)
-        verdict = self._with_pending(step.kind, classify(self._gate_action(admitted), facts, source), facts, admitted)
+        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted)
         if verdict.cls <= admitted.verdict.cls:
             return None
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
-
-    def _gate_action(self, admitted: Admitted) -> Action:
-        return to_action(admitted.step)
 
     def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted) -> Verdict:
         """A start applies the pending section: it is as costly as writing those changes now."""
@@ -133,7 +130,7 @@ class Lane:
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
             return "PROTECTED", (f"guest {step.vmid} has protection=1: clear it first with its own approved "
                                  "config.protection_off op")
-        verdict = self._with_pending(step.kind, classify(self._gate_action(admitted), facts, Source.OPERATOR_OP),
+        verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
                                      facts, admitted)
         cls = self._gate.expected_class(step, verdict, facts)
         try:

@@ -20,9 +20,9 @@ import structlog
 
 from journal import Journal
 from safety import challenge as challenges
+from safety.signedop import MAX_SKEW
 
 log = structlog.get_logger("executor.opclock")
-MAX_SKEW = 300.0
 SIGNER_BACKDATE = 60  # ``op sign`` puts not_before this far in the past (a gate whose clock runs behind)
 
 

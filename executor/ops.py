@@ -25,7 +25,7 @@ from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
 from executor.opauth import could_sign, revokers, role_covers_keys
-from executor.opclock import MAX_SKEW, SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces, write_private
+from executor.opclock import SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces, write_private
 from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
@@ -33,7 +33,7 @@ from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
 from safety.refusal import RefusalReason, Refused
-from safety.signedop import Envelope, VerifiedOp, verify
+from safety.signedop import MAX_SKEW, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStoreHolder
 
 if TYPE_CHECKING:

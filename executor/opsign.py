@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from executor.opcli import DEFAULT_TTL
+from executor.opclock import SIGNER_BACKDATE
 from executor.opdoc import OpError, Proposal, read_proposal, refusal_text, summary
 from executor.opkeys import load_private
 from safety import signedop, truststore
@@ -26,7 +27,7 @@ from safety.opschema import DESTRUCTIVE, TTL_CEILING
 from safety.payload import OpPayload, parse_payload, to_json
 from safety.refusal import Refused
 
-BACKDATE = 60  # seconds not_before lies in the past, for a gate whose clock runs behind (§4.5)
+BACKDATE = SIGNER_BACKDATE  # seconds not_before lies in the past, for a gate whose clock runs behind (§4.5)
 _TTL = re.compile(r"([0-9]{1,6})([smh]?)", re.ASCII)
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 

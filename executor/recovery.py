@@ -54,9 +54,7 @@ def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, re
         bound = log.bind(vmid=op.vmid, op_id=op.op_id, action=op.kind, upid=op.upid)
         try:
             result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop), retry_for, stop, bound)
-        except PveUnavailableError:
-            raise
-        except PveError as exc:  # a definite refusal (4xx): the task cannot be checked
+        except PveError as exc:  # a definite refusal (4xx; transient errors were retried): cannot be checked
             result = TaskOutcome(TaskResult.UNKNOWN, f"could not check: {exc}")
         outcome = OUTCOMES[result.result]
         journal.end(op.op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus)
