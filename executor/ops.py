@@ -12,10 +12,8 @@ the op expires; anything else drops the op, and the operator re-proposes.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -25,8 +23,9 @@ from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
 from executor.opauth import could_sign, revokers, role_covers_keys
-from executor.opclock import SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces, write_private
+from executor.opclock import SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces
 from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
+from executor.optrust import TrustKeeper
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
@@ -34,7 +33,7 @@ from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import MAX_SKEW, Envelope, VerifiedOp, verify
-from safety.truststore import TrustStoreHolder
+from safety.truststore import TrustStore, TrustStoreHolder
 
 if TYPE_CHECKING:
     from executor.engine import Engine
@@ -83,67 +82,28 @@ class OpDesk:
         self._retry: set[str] = set()
         self._bucket = TokenBucket(settings.rate, settings.burst)
         self._propose_bucket = TokenBucket(settings.rate, settings.burst)
-        self.store: TrustStoreHolder | None = None
-        self._store_stamp: tuple[int, int] | None = None
-        if settings.trust_store:
-            version, sha256 = self._version_floor()
-            self.store = TrustStoreHolder(settings.trust_store, min_version=version, min_sha256=sha256)
-            self.reload()
+        self.trust = TrustKeeper(settings.trust_store, settings.state_dir)
         engine.holders.append(self.held)
         engine.before_tick.append(self.tick)
         engine.gate.reverify = self.reverify
 
     # --- trust store ---------------------------------------------------------------------------
 
-    def _version_file(self) -> Path:
-        return Path(self.settings.state_dir) / "trust.version"
-
-    def _version_floor(self) -> tuple[int, str | None]:
-        """The last trust store accepted here: (version, sha256), from state_dir/trust.version."""
-        try:
-            words = self._version_file().read_text(encoding="utf-8").split()
-            return int(words[0]), words[1] if len(words) > 1 else None
-        except (OSError, ValueError, IndexError):
-            return 0, None
+    @property
+    def store(self) -> TrustStoreHolder | None:
+        """The trust store holder (None: signed ops are off)."""
+        return self.trust.holder
 
     def reload(self) -> None:
-        """Load the trust store again (SIGHUP, or its mtime changed); a bad file keeps the last good store."""
-        if self.store is None:
-            return
-        try:
-            st = os.stat(self.store.path)
-            self._store_stamp = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            self._store_stamp = None
-        error = self.store.reload()
-        if error is not None:
-            log.error("trust_store_invalid", path=str(self.store.path), error=str(error),
-                      consequence="no signers" if self.store.current is None else "the last good store stays")
-            return
-        current = self.store.current
-        assert current is not None
-        write_private(self._version_file(), f"{current.version} {current.sha256}\n".encode())
-        log.info("trust_store_loaded", version=current.version, keys=len(current.keys), roles=len(current.roles))
-
-    def _reload_if_changed(self) -> None:
-        if self.store is None:
-            return
-        try:
-            st = os.stat(self.store.path)
-            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._store_stamp:
-            self.reload()
+        """Load the trust store again now (a bad file keeps the last good store)."""
+        self.trust.reload()
 
     def state(self) -> tuple[bool, int, int, str]:
         """(signed ops on, trust version, keys, why off)."""
-        if self.store is None:
-            return False, 0, 0, "no trust store configured (trust_store): every non-benign step is refused"
-        current = self.store.current
-        if current is None:
-            return False, 0, 0, f"trust store invalid: {self.store.error}"
-        return True, current.version, len(current.keys), ""
+        return self.trust.state()
+
+    def _current(self) -> TrustStore | None:
+        return self.trust.current()
 
     # --- propose ---------------------------------------------------------------------------------
 
@@ -227,7 +187,7 @@ class OpDesk:
         return payload.op_id, refusal
 
     def _verify(self, envelope: Envelope) -> VerifiedOp:
-        store = self.store.current if self.store is not None else None
+        store = self._current()
         if store is None:
             raise Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3])
         if self._engine.journal is None:
@@ -248,7 +208,7 @@ class OpDesk:
         the op waited for a lock all stop it here (the challenge was checked at submission). Then the
         role must name the op kind of every non-benign key of a config op, not only the strictest.
         """
-        store = self.store.current if self.store is not None else None
+        store = self._current()
         envelope = self._envelopes.get(nonce_key(op))
         if store is None or envelope is None:
             return Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3] or "the op is not accepted here")
@@ -267,7 +227,7 @@ class OpDesk:
         if journal is None:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
         veto = journal.last_refusal(revoked_key(op_id))
-        store = self.store.current if self.store is not None else None
+        store = self._current()
         if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
             raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
         try:
@@ -297,7 +257,7 @@ class OpDesk:
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:
             return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
-        store = self.store.current if self.store is not None else None
+        store = self._current()
         role = store.roles.get(payload.role) if store is not None else None
         facts = GuestFacts(config=config[0], digest=config[1], run_state=guest.status, lock=guest.lock)
         denied = (role_covers_keys(role, step, facts) if role is not None
@@ -346,7 +306,7 @@ class OpDesk:
         if self._hangup.is_set():
             self._hangup.clear()
             self.reload()
-        self._reload_if_changed()
+        self.trust.reload_if_changed()
         now = self.clock.now()
         with self._lock:
             due = [(key, self._accepted[key]) for key in sorted(self._retry)]
@@ -414,7 +374,7 @@ class OpDesk:
         """
         with self._lock:
             known = [(key, op) for key, op in self._accepted.items() if op.payload.op_id == target]
-        store = self.store.current if self.store is not None else None
+        store = self._current()
         if not known or store is None:
             return []
         covered = [key for key, op in known if could_sign(store, revocation.signers, op.payload)]
