@@ -150,7 +150,11 @@ def signed_ops(base: list[str], tmp: Path, pve: Any) -> int:
         return 0 if ran_once else 1
     finally:
         daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:  # never leave it behind
+            daemon.kill()
+            daemon.wait()
 
 
 def main() -> int:
