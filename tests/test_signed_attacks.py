@@ -248,6 +248,16 @@ def test_hole_e_an_approval_op_cannot_reach_another_guests_volume(fakepve: Any, 
     assert mutations(fakepve, before) == [] and "scsi5" not in fakepve.vm(100).config
 
 
+def _carol_and_a_destroy(fakepve: Any, make_engine: Make, tmp_path: Path) -> tuple[Desk, Any, str]:
+    """Guests 100 and 150, carol added as an operator, and a destroy of 150 signed by the destroyers."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 150)
+    desk = open_desk(make_engine, tmp_path)
+    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
+    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    return desk, destroy, parse_payload(destroy.payload).op_id
+
+
 def _reuse_op_id(unsigned: Unsigned, op_id: str, *signers: str, role: str) -> Any:
     """``unsigned`` signed by ``signers`` as ``op sign`` would, but carrying ``op_id`` (a nonce seen elsewhere)."""
     document = json.loads(build_payload(unsigned, role=role, ttl=900, reason="test", now=time.time()))
@@ -263,12 +273,7 @@ def test_hole_f_only_a_role_that_could_sign_an_op_can_veto_it(veto: str, fakepve
     the path sees. carol cancels it either with an op.revoke for guest 100 naming that op_id, or by signing
     a snapshot of guest 100 under the same op_id (the journal key ``op:<op_id>`` does not say which payload
     spent it). Expected: the veto is refused (ROLE_DENIES) or spends only its own nonce; the destroy runs."""
-    add_vm(fakepve, 100)
-    add_vm(fakepve, 150)
-    desk = open_desk(make_engine, tmp_path)
-    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
-    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
-    target = parse_payload(destroy.payload).op_id
+    desk, destroy, target = _carol_and_a_destroy(fakepve, make_engine, tmp_path)
     if veto == "revoke_op_out_of_scope":
         desk.desk.revoke(desk.sign(desk.propose(100, "op.revoke", op_id=target), "carol", role="operator"))
     else:
@@ -391,11 +396,7 @@ def test_a_void_veto_never_hides_a_real_one(fakepve: Any, make_engine: Make, tmp
     """carol (operator only) vetoes a destroy's op_id before it is submitted: her veto counts for nothing.
     alice (a destroyer) then vetoes it too: that veto is recorded beside carol's and the destroy is
     OP_REVOKED, never sent."""
-    add_vm(fakepve, 150)
-    desk = open_desk(make_engine, tmp_path)
-    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
-    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
-    target = parse_payload(destroy.payload).op_id
+    desk, destroy, target = _carol_and_a_destroy(fakepve, make_engine, tmp_path)
     for revoker in ("carol", "alice"):
         veto = desk.sign(desk.propose(150, "op.revoke", op_id=target), revoker, role="operator")
         assert desk.desk.revoke(veto)[1] is None
@@ -407,12 +408,7 @@ def test_a_void_veto_never_hides_a_real_one(fakepve: Any, make_engine: Make, tmp
 def test_an_op_reusing_another_ops_id_does_not_block_it(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """carol signs a snapshot of a locked guest under the op_id of a destroy she saw: hers waits for the lock,
     and the destroy (another payload, so another nonce) is still accepted and runs."""
-    add_vm(fakepve, 100)
-    add_vm(fakepve, 150)
-    desk = open_desk(make_engine, tmp_path)
-    _restore(desk, {"version": 2, "roles": roles(), "keys": [*store_doc()["keys"], key_entry("carol", ["operator"])]})
-    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
-    target = parse_payload(destroy.payload).op_id
+    desk, destroy, target = _carol_and_a_destroy(fakepve, make_engine, tmp_path)
     fakepve.snapshot_lock(100, "backup")
     snap = unsigned_of(desk.propose(100, "snapshot.create", snapname="s1"))
     assert desk.run(_reuse_op_id(snap, target, "carol", role="operator"))[1] is None  # waits for the lock
