@@ -182,15 +182,21 @@ def _value(field: str, spec: Mapping[str, Any], val: str) -> str:
     return val
 
 
+# Booleans the schema gives no default that PVE reads as on when absent (a drive's backup flag).
+_ON_WHEN_ABSENT = frozenset({"backup"})
+
+
 def field_default(fmt_name: str, field: str) -> str | None:
-    """What an absent field means, canonical (its schema default), None when the schema gives none."""
+    """What an absent field means, canonical: its schema default; off for a boolean without one; else None."""
     spec = FORMATS[fmt_name].get(field)
-    if spec is None or "default" not in spec:
+    if spec is None:
         return None
-    default = spec["default"]
     if spec.get("type") == "boolean":
+        default = spec.get("default", 1 if field in _ON_WHEN_ABSENT else 0)
         return "1" if str(default).lower() in _TRUE else "0"
-    return canonical_field(fmt_name, field, str(default))
+    if "default" not in spec:
+        return None
+    return canonical_field(fmt_name, field, str(spec["default"]))
 
 
 def canonical_field(fmt_name: str, field: str, value: str) -> str:

@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 
+from executor.desired import Declared
 from executor.engine import Engine
 from executor.opdoc import Proposal as Unsigned
+from planner.v1 import planner_pb2 as pb
 from safety import grammar, keys
 from safety.classify import Action, Class, GuestFacts, Source, classify
 from safety.refusal import Refused
+from tests.planner_standins import scripted_planner
 from tests.signed_helpers import add_vm, mutations, open_desk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,3 +244,20 @@ def test_one_operator_key_cannot_attach_a_foreign_volume_by_alias(case: str, fak
     assert refusal is not None and refusal.reason in {"CLASS_MISMATCH", "ROLE_DENIES"}
     assert mutations(fakepve, before) == []
     assert not set(values) & set(fakepve.vm(100).config)
+
+
+# --- item 3: the scope check reads the declaration with the same grammar -----------------------
+
+def test_row_51_a_planner_cannot_drop_declared_nic_fields(fakepve: Any, make_engine: Make) -> None:
+    """The root-owned file declares a NIC with its firewall and VLAN tag; a compromised planner writes the NIC
+    without them (MAC kept, so benign by class). The write is out of scope: PVE never receives it."""
+    mac = "BC:24:11:00:00:01"
+    fakepve.add_vm(100, "web", status="stopped", config={"net0": f"virtio={mac},bridge=vmbr1,firewall=1,tag=10"})
+    declared = [Declared(vmid=100, config={"net0": "virtio,bridge=vmbr0,firewall=1,tag=10"})]
+    subset = pb.Action(vmid=100, type=pb.GUEST_TYPE_QEMU,
+                       set_config=pb.SetConfigAction(set={"net0": f"virtio={mac},bridge=vmbr0"}))
+    with scripted_planner([pb.PlanResponse(actions=[subset])]) as target:
+        summary = make_engine(declared, planner_target=target).tick(wait=True)
+    assert [(r.vmid, r.reason) for r in summary.refusals] == [(100, "OUT_OF_SCOPE")]
+    assert mutations(fakepve) == []
+    assert fakepve.vm(100).config["net0"].endswith("firewall=1,tag=10")
