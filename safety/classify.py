@@ -175,7 +175,7 @@ def _key_judgments(action: Action, facts: GuestFacts) -> Iterator[Judgment]:
             if target_value is not None:
                 grammar.parse(action.guest_type, target, target_value)  # every property string, whatever its row
             yield keys.lookup(action.guest_type, target).judge(change)
-        except grammar.Unreadable as exc:
+        except grammar.UnreadableError as exc:
             yield _unreadable(key, value, str(exc))
 
 

@@ -4,7 +4,7 @@ Rows of (regex, guest types, rule), first full match wins, like the planner's no
 Every key of PVE's API schema has a row with its reason (``tests/test_pve_grammar.py`` enumerates
 the schema, so a key a PVE release adds fails until it has one). A rule judges one key of a config
 write: its new value (None for a delete) against the value as read, both read with PVE's own
-grammar (``safety.grammar``): a value the grammar cannot read raises ``Unreadable``, which the
+grammar (``safety.grammar``): a value the grammar cannot read raises ``UnreadableError``, which the
 classifier takes for destructive. A key no row matches is not in PVE's schema and needs approval.
 """
 
@@ -47,13 +47,13 @@ class KeyChange:
         return None if self.value is None else grammar.parse(self.guest_type, self.key, self.value)
 
     def old_fields(self) -> dict[str, str] | None:
-        """The value as read, by PVE's grammar; ``Unreadable`` says so of the value as read."""
+        """The value as read, by PVE's grammar; ``UnreadableError`` says so of the value as read."""
         if self.actual is None:
             return None
         try:
             return grammar.parse(self.guest_type, self.key, self.actual)
-        except grammar.Unreadable as exc:
-            raise grammar.Unreadable(f"the value as read: {exc}") from None
+        except grammar.UnreadableError as exc:
+            raise grammar.UnreadableError(f"the value as read: {exc}") from None
 
 
 class KeyRule(Protocol):
@@ -164,18 +164,20 @@ class Disk:
         new = change.new_fields() or {}
         if not change.config_read:
             return self._swap(change, "disk_swap", "with the config not read: cannot tell an attach from a volume swap")
-        if "import-from" in new:
-            return self._swap(change, "disk_foreign", "imports a volume from elsewhere (copies data across guests "
-                                                      "or from the host)")
         volume = new[self.volume_field]
         foreign = grammar.reach(volume, change.vmid)
+        if "import-from" in new:
+            foreign = "imports a volume from elsewhere (copies data across guests or from the host)"
         if foreign is not None:
             return self._swap(change, "disk_foreign", foreign)
         old = change.old_fields()
         if old is None:
             return _judgment(change, Class.APPROVAL, "config.disk_attach", "disk_attach",
                              f"attaches {volume!r} to an empty slot (allocates storage)")
-        before = old[self.volume_field]
+        return self._over(change, volume, old[self.volume_field])
+
+    def _over(self, change: KeyChange, volume: str, before: str) -> Judgment:
+        """A write over a disk that is there: options, a new medium, or a swap."""
         if volume == before:
             return _judgment(change, Class.APPROVAL, "config.disk_options", "disk_options",
                              "changes options of the same volume (backup=0, replicate=0, cache=unsafe drop safeguards)")

@@ -115,7 +115,7 @@ def _same_merge(fmt: str, declared: str, written: str, actual: str | None) -> bo
         merged = grammar.parse_format(fmt, actual) if actual is not None and actual.strip() else {}
         merged.update(grammar.parse_format(fmt, declared))
         return grammar.meaning(fmt, grammar.parse_format(fmt, written)) == grammar.meaning(fmt, merged)
-    except grammar.Unreadable:
+    except grammar.UnreadableError:
         return False
 
 

@@ -96,7 +96,7 @@ def test_a_nic_model_token_spells_two_fields() -> None:
 ])
 def test_a_value_pve_would_read_otherwise_is_unreadable(key: str, value: str, why: str) -> None:
     """Unknown, duplicate and double-spelled fields, missing required ones, values outside the enum."""
-    with pytest.raises(grammar.Unreadable, match=why):
+    with pytest.raises(grammar.UnreadableError, match=why):
         grammar.parse("lxc" if key == "mp0" else "qemu", key, value)
 
 
@@ -172,7 +172,7 @@ def test_row_49_cdrom_is_ide2() -> None:
     ("vga", "std,secret=1"),
 ])
 def test_row_50_a_value_that_does_not_parse_is_destructive(key: str, value: str) -> None:
-    """Unreadable is destructive, whatever the key's row would say of a readable value."""
+    """UnreadableError is destructive, whatever the key's row would say of a readable value."""
     assert verdict("qemu", set_={key: value}) == (D, "config.unreadable", "unreadable")
 
 
@@ -194,7 +194,8 @@ def test_row_53_cloud_init_credentials_need_approval(key: str) -> None:
     ("lxc", "timezone", "Europe/Berlin", (B, "config")),
     ("qemu", "lock", "backup", (A, "config.lock")), ("lxc", "features", "nesting=1", (A, "config.isolation")),
     ("lxc", "unprivileged", "0", (D, "config.host_code")), ("qemu", "virtiofs0", "shared", (A, "config.host_device")),
-    ("qemu", "ivshmem", "size=32", (A, "config.host_device")), ("qemu", "rng0", "/dev/hwrng", (A, "config.host_device")),
+    ("qemu", "ivshmem", "size=32", (A, "config.host_device")),
+    ("qemu", "rng0", "/dev/hwrng", (A, "config.host_device")),
     ("qemu", "rng0", "/dev/urandom", (B, "config")), ("qemu", "vmgenid", "1", (A, "config.guest_identity")),
     ("qemu", "runningmachine", "pc-q35-9.0", (D, "config.pve_internal")),
 ])
