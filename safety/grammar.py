@@ -151,7 +151,8 @@ def _check(name: str, fmt: Mapping[str, Mapping[str, Any]], found: dict[str, str
         if "alias" in spec:
             continue
         if field not in found:
-            if not spec.get("optional") and name not in OPEN:
+            # PVE's check_prop: a missing boolean is never an error, whatever "optional" says.
+            if not spec.get("optional") and spec.get("type") != "boolean" and name not in OPEN:
                 raise UnreadableError(f"{name} needs the field {field!r}")
             continue
         found[field] = _value(field, spec, found[field])
