@@ -24,6 +24,11 @@ APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
 DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = "DIGEST_STALE", "CLASS_MISMATCH", "BINDING_MISMATCH"
 LOCKED = "LOCKED"
 APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
+# The refusals that spend a signed op: the guest is not in the state the op was signed for. That state can come
+# back (a digest is content, not a version: protection set, then cleared by another op, restores it), so such an
+# op never runs later; the operators re-sign. A transient refusal (LOCKED, PROTECTED, EXPIRED, the trust store,
+# the journal) leaves the nonce unspent.
+SPENDING = frozenset({DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,9 +21,9 @@ from executor.daemon import build
 from executor.desired import Declared, FileProvider, StaticProvider
 from executor.dryrun import as_json, dry_run, render
 from executor.engine import Engine, TickOutcome
-from executor.queue import Job
 from executor.pve import Connection, ProxmoxNode, PveUnavailableError
 from executor.pvewrite import ProxmoxWriter
+from executor.queue import Job
 from journal import Ended, Journal, Outcome
 from planner import server
 from planner.v1 import planner_pb2 as pb

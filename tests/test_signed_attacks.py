@@ -459,5 +459,6 @@ def test_hole_h_a_digest_that_comes_back_never_revives_a_stale_op(where: str, fa
     assert desk.engine.journal is not None
     desk.engine.journal.close()  # the daemon restarts on the same state
     again = open_desk(make_engine, tmp_path, journal_dir=desk.state_dir)
+    _restore(again, {**store_doc(), "version": 3})  # the state remembers trust version 2 (carol's)
     assert _reason(again.run(destroy)) == "NONCE_SPENT"
     assert mutations(fakepve, before) == [] and fakepve.vm(150) is not None
