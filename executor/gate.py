@@ -35,7 +35,6 @@ from executor.decisions import (
     JOURNAL_UNAVAILABLE,
     LOCKED,
     OUT_OF_SCOPE,
-    SPENDING,
     UNKNOWN_KIND,
     Admission,
     Admitted,
@@ -46,6 +45,7 @@ from executor.decisions import (
     Refusal,
     descriptor,
     readable,
+    spends,
     unknown,
 )
 from executor.kinds import KINDS
@@ -126,7 +126,8 @@ class Gate:
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
                 if op is not None and record:
-                    self.spend(op, reason, detail)
+                    self.spend(op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
+                               facts=facts)
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
@@ -214,13 +215,15 @@ class Gate:
             return verdict, BINDING_MISMATCH, f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
         return verdict, None, ""
 
-    def spend(self, op: VerifiedOp, reason: str, detail: str) -> None:
-        """Spend ``op``'s nonce if it was refused for the guest's state (``SPENDING``): it never runs later.
+    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
+              facts: GuestFacts | None) -> None:
+        """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
 
-        One durable journal record, before the refusal is answered: a replay, now or after a restart, is
-        NONCE_SPENT. A failed write loses the journal, and with it every signed op (fail closed).
+        ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT. A
+        failed write loses the journal, and with it every signed op (fail closed).
         """
-        if reason in SPENDING:
+        if spends(reason, op, guest_type, facts):
             self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:

@@ -123,7 +123,7 @@ class Lane:
         facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
         problem = self._op_problem(admitted, facts)
         if problem is not None:
-            return self._refuse_op(admitted, *problem)
+            return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
         with self._lock:
             self._before[op.payload.op_id] = before_image(config, step)
         return None
@@ -158,7 +158,9 @@ class Lane:
         problem = check(step, facts.config) if check is not None else None
         return None if problem is None else ("MALFORMED", problem)
 
-    def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
+    def _refuse_op(self, admitted: Admitted, reason: str, detail: str, *, guest_type: str | None = None,
+                   facts: GuestFacts | None = None) -> Refusal:
+        """Refuse the signed op, spending it when refused for the guest's state (``facts``: as read; None: gone)."""
         op = admitted.op
         assert op is not None
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
@@ -167,7 +169,7 @@ class Lane:
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
         self._gate.count_refused()
-        self._gate.spend(op, reason, detail)
+        self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts)
         self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                                     detail=detail, op_id=refusal.op_id,
                                                     key=f"{BURN_PREFIX}{refusal.op_id}:refused"))

@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 
 from executor.daemon import open_journal
 from executor.decisions import Refusal
-from executor.desired import Declared
+from executor.desired import Declared, StaticProvider
 from executor.engine import Engine
 from executor.opclock import mark_nonces
 from executor.opdoc import Proposal as Unsigned
@@ -156,6 +156,33 @@ def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any,
     desk.engine.tick(wait=True)
     assert [p.vmid for p in desk.engine.gate.pending()] == [112]
 
+
+
+def test_row43_an_approval_no_longer_listed_is_class_mismatch_and_not_spent(fakepve: Any, make_engine: Make,
+                                                                           tmp_path: Path) -> None:
+    """Row 43, a class mismatch from the gate's side: an approved hub stop is APPROVAL only while its entry is
+    listed. The hub stops declaring the stops, the tick drops the entries, and the signed stop is
+    CLASS_MISMATCH with the guest exactly as signed: a transient refusal, so it is not spent. Once the hub
+    asks again and the entry is listed again, the same envelope runs."""
+    for vmid in range(110, 115):
+        add_vm(fakepve, vmid, disks=1, status="running")
+    asks = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
+    desk = open_desk(make_engine, tmp_path, asks, source=Source.HUB)
+    desk.engine.tick(wait=True)
+    (entry,) = [p for p in desk.engine.gate.pending() if p.vmid == 110]
+    envelope = desk.sign(Unsigned(action=json.loads(entry.descriptor), challenge=None), "alice", role="operator")
+    provider = desk.engine.provider
+    assert isinstance(provider, StaticProvider)
+    provider.guests = [Declared(vmid=v, state="running") for v in range(110, 115)]
+    desk.engine.tick(wait=True)
+    assert desk.engine.gate.pending() == []
+    op_id, refusal = desk.run(envelope)
+    assert _reason((op_id, refusal)) == "CLASS_MISMATCH" and not spent(desk, op_id)
+    provider.guests = asks
+    desk.engine.tick(wait=True)
+    before = len(fakepve.requests)
+    assert desk.run(envelope)[1] is None and spent(desk, op_id)
+    assert [p for _, p in mutations(fakepve, before)] == ["/api2/json/nodes/pve1/qemu/110/status/shutdown"]
 
 
 # --- replays and races ------------------------------------------------------------------------------------
@@ -341,6 +368,30 @@ def test_row13_a_kind_pve_takes_no_digest_for_is_compared_on_the_lanes_last_read
     assert _lane_refusal(desk, op_id) == "DIGEST_STALE" and spent(desk, op_id)
     assert mutations(fakepve, before) == []
     assert fakepve.vm(100) is not None and (kind == "guest.destroy" or "s1" in fakepve.vm(100).snapshots)
+
+
+def test_row13_a_binding_mismatch_because_the_guest_moved_spends_the_op(fakepve: Any, make_engine: Make,
+                                                                        tmp_path: Path) -> None:
+    """Row 13 when the change also changes the op's kind: a MAC change (config.nic_identity) is accepted; while
+    it waits in the lane an administrator sets that MAC by hand, so the write is no NIC identity change any
+    more: BINDING_MISMATCH (the kind, named before the digest), with the guest at another digest. That is a
+    refusal for the guest's state: spent. The administrator puts the old MAC back (the signed digest with
+    it), and the envelope replayed is NONCE_SPENT; nothing was sent for it."""
+    old, new = "virtio=BC:24:11:00:00:01,bridge=vmbr0", "virtio=BC:24:11:00:00:02,bridge=vmbr0"
+    add_vm(fakepve, 100, net0=old)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "config.nic_identity", set={"net0": new}), "alice", role="operator")
+    gate = hold_lane(desk, 100)
+    op_id, refusal = desk.submit(envelope)
+    assert refusal is None
+    fakepve.vm(100).config["net0"] = new
+    before = len(fakepve.requests)
+    gate.set()
+    desk.settle()
+    assert _lane_refusal(desk, op_id) == "BINDING_MISMATCH" and spent(desk, op_id)
+    fakepve.vm(100).config["net0"] = old
+    assert _reason(desk.run(envelope)) == "NONCE_SPENT"
+    assert mutations(fakepve, before) == [] and fakepve.vm(100).config["net0"] == old
 
 
 def test_row14_a_destroyed_and_recreated_vmid_is_digest_stale(fakepve: Any, make_engine: Make,
