@@ -134,7 +134,7 @@ class Lane:
         assert op is not None
         if facts.lock:  # first: PVE writes the lock into the config, so it moves the digest, and LOCKED is retried
             return "LOCKED", f"guest {step.vmid} is locked ({facts.lock})"
-        # The binding before anything else: an op refused for the guest's state is spent (the gate's SPENDING),
+        # The binding before anything else: an op refused for the guest's state is spent (``decisions.spends``),
         # and that must not wait behind a refusal that leaves it alive. Protection set after the signing moved
         # the digest: DIGEST_STALE, not PROTECTED (clearing the flag again would revive the op).
         verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
