@@ -45,12 +45,14 @@ from executor.decisions import (
     Refusal,
     descriptor,
     readable,
+    spends,
     unknown,
 )
 from executor.kinds import KINDS
 from executor.lane import Lane
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
+from executor.opsteps import nonce_key
 from executor.pve import PveError, PveReader, PveWriter
 from journal import Journal, JournalError, Outcome
 from safety import challenge as challenges
@@ -123,6 +125,9 @@ class Gate:
                     continue
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
+                if op is not None and record:
+                    self.spend(op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
+                               facts=facts)
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
@@ -182,9 +187,14 @@ class Gate:
 
     @staticmethod
     def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: Observed,
-                        _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
-        """A config write planned from another version of the config is stale (PVE would refuse it too)."""
-        if step.kind != SET_CONFIG or not step.digest or not facts.digest or step.digest == facts.digest:
+                        _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
+        """A config write planned from another version of the config is stale (PVE would refuse it too).
+
+        A signed op's digest is checked by ``_judge_op``, after the lock: a lock moves the digest, and
+        LOCKED is retried where a stale op is spent.
+        """
+        if op is not None or step.kind != SET_CONFIG or not step.digest or not facts.digest \
+                or step.digest == facts.digest:
             return None
         return DIGEST_STALE, f"planned from config digest {step.digest[:12]}, the guest's is {facts.digest[:12]}"
 
@@ -204,6 +214,17 @@ class Gate:
         if op.payload.kind != verdict.op_kind:
             return verdict, BINDING_MISMATCH, f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
         return verdict, None, ""
+
+    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
+              facts: GuestFacts | None) -> None:
+        """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
+
+        ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT. A
+        failed write loses the journal, and with it every signed op (fail closed).
+        """
+        if spends(reason, op, guest_type, facts):
+            self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
         """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.

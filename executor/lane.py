@@ -25,9 +25,10 @@ from executor.actions import START, STOP
 from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
 from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
+from executor.pve import Pending as PendingSection
 from executor.pve import PveError, PveReader, PveUnavailableError, PveWriter, TaskOutcome, TaskResult, wait_task
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
-from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
+from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
 from safety.refusal import Refused
 
@@ -66,22 +67,34 @@ class Lane:
         step, source = admitted.step, admitted.source
         if step.kind not in (START, STOP):
             return None
-        needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP) and admitted.facts.config is None
-        if step.kind == STOP and not needs_config:
+        # A remote source's power action depends on ``protection``: read now, never taken from admission's read
+        # (the flag may have been set since). A start's pending read carries the current config: no extra read.
+        remote = source not in TRUSTED_FOR_PROTECTED_POWER
+        if step.kind == STOP and not remote:
             return None
-        config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else admitted.facts.config
+        pending = self._reader.pending(step.guest_type, step.vmid) if step.kind == START else None
+        if not remote:
+            config = admitted.facts.config
+        elif pending is not None:
+            config = dict(pending.current)
+        else:
+            config = self._reader.config(step.guest_type, step.vmid)[0]
         facts = replace(admitted.facts, config=config)
-        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted)
+        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted,
+                                     pending)
         if verdict.cls <= admitted.verdict.cls:
             return None
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
 
-    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted) -> Verdict:
-        """A start applies the pending section: it is as costly as writing those changes now."""
+    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted,
+                      pending: PendingSection | None = None) -> Verdict:
+        """A start applies the pending section: it is as costly as writing those changes now (``pending``: as
+        already read)."""
         if kind != START:
             return verdict
         step = admitted.step
-        pending = self._reader.pending(step.guest_type, step.vmid)
+        if pending is None:
+            pending = self._reader.pending(step.guest_type, step.vmid)
         if not pending:
             return verdict
         change = Action(kind="set_config", vmid=step.vmid, guest_type=step.guest_type, set=pending.set,
@@ -93,9 +106,10 @@ class Lane:
         return Verdict(cls=applied.cls, op_kind=verdict.op_kind, rule=f"pending_{applied.rule}", reasons=reasons)
 
     def _authorize_op(self, admitted: Admitted) -> Refusal | None:
-        """Step 13 of §4.4: fresh facts, expiry, lock, protection, binding; nothing is written yet.
+        """Step 13 of §4.4: fresh facts, expiry, lock, binding, protection; no operation begins yet.
 
-        A refusal here leaves the nonce unspent (LOCKED is retried by the desk until the op expires).
+        A refusal for the guest's state (DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH) spends the nonce;
+        any other leaves it unspent (LOCKED is retried by the desk until the op expires).
         """
         step, op = admitted.step, admitted.op
         assert op is not None
@@ -109,7 +123,7 @@ class Lane:
         facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
         problem = self._op_problem(admitted, facts)
         if problem is not None:
-            return self._refuse_op(admitted, *problem)
+            return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
         with self._lock:
             self._before[op.payload.op_id] = before_image(config, step)
         return None
@@ -118,8 +132,18 @@ class Lane:
         """The first reason the op may not run on ``facts`` (reason, detail), or None."""
         step, op = admitted.step, admitted.op
         assert op is not None
-        if facts.lock:
+        if facts.lock:  # first: PVE writes the lock into the config, so it moves the digest, and LOCKED is retried
             return "LOCKED", f"guest {step.vmid} is locked ({facts.lock})"
+        # The binding before anything else: an op refused for the guest's state is spent (``decisions.spends``),
+        # and that must not wait behind a refusal that leaves it alive. Protection set after the signing moved
+        # the digest: DIGEST_STALE, not PROTECTED (clearing the flag again would revive the op).
+        verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
+                                     facts, admitted)
+        cls = self._gate.expected_class(step, verdict, facts)
+        try:
+            check_binding(op.payload, bound_action(step, verdict, facts, self._gate.audience(), cls_name=cls.name))
+        except Refused as exc:
+            return exc.reason.value, exc.detail
         again = self._gate.reverify(op, step, facts) if self._gate.reverify is not None else None
         if again is not None:
             return again.reason.value, again.detail
@@ -130,18 +154,13 @@ class Lane:
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
             return "PROTECTED", (f"guest {step.vmid} has protection=1: clear it first with its own approved "
                                  "config.protection_off op")
-        verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
-                                     facts, admitted)
-        cls = self._gate.expected_class(step, verdict, facts)
-        try:
-            check_binding(op.payload, bound_action(step, verdict, facts, self._gate.audience(), cls_name=cls.name))
-        except Refused as exc:
-            return exc.reason.value, exc.detail
         check = getattr(KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
         problem = check(step, facts.config) if check is not None else None
         return None if problem is None else ("MALFORMED", problem)
 
-    def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
+    def _refuse_op(self, admitted: Admitted, reason: str, detail: str, *, guest_type: str | None = None,
+                   facts: GuestFacts | None = None) -> Refusal:
+        """Refuse the signed op, spending it when refused for the guest's state (``facts``: as read; None: gone)."""
         op = admitted.op
         assert op is not None
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
@@ -150,6 +169,7 @@ class Lane:
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
         self._gate.count_refused()
+        self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts)
         self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                                     detail=detail, op_id=refusal.op_id,
                                                     key=f"{BURN_PREFIX}{refusal.op_id}:refused"))

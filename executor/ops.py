@@ -5,8 +5,10 @@ signature holds (SAFETY-DESIGN §4.4): rate limit -> trust store -> verify (step
 gate's clock) -> the clock-reset floor -> the nonce, read-only (step 12) -> the guest's current
 facts -> ``Engine.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
 names. The nonce is spent later, in the guest's lane, by the journal record that states the intent.
-A lane refusal leaves it unspent: LOCKED (a backup holds the guest) is retried each tick until
-the op expires; anything else drops the op, and the operator re-proposes.
+A refusal because the guest is not in the state signed for (DIGEST_STALE, BINDING_MISMATCH,
+CLASS_MISMATCH), at admission or in the lane, spends it too: that state can come back, the op may
+not. Any other refusal leaves it unspent: LOCKED (a backup holds the guest) is retried each tick
+until the op expires; anything else drops the op, and the operator re-proposes.
 """
 
 from __future__ import annotations
@@ -232,8 +234,9 @@ class OpDesk:
             raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
         try:
             journal.check_key(nonce_key(op))
-        except NonceSpentError as exc:
-            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value})") from None
+        except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
+            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value}): "
+                                                     "sign a new proposal") from None
         except KeyInFlightError:
             raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
 
@@ -249,13 +252,15 @@ class OpDesk:
         except PveError as exc:
             return self._refusal(payload.vmid, payload.kind,
                                  Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
-        except Refused as exc:
+        except Refused as exc:  # the guest is gone: not the guest signed for
+            self._engine.gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None)
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
         journal = self._engine.journal
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:
+            self._engine.gate.spend(op, RefusalReason.DIGEST_STALE.value, ran[1], guest_type=guest.type, facts=None)
             return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
         store = self._current()
         role = store.roles.get(payload.role) if store is not None else None
