@@ -9,21 +9,24 @@ guests Proxmox ended up stopped.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from executor.config import ExecutorSettings
-from executor.daemon import Parts, build
+from executor.daemon import Parts, build, open_journal
 from executor.desired import FileProvider, provider_source
+from executor.dryrun import dry_run
 from executor.engine import Engine, TickSummary
 from executor.pve import Connection
-from journal import Journal
 from planner import server
 from safety.classify import Source
+from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
 NODE = range(100, 110)  # ten running guests
@@ -105,42 +108,114 @@ def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, ma
 
 # --- across a restart: the record is in the state dir -------------------------------------------
 
-@pytest.fixture(name="daemon")
-def _daemon(fakepve: Any, fakepve_cafile: str, planner: server.Running, connect: Callable[..., Connection],
-            tmp_path: Path) -> Iterator[Callable[..., TickSummary]]:
-    """One tick of a freshly built daemon on the same state dir each call (a restart between calls)."""
-    desired = tmp_path / "desired.yaml"
+class Daemon:
+    """A daemon's parts built afresh for every tick on one state dir: a restart between any two ticks."""
 
-    def tick(states: Mapping[int, str | None], **options: Any) -> TickSummary:
-        write_hub(desired, states)
-        settings = ExecutorSettings(node="pve1", pve_url=f"https://127.0.0.1:{fakepve.port}", pve_user="root@pam",
-                                    pve_password="secret", pve_ca_file=fakepve_cafile, desired=str(desired),
-                                    planner=f"127.0.0.1:{planner.port}", state_dir=str(tmp_path / "state"),
-                                    **options)
-        parts: Parts = build(settings, connect(), FileProvider(desired), Journal.open(settings.state_dir))
+    def __init__(self, fakepve: Any, cafile: str, planner: str, connect: Callable[..., Connection],
+                 tmp_path: Path) -> None:
+        self.desired, self.state = tmp_path / "desired.yaml", tmp_path / "state"
+        self._connect = connect
+        self._base = {"node": "pve1", "pve_url": f"https://127.0.0.1:{fakepve.port}", "pve_user": "root@pam",
+                      "pve_password": "secret", "pve_ca_file": cafile, "desired": str(self.desired),
+                      "planner": planner, "state_dir": str(self.state)}
+
+    def settings(self, **options: Any) -> ExecutorSettings:
+        """The daemon's settings with ``options``."""
+        return ExecutorSettings(**self._base, **options)
+
+    def tick(self, states: Mapping[int, str | None], **options: Any) -> TickSummary:
+        """Declare ``states``, start a daemon, run one tick, stop it."""
+        write_hub(self.desired, states)
+        settings = self.settings(**options)
+        parts: Parts = build(settings, self._connect(), FileProvider(self.desired), open_journal(settings.state_dir))
         try:
             return parts.engine.tick(wait=True)
         finally:
             parts.close(5)
 
-    yield tick
+    @property
+    def ledger(self) -> Path:
+        """Where the daemon keeps what remote sources stopped."""
+        return self.state / LEDGER
+
+
+@pytest.fixture(name="daemon")
+def _daemon(fakepve: Any, fakepve_cafile: str, planner: server.Running, connect: Callable[..., Connection],
+            tmp_path: Path) -> Daemon:
+    return Daemon(fakepve, fakepve_cafile, f"127.0.0.1:{planner.port}", connect, tmp_path)
 
 
 @pytest.mark.usefixtures("node_of_ten")
-def test_a_restart_does_not_forget_what_a_hub_stopped(fakepve: Any, daemon: Callable[..., TickSummary]) -> None:
-    """Half the node stopped, the daemon restarted, the five un-declared: the hub's next stop needs approval."""
-    daemon({v: "stopped" if v < 105 else "running" for v in NODE}, max_stops_per_tick=10)
+def test_a_restart_does_not_forget_what_a_hub_stopped(fakepve: Any, daemon: Daemon) -> None:
+    """Half the node stopped, the daemon restarted, the five un-declared: the hub's next stop needs approval,
+    in ``plan`` as in ``run``, and ``plan`` writes nothing."""
+    daemon.tick({v: "stopped" if v < 105 else "running" for v in NODE}, max_stops_per_tick=10)
     assert stopped(fakepve) == [100, 101, 102, 103, 104]
-    summary = daemon({v: "stopped" if v == 105 else "running" for v in NODE if v >= 105}, max_stops_per_tick=10)
+    rest = {v: "stopped" if v == 105 else "running" for v in NODE if v >= 105}
+    write_hub(daemon.desired, rest)
+    kept = {f.name: f.read_bytes() for f in daemon.state.iterdir()}
+    planned = dry_run(daemon.settings(max_stops_per_tick=10)).admission
+    assert [(r.vmid, r.reason) for r in planned.refused] == [(105, "APPROVAL_REQUIRED")]
+    assert {f.name: f.read_bytes() for f in daemon.state.iterdir()} == kept
+    summary = daemon.tick(rest, max_stops_per_tick=10)
     assert stopped(fakepve) == [100, 101, 102, 103, 104]
     assert [(r.vmid, r.reason) for r in summary.refusals] == [(105, "APPROVAL_REQUIRED")]
+    assert daemon.ledger.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.usefixtures("node_of_ten")
-def test_a_restart_does_not_reset_a_hubs_stop_rate(fakepve: Any, daemon: Callable[..., TickSummary]) -> None:
+def test_a_restart_does_not_reset_a_hubs_stop_rate(fakepve: Any, daemon: Daemon) -> None:
     """Two stops ran in this interval; a daemon restarted within it runs no more until it ends."""
-    daemon({v: "stopped" if v < 102 else "running" for v in NODE}, interval=600.0)
+    daemon.tick({v: "stopped" if v < 102 else "running" for v in NODE}, interval=600.0)
     assert stopped(fakepve) == [100, 101]
-    summary = daemon({v: "stopped" if v < 104 else "running" for v in NODE}, interval=600.0)
+    summary = daemon.tick({v: "stopped" if v < 104 else "running" for v in NODE}, interval=600.0)
     assert stopped(fakepve) == [100, 101]
     assert summary.stops_deferred == 2
+
+
+@pytest.mark.usefixtures("node_of_ten")
+def test_a_tick_with_nothing_new_does_not_write_the_record(fakepve: Any, daemon: Daemon) -> None:
+    """Once the hub's stops are seen stopped, ticks that change nothing leave the file alone (no fsync a tick)."""
+    states: dict[int, str | None] = {v: "stopped" if v < 102 else "running" for v in NODE}
+    daemon.tick(states)
+    daemon.tick(states)  # the read sees them stopped
+    before = daemon.ledger.stat()
+    daemon.tick(states)
+    after = daemon.ledger.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(json.loads(daemon.ledger.read_bytes())["stopped"]) == ["100", "101"]
+
+
+def test_an_unreadable_record_counts_every_stopped_guest_as_the_hubs(fakepve: Any, daemon: Daemon) -> None:
+    """The record is garbage (who stopped what is unknown): every guest stopped on the node counts as a remote
+    stop; the hub gets no budget from the loss, and the record is written anew."""
+    for vmid in NODE:
+        fakepve.add_vm(vmid, f"vm{vmid}", status="stopped" if vmid < 104 else "running")
+    daemon.tick({v: "running" for v in NODE if v >= 104})  # a first start: the state dir exists
+    daemon.ledger.write_text("{not json")
+    summary = daemon.tick({v: "stopped" if v < 106 else "running" for v in NODE if v >= 104}, max_stops_per_tick=10)
+    assert stopped(fakepve) == [100, 101, 102, 103]
+    assert [(r.vmid, r.reason) for r in summary.refusals] == [(104, "APPROVAL_REQUIRED"), (105, "APPROVAL_REQUIRED")]
+    assert sorted(json.loads(daemon.ledger.read_bytes())["stopped"]) == ["100", "101", "102", "103"]
+
+
+@pytest.mark.usefixtures("node_of_ten")
+def test_a_remote_stop_that_cannot_be_recorded_does_not_run(fakepve: Any, daemon: Daemon, tmp_path: Path) -> None:
+    """The state dir's disk is full: the hub's stops wait (deferred) until their record can be written."""
+    with tiny_filesystem(tmp_path) as disk:
+        daemon.state = disk / "state"
+        daemon._base["state_dir"] = str(daemon.state)
+        daemon.tick({v: "running" for v in NODE})  # the journal and the gate's secret exist
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as out:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        stopping = {v: "stopped" if v < 102 else "running" for v in NODE}
+        summary = daemon.tick(stopping)
+        assert stopped(fakepve) == []
+        assert summary.stops_deferred == 2
+        filler.unlink()
+        daemon.tick(stopping)
+        assert stopped(fakepve) == [100, 101]
+        assert sorted(json.loads(daemon.ledger.read_bytes())["stopped"]) == ["100", "101"]
