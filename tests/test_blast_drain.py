@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from executor.daemon import Parts, build, open_journal
 from executor.desired import FileProvider, provider_source
 from executor.dryrun import dry_run
 from executor.engine import Engine, TickSummary
-from executor.pve import Connection
+from executor.pve import Connection, ProxmoxNode
 from planner import server
 from safety.classify import Source
+from tests.executor_helpers import HeldReads
 from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
@@ -104,6 +106,33 @@ def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, ma
     summary = engine.tick(wait=True)
     assert summary.refusals == ()
     assert stopped(fakepve) == [103, 104, 105]
+
+
+def test_a_stop_that_ends_while_the_node_is_read_stays_counted(fakepve: Any, node: ProxmoxNode, make_engine: Make,
+                                                              tmp_path: Path) -> None:
+    """The hub's three stops (half the node) run while the next tick reads the guest list, and end before it
+    admits: that read still says running, yet nobody started them; the hub's next stop needs approval."""
+    for vmid in range(100, 106):
+        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
+        fakepve.vm(vmid).shutdown_secs = 40
+    fakepve.time_scale = 0.01  # a shutdown takes 0.4 s
+    desired = tmp_path / "desired.yaml"
+    write_hub(desired, {v: "stopped" if v < 103 else "running" for v in range(100, 106)})
+    reads = HeldReads(node)
+    engine = make_engine([], pve=reads, max_stops_per_tick=10)
+    engine.provider = FileProvider(desired)
+    engine.tick()  # the three shutdowns start
+    write_hub(desired, {103: "stopped", 104: "running", 105: "running"})
+
+    def stops_end() -> None:
+        deadline = time.monotonic() + 10
+        while engine.queue.busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    reads.hold_next(stops_end)
+    summary = engine.tick(wait=True)
+    assert stopped(fakepve) == [100, 101, 102]
+    assert [(r.vmid, r.reason) for r in summary.refusals] == [(103, "APPROVAL_REQUIRED")]
 
 
 # --- across a restart: the record is in the state dir -------------------------------------------
