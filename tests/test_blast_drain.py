@@ -144,13 +144,13 @@ class Daemon:
                  tmp_path: Path) -> None:
         self.desired, self.state = tmp_path / "desired.yaml", tmp_path / "state"
         self._connect = connect
-        self._base = {"node": "pve1", "pve_url": f"https://127.0.0.1:{fakepve.port}", "pve_user": "root@pam",
-                      "pve_password": "secret", "pve_ca_file": cafile, "desired": str(self.desired),
-                      "planner": planner, "state_dir": str(self.state)}
+        self._base: dict[str, Any] = {
+            "node": "pve1", "pve_url": f"https://127.0.0.1:{fakepve.port}", "pve_user": "root@pam",
+            "pve_password": "secret", "pve_ca_file": cafile, "desired": str(self.desired), "planner": planner}
 
     def settings(self, **options: Any) -> ExecutorSettings:
         """The daemon's settings with ``options``."""
-        return ExecutorSettings(**self._base, **options)
+        return ExecutorSettings(**self._base, state_dir=str(self.state), **options)
 
     def tick(self, states: Mapping[int, str | None], **options: Any) -> TickSummary:
         """Declare ``states``, start a daemon, run one tick, stop it."""
@@ -233,7 +233,6 @@ def test_a_remote_stop_that_cannot_be_recorded_does_not_run(fakepve: Any, daemon
     """The state dir's disk is full: the hub's stops wait (deferred) until their record can be written."""
     with tiny_filesystem(tmp_path) as disk:
         daemon.state = disk / "state"
-        daemon._base["state_dir"] = str(daemon.state)
         daemon.tick({v: "running" for v in NODE})  # the journal and the gate's secret exist
         filler = disk / "filler"
         with contextlib.suppress(OSError), filler.open("wb") as out:
