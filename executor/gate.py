@@ -106,7 +106,7 @@ class Gate:
         """
         if op is None and source is Source.OPERATOR_OP:
             source = Source.HUB  # only a verified op is an operator's: anything else claiming it is remote
-        if held is not None:
+        if held is not None and not self.ledger.idle():
             self.ledger.settle(status={vmid: g.status for vmid, g in observed.guests.items()},
                                present=observed.listed if observed.listed is not None else set(observed.guests),
                                held=held, now=self.wall(), grace=self.settings.task_timeout, save=record)

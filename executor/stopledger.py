@@ -65,6 +65,11 @@ class StopLedger:
                   consequence="every guest stopped at the next read counts as stopped by a remote source, now")
         self._lost = True
 
+    def idle(self) -> bool:
+        """Nothing to settle: no remote stop counts, and the record was read (a tick builds nothing then)."""
+        with self._lock:
+            return not self._stops and not self._lost
+
     def stopped(self) -> dict[int, RemoteStop]:
         """vmid -> the remote stop that still counts."""
         with self._lock:

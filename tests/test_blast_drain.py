@@ -25,7 +25,9 @@ from executor.desired import FileProvider, provider_source
 from executor.dryrun import dry_run
 from executor.engine import Engine, TickSummary
 from executor.pve import Connection, ProxmoxNode
+from executor.stopledger import StopLedger
 from planner import server
+from safety.blast import RemoteStop
 from safety.classify import Source
 from tests.executor_helpers import HeldReads
 from tests.tmpfs import tiny_filesystem
@@ -247,3 +249,32 @@ def test_a_remote_stop_that_cannot_be_recorded_does_not_run(fakepve: Any, daemon
         daemon.tick(stopping)
         assert stopped(fakepve) == [100, 101]
         assert sorted(json.loads(daemon.ledger.read_bytes())["stopped"]) == ["100", "101"]
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"[]", b'{"version": 2, "window": [], "stopped": {}}',
+    b'{"version": 1, "window": [], "stopped": {"100": {"at": true, "seen": true}}}',
+    b'{"version": 1, "window": ["now"], "stopped": {}}',
+    b'{"version": 1, "window": [], "stopped": {"x": {"at": 1.0, "seen": true}}}',
+    b'{"version": 1, "window": [], "stopped": {}, "more": 1}',
+])
+def test_a_record_that_does_not_parse_is_rebuilt_on_the_safe_side(content: bytes, tmp_path: Path) -> None:
+    """Anything but the exact format is unreadable: every guest stopped at the next read counts, now."""
+    (tmp_path / LEDGER).write_bytes(content)
+    ledger = StopLedger.in_state_dir(tmp_path)
+    ledger.settle(status={100: "stopped", 101: "running"}, present={100, 101}, held=set(), now=50.0, grace=1.0)
+    assert ledger.stopped() == {100: RemoteStop(at=50.0, seen=True)}
+    assert ledger.used(now=50.0, window=30.0) == 1
+    assert StopLedger.in_state_dir(tmp_path).stopped() == {100: RemoteStop(at=50.0, seen=True)}  # written anew
+
+
+def test_a_stop_that_did_not_run_is_forgotten_and_one_that_ran_is_confirmed(tmp_path: Path) -> None:
+    """The lane's word moves the record at once (and durably); an unknown outcome leaves the stop counted."""
+    ledger = StopLedger.in_state_dir(tmp_path)
+    assert ledger.record([100, 101, 102], now=10.0, window=30.0)
+    ledger.stop_ended(100, ran=True)
+    ledger.stop_ended(101, ran=False)
+    ledger.stop_ended(102, ran=None)
+    again = StopLedger.in_state_dir(tmp_path)
+    assert again.stopped() == {100: RemoteStop(at=10.0, seen=True), 102: RemoteStop(at=10.0)}
+    assert again.used(now=39.0, window=30.0) == 3 and again.used(now=40.0, window=30.0) == 0
