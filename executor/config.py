@@ -60,7 +60,7 @@ RUN = (
 )
 EXTRAS = ("once", "json", "vmid")  # flags of one command, not settings
 STATE = tuple(o for o in (*CONNECTION, *RUN) if o.key in ("state_dir", "log_format"))
-PLAN = tuple(o for o in RUN if o.key in ("state_dir", "executor_id", "max_stops_per_tick"))  # what the dry run reads
+PLAN = tuple(o for o in RUN if o.key in ("interval", "state_dir", "executor_id", "max_stops_per_tick"))  # plan reads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,7 @@ from executor.queue import GuestQueue
 from executor.recovery import RecoveryInterruptedError, recover
 from executor.selftest import selftest
 from executor.server import start_api
+from executor.stopledger import StopLedger
 from journal import Journal, JournalOpenError
 
 log = structlog.get_logger("executor.daemon")
@@ -95,7 +96,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
     secret = gate_secret(settings.state_dir, journal) if journal is not None else None  # before the clock: a floor
     clock = GateClock(lambda: gate.journal, settings.state_dir)
     gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
-                wall=clock.now,
+                wall=clock.now, ledger=StopLedger.in_state_dir(settings.state_dir),
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
                                       max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,

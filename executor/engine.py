@@ -18,7 +18,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -240,7 +240,8 @@ class Engine:
             return
         summary.skipped = len({s.vmid for s in plan.skipped})
         submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted, wait=wait,
-                                 population=[d for d in declared if d.vmid not in observed.elsewhere])
+                                 population=[d for d in declared if d.vmid not in observed.elsewhere],
+                                 held=frozenset(held))
         admission, tracker = submission.admission, submission.tracker
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
@@ -267,17 +268,18 @@ class Engine:
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
                on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None,
-               population: Sequence[Declared] | None = None) -> Submission:
+               population: Sequence[Declared] | None = None, held: Set[int] | None = None) -> Submission:
         """The single entry of every mutation: the gate admits, the per-guest queue runs.
 
         ``op``: the signed op the steps come from; ``on_done(op, result)`` hears how its lane ended (None: it raised).
         ``population``: every declared guest of this node, for the blast radius (default: ``declared``).
+        ``held``: a tick's guests left out of planning, its ``observed`` being a read of the whole node.
         """
         declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
         everyone = None if population is None else {
             d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in population}
         admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op,
-                                    population=everyone)
+                                    population=everyone, held=held)
         self.gate.count_admitted(admission)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():

@@ -31,6 +31,7 @@ class Observed:
     guests: dict[int, GuestState]  # this node's guests whose run state the planner understands
     configs: dict[int, tuple[dict[str, str], str]]  # vmid -> (pending-applied config, digest)
     elsewhere: frozenset[int]  # declared guests that live on another node
+    listed: frozenset[int] | None = None  # every vmid of this node's lists, whatever its state (None: not read)
 
     def request(self, declared: Iterable[Declared]) -> tuple[list[pb.DesiredGuest], list[pb.ActualGuest]]:
         """The planner request for ``declared``: guests elsewhere are not this node's to plan."""
@@ -46,7 +47,8 @@ def manages_config(declared: Declared) -> bool:
 
 def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor | None = None) -> Observed:
     """Read what planning ``declared`` needs; PveError when the guest list cannot be read."""
-    guests = {g.vmid: g for g in reader.guests() if g.status in RUN_STATES}
+    listing = reader.guests()
+    guests = {g.vmid: g for g in listing if g.status in RUN_STATES}
     wanted = [guests[d.vmid] for d in declared if d.vmid in guests and manages_config(d)]
 
     def read(guest: GuestState) -> tuple[int, tuple[dict[str, str], str] | None]:
@@ -58,7 +60,8 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
 
     results = pool.map(read, wanted) if pool is not None else map(read, wanted)
     configs = {vmid: found for vmid, found in results if found is not None}
-    return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, declared, guests))
+    return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, declared, guests),
+                    listed=frozenset(g.vmid for g in listing))
 
 
 def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int, GuestState]) -> frozenset[int]:
