@@ -111,8 +111,9 @@ class UnixFront:
         self._claim()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            os.fchmod(listener.fileno(), 0o660)  # Linux makes the file with the socket's mode: never wider
             listener.bind(self.path)
-            os.chmod(self.path, 0o660)
+            os.chmod(self.path, 0o660)  # bind applied the umask too
             self._give(self.path, gid)
             listener.listen(64)
         except BaseException:
