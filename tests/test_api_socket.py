@@ -19,8 +19,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +74,21 @@ def junk() -> epb.SignedOp:
                         signatures=[epb.OpSignature(keyid="sha256:" + "0" * 64, sig=os.urandom(64))])
 
 
-def flood(target: str, calls: int = 40) -> int:
-    """``calls`` junk SubmitOps at ``target``; how many were answered RESOURCE_EXHAUSTED."""
-    exhausted = 0
+def flood(target: str, stop: Callable[[], bool], started: Callable[[], None] = lambda: None) -> dict[str, int]:
+    """Junk SubmitOps at ``target`` until ``stop()``; ``started()`` at the first RESOURCE_EXHAUSTED. The counts."""
+    counts = {"answered": 0, "exhausted": 0}
     with grpc.insecure_channel(target) as channel:
         stub = epb_grpc.ExecutorServiceStub(channel)
-        for _ in range(calls):
+        while not stop():
             try:
                 stub.SubmitOp(epb.SubmitOpRequest(op=junk()), timeout=10)
+                counts["answered"] += 1
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                exhausted += 1
-    return exhausted
+                counts["exhausted"] += 1
+                if counts["exhausted"] == 1:
+                    started()
+    return counts
 
 
 def other_group() -> grp.struct_group:
@@ -296,36 +301,42 @@ def test_rate_buckets_are_per_key_and_bounded() -> None:
 
 def test_a_junk_flood_from_one_caller_leaves_anothers_valid_op_accepted(
         fakepve: Any, make_engine: Make, tmp_path: Path, sock_dir: Path) -> None:
-    """Row 54: one desk, served on loopback TCP and on the socket. A junk SubmitOp flood over TCP exhausts
-    its caller's bucket; the operator's valid op over the socket is still accepted (and run), and the flooder
-    stays limited."""
+    """Row 54: one desk, served on loopback TCP and on the socket. While a junk SubmitOp flood over TCP keeps
+    its caller's bucket empty, the operator's valid op over the socket is accepted (and runs)."""
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
     path = sock_dir / "executor.sock"
     tcp = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
     local = start_api(desk.engine, f"unix:{path}", desk=desk.desk)
+    stop, started = threading.Event(), threading.Event()
     try:
-        assert flood(f"127.0.0.1:{tcp.port}") >= 15
-        with grpc.insecure_channel(f"unix:{path}") as channel:
-            answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)),
-                                                                    timeout=10)
-        assert answer.decision == "accepted", answer
-        assert flood(f"127.0.0.1:{tcp.port}", 3) == 3
+        with ThreadPoolExecutor(1) as pool:
+            flooding = pool.submit(flood, f"127.0.0.1:{tcp.port}", stop.is_set, started.set)
+            try:
+                assert started.wait(30), "the flood never reached its limit"
+                with grpc.insecure_channel(f"unix:{path}") as channel:
+                    answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(
+                        epb.SubmitOpRequest(op=to_proto(envelope)), timeout=10)
+            finally:
+                stop.set()
+            counts = flooding.result(30)
     finally:
         tcp.stop(0)
         local.stop(0)
+    assert answer.decision == "accepted", answer
+    assert counts["answered"] >= 20 and counts["exhausted"] >= 1
     desk.settle()
     assert "s1" in fakepve.vm(100).snapshots
 
 
 FLOODER = """
 import json, os, sys
-import grpc
 from tests.test_api_socket import flood
-target = sys.argv[1]
+target, stop = sys.argv[1], sys.argv[2]
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-print(json.dumps({"uid": os.getuid(), "exhausted": flood(target)}))
+counts = flood(target, lambda: os.path.exists(stop), lambda: print("flooding", flush=True))
+print(json.dumps({"uid": os.getuid(), **counts}), flush=True)
 """
 
 
@@ -337,20 +348,28 @@ def test_a_flood_from_another_uid_on_the_socket_leaves_roots_op_accepted(
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
-    path = sock_dir / "executor.sock"
+    path, stop = sock_dir / "executor.sock", sock_dir / "stop"
     api = start_api(desk.engine, f"unix:{path}", desk=desk.desk, socket_group=grp.getgrgid(65534).gr_name)
+    child = subprocess.Popen([sys.executable, "-c", FLOODER, f"unix:{path}", str(stop)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         with capture_logs() as logs:
-            child = subprocess.run([sys.executable, "-c", FLOODER, f"unix:{path}"], cwd=ROOT, capture_output=True,
-                                   text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            assert child.returncode == 0, child.stderr
-            report = json.loads(child.stdout)
-            assert report["uid"] == 65534 and report["exhausted"] >= 15
-            with grpc.insecure_channel(f"unix:{path}") as channel:
-                answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)),
-                                                                        timeout=10)
+            try:
+                assert child.stdout is not None and child.stdout.readline() == "flooding\n", child.stderr
+                with grpc.insecure_channel(f"unix:{path}") as channel:
+                    answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(
+                        epb.SubmitOpRequest(op=to_proto(envelope)), timeout=10)
+            finally:
+                stop.touch()
+            out, err = child.communicate(timeout=30)
     finally:
+        if child.poll() is None:
+            child.kill()
         api.stop(0)
+    assert child.returncode == 0, err
+    report = json.loads(out)
+    assert report["uid"] == 65534 and report["answered"] >= 20 and report["exhausted"] >= 1
     assert answer.decision == "accepted", answer
     uids = {e.get("uid") for e in logs if e["event"] == "api_call" and e["method"] == SUBMIT}
     assert uids == {65534, 0}
