@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from common import grpcserver
+from common.grpcserver import ServerTls
 from executor import opcli
 from executor.config import ExecutorSettings
 from executor.desired import Declared
@@ -42,6 +43,7 @@ from executor.server import start_api
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from planner import server
+from tests.certs import Pki
 from tests.executor_helpers import ROOT, LineReader, cli, run_module
 from tests.signed_helpers import add_vm, open_desk, run_command
 
@@ -267,6 +269,21 @@ def test_over_tcp_the_caller_is_its_peer_address(make_engine: Make) -> None:
     calls = [e for e in logs if e["event"] == "api_call"]
     assert len(calls) == 1 and calls[0]["caller"] == "ip:127.0.0.1" and calls[0]["peer"].startswith("ipv4:127.0.0.1:")
     assert "uid" not in calls[0]
+
+
+def test_over_mutual_tls_the_caller_is_its_certificate(make_engine: Make, pki: Pki) -> None:
+    """Remote mutual TLS stays an option: the caller is the name its client certificate carries."""
+    api = start_api(make_engine([]), "127.0.0.1:0",
+                    tls=ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca))
+    credentials = grpc.ssl_channel_credentials(Path(pki.ca).read_bytes(), Path(pki.client_key).read_bytes(),
+                                               Path(pki.client_cert).read_bytes())
+    try:
+        with capture_logs() as logs, grpc.secure_channel(f"127.0.0.1:{api.port}", credentials) as channel:
+            epb_grpc.ExecutorServiceStub(channel).Reconcile(epb.ReconcileRequest(), timeout=30)
+    finally:
+        api.stop(0)
+    calls = [e for e in logs if e["event"] == "api_call"]
+    assert len(calls) == 1 and calls[0]["caller"] == "tls:executor", calls
 
 
 def test_a_call_that_reaches_the_backend_without_the_socket_is_refused(sock_dir: Path, make_engine: Make) -> None:
