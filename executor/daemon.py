@@ -129,7 +129,14 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
     if engine.journal is not None:
         engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
-    api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    try:
+        api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    except OSError as exc:  # a live daemon on the socket, a port taken: one line, no traceback
+        print(f"pve-executor: listen: {exc}", file=sys.stderr)
+        parts.close(0)
+        if endpoint is not None:
+            endpoint.stop()
+        return 2
     if api is not None and engine.recovering.is_set():
         api.set_serving(False)
     reload_on_hangup(parts.desk)

@@ -25,8 +25,8 @@ from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
 from executor.opauth import could_sign, revokers, role_covers_keys
-from executor.opclock import SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces
-from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
+from executor.opclock import SIGNER_BACKDATE, GateClock, RateBuckets, mark_nonces
+from executor.opsteps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.optrust import TrustKeeper
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
@@ -56,7 +56,7 @@ class OpSettings:
     state_dir: str
     trust_store: str | None = None  # unset: signed ops are off, every non-benign step is refused
     skew: float = 120.0  # op_clock_skew: how far in the future not_before may be (never on not_after)
-    rate: float = 5.0  # SubmitOp calls per second, sustained
+    rate: float = 5.0  # SubmitOp calls per second and caller, sustained
     burst: int = 20
 
 
@@ -82,8 +82,8 @@ class OpDesk:
         self._accepted: dict[str, VerifiedOp] = {}  # by nonce key: queued or waiting for a retry, not yet run
         self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
-        self._bucket = TokenBucket(settings.rate, settings.burst)
-        self._propose_bucket = TokenBucket(settings.rate, settings.burst)
+        self._bucket = RateBuckets(settings.rate, settings.burst)  # per caller: a flood spends its own
+        self._propose_bucket = RateBuckets(settings.rate, settings.burst)
         self.trust = TrustKeeper(settings.trust_store, settings.state_dir)
         engine.holders.append(self.held)
         engine.before_tick.append(self.tick)
@@ -109,13 +109,14 @@ class OpDesk:
 
     # --- propose ---------------------------------------------------------------------------------
 
-    def propose(self, vmid: int, kind: str, params: dict[str, object]) -> Proposal:
+    def propose(self, vmid: int, kind: str, params: dict[str, object], caller: str = "") -> Proposal:
         """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing.
 
-        Rate-limited on its own (each call reads Proxmox twice and mints a challenge), so proposing
-        never eats into what submitting may do.
+        Rate-limited on its own, per ``caller`` (each call reads Proxmox twice and mints a challenge),
+        so proposing never eats into what submitting may do. The before-image holds the keys the
+        proposal touches and the digest it binds, never the rest of the config (matrix row 54).
         """
-        if not self._propose_bucket.take():
+        if not self._propose_bucket.take(caller):
             raise RateLimitedError("ProposeOp: too many calls; try again in a second")
         reader, gate = self._engine.pve, self._engine.gate
         guest = next((g for g in reader.guests() if g.vmid == vmid), None)
@@ -138,7 +139,7 @@ class OpDesk:
         action = descriptor(step, verdict, facts, gate.audience(), cls)
         challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
         return Proposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
-                        before=dict(config))
+                        before=proposal_before(config, digest, step))
 
     def _secret(self) -> bytes:
         secret = self._engine.gate.settings.secret
@@ -148,9 +149,12 @@ class OpDesk:
 
     # --- submit ----------------------------------------------------------------------------------
 
-    def submit(self, envelope: Envelope) -> tuple[str, Refusal | None]:
-        """Admission of a signed op (steps 1-12, then the gate); the result comes through ListOperations."""
-        if not self._bucket.take():
+    def submit(self, envelope: Envelope, caller: str = "") -> tuple[str, Refusal | None]:
+        """Admission of a signed op (steps 1-12, then the gate); the result comes through ListOperations.
+
+        ``caller`` names whose rate bucket pays (``common.callers``: uid, certificate or address).
+        """
+        if not self._bucket.take(caller):
             raise RateLimitedError("SubmitOp: too many calls; try again in a second")
         try:
             op = self._verify(envelope)
@@ -336,13 +340,13 @@ class OpDesk:
 
     # --- revoke ----------------------------------------------------------------------------------
 
-    def revoke(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+    def revoke(self, envelope: Envelope, caller: str = "") -> tuple[str, Refusal | None]:
         """A signed ``op.revoke`` marks the named op revoked for good (a veto): it can never run after.
 
         When the target is accepted here, the revoker must be its kind's peer: the revocation names
         the target's guest, and the revoker's role allows the target's kind and class (§4.5).
         """
-        if not self._bucket.take():
+        if not self._bucket.take(caller):
             raise RateLimitedError("RevokeOp: too many calls; try again in a second")
         try:
             revocation = self._verify(envelope)
