@@ -197,6 +197,53 @@ def test_h5_a_hub_cannot_netboot_a_guest_into_its_own_image(fakepve: Any, make_e
     assert [r.reason for r in summary.refusals] == ["APPROVAL_REQUIRED"]
 
 
+# --- H6: a new NIC is benign whatever MAC it pins, and whatever firewall the guest's NICs have ----
+
+@pytest.mark.xfail(strict=True, reason="H6: Nic says 'adds a NIC where there was none' (BENIGN) for a NIC that pins "
+                                       "another guest's MAC: the identity rule only looks at this key's old value")
+def test_h6_a_hub_cannot_clone_another_guests_mac_on_a_new_nic(fakepve: Any, make_engine: Make) -> None:
+    """Guest 500's NIC has MAC M (its DHCP reservation, its firewall ipset, its licence). A hub adds ``net1`` with
+    MAC M to guest 100: guest 100 answers for 500 on the segment. Changing a MAC is ``config.nic_identity``;
+    pinning another guest's MAC on a new NIC is the same effect and must need the same approval."""
+    mac = "BC:24:11:00:05:00"
+    add_vm(fakepve, 100, disks=1, net0="virtio=BC:24:11:00:01:00,bridge=vmbr0,firewall=1")
+    add_vm(fakepve, 500, disks=1, net0=f"virtio={mac},bridge=vmbr0,firewall=1")
+    net1 = f"virtio={mac},bridge=vmbr0,firewall=1"
+    summary = hub_tick(make_engine, [Declared(vmid=100, config={"net1": net1})], [write(100, {"net1": net1})])
+    assert mutations(fakepve) == []
+    assert [(r.op_kind, r.cls) for r in summary.refusals] == [("config.nic_identity", A)]
+
+
+@pytest.mark.xfail(strict=True, reason="H6b: a second NIC without firewall on a guest whose NIC has firewall=1 is "
+                                       "BENIGN: the guest gets a path past PVE's anti-spoofing filters")
+def test_h6b_a_new_unfiltered_nic_beside_a_firewalled_one_needs_approval() -> None:
+    """Row 53's twin: ``firewall`` 1→0 on net0 is ``config.nic_firewall_off``; adding net1 on the same bridge with
+    no firewall gives the guest the same unfiltered path (spoofed IPs and MACs), so it must need the same key."""
+    config = {"net0": "virtio=BC:24:11:00:01:00,bridge=vmbr0,firewall=1"}
+    assert verdict("qemu", {"net1": "virtio,bridge=vmbr0"}, config) == (A, "config.nic_firewall_off")
+
+
+# --- L1, L2: the grammar reads two things otherwise than PVE (no class is lowered by them today) -------
+
+@pytest.mark.xfail(strict=True, reason="L1: _ON_WHEN_ABSENT applies 'backup' to every format; for an LXC mount "
+                                       "point PVE's absent backup is off (mountpoint_backup_enabled)")
+def test_l1_an_lxc_mount_points_backup_flag_is_off_when_absent() -> None:
+    """A QEMU drive is backed up unless ``backup=0``; an LXC volume mount point only with ``backup=1``. The scope
+    merge takes ``mp0: ...,backup=1`` and ``mp0: ...`` for one meaning, so a planner's write that drops a declared
+    ``backup=1`` (the mount point leaves every backup) is in scope; today only the disk rule's APPROVAL stops it."""
+    assert grammar.field_default("qemu:scsi[n]", "backup") == "1"
+    assert grammar.field_default("lxc:mp[n]", "backup") == "0"
+
+
+@pytest.mark.xfail(strict=True, reason="L2: \\d in the volume grammar matches any Unicode digit and int() reads it: "
+                                       "'vm-\\u0661\\u0660\\u0660-disk-0' is taken for guest 100's")
+def test_l2_a_volume_owner_is_ascii_digits_only() -> None:
+    """Arabic-Indic one-zero-zero (U+0661 U+0660 U+0660) is read as vmid 100 (own volume: an APPROVAL attach);
+    PVE's storage code compares owners numerically and Perl numifies the name to 0: not guest 100's. Use [0-9]."""
+    assert grammar.volume("local-lvm:vm-\u0661\u0660\u0660-disk-0").kind == "unknown"
+    assert grammar.volume("local:\uff11\uff10\uff10/x.qcow2").kind == "unknown"  # fullwidth 100/
+
+
 # ================================================================================================
 # What held (kept as the instructive passing cases)
 # ================================================================================================
@@ -293,3 +340,22 @@ def test_held_a_signed_attach_cannot_carry_a_foreign_volume_through_a_case_trick
     assert refusal is not None
     assert mutations(fakepve, before) == []
     assert "scsi5" not in fakepve.vm(100).config
+
+
+def test_held_a_role_cannot_launder_other_kinds_through_the_strictest_key(fakepve: Any, make_engine: Make,
+                                                                          tmp_path: Path) -> None:
+    """An op is named after its first strictest key: ``ide0`` (an attach the operator may sign) sorts before
+    ``net0`` (firewall off), ``smbios1`` (identity), ``sshkeys`` (credentials), ``usb0`` (a host device), so the
+    proposal is a ``config.disk_attach`` of class APPROVAL. The lane asks every key's kind of the role
+    (``role_covers_keys``) and refuses; nothing reaches fakepve."""
+    add_vm(fakepve, 100, disks=1, net0="virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1")
+    desk = open_desk(make_engine, tmp_path)
+    values = {"ide0": "local-lvm:4", "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=0",
+              "smbios1": "uuid=00000000-0000-4000-8000-000000000999", "sshkeys": "ssh-ed25519%20AAAAC3Nz%20hub",
+              "usb0": "host=1234:5678"}
+    proposal = desk.propose(100, "config.disk_attach", set=values)
+    assert json.loads(proposal.action)["class"] == "APPROVAL"
+    before = len(fakepve.requests)
+    _, refusal = desk.run(desk.sign(proposal, "alice", role="operator"))
+    assert refusal is not None and refusal.reason == "ROLE_DENIES"
+    assert mutations(fakepve, before) == []
