@@ -8,6 +8,7 @@ still open (they pass once fixed, and strict makes the suite say so); the plain 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from planner.v1 import planner_pb2 as pb
 from safety import grammar
 from safety.classify import Action, Class, GuestFacts, Source, classify
 from safety.refusal import Refused
-from tests.planner_standins import scripted_planner
-from tests.signed_helpers import add_vm, mutations, open_desk
+from tests.executor_helpers import unused_port
+from tests.planner_standins import ScriptedPlanner, scripted_planner, served
+from tests.signed_helpers import Daemon, add_vm, mutations, open_desk, run_command
 
 Make = Callable[..., Engine]
 QEMU, LXC = pb.GUEST_TYPE_QEMU, pb.GUEST_TYPE_LXC
@@ -133,6 +135,32 @@ def test_h2_a_zero_padded_disk_key_from_a_compromised_planner_does_not_stop_the_
     summary = hub_tick(make_engine, declared, [write(100, {"scsi01": "local-lvm:vm-100-disk-0"}),
                                                write(101, {"description": "new"})], source=Source.LOCAL_FILE)
     assert [(r.vmid, r.reason) for r in summary.refusals] == [(100, "OUT_OF_SCOPE")]
+    assert fakepve.vm(101).config["description"] == "new"
+
+
+@pytest.mark.xfail(strict=True, reason="H2: the same KeyError ends a running daemon (exit 1): a compromised planner "
+                                       "takes the node's executor down on every start, signed ops included")
+def test_h2_the_daemon_outlives_a_planner_that_sends_an_odd_disk_key(fakepve: Any, fakepve_cafile: str,
+                                                                     tmp_path: Path) -> None:
+    """``pve-executor run`` with a root-owned file declaring ``cores`` of 100 and the description of 101; the
+    planner adds ``scsi01`` for 100. Expected: the daemon keeps running and writes 101's description. Found: the
+    traceback ends the process before any write (``while not stop.is_set(): engine.tick()`` has no guard)."""
+    fakepve.add_vm(100, "db", status="stopped", config={"scsi0": "local-lvm:vm-100-disk-0,size=4G"})
+    fakepve.add_vm(101, "web", status="stopped", config={"description": "old"})
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - vmid: 100\n    config: {cores: 2}\n"
+                       "  - vmid: 101\n    config: {description: new}\n")
+    desired.chmod(0o644)
+    actions = [write(100, {"scsi01": "local-lvm:vm-100-disk-0"}), write(101, {"description": "new"})]
+    with served(ScriptedPlanner([pb.PlanResponse(actions=actions)])) as planner_port:
+        command = run_command(fakepve, fakepve_cafile, planner_port, tmp_path, "--desired", str(desired))
+        command[command.index("--interval") + 1] = "1"
+        with Daemon(command, unused_port()) as daemon:
+            deadline = time.monotonic() + 20
+            while daemon.child.poll() is None and fakepve.vm(101).config.get("description") != "new":
+                assert time.monotonic() < deadline, "neither a write nor an exit"
+                time.sleep(0.05)
+            assert daemon.child.poll() is None, "the daemon exited"
     assert fakepve.vm(101).config["description"] == "new"
 
 
