@@ -18,6 +18,8 @@ import pytest
 from executor.desired import Declared
 from executor.engine import Engine
 from executor.opdoc import Proposal as Unsigned
+from executor.pve import PveError
+from executor.pvewrite import ProxmoxWriter
 from planner.v1 import planner_pb2 as pb
 from safety import grammar
 from safety.classify import Action, Class, GuestFacts, Source, classify
@@ -251,6 +253,27 @@ def test_h6b_a_new_unfiltered_nic_beside_a_firewalled_one_needs_approval() -> No
     assert verdict("qemu", {"net1": "virtio,bridge=vmbr0"}, config) == (A, "config.nic_firewall_off")
 
 
+# --- L3: a delete key PVE splits (``;``, white space, NUL) is one unknown key to us ----------------
+
+@pytest.mark.xfail(strict=True, reason="L3: pvewrite refuses ',' only; PVE's split_list also splits on ';', white "
+                                       "space and NUL, so 'description;scsi0' deletes scsi0 (classed unknown_key, "
+                                       "APPROVAL; held today only because a signed op's CONFIG_KEY refuses it)")
+@pytest.mark.parametrize("key", ["description;scsi0", "description scsi0", "description\tscsi0",
+                                 "description\x00scsi0"])
+def test_l3_the_writer_refuses_a_delete_key_that_pve_splits(key: str, fakepve: Any, node: Any) -> None:
+    """The writer's own last line of defence, called as the lane calls it: the delete must never be sent. PVE's
+    update_vm reads ``delete`` with ``PVE::Tools::split_list`` and detaches scsi0; fakepve's QEMU and LXC config
+    calls split on ``,`` only (a fidelity gap of the fake: its own ``formats.split_list`` is PVE's), so here the
+    write is sent and ignored instead of detaching."""
+    add_vm(fakepve, 100, disks=1, description="x")
+    writer = ProxmoxWriter(node.session)
+    before = len(fakepve.requests)
+    with pytest.raises(PveError, match=r"parameter|key"):
+        writer.set_config("qemu", 100, {}, [key], "")
+    assert mutations(fakepve, before) == []
+    assert "scsi0" in fakepve.vm(100).config
+
+
 # --- L1, L2: the grammar reads two things otherwise than PVE (no class is lowered by them today) -------
 
 @pytest.mark.xfail(strict=True, reason="L1: _ON_WHEN_ABSENT applies 'backup' to every format; for an LXC mount "
@@ -387,3 +410,15 @@ def test_held_a_role_cannot_launder_other_kinds_through_the_strictest_key(fakepv
     _, refusal = desk.run(desk.sign(proposal, "alice", role="operator"))
     assert refusal is not None and refusal.reason == "ROLE_DENIES"
     assert mutations(fakepve, before) == []
+
+
+@pytest.mark.parametrize("key", ["description;scsi0", "description scsi0"])
+def test_held_a_hub_cannot_smuggle_a_detach_in_a_split_delete(key: str, fakepve: Any, make_engine: Make) -> None:
+    """A hub declares the odd key blank (so the scope check lets the delete through): the classifier does not know
+    it (unknown_key: approval), so the tick refuses it, and a signed op cannot carry it (CONFIG_KEY); PVE, which
+    would split it and detach scsi0, receives nothing."""
+    add_vm(fakepve, 100, disks=1, description="x")
+    summary = hub_tick(make_engine, [Declared(vmid=100, config={key: ""})], [write(100, {}, (key,))])
+    assert mutations(fakepve) == []
+    assert [r.reason for r in summary.refusals] == ["APPROVAL_REQUIRED"]
+    assert "scsi0" in fakepve.vm(100).config
