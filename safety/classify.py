@@ -105,6 +105,10 @@ KINDS: dict[str, KindRule] = {
     "config.unused_write": _config(_D, "config.unused_write", "PVE stops tracking a volume"),
     "config.pve_internal": _config(_D, "config.pve_internal", "a key PVE keeps for itself"),
     "config.unreadable": _config(_D, "config.unreadable", "a value PVE's grammar does not read as we would"),
+    "config.host_disk": _config(_D, "config.host_disk", "gives the guest a host device that is not a known "
+                                                        "character device"),
+    "config.guest_code": _config(_A, "config.guest_code", "sets what a container runs as its root"),
+    "config.boot_device": _config(_A, "config.boot_device", "changes the device booted first"),
     "disk.resize": KindRule(cls=_A, op_kind="disk.resize", why="grows a disk: commits capacity for good"),
     "disk.move": KindRule(cls=_A, op_kind="disk.move", why="copies a disk; the old copy stays as unusedN",
                           flags=_MOVE_FLAGS),
@@ -171,12 +175,17 @@ def _key_judgments(action: Action, facts: GuestFacts) -> Iterator[Judgment]:
         written[target] = key
         change = keys.KeyChange(key=target, value=target_value, actual=facts.actual(target),
                                 config_read=facts.config is not None, vmid=action.vmid, guest_type=action.guest_type)
+        rule = keys.lookup(action.guest_type, target)
+        if grammar.key_spec(action.guest_type, target) is None and not isinstance(rule, keys.Fixed):
+            rule = keys.UNKNOWN_KEY  # a row's rule reads PVE's grammar; a key outside PVE's schema has none
         try:
             if target_value is not None:
                 grammar.parse(action.guest_type, target, target_value)  # every property string, whatever its row
-            yield keys.lookup(action.guest_type, target).judge(change)
+            yield rule.judge(change)
         except grammar.UnreadableError as exc:
             yield _unreadable(key, value, str(exc))
+        except Exception as exc:
+            yield _unreadable(key, value, f"{type(exc).__name__}: {exc}")
 
 
 def _unreadable(key: str, value: str | None, why: str) -> Judgment:

@@ -27,9 +27,9 @@ from safety.pvegrammar_data import FORMATS, KEYS, OPEN
 
 MAX_VALUE = 8192  # PVE's longest config value (description); a longer property string is not read
 _TRUE, _FALSE = frozenset({"1", "on", "yes", "true"}), frozenset({"0", "off", "no", "false"})
-_NUMBERED = re.compile(r"([a-z][a-z_-]*?)(\d+)")
-_INTEGER = re.compile(r"[+-]?\d+")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)", re.IGNORECASE)
+_NUMBERED = re.compile(r"([a-z][a-z_-]*?)([0-9]+)", re.ASCII)
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # Key aliases of PVE's config API: a write of ``cdrom`` is a write of ``ide2`` with ``media=cdrom``
@@ -178,12 +178,13 @@ def _value(field: str, spec: Mapping[str, Any], val: str) -> str:
     if "enum" in spec and val not in spec["enum"]:
         raise UnreadableError(f"{field}={val!r} is not one of {', '.join(spec['enum'])}")
     pattern = spec.get("pattern")
-    if pattern is not None and not re.fullmatch(pattern, val):
+    if pattern is not None and not re.fullmatch(pattern, val, re.ASCII):
         raise UnreadableError(f"{field}={val!r} does not match PVE's pattern")
     return val
 
 
-# Booleans the schema gives no default that PVE reads as on when absent (a drive's backup flag).
+# Booleans the schema gives no default that PVE reads as on when absent: a QEMU drive's backup flag
+# (an LXC mount point's is off when absent).
 _ON_WHEN_ABSENT = frozenset({"backup"})
 
 
@@ -193,7 +194,7 @@ def field_default(fmt_name: str, field: str) -> str | None:
     if spec is None:
         return None
     if spec.get("type") == "boolean":
-        default = spec.get("default", 1 if field in _ON_WHEN_ABSENT else 0)
+        default = spec.get("default", 1 if field in _ON_WHEN_ABSENT and fmt_name.startswith("qemu:") else 0)
         return "1" if str(default).lower() in _TRUE else "0"
     if "default" not in spec:
         return None
@@ -230,24 +231,32 @@ def meaning(fmt_name: str, fields: Mapping[str, str]) -> dict[str, str]:
 # --- volume names ---------------------------------------------------------------------------
 
 _STORAGE = r"[A-Za-z][A-Za-z0-9\-_.]*[A-Za-z0-9]"
-_VOLID = re.compile(rf"({_STORAGE}):(.+)")
-_NAME = r"[^/\s]+"
-_OWNED_NAME = re.compile(r"(?:vm|base|subvol|basevol)-(\d+)-\S+")
-_BLOCK_CLONE = re.compile(rf"(?:base|basevol)-(\d+)-{_NAME}/((?:vm|subvol)-(\d+)-{_NAME})")
-_DIR_CLONE = re.compile(rf"(\d+)/({_NAME})/(\d+)/({_NAME})")
-_DIR = re.compile(rf"(\d+)/({_NAME})")
-_SHARED = re.compile(r"(?:iso|vztmpl|snippets|import|backup)/\S+")
-_ALLOCATE = re.compile(r"\d+(?:\.\d+)?")
-_EMBEDDED = re.compile(r"(?:^|[/-])(?:vm|base|subvol|basevol)-(\d+)-")
+_VOLID = re.compile(rf"({_STORAGE}):(.+)", re.ASCII)
+_NAME = r"(?!\.\.?/)[^/\s]+"  # one path component, never "." or ".."
+_OWNED_NAME = re.compile(r"(?:vm|base|subvol|basevol)-([0-9]+)-\S+", re.ASCII)
+_BLOCK_CLONE = re.compile(rf"(?:base|basevol)-([0-9]+)-{_NAME}/((?:vm|subvol)-([0-9]+)-{_NAME})", re.ASCII)
+_DIR_CLONE = re.compile(rf"([0-9]+)/({_NAME})/([0-9]+)/({_NAME})", re.ASCII)
+_DIR = re.compile(rf"([0-9]+)/({_NAME})", re.ASCII)
+_ISO = re.compile(r"iso/(?!\.\.?$)[^/\s]+", re.ASCII)
+# Content that is no guest's disk: a backup (a recovery point), a snippet (hook scripts run as root on the
+# host), a container template, an import source. Attached as a drive, the guest could read or rewrite it.
+_CONTENT = re.compile(r"(?:vztmpl|snippets|import|backup)/\S+", re.ASCII)
+_ALLOCATE = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+_EMBEDDED = re.compile(r"(?:^|[/-])(?:vm|base|subvol|basevol)-([0-9]+)-", re.ASCII)
+_DOTS = re.compile(r"(?:^|/)\.\.?(?:/|$)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Volume:
-    """What a disk value names: an owned volume, shared content, a new allocation, a host path, or nothing."""
+    """What a disk value names: an owned volume, an ISO, host content, a new allocation, a host path, or nothing."""
 
-    kind: str  # owned | shared | new | host | none | unknown
+    kind: str  # owned | iso | content | new | host | none | unknown
     owner: int | None = None  # the guest that owns an "owned" volume
     text: str = ""
+
+
+# What a volume name (after ``storage:``) is, first match wins; a name none matches is read by ``_owner``.
+_NAMED_KINDS: tuple[tuple[re.Pattern[str], str], ...] = ((_ISO, "iso"), (_CONTENT, "content"), (_ALLOCATE, "new"))
 
 
 def volume(value: str) -> Volume:
@@ -257,13 +266,12 @@ def volume(value: str) -> Volume:
     if value.startswith("/") or value == "cdrom":  # a host path; "cdrom" is the host's physical drive
         return Volume(kind="host", text=value)
     volid = _VOLID.fullmatch(value)
-    if volid is None:
+    if volid is None or _DOTS.search(volid.group(2)):
         return Volume(kind="unknown", text=value)
     name = volid.group(2)
-    if _SHARED.fullmatch(name):
-        return Volume(kind="shared", text=value)
-    if _ALLOCATE.fullmatch(name):
-        return Volume(kind="new", text=value)
+    kind = next((kind for pattern, kind in _NAMED_KINDS if pattern.fullmatch(name)), None)
+    if kind is not None:
+        return Volume(kind=kind, text=value)
     owner = _owner(name)
     return Volume(kind="owned", owner=owner, text=value) if owner is not None else Volume(kind="unknown", text=value)
 
@@ -290,15 +298,20 @@ def _claims(name: str) -> set[int]:
     return {int(n) for n in _EMBEDDED.findall(name)}
 
 
-def reach(value: str, vmid: int) -> str | None:
+def reach(value: str, vmid: int, *, cdrom: bool = False) -> str | None:
     """Why a disk value reaches beyond guest ``vmid``'s own volumes (None: it does not).
 
-    Another guest's volume, a host path or device, a volume whose owner the name does not tell:
-    never a plain attach.
+    Another guest's volume, a host path or device, host content (a backup, a snippet, a template),
+    an ISO anywhere but in a cdrom drive, a volume whose owner the name does not tell: never a
+    plain attach. ``cdrom``: the drive is ``media=cdrom`` (read-only to the guest).
     """
     found = volume(value)
     if found.kind == "host":
         return f"passes the host path or device {value!r} to the guest"
+    if found.kind == "content":
+        return f"passes {value!r}, host content (a backup, snippet, template or import source), as a disk"
+    if found.kind == "iso" and not cdrom:
+        return f"attaches the ISO {value!r} as a writable disk (shared by every guest that mounts it)"
     if found.kind == "unknown":
         return f"names {value!r}, a volume whose owner PVE's volume grammar does not tell"
     if found.kind == "owned" and found.owner != vmid:

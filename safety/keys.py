@@ -132,9 +132,16 @@ class Nic:
         if not change.config_read:
             return self._identity(change, "with the config not read: cannot tell whether the MAC is kept")
         old = change.old_fields()
-        if old is None:
-            return _judgment(change, Class.BENIGN, "config", "nic_new", "adds a NIC where there was none")
         field = _MAC_FIELD[change.guest_type]
+        if old is None:
+            if new.get(field):  # a chosen MAC may be another guest's: an identity taken, not drawn
+                return self._identity(change, f"adds a NIC with the chosen MAC {new[field].upper()}")
+            return _judgment(change, Class.BENIGN, "config", "nic_new", "adds a NIC where there was none (PVE draws "
+                                                                      "its MAC)")
+        return self._over(change, field, old, new)
+
+    def _over(self, change: KeyChange, field: str, old: dict[str, str], new: dict[str, str]) -> Judgment:
+        """A write over a NIC that is there: its MAC, then its firewall."""
         was, now = old.get(field, "").upper(), new.get(field, "").upper()
         if was and now != was:
             why = f"changes the MAC {was} to {now}" if now else f"drops the MAC {was}: PVE draws a new one"
@@ -164,8 +171,10 @@ class Disk:
         new = change.new_fields() or {}
         if not change.config_read:
             return self._swap(change, "disk_swap", "with the config not read: cannot tell an attach from a volume swap")
-        volume = new[self.volume_field]
-        foreign = grammar.reach(volume, change.vmid)
+        volume = new.get(self.volume_field)
+        if volume is None:
+            raise grammar.UnreadableError(f"no {self.volume_field} field")
+        foreign = grammar.reach(volume, change.vmid, cdrom=new.get("media") == "cdrom")
         if "import-from" in new:
             foreign = "imports a volume from elsewhere (copies data across guests or from the host)"
         if foreign is not None:
@@ -174,14 +183,18 @@ class Disk:
         if old is None:
             return _judgment(change, Class.APPROVAL, "config.disk_attach", "disk_attach",
                              f"attaches {volume!r} to an empty slot (allocates storage)")
-        return self._over(change, volume, old[self.volume_field])
+        before = old.get(self.volume_field)
+        if before is None:
+            raise grammar.UnreadableError(f"the value as read has no {self.volume_field} field")
+        return self._over(change, volume, before)
 
     def _over(self, change: KeyChange, volume: str, before: str) -> Judgment:
         """A write over a disk that is there: options, a new medium, or a swap."""
         if volume == before:
             return _judgment(change, Class.APPROVAL, "config.disk_options", "disk_options",
                              "changes options of the same volume (backup=0, replicate=0, cache=unsafe drop safeguards)")
-        if {grammar.volume(volume).kind, grammar.volume(before).kind} <= {"shared", "none"}:
+        # Both an ISO or nothing, in a cdrom drive (``reach`` let the new one through only as media=cdrom).
+        if {grammar.volume(volume).kind, grammar.volume(before).kind} <= {"iso", "none"}:
             return _judgment(change, Class.APPROVAL, "config.disk_options", "disk_media",
                              f"changes the medium {before!r} to {volume!r} (no volume of the guest's own)")
         return self._swap(change, "disk_swap", f"replaces volume {before!r} with {volume!r}: the old one is "
@@ -233,10 +246,63 @@ class Smbios:
         """Benign while the uuid is kept (or there was none); approval when it changes or goes."""
         was = (change.old_fields() or {}).get("uuid", "").lower() if change.config_read else "?"
         now = (change.new_fields() or {}).get("uuid", "").lower()
-        if was and now != was:
+        if now != was and (was or now):
             return _judgment(change, Class.APPROVAL, "config.guest_identity", "smbios_uuid",
-                             "changes the guest's SMBIOS uuid: its identity to licences, clusters and management")
+                             "sets, changes or drops the guest's SMBIOS uuid: its identity to licences, clusters "
+                             "and management")
         return _judgment(change, Class.BENIGN, "config", "smbios_labels", "keeps the SMBIOS uuid")
+
+
+# Character devices a container or a serial port may be given with one approval; any other host device
+# (a block device: the host's disks) is destructive.
+_CHAR_DEVICES = re.compile(r"/dev/(?:dri/[A-Za-z0-9_-]+|net/tun|fuse|kvm|vhost-net|vhost-vsock|tty[A-Za-z0-9]*"
+                           r"|snd/[A-Za-z0-9_-]+|bus/usb/[0-9]{3}/[0-9]{3}|hidraw[0-9]+|input/[A-Za-z0-9_-]+|null|zero"
+                           r"|u?random|nvidia[0-9a-z-]*)", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPath:
+    """A host device path given to the guest: a known character device needs approval, anything else (a disk) more."""
+
+    device_field: str | None  # None: the whole value is the path (serialN)
+    free: frozenset[str] = frozenset()
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Benign for a device-free value, approval for an allowed character device, destructive otherwise."""
+        if change.value is None:
+            return HostDevice(device_field=self.device_field).judge(change)
+        fields = change.new_fields()
+        path = change.value if self.device_field is None or fields is None else fields.get(self.device_field, "")
+        if path.lower() in self.free:
+            return _judgment(change, Class.BENIGN, "config", "host_device_free", "names no host device")
+        if _CHAR_DEVICES.fullmatch(path):
+            return HostDevice(device_field=self.device_field).judge(change)
+        return _judgment(change, Class.DESTRUCTIVE, "config.host_disk", "host_disk",
+                         f"gives the guest the host device {path!r}, not a known character device: a host disk "
+                         "read or wiped from inside")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BootOrder:
+    """``boot``: the order is benign; a new first device (a network boot, another disk) needs approval."""
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Approval when the device booted first changes (a PXE image of the source's choosing reads the disks)."""
+        was = _first_boot_device(change.old_fields()) if change.config_read else "?"
+        now = _first_boot_device(change.new_fields())
+        if was != now:
+            return _judgment(change, Class.APPROVAL, "config.boot_device", "boot_device",
+                             f"changes the device booted first ({was or 'PVE default'} to {now or 'PVE default'}): "
+                             "what boots first reads every disk")
+        return _judgment(change, Class.BENIGN, "config", "boot_order", f"keeps {now or 'the default'} first")
+
+
+def _first_boot_device(fields: dict[str, str] | None) -> str:
+    if not fields:
+        return ""
+    if fields.get("order"):
+        return fields["order"].split(";")[0]
+    return {"c": "disk", "d": "cdrom", "n": "network", "a": "floppy"}.get(fields.get("legacy", "")[:1], "")
 
 
 def _fixed(cls: Class, op_kind: str, rule: str, why: str) -> Fixed:
@@ -257,7 +323,7 @@ SHARES_HOST = _fixed(Class.APPROVAL, "config.host_device", "host_share",
 PVE_INTERNAL = _fixed(Class.DESTRUCTIVE, "config.pve_internal", "pve_internal",
                       "of a key PVE keeps for itself (resume state, snapshot tree, machine pinning): never ours to "
                       "change")
-BENIGN_QEMU = ("name|balloon|sockets|vcpus|smp|cpu|numa|numa\\d+|agent|vga|boot|bootdisk|hotplug|bios|machine|acpi"
+BENIGN_QEMU = ("name|balloon|sockets|vcpus|smp|cpu|numa|numa\\d+|agent|vga|hotplug|bios|machine|acpi"
                "|kvm|tablet|localtime|ipconfig\\d+|citype|ciupgrade|keyboard|reboot|affinity|allow-ksm|amd-sev"
                "|intel-tdx|audio0|autostart|freeze|hugepages|keephugepages|migrate_downtime|migrate_speed|scsihw"
                "|shares|spice_enhancements|startdate|tdf|vmstatestorage|watchdog")
@@ -274,7 +340,7 @@ class KeyRow:
 
 def row(pattern: str, types: frozenset[str], rule: KeyRule) -> KeyRow:
     """Shorthand for a KeyRow from a regex source."""
-    return KeyRow(pattern=re.compile(pattern), types=types, rule=rule)
+    return KeyRow(pattern=re.compile(pattern, re.ASCII), types=types, rule=rule)
 
 
 KEY_TABLE: tuple[KeyRow, ...] = (
@@ -297,11 +363,16 @@ KEY_TABLE: tuple[KeyRow, ...] = (
     row(r"hostpci\d+", QEMU, HostDevice(device_field="host")),
     row(r"parallel\d+", QEMU, HostDevice(device_field=None)),
     row(r"usb\d+", QEMU, HostDevice(device_field="host", free=frozenset({"spice"}))),
-    row(r"serial\d+", QEMU, HostDevice(device_field=None, free=frozenset({"socket"}))),
+    row(r"serial\d+", QEMU, HostPath(device_field=None, free=frozenset({"socket"}))),
     row("rng0", QEMU, HostDevice(device_field="source", free=frozenset({"/dev/urandom", "/dev/random"}))),
-    row(r"dev\d+", LXC, HostDevice(device_field="path")),
+    row(r"dev\d+", LXC, HostPath(device_field="path")),
     row(r"virtiofs\d+|ivshmem", QEMU, SHARES_HOST),
     row("ciuser|sshkeys|cipassword|cicustom", QEMU, CREDENTIALS),
+    row("entrypoint|env", LXC, _fixed(Class.APPROVAL, "config.guest_code", "guest_code",
+                                      "of what the container runs as its root at start (its init, its environment)")),
+    row("boot", QEMU, BootOrder()),
+    row("bootdisk", QEMU, _fixed(Class.APPROVAL, "config.boot_device", "boot_device",
+                                 "of the disk booted first (PVE's older spelling of boot's order)")),
     row("vmgenid", QEMU, _fixed(Class.APPROVAL, "config.guest_identity", "vmgenid",
                                 "of the VM generation id: the guest reads a change as a restore from a snapshot")),
     row("smbios1", QEMU, Smbios()),
@@ -313,7 +384,7 @@ KEY_TABLE: tuple[KeyRow, ...] = (
     row("description|tags|onboot|startup|memory|cores|cpulimit|cpuunits|ostype|nameserver|searchdomain|arch",
         ANY, BENIGN_KEY),
     row(BENIGN_QEMU, QEMU, BENIGN_KEY),
-    row("hostname|swap|cmode|console|tty|timezone|debug|entrypoint|env", LXC, BENIGN_KEY),
+    row("hostname|swap|cmode|console|tty|timezone|debug", LXC, BENIGN_KEY),
 )
 
 

@@ -125,10 +125,10 @@ def test_config_key_rows(guest_type: str, set_: dict[str, str], delete: tuple[st
     assert all(verdict.reasons[0].startswith(f"{key}: ") for key in (*set_, *delete))
 
 
-QEMU_BENIGN = ["name", "balloon", "sockets", "vcpus", "cpu", "numa", "agent", "vga", "boot", "hotplug", "bios",
+QEMU_BENIGN = ["name", "balloon", "sockets", "vcpus", "cpu", "numa", "agent", "vga", "hotplug", "bios",
                "machine", "acpi", "kvm", "tablet", "localtime", "ipconfig0", "ipconfig7", "keyboard", "reboot"]
 # A value of each key's own grammar (a property string such as vga's does not read "1").
-BENIGN_VALUES = {"vga": "std", "boot": "order=scsi0;net0", "machine": "q35", "ipconfig0": "ip=dhcp",
+BENIGN_VALUES = {"vga": "std", "machine": "q35", "ipconfig0": "ip=dhcp",
                  "ipconfig7": "ip=10.0.0.7/24,gw=10.0.0.1", "keyboard": "de", "cpu": "host,flags=+aes",
                  "startup": "order=2,up=30", "timezone": "Europe/Berlin", "bios": "ovmf", "ostype": "l26"}
 COMMON_BENIGN = ["description", "tags", "onboot", "startup", "memory", "cores", "cpulimit", "cpuunits", "ostype",
@@ -143,6 +143,15 @@ def test_benign_keys_are_benign_to_write_and_delete(guest_type: str, key: str) -
     value = BENIGN_VALUES.get(key, "1")
     for verdict in (run(guest_type, "set_config", set_={key: value}), run(guest_type, "set_config", delete=(key,))):
         assert (verdict.cls, verdict.op_kind, verdict.rule) == (B, "config", "benign_key")
+
+
+def test_a_boot_order_keeping_the_first_device_is_benign_a_new_first_device_is_not() -> None:
+    """What boots first reads every disk: a hub must not netboot a guest into an image of its choosing."""
+    config = {**QEMU_CONFIG, "boot": "order=scsi0;net0"}
+    kept = run("qemu", "set_config", set_={"boot": "order=scsi0;ide2;net0"}, config=config)
+    assert (kept.cls, kept.op_kind) == (B, "config")
+    netboot = run("qemu", "set_config", set_={"boot": "order=net0;scsi0"}, config=config)
+    assert (netboot.cls, netboot.op_kind) == (A, "config.boot_device")
 
 
 def test_lxc_nic_firewall_lowered_needs_approval() -> None:

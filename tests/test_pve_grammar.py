@@ -112,12 +112,14 @@ def test_a_volumes_owner_comes_from_pves_volume_grammar(value: str, owner: int) 
 
 
 @pytest.mark.parametrize(("value", "kind"), [
-    ("local:iso/debian.iso", "shared"), ("local:snippets/u.yaml", "shared"), ("local-lvm:32", "new"),
+    ("local:iso/debian.iso", "iso"), ("local:snippets/u.yaml", "content"),
+    ("local:backup/vzdump-qemu-1.vma", "content"),
+    ("local:iso/../images/500/x.qcow2", "unknown"), ("local-lvm:32", "new"),
     ("none", "none"), ("/dev/sda", "host"), ("cdrom", "host"), ("vm-100-disk-0", "unknown"),
     ("local:100/vm-500-disk-0.qcow2", "unknown"),  # two owners in one name: not ours to guess
 ])
 def test_what_else_a_disk_value_can_name(value: str, kind: str) -> None:
-    """Shared content, a new allocation, no medium, a host path or device, or a name whose owner is unclear."""
+    """An ISO, host content, a new allocation, no medium, a host path or device, or a name whose owner is unclear."""
     assert grammar.volume(value).kind == kind
 
 

