@@ -25,6 +25,7 @@ from executor.actions import START, STOP
 from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
 from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
+from executor.pve import Pending as PendingSection
 from executor.pve import PveError, PveReader, PveUnavailableError, PveWriter, TaskOutcome, TaskResult, wait_task
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
@@ -33,9 +34,16 @@ from safety.refusal import Refused
 
 if TYPE_CHECKING:
     from executor.gate import Gate
+    from executor.readahead import ReadAhead
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+
+
+def _applied(pending: PendingSection) -> dict[str, str]:
+    """What GET .../config answers, from /pending's answer: the current values with the pending ones applied."""
+    merged = {**pending.current, **pending.set}
+    return {key: value for key, value in merged.items() if key not in pending.delete and key != "digest"}
 
 
 class Lane:
@@ -47,6 +55,7 @@ class Lane:
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[int, str] = {}  # vmid -> UPID of a task still running past its deadline
+        self.ahead: ReadAhead | None = None  # set by the engine: the next starts' pending sections, read early
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""
@@ -58,8 +67,10 @@ class Lane:
     def authorize(self, admitted: Admitted) -> Refusal | None:
         """Right before the call: the facts a start, a remote power action or a signed op still needs.
 
-        These reads run in parallel across lanes; config writes need none. A class raised by what
-        is read refuses the step. A PveError propagates: a read that failed is no verdict.
+        These reads run in parallel across lanes; config writes need none. A start reads only
+        /pending, which holds the current values beside the pending ones (a remote start's protection
+        is there too), maybe read ahead of the lane (``ReadAhead``). A class raised by what is read
+        refuses the step. A PveError propagates: a read that failed is no verdict.
         """
         if admitted.op is not None:
             return self._authorize_op(admitted)
@@ -69,19 +80,34 @@ class Lane:
         needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP) and admitted.facts.config is None
         if step.kind == STOP and not needs_config:
             return None
-        config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else admitted.facts.config
+        pending = self._read_pending(admitted) if step.kind == START else None
+        if not needs_config:
+            config = admitted.facts.config
+        elif pending is not None:  # what GET .../config answers: the pending-applied view
+            config = _applied(pending)
+        else:
+            config = self._reader.config(step.guest_type, step.vmid)[0]
         facts = replace(admitted.facts, config=config)
-        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted)
+        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted,
+                                     pending)
         if verdict.cls <= admitted.verdict.cls:
             return None
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
 
-    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted) -> Verdict:
+    def _read_pending(self, admitted: Admitted) -> PendingSection:
+        """The guest's pending section: as read ahead of the lane when fresh, else read now."""
+        step = admitted.step
+        found = self.ahead.take(step.vmid) if self.ahead is not None and admitted.op is None else None
+        return found if found is not None else self._reader.pending(step.guest_type, step.vmid)
+
+    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted,
+                      pending: PendingSection | None = None) -> Verdict:
         """A start applies the pending section: it is as costly as writing those changes now."""
         if kind != START:
             return verdict
         step = admitted.step
-        pending = self._reader.pending(step.guest_type, step.vmid)
+        if pending is None:
+            pending = self._reader.pending(step.guest_type, step.vmid)
         if not pending:
             return verdict
         change = Action(kind="set_config", vmid=step.vmid, guest_type=step.guest_type, set=pending.set,
