@@ -81,7 +81,7 @@ class Settings:
     backoff_base: float = 5.0
     backoff_cap: float = 600.0
     wait_timeout: float = 1800.0
-    read_ahead_fresh: float = 1.0  # a start's pending section read ahead of its lane is used this long (0: never)
+    read_ahead_fresh: float = 0.5  # a start's pending section read ahead of its lane is used this long (0: never)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,8 +1,9 @@
 """The gate's lane side: the last checks and the one Proxmox writer, inside the guest's queue lane.
 
 ``Lane.execute`` runs an admitted step: ``authorize`` reads what the step still needs right before
-the call (a start applies PVE's pending section; a remote power action needs ``protection``; a
-signed op needs its binding, expiry, lock and protection checked on fresh facts), then the journal's
+the call (a start applies PVE's pending section, read at most one lane ahead by ``executor.readahead``;
+a remote power action needs ``protection``; a signed op needs its binding, expiry, lock and protection
+checked on fresh facts), then the journal's
 begin record (which, for a signed op, spends its nonce), the call, the wait for the task, the end.
 
 Nothing is run twice: a call whose answer was lost is not a failure but looked up in the guest's

@@ -7,8 +7,9 @@ a few guests ahead of the lanes, so it overlaps the calls and task waits of the 
 
 It never reads further ahead than a lane would wait, so a read is about as fresh as one made in
 the lane: at most ``window`` reads (one per lane) are ahead of the lanes, the next one begins when a
-lane takes its read, and a read older than ``fresh`` seconds is not used (the lane reads again). No
-request is added: each planned start's pending section is read once, here or in its lane.
+lane takes its read, and a read older than ``fresh`` seconds is not used (the lane reads again).
+Lanes that slow (long tasks, where one read more is little) turn reading ahead off for the rest of
+their batch, so a read is wasted once per lane at most; otherwise each start's section is read once.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ class ReadAhead:
     def take(self, vmid: int) -> Pending | None:
         """The guest's pending section as read ahead, if it was and is still fresh; None: read it in the lane.
 
-        Either way the guest leaves the window, and the next planned guest's read begins.
+        Either way the guest leaves the window, and the next planned guest's read begins (unless this
+        one is already too old: then the lanes read for themselves until the next batch).
         """
         with self._lock:
             self._planned.pop(vmid, None)
             read = self._reads.pop(vmid, None)
+        if read is not None and not self._fresh_enough(read):
+            return None
         self._fill()
         if read is None:
             return None
@@ -76,7 +80,15 @@ class ReadAhead:
         except PveError as exc:  # the lane reads again: its own failure is the one that counts
             log.info("read_ahead_failed", vmid=vmid, error=str(exc))
             return None
-        return pending if self._clock() - read.began <= self._fresh else None
+        return pending if self._fresh_enough(read) else None
+
+    def _fresh_enough(self, read: _Read) -> bool:
+        """Whether ``read`` is young enough to judge a start on; if not, no more reads ahead in this batch."""
+        if self._clock() - read.began <= self._fresh:
+            return True
+        with self._lock:
+            self._planned.clear()
+        return False
 
     def _fill(self) -> None:
         """Begin reads until ``window`` are ahead of the lanes; reads too old to be used leave the window."""

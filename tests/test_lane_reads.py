@@ -102,17 +102,29 @@ def test_a_pending_disk_delete_staged_while_a_start_waits_is_seen(fakepve: Any, 
 
 def test_a_read_older_than_its_freshness_is_made_again(fakepve: Any, make_engine: Make, node: ProxmoxNode) -> None:
     """A read ahead is used only while fresh: guest 100's start outlives it, so the disk delete staged on
-    guest 101 meanwhile is read again in 101's lane, and that start needs approval."""
-    for vmid in (100, 101):
+    guest 101 meanwhile is read again in 101's lane, and that start needs approval. Starts that slow
+    turn reading ahead off: no more reads are wasted (102 and 103 are read once, in their lanes)."""
+    for vmid in range(100, 104):
         fakepve.add_vm(vmid, f"vm{vmid}", status="stopped", config={"scsi1": f"local-lvm:vm-{vmid}-disk-1,size=8G"})
 
     def stage_and_linger(vmid: int) -> None:
         if vmid == 100:
             fakepve.vm(101).pending = {"scsi1": None}
-            time.sleep(0.3)
+        time.sleep(0.3)
 
-    engine = make_engine([Declared(vmid=v, state="running") for v in (100, 101)], max_parallel=1,
+    engine = make_engine([Declared(vmid=v, state="running") for v in range(100, 104)], max_parallel=1,
                          writer=Meddling(ProxmoxWriter(node.session), stage_and_linger), read_ahead_fresh=0.2)
     summary = engine.tick(wait=True)
     assert [(r.vmid, r.reason) for r in summary.refusals] == [(101, "APPROVAL_REQUIRED")]
-    assert starts(fakepve, 101) == [] and len(reads(fakepve, 101, "pending")) == 2
+    assert starts(fakepve, 101) == [] and summary.succeeded == 3
+    assert [len(reads(fakepve, v, "pending")) for v in range(100, 104)] == [1, 2, 1, 1]
+
+
+def test_a_start_after_a_config_write_reads_after_the_write(fakepve: Any, make_engine: Make) -> None:
+    """A guest whose job writes its config, then starts, is not read ahead: its start is judged on a
+    /pending read made after its own write."""
+    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    summary = make_engine([Declared(vmid=100, state="running", config={"memory": "1024"})]).tick(wait=True)
+    assert summary.succeeded == 2 and fakepve.vm(100).status == "running"
+    write = first(fakepve, "POST", "/qemu/100/config")
+    assert reads(fakepve, 100, "pending") and min(reads(fakepve, 100, "pending")) > write
