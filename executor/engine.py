@@ -33,6 +33,7 @@ from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from executor.pve import PveError, PveReader
 from executor.queue import GuestQueue, Job
+from executor.readahead import ReadAhead
 from journal import InFlight, Journal, Outcome
 from safety.classify import Source
 from safety.signedop import VerifiedOp
@@ -80,6 +81,7 @@ class Settings:
     backoff_base: float = 5.0
     backoff_cap: float = 600.0
     wait_timeout: float = 1800.0
+    read_ahead_fresh: float = 0.5  # a start's pending section read ahead of its lane is used this long (0: never)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +156,9 @@ class Engine:
         self.metrics = metrics or gate.metrics
         self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
         self._reader = ThreadPoolExecutor(max_workers=self.settings.read_parallel, thread_name_prefix="pve-read")
+        # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
+        self._ahead = ReadAhead(pve, self._reader, window=queue.max_parallel, fresh=self.settings.read_ahead_fresh)
+        gate.lane.ahead = self._ahead
 
     @property
     def journal(self) -> Journal | None:
@@ -281,6 +286,7 @@ class Engine:
         admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op,
                                     population=everyone, held=held)
         self.gate.count_admitted(admission)
+        self._ahead.plan(admission.admitted)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():
             self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker, on_done),

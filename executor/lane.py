@@ -1,8 +1,9 @@
 """The gate's lane side: the last checks and the one Proxmox writer, inside the guest's queue lane.
 
 ``Lane.execute`` runs an admitted step: ``authorize`` reads what the step still needs right before
-the call (a start applies PVE's pending section; a remote power action needs ``protection``; a
-signed op needs its binding, expiry, lock and protection checked on fresh facts), then the journal's
+the call (a start applies PVE's pending section, read at most one lane ahead by ``executor.readahead``;
+a remote power action needs ``protection``; a signed op needs its binding, expiry, lock and protection
+checked on fresh facts), then the journal's
 begin record (which, for a signed op, spends its nonce), the call, the wait for the task, the end.
 
 Nothing is run twice: a call whose answer was lost is not a failure but looked up in the guest's
@@ -34,9 +35,16 @@ from safety.refusal import Refused
 
 if TYPE_CHECKING:
     from executor.gate import Gate
+    from executor.readahead import ReadAhead
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+
+
+def _applied(pending: PendingSection) -> dict[str, str]:
+    """What GET .../config answers, from /pending's answer: the current values with the pending ones applied."""
+    merged = {**pending.current, **pending.set}
+    return {key: value for key, value in merged.items() if key not in pending.delete and key != "digest"}
 
 
 class Lane:
@@ -48,6 +56,7 @@ class Lane:
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[int, str] = {}  # vmid -> UPID of a task still running past its deadline
+        self.ahead: ReadAhead | None = None  # set by the engine: the next starts' pending sections, read early
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""
@@ -59,8 +68,10 @@ class Lane:
     def authorize(self, admitted: Admitted) -> Refusal | None:
         """Right before the call: the facts a start, a remote power action or a signed op still needs.
 
-        These reads run in parallel across lanes; config writes need none. A class raised by what
-        is read refuses the step. A PveError propagates: a read that failed is no verdict.
+        These reads run in parallel across lanes; config writes need none. A start reads only
+        /pending, which holds the current values beside the pending ones (a remote start's protection
+        is there too), maybe read ahead of the lane (``ReadAhead``). A class raised by what is read
+        refuses the step. A PveError propagates: a read that failed is no verdict.
         """
         if admitted.op is not None:
             return self._authorize_op(admitted)
@@ -72,11 +83,11 @@ class Lane:
         remote = source not in TRUSTED_FOR_PROTECTED_POWER
         if step.kind == STOP and not remote:
             return None
-        pending = self._reader.pending(step.guest_type, step.vmid) if step.kind == START else None
+        pending = self._read_pending(admitted) if step.kind == START else None
         if not remote:
             config = admitted.facts.config
-        elif pending is not None:
-            config = dict(pending.current)
+        elif pending is not None:  # what GET .../config answers: the pending-applied view
+            config = _applied(pending)
         else:
             config = self._reader.config(step.guest_type, step.vmid)[0]
         facts = replace(admitted.facts, config=config)
@@ -85,6 +96,17 @@ class Lane:
         if verdict.cls <= admitted.verdict.cls:
             return None
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
+
+    def _read_pending(self, admitted: Admitted) -> PendingSection:
+        """The guest's pending section: read ahead of the lane when fresh (the local file's starts), else now.
+
+        A remote source's start is judged on ``protection`` read right before the call (issue 13 item 5),
+        so it never takes a read made ahead.
+        """
+        step = admitted.step
+        ahead = self.ahead is not None and admitted.op is None and admitted.source is Source.LOCAL_FILE
+        found = self.ahead.take(step.vmid) if ahead and self.ahead is not None else None
+        return found if found is not None else self._reader.pending(step.guest_type, step.vmid)
 
     def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted,
                       pending: PendingSection | None = None) -> Verdict:
