@@ -7,6 +7,7 @@ The plain tests are attacks that held, kept because they show why.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +25,13 @@ from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from safety.classify import Source
 from tests.executor_helpers import HeldReads
-from tests.signed_helpers import add_vm, open_desk
+from journal import JournalError
+from safety.signedop import parse_payload
+from tests.signed_helpers import add_vm, mutations, open_desk, spent
 from tests.test_api_socket import _sock_dir  # noqa: F401  (the sock_dir fixture)
 from tests.test_blast_drain import stopped, write_hub
+from tests.test_signed_attacks import DESTROY, _reason
+from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
 
@@ -89,3 +94,60 @@ def test_one_callers_reconcile_queue_starves_anothers_submit(fakepve: Any, node:
     finally:
         api.stop(0)
     assert decision == "accepted", f"the operator's op: {decision} after {waited:.1f} s, {desk.engine.ticks} ticks"
+
+
+# --- replays and the digest ABA -----------------------------------------------------------------------------------
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the filler file (unlink it to free the disk)."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as out:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    return filler
+
+
+@pytest.mark.xfail(strict=True, reason="H-C: a stale refusal whose burn cannot be written is answered anyway; the "
+                   "journal is dropped in memory only, and after a restart the op is alive for the digest ABA")
+def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fakepve: Any, make_engine: Make,
+                                                                            tmp_path: Path) -> None:
+    """Item 5 again, with the state disk full at the refusal (the burn is the first write that finds no
+    room). The destroy of 150 is refused DIGEST_STALE (protection set); its burn fails, the gate goes
+    benign-only in memory and still answers DIGEST_STALE. The disk is freed and the daemon
+    restarts on the same journal: nothing says the op was refused for good. One operator key clears
+    protection (the signed digest is back), the captured envelope is replayed: guest 150 is destroyed."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 150)
+    with tiny_filesystem(tmp_path, "2m") as disk:
+        state = disk / "state"
+        desk = open_desk(make_engine, tmp_path, journal_dir=state)
+        snap = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+        assert desk.run(snap)[1] is None  # the state has accepted signed ops: a restart sets no clock floor
+        destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+        op_id = parse_payload(destroy.payload).op_id
+        journal = desk.engine.journal
+        assert journal is not None
+        fakepve.vm(150).config["protection"] = 1
+        filler = _fill(disk)
+        for n in range(5000):  # the segment's last page too: the next record finds no room
+            try:
+                journal.refuse(vmid=100, kind="vm.start", reason="APPROVAL_REQUIRED", detail="x" * 512,
+                               key=f"pad:{n}", op_id=None)
+            except JournalError:
+                break
+        assert _reason(desk.run(destroy)) == "DIGEST_STALE"
+        assert desk.engine.journal is None  # the burn failed: the gate went benign-only
+        filler.unlink()
+        with contextlib.suppress(Exception):
+            journal.close()  # the daemon stops (the gate had dropped its journal)
+        again = open_desk(make_engine, tmp_path, journal_dir=state)
+        off = again.sign(again.propose(150, "config.protection_off", delete=["protection"]), "alice", role="operator")
+        assert again.run(off)[1] is None and "protection" not in fakepve.vm(150).config
+        alive = not spent(again, op_id)
+        before = len(fakepve.requests)
+        replayed = _reason(again.run(destroy))
+        assert again.engine.journal is not None
+        again.engine.journal.close()
+    assert (replayed, alive) == ("NONCE_SPENT", False), f"replayed: {replayed}, sent {mutations(fakepve, before)}"
+    assert any(vm.vmid == 150 for vm in fakepve.vms)
