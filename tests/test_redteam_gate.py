@@ -27,10 +27,11 @@ from safety.classify import Source
 from tests.executor_helpers import HeldReads
 from journal import JournalError
 from safety.signedop import parse_payload
-from tests.signed_helpers import add_vm, mutations, open_desk, spent
+from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, roles, spent
+from tests.signing import key_entry
 from tests.test_api_socket import _sock_dir  # noqa: F401  (the sock_dir fixture)
 from tests.test_blast_drain import stopped, write_hub
-from tests.test_signed_attacks import DESTROY, _reason
+from tests.test_signed_attacks import DESTROY, _reason, _restore
 from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
@@ -151,3 +152,30 @@ def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fake
         again.engine.journal.close()
     assert (replayed, alive) == ("NONCE_SPENT", False), f"replayed: {replayed}, sent {mutations(fakepve, before)}"
     assert any(vm.vmid == 150 for vm in fakepve.vms)
+
+
+@pytest.mark.xfail(strict=True, reason="H-D: the journal keeps a config write's values verbatim and ListOperations "
+                   "serves them: a cloud-init password an operator set is readable by every member of the group")
+def test_list_operations_serves_a_cloud_init_password_in_clear(fakepve: Any, make_engine: Make, tmp_path: Path,
+                                                               sock_dir: Path) -> None:
+    """An operator sets guest 100's cloud-init password with a signed op (PVE itself only ever answers
+    stars for it). Any caller of the socket then reads it back from ListOperations' payload_json."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    cloud = {"name": "cloudinit", "kinds": ["config.guest_credentials"], "classes": ["APPROVAL"],
+             "audiences": [AUDIENCE], "vmids": ["100-199"], "max_ttl": "4h", "threshold": 1}
+    _restore(desk, {"version": 2, "roles": [*roles(), cloud],
+                    "keys": [key_entry("alice", ["destroyer", "cloudinit"]), key_entry("bob", ["destroyer"])]})
+    secret = "Tr0ub4dor-and-3"
+    op = desk.sign(desk.propose(100, "config.guest_credentials", set={"cipassword": secret}), "alice", role="cloudinit")
+    assert desk.run(op)[1] is None
+    path = sock_dir / "executor.sock"
+    api = start_api(desk.engine, f"unix:{path}", desk=desk.desk)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            answer = epb_grpc.ExecutorServiceStub(channel).ListOperations(epb.ListOperationsRequest(limit=100),
+                                                                          timeout=10)
+    finally:
+        api.stop(0)
+    served = [o.payload_json for o in answer.operations if secret in o.payload_json]
+    assert served == [], f"ListOperations answered the password: {served[0][:200]}"
