@@ -8,8 +8,14 @@ The plain tests are attacks that held, kept because they show why.
 from __future__ import annotations
 
 import contextlib
+import grp
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +185,89 @@ def test_list_operations_serves_a_cloud_init_password_in_clear(fakepve: Any, mak
         api.stop(0)
     served = [o.payload_json for o in answer.operations if secret in o.payload_json]
     assert served == [], f"ListOperations answered the password: {served[0][:200]}"
+
+
+# --- what held ------------------------------------------------------------------------------------------------------
+
+def test_two_submits_of_a_stale_op_at_once_burn_it_once_and_it_never_revives(fakepve: Any, make_engine: Make,
+                                                                              tmp_path: Path) -> None:
+    """Held: the burn race. Eight threads submit the same stale destroy at once (protection set after the
+    signing): every answer is a refusal, the journal holds one burn, and after protection is cleared
+    (the signed digest back) the replay is NONCE_SPENT. Proxmox received one write: the protection_off."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 150)
+    desk = open_desk(make_engine, tmp_path)
+    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    op_id = parse_payload(destroy.payload).op_id
+    fakepve.vm(150).config["protection"] = 1
+    before = len(fakepve.requests)
+    barrier = threading.Barrier(8)
+
+    def submit() -> str:
+        barrier.wait(5)
+        return _reason(desk.submit(destroy))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = sorted(pool.map(lambda _: submit(), range(8)))
+    desk.settle()
+    assert set(answers) <= {"DIGEST_STALE", "NONCE_SPENT", "NONCE_IN_FLIGHT"} and "DIGEST_STALE" in answers, answers
+    assert spent(desk, op_id)
+    off = desk.sign(desk.propose(150, "config.protection_off", delete=["protection"]), "alice", role="operator")
+    assert desk.run(off)[1] is None
+    assert _reason(desk.run(destroy)) == "NONCE_SPENT"
+    assert [m for m in mutations(fakepve, before) if m[0] == "DELETE"] == []
+    assert any(vm.vmid == 150 for vm in fakepve.vms)
+
+
+IDLER = """
+import os, socket, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+held = []
+for _ in range(40):  # more than the front's 32 per uid; each sends nothing (slowloris)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    held.append(s)
+time.sleep(0.5)
+closed = 0
+for s in held:
+    s.settimeout(0.05)
+    try:
+        closed += s.recv(1) == b""
+    except (TimeoutError, OSError):
+        pass
+print(len(held) - closed, closed, flush=True)
+deadline = time.monotonic() + 20
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to")
+def test_idle_connections_from_one_uid_are_capped_and_another_uid_is_served(fakepve: Any, make_engine: Make,
+                                                                            tmp_path: Path, sock_dir: Path) -> None:
+    """Held: slowloris on the front. nobody opens 40 connections and sends nothing: the front keeps 32
+    (its per-uid cap) and closes the rest at once; root's op, sent while they hang, is accepted and runs."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+    path, stop = sock_dir / "executor.sock", sock_dir / "stop"
+    api = start_api(desk.engine, f"unix:{path}", desk=desk.desk, socket_group=grp.getgrgid(65534).gr_name)
+    child = subprocess.Popen([sys.executable, "-c", IDLER, str(path), str(stop)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        kept, closed = (int(n) for n in child.stdout.readline().split())
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)),
+                                                                   timeout=5)
+        stop.touch()
+        child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        api.stop(0)
+    assert (kept, closed) == (32, 8)
+    assert answer.decision == "accepted", answer
+    desk.settle()
+    assert "s1" in fakepve.vm(100).snapshots
