@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,30 @@ def test_one_callers_reconcile_queue_starves_anothers_submit(fakepve: Any, node:
         api.stop(0)
     assert decision == "accepted", f"the operator's op: {decision} after {waited:.1f} s, {desk.engine.ticks} ticks"
 
+
+
+@pytest.mark.xfail(strict=True, reason="H-E: ProposeOp's before-image shows the keys the proposal touches, and the "
+                   "caller picks them: proposing their deletion reads a description and a cloud-init user back")
+def test_propose_reads_any_key_back_by_proposing_its_deletion(fakepve: Any, make_engine: Make, tmp_path: Path,
+                                                              sock_dir: Path) -> None:
+    """The narrow before-image of item 6, walked around: any caller of the socket proposes (mutates nothing,
+    signs nothing) a config.guest_credentials deleting ``ciuser``, ``description`` and ``sshkeys`` and gets
+    their values, the very ones the fix meant to keep from it."""
+    add_vm(fakepve, 100, description="root password is in the vault, ask carol", ciuser="admin",
+           sshkeys="ssh-ed25519%20AAAA")
+    desk = open_desk(make_engine, tmp_path)
+    path = sock_dir / "executor.sock"
+    api = start_api(desk.engine, f"unix:{path}", desk=desk.desk)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            answer = epb_grpc.ExecutorServiceStub(channel).ProposeOp(epb.ProposeOpRequest(
+                vmid=100, kind="config.guest_credentials",
+                params_json=json.dumps({"delete": ["ciuser", "description", "sshkeys"]})), timeout=10)
+    finally:
+        api.stop(0)
+    text = answer.SerializeToString()
+    read = [secret for secret in (b"vault", b"admin", b"ssh-ed25519") if secret in text]
+    assert read == [], f"ProposeOp answered {dict(answer.before)}"
 
 # --- replays and the digest ABA -----------------------------------------------------------------------------------
 
