@@ -37,7 +37,7 @@ from safety.signedop import parse_payload
 from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, roles, spent
 from tests.signing import key_entry
 from tests.test_api_socket import _sock_dir  # noqa: F401  (the sock_dir fixture)
-from tests.test_blast_drain import stopped, write_hub
+from tests.test_blast_drain import NODE, instalment, stopped, write_hub
 from tests.test_signed_attacks import DESTROY, _reason, _restore
 from tests.tmpfs import tiny_filesystem
 
@@ -67,6 +67,34 @@ def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve:
     running = sorted(vm.vmid for vm in fakepve.vms if vm.status == "running")
     assert running, f"the hub stopped every running guest of the node ({stopped(fakepve)}), refusals: {refusals}"
 
+
+
+@pytest.mark.xfail(strict=True, reason="H-F: a remote stop whose task failed is forgotten at once (ran=False); a "
+                   "guest that powers off after PVE gave up waiting is then nobody's stop, and the drain goes on")
+def test_a_shutdown_that_times_out_but_lands_frees_the_hubs_budget(fakepve: Any, make_engine: Make,
+                                                                 tmp_path: Path) -> None:
+    """force_stop off: PVE's shutdown task gives up at its timeout ("got timeout", the task fails) while the
+    guest, which got the ACPI request, finishes powering off a moment later (as real guests do). The ledger
+    dropped the stop when the task failed; the hub un-declares the guest and stops two more, five rounds:
+    8 of 10 end stopped; with stops that succeed the same hub stops 4
+    (test_blast_drain)."""
+    for vmid in NODE:
+        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
+        fakepve.vm(vmid).shutdown_secs = 100  # longer than the shutdown timeout below
+    fakepve.time_scale = 0.01
+    desired = tmp_path / "desired.yaml"
+    write_hub(desired, instalment(0, drop="guest"))
+    engine = make_engine([], stop_window=0.0, shutdown_timeout=1, force_stop=False)
+    engine.provider = FileProvider(desired)
+    for round_ in range(5):
+        write_hub(desired, instalment(round_, drop="guest"))
+        before = len(fakepve.requests)
+        engine.tick(wait=True)
+        for _, path in mutations(fakepve, before):
+            if path.endswith("/status/shutdown"):  # the guest got the ACPI request: it completes its shutdown
+                fakepve.vm(int(path.split("/")[-3])).status = "stopped"
+    assert engine.gate.counters[("stop", "failed")] >= 2  # PVE's task failed each time
+    assert stopped(fakepve) == [100, 101, 102, 103], "the hub stopped more than half of the node, no approval"
 
 # --- the API socket ---------------------------------------------------------------------------------------------
 
