@@ -30,10 +30,10 @@ from executor.pve import ProxmoxNode
 from executor.server import start_api
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from safety.classify import Source
-from tests.executor_helpers import HeldReads
 from journal import JournalError
+from safety.classify import Source
 from safety.signedop import parse_payload
+from tests.executor_helpers import HeldReads
 from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, roles, spent
 from tests.signing import key_entry
 from tests.test_api_socket import _sock_dir  # noqa: F401  (the sock_dir fixture)
@@ -61,7 +61,7 @@ def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve:
     engine = make_engine([], stop_window=0.0)  # every tick a new window: only the half rule holds the hub
     engine.provider = FileProvider(desired)
     assert provider_source(engine.provider) is Source.HUB
-    refusals = []
+    refusals: list[Any] = []
     for _ in range(4):
         refusals.extend(engine.tick(wait=True).refusals)
     running = sorted(vm.vmid for vm in fakepve.vms if vm.status == "running")
