@@ -156,6 +156,79 @@ def test_propose_reads_any_key_back_by_proposing_its_deletion(fakepve: Any, make
     read = [secret for secret in (b"vault", b"admin", b"ssh-ed25519") if secret in text]
     assert read == [], f"ProposeOp answered {dict(answer.before)}"
 
+
+SQUATTER = """
+import os, socket, sys, time
+private, ready, go = sys.argv[1], sys.argv[2], sys.argv[3]
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.mkdir(private, 0o700)  # before the daemon starts: the daemon's private directory, but nobody's
+open(ready, "w").close()
+deadline = time.monotonic() + 20
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.02)
+os.chmod(private, 0o700)  # the owner of a directory may always chmod it back, whatever root set
+backend = os.path.join(private, "grpc.sock")
+os.rename(backend, backend + ".real")  # and rename what is in it
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(backend)
+os.chmod(backend, 0o777)
+listener.listen(4)
+listener.settimeout(10)
+caught = b""
+conn, _ = listener.accept()
+conn.settimeout(2)
+conn.sendall(bytes.fromhex("000000040000000000" "000000040100000000"))  # HTTP/2: SETTINGS, SETTINGS ACK
+try:
+    while len(caught) < 1 << 16:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        caught += chunk
+except OSError:
+    pass
+print(caught.hex(), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to")
+@pytest.mark.xfail(strict=True, reason="H-G: the front takes an existing PATH.d without checking its owner: in a "
+                   "shared directory another user squats it, swaps gRPC's socket and reads the calls relayed to it")
+def test_a_squatted_private_directory_lets_another_user_read_the_calls(fakepve: Any, make_engine: Make,
+                                                                       tmp_path: Path, sock_dir: Path) -> None:
+    """The socket configured in a shared, sticky directory (like /tmp). nobody creates ``executor.sock.d``
+    first; the daemon flocks it, chmods it 0700 and binds gRPC's socket in it, but nobody still owns the
+    directory: it renames grpc.sock away and listens in its place. root's SubmitOp through the front is
+    relayed to nobody, signed envelope and all."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+    sock_dir.chmod(0o1777)
+    path = sock_dir / "executor.sock"
+    ready, go = sock_dir / "ready", sock_dir / "go"
+    child = subprocess.Popen([sys.executable, "-c", SQUATTER, f"{path}.d", str(ready), str(go)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    api = None
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            api = start_api(desk.engine, f"unix:{path}", desk=desk.desk)
+        except OSError:
+            return  # refused to take a directory it does not own: held
+        go.touch()
+        time.sleep(0.3)
+        with grpc.insecure_channel(f"unix:{path}") as channel, contextlib.suppress(grpc.RpcError):
+            epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)), timeout=3)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        if api is not None:
+            api.stop(0)
+    caught = bytes.fromhex(out.strip() or "")
+    assert envelope.payload[:40] not in caught, f"nobody read the signed op relayed to it ({len(caught)} bytes)"
+
 # --- replays and the digest ABA -----------------------------------------------------------------------------------
 
 def _fill(disk: Path) -> Path:
