@@ -220,7 +220,7 @@ def test_a_squatted_private_directory_lets_another_user_read_the_calls(fakepve: 
         time.sleep(0.3)
         with grpc.insecure_channel(f"unix:{path}") as channel, contextlib.suppress(grpc.RpcError):
             epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)), timeout=3)
-        out, err = child.communicate(timeout=30)
+        out, _ = child.communicate(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
@@ -397,3 +397,29 @@ def test_idle_connections_from_one_uid_are_capped_and_another_uid_is_served(fake
     assert answer.decision == "accepted", answer
     desk.settle()
     assert "s1" in fakepve.vm(100).snapshots
+
+
+
+def test_an_op_refused_protected_never_runs_whatever_the_flag_does_next(fakepve: Any, make_engine: Make,
+                                                                        tmp_path: Path) -> None:
+    """Held: PROTECTED does not spend, yet cannot come back with another effect. The destroy is signed while
+    protection=1 (the digest includes the flag) and refused PROTECTED. Clearing the flag moves the digest
+    (the replay is DIGEST_STALE, and spent); setting it again restores the signed digest, and the flag with
+    it: NONCE_SPENT. Proxmox received the two flag writes and no DELETE."""
+    add_vm(fakepve, 100)
+    add_vm(fakepve, 150, protection=1)
+    desk = open_desk(make_engine, tmp_path)
+    destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    op_id = parse_payload(destroy.payload).op_id
+    before = len(fakepve.requests)
+    assert _reason(desk.run(destroy)) == "accepted"  # admitted; its lane refuses it
+    assert desk.engine.journal is not None
+    refused = desk.engine.journal.last_refusal(f"op:{op_id}:refused")
+    assert refused is not None and refused[0] == "PROTECTED" and not spent(desk, op_id)
+    off = desk.sign(desk.propose(150, "config.protection_off", delete=["protection"]), "alice", role="operator")
+    assert desk.run(off)[1] is None
+    assert _reason(desk.run(destroy)) == "DIGEST_STALE"
+    fakepve.vm(150).config["protection"] = 1  # an administrator sets it again: the signed digest is back
+    assert _reason(desk.run(destroy)) == "NONCE_SPENT"
+    assert [m for m in mutations(fakepve, before) if m[0] == "DELETE"] == []
+    assert any(vm.vmid == 150 for vm in fakepve.vms)
