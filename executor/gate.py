@@ -17,11 +17,13 @@ Admission makes no Proxmox reads (a refused step pays one to bind its descriptor
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
@@ -52,6 +54,7 @@ from executor.kinds import KINDS
 from executor.lane import Lane
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
+from executor.opclock import INTACT_MARK
 from executor.opsteps import nonce_key
 from executor.pve import PveError, PveReader, PveWriter
 from executor.stopledger import StopLedger
@@ -133,11 +136,12 @@ class Gate:
                     admitted.setdefault(vmid, []).append(Admitted(step=run, verdict=verdict, source=source,
                                                                   facts=facts, op=op))
                     continue
+                if op is not None and record and not self.spend(
+                        op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
+                        facts=facts):
+                    reason, detail = JOURNAL_UNAVAILABLE, f"{reason} ({detail}), and spending the op failed"
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
-                if op is not None and record:
-                    self.spend(op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
-                               facts=facts)
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
@@ -226,15 +230,17 @@ class Gate:
         return verdict, None, ""
 
     def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
-              facts: GuestFacts | None) -> None:
+              facts: GuestFacts | None) -> bool:
         """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
 
         ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
-        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT. A
-        failed write loses the journal, and with it every signed op (fail closed).
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT.
+        False when the op had to be spent and could not be: the caller answers JOURNAL_UNAVAILABLE, the gate
+        loses its journal, and the next start sets the clock floor (``lose_journal``), so the op never runs.
         """
-        if spends(reason, op, guest_type, facts):
-            self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
+        if not spends(reason, op, guest_type, facts):
+            return True
+        return self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
         """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
@@ -408,18 +414,28 @@ class Gate:
             self.ledger.stop_ended(admitted.step.vmid, ran=_STOP_RAN[result] if isinstance(result, Outcome) else False)
         return result
 
-    def journal_write(self, write: Callable[[Journal], object]) -> None:
-        """One journal write; a failure switches the gate to benign-only."""
+    def journal_write(self, write: Callable[[Journal], object]) -> bool:
+        """One journal write (True: written); a failure switches the gate to benign-only."""
         journal = self.journal
         if journal is None:
-            return
+            return False
         try:
             with self.metrics.journal_append.time():
                 write(journal)
         except JournalError as exc:
             self.lose_journal(exc)
+            return False
+        return True
 
     def lose_journal(self, exc: JournalError | OSError) -> None:
-        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest)."""
+        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
+
+        The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
+        been a spent nonce, so the next start refuses every op signed before it (``opclock.gate_secret``).
+        """
+        journal = self.journal
         log.error("journal_failed_benign_only_from_now", error=str(exc))
         self.journal = None
+        if journal is not None:
+            with contextlib.suppress(OSError):
+                (Path(journal.directory) / INTACT_MARK).unlink(missing_ok=True)

@@ -241,15 +241,14 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.mark.xfail(strict=True, reason="H-C: a stale refusal whose burn cannot be written is answered anyway; the "
-                   "journal is dropped in memory only, and after a restart the op is alive for the digest ABA")
 def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fakepve: Any, make_engine: Make,
                                                                             tmp_path: Path) -> None:
     """Item 5 again, with the state disk full at the refusal (the burn is the first write that finds no
-    room). The destroy of 150 is refused DIGEST_STALE (protection set); its burn fails, the gate goes
-    benign-only in memory and still answers DIGEST_STALE. The disk is freed and the daemon
-    restarts on the same journal: nothing says the op was refused for good. One operator key clears
-    protection (the signed digest is back), the captured envelope is replayed: guest 150 is destroyed."""
+    room). The destroy of 150 is refused as stale (protection set); its burn fails. Was (H-C): the gate went
+    benign-only in memory and still answered DIGEST_STALE; after the disk was freed and a restart, one
+    operator key cleared protection (the signed digest back) and the replayed envelope destroyed guest 150.
+    Now: the refusal says JOURNAL_UNAVAILABLE, the gate unlinks its journal's intact mark, and the restart
+    sets the clock floor: every op signed before it is refused, the captured destroy with them."""
     add_vm(fakepve, 100)
     add_vm(fakepve, 150)
     with tiny_filesystem(tmp_path, "2m") as disk:
@@ -269,21 +268,21 @@ def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fake
                                key=f"pad:{n}", op_id=None)
             except JournalError:
                 break
-        assert _reason(desk.run(destroy)) == "DIGEST_STALE"
+        assert _reason(desk.run(destroy)) == "JOURNAL_UNAVAILABLE"
         assert desk.engine.journal is None  # the burn failed: the gate went benign-only
         filler.unlink()
         with contextlib.suppress(Exception):
             journal.close()  # the daemon stops (the gate had dropped its journal)
+        time.sleep(1.1)  # the restart comes after the refusal: payload times (and so the floor) are whole seconds
         again = open_desk(make_engine, tmp_path, journal_dir=state)
         off = again.sign(again.propose(150, "config.protection_off", delete=["protection"]), "alice", role="operator")
         assert again.run(off)[1] is None and "protection" not in fakepve.vm(150).config
-        alive = not spent(again, op_id)
         before = len(fakepve.requests)
         replayed = _reason(again.run(destroy))
         assert again.engine.journal is not None
         again.engine.journal.close()
-    assert (replayed, alive) == ("NONCE_SPENT", False), f"replayed: {replayed}, sent {mutations(fakepve, before)}"
-    assert any(vm.vmid == 150 for vm in fakepve.vms)
+    assert replayed == "EXPIRED", f"replayed: {replayed}, sent {mutations(fakepve, before)}"  # signed before the floor
+    assert mutations(fakepve, before) == [] and any(vm.vmid == 150 for vm in fakepve.vms)
 
 
 @pytest.mark.xfail(strict=True, reason="H-D: the journal keeps a config write's values verbatim and ListOperations "
