@@ -68,7 +68,9 @@ from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.gate")
 # How a remote stop's lane ended -> whether it ran (None: unknown, so it still counts); refused: it did not.
-_STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: False, Outcome.UNKNOWN: None}
+# How a remote stop's lane ended, for the ledger. A failed task reached PVE: the guest may still power off
+# (a shutdown that timed out, then landed), so it is kept like an unknown one until a read settles it.
+_STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: None, Outcome.UNKNOWN: None}
 
 class Gate:
     """Admits steps by scope, binding and class; keeps the pending approvals."""
@@ -268,8 +270,9 @@ class Gate:
 
         The count is of what the node has. ``managed``: the declared guests that are on this node
         (phantom vmids raise nothing) and the guests a remote source stopped (the ledger), declared
-        or not. Stopped: the ledger's, the declared-stopped ones stopped now, and those held out of
-        this tick (not ``planned``: busy, a stop possibly running in their lane). A remote stop is
+        or not. Stopped: the ledger's, every declared guest stopped now (whatever its declared run
+        state), and those declared stopped held out of this tick (not ``planned``: busy, a stop
+        possibly running in their lane). A remote stop is
         admitted only once the ledger holds it (durably, with its time in the rate window).
         """
         stops = sorted(vmid for vmid, steps in admitted.items()
@@ -278,8 +281,11 @@ class Gate:
             return ()
         remote = set(self.ledger.stopped())  # un-declaring a guest it stopped frees a source nothing
         managed = len({vmid for vmid in declared if vmid in observed.guests} | remote)
-        stopping = {vmid for vmid, d in declared.items() if d.state == "stopped" and vmid in observed.guests
-                    and (observed.guests[vmid].status == "stopped" or vmid not in planned)}
+        # Every managed guest stopped now counts, whatever is declared of it (a hub that declares the stopped
+        # guests without a run state must not get them out of the count); and the ones held out of this tick
+        # that are declared stopped (a stop may be running in their lane).
+        stopping = {vmid for vmid, d in declared.items() if vmid in observed.guests
+                    and (observed.guests[vmid].status == "stopped" or (d.state == "stopped" and vmid not in planned))}
         already = len((stopping | remote) - set(stops))
         now = self.wall()
         window = self.settings.stop_window

@@ -46,8 +46,6 @@ Make = Callable[..., Engine]
 
 # --- blast radius ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="H-A: guests stopped before the hub came count as managed and running: "
-                   "a hub that declares them (no run state) dilutes the half rule and stops every running guest")
 def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve: Any, make_engine: Make,
                                                                       tmp_path: Path) -> None:
     """Five running guests, five stopped by their owners (off, or templates). The hub declares all ten, the
@@ -69,8 +67,6 @@ def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve:
 
 
 
-@pytest.mark.xfail(strict=True, reason="H-F: a remote stop whose task failed is forgotten at once (ran=False); a "
-                   "guest that powers off after PVE gave up waiting is then nobody's stop, and the drain goes on")
 def test_a_shutdown_that_times_out_but_lands_frees_the_hubs_budget(fakepve: Any, make_engine: Make,
                                                                  tmp_path: Path) -> None:
     """force_stop off: PVE's shutdown task gives up at its timeout ("got timeout", the task fails) while the
