@@ -187,8 +187,6 @@ print(caught.hex(), flush=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to")
-@pytest.mark.xfail(strict=True, reason="H-G: the front takes an existing PATH.d without checking its owner: in a "
-                   "shared directory another user squats it, swaps gRPC's socket and reads the calls relayed to it")
 def test_a_squatted_private_directory_lets_another_user_read_the_calls(fakepve: Any, make_engine: Make,
                                                                        tmp_path: Path, sock_dir: Path) -> None:
     """The socket configured in a shared, sticky directory (like /tmp). nobody creates ``executor.sock.d``
