@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 import structlog
@@ -13,6 +14,7 @@ from common.grpcserver import ServerTls
 from executor.decisions import GateState, Pending, Refusal
 from executor.engine import Engine, TickSummary
 from executor.ops import OpDesk, RateLimitedError
+from executor.opsteps import shown
 from executor.pve import PveError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
@@ -72,6 +74,18 @@ def tick_to_proto(summary: TickSummary) -> pb.TickSummary:
     )
 
 
+def served_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A begun record's payload as the API serves it: secret keys' values (a cloud-init password) not shown."""
+    out = dict(payload)
+    for name in ("set", "before"):
+        if isinstance(out.get(name), dict):
+            out[name] = shown(out[name])
+    params = out.get("params")
+    if isinstance(params, dict) and isinstance(params.get("set"), dict):
+        out["params"] = {**params, "set": shown(params["set"])}
+    return out
+
+
 def record_to_proto(record: Record) -> pb.Operation:
     """A journal record as an executor.v1 Operation."""
     at = int(record.at * 1000)
@@ -82,7 +96,7 @@ def record_to_proto(record: Record) -> pb.Operation:
             return pb.Operation(op_id=record.op_id, vmid=record.vmid, kind=record.kind, record="begun", at_unix_ms=at,
                                 op_kind=str(op.get("kind", "")), signers=[str(s) for s in op.get("signers", [])],
                                 action_class=CLASS_NAMES.get(cls, pb.ACTION_CLASS_UNSPECIFIED),
-                                payload_json=json.dumps(record.payload, sort_keys=True))
+                                payload_json=json.dumps(served_payload(record.payload), sort_keys=True))
         case TaskStarted():
             return pb.Operation(op_id=record.op_id, upid=record.upid, record="task", at_unix_ms=at)
         case Ended():

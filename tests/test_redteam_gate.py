@@ -129,8 +129,6 @@ def test_one_callers_reconcile_queue_starves_anothers_submit(fakepve: Any, node:
 
 
 
-@pytest.mark.xfail(strict=True, reason="H-E: ProposeOp's before-image shows the keys the proposal touches, and the "
-                   "caller picks them: proposing their deletion reads a description and a cloud-init user back")
 def test_propose_reads_any_key_back_by_proposing_its_deletion(fakepve: Any, make_engine: Make, tmp_path: Path,
                                                               sock_dir: Path) -> None:
     """The narrow before-image of item 6, walked around: any caller of the socket proposes (mutates nothing,
@@ -279,8 +277,6 @@ def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fake
     assert mutations(fakepve, before) == [] and any(vm.vmid == 150 for vm in fakepve.vms)
 
 
-@pytest.mark.xfail(strict=True, reason="H-D: the journal keeps a config write's values verbatim and ListOperations "
-                   "serves them: a cloud-init password an operator set is readable by every member of the group")
 def test_list_operations_serves_a_cloud_init_password_in_clear(fakepve: Any, make_engine: Make, tmp_path: Path,
                                                                sock_dir: Path) -> None:
     """An operator sets guest 100's cloud-init password with a signed op (PVE itself only ever answers
