@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -116,11 +118,16 @@ def envelope_of(op: pb.SignedOp) -> Envelope:
                     signatures=tuple(Signature(keyid=s.keyid, sig=s.sig) for s in op.signatures))
 
 
+RECONCILES_PER_CALLER = 2  # of the API's workers, what one caller's Reconcile calls may hold at once
+
+
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     """GetStatus, Reconcile, ListOperations, ListPending, ProposeOp, SubmitOp, RevokeOp over an Engine."""
 
     def __init__(self, engine: Engine, desk: OpDesk | None = None) -> None:
         self._engine, self._desk = engine, desk
+        self._lock = threading.Lock()
+        self._reconciling: collections.Counter[str] = collections.Counter()  # Reconcile calls in progress, by caller
 
     def _ops(self, context: grpc.ServicerContext) -> OpDesk:
         if self._desk is None:
@@ -199,7 +206,22 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         """Run a tick now (after the running one, if any) and wait for its actions."""
         if self._engine.recovering.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "recovering in-flight operations: no tick before that ends")
-        summary = self._engine.tick(wait=True)
+        # At most RECONCILES_PER_CALLER calls per caller at once (one ticking, one waiting for the next tick): each
+        # holds one of the API's few workers for a whole tick, and a caller queueing many must not starve another's
+        # SubmitOp. A call beyond is answered at once.
+        caller = callers.current().key
+        with self._lock:
+            busy = self._reconciling[caller] >= RECONCILES_PER_CALLER
+            if not busy:
+                self._reconciling[caller] += 1
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{RECONCILES_PER_CALLER} Reconcile calls of this caller are in progress: wait for them")
+        try:
+            summary = self._engine.tick(wait=True)
+        finally:
+            with self._lock:
+                self._reconciling[caller] -= 1
         return pb.ReconcileResponse(tick=tick_to_proto(summary), waited_for_tick=summary.waited,
                                     refusals=[refusal_to_proto(r) for r in summary.refusals])
 

@@ -1,8 +1,9 @@
 """Red team (issue 13, second pass): blast radius, replays and the digest ABA, the API socket.
 
-Each hole is an ``xfail(strict=True)`` test that shows it against a real engine on fakepve (HTTPS),
-a real journal and, for the API, the real Unix-socket front; each counts what Proxmox received.
-The plain tests are attacks that held, kept because they show why.
+Each hole found (H-A to H-G) is a test that shows it against a real engine on fakepve (HTTPS), a real
+journal and, for the API, the real Unix-socket front, counting what Proxmox received: each failed when
+found (as a strict xfail) and passes since its fix. The others are attacks that held, kept because they
+show why.
 """
 
 from __future__ import annotations
@@ -94,8 +95,6 @@ def test_a_shutdown_that_times_out_but_lands_frees_the_hubs_budget(fakepve: Any,
 
 # --- the API socket ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="H-B: Reconcile has no rate and no per-caller share of the API's 4 workers: "
-                   "one member of the group queues ticks and another's SubmitOp waits behind all of them")
 def test_one_callers_reconcile_queue_starves_anothers_submit(fakepve: Any, node: ProxmoxNode, make_engine: Make,
                                                               tmp_path: Path, sock_dir: Path) -> None:
     """One connection (well within the front's 32 per uid) opens 20 Reconcile calls at once; each runs a
