@@ -248,7 +248,6 @@ def test_a_stale_refusal_whose_burn_hit_a_full_disk_revives_after_a_restart(fake
         snap = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
         assert desk.run(snap)[1] is None  # the state has accepted signed ops: a restart sets no clock floor
         destroy = desk.sign(desk.propose(150, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
-        op_id = parse_payload(destroy.payload).op_id
         journal = desk.engine.journal
         assert journal is not None
         fakepve.vm(150).config["protection"] = 1
