@@ -1,0 +1,102 @@
+"""A Proxmox answer that is lost: the action stays in flight until a definite answer, never sent again.
+
+PVE took the request and its answer never came back (a hang longer than the client's timeout), or
+PVE got the request and acts on it only later: in both cases a lookup that fails, or that looks too
+early, is no proof that nothing happened. The guest stays held until its task is found and settled,
+or a task-list read that succeeded, made after PVE had time to register the task, shows none (then
+the op ends "not applied" and the next tick plans it again). Each test widens the window on purpose
+(a 0.5 s client timeout, a hold of seconds) and counts the shutdown requests fakepve received.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from executor.desired import Declared
+from executor.engine import Engine
+from executor.pve import Connection, ProxmoxNode
+from journal import Ended, Journal, Outcome
+from tests.answer_faults import AnswerFaults
+from tests.executor_helpers import requests_to
+
+Make = Callable[..., Engine]
+SHUTDOWN = "/qemu/100/status/shutdown"
+
+
+def _converge(engine: Engine, fakepve: Any, *, within: float = 20.0) -> None:
+    """Tick until guest 100 is stopped and nothing is in flight, then once more."""
+    journal = engine.journal
+    assert journal is not None
+    deadline = time.monotonic() + within
+    while fakepve.vm(100).status != "stopped" or journal.in_flight():
+        assert time.monotonic() < deadline, "did not converge"
+        engine.tick(wait=True)
+        time.sleep(0.05)
+    engine.tick(wait=True)
+
+
+def _ended(journal: Journal) -> list[tuple[Outcome, str]]:
+    return [(r.outcome, r.error) for r in journal.recent() if isinstance(r, Ended)]
+
+
+def test_a_shutdown_whose_answer_is_lost_while_pve_hangs_is_sent_once(fakepve: Any, connect: Callable[..., Connection],
+                                                                        make_engine: Make) -> None:
+    """PVE takes the shutdown, then hangs (every request waits): the lookup fails, the guest stays held,
+    and once PVE answers again the task is found and waited on; no second shutdown."""
+    fakepve.time_scale = 0.01
+    fakepve.add_vm(100, "web", status="running").shutdown_secs = 500  # 5 s: still running after the hang
+    AnswerFaults(fakepve).lose("POST", SHUTDOWN, 2.5, freeze=True)
+    engine = make_engine([Declared(vmid=100, state="stopped")], pve=ProxmoxNode(connect(timeout=0.5)),
+                         shutdown_timeout=600)
+    _converge(engine, fakepve)
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 1, "the shutdown was sent again"
+    assert engine.journal is not None
+    assert _ended(engine.journal) == [(Outcome.OK, "")]
+
+
+def test_a_shutdown_pve_acts_on_late_is_not_sent_again(fakepve: Any, connect: Callable[..., Connection],
+                                                       make_engine: Make) -> None:
+    """The shutdown reached PVE but is handled only after the client gave up: the task list read at once
+    shows nothing, which proves nothing yet; the guest stays held until the task appears."""
+    fakepve.time_scale = 0.01
+    fakepve.add_vm(100, "web", status="running").shutdown_secs = 300
+    AnswerFaults(fakepve).late("POST", SHUTDOWN, 2.0)
+    engine = make_engine([Declared(vmid=100, state="stopped")], pve=ProxmoxNode(connect(timeout=0.5)),
+                         shutdown_timeout=600, lost_grace=5.0)
+    _converge(engine, fakepve)
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 1, "the shutdown was sent again"
+    assert engine.journal is not None
+    assert _ended(engine.journal) == [(Outcome.OK, "")]
+
+
+def test_a_lost_call_proven_absent_ends_not_applied_and_is_planned_again(
+        fakepve: Any, connect: Callable[..., Connection], make_engine: Make) -> None:
+    """PVE never acted on the shutdown: after the grace a task list that reads fine and holds no task ends
+    the op as not applied (failed), and the next tick sends the shutdown again, which runs."""
+    fakepve.time_scale = 0.01
+    fakepve.add_vm(100, "web", status="running").shutdown_secs = 100
+    AnswerFaults(fakepve).swallow("POST", SHUTDOWN, 1.0)
+    engine = make_engine([Declared(vmid=100, state="stopped")], pve=ProxmoxNode(connect(timeout=0.5)),
+                         shutdown_timeout=600, lost_grace=1.0)
+    _converge(engine, fakepve)
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 2
+    assert engine.journal is not None
+    ended = _ended(engine.journal)
+    assert [outcome for outcome, _ in ended] == [Outcome.FAILED, Outcome.OK]
+    assert "not applied" in ended[0][1]
+
+
+def test_a_held_guest_is_in_flight_in_the_journal_until_settled(fakepve: Any, connect: Callable[..., Connection],
+                                                                 make_engine: Make) -> None:
+    """While the answer is lost the op is in flight in the journal (a restart's recovery resolves it)."""
+    fakepve.time_scale = 0.01
+    fakepve.add_vm(100, "web", status="running").shutdown_secs = 500
+    AnswerFaults(fakepve).lose("POST", SHUTDOWN, 2.0, freeze=True)
+    engine = make_engine([Declared(vmid=100, state="stopped")], pve=ProxmoxNode(connect(timeout=0.5)),
+                         shutdown_timeout=600)
+    engine.tick(wait=True)
+    assert engine.journal is not None
+    assert [(op.vmid, op.kind) for op in engine.journal.in_flight()] == [(100, "stop")]
+    assert 100 in engine.gate.lane.unsettled()
