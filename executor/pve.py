@@ -96,10 +96,11 @@ class TaskResult(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TaskOutcome:
-    """A finished task's result and PVE's exit status text."""
+    """A task's result and PVE's exit status text; ``ended`` False: no definite answer yet (still in flight)."""
 
     result: TaskResult
     exitstatus: str
+    ended: bool = True
 
 
 def classify(exitstatus: str) -> TaskOutcome:
@@ -291,8 +292,9 @@ class ProxmoxNode:
         return dict(self._call(lambda api: api.nodes(upid_node(upid)).tasks(upid).status.get()) or {})
 
     def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
-        """GET /nodes/{node}/tasks?vmid=&since=."""
-        listed = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100))
+        """GET /nodes/{node}/tasks?vmid=&since=&source=all: PVE's default source (archive) omits running tasks."""
+        listed = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100,
+                                                                        source="all"))
         return [dict(t) for t in listed or [] if int(t.get("starttime", 0)) >= int(since)]
 
     def snapshots(self, guest_type: str, vmid: int) -> list[str]:
@@ -322,11 +324,22 @@ def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[],
             now = clock()
             first_missing = first_missing or now
             if now - first_missing > missing_grace:
-                return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}")
+                return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}", ended=False)
             status = {}
         if status.get("status") == "stopped":
             return classify(str(status.get("exitstatus", "")))
         if clock() >= deadline:
-            return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline")
+            return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline", ended=False)
         sleep(delay)
         delay = min(delay * 1.6, 2.0)
+
+
+def find_task(pve: PveReader, vmid: int, types: Sequence[str], since: float) -> str | None:
+    """The newest task of ``types`` for guest ``vmid`` started at or after ``since`` (Unix time), or None.
+
+    None is a proof of absence only as good as the read: a PveError propagates (a failed lookup
+    proves nothing), and a task PVE has not registered yet is not in the list.
+    """
+    found = [t for t in pve.tasks(vmid, since=since) if t.get("type") in types and str(t.get("id")) == str(vmid)]
+    found.sort(key=lambda t: int(t.get("starttime", 0)))
+    return str(found[-1]["upid"]) if found else None

@@ -27,7 +27,16 @@ from typing import TypeVar
 import structlog
 
 from executor.kinds import KINDS
-from executor.pve import PveError, PveReader, PveUnavailableError, TaskOutcome, TaskResult, classify, wait_task
+from executor.pve import (
+    PveError,
+    PveReader,
+    PveUnavailableError,
+    TaskOutcome,
+    TaskResult,
+    classify,
+    find_task,
+    wait_task,
+)
 from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
@@ -106,11 +115,7 @@ def _raise(exc: PveUnavailableError) -> None:
 def _find_task(op: InFlight, pve: PveReader) -> str | None:
     """A task of the operation's types for its guest, started since it began (the UPID never recorded)."""
     kind = KINDS.get(op.kind)
-    wanted = kind.task_types if kind is not None else ()
-    for task in pve.tasks(op.vmid, since=op.begun_at - 1):
-        if task.get("type") in wanted and str(task.get("id")) == str(op.vmid):
-            return str(task["upid"])
-    return None
+    return find_task(pve, op.vmid, kind.task_types if kind is not None else (), since=op.begun_at - 1)
 
 
 def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:

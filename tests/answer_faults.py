@@ -33,11 +33,11 @@ class AnswerFaults:
 
     def __init__(self, fakepve: Any) -> None:
         self._pve = fakepve
-        self._answer = fakepve._answer  # noqa: SLF001 - the one hook after a request was recorded
+        self._answer = fakepve._answer  # the one hook after a request was recorded
         self._faults: list[_Fault] = []
         self._rewrites: list[tuple[str, str, Callable[[Any], Any]]] = []
         self._frozen_until = 0.0
-        fakepve._answer = self._tampered  # noqa: SLF001
+        fakepve._answer = self._tampered
 
     def lose(self, method: str, suffix: str, secs: float, *, freeze: bool = False) -> None:
         """PVE handles the request, then its answer is held ``secs`` (the client times out first).
