@@ -183,8 +183,17 @@ class Gate:
     @staticmethod
     def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: Observed,
                         _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
-        """A config write planned from another version of the config is stale (PVE would refuse it too)."""
-        if step.kind != SET_CONFIG or not step.digest or not facts.digest or step.digest == facts.digest:
+        """A config write planned from another version of the config is stale (PVE would refuse it too).
+
+        No digest read (the config could not be read, or its answer did not parse): no write, whatever
+        digest the planner sent. The gate admits no write whose facts it could not read.
+        """
+        if step.kind != SET_CONFIG:
+            return None
+        if not facts.digest:
+            return DIGEST_STALE, (f"no config digest was read for guest {step.vmid}: a config write needs the "
+                                  "version it was planned from")
+        if not step.digest or step.digest == facts.digest:
             return None
         return DIGEST_STALE, f"planned from config digest {step.digest[:12]}, the guest's is {facts.digest[:12]}"
 

@@ -131,7 +131,7 @@ class Lane:
         now = self._gate.wall()
         if now >= op.payload.not_after:
             return self._refuse_op(admitted, "EXPIRED", f"expired at {op.payload.not_after}, now {int(now)}")
-        guest = next((g for g in self._reader.guests() if g.vmid == step.vmid), None)
+        guest = self._reader.guests().find(step.vmid)  # PveAnswerError if its entry does not parse
         if guest is None:
             return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
         config, digest = self._reader.config(guest.type, step.vmid)

@@ -120,7 +120,7 @@ def _find_task(op: InFlight, pve: PveReader) -> str | None:
 
 def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
     """No task: does the guest show the change, or is its config untouched since the op was planned?"""
-    guest = next((g for g in pve.guests() if g.vmid == op.vmid), None)
+    guest = pve.guests().find(op.vmid)  # never "absent" from a list whose entries did not all parse
     kind = KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
