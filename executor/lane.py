@@ -75,7 +75,7 @@ class Lane:
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
-        self._unsettled: dict[int, InFlightCall] = {}  # vmid -> its call with no definite answer yet
+        self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""
@@ -228,7 +228,7 @@ class Lane:
         called = self._call(admitted, kind, began_at, bound, begun)
         if isinstance(called, InFlightCall):
             with self._lock:
-                self._unsettled[step.vmid] = called  # held from planning until a definite answer
+                self._unsettled[begun] = called  # its guest held from planning until a definite answer
             bound.warning("action_in_flight", upid=called.upid or None, detail=called.detail,
                           duration_s=round(time.monotonic() - started, 3))
             return Outcome.UNKNOWN
@@ -335,15 +335,16 @@ class Lane:
         with self._lock:
             waiting = dict(self._unsettled)
         still = set()
-        for vmid, call in waiting.items():
+        for op_id, call in waiting.items():
             checked = self._check(call)
+            vmid = call.admitted.step.vmid
             if isinstance(checked, InFlightCall):
                 still.add(vmid)
                 with self._lock:
-                    self._unsettled[vmid] = checked
+                    self._unsettled[op_id] = checked
                 continue
             with self._lock:
-                self._unsettled.pop(vmid, None)
+                self._unsettled.pop(op_id, None)
             step = call.admitted.step
             self._settle(call.admitted, call.op_id, checked,
                          log.bind(vmid=vmid, action=step.kind, guest_type=step.guest_type, op_id=call.op_id,

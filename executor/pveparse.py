@@ -35,17 +35,17 @@ class MalformedAnswerError(ValueError):
 
 
 def kind_of(value: object) -> str:
-    """A JSON type name for messages (``null``, ``string``, ``object``...)."""
-    names = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
-             dict: "object"}
-    return names.get(type(value), type(value).__name__)
+    """A JSON type for messages, with its article (``null``, ``a string``, ``an object``...)."""
+    names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _text(value: object, what: str, *, optional: bool = False) -> str:
     if value is None and optional:
         return ""
     if not isinstance(value, str):
-        raise MalformedAnswerError(f"{what} is a {kind_of(value)}, not a string")
+        raise MalformedAnswerError(f"{what} is {kind_of(value)}, not a string")
     return value
 
 
@@ -63,14 +63,14 @@ def objects(answer: object, what: str) -> tuple[list[Mapping[str, Any]], list[st
     if answer is None:
         return [], []
     if not isinstance(answer, list):
-        raise MalformedAnswerError(f"{what} is a {kind_of(answer)}, not a list")
+        raise MalformedAnswerError(f"{what} is {kind_of(answer)}, not a list")
     kept: list[Mapping[str, Any]] = []
     dropped: list[str] = []
     for index, entry in enumerate(answer):
         if isinstance(entry, dict):
             kept.append(entry)
         else:
-            dropped.append(f"{what}[{index}] is a {kind_of(entry)}, not an object")
+            dropped.append(f"{what}[{index}] is {kind_of(entry)}, not an object")
     return kept, dropped
 
 
@@ -104,13 +104,13 @@ def value_text(value: object, what: str) -> str:
         return str(value)
     if isinstance(value, float) and math.isfinite(value):
         return str(value)
-    raise MalformedAnswerError(f"{what} is a {kind_of(value)}, not a string or a number")
+    raise MalformedAnswerError(f"{what} is {kind_of(value)}, not a string or a number")
 
 
 def _raw_lxc(value: object) -> str:
     """LXC's raw ``lxc.*`` lines, which the config answer gives as [[key, value], ...]: as the file's lines."""
     if not isinstance(value, list):
-        raise MalformedAnswerError(f"lxc is a {kind_of(value)}, not a list of [key, value] pairs")
+        raise MalformedAnswerError(f"lxc is {kind_of(value)}, not a list of [key, value] pairs")
     lines = []
     for pair in value:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -122,7 +122,7 @@ def _raw_lxc(value: object) -> str:
 def config_answer(answer: object, guest_type: str) -> tuple[dict[str, str], str]:
     """GET .../config: every key a PVE key, every value a string or number, and a digest (no digest, no facts)."""
     if not isinstance(answer, dict):
-        raise MalformedAnswerError(f"the config is a {kind_of(answer)}, not an object")
+        raise MalformedAnswerError(f"the config is {kind_of(answer)}, not an object")
     digest = answer.get("digest")
     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise MalformedAnswerError("the config has no digest" if digest is None
@@ -159,7 +159,7 @@ def pending_answer(answer: object) -> tuple[dict[str, str], dict[str, str], froz
 def task_status_answer(answer: object) -> dict[str, str]:
     """GET /tasks/{upid}/status: ``status`` running or stopped; a stopped task's ``exitstatus`` (text)."""
     if not isinstance(answer, dict):
-        raise MalformedAnswerError(f"the task status is a {kind_of(answer)}, not an object")
+        raise MalformedAnswerError(f"the task status is {kind_of(answer)}, not an object")
     status = answer.get("status")
     if not isinstance(status, str) or status not in TASK_STATES:
         raise MalformedAnswerError(f"task status {status!r} is not running or stopped")

@@ -58,6 +58,10 @@ class AnswerFaults:
         """Every answer to ``method`` on a path ending with ``suffix`` has its ``data`` replaced by ``change(data)``."""
         self._rewrites.append((method, suffix, change))
 
+    def stop_rewriting(self) -> None:
+        """From now on, answers as fakepve gives them."""
+        self._rewrites.clear()
+
     def _take(self, request: web.Request) -> _Fault | None:
         for fault in self._faults:
             if fault.times > 0 and request.method == fault.method and request.path.endswith(fault.suffix):

@@ -100,3 +100,25 @@ def test_a_held_guest_is_in_flight_in_the_journal_until_settled(fakepve: Any, co
     assert engine.journal is not None
     assert [(op.vmid, op.kind) for op in engine.journal.in_flight()] == [(100, "stop")]
     assert 100 in engine.gate.lane.unsettled()
+
+
+def test_a_task_list_that_does_not_parse_proves_nothing(fakepve: Any, connect: Callable[..., Connection],
+                                                        make_engine: Make) -> None:
+    """Past the grace, a task list with an entry that does not parse (it could be the lost task) keeps the
+    guest held; once the list reads clean and holds no task, the op ends not applied and is sent again."""
+    fakepve.time_scale = 0.01
+    fakepve.add_vm(100, "web", status="running").shutdown_secs = 100
+    faults = AnswerFaults(fakepve)
+    faults.swallow("POST", SHUTDOWN, 1.0)
+    faults.rewrite("GET", "/nodes/pve1/tasks", lambda data: [*data, "garbage"])
+    engine = make_engine([Declared(vmid=100, state="stopped")], pve=ProxmoxNode(connect(timeout=0.5)),
+                         shutdown_timeout=600, lost_grace=0.2)
+    for _ in range(4):
+        engine.tick(wait=True)
+        time.sleep(0.1)
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 1
+    assert engine.journal is not None and [op.vmid for op in engine.journal.in_flight()] == [100]
+    faults.stop_rewriting()
+    _converge(engine, fakepve)
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 2
+    assert [outcome for outcome, _ in _ended(engine.journal)] == [Outcome.FAILED, Outcome.OK]
