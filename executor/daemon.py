@@ -168,7 +168,7 @@ def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: thr
     if api is not None:
         api.set_serving(False)
     try:
-        recover(journal, reader, stop=stop)
+        recover(journal, reader, stop=stop, register_grace=engine.gate.settings.lost_grace)
     except RecoveryInterruptedError as exc:
         event = "shutdown_during_recovery" if stop.is_set() else "recovery_incomplete"
         log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()))

@@ -10,8 +10,10 @@ can also end as "not applied": no task was found and the guest's config digest i
 op was planned from (``payload["digest"]``), so the crash came between the journal's begin and the
 Proxmox call. That is a failure, not an unknown: the nonce stays spent and the operator re-signs.
 
-Only a definite answer ends an operation. A transient error (a 5xx, no answer) is retried with a
-capped backoff for ``retry_for`` seconds; past that the operation stays in flight, so the next
+Only a definite answer ends an operation. A transient error (a 5xx, no answer), or a task not
+listed yet for an op begun less than ``register_grace`` ago (the lane's ``lost_grace``: PVE may not
+have registered the task of a request it took), is retried with a capped backoff for ``retry_for``
+seconds (at least until the grace has passed); past that the operation stays in flight, so the next
 start resolves it, and the daemon does not tick while anything is unresolved. A stop request
 (SIGTERM) ends recovery at once and leaves the unresolved operations in flight for the same reason.
 """
@@ -50,9 +52,11 @@ class RecoveryInterruptedError(RuntimeError):
 
 
 def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, retry_for: float = 60.0,
-            stop: threading.Event | None = None) -> list[tuple[InFlight, Outcome]]:
+            stop: threading.Event | None = None, register_grace: float = 0.0) -> list[tuple[InFlight, Outcome]]:
     """End every in-flight operation with what Proxmox says happened; return what was decided.
 
+    ``register_grace``: an op begun less than this long ago whose task is not listed (and whose guest
+    does not show the change) may still be registered by PVE: looked for again, not judged yet.
     Raises RecoveryInterruptedError when stopped or when Proxmox stays unavailable.
     """
     stop = stop or threading.Event()
@@ -62,7 +66,9 @@ def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, re
     for op in pending:
         bound = log.bind(vmid=op.vmid, op_id=op.op_id, action=op.kind, upid=op.upid)
         try:
-            result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop), retry_for, stop, bound)
+            patience = max(retry_for, op.begun_at + register_grace - time.time() + 5.0)
+            result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop, register_grace), patience,
+                               stop, bound)
         except PveError as exc:  # a definite refusal (4xx; transient errors were retried): cannot be checked
             result = TaskOutcome(TaskResult.UNKNOWN, f"could not check: {exc}")
         outcome = OUTCOMES[result.result]
@@ -89,7 +95,8 @@ def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event,
             delay = min(delay * 2, 10.0)
 
 
-def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.Event) -> TaskOutcome:
+def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.Event,
+             register_grace: float = 0.0) -> TaskOutcome:
     upid = op.upid or _find_task(op, pve)
     if upid is not None:
         status = pve.task_status(upid)
@@ -98,7 +105,7 @@ def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.
         outcome = wait_task(pve, upid, deadline=time.monotonic() + task_timeout, sleep=_interruptible(stop),
                             transient=_raise)
         return outcome
-    return _from_state(op, pve)
+    return _from_state(op, pve, register_grace)
 
 
 def _interruptible(stop: threading.Event) -> Callable[[float], None]:
@@ -118,12 +125,14 @@ def _find_task(op: InFlight, pve: PveReader) -> str | None:
     return find_task(pve, op.vmid, kind.task_types if kind is not None else (), since=op.begun_at - 1)
 
 
-def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
+def _from_state(op: InFlight, pve: PveReader, register_grace: float = 0.0) -> TaskOutcome:
     """No task: does the guest show the change, or is its config untouched since the op was planned?"""
     guest = pve.guests().find(op.vmid)  # never "absent" from a list whose entries did not all parse
     kind = KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
+    if time.time() < op.begun_at + register_grace:  # a request PVE took may not be registered yet
+        raise PveUnavailableError(f"no task yet for the {op.kind} begun {time.time() - op.begun_at:.0f} s ago")
     if guest is None:
         return TaskOutcome(TaskResult.UNKNOWN, "guest no longer on this node")
     planned = _planned_digest(op)

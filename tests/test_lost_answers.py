@@ -10,13 +10,18 @@ the op ends "not applied" and the next tick plans it again). Each test widens th
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from proxmoxer import ProxmoxAPI
 
 from executor.desired import Declared
 from executor.engine import Engine
 from executor.pve import Connection, ProxmoxNode
+from executor.recovery import recover
 from journal import Ended, Journal, Outcome
 from tests.answer_faults import AnswerFaults
 from tests.executor_helpers import requests_to
@@ -122,3 +127,23 @@ def test_a_task_list_that_does_not_parse_proves_nothing(fakepve: Any, connect: C
     _converge(engine, fakepve)
     assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 2
     assert [outcome for outcome, _ in _ended(engine.journal)] == [Outcome.FAILED, Outcome.OK]
+
+
+def test_recovery_waits_out_the_grace_for_a_task_pve_registers_late(fakepve: Any, fakepve_cafile: str,
+                                                                     node: ProxmoxNode, tmp_path: Path) -> None:
+    """A restart right after a lost call: the task is not listed yet, the guest does not show the stop;
+    recovery looks again until the grace has passed instead of ending it unknown (and re-planning it)."""
+    fakepve.time_scale = 0.01
+    vm = fakepve.add_vm(100, "web", status="running")
+    with Journal.open(tmp_path / "journal") as journal:
+        op_id = journal.begin(vmid=100, kind="stop", payload={"type": "qemu"})
+        api = ProxmoxAPI("127.0.0.1", port=fakepve.port, user="root@pam", password="secret",
+                         verify_ssl=fakepve_cafile, service="PVE")
+        late = threading.Timer(1.0, api.nodes("pve1").qemu(100).status.shutdown.post)
+        late.start()  # PVE acts on the shutdown a second after recovery first looks
+        try:
+            decided = recover(journal, node, register_grace=5.0)
+        finally:
+            late.join()
+    assert [(op.op_id, outcome) for op, outcome in decided] == [(op_id, Outcome.OK)]
+    assert vm.status == "stopped"
