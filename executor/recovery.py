@@ -10,9 +10,10 @@ can also end as "not applied": no task was found and the guest's config digest i
 op was planned from (``payload["digest"]``), so the crash came between the journal's begin and the
 Proxmox call. That is a failure, not an unknown: the nonce stays spent and the operator re-signs.
 
-Only a definite answer ends an operation. A transient error (a 5xx, no answer), or a task not
-listed yet for an op begun less than ``register_grace`` ago (the lane's ``lost_grace``: PVE may not
-have registered the task of a request it took), is retried with a capped backoff for ``retry_for``
+Only a definite answer ends an operation. A transient error (a 5xx, no answer), or a planned
+step's task not listed yet when it began less than ``register_grace`` ago (the lane's
+``lost_grace``: PVE may not have registered the task of a request it took, and "unknown" would let
+the next tick send it again), is retried with a capped backoff for ``retry_for``
 seconds (at least until the grace has passed); past that the operation stays in flight, so the next
 start resolves it, and the daemon does not tick while anything is unresolved. A stop request
 (SIGTERM) ends recovery at once and leaves the unresolved operations in flight for the same reason.
@@ -55,8 +56,8 @@ def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, re
             stop: threading.Event | None = None, register_grace: float = 0.0) -> list[tuple[InFlight, Outcome]]:
     """End every in-flight operation with what Proxmox says happened; return what was decided.
 
-    ``register_grace``: an op begun less than this long ago whose task is not listed (and whose guest
-    does not show the change) may still be registered by PVE: looked for again, not judged yet.
+    ``register_grace``: a planned step begun less than this long ago whose task is not listed (and whose
+    guest does not show the change) may still be registered by PVE: looked for again, not ended unknown.
     Raises RecoveryInterruptedError when stopped or when Proxmox stays unavailable.
     """
     stop = stop or threading.Event()
@@ -131,13 +132,14 @@ def _from_state(op: InFlight, pve: PveReader, register_grace: float = 0.0) -> Ta
     kind = KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
-    if time.time() < op.begun_at + register_grace:  # a request PVE took may not be registered yet
-        raise PveUnavailableError(f"no task yet for the {op.kind} begun {time.time() - op.begun_at:.0f} s ago")
     if guest is None:
         return TaskOutcome(TaskResult.UNKNOWN, "guest no longer on this node")
     planned = _planned_digest(op)
     if planned and pve.config(guest.type, op.vmid)[1] == planned:
         return TaskOutcome(TaskResult.FAILED, NOT_APPLIED)
+    if not planned and time.time() < op.begun_at + register_grace:
+        # Unknown would let the next tick plan it again, while PVE may not have registered a request it took.
+        raise PveUnavailableError(f"no task yet for the {op.kind} begun {time.time() - op.begun_at:.0f} s ago")
     return TaskOutcome(TaskResult.UNKNOWN, "no task found and the guest does not show the change")
 
 
