@@ -1,6 +1,6 @@
 # One image for both services:
 #   docker run IMAGE                                   -> pve-planner serve on 0.0.0.0:50051
-#   docker run -e PVE_HEALTH_ADDRESS=127.0.0.1:50052 IMAGE pve-executor run ...
+#   docker run -e PVE_HEALTH_ADDRESS=unix:/run/pve-reconcile/executor.sock IMAGE pve-executor run ...
 # Build stage: install the package into a virtualenv (wheels only; nothing is compiled).
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -19,7 +19,8 @@ FROM python:3.11-slim
 COPY --from=build /opt/pve-reconcile /opt/pve-reconcile
 RUN groupadd --system --gid 10001 pve-reconcile \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pve-reconcile \
- && mkdir -p /var/lib/pve-reconcile && chown 10001:10001 /var/lib/pve-reconcile
+ && mkdir -p /var/lib/pve-reconcile && chown 10001:10001 /var/lib/pve-reconcile \
+ && install -d -m 0750 -o 10001 -g 10001 /run/pve-reconcile
 # Numeric, so a runtime that checks "non-root" without reading /etc/passwd (Kubernetes) can tell.
 USER 10001:10001
 ENV PATH=/opt/pve-reconcile/bin:$PATH \
@@ -28,9 +29,10 @@ ENV PATH=/opt/pve-reconcile/bin:$PATH \
     PVE_EXECUTOR_LOG_FORMAT=json \
     PVE_EXECUTOR_STATE_DIR=/var/lib/pve-reconcile \
     PVE_HEALTH_ADDRESS=127.0.0.1:50051
-EXPOSE 50051 50052
+EXPOSE 50051
 VOLUME ["/var/lib/pve-reconcile"]
-# The gRPC health service decides (SERVING); set PVE_HEALTH_ADDRESS for the executor's API port.
+# The gRPC health service decides (SERVING); for the executor set
+# PVE_HEALTH_ADDRESS=unix:/run/pve-reconcile/executor.sock (its API's socket, the image's user owns it).
 # Exec form (no shell): pve-healthcheck reads PVE_HEALTH_ADDRESS itself when given no address.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
   CMD ["/opt/pve-reconcile/bin/pve-healthcheck"]

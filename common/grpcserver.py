@@ -1,4 +1,8 @@
-"""One lifecycle for both gRPC services: servicer + health + reflection, TLS or not, stop with grace."""
+"""One lifecycle for both gRPC services: servicer + health + reflection, TLS or not, stop with grace.
+
+``unix:PATH`` serves a Unix socket through a front (``common.unixfront``) that knows each caller's uid;
+HOST:PORT binds TCP as before.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.callers import CallerInterceptor
 from common.config import ConfigError
+from common.unixfront import UnixFront
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +77,14 @@ def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
         certificate_chain=_read(tls.cert, "tls_client_cert") if tls.cert else None)
 
 
+def socket_path(listen: str) -> str | None:
+    """The path of a ``unix:PATH`` (or ``unix:///PATH``) address; None for HOST:PORT."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path
+
+
 def is_loopback(listen: str) -> bool:
     """Whether HOST:PORT binds only loopback (127.0.0.0/8, ::1, localhost)."""
     host = listen.rsplit(":", 1)[0].strip("[]")
@@ -84,12 +98,13 @@ def is_loopback(listen: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A started server, its bound port and its health servicer."""
+    """A started server, its bound port (1 on a socket) and its health servicer; ``front`` on a Unix socket."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     names: tuple[str, ...] = ()
+    front: UnixFront | None = None
 
     def set_serving(self, serving: bool) -> None:
         """SERVING or NOT_SERVING for the server and each of its services (e.g. while recovering)."""
@@ -100,26 +115,56 @@ class Running:
     def stop(self, grace: float) -> None:
         """NOT_SERVING first so balancers move away, then let in-flight calls finish within ``grace``."""
         self.health.enter_graceful_shutdown()
+        if self.front is not None:
+            self.front.stop_accepting()  # no new caller; those in flight keep their relays for the grace
         self.server.stop(grace).wait()
+        if self.front is not None:
+            self.front.close()
 
 
 def start(listen: str, register: Callable[[grpc.Server], None], service_names: Sequence[str], *,
-          tls: ServerTls | None = None, workers: int = 8, options: Sequence[tuple[str, Any]] = ()) -> Running:
-    """Build, bind (port 0 picks one), start, and mark SERVING; OSError when the address cannot be bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+          tls: ServerTls | None = None, workers: int = 8, options: Sequence[tuple[str, Any]] = (),
+          socket_group: str | None = None, audited: frozenset[str] | None = None) -> Running:
+    """Build, bind (port 0 picks one; ``unix:PATH`` a socket), start, and mark SERVING.
+
+    OSError when the address cannot be bound (``unixfront.SocketInUseError`` when a live process serves
+    the socket). ``audited``: name each call's caller and log these methods with it (``common.callers``);
+    a socket always names its callers. ``socket_group``: the group the socket (0660) is given.
+    """
+    path = socket_path(listen)
+    front = UnixFront(path, group=socket_group) if path is not None else None
+    if front is not None:
+        front.open()
+    try:
+        running = _serve(front.backend if front else None, listen, register, service_names, tls=tls,
+                         workers=workers, options=options, front=front, audited=audited)
+    except BaseException:
+        if front is not None:
+            front.close()
+        raise
+    if front is not None:
+        front.serve()
+    running.set_serving(True)
+    return running
+
+
+def _serve(backend: str | None, listen: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
+           *, tls: ServerTls | None, workers: int, options: Sequence[tuple[str, Any]], front: UnixFront | None,
+           audited: frozenset[str] | None) -> Running:
+    interceptors = [CallerInterceptor(front, audited or frozenset())] if front or audited is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
                          options=[("grpc.so_reuseport", 0), *options])
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((*service_names, health_name, reflection.SERVICE_NAME), server)
+    address = f"unix:{backend}" if backend else listen
     try:
-        port = server.add_secure_port(listen, server_credentials(tls)) if tls else server.add_insecure_port(listen)
+        port = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
         raise OSError(f"cannot bind {listen}")
     server.start()
-    running = Running(server, port, health_servicer, tuple(service_names))
-    running.set_serving(True)
-    return running
+    return Running(server, port, health_servicer, tuple(service_names), front)

@@ -1,7 +1,7 @@
-"""``pve-healthcheck [HOST:PORT]``: exit 0 when the gRPC health service says SERVING (container checks).
+"""``pve-healthcheck [ADDRESS]``: exit 0 when the gRPC health service says SERVING (container checks).
 
-Without an address it reads ``PVE_HEALTH_ADDRESS``, so an exec-form ``HEALTHCHECK`` (no shell to
-expand a variable) can point it at either service's port.
+ADDRESS is HOST:PORT or ``unix:PATH`` (the executor's socket). Without one it reads ``PVE_HEALTH_ADDRESS``,
+so an exec-form ``HEALTHCHECK`` (no shell to expand a variable) can point it at either service.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Check one service's health; 0 SERVING, 1 anything else, 2 bad arguments."""
     parser = argparse.ArgumentParser(prog="pve-healthcheck", description=__doc__)
     parser.add_argument("address", nargs="?", default=os.environ.get(ADDRESS_VARIABLE) or None,
-                        help=f"HOST:PORT of a pve-reconcile service (default: ${ADDRESS_VARIABLE})")
+                        help=f"HOST:PORT or unix:PATH of a pve-reconcile service (default: ${ADDRESS_VARIABLE})")
     parser.add_argument("--service", default="", help="service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0)
     parser.add_argument("--tls-ca", help="CA of the server certificate (TLS)")
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-key", help="client key (mutual TLS)")
     args = parser.parse_args(argv)
     if not args.address:
-        print(f"pve-healthcheck: address: give HOST:PORT or set {ADDRESS_VARIABLE}", file=sys.stderr)
+        print(f"pve-healthcheck: address: give HOST:PORT or unix:PATH, or set {ADDRESS_VARIABLE}", file=sys.stderr)
         return 2
     try:
         tls = ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls_ca or args.tls_cert else None

@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 
 from common import logs
 from common.config import ConfigError, Option, add_flags, resolve
-from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls
+from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls, socket_path
+from common.unixfront import too_long
 from executor import opcli
 from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, ExecutorSettings
 from executor.pve import Connection, Credentials, PveError
@@ -79,8 +80,14 @@ def planner_tls(settings: ExecutorSettings) -> ClientTls | None:
 
 
 def api_tls(settings: ExecutorSettings) -> ServerTls | None:
-    """TLS of the executor API; beyond loopback it must be mutual: Reconcile mutates."""
+    """TLS of the executor API; beyond loopback it must be mutual: Reconcile mutates. A socket is local."""
     tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    path = socket_path(settings.listen)
+    if path is not None:
+        problem = too_long(path) if path else f"{settings.listen}: give unix:PATH"
+        if problem is not None:
+            raise ConfigError("listen", problem)
+        return tls
     if not is_loopback(settings.listen) and not (tls and tls.client_ca):
         raise ConfigError("listen", f"{settings.listen} is beyond loopback: the executor API (Reconcile mutates) "
                                     "then requires tls_cert, tls_key and tls_client_ca (mutual TLS)")

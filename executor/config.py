@@ -13,6 +13,7 @@ from typing import Any
 from common.config import Config, Option
 
 ENV_PREFIX = "PVE_EXECUTOR_"
+DEFAULT_LISTEN = "unix:/run/pve-reconcile/executor.sock"  # only root and the pve-reconcile group reach it
 CONNECTION = (
     Option(key="node", help="this node's name in the cluster (required)"),
     Option(key="pve_url", default="https://127.0.0.1:8006", help="https://HOST:PORT of the Proxmox API"),
@@ -40,7 +41,8 @@ RUN = (
     Option(key="state_dir", default="/var/lib/pve-reconcile", help="journal directory"),
     Option(key="interval", kind=float, default=30.0, minimum=0.05, help="seconds between ticks"),
     Option(key="max_parallel", kind=int, default=4, minimum=1, help="guests mutated at once"),
-    Option(key="listen", default="127.0.0.1:50052", help="executor API HOST:PORT (beyond loopback: mutual TLS)"),
+    Option(key="listen", default=DEFAULT_LISTEN,
+           help="executor API: unix:PATH (0660, group pve-reconcile), or HOST:PORT (loopback; beyond it: mutual TLS)"),
     Option(key="tls_cert", help="executor API certificate (PEM)"),
     Option(key="tls_key", help="executor API private key (PEM)"),
     Option(key="tls_client_ca", help="CA (PEM) whose client certificates the executor API requires"),
@@ -60,7 +62,7 @@ RUN = (
 )
 EXTRAS = ("once", "json", "vmid")  # flags of one command, not settings
 STATE = tuple(o for o in (*CONNECTION, *RUN) if o.key in ("state_dir", "log_format"))
-PLAN = tuple(o for o in RUN if o.key in ("state_dir", "executor_id", "max_stops_per_tick"))  # what the dry run reads
+PLAN = tuple(o for o in RUN if o.key in ("interval", "state_dir", "executor_id", "max_stops_per_tick"))  # plan reads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,7 +90,7 @@ class ExecutorSettings:
     state_dir: str = "/var/lib/pve-reconcile"
     interval: float = 30.0
     max_parallel: int = 4
-    listen: str = "127.0.0.1:50052"
+    listen: str = DEFAULT_LISTEN
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None

@@ -38,6 +38,7 @@ from executor.queue import GuestQueue
 from executor.recovery import RecoveryInterruptedError, recover
 from executor.selftest import selftest
 from executor.server import start_api
+from executor.stopledger import StopLedger
 from journal import Journal, JournalOpenError
 
 log = structlog.get_logger("executor.daemon")
@@ -95,7 +96,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
     secret = gate_secret(settings.state_dir, journal) if journal is not None else None  # before the clock: a floor
     clock = GateClock(lambda: gate.journal, settings.state_dir)
     gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=journal, metrics=metrics,
-                wall=clock.now,
+                wall=clock.now, ledger=StopLedger.in_state_dir(settings.state_dir),
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
                                       max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
@@ -128,7 +129,14 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
     if engine.journal is not None:
         engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
-    api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    try:
+        api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+    except OSError as exc:  # a live daemon on the socket, a port taken: one line, no traceback
+        print(f"pve-executor: listen: {exc}", file=sys.stderr)
+        parts.close(0)
+        if endpoint is not None:
+            endpoint.stop()
+        return 2
     if api is not None and engine.recovering.is_set():
         api.set_serving(False)
     reload_on_hangup(parts.desk)

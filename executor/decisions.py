@@ -24,6 +24,8 @@ APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
 DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = "DIGEST_STALE", "CLASS_MISMATCH", "BINDING_MISMATCH"
 LOCKED = "LOCKED"
 APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
+# The refusals that can spend a signed op (``spends``): those for the guest's state.
+SPENDING = frozenset({DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +121,25 @@ class GateState:
     refused: int
     deferred: int
     max_stops_per_tick: int | None
+
+
+def spends(reason: str, op: VerifiedOp, guest_type: str | None, facts: GuestFacts | None) -> bool:
+    """Whether refusing ``op`` for ``reason`` spends it: the guest is not in the state the op was signed for.
+
+    That state can come back (a digest is content, not a version: protection set, then cleared by another
+    op, restores it), so such an op never runs later; the operators re-sign. DIGEST_STALE always spends; a
+    BINDING_MISMATCH or CLASS_MISMATCH spends when the guest is gone (``guest_type`` None), of another type,
+    or at another digest or run state than signed; with the guest as signed it came from the gate's side
+    (a pending approval no longer listed), which may change back. LOCKED, PROTECTED, EXPIRED, the trust
+    store's and the journal's refusals never spend.
+    """
+    if reason == DIGEST_STALE:
+        return True
+    if reason not in SPENDING:
+        return False
+    signed = op.payload
+    return (facts is None or guest_type != signed.guest_type or facts.digest != signed.precondition.digest
+            or facts.run_state != signed.precondition.run_state)
 
 
 def to_action(step: Step) -> Action:

@@ -27,6 +27,7 @@ from executor.gate import Gate
 from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerError
 from executor.pve import ProxmoxNode, PveError
+from executor.stopledger import StopLedger
 from planner.v1 import planner_pb2 as pb
 
 log = structlog.get_logger("executor.dryrun")
@@ -55,12 +56,14 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
         planner.close()
     secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
     gate = Gate(reader=reader, writer=None, journal=None, dry_run=True,
+                ledger=StopLedger.in_state_dir(settings.state_dir, writable=False),  # read, never written
                 settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
+                                      stop_window=settings.interval,
                                       secret=secret.read_bytes() if secret.is_file() else None))
     mine = [d for d in declared if d.vmid not in observed.elsewhere]
     declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in mine}
     admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,
-                           source=source, record=False)
+                           source=source, record=False, held=frozenset())
     return DryRun(plan, _authorized(gate, admission), observed)
 
 

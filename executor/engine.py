@@ -18,7 +18,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from executor.observe import Observed, observe
 from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from executor.pve import PveError, PveReader
 from executor.queue import GuestQueue, Job
+from executor.readahead import ReadAhead
 from journal import InFlight, Journal, Outcome
 from safety.classify import Source
 from safety.signedop import VerifiedOp
@@ -80,6 +81,7 @@ class Settings:
     backoff_base: float = 5.0
     backoff_cap: float = 600.0
     wait_timeout: float = 1800.0
+    read_ahead_fresh: float = 0.5  # a start's pending section read ahead of its lane is used this long (0: never)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +156,9 @@ class Engine:
         self.metrics = metrics or gate.metrics
         self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
         self._reader = ThreadPoolExecutor(max_workers=self.settings.read_parallel, thread_name_prefix="pve-read")
+        # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
+        self._ahead = ReadAhead(pve, self._reader, window=queue.max_parallel, fresh=self.settings.read_ahead_fresh)
+        gate.lane.ahead = self._ahead
 
     @property
     def journal(self) -> Journal | None:
@@ -241,7 +246,8 @@ class Engine:
         unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
         summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
         submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted, wait=wait,
-                                 population=[d for d in declared if d.vmid not in observed.elsewhere])
+                                 population=[d for d in declared if d.vmid not in observed.elsewhere],
+                                 held=frozenset(held))
         admission, tracker = submission.admission, submission.tracker
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
@@ -268,18 +274,20 @@ class Engine:
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
                on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None,
-               population: Sequence[Declared] | None = None) -> Submission:
+               population: Sequence[Declared] | None = None, held: Set[int] | None = None) -> Submission:
         """The single entry of every mutation: the gate admits, the per-guest queue runs.
 
         ``op``: the signed op the steps come from; ``on_done(op, result)`` hears how its lane ended (None: it raised).
         ``population``: every declared guest of this node, for the blast radius (default: ``declared``).
+        ``held``: a tick's guests left out of planning, its ``observed`` being a read of the whole node.
         """
         declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
         everyone = None if population is None else {
             d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in population}
         admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op,
-                                    population=everyone)
+                                    population=everyone, held=held)
         self.gate.count_admitted(admission)
+        self._ahead.plan(admission.admitted)
         tracker = _Tracker(remaining=len(admission.admitted))
         for vmid, admitted in admission.admitted.items():
             self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker, on_done),

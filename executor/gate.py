@@ -20,7 +20,7 @@ import collections
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
 
 import structlog
@@ -45,40 +45,45 @@ from executor.decisions import (
     Refusal,
     descriptor,
     readable,
+    spends,
     unknown,
 )
 from executor.kinds import KINDS
 from executor.lane import Lane
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
+from executor.opsteps import nonce_key
 from executor.pve import PveError, PveReader, PveWriter
+from executor.stopledger import StopLedger
 from journal import Journal, JournalError, Outcome
 from safety import challenge as challenges
-from safety.blast import limit_stops
+from safety.blast import StopBudget, limit_stops
 from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
 from safety.refusal import Refused
 from safety.scope import Declaration, out_of_scope
 from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.gate")
+# How a remote stop's lane ended -> whether it ran (None: unknown, so it still counts); refused: it did not.
+_STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: False, Outcome.UNKNOWN: None}
 
 class Gate:
     """Admits steps by scope, binding and class; keeps the pending approvals."""
 
     def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, dry_run: bool = False,
-                 wall: Callable[[], float] = time.time) -> None:
+                 dry_run: bool = False, wall: Callable[[], float] = time.time,
+                 ledger: StopLedger | None = None) -> None:
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal = journal
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
-        self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self._audience = self.settings.audience
-        self._remote_stops: collections.deque[float] = collections.deque()  # when each remote stop was admitted
+        # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
+        self.ledger = ledger if ledger is not None else StopLedger()
         self.refused_total = 0
         self.deferred_total = 0
         # Set by the op desk: a signed op checked again against the trust store in force, in the lane.
@@ -89,7 +94,8 @@ class Gate:
 
     def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
               declared: Mapping[int, Declaration], source: Source, record: bool = True,
-              op: VerifiedOp | None = None, population: Mapping[int, Declaration] | None = None) -> Admission:
+              op: VerifiedOp | None = None, population: Mapping[int, Declaration] | None = None,
+              held: Set[int] | None = None) -> Admission:
         """Check and classify every step; admit the benign ones within the stop limit.
 
         ``declared``: what the steps may do (the guests planned now). ``population``: every guest the
@@ -97,9 +103,15 @@ class Gate:
         guest held out of this tick (busy, just stopped) still counts as managed, and as stopped.
         ``record``: journal refusals, keep pending approvals and count (False for the dry run).
         ``op``: the verified signed op the steps come from: it admits exactly the action it names.
+        ``held``: given by a tick, whose ``observed`` read the whole node: the guests it left out (their
+        state is in motion); the record of remote stops is first brought up to date with that read.
         """
         if op is None and source is Source.OPERATOR_OP:
             source = Source.HUB  # only a verified op is an operator's: anything else claiming it is remote
+        if held is not None and not self.ledger.idle():
+            self.ledger.settle(status={vmid: g.status for vmid, g in observed.guests.items()},
+                               present=observed.listed if observed.listed is not None else set(observed.guests),
+                               held=held, now=self.wall(), grace=self.settings.task_timeout, save=record)
         admitted: dict[int, list[Admitted]] = {}
         refused: list[Refusal] = []
         pending: list[Pending] = []
@@ -123,6 +135,9 @@ class Gate:
                     continue
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
+                if op is not None and record:
+                    self.spend(op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
+                               facts=facts)
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
@@ -182,13 +197,15 @@ class Gate:
 
     @staticmethod
     def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: Observed,
-                        _declared: Declaration | None, _op: VerifiedOp | None) -> tuple[str, str] | None:
+                        _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
         """A config write planned from another version of the config is stale (PVE would refuse it too).
 
         No digest read (the config could not be read, or its answer did not parse): no write, whatever
-        digest the planner sent. The gate admits no write whose facts it could not read.
+        digest the planner sent; the gate admits no write whose facts it could not read. A signed op's
+        digest is checked by ``_judge_op``, after the lock: a lock moves the digest, and LOCKED is
+        retried where a stale op is spent.
         """
-        if step.kind != SET_CONFIG:
+        if op is not None or step.kind != SET_CONFIG:
             return None
         if not facts.digest:
             return DIGEST_STALE, (f"no config digest was read for guest {step.vmid}: a config write needs the "
@@ -214,6 +231,17 @@ class Gate:
             return verdict, BINDING_MISMATCH, f"signed kind {op.payload.kind}, the step is {verdict.op_kind}"
         return verdict, None, ""
 
+    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
+              facts: GuestFacts | None) -> None:
+        """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
+
+        ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT. A
+        failed write loses the journal, and with it every signed op (fail closed).
+        """
+        if spends(reason, op, guest_type, facts):
+            self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
+
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
         """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
 
@@ -238,27 +266,32 @@ class Gate:
                      planned: Mapping[int, Declaration], source: Source, record: bool) -> tuple[int, ...]:
         """The blast radius: a stop rate per window, and no remote source stops over half the managed guests.
 
-        ``managed`` counts the declared guests that are on this node (phantom vmids raise nothing), and
-        guests stopped by the declaration count towards the half: those stopped now, and those held out
-        of this tick (not ``planned``: busy, a stop possibly running in their lane), counted as stopped.
+        The count is of what the node has. ``managed``: the declared guests that are on this node
+        (phantom vmids raise nothing) and the guests a remote source stopped (the ledger), declared
+        or not. Stopped: the ledger's, the declared-stopped ones stopped now, and those held out of
+        this tick (not ``planned``: busy, a stop possibly running in their lane). A remote stop is
+        admitted only once the ledger holds it (durably, with its time in the rate window).
         """
         stops = sorted(vmid for vmid, steps in admitted.items()
                        if any(a.step.kind == STOP and a.op is None for a in steps))
         if not stops:
             return ()
-        managed = sum(1 for vmid in declared if vmid in observed.guests)
-        already = sum(1 for vmid, d in declared.items() if d.state == "stopped" and vmid in observed.guests
-                      and (observed.guests[vmid].status == "stopped" or vmid not in planned))
-        now = self._clock()
-        with self._lock:
-            while self._remote_stops and self._remote_stops[0] <= now - self.settings.stop_window:
-                self._remote_stops.popleft()
-            used = len(self._remote_stops) if source is not Source.LOCAL_FILE else 0
+        remote = set(self.ledger.stopped())  # un-declaring a guest it stopped frees a source nothing
+        managed = len({vmid for vmid in declared if vmid in observed.guests} | remote)
+        stopping = {vmid for vmid, d in declared.items() if d.state == "stopped" and vmid in observed.guests
+                    and (observed.guests[vmid].status == "stopped" or vmid not in planned)}
+        already = len((stopping | remote) - set(stops))
+        now = self.wall()
+        window = self.settings.stop_window
+        used = self.ledger.used(now=now, window=window) if source is not Source.LOCAL_FILE else 0
         budget = limit_stops(stops, managed=managed, source=source, max_stops_per_tick=self.settings.max_stops_per_tick,
                              already_stopped=already, used=used)
-        if record and source is not Source.LOCAL_FILE:
-            with self._lock:
-                self._remote_stops.extend([now] * len(budget.admitted))
+        later = "stop limit: a later tick"
+        if record and source is not Source.LOCAL_FILE and budget.admitted \
+                and not self.ledger.record(budget.admitted, now=now, window=window):
+            later = "the record of remote stops cannot be written: a later tick"
+            budget = StopBudget(admitted=(), deferred=tuple(sorted((*budget.admitted, *budget.deferred))),
+                                need_approval=budget.need_approval)
         for vmid in (*budget.deferred, *budget.need_approval):
             stop = next(a for a in admitted[vmid] if a.step.kind == STOP)
             admitted[vmid] = [a for a in admitted[vmid] if a is not stop]
@@ -266,7 +299,7 @@ class Gate:
                 del admitted[vmid]
             position = next(i for i, j in enumerate(judged) if j.step == stop.step)
             if vmid in budget.deferred:
-                judged[position] = replace(judged[position], reason="DEFERRED", detail="stop limit: a later tick")
+                judged[position] = replace(judged[position], reason="DEFERRED", detail=later)
                 continue
             verdict = Verdict(cls=Class.APPROVAL, op_kind=stop.verdict.op_kind, rule="blast_radius",
                               reasons=(f"a {source.value} source asks to stop {len(stops)} of {managed} managed "
@@ -375,8 +408,11 @@ class Gate:
         return self.lane.counters()
 
     def execute(self, admitted: Admitted) -> Outcome | Refusal:
-        """Run an admitted step in its lane (see ``Lane.execute``)."""
-        return self.lane.execute(admitted)
+        """Run an admitted step in its lane (see ``Lane.execute``); a remote stop's end goes to the ledger."""
+        result = self.lane.execute(admitted)
+        if admitted.step.kind == STOP and admitted.op is None and admitted.source is not Source.LOCAL_FILE:
+            self.ledger.stop_ended(admitted.step.vmid, ran=_STOP_RAN[result] if isinstance(result, Outcome) else False)
+        return result
 
     def journal_write(self, write: Callable[[Journal], object]) -> None:
         """One journal write; a failure switches the gate to benign-only."""

@@ -1,8 +1,9 @@
 """The gate's lane side: the last checks and the one Proxmox writer, inside the guest's queue lane.
 
 ``Lane.execute`` runs an admitted step: ``authorize`` reads what the step still needs right before
-the call (a start applies PVE's pending section; a remote power action needs ``protection``; a
-signed op needs its binding, expiry, lock and protection checked on fresh facts), then the journal's
+the call (a start applies PVE's pending section, read at most one lane ahead by ``executor.readahead``;
+a remote power action needs ``protection``; a signed op needs its binding, expiry, lock and protection
+checked on fresh facts), then the journal's
 begin record (which, for a signed op, spends its nonce), the call, the wait for the task, the end.
 
 Nothing is run twice: a call whose answer was lost is not a failure but looked up in the guest's
@@ -27,8 +28,10 @@ from executor.actions import START, STOP
 from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
 from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
+from executor.pve import Pending as PendingSection
 from executor.pve import (
     PveError,
+    PveNotSentError,
     PveReader,
     PveUnavailableError,
     PveWriter,
@@ -40,15 +43,22 @@ from executor.pve import (
 from executor.pve import classify as classify_exit
 from executor.recovery import NOT_APPLIED
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
-from safety.classify import Action, Class, GuestFacts, Source, Verdict, classify
+from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
 from safety.refusal import Refused
 
 if TYPE_CHECKING:
     from executor.gate import Gate
+    from executor.readahead import ReadAhead
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+
+
+def _applied(pending: PendingSection) -> dict[str, str]:
+    """What GET .../config answers, from /pending's answer: the current values with the pending ones applied."""
+    merged = {**pending.current, **pending.set}
+    return {key: value for key, value in merged.items() if key not in pending.delete and key != "digest"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +86,7 @@ class Lane:
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
+        self.ahead: ReadAhead | None = None  # set by the engine: the next starts' pending sections, read early
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""
@@ -87,30 +98,55 @@ class Lane:
     def authorize(self, admitted: Admitted) -> Refusal | None:
         """Right before the call: the facts a start, a remote power action or a signed op still needs.
 
-        These reads run in parallel across lanes; config writes need none. A class raised by what
-        is read refuses the step. A PveError propagates: a read that failed is no verdict.
+        These reads run in parallel across lanes; config writes need none. A start reads only
+        /pending, which holds the current values beside the pending ones (a remote start's protection
+        is there too), maybe read ahead of the lane (``ReadAhead``). A class raised by what is read
+        refuses the step. A PveError propagates: a read that failed is no verdict.
         """
         if admitted.op is not None:
             return self._authorize_op(admitted)
         step, source = admitted.step, admitted.source
         if step.kind not in (START, STOP):
             return None
-        needs_config = source not in (Source.LOCAL_FILE, Source.OPERATOR_OP) and admitted.facts.config is None
-        if step.kind == STOP and not needs_config:
+        # A remote source's power action depends on ``protection``: read now, never taken from admission's read
+        # (the flag may have been set since). A start's pending read carries the current config: no extra read.
+        remote = source not in TRUSTED_FOR_PROTECTED_POWER
+        if step.kind == STOP and not remote:
             return None
-        config = self._reader.config(step.guest_type, step.vmid)[0] if needs_config else admitted.facts.config
+        pending = self._read_pending(admitted) if step.kind == START else None
+        if not remote:
+            config = admitted.facts.config
+        elif pending is not None:  # what GET .../config answers: the pending-applied view
+            config = _applied(pending)
+        else:
+            config = self._reader.config(step.guest_type, step.vmid)[0]
         facts = replace(admitted.facts, config=config)
-        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted)
+        verdict = self._with_pending(step.kind, classify(to_action(admitted.step), facts, source), facts, admitted,
+                                     pending)
         if verdict.cls <= admitted.verdict.cls:
             return None
         return self._refuse(admitted, verdict, "APPROVAL_REQUIRED", f"{verdict.rule}: " + "; ".join(verdict.reasons))
 
-    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted) -> Verdict:
-        """A start applies the pending section: it is as costly as writing those changes now."""
+    def _read_pending(self, admitted: Admitted) -> PendingSection:
+        """The guest's pending section: read ahead of the lane when fresh (the local file's starts), else now.
+
+        A remote source's start is judged on ``protection`` read right before the call (issue 13 item 5),
+        so it never takes a read made ahead.
+        """
+        step = admitted.step
+        ahead = self.ahead is not None and admitted.op is None and admitted.source is Source.LOCAL_FILE
+        found = self.ahead.take(step.vmid) if ahead and self.ahead is not None else None
+        return found if found is not None else self._reader.pending(step.guest_type, step.vmid)
+
+    def _with_pending(self, kind: str, verdict: Verdict, facts: GuestFacts, admitted: Admitted,
+                      pending: PendingSection | None = None) -> Verdict:
+        """A start applies the pending section: it is as costly as writing those changes now (``pending``: as
+        already read)."""
         if kind != START:
             return verdict
         step = admitted.step
-        pending = self._reader.pending(step.guest_type, step.vmid)
+        if pending is None:
+            pending = self._reader.pending(step.guest_type, step.vmid)
         if not pending:
             return verdict
         change = Action(kind="set_config", vmid=step.vmid, guest_type=step.guest_type, set=pending.set,
@@ -122,9 +158,10 @@ class Lane:
         return Verdict(cls=applied.cls, op_kind=verdict.op_kind, rule=f"pending_{applied.rule}", reasons=reasons)
 
     def _authorize_op(self, admitted: Admitted) -> Refusal | None:
-        """Step 13 of §4.4: fresh facts, expiry, lock, protection, binding; nothing is written yet.
+        """Step 13 of §4.4: fresh facts, expiry, lock, binding, protection; no operation begins yet.
 
-        A refusal here leaves the nonce unspent (LOCKED is retried by the desk until the op expires).
+        A refusal for the guest's state (DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH) spends the nonce;
+        any other leaves it unspent (LOCKED is retried by the desk until the op expires).
         """
         step, op = admitted.step, admitted.op
         assert op is not None
@@ -138,7 +175,7 @@ class Lane:
         facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
         problem = self._op_problem(admitted, facts)
         if problem is not None:
-            return self._refuse_op(admitted, *problem)
+            return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
         with self._lock:
             self._before[op.payload.op_id] = before_image(config, step)
         return None
@@ -147,8 +184,18 @@ class Lane:
         """The first reason the op may not run on ``facts`` (reason, detail), or None."""
         step, op = admitted.step, admitted.op
         assert op is not None
-        if facts.lock:
+        if facts.lock:  # first: PVE writes the lock into the config, so it moves the digest, and LOCKED is retried
             return "LOCKED", f"guest {step.vmid} is locked ({facts.lock})"
+        # The binding before anything else: an op refused for the guest's state is spent (``decisions.spends``),
+        # and that must not wait behind a refusal that leaves it alive. Protection set after the signing moved
+        # the digest: DIGEST_STALE, not PROTECTED (clearing the flag again would revive the op).
+        verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
+                                     facts, admitted)
+        cls = self._gate.expected_class(step, verdict, facts)
+        try:
+            check_binding(op.payload, bound_action(step, verdict, facts, self._gate.audience(), cls_name=cls.name))
+        except Refused as exc:
+            return exc.reason.value, exc.detail
         again = self._gate.reverify(op, step, facts) if self._gate.reverify is not None else None
         if again is not None:
             return again.reason.value, again.detail
@@ -159,18 +206,13 @@ class Lane:
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
             return "PROTECTED", (f"guest {step.vmid} has protection=1: clear it first with its own approved "
                                  "config.protection_off op")
-        verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
-                                     facts, admitted)
-        cls = self._gate.expected_class(step, verdict, facts)
-        try:
-            check_binding(op.payload, bound_action(step, verdict, facts, self._gate.audience(), cls_name=cls.name))
-        except Refused as exc:
-            return exc.reason.value, exc.detail
         check = getattr(KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
         problem = check(step, facts.config) if check is not None else None
         return None if problem is None else ("MALFORMED", problem)
 
-    def _refuse_op(self, admitted: Admitted, reason: str, detail: str) -> Refusal:
+    def _refuse_op(self, admitted: Admitted, reason: str, detail: str, *, guest_type: str | None = None,
+                   facts: GuestFacts | None = None) -> Refusal:
+        """Refuse the signed op, spending it when refused for the guest's state (``facts``: as read; None: gone)."""
         op = admitted.op
         assert op is not None
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
@@ -179,6 +221,7 @@ class Lane:
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
         self._gate.count_refused()
+        self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts)
         self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                                     detail=detail, op_id=refusal.op_id,
                                                     key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
@@ -253,36 +296,45 @@ class Lane:
 
     def _call(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
               op_id: str) -> TaskOutcome | InFlightCall:
-        """The call and its task; an answer lost on the way is looked for in the guest's task list.
+        """The call and its task: waited on until it ends or its deadline passes (then in flight)."""
+        sent = self._send(admitted, kind, began_at, bound, op_id)
+        if not isinstance(sent, str):
+            return sent
+        if not sent:
+            return TaskOutcome(TaskResult.OK, "")  # a synchronous call that answered: done
+        self._gate.journal_write(lambda j: j.task(op_id, sent))
+        waiting = time.monotonic()
+        result = wait_task(self._reader, sent, deadline=waiting + self._gate.settings.task_timeout)
+        self._gate.metrics.task_wait.observe(time.monotonic() - waiting)
+        if not result.ended:
+            return InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
+                                upid=sent, detail=result.exitstatus)
+        return result
+
+    def _send(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
+              op_id: str) -> str | TaskOutcome | InFlightCall:
+        """The request: its UPID ("" for a synchronous answer), a definite failure, or a call in flight.
 
         PVE may have taken a call whose answer was lost: "no answer" is never read as "not done"
-        (that is how things run twice). Not found at once, the call stays in flight.
+        (that is how things run twice). Its task is looked for at once; not found, the call is in flight.
         """
         step = admitted.step
         assert self._writer is not None
         try:
-            upid = kind.call(self._writer, step, self._gate.settings.calls)
+            return kind.call(self._writer, step, self._gate.settings.calls) or ""
+        except PveNotSentError as exc:  # no connection was made: a definite "not done", planned again
+            return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {exc}")
         except PveUnavailableError as exc:
             if step.guest_type in kind.untasked:  # nothing to look for; the write's digest guards the next plan
                 return TaskOutcome(TaskResult.UNKNOWN, f"no answer, and this call leaves no task: {exc}")
             lost = InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
                                 detail=f"no answer: {exc}")
             found = self._look_up(lost, bound)
-            if not isinstance(found, InFlightCall):
-                return lost if found is None else found  # not yet found, or (no grace) proven absent
-            upid = found.upid
+            if isinstance(found, InFlightCall) and found.upid:
+                return found.upid
+            return lost if found is None else found  # not found yet, or (no grace) proven absent
         except PveError as exc:
             return TaskOutcome(TaskResult.FAILED, str(exc))
-        if not upid:
-            return TaskOutcome(TaskResult.OK, "")
-        self._gate.journal_write(lambda j: j.task(op_id, upid))
-        waiting = time.monotonic()
-        result = wait_task(self._reader, upid, deadline=waiting + self._gate.settings.task_timeout)
-        self._gate.metrics.task_wait.observe(time.monotonic() - waiting)
-        if not result.ended:
-            return InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
-                                upid=upid, detail=result.exitstatus)
-        return result
 
     def _look_up(self, call: InFlightCall, bound: Any) -> InFlightCall | TaskOutcome | None:
         """Search the guest's task list for a lost call's task.

@@ -35,6 +35,7 @@ class Observed:
     configs: dict[int, tuple[dict[str, str], str]]  # vmid -> (pending-applied config, digest)
     elsewhere: frozenset[int]  # declared guests that live on another node
     unreadable: dict[int, str] = field(default_factory=dict)  # declared guests whose list entry did not parse
+    listed: frozenset[int] | None = None  # every vmid of this node's lists, whatever its state (None: not read)
 
     def request(self, declared: Iterable[Declared]) -> tuple[list[pb.DesiredGuest], list[pb.ActualGuest]]:
         """The planner request for ``declared``: guests elsewhere are not this node's to plan."""
@@ -50,9 +51,9 @@ def manages_config(declared: Declared) -> bool:
 
 def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor | None = None) -> Observed:
     """Read what planning ``declared`` needs; PveError when the guest list cannot be read."""
-    listed = reader.guests()
-    guests = {g.vmid: g for g in listed if g.status in RUN_STATES}
-    unreadable = {d.vmid: listed.unreadable[d.vmid] for d in declared if d.vmid in listed.unreadable}
+    listing = reader.guests()
+    guests = {g.vmid: g for g in listing if g.status in RUN_STATES}
+    unreadable = {d.vmid: listing.unreadable[d.vmid] for d in declared if d.vmid in listing.unreadable}
     for vmid, error in unreadable.items():
         log.warning("guest_unreadable", vmid=vmid, error=error)
     wanted = [guests[d.vmid] for d in declared if d.vmid in guests and manages_config(d)]
@@ -67,8 +68,9 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
     results = pool.map(read, wanted) if pool is not None else map(read, wanted)
     configs = {vmid: found for vmid, found in results if found is not None}
     placed = [d for d in declared if d.vmid not in unreadable]
+    # A guest whose entry did not parse is still on the node (its state unknown), so listed.
     return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, placed, guests),
-                    unreadable=unreadable)
+                    unreadable=unreadable, listed=frozenset(g.vmid for g in listing) | frozenset(listing.unreadable))
 
 
 def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int, GuestState]) -> frozenset[int]:

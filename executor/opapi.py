@@ -1,8 +1,9 @@
 """The operator's commands that talk to the executor API: ``pending``, ``op propose/submit/revoke``.
 
 The executor reads Proxmox; these commands never do. A gRPC failure is reported with its status and
-details (exit 1); a refusal with its typed reason (exit 1). Loopback by default; beyond it the executor
-API requires mutual TLS (``--api-ca``, ``--api-cert``, ``--api-key``).
+details (exit 1); a refusal with its typed reason (exit 1). The daemon's Unix socket by default (``--api
+unix:PATH`` or HOST:PORT for another); beyond loopback the executor API requires mutual TLS (``--api-ca``,
+``--api-cert``, ``--api-key``).
 """
 
 from __future__ import annotations

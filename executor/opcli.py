@@ -15,8 +15,10 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import cast
 
+from executor.config import DEFAULT_LISTEN
+
 COMMANDS = frozenset({"keys", "trust", "pending", "op"})
-DEFAULT_API = "127.0.0.1:50052"
+DEFAULT_API = DEFAULT_LISTEN  # the daemon's socket
 API_ENV = "PVE_EXECUTOR_API"
 # Imported when run, so `pve-executor --help` and the daemon do not load gRPC stubs and key code for nothing.
 HANDLERS: Mapping[tuple[str, str | None], str] = {
@@ -35,13 +37,14 @@ DEFAULT_TTL = "15m"
 
 
 def api_target(args: argparse.Namespace) -> str:
-    """HOST:PORT of the executor API: --api, else PVE_EXECUTOR_API, else loopback."""
+    """The executor API's address (unix:PATH or HOST:PORT): --api, else PVE_EXECUTOR_API, else the socket."""
     return str(args.api or os.environ.get(API_ENV) or DEFAULT_API)
 
 
 def add_api_flags(parser: argparse.ArgumentParser) -> None:
     """Where the executor API is and how to reach it."""
-    parser.add_argument("--api", metavar="HOST:PORT", help=f"executor API [{API_ENV}] (default {DEFAULT_API})")
+    parser.add_argument("--api", metavar="unix:PATH|HOST:PORT",
+                        help=f"executor API [{API_ENV}] (default {DEFAULT_API})")
     parser.add_argument("--api-ca", metavar="PEM", help="CA of the API's certificate (turns TLS on)")
     parser.add_argument("--api-cert", metavar="PEM", help="client certificate for mutual TLS")
     parser.add_argument("--api-key", metavar="PEM", help="client key for mutual TLS")

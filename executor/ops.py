@@ -5,8 +5,10 @@ signature holds (SAFETY-DESIGN §4.4): rate limit -> trust store -> verify (step
 gate's clock) -> the clock-reset floor -> the nonce, read-only (step 12) -> the guest's current
 facts -> ``Engine.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
 names. The nonce is spent later, in the guest's lane, by the journal record that states the intent.
-A lane refusal leaves it unspent: LOCKED (a backup holds the guest) is retried each tick until
-the op expires; anything else drops the op, and the operator re-proposes.
+A refusal because the guest is not in the state signed for (DIGEST_STALE, BINDING_MISMATCH,
+CLASS_MISMATCH), at admission or in the lane, spends it too: that state can come back, the op may
+not. Any other refusal leaves it unspent: LOCKED (a backup holds the guest) is retried each tick
+until the op expires; anything else drops the op, and the operator re-proposes.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from executor.decisions import Refusal, descriptor, to_action
 from executor.kinds import KINDS
 from executor.observe import Observed
 from executor.opauth import could_sign, revokers, role_covers_keys
-from executor.opclock import SIGNER_BACKDATE, GateClock, TokenBucket, mark_nonces
-from executor.opsteps import ACTION_MARKED, action_key, nonce_key, revoked_key, step_from
+from executor.opclock import SIGNER_BACKDATE, GateClock, RateBuckets, mark_nonces
+from executor.opsteps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.optrust import TrustKeeper
 from executor.pve import PveError
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
@@ -54,7 +56,7 @@ class OpSettings:
     state_dir: str
     trust_store: str | None = None  # unset: signed ops are off, every non-benign step is refused
     skew: float = 120.0  # op_clock_skew: how far in the future not_before may be (never on not_after)
-    rate: float = 5.0  # SubmitOp calls per second, sustained
+    rate: float = 5.0  # SubmitOp calls per second and caller, sustained
     burst: int = 20
 
 
@@ -80,8 +82,8 @@ class OpDesk:
         self._accepted: dict[str, VerifiedOp] = {}  # by nonce key: queued or waiting for a retry, not yet run
         self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
-        self._bucket = TokenBucket(settings.rate, settings.burst)
-        self._propose_bucket = TokenBucket(settings.rate, settings.burst)
+        self._bucket = RateBuckets(settings.rate, settings.burst)  # per caller: a flood spends its own
+        self._propose_bucket = RateBuckets(settings.rate, settings.burst)
         self.trust = TrustKeeper(settings.trust_store, settings.state_dir)
         engine.holders.append(self.held)
         engine.before_tick.append(self.tick)
@@ -107,13 +109,14 @@ class OpDesk:
 
     # --- propose ---------------------------------------------------------------------------------
 
-    def propose(self, vmid: int, kind: str, params: dict[str, object]) -> Proposal:
+    def propose(self, vmid: int, kind: str, params: dict[str, object], caller: str = "") -> Proposal:
         """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing.
 
-        Rate-limited on its own (each call reads Proxmox twice and mints a challenge), so proposing
-        never eats into what submitting may do.
+        Rate-limited on its own, per ``caller`` (each call reads Proxmox twice and mints a challenge),
+        so proposing never eats into what submitting may do. The before-image holds the keys the
+        proposal touches and the digest it binds, never the rest of the config (matrix row 54).
         """
-        if not self._propose_bucket.take():
+        if not self._propose_bucket.take(caller):
             raise RateLimitedError("ProposeOp: too many calls; try again in a second")
         reader, gate = self._engine.pve, self._engine.gate
         guest = reader.guests().find(vmid)
@@ -136,7 +139,7 @@ class OpDesk:
         action = descriptor(step, verdict, facts, gate.audience(), cls)
         challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
         return Proposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
-                        before=dict(config))
+                        before=proposal_before(config, digest, step))
 
     def _secret(self) -> bytes:
         secret = self._engine.gate.settings.secret
@@ -146,9 +149,12 @@ class OpDesk:
 
     # --- submit ----------------------------------------------------------------------------------
 
-    def submit(self, envelope: Envelope) -> tuple[str, Refusal | None]:
-        """Admission of a signed op (steps 1-12, then the gate); the result comes through ListOperations."""
-        if not self._bucket.take():
+    def submit(self, envelope: Envelope, caller: str = "") -> tuple[str, Refusal | None]:
+        """Admission of a signed op (steps 1-12, then the gate); the result comes through ListOperations.
+
+        ``caller`` names whose rate bucket pays (``common.callers``: uid, certificate or address).
+        """
+        if not self._bucket.take(caller):
             raise RateLimitedError("SubmitOp: too many calls; try again in a second")
         try:
             op = self._verify(envelope)
@@ -232,8 +238,9 @@ class OpDesk:
             raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
         try:
             journal.check_key(nonce_key(op))
-        except NonceSpentError as exc:
-            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value})") from None
+        except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
+            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value}): "
+                                                     "sign a new proposal") from None
         except KeyInFlightError:
             raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
 
@@ -249,13 +256,15 @@ class OpDesk:
         except PveError as exc:
             return self._refusal(payload.vmid, payload.kind,
                                  Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
-        except Refused as exc:
+        except Refused as exc:  # the guest is gone: not the guest signed for
+            self._engine.gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None)
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
         journal = self._engine.journal
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:
+            self._engine.gate.spend(op, RefusalReason.DIGEST_STALE.value, ran[1], guest_type=guest.type, facts=None)
             return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
         store = self._current()
         role = store.roles.get(payload.role) if store is not None else None
@@ -331,13 +340,13 @@ class OpDesk:
 
     # --- revoke ----------------------------------------------------------------------------------
 
-    def revoke(self, envelope: Envelope) -> tuple[str, Refusal | None]:
+    def revoke(self, envelope: Envelope, caller: str = "") -> tuple[str, Refusal | None]:
         """A signed ``op.revoke`` marks the named op revoked for good (a veto): it can never run after.
 
         When the target is accepted here, the revoker must be its kind's peer: the revocation names
         the target's guest, and the revoker's role allows the target's kind and class (§4.5).
         """
-        if not self._bucket.take():
+        if not self._bucket.take(caller):
             raise RateLimitedError("RevokeOp: too many calls; try again in a second")
         try:
             revocation = self._verify(envelope)

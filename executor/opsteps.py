@@ -87,6 +87,16 @@ def bound_action(step: Step, verdict: Verdict, facts: GuestFacts, audience: str,
                      digest=facts.digest, run_state=facts.run_state)
 
 
+def proposal_before(config: Mapping[str, str], digest: str, step: Step) -> dict[str, str]:
+    """What ProposeOp shows of the guest: the keys the step writes or deletes, the disk its params name,
+    and the digest it binds; never the rest (a description or a cloud-init user is not the caller's to read)."""
+    keys = {k for k, _ in step.set} | set(step.delete)
+    disk = dict(step.params).get("disk")
+    if isinstance(disk, str):
+        keys.add(disk)
+    return {**{key: config[key] for key in sorted(keys) if key in config}, "digest": digest}
+
+
 def before_image(config: Mapping[str, str] | None, step: Step) -> dict[str, str | None]:
     """The values the step changes, as they were (None: absent): what an undo writes back."""
     if config is None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import requests
 import structlog
+import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
@@ -40,6 +41,10 @@ class PveError(Exception):
 
 class PveUnavailableError(PveError):
     """No answer: connection refused or reset, timeout, TLS failure, 5xx from a proxy."""
+
+
+class PveNotSentError(PveUnavailableError):
+    """No connection was made (refused, connect timeout, TLS handshake failed): the request never left."""
 
 
 class PveAnswerError(PveError):
@@ -238,7 +243,8 @@ class Session:
                 raise error(message, exc.status_code) from None
             except requests.RequestException as exc:
                 self._on_error(None)
-                raise PveUnavailableError(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
+                error = PveNotSentError if _never_sent(exc) else PveUnavailableError
+                raise error(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     def guest(self, api: Any, guest_type: str, vmid: int) -> Any:
@@ -270,6 +276,18 @@ class GuestList(list[GuestState]):
         if self.dropped:
             raise PveAnswerError(f"guest {vmid} is not in the guest list, which dropped {self.dropped[0]}")
         return None
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the request failed before a connection existed (so PVE cannot have taken it).
+
+    A connection refused or a connect timeout or TLS handshake failure: yes. A reset, a read timeout,
+    a connection closed after the request was written: PVE may have taken it.
+    """
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.SSLError):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 class ProxmoxNode:
@@ -330,7 +348,7 @@ class ProxmoxNode:
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
         """GET .../config: PVE's pending-applied view, values as text, digest apart (never without one)."""
         answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).config.get())
-        return _parsed(f"guest {vmid}: config", pveparse.config_answer, answer, guest_type)
+        return _parsed(f"guest {vmid}: config", pveparse.config_answer, answer)
 
     def pending(self, guest_type: str, vmid: int) -> Pending:
         """GET .../pending: per key its current value, its pending value or a pending delete."""

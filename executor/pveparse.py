@@ -107,6 +107,11 @@ def value_text(value: object, what: str) -> str:
     raise MalformedAnswerError(f"{what} is {kind_of(value)}, not a string or a number")
 
 
+def _config_value(key: str, value: object) -> str:
+    """A config value as text; LXC's raw keys (``lxc``, a list of pairs) as the config file's lines."""
+    return _raw_lxc(value) if key == "lxc" and isinstance(value, list) else value_text(value, key)
+
+
 def _raw_lxc(value: object) -> str:
     """LXC's raw ``lxc.*`` lines, which the config answer gives as [[key, value], ...]: as the file's lines."""
     if not isinstance(value, list):
@@ -119,7 +124,7 @@ def _raw_lxc(value: object) -> str:
     return "\n".join(lines)
 
 
-def config_answer(answer: object, guest_type: str) -> tuple[dict[str, str], str]:
+def config_answer(answer: object) -> tuple[dict[str, str], str]:
     """GET .../config: every key a PVE key, every value a string or number, and a digest (no digest, no facts)."""
     if not isinstance(answer, dict):
         raise MalformedAnswerError(f"the config is {kind_of(answer)}, not an object")
@@ -133,7 +138,7 @@ def config_answer(answer: object, guest_type: str) -> tuple[dict[str, str], str]
             continue
         if not isinstance(key, str) or not KEY.fullmatch(key):
             raise MalformedAnswerError(f"config key {key!r} is not a PVE config key")
-        config[key] = _raw_lxc(value) if key == "lxc" and guest_type == "lxc" else value_text(value, key)
+        config[key] = _config_value(key, value)
     return config, digest
 
 
@@ -145,9 +150,9 @@ def pending_answer(answer: object) -> tuple[dict[str, str], dict[str, str], froz
         if not isinstance(key, str) or not KEY.fullmatch(key):
             raise MalformedAnswerError(f"pending key {key!r} is not a PVE config key")
         if "value" in entry:
-            current[key] = value_text(entry["value"], f"{key} value")
+            current[key] = _config_value(key, entry["value"])
         if "pending" in entry:
-            pending[key] = value_text(entry["pending"], f"{key} pending")
+            pending[key] = _config_value(key, entry["pending"])
         flag = entry.get("delete", 0)
         if flag not in (0, 1, 2) or isinstance(flag, bool):  # 1: pending delete, 2: forced delete
             raise MalformedAnswerError(f"pending delete flag {flag!r} of {key} is not 0, 1 or 2")

@@ -6,11 +6,14 @@ which wires the writer into the gate. Nothing else in the executor can reach a m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from executor.pve import QEMU, PveError, Session
 from safety.keys import API_PARAMETERS
+
+_KEY = re.compile(r"[a-z][a-z0-9_.-]*", re.ASCII)  # one config key (raw LXC keys have dots)
 
 
 class ProxmoxWriter:
@@ -36,9 +39,11 @@ class ProxmoxWriter:
         ``force`` (QEMU only; PVE requires a delete with it) frees a deleted disk's volume instead of
         keeping it as ``unusedN``. LXC's config API has no such flag: refused here, before any request.
         """
-        bad = sorted(set(values) & API_PARAMETERS) + [k for k in delete if "," in k or k in API_PARAMETERS]
+        # PVE splits a delete list on commas, semicolons, whitespace and NUL: a key is one plain name or nothing.
+        bad = sorted(set(values) & API_PARAMETERS) + [k for k in delete if not _KEY.fullmatch(k) or k in API_PARAMETERS]
         if bad:  # the last line of defence: a key named like a parameter would become that parameter
-            raise PveError(f"config keys {', '.join(bad)} are parameters of PVE's config call", 400)
+            raise PveError(f"config keys {', '.join(map(repr, bad))} are parameters of PVE's config call or not one "
+                           "key", 400)
         params: dict[str, Any] = dict(values)
         if delete:
             params["delete"] = ",".join(delete)

@@ -65,6 +65,11 @@ class GuestQueue:
                 worker.start()
             self._lock.notify()
 
+    @property
+    def max_parallel(self) -> int:
+        """How many lanes run at once."""
+        return self._max_parallel
+
     def _pending_lanes(self) -> int:
         return len(self._ready) + len(self._running)
 

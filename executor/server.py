@@ -8,7 +8,7 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from common import grpcserver
+from common import callers, grpcserver
 from common.grpcserver import ServerTls
 from executor.decisions import GateState, Pending, Refusal
 from executor.engine import Engine, TickSummary
@@ -26,6 +26,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 CLASSES = {Class.BENIGN: pb.ACTION_CLASS_BENIGN, Class.APPROVAL: pb.ACTION_CLASS_APPROVAL,
            Class.DESTRUCTIVE: pb.ACTION_CLASS_DESTRUCTIVE}
 CLASS_NAMES = {cls.name: value for cls, value in CLASSES.items()}
+SOCKET_GROUP = "pve-reconcile"  # the group whose members reach the API's socket (like docker's group)
+# The calls that change something or mint a challenge: each is logged with its caller (``api_call``).
+AUDITED = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Reconcile", "ProposeOp", "SubmitOp", "RevokeOp"))
 
 
 def reason_to_proto(reason: str) -> pb.RefusalReason.ValueType:
@@ -123,7 +126,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json: {exc}")
         try:
-            proposal = desk.propose(request.vmid, request.kind, params)
+            proposal = desk.propose(request.vmid, request.kind, params, callers.current().key)
         except OpRefused as exc:
             code = grpc.StatusCode.NOT_FOUND if "not on node" in exc.detail else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, f"{exc.reason.value}: {exc.detail}")
@@ -146,11 +149,11 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return pb.RevokeOpResponse(op_id=op_id, decision=decision, refusal=refusal)
 
     @staticmethod
-    def _decide(call: Callable[[Envelope], tuple[str, Refusal | None]], signed: pb.SignedOp, done: str,
+    def _decide(call: Callable[[Envelope, str], tuple[str, Refusal | None]], signed: pb.SignedOp, done: str,
                 context: grpc.ServicerContext) -> tuple[str, str, pb.Refusal | None]:
-        """One desk call on an envelope: (op_id, decision, refusal), RESOURCE_EXHAUSTED past the rate."""
+        """One desk call on an envelope: (op_id, decision, refusal), RESOURCE_EXHAUSTED past the caller's rate."""
         try:
-            op_id, refusal = call(envelope_of(signed))
+            op_id, refusal = call(envelope_of(signed), callers.current().key)
         except RateLimitedError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if refusal is not None:
@@ -205,11 +208,13 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None,
-              desk: OpDesk | None = None) -> grpcserver.Running:
-    """Serve the executor API on ``listen`` (port 0 picks one); TLS, mutual when a client CA is set."""
+def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None, desk: OpDesk | None = None,
+              socket_group: str = SOCKET_GROUP) -> grpcserver.Running:
+    """Serve the executor API on ``listen``: ``unix:PATH`` (0660, ``socket_group``) or HOST:PORT (port 0 picks
+    one; TLS, mutual when a client CA is set). Each mutating call is logged with its caller."""
     api = grpcserver.start(listen, lambda server: pb_grpc.add_ExecutorServiceServicer_to_server(
-        ExecutorServicer(engine, desk), server), (SERVICE_NAME,), tls=tls, workers=4)
-    log.info("executor_api_listening", address=f"{listen.rsplit(':', 1)[0]}:{api.port}", tls=tls is not None,
-             mutual_tls=bool(tls and tls.client_ca))
+        ExecutorServicer(engine, desk), server), (SERVICE_NAME,), tls=tls, workers=4, socket_group=socket_group,
+        audited=AUDITED)
+    address = f"unix:{api.front.path}" if api.front else f"{listen.rsplit(':', 1)[0]}:{api.port}"
+    log.info("executor_api_listening", address=address, tls=tls is not None, mutual_tls=bool(tls and tls.client_ca))
     return api

@@ -4,8 +4,9 @@ A leaf package: standard library only (checked by import-linter). The executor w
 before each Proxmox call, ``task`` when the call returned a UPID and ``ended`` when it is done;
 ``in_flight()`` is what it re-checks on restart; ``already_applied(key)`` keeps one-shot
 operations from running twice, and a burn key (``op:<op_id>``) is a nonce no outcome releases
-(``NonceSpentError``). ``refuse()`` records a refused step; ``high_water`` is the largest record
-time seen, the floor of the gate's clock.
+(``NonceSpentError``); ``burn(key)`` spends one with no operation (a signed op refused for good).
+``refuse()`` records a refused step; ``high_water`` is the largest record time seen, the floor of
+the gate's clock.
 """
 
 from journal.errors import (

@@ -9,7 +9,7 @@ for none) and its bytes. Binary rather than JSON: reopening a million-record jou
 million bodies, and JSON decoding alone costs more than the 5 s that may take. Payloads are kept
 as canonical JSON bytes (sorted keys), so their hash needs no decoding either.
 
-Types: ``B`` begun, ``T`` task, ``E`` ended, ``A`` applied (compaction's carry-over of a key),
+Types: ``B`` begun, ``T`` task, ``E`` ended, ``A`` applied (compaction's carry-over of a key, or a burn),
 ``R`` refused, ``H`` high-water mark (compaction's carry-over of the largest ``at`` seen). A
 new type only ever adds a letter: the bodies of the older ones never change, so every journal an
 older version wrote still opens.
@@ -101,7 +101,8 @@ class Ended:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Applied:
-    """Compaction's carry-over of a key whose operation ended ok or unknown (a burn key: any outcome)."""
+    """Compaction's carry-over of a key whose operation ended ok or unknown (a burn key: any outcome); also a
+    burn key spent with no operation (``Journal.burn``: a signed op refused for good, outcome FAILED)."""
 
     key: str
     payload_hash: bytes

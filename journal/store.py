@@ -26,6 +26,7 @@ from journal.errors import (
 from journal.records import (
     BEGUN_PAYLOAD,
     FIELDS,
+    Applied,
     Begun,
     Body,
     Ended,
@@ -38,7 +39,7 @@ from journal.records import (
     payload_hash,
     record_of,
 )
-from journal.state import InFlight, KeyState, State
+from journal.state import BURN_PREFIX, InFlight, KeyState, State, is_burn_key
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -128,6 +129,33 @@ class Journal:
     def end(self, op_id: str, outcome: Outcome, error: str = "") -> None:
         """Record how the operation ended."""
         self._append_for(op_id, Ended(op_id=op_id, outcome=outcome, error=error, at=self._clock()))
+
+    def burn(self, key: str, *, op_id: str, why: str) -> bool:
+        """Spend the burn key ``key`` with no operation (a signed op refused for good); True when written.
+
+        One durable record, the one compaction carries a spent key forward as (``Applied``, outcome
+        FAILED): from then on ``begin`` and ``check_key`` raise NonceSpentError for ``key``, across
+        restarts. A key already known (spent, or in flight: spent by its end) is left as it is.
+        ``why`` is hashed as the record's payload (the refusal it comes from).
+        """
+        if not is_burn_key(key):
+            raise ValueError(f"only a burn key ({BURN_PREFIX}...) can be burned, not {key!r}")
+        record = Applied(key=key, payload_hash=payload_hash(why.encode()), op_id=op_id, outcome=Outcome.FAILED,
+                         at=self._clock())
+        body = fields_of(record)
+        frame = encode_body(body)
+        with self._cond:
+            self._check_open()
+            if self._live_key(key) is not None:
+                return False
+            # Reserved before the write, as keys are: a begin racing this burn meets the key already spent.
+            self._state.keys[key] = KeyState(record.payload_hash, op_id, Outcome.FAILED, record.at)
+            try:
+                self._commit(frame, body)
+            except BaseException:
+                self._state.keys.pop(key, None)
+                raise
+        return True
 
     def refuse(self, *, vmid: int, kind: str, reason: str, detail: str = "", op_id: str | None = None,
                key: str | None = None) -> None:

@@ -4,12 +4,17 @@ A rate that gives a person time to notice a bad edit: the node's own desired fil
 any number of stops, a remote source with max(2, 10% of the managed guests) per tick, the rest
 deferred to later ticks. A remote source asking to stop more than half of the managed guests at
 once gets every one of those stops refused as needing approval: a hub gone wrong must not drain a node.
+
+The count is of what the node has, not of what is declared (``settle``): a guest a remote source
+stopped stays counted, as managed and stopped, when the source then stops declaring it or drops
+its run state, until it runs again or is gone from the node. Un-managing what it stopped never
+frees budget for more stops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, replace
 
 from safety.model import Source
 
@@ -54,3 +59,36 @@ def limit_stops(stop_vmids: Sequence[int], *, managed: int, source: Source,
         return StopBudget(admitted=vmids, deferred=(), need_approval=())
     room = max(0, limit - used)
     return StopBudget(admitted=vmids[:room], deferred=vmids[room:], need_approval=())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteStop:
+    """A guest a remote source stopped: when its stop was admitted, and whether it was seen stopped since."""
+
+    at: float
+    seen: bool = False
+
+
+def settle(stops: Mapping[int, RemoteStop], *, status: Mapping[int, str], present: Set[int], held: Set[int],
+           now: float, grace: float) -> dict[int, RemoteStop]:
+    """The remote stops that still count, after a read of the whole node.
+
+    ``status``: run state by vmid, as read; ``present``: every vmid on the node's lists, whatever
+    its state; ``held``: guests whose state is in motion (a job queued or running, a task past its
+    deadline, a read older than their last job): kept as they are. A guest gone from the node no
+    longer counts; one seen stopped is confirmed; one seen running (or paused) after it was seen
+    stopped runs again (someone started it). One never seen stopped and running counts until
+    ``grace`` after its stop was admitted (the stop may still be under way, say across a restart).
+    """
+    kept = {}
+    for vmid, stop in stops.items():
+        state = status.get(vmid)
+        if vmid not in present:
+            continue
+        if vmid in held or state is None:  # in motion, or a state this rule cannot read: it still counts
+            kept[vmid] = stop
+        elif state == "stopped":
+            kept[vmid] = stop if stop.seen else replace(stop, seen=True)
+        elif not stop.seen and now < stop.at + grace:
+            kept[vmid] = stop
+    return kept

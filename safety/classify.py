@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from safety import keys
+from safety import grammar, keys
 from safety.model import Action, Class, GuestFacts, Judgment, Source, Verdict, is_on
 
 __all__ = ["KINDS", "Action", "Class", "GuestFacts", "KindRule", "ParamFlag", "Source", "Verdict", "classify"]
@@ -96,6 +96,19 @@ KINDS: dict[str, KindRule] = {
     "config.disk_detach": _config(_D, "config.disk_detach", "detaches a disk"),
     "config.unused_delete": _config(_D, "config.unused_delete", "physically removes a volume"),
     "config.template": _config(_D, "config.template", "the path to an irreversible conversion"),
+    "config.guest_credentials": _config(_A, "config.guest_credentials", "sets who logs in to the guest"),
+    "config.nic_firewall_off": _config(_A, "config.nic_firewall_off", "takes a NIC out of PVE's firewall"),
+    "config.guest_identity": _config(_A, "config.guest_identity", "changes the guest's identity"),
+    "config.lock": _config(_A, "config.lock", "sets or clears PVE's lock"),
+    "config.isolation": _config(_A, "config.isolation", "changes the container's isolation"),
+    "config.unknown_key": _config(_A, "config.unknown_key", "a key PVE's schema does not have"),
+    "config.unused_write": _config(_D, "config.unused_write", "PVE stops tracking a volume"),
+    "config.pve_internal": _config(_D, "config.pve_internal", "a key PVE keeps for itself"),
+    "config.unreadable": _config(_D, "config.unreadable", "a value PVE's grammar does not read as we would"),
+    "config.host_disk": _config(_D, "config.host_disk", "gives the guest a host device that is not a known "
+                                                        "character device"),
+    "config.guest_code": _config(_A, "config.guest_code", "sets what a container runs as its root"),
+    "config.boot_device": _config(_A, "config.boot_device", "changes the device booted first"),
     "disk.resize": KindRule(cls=_A, op_kind="disk.resize", why="grows a disk: commits capacity for good"),
     "disk.move": KindRule(cls=_A, op_kind="disk.move", why="copies a disk; the old copy stays as unusedN",
                           flags=_MOVE_FLAGS),
@@ -146,13 +159,40 @@ def _verdict(found: list[Judgment]) -> Verdict:
 
 
 def _key_judgments(action: Action, facts: GuestFacts) -> Iterator[Judgment]:
-    """Each written and each deleted key alone, in a stable order (writes, then deletes, sorted)."""
+    """Each written and each deleted key alone, in a stable order (writes, then deletes, sorted).
+
+    A key is judged as PVE writes it (``cdrom`` is ``ide2``), its value read with PVE's grammar: a
+    value that does not read, or two spellings of one key in one write, is unreadable: destructive.
+    """
     changes: list[tuple[str, str | None]] = [(key, value) for key, value in sorted(action.set.items())]
     changes += [(key, None) for key in sorted(action.delete)]
+    written: dict[str, str] = {}
     for key, value in changes:
-        change = keys.KeyChange(key=key, value=value, actual=facts.actual(key), config_read=facts.config is not None,
-                                vmid=action.vmid)
-        yield keys.lookup(action.guest_type, key).judge(change)
+        target, target_value = grammar.canonical_change(action.guest_type, key, value)
+        if target in written:
+            yield _unreadable(key, value, f"{written[target]!r} and {key!r} both write {target!r}")
+            continue
+        written[target] = key
+        change = keys.KeyChange(key=target, value=target_value, actual=facts.actual(target),
+                                config_read=facts.config is not None, vmid=action.vmid, guest_type=action.guest_type)
+        rule = keys.lookup(action.guest_type, target)
+        if grammar.key_spec(action.guest_type, target) is None and not isinstance(rule, keys.Fixed):
+            rule = keys.UNKNOWN_KEY  # a row's rule reads PVE's grammar; a key outside PVE's schema has none
+        try:
+            if target_value is not None:
+                grammar.parse(action.guest_type, target, target_value)  # every property string, whatever its row
+            yield rule.judge(change)
+        except grammar.UnreadableError as exc:
+            yield _unreadable(key, value, str(exc))
+        except Exception as exc:
+            yield _unreadable(key, value, f"{type(exc).__name__}: {exc}")
+
+
+def _unreadable(key: str, value: str | None, why: str) -> Judgment:
+    verb = "delete" if value is None else "write"
+    return Judgment(cls=_D, op_kind="config.unreadable", rule="unreadable",
+                    reason=f"{key}: {verb} that PVE's grammar does not read as we would ({why}): unreadable is "
+                           "destructive")
 
 
 def _flag_judgments(rule: KindRule, action: Action) -> Iterator[Judgment]:

@@ -1,8 +1,11 @@
 """The key table: the single source of how each PVE config key is classed (SAFETY-DESIGN §4.1).
 
-Rows of (regex, guest types, rule), first full match wins, like the planner's normalizer registry. A
-rule judges one key of a config write: its new value (None for a delete) against the value as read.
-A key no row matches is unknown and needs approval: we fail closed, but we do not halt.
+Rows of (regex, guest types, rule), first full match wins, like the planner's normalizer registry.
+Every key of PVE's API schema has a row with its reason (``tests/test_pve_grammar.py`` enumerates
+the schema, so a key a PVE release adds fails until it has one). A rule judges one key of a config
+write: its new value (None for a delete) against the value as read, both read with PVE's own
+grammar (``safety.grammar``): a value the grammar cannot read raises ``UnreadableError``, which the
+classifier takes for destructive. A key no row matches is not in PVE's schema and needs approval.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from safety import grammar
 from safety.model import Class, Judgment, is_on
 
 QEMU = frozenset({"qemu"})
 LXC = frozenset({"lxc"})
 ANY = QEMU | LXC
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _OFF = frozenset({"0", "off", "no", "false"})
+_MAC_FIELD = {"qemu": "macaddr", "lxc": "hwaddr"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,11 +35,25 @@ class KeyChange:
     actual: str | None  # None: absent (or the config was not read)
     config_read: bool
     vmid: int = 0  # the guest written to (a volume of another guest is never this guest's to attach)
+    guest_type: str = "qemu"
 
     @property
     def verb(self) -> str:
         """"delete" or "write", for reasons."""
         return "delete" if self.value is None else "write"
+
+    def new_fields(self) -> dict[str, str] | None:
+        """The written value's fields by PVE's grammar (None: deleted, or the key has no format)."""
+        return None if self.value is None else grammar.parse(self.guest_type, self.key, self.value)
+
+    def old_fields(self) -> dict[str, str] | None:
+        """The value as read, by PVE's grammar; ``UnreadableError`` says so of the value as read."""
+        if self.actual is None:
+            return None
+        try:
+            return grammar.parse(self.guest_type, self.key, self.actual)
+        except grammar.UnreadableError as exc:
+            raise grammar.UnreadableError(f"the value as read: {exc}") from None
 
 
 class KeyRule(Protocol):
@@ -49,51 +67,10 @@ def _judgment(change: KeyChange, cls: Class, op_kind: str, rule: str, why: str) 
     return Judgment(cls=cls, op_kind=op_kind, rule=rule, reason=f"{change.key}: {change.verb} {why}")
 
 
-def fields(value: str) -> list[tuple[str | None, str]]:
-    """A property string as (name, value) tokens in order; a bare token has no name."""
-    tokens: list[tuple[str | None, str]] = []
-    for raw in value.split(","):
-        token = raw.strip()
-        if token:
-            name, eq, val = token.partition("=")
-            tokens.append((name.strip(), val.strip()) if eq else (None, token))
-    return tokens
-
-
-_OWNER = re.compile(r"(?:^|[:/])(?:vm|base|subvol)-(\d+)-")
-
-
-def _foreign_volume(value: str, volume: str | None, vmid: int) -> str | None:
-    """Why a disk value reaches beyond this guest's own volumes (None: it does not).
-
-    Another guest's volume (``vm-N-``, ``base-N-``, ``subvol-N-``: two writers on one disk, or data
-    read across guests), a host path, or an import from elsewhere are never a plain attach.
-    """
-    if "import-from=" in value:
-        return "imports a volume from elsewhere (copies data across guests or from the host)"
-    if volume is not None and volume.startswith("/"):
-        return f"passes the host path {volume!r} to the guest"
-    owner = _OWNER.search(volume or "")
-    if owner is not None and vmid and int(owner.group(1)) != vmid:
-        return f"attaches {volume!r}, a volume of guest {owner.group(1)}"
-    return None
-
-
 # Parameters of PVE's config endpoints that are not config keys: a "key" of that name in a write
 # would become the parameter itself (``delete=scsi1``, ``force=1``, ``skiplock=1``).
 API_PARAMETERS = frozenset({"delete", "revert", "digest", "force", "skiplock", "background_delay", "node",
-                            "vmid", "current", "snapshot"})
-
-
-def default_field(value: str, name: str) -> str | None:
-    """The field PVE reads as ``name``: the bare token or ``name=``; None when absent or ambiguous."""
-    found = {val for key, val in fields(value) if key is None or key == name}
-    return found.pop() if len(found) == 1 else None
-
-
-def macs(value: str) -> frozenset[str]:
-    """Every MAC a NIC value carries: QEMU ``macaddr=`` or ``model=MAC``, LXC ``hwaddr=`` (uppercased)."""
-    return frozenset(val.upper() for _, val in fields(value) if _MAC.match(val))
+                            "vmid", "current", "snapshot", "import-working-storage"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,27 +108,49 @@ class Protection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Nic:
-    """``netN``: connectivity is benign, the NIC's identity (its MAC) is not (SAFETY-DESIGN F1)."""
+class Privilege:
+    """LXC ``unprivileged``: a privileged container's root is root on the host."""
 
     def judge(self, change: KeyChange) -> Judgment:
-        """Benign when the actual MAC is kept or the NIC is new; approval when the MAC is lost."""
+        """Privileged (0, or a delete: PVE's default) is host code; unprivileged remaps every file's owner."""
+        if change.value is not None and is_on(change.value):
+            return _judgment(change, Class.APPROVAL, "config.isolation", "unprivileged_on",
+                             "remaps the container's uids: its files' owners no longer match")
+        return _judgment(change, Class.DESTRUCTIVE, "config.host_code", "privileged_container",
+                         "makes the container privileged: its root is root on the host")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nic:
+    """``netN``: connectivity is benign; the NIC's identity (its MAC) and its firewall are not (F1)."""
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Benign when the actual MAC and firewall are kept or the NIC is new; approval otherwise."""
         if change.value is None:
             return self._identity(change, "removes the NIC and its MAC")
+        new = change.new_fields() or {}
         if not change.config_read:
             return self._identity(change, "with the config not read: cannot tell whether the MAC is kept")
-        if change.actual is None:
-            return _judgment(change, Class.BENIGN, "config", "nic_new", "adds a NIC where there was none")
-        return self._compare(change, macs(change.actual), macs(change.value))
+        old = change.old_fields()
+        field = _MAC_FIELD[change.guest_type]
+        if old is None:
+            if new.get(field):  # a chosen MAC may be another guest's: an identity taken, not drawn
+                return self._identity(change, f"adds a NIC with the chosen MAC {new[field].upper()}")
+            return _judgment(change, Class.BENIGN, "config", "nic_new", "adds a NIC where there was none (PVE draws "
+                                                                      "its MAC)")
+        return self._over(change, field, old, new)
 
-    def _compare(self, change: KeyChange, old: frozenset[str], new: frozenset[str]) -> Judgment:
-        if not old:
-            return _judgment(change, Class.BENIGN, "config", "nic_no_mac", "of a NIC that has no MAC to keep")
-        if new == old:
-            return _judgment(change, Class.BENIGN, "config", "nic_keeps_mac", f"keeps the MAC {_list(old)}")
-        if not new:
-            return self._identity(change, f"drops the MAC {_list(old)}: PVE draws a new one")
-        return self._identity(change, f"changes the MAC {_list(old)} to {_list(new)}")
+    def _over(self, change: KeyChange, field: str, old: dict[str, str], new: dict[str, str]) -> Judgment:
+        """A write over a NIC that is there: its MAC, then its firewall."""
+        was, now = old.get(field, "").upper(), new.get(field, "").upper()
+        if was and now != was:
+            why = f"changes the MAC {was} to {now}" if now else f"drops the MAC {was}: PVE draws a new one"
+            return self._identity(change, why)
+        if old.get("firewall") == "1" and new.get("firewall") != "1":
+            return _judgment(change, Class.APPROVAL, "config.nic_firewall_off", "nic_firewall_off",
+                             "turns the NIC's firewall 1→0: it leaves PVE's firewall and anti-spoofing filters")
+        why = f"keeps the MAC {was}" if was else "of a NIC that has no MAC to keep"
+        return _judgment(change, Class.BENIGN, "config", "nic_keeps_mac" if was else "nic_no_mac", why)
 
     @staticmethod
     def _identity(change: KeyChange, why: str) -> Judgment:
@@ -160,7 +159,7 @@ class Nic:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Disk:
-    """A disk key: attach and option changes need approval; a swap or a detach is destructive."""
+    """A disk key: attach and option changes need approval; a swap, a detach or a foreign volume is destructive."""
 
     volume_field: str  # "file" (QEMU) or "volume" (LXC)
 
@@ -169,22 +168,41 @@ class Disk:
         if change.value is None:
             return _judgment(change, Class.DESTRUCTIVE, "config.disk_detach", "disk_detach",
                              "detaches a disk (hot-unplugged mid-I/O when running; with force the volume is freed)")
-        new = default_field(change.value, self.volume_field)
+        new = change.new_fields() or {}
         if not change.config_read:
-            return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", "disk_swap",
-                             "with the config not read: cannot tell an attach from a volume swap")
-        foreign = _foreign_volume(change.value, new, change.vmid)
+            return self._swap(change, "disk_swap", "with the config not read: cannot tell an attach from a volume swap")
+        volume = new.get(self.volume_field)
+        if volume is None:
+            raise grammar.UnreadableError(f"no {self.volume_field} field")
+        foreign = grammar.reach(volume, change.vmid, cdrom=new.get("media") == "cdrom")
+        if "import-from" in new:
+            foreign = "imports a volume from elsewhere (copies data across guests or from the host)"
         if foreign is not None:
-            return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", "disk_foreign", foreign)
-        if change.actual is None:
+            return self._swap(change, "disk_foreign", foreign)
+        old = change.old_fields()
+        if old is None:
             return _judgment(change, Class.APPROVAL, "config.disk_attach", "disk_attach",
-                             f"attaches {new!r} to an empty slot (allocates storage)")
-        old = default_field(change.actual, self.volume_field)
-        if new is not None and new == old:
+                             f"attaches {volume!r} to an empty slot (allocates storage)")
+        before = old.get(self.volume_field)
+        if before is None:
+            raise grammar.UnreadableError(f"the value as read has no {self.volume_field} field")
+        return self._over(change, volume, before)
+
+    def _over(self, change: KeyChange, volume: str, before: str) -> Judgment:
+        """A write over a disk that is there: options, a new medium, or a swap."""
+        if volume == before:
             return _judgment(change, Class.APPROVAL, "config.disk_options", "disk_options",
                              "changes options of the same volume (backup=0, replicate=0, cache=unsafe drop safeguards)")
-        return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", "disk_swap",
-                         f"replaces volume {old!r} with {new!r}: the old one is detached or dropped")
+        # Both an ISO or nothing, in a cdrom drive (``reach`` let the new one through only as media=cdrom).
+        if {grammar.volume(volume).kind, grammar.volume(before).kind} <= {"iso", "none"}:
+            return _judgment(change, Class.APPROVAL, "config.disk_options", "disk_media",
+                             f"changes the medium {before!r} to {volume!r} (no volume of the guest's own)")
+        return self._swap(change, "disk_swap", f"replaces volume {before!r} with {volume!r}: the old one is "
+                                               "detached or dropped")
+
+    @staticmethod
+    def _swap(change: KeyChange, rule: str, why: str) -> Judgment:
+        return _judgment(change, Class.DESTRUCTIVE, "config.disk_swap", rule, why)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,27 +224,109 @@ class Unused:
 class HostDevice:
     """Host device passthrough needs approval; a value naming no host device (``socket``, ``spice``) is benign."""
 
-    device_field: str
+    device_field: str | None  # None: the whole value names the device (serialN, parallelN)
     free: frozenset[str] = frozenset()
 
     def judge(self, change: KeyChange) -> Judgment:
         """Approval unless a write names one of the device-free values."""
-        if change.value is not None and default_field(change.value, self.device_field) in self.free:
-            return _judgment(change, Class.BENIGN, "config", "host_device_free", "names no host device")
+        if change.value is not None:
+            fields = change.new_fields()
+            device = change.value if self.device_field is None or fields is None else fields.get(self.device_field)
+            if device is not None and device.lower() in self.free:
+                return _judgment(change, Class.BENIGN, "config", "host_device_free", "names no host device")
         return _judgment(change, Class.APPROVAL, "config.host_device", "host_device",
                          "of a host device: moves it between the host and the guest (root-only in PVE)")
 
 
-def _list(values: frozenset[str]) -> str:
-    return ",".join(sorted(values))
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Smbios:
+    """``smbios1``: its ``uuid`` is the guest's identity, like a MAC; the other fields are labels."""
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Benign while the uuid is kept (or there was none); approval when it changes or goes."""
+        was = (change.old_fields() or {}).get("uuid", "").lower() if change.config_read else "?"
+        now = (change.new_fields() or {}).get("uuid", "").lower()
+        if now != was and (was or now):
+            return _judgment(change, Class.APPROVAL, "config.guest_identity", "smbios_uuid",
+                             "sets, changes or drops the guest's SMBIOS uuid: its identity to licences, clusters "
+                             "and management")
+        return _judgment(change, Class.BENIGN, "config", "smbios_labels", "keeps the SMBIOS uuid")
 
 
-BENIGN_KEY = Fixed(cls=Class.BENIGN, op_kind="config", rule="benign_key",
-                   why="of a benign key: loses no data, undone by writing the old value")
-HOST_CODE = Fixed(cls=Class.DESTRUCTIVE, op_kind="config.host_code", rule="host_code",
-                  why="of host code: the hook script or QEMU args run as root on the host")
-UNKNOWN_KEY = Fixed(cls=Class.APPROVAL, op_kind="config.unknown_key", rule="unknown_key",
-                    why="of a key the key table does not know: needs approval (fail closed)")
+# Character devices a container or a serial port may be given with one approval; any other host device
+# (a block device: the host's disks) is destructive.
+_CHAR_DEVICES = re.compile(r"/dev/(?:dri/[A-Za-z0-9_-]+|net/tun|fuse|kvm|vhost-net|vhost-vsock|tty[A-Za-z0-9]*"
+                           r"|snd/[A-Za-z0-9_-]+|bus/usb/[0-9]{3}/[0-9]{3}|hidraw[0-9]+|input/[A-Za-z0-9_-]+|null|zero"
+                           r"|u?random|nvidia[0-9a-z-]*)", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPath:
+    """A host device path given to the guest: a known character device needs approval, anything else (a disk) more."""
+
+    device_field: str | None  # None: the whole value is the path (serialN)
+    free: frozenset[str] = frozenset()
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Benign for a device-free value, approval for an allowed character device, destructive otherwise."""
+        if change.value is None:
+            return HostDevice(device_field=self.device_field).judge(change)
+        fields = change.new_fields()
+        path = change.value if self.device_field is None or fields is None else fields.get(self.device_field, "")
+        if path.lower() in self.free:
+            return _judgment(change, Class.BENIGN, "config", "host_device_free", "names no host device")
+        if _CHAR_DEVICES.fullmatch(path):
+            return HostDevice(device_field=self.device_field).judge(change)
+        return _judgment(change, Class.DESTRUCTIVE, "config.host_disk", "host_disk",
+                         f"gives the guest the host device {path!r}, not a known character device: a host disk "
+                         "read or wiped from inside")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BootOrder:
+    """``boot``: the order is benign; a new first device (a network boot, another disk) needs approval."""
+
+    def judge(self, change: KeyChange) -> Judgment:
+        """Approval when the device booted first changes (a PXE image of the source's choosing reads the disks)."""
+        was = _first_boot_device(change.old_fields()) if change.config_read else "?"
+        now = _first_boot_device(change.new_fields())
+        if was != now:
+            return _judgment(change, Class.APPROVAL, "config.boot_device", "boot_device",
+                             f"changes the device booted first ({was or 'PVE default'} to {now or 'PVE default'}): "
+                             "what boots first reads every disk")
+        return _judgment(change, Class.BENIGN, "config", "boot_order", f"keeps {now or 'the default'} first")
+
+
+def _first_boot_device(fields: dict[str, str] | None) -> str:
+    if not fields:
+        return ""
+    if fields.get("order"):
+        return fields["order"].split(";")[0]
+    return {"c": "disk", "d": "cdrom", "n": "network", "a": "floppy"}.get(fields.get("legacy", "")[:1], "")
+
+
+def _fixed(cls: Class, op_kind: str, rule: str, why: str) -> Fixed:
+    return Fixed(cls=cls, op_kind=op_kind, rule=rule, why=why)
+
+
+BENIGN_KEY = _fixed(Class.BENIGN, "config", "benign_key", "of a benign key: loses no data, undone by writing the "
+                                                          "old value")
+HOST_CODE = _fixed(Class.DESTRUCTIVE, "config.host_code", "host_code",
+                   "of host code: the hook script, QEMU args or raw LXC keys run as root on the host")
+UNKNOWN_KEY = _fixed(Class.APPROVAL, "config.unknown_key", "unknown_key",
+                     "of a key PVE's schema does not have: needs approval (fail closed)")
+CREDENTIALS = _fixed(Class.APPROVAL, "config.guest_credentials", "guest_credentials",
+                     "of who logs in to the guest (cloud-init applies it at the next boot): a remote source must not "
+                     "grant itself a login")
+SHARES_HOST = _fixed(Class.APPROVAL, "config.host_device", "host_share",
+                     "of a host resource shared into the guest (a host directory or host memory)")
+PVE_INTERNAL = _fixed(Class.DESTRUCTIVE, "config.pve_internal", "pve_internal",
+                      "of a key PVE keeps for itself (resume state, snapshot tree, machine pinning): never ours to "
+                      "change")
+BENIGN_QEMU = ("name|balloon|sockets|vcpus|smp|cpu|numa|numa\\d+|agent|vga|hotplug|bios|machine|acpi"
+               "|kvm|tablet|localtime|ipconfig\\d+|citype|ciupgrade|keyboard|reboot|affinity|allow-ksm|amd-sev"
+               "|intel-tdx|audio0|autostart|freeze|hugepages|keephugepages|migrate_downtime|migrate_speed|scsihw"
+               "|shares|spice_enhancements|startdate|tdf|vmstatestorage|watchdog")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,31 +340,51 @@ class KeyRow:
 
 def row(pattern: str, types: frozenset[str], rule: KeyRule) -> KeyRow:
     """Shorthand for a KeyRow from a regex source."""
-    return KeyRow(pattern=re.compile(pattern), types=types, rule=rule)
+    return KeyRow(pattern=re.compile(pattern, re.ASCII), types=types, rule=rule)
 
 
 KEY_TABLE: tuple[KeyRow, ...] = (
     row("protection", ANY, Protection()),
-    row("template", ANY, Fixed(cls=Class.DESTRUCTIVE, op_kind="config.template", rule="template",
-                               why="of the template flag: the path to an irreversible conversion")),
-    row("hookscript|args", ANY, HOST_CODE),
-    # Raw LXC keys (lxc.hook.*, lxc.mount.entry) reach the host the way args does.
-    row(r"lxc\..+", LXC, HOST_CODE),
-    row(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0", QEMU, Disk(volume_field="file")),
+    row("template", ANY, _fixed(Class.DESTRUCTIVE, "config.template", "template",
+                                "of the template flag: the path to an irreversible conversion")),
+    row("hookscript", ANY, HOST_CODE),
+    row("args", QEMU, HOST_CODE),
+    # Raw LXC keys (lxc.hook.*, lxc.mount.entry; GET lists them under "lxc") reach the host the way args does.
+    row(r"lxc|lxc\..+", LXC, HOST_CODE),
+    row("unprivileged", LXC, Privilege()),
+    # cdrom is PVE's alias of ide2 (the classifier rewrites it first; the row keeps the table complete).
+    row(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|cdrom", QEMU, Disk(volume_field="file")),
     row(r"rootfs|mp\d+", LXC, Disk(volume_field="volume")),
     # Disk keys of the other guest type are left to the unknown-key rule (PVE refuses them).
     row(r"unused\d+", ANY, Unused(what="the unused volume")),
-    row("vmstate", ANY, Unused(what="the saved RAM state")),
+    row("vmstate", QEMU, Unused(what="the saved RAM state")),
+    row("meta|parent|running-nets-host-mtu|runningcpu|runningmachine|snaptime", QEMU, PVE_INTERNAL),
     row(r"net\d+", ANY, Nic()),
-    row(r"hostpci\d+|parallel\d+", QEMU, HostDevice(device_field="host")),
+    row(r"hostpci\d+", QEMU, HostDevice(device_field="host")),
+    row(r"parallel\d+", QEMU, HostDevice(device_field=None)),
     row(r"usb\d+", QEMU, HostDevice(device_field="host", free=frozenset({"spice"}))),
-    row(r"serial\d+", QEMU, HostDevice(device_field="path", free=frozenset({"socket"}))),
-    row(r"dev\d+", LXC, HostDevice(device_field="path")),
-    row("description|tags|onboot|startup|memory|cores|cpulimit|cpuunits|ostype|nameserver|searchdomain",
+    row(r"serial\d+", QEMU, HostPath(device_field=None, free=frozenset({"socket"}))),
+    row("rng0", QEMU, HostDevice(device_field="source", free=frozenset({"/dev/urandom", "/dev/random"}))),
+    row(r"dev\d+", LXC, HostPath(device_field="path")),
+    row(r"virtiofs\d+|ivshmem", QEMU, SHARES_HOST),
+    row("ciuser|sshkeys|cipassword|cicustom", QEMU, CREDENTIALS),
+    row("entrypoint|env", LXC, _fixed(Class.APPROVAL, "config.guest_code", "guest_code",
+                                      "of what the container runs as its root at start (its init, its environment)")),
+    row("boot", QEMU, BootOrder()),
+    row("bootdisk", QEMU, _fixed(Class.APPROVAL, "config.boot_device", "boot_device",
+                                 "of the disk booted first (PVE's older spelling of boot's order)")),
+    row("vmgenid", QEMU, _fixed(Class.APPROVAL, "config.guest_identity", "vmgenid",
+                                "of the VM generation id: the guest reads a change as a restore from a snapshot")),
+    row("smbios1", QEMU, Smbios()),
+    row("lock", ANY, _fixed(Class.APPROVAL, "config.lock", "lock",
+                            "of PVE's lock: clearing it lets writes into a running backup, migration or snapshot")),
+    row("features", LXC, _fixed(Class.APPROVAL, "config.isolation", "container_features",
+                                "of container features (nesting, keyctl, fuse, mknod, mounts): more of the host "
+                                "kernel within the container's reach")),
+    row("description|tags|onboot|startup|memory|cores|cpulimit|cpuunits|ostype|nameserver|searchdomain|arch",
         ANY, BENIGN_KEY),
-    row(r"name|balloon|sockets|vcpus|cpu|numa|agent|vga|boot|hotplug|bios|machine|acpi|kvm|tablet|localtime"
-        r"|ipconfig\d+|ciuser|sshkeys", QEMU, BENIGN_KEY),
-    row("hostname|swap|cmode|console|tty", LXC, BENIGN_KEY),
+    row(BENIGN_QEMU, QEMU, BENIGN_KEY),
+    row("hostname|swap|cmode|console|tty|timezone|debug", LXC, BENIGN_KEY),
 )
 
 

@@ -142,7 +142,9 @@ SCHEMAS: Mapping[str, KindSchema] = MappingProxyType({
     **{kind: _CONFIG for kind in (
         "config", "config.protection_off", "config.nic_identity", "config.host_device", "config.host_code",
         "config.disk_attach", "config.disk_options", "config.disk_swap", "config.unused_delete", "config.template",
-        "config.unknown_key", "config.unused_write")},
+        "config.unknown_key", "config.unused_write", "config.guest_credentials", "config.nic_firewall_off",
+        "config.guest_identity", "config.lock", "config.isolation", "config.pve_internal", "config.unreadable",
+        "config.host_disk", "config.guest_code", "config.boot_device")},
     "config.disk_detach": KindSchema(fields={**_CONFIG_FIELDS, "force": _FALSE}, check=_config_shape),
     "disk.resize": KindSchema(fields={"disk": _DISK, "size": (integer(1, SIZE_MAX), _REQUIRED)}),
     "disk.move": KindSchema(fields={"disk": _DISK, "storage": _STORAGE}),

@@ -6,9 +6,12 @@ delete only of a key declared blank; an undeclared guest, or any other kind, is 
 desired state, whatever its class.
 
 "The declared value" allows the spellings the planner writes: the same number, boolean or tag set
-in another form, text equal but for trailing whitespace and line endings, and a property string
-whose fields all come from the declared value or from the value the guest has now (a kept MAC, a
-field the declaration does not pin). Any other value is the planner's invention, and refused.
+in another form, and text equal but for trailing whitespace and line endings. A property string
+(``net0``, ``cpu``, ``agent``...) is in scope only when it *means* the declared fields laid over the
+value the guest has now (the merge the planner does: a kept MAC, the fields the declaration does not
+pin), both read with PVE's grammar: a write that drops a declared field (``firewall=1``, ``tag=10``)
+or one the guest has is out of scope, however it is spelled. Any other value is the planner's
+invention, and refused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
+from safety import grammar
 from safety.model import Action
 
 _POWER = {"start": "running", "stop": "stopped"}
@@ -83,7 +87,8 @@ def _values(what: str, action: Action, declared: Declaration, actual: Mapping[st
     """Each written value is a spelling of the declared one; a deleted key is declared blank."""
     for key, value in sorted(action.set.items()):
         wanted = declared.values.get(key)
-        if wanted is not None and not same_value(wanted, value, actual.get(key)):
+        if wanted is not None and not same_value(wanted, value, actual.get(key), guest_type=action.guest_type,
+                                                 key=key):
             return f"{what}: {key}: writes {value[:80]!r}, the declared value is {wanted[:80]!r}"
     for key in action.delete:
         wanted = declared.values.get(key)
@@ -92,16 +97,26 @@ def _values(what: str, action: Action, declared: Declaration, actual: Mapping[st
     return None
 
 
-def same_value(declared: str, written: str, actual: str | None) -> bool:
-    """Whether ``written`` is a spelling of ``declared`` (fields may also come from ``actual``)."""
+def same_value(declared: str, written: str, actual: str | None, *, guest_type: str = "qemu", key: str = "") -> bool:
+    """Whether ``written`` is a spelling of ``declared`` (a property string: laid over ``actual``)."""
+    spec = grammar.key_spec(guest_type, key)
+    if spec is not None and spec.format is not None:
+        return _same_merge(spec.format, declared, written, actual)
     if _canon(declared) == _canon(written) or _text(declared) == _text(written):
         return True
-    if _tags(declared) == _tags(written) and ";" in written:
-        return True
-    if "," in written or "=" in written:
-        allowed = _fields(declared) | _fields(actual or "")
-        return _fields(written) <= allowed
-    return False
+    return _tags(declared) == _tags(written) and ";" in written
+
+
+def _same_merge(fmt: str, declared: str, written: str, actual: str | None) -> bool:
+    """``written`` means exactly the declared fields laid over ``actual``'s, by PVE's grammar."""
+    if not declared.strip():
+        return False  # declared blank is a delete, never a write
+    try:
+        merged = grammar.parse_format(fmt, actual) if actual is not None and actual.strip() else {}
+        merged.update(grammar.parse_format(fmt, declared))
+        return grammar.meaning(fmt, grammar.parse_format(fmt, written)) == grammar.meaning(fmt, merged)
+    except grammar.UnreadableError:
+        return False
 
 
 def _canon(value: str) -> str:
@@ -124,14 +139,3 @@ def _text(value: str) -> str:
 
 def _tags(value: str) -> frozenset[str]:
     return frozenset(t.lower() for t in _TAGS.split(value) if t)
-
-
-def _fields(value: str) -> frozenset[str]:
-    """A property string's fields, canonical (``k=v`` or a bare token), in no order."""
-    found = set()
-    for token in value.split(","):
-        name, eq, val = token.strip().partition("=")
-        if not name:
-            continue
-        found.add(f"{name.lower()}={_canon(val)}" if eq else _canon(name))
-    return frozenset(found)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -110,9 +109,8 @@ def signed_ops(base: list[str], tmp: Path, pve: Any) -> int:
     trust.write_text(ROLES + "\n" + "\n".join(entries))
     trust.chmod(0o644)
     print("\n== the trust store (two destroyers, threshold 2)\n" + trust.read_text())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        api = f"127.0.0.1:{probe.getsockname()[1]}"
+    api = f"unix:{tmp / 'run' / 'executor.sock'}"  # a node uses /run/pve-reconcile/executor.sock, the default
+    print(f"== the daemon's API: {api} (try: grpcurl -plaintext -unix {api.removeprefix('unix:')} list)")
     daemon = subprocess.Popen([*base[:3], "run", *base[3:], "--state-dir", str(tmp / "state"), "--interval", "1",
                                "--trust-store", str(trust), "--listen", api, "--log-format", "json"],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -29,9 +29,10 @@ from executor.opclock import GateClock, gate_secret
 from executor.opdoc import Proposal as Unsigned
 from executor.ops import OpDesk, OpSettings, Proposal
 from executor.opsign import build_payload
+from executor.queue import Job
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import BURN_PREFIX, Begun, Journal, NonceSpentError, Record, segments
+from journal import BURN_PREFIX, Applied, Begun, Journal, NonceSpentError, Record, segments
 from journal.records import record_of, scan
 from safety import signedop
 from safety.signedop import Envelope
@@ -145,6 +146,13 @@ def trust_toml(entries: dict[str, str], audience: str = AUDIENCE) -> str:
     return "\n".join([to_toml({"version": 1, "roles": roles(audience)}), *keys])
 
 
+def hold_lane(desk: Desk, vmid: int) -> threading.Event:
+    """Keep the guest's lane busy (a job ahead of the op) until the returned event is set."""
+    gate = threading.Event()
+    desk.engine.queue.submit(Job(vmid=vmid, run=lambda: gate.wait(20), label="held"))
+    return gate
+
+
 # --- the journal on disk ----------------------------------------------------------------------------
 
 def records_on_disk(directory: Path) -> list[Record]:
@@ -209,11 +217,13 @@ def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str]]:
 
 
 def spent(desk: Desk, op_id: str) -> bool:
-    """Whether the op's nonce is spent (its ``op:<op_id>:<payload>`` key ended in the journal, whatever the outcome)."""
+    """Whether the op's nonce is spent (its ``op:<op_id>:<payload>`` key ended in the journal, whatever the outcome):
+    begun and ended, or burned without a begin (an op refused because the guest is not in its signed state)."""
     journal = desk.engine.journal
     assert journal is not None
     prefix = f"{BURN_PREFIX}{op_id}:"
-    keys = {r.key for r in journal.recent(10_000) if isinstance(r, Begun) and r.key and r.key.startswith(prefix)}
+    keys = {r.key for r in journal.recent(10_000)
+            if isinstance(r, Begun | Applied) and r.key and r.key.startswith(prefix)}
     for key in keys:
         try:
             journal.check_key(key)

@@ -45,9 +45,13 @@ SET_DELETE_ROWS = [
     ("protection 0->1", "qemu", {"protection": "1"}, (), B, "config"),
     ("protection 0->1 lxc", "lxc", {"protection": "1"}, (), B, "config"),
     ("protection delete", "qemu", {}, ("protection",), A, "config.protection_off"),
-    ("nic keeps MAC, model=MAC", "qemu", {"net0": f"e1000={QEMU_MAC},bridge=vmbr1"}, (), B, "config"),
-    ("nic keeps MAC, macaddr=", "qemu", {"net0": f"model=virtio,macaddr={QEMU_MAC.lower()},bridge=vmbr1"}, (),
-     B, "config"),
+    ("nic keeps MAC, model=MAC", "qemu", {"net0": f"e1000={QEMU_MAC},bridge=vmbr1,firewall=1"}, (), B, "config"),
+    ("nic keeps MAC, macaddr=", "qemu", {"net0": f"model=virtio,macaddr={QEMU_MAC.lower()},bridge=vmbr1,firewall=on"},
+     (), B, "config"),
+    ("nic firewall 1->0, MAC kept", "qemu", {"net0": f"virtio={QEMU_MAC},bridge=vmbr0"}, (), A,
+     "config.nic_firewall_off"),
+    ("nic firewall=0 written", "qemu", {"net0": f"virtio={QEMU_MAC},bridge=vmbr0,firewall=0"}, (), A,
+     "config.nic_firewall_off"),
     ("nic keeps hwaddr", "lxc", {"net0": f"name=eth0,bridge=vmbr1,hwaddr={LXC_MAC.lower()}"}, (), B, "config"),
     ("nic new where none", "qemu", {"net1": "virtio,bridge=vmbr1"}, (), B, "config"),
     ("nic new where none lxc", "lxc", {"net1": "name=eth1,bridge=vmbr1"}, (), B, "config"),
@@ -99,7 +103,12 @@ SET_DELETE_ROWS = [
     ("vmstate delete", "qemu", {}, ("vmstate",), D, "config.unused_delete"),
     ("template", "qemu", {"template": "1"}, (), D, "config.template"),
     ("template lxc", "lxc", {"template": "1"}, (), D, "config.template"),
-    ("unknown key", "qemu", {"cicustom": "user=local:snippets/u.yaml"}, (), A, "config.unknown_key"),
+    ("unknown key", "qemu", {"frobnicate": "1"}, (), A, "config.unknown_key"),
+    ("cloud-init user", "qemu", {"ciuser": "root"}, (), A, "config.guest_credentials"),
+    ("cloud-init keys", "qemu", {"sshkeys": "ssh-ed25519%20AAAA"}, (), A, "config.guest_credentials"),
+    ("cloud-init password", "qemu", {"cipassword": "hunter2"}, (), A, "config.guest_credentials"),
+    ("cloud-init custom", "qemu", {"cicustom": "user=local:snippets/u.yaml"}, (), A, "config.guest_credentials"),
+    ("cloud-init user delete", "qemu", {}, ("sshkeys",), A, "config.guest_credentials"),
     ("qemu-only key on lxc", "lxc", {"name": "web"}, (), A, "config.unknown_key"),
     ("lxc-only key on qemu", "qemu", {"hostname": "web"}, (), A, "config.unknown_key"),
     ("disk key of the other type", "lxc", {}, ("scsi0",), A, "config.unknown_key"),
@@ -116,19 +125,43 @@ def test_config_key_rows(guest_type: str, set_: dict[str, str], delete: tuple[st
     assert all(verdict.reasons[0].startswith(f"{key}: ") for key in (*set_, *delete))
 
 
-QEMU_BENIGN = ["name", "balloon", "sockets", "vcpus", "cpu", "numa", "agent", "vga", "boot", "hotplug", "bios",
-               "machine", "acpi", "kvm", "tablet", "localtime", "ipconfig0", "ipconfig7", "ciuser", "sshkeys"]
+QEMU_BENIGN = ["name", "balloon", "sockets", "vcpus", "cpu", "numa", "agent", "vga", "hotplug", "bios",
+               "machine", "acpi", "kvm", "tablet", "localtime", "ipconfig0", "ipconfig7", "keyboard", "reboot"]
+# A value of each key's own grammar (a property string such as vga's does not read "1").
+BENIGN_VALUES = {"vga": "std", "machine": "q35", "ipconfig0": "ip=dhcp",
+                 "ipconfig7": "ip=10.0.0.7/24,gw=10.0.0.1", "keyboard": "de", "cpu": "host,flags=+aes",
+                 "startup": "order=2,up=30", "timezone": "Europe/Berlin", "bios": "ovmf", "ostype": "l26"}
 COMMON_BENIGN = ["description", "tags", "onboot", "startup", "memory", "cores", "cpulimit", "cpuunits", "ostype",
                  "nameserver", "searchdomain"]
-LXC_BENIGN = ["hostname", "swap", "cmode", "console", "tty"]
+LXC_BENIGN = ["hostname", "swap", "cmode", "console", "tty", "timezone"]
 
 
 @pytest.mark.parametrize(("guest_type", "key"), [("qemu", k) for k in (*QEMU_BENIGN, *COMMON_BENIGN)]
                          + [("lxc", k) for k in (*LXC_BENIGN, *COMMON_BENIGN)])
 def test_benign_keys_are_benign_to_write_and_delete(guest_type: str, key: str) -> None:
     """The §4.1 benign key list: writing or deleting one loses no data, whoever asks."""
-    for verdict in (run(guest_type, "set_config", set_={key: "1"}), run(guest_type, "set_config", delete=(key,))):
+    value = BENIGN_VALUES.get(key, "1")
+    for verdict in (run(guest_type, "set_config", set_={key: value}), run(guest_type, "set_config", delete=(key,))):
         assert (verdict.cls, verdict.op_kind, verdict.rule) == (B, "config", "benign_key")
+
+
+def test_a_boot_order_keeping_the_first_device_is_benign_a_new_first_device_is_not() -> None:
+    """What boots first reads every disk: a hub must not netboot a guest into an image of its choosing."""
+    config = {**QEMU_CONFIG, "boot": "order=scsi0;net0"}
+    kept = run("qemu", "set_config", set_={"boot": "order=scsi0;ide2;net0"}, config=config)
+    assert (kept.cls, kept.op_kind) == (B, "config")
+    netboot = run("qemu", "set_config", set_={"boot": "order=net0;scsi0"}, config=config)
+    assert (netboot.cls, netboot.op_kind) == (A, "config.boot_device")
+
+
+def test_lxc_nic_firewall_lowered_needs_approval() -> None:
+    """An LXC NIC written without the firewall it has leaves PVE's filters: approval (matrix row: firewall 1->0)."""
+    config = {**LXC_CONFIG, "net0": f"name=eth0,bridge=vmbr0,firewall=1,hwaddr={LXC_MAC},ip=dhcp"}
+    lowered = run("lxc", "set_config", set_={"net0": f"name=eth0,bridge=vmbr0,hwaddr={LXC_MAC},ip=dhcp"}, config=config)
+    assert (lowered.cls, lowered.op_kind, lowered.rule) == (A, "config.nic_firewall_off", "nic_firewall_off")
+    kept = run("lxc", "set_config", set_={"net0": f"name=eth0,bridge=vmbr1,hwaddr={LXC_MAC},ip=dhcp,firewall=1"},
+               config=config)
+    assert kept.cls is B
 
 
 @pytest.mark.parametrize("guest_type", ["qemu", "lxc"])

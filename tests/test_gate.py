@@ -131,13 +131,18 @@ def test_without_a_journal_only_benign_steps_run(fakepve: Any, hostile: list[Dec
 
 
 def test_a_mac_changing_net_write_needs_approval(fakepve: Any, make_engine: Make) -> None:
-    """A netN write that would give the guest a new MAC is refused; one that keeps it runs."""
+    """A netN write that would give the guest a new MAC is refused: out of scope when the declaration did not ask
+    for it (a planner dropping the MAC), needing approval when it did (a declared new MAC); one that keeps it runs."""
     fakepve.add_vm(100, "web", status="stopped", config={"net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})
     declared = [Declared(vmid=100, config={"net0": "virtio,bridge=vmbr1"})]
     new_mac = config(100, {"net0": "virtio,bridge=vmbr1"})
     with scripted_planner([pb.PlanResponse(actions=[new_mac])]) as target:
         refused = make_engine(declared, planner_target=target).tick(wait=True)
-    assert [(r.op_kind, r.reason) for r in refused.refusals] == [("config.nic_identity", "APPROVAL_REQUIRED")]
+    assert [(r.op_kind, r.reason) for r in refused.refusals] == [("config.nic_identity", "OUT_OF_SCOPE")]
+    assert fakepve.vm(100).config["net0"].endswith("bridge=vmbr0")
+    pinned = make_engine([Declared(vmid=100, config={"net0": "virtio=BC:24:11:00:00:99,bridge=vmbr1"})])
+    asked = pinned.tick(wait=True)
+    assert [(r.op_kind, r.reason) for r in asked.refusals] == [("config.nic_identity", "APPROVAL_REQUIRED")]
     assert fakepve.vm(100).config["net0"].endswith("bridge=vmbr0")
     kept = make_engine(declared).tick(wait=True)  # the real planner keeps the MAC
     assert (kept.succeeded, kept.refused) == (1, 0)

@@ -9,6 +9,7 @@ others are kept as the instructive ones (what the gate already stopped, and why)
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from executor.dryrun import as_json, dry_run, render
 from executor.engine import Engine, TickOutcome
 from executor.pve import Connection, ProxmoxNode, PveUnavailableError
 from executor.pvewrite import ProxmoxWriter
+from executor.queue import Job
 from journal import Ended, Journal, Outcome
 from planner import server
 from planner.v1 import planner_pb2 as pb
@@ -405,3 +407,31 @@ def test_the_dry_run_prints_no_escape_sequence_a_planner_sent(fakepve: Any, fake
         shown = render(dry_run(_settings(fakepve, fakepve_cafile, target, desired, tmp_path)), color=False)
     assert "\x1b" not in shown and "\r" not in shown
 
+
+
+# --- found by the red team of issue 13 -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kind", "status"), [("start", "stopped"), ("stop", "running")])
+def test_a_hubs_power_action_reads_protection_again_right_before_the_call(kind: str, status: str, fakepve: Any,
+                                                                          make_engine: Make) -> None:
+    """A hub's start (or stop) of a guest without protection is benign, judged on the config read for the
+    plan. An administrator sets protection=1 after that read, while the step waits for a lane (widened on
+    purpose: the only worker is busy with another guest's job). The lane reads the flag again right before
+    the call: the step needs approval, and fakepve receives no start (no shutdown)."""
+    for vmid in range(100, 104):  # one stop of four stays under the blast-radius rule
+        fakepve.add_vm(vmid, f"vm{vmid}", status=status if vmid == 100 else "running", config={"cores": 2})
+    wanted = "running" if kind == "start" else "stopped"
+    declared = [Declared(vmid=100, state=wanted, config={"cores": "2"}),
+                *(Declared(vmid=v, state="running") for v in range(101, 104))]
+    engine = make_engine(declared, source=Source.HUB, max_parallel=1)
+    busy = threading.Event()
+    engine.queue.submit(Job(vmid=999, run=lambda: busy.wait(20), label="another guest's work"))
+    before = len(fakepve.requests)
+    summary = engine.tick()
+    assert summary.queued == 1 and not summary.refusals  # admitted: no protection in the config it read
+    fakepve.vm(100).config["protection"] = 1
+    busy.set()
+    assert engine.queue.wait_idle(20)
+    assert [m for m in mutations(fakepve, before) if "/100/status/" in m[1]] == []
+    assert fakepve.vm(100).status == status
+    assert [(p.vmid, p.op_kind, p.reason) for p in engine.gate.pending()] == [(100, kind, "APPROVAL_REQUIRED")]

@@ -320,6 +320,34 @@ def test_a_nonce_in_flight_is_refused_as_in_flight_then_spent(path: Path) -> Non
             journal.begin(vmid=100, kind="detach", payload={"key": "scsi1"}, key="op:n2")
 
 
+def test_a_burned_nonce_is_spent_with_no_operation_across_reopen_and_compaction(path: Path) -> None:
+    """``burn`` spends an ``op:`` key in one durable record and begins nothing (a signed op refused for the
+    guest's state): begin and check_key then raise NonceSpentError (FAILED), after a reopen and a compaction
+    too. A key already spent or in flight is left as it is; an ordinary key cannot be burned."""
+    with Journal.open(path, segment_bytes=4096) as journal:
+        assert journal.burn("op:stale", op_id="a1", why="DIGEST_STALE: signed for abc, the guest's is def")
+        assert journal.in_flight() == [] and journal.stats[0] == 1
+        with pytest.raises(NonceSpentError) as info:
+            journal.begin(vmid=150, kind="guest.destroy", payload={}, key="op:stale")
+        assert (info.value.op_id, info.value.outcome) == ("a1", Outcome.FAILED)
+        assert not journal.burn("op:stale", op_id="a2", why="again")
+        running = journal.begin(vmid=150, kind="guest.destroy", payload={}, key="op:running")
+        assert not journal.burn("op:running", op_id="a3", why="in flight")
+        journal.end(running, Outcome.OK)
+        with pytest.raises(ValueError, match="burn key"):
+            journal.burn("ordinary", op_id="a4", why="not a nonce")
+        _fill(journal, 60)
+    assert sequences(path)[0] > 1  # compacted
+    with Journal.open(path) as journal:
+        with pytest.raises(NonceSpentError) as info:
+            journal.check_key("op:stale")
+        assert (info.value.op_id, info.value.outcome) == ("a1", Outcome.FAILED)
+        with pytest.raises(NonceSpentError) as info:
+            journal.check_key("op:running")
+        assert info.value.outcome is Outcome.OK
+        journal.check_key("op:fresh")
+
+
 def test_check_key_refuses_exactly_as_begin_would_and_writes_nothing(path: Path) -> None:
     """The read-only look-up raises what begin would, for ordinary and burn keys, and leaves no record."""
     with Journal.open(path) as journal:

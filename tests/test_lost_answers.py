@@ -16,15 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from proxmoxer import ProxmoxAPI
 
 from executor.desired import Declared
 from executor.engine import Engine
-from executor.pve import Connection, ProxmoxNode
+from executor.pve import Connection, Credentials, ProxmoxNode, PveNotSentError
+from executor.pvewrite import ProxmoxWriter
 from executor.recovery import recover
 from journal import Ended, Journal, Outcome
 from tests.answer_faults import AnswerFaults
-from tests.executor_helpers import requests_to
+from tests.executor_helpers import requests_to, unused_port
 
 Make = Callable[..., Engine]
 SHUTDOWN = "/qemu/100/status/shutdown"
@@ -147,3 +149,23 @@ def test_recovery_waits_out_the_grace_for_a_task_pve_registers_late(fakepve: Any
             late.join()
     assert [(op.op_id, outcome) for op, outcome in decided] == [(op_id, Outcome.OK)]
     assert vm.status == "stopped"
+
+
+def test_a_call_that_never_connected_is_not_held(fakepve: Any, connect: Callable[..., Connection],
+                                                 node: ProxmoxNode, make_engine: Make) -> None:
+    """Connection refused: the request never left, so there is nothing to wait for; the op fails "not
+    applied" at once, the guest is not held, and the next tick tries again."""
+    fakepve.add_vm(100, "web", status="running")
+    fakepve.apitokens["reconcile@pve!executor"] = "secret-token"
+    dead = ProxmoxNode(connect(port=unused_port(), credentials=Credentials(user="reconcile@pve!executor",
+                                                                            token_secret="secret-token")))
+    with pytest.raises(PveNotSentError):
+        dead.guests()
+    engine = make_engine([Declared(vmid=100, state="stopped")], writer=ProxmoxWriter(dead.session))
+    engine.tick(wait=True)
+    assert engine.journal is not None and not engine.journal.in_flight()
+    assert not engine.gate.lane.unsettled()
+    assert [(outcome, error.split(":")[0]) for outcome, error in _ended(engine.journal)] == [
+        (Outcome.FAILED, "not applied")]
+    engine.tick(wait=True)
+    assert len(_ended(engine.journal)) == 2

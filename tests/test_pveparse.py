@@ -24,19 +24,19 @@ UPID = "UPID:pve1:000003E8:00001B58:6745A1B2:qmshutdown:100:root@pam:"
     pytest.param({"digest": DIGEST, "cores": [1]}, "cores is a list", id="list value"),
     pytest.param({"digest": DIGEST, "cpulimit": float("nan")}, "cpulimit is a number", id="NaN"),
     pytest.param({"digest": DIGEST, "Memory ": "1"}, "is not a PVE config key", id="odd key"),
-    pytest.param({"digest": DIGEST, "lxc": "lxc.apparmor.profile: unconfined"}, "lxc is a string", id="raw lxc text"),
+    pytest.param({"digest": DIGEST, "lxc": [["lxc.cap.drop"]]}, "not a \\[key, value\\] pair", id="raw lxc, no value"),
 ])
 def test_a_config_answer_that_is_not_what_pve_promises_is_malformed(answer: Any, wrong: str) -> None:
     """Each names what was wrong; none becomes a fact."""
     with pytest.raises(MalformedAnswerError, match=wrong.replace("(", r"\(")):
-        pveparse.config_answer(answer, "lxc")
+        pveparse.config_answer(answer)
 
 
 def test_a_config_answer_reads_as_text_with_its_digest() -> None:
     """Numbers as they read, booleans 1/0, LXC's raw keys as the file's lines, the digest apart."""
     answer = {"digest": DIGEST, "memory": 2048, "cpulimit": 0.5, "onboot": True, "name": "web",
               "lxc": [["lxc.apparmor.profile", "unconfined"], ["lxc.cap.drop", ""]]}
-    config, digest = pveparse.config_answer(answer, "lxc")
+    config, digest = pveparse.config_answer(answer)
     assert digest == DIGEST
     assert config == {"memory": "2048", "cpulimit": "0.5", "onboot": "1", "name": "web",
                       "lxc": "lxc.apparmor.profile: unconfined\nlxc.cap.drop: "}

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safety.blast import StopBudget, limit_stops
+from safety.blast import RemoteStop, StopBudget, limit_stops, settle
 from safety.classify import Action, Source
 from safety.scope import Declaration, out_of_scope
 
@@ -120,6 +120,66 @@ def test_a_written_value_must_be_a_spelling_of_the_declared_one() -> None:
     assert same_value("2048", "2048.0", None) and same_value("yes", "1", None) and same_value("a,B", "a;b", None)
     assert same_value("web tier\r\n", "web tier", None)
     assert same_value("virtio,bridge=vmbr1", "virtio=BC:24:11:00:00:01,bridge=vmbr1,firewall=1",
-                      "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1")
+                      "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1", key="net0")
     assert not same_value("2048", "16", None)
-    assert not same_value("virtio,bridge=vmbr1", "virtio,bridge=vmbr1,tag=666", "virtio=BC:24:11:00:00:01,bridge=vmbr0")
+    assert not same_value("virtio,bridge=vmbr1", "virtio,bridge=vmbr1,tag=666", "virtio=BC:24:11:00:00:01,bridge=vmbr0",
+                          key="net0")
+
+
+# --- item 3 of issue 13 (matrix row 51): a write must mean the declared fields laid over actual ----------
+
+NIC = "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,tag=10"
+NIC_DECLARED = Declaration(vmid=105, state=None, config_keys=frozenset({"net0"}), description=False,
+                           values={"net0": NIC})
+
+
+@pytest.mark.parametrize(("actual", "written"), [
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1", "virtio=BC:24:11:00:00:01,bridge=vmbr0"),  # drops firewall and tag
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1", "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1"),  # drops the tag
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1,mtu=9000", f"{NIC}"),  # drops a field the guest has (mtu)
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1", f"{NIC},rate=1"),  # adds one nobody declared
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1", f"{NIC},firewall=0"),  # two spellings: unreadable
+])
+def test_row_51_a_write_of_part_of_a_declaration_is_out_of_scope(actual: str, written: str) -> None:
+    """A compromised planner that writes a subset of the declared fields (PVE then drops the rest) is refused."""
+    action = act("set_config", set_={"net0": written})
+    reason = out_of_scope(action, NIC_DECLARED, {"net0": actual})
+    assert reason is not None and "net0" in reason
+
+
+@pytest.mark.parametrize(("actual", "written"), [
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr1", NIC),
+    ("virtio=bc:24:11:00:00:01,bridge=vmbr1,mtu=9000", "tag=10,bridge=vmbr0,firewall=on,model=virtio,"
+                                                       "macaddr=BC:24:11:00:00:01,mtu=9000"),
+    (None, NIC),
+])
+def test_the_planners_merge_in_any_spelling_is_in_scope(actual: str | None, written: str) -> None:
+    """Declared fields over actual's, in another order or spelling (PVE's aliases, boolean words), pass."""
+    action = act("set_config", set_={"net0": written})
+    assert out_of_scope(action, NIC_DECLARED, {} if actual is None else {"net0": actual}) is None
+
+
+SEEN, UNSEEN = RemoteStop(at=100.0, seen=True), RemoteStop(at=100.0)
+
+
+@pytest.mark.parametrize(("stop", "state", "held", "now", "kept"), [
+    (SEEN, "stopped", False, 200.0, SEEN),
+    (UNSEEN, "stopped", False, 200.0, SEEN),  # seen stopped: confirmed
+    (SEEN, "running", False, 200.0, None),  # someone started it: no longer the source's stop
+    (SEEN, "paused", False, 200.0, None),
+    (UNSEEN, "running", False, 150.0, UNSEEN),  # its stop may still be under way (a restart mid-shutdown)
+    (UNSEEN, "running", False, 200.0, None),  # the grace is over: the stop never happened
+    (SEEN, "running", True, 200.0, SEEN),  # held: a job in motion, or a read older than the stop's end
+    (SEEN, None, False, 200.0, SEEN),  # listed in a state the rule cannot read: it still counts
+])
+def test_a_remote_stop_counts_until_the_guest_runs_again(stop: RemoteStop, state: str | None, held: bool, now: float,
+                                                         kept: RemoteStop | None) -> None:
+    """What the node has decides, never what is declared; in doubt the stop still counts."""
+    status = {} if state is None else {105: state}
+    settled = settle({105: stop}, status=status, present={105}, held={105} if held else set(), now=now, grace=60.0)
+    assert settled.get(105) == kept
+
+
+def test_a_remote_stop_of_a_guest_gone_from_the_node_no_longer_counts() -> None:
+    """Removed or migrated away: it is not this node's to count, held or not."""
+    assert settle({105: SEEN}, status={}, present={106}, held={105}, now=0.0, grace=60.0) == {}

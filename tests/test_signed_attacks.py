@@ -32,6 +32,7 @@ from tests.signed_helpers import (
     AUDIENCE,
     Desk,
     add_vm,
+    hold_lane,
     journal_files,
     mutations,
     open_desk,
@@ -424,3 +425,40 @@ def test_propose_checks_params_against_the_kinds_schema(fakepve: Any, make_engin
         with pytest.raises(Refused) as caught:
             desk.desk.propose(100, "config.disk_detach", params)
         assert caught.value.reason.value == "MALFORMED" and "params" in caught.value.detail
+
+
+# --- found by the red team of issue 13 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["admission", "lane"])
+def test_hole_h_a_digest_that_comes_back_never_revives_a_stale_op(where: str, fakepve: Any, make_engine: Make,
+                                                                  tmp_path: Path) -> None:
+    """A digest is content, not a version: it can come back. Two destroyers sign a destroy of guest 150; an
+    administrator sets protection=1 (before the submit, or while the op waits in the guest's lane) and the
+    destroy is refused as stale. carol, one operator key, then runs config.protection_off, which restores
+    the signed digest exactly. Replaying the captured envelope must be NONCE_SPENT, after a restart too:
+    the stale refusal spent the op. Nothing is sent for it and guest 150 stays."""
+    desk, destroy, op_id = _carol_and_a_destroy(fakepve, make_engine, tmp_path)
+    signed = parse_payload(destroy.payload).precondition.digest
+    if where == "admission":
+        fakepve.vm(150).config["protection"] = 1
+        assert _reason(desk.run(destroy)) == "DIGEST_STALE"
+    else:
+        gate = hold_lane(desk, 150)
+        assert desk.submit(destroy)[1] is None  # admitted on the signed digest
+        fakepve.vm(150).config["protection"] = 1
+        gate.set()
+        desk.settle()
+        assert desk.engine.journal is not None
+        assert desk.engine.journal.last_refusal(f"op:{op_id}:refused") is not None
+    assert spent(desk, op_id)
+    off = desk.sign(desk.propose(150, "config.protection_off", delete=["protection"]), "carol", role="operator")
+    assert desk.run(off)[1] is None and "protection" not in fakepve.vm(150).config
+    assert desk.propose(150, "guest.destroy", **DESTROY).action.count(signed.encode()) == 1  # the digest is back
+    before = len(fakepve.requests)
+    assert _reason(desk.run(destroy)) == "NONCE_SPENT"
+    assert desk.engine.journal is not None
+    desk.engine.journal.close()  # the daemon restarts on the same state
+    again = open_desk(make_engine, tmp_path, journal_dir=desk.state_dir)
+    _restore(again, {**store_doc(), "version": 3})  # the state remembers trust version 2 (carol's)
+    assert _reason(again.run(destroy)) == "NONCE_SPENT"
+    assert mutations(fakepve, before) == [] and fakepve.vm(150) is not None

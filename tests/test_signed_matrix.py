@@ -28,11 +28,10 @@ from structlog.testing import capture_logs
 
 from executor.daemon import open_journal
 from executor.decisions import Refusal
-from executor.desired import Declared
+from executor.desired import Declared, StaticProvider
 from executor.engine import Engine
 from executor.opclock import mark_nonces
 from executor.opdoc import Proposal as Unsigned
-from executor.queue import Job
 from executor.server import start_api
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
@@ -48,6 +47,7 @@ from tests.signed_helpers import (
     add_vm,
     api_propose,
     api_submit,
+    hold_lane,
     journal_files,
     mutations,
     open_desk,
@@ -114,6 +114,23 @@ def test_row45_a_lock_that_outlasts_the_op_drops_it_unrun(fakepve: Any, make_eng
     assert desk.submit(envelope)[1].reason == "EXPIRED"  # type: ignore[union-attr]
 
 
+def test_row45_a_backup_lock_holds_a_config_op_without_spending_it(fakepve: Any, make_engine: Make,
+                                                                  tmp_path: Path) -> None:
+    """Row 45 for a config op: its step carries the signed digest, which the lock moved. The lock is checked
+    before any digest, so the detach is LOCKED and retried, never refused as stale (that would spend it),
+    and runs once the backup ends."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
+    fakepve.snapshot_lock(100, "backup")
+    op_id, refusal = desk.run(envelope)
+    assert refusal is None and desk.desk.accepted() == 1 and not spent(desk, op_id)
+    fakepve.unlock(100)
+    desk.engine.tick(wait=True)
+    desk.settle()
+    assert "scsi1" not in fakepve.vm(100).config and spent(desk, op_id)
+
+
 def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any, make_engine: Make,
                                                                      tmp_path: Path) -> None:
     """Row 43, its approval: a hub stopping 3 of 5 guests gets each stop listed for approval. Signing two of
@@ -139,6 +156,33 @@ def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any,
     desk.engine.tick(wait=True)
     assert [p.vmid for p in desk.engine.gate.pending()] == [112]
 
+
+
+def test_row43_an_approval_no_longer_listed_is_class_mismatch_and_not_spent(fakepve: Any, make_engine: Make,
+                                                                           tmp_path: Path) -> None:
+    """Row 43, a class mismatch from the gate's side: an approved hub stop is APPROVAL only while its entry is
+    listed. The hub stops declaring the stops, the tick drops the entries, and the signed stop is
+    CLASS_MISMATCH with the guest exactly as signed: a transient refusal, so it is not spent. Once the hub
+    asks again and the entry is listed again, the same envelope runs."""
+    for vmid in range(110, 115):
+        add_vm(fakepve, vmid, disks=1, status="running")
+    asks = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
+    desk = open_desk(make_engine, tmp_path, asks, source=Source.HUB)
+    desk.engine.tick(wait=True)
+    (entry,) = [p for p in desk.engine.gate.pending() if p.vmid == 110]
+    envelope = desk.sign(Unsigned(action=json.loads(entry.descriptor), challenge=None), "alice", role="operator")
+    provider = desk.engine.provider
+    assert isinstance(provider, StaticProvider)
+    provider.guests = [Declared(vmid=v, state="running") for v in range(110, 115)]
+    desk.engine.tick(wait=True)
+    assert desk.engine.gate.pending() == []
+    op_id, refusal = desk.run(envelope)
+    assert _reason((op_id, refusal)) == "CLASS_MISMATCH" and not spent(desk, op_id)
+    provider.guests = asks
+    desk.engine.tick(wait=True)
+    before = len(fakepve.requests)
+    assert desk.run(envelope)[1] is None and spent(desk, op_id)
+    assert [p for _, p in mutations(fakepve, before)] == ["/api2/json/nodes/pve1/qemu/110/status/shutdown"]
 
 
 # --- replays and races ------------------------------------------------------------------------------------
@@ -242,7 +286,7 @@ def test_an_approval_op_from_before_a_wiped_state_dir_never_runs(fakepve: Any, m
 
 def test_row48_two_ops_for_one_action_run_it_once(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """Row 48: the same detach signed twice (two nonces): the first runs, the second is DIGEST_STALE (the
-    first changed the config), whether it comes after or is already queued behind it; its nonce stays unspent."""
+    first changed the config), whether it comes after or is already queued behind it; that spends it too."""
     add_vm(fakepve, 100)
     add_vm(fakepve, 101)
     desk = open_desk(make_engine, tmp_path)
@@ -254,13 +298,13 @@ def test_row48_two_ops_for_one_action_run_it_once(fakepve: Any, make_engine: Mak
             op_id, refusal = desk.run(second)
             assert _reason((op_id, refusal)) == "DIGEST_STALE"
         else:  # both accepted before either ran: the lane refuses the second on the config it reads
-            gate = _hold_lane(desk, vmid)
+            gate = hold_lane(desk, vmid)
             assert desk.submit(first)[1] is None
             op_id, refusal = desk.submit(second)
             gate.set()
             desk.settle()
             assert refusal is None and _lane_refusal(desk, op_id) == "DIGEST_STALE"
-        assert "scsi1" not in fakepve.vm(vmid).config and not spent(desk, op_id)
+        assert "scsi1" not in fakepve.vm(vmid).config and spent(desk, op_id)
     assert len([p for m, p in mutations(fakepve) if p.endswith("/config")]) == 2
 
 
@@ -269,8 +313,9 @@ def test_row48_two_ops_for_one_action_run_it_once(fakepve: Any, make_engine: Mak
 def test_row13_an_op_for_another_config_version_is_digest_stale(fakepve: Any, make_engine: Make,
                                                                 tmp_path: Path) -> None:
     """Row 13: a destroy signed before an administrator's edit is DIGEST_STALE at admission; one accepted
-    and then edited while it waits in the guest's lane is DIGEST_STALE in the lane. Neither runs; both
-    nonces stay unspent, so a fresh proposal can still be signed and run."""
+    and then edited while it waits in the guest's lane is DIGEST_STALE in the lane. Neither runs, and both
+    are spent (a digest can come back: tests/test_signed_attacks.py hole H): the operators re-sign, and
+    the fresh proposal runs."""
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     stale = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
@@ -278,19 +323,81 @@ def test_row13_an_op_for_another_config_version_is_digest_stale(fakepve: Any, ma
     stale_id, refusal = desk.run(stale)
     assert _reason((stale_id, refusal)) == "DIGEST_STALE"
     queued = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
-    gate = _hold_lane(desk, 100)
+    gate = hold_lane(desk, 100)
     queued_id, refusal = desk.submit(queued)
     fakepve.vm(100).config["memory"] = 8192
     gate.set()
     desk.settle()
     assert refusal is None and _lane_refusal(desk, queued_id) == "DIGEST_STALE"
-    assert fakepve.vm(100) is not None and not spent(desk, stale_id) and not spent(desk, queued_id)
+    assert fakepve.vm(100) is not None and spent(desk, stale_id) and spent(desk, queued_id)
+    assert [_reason(desk.run(envelope)) for envelope in (stale, queued)] == ["NONCE_SPENT", "NONCE_SPENT"]
+    fresh = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
+    assert desk.run(fresh)[1] is None and fakepve.vm(100) is None
+
+
+# The kinds PVE takes no digest for, with their params (DESTROY's, which is defined further down).
+NO_DIGEST: dict[str, dict[str, Any]] = {"guest.destroy": {"purge": False, "destroy_unreferenced_disks": False},
+                                        "snapshot.delete": {"snapname": "s1"}, "snapshot.rollback": {"snapname": "s1"}}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_DIGEST))
+def test_row13_a_kind_pve_takes_no_digest_for_is_compared_on_the_lanes_last_read(
+        kind: str, fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """Row 13 where PVE cannot help: destroy, rollback and snapshot delete take no digest, so the lane compares
+    the signed digest with the config it reads right before the call (§4.2). The window is widened on purpose:
+    the op is admitted, and an administrator's edit lands while fakepve holds the lane's config read, after
+    every earlier check. DIGEST_STALE, the op spent, and fakepve received no destroy, rollback or delete."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    if kind != "guest.destroy":
+        assert desk.run(desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator"))[1] \
+            is None
+    envelope = desk.sign(desk.propose(100, kind, **NO_DIGEST[kind]), "alice", "bob", role="destroyer")
+    gate = hold_lane(desk, 100)
+    op_id, refusal = desk.submit(envelope)
+    assert refusal is None  # admitted on the signed digest
+    held = HeldRequest(fakepve, "GET", "/qemu/100/config")
+    before = len(fakepve.requests)
+    gate.set()
+    try:
+        assert held.seen.wait(20), "the lane never read the config"
+        fakepve.vm(100).config["memory"] = 8192  # PVE answers the read after the edit
+    finally:
+        held.release()
+    desk.settle()
+    assert _lane_refusal(desk, op_id) == "DIGEST_STALE" and spent(desk, op_id)
+    assert mutations(fakepve, before) == []
+    assert fakepve.vm(100) is not None and (kind == "guest.destroy" or "s1" in fakepve.vm(100).snapshots)
+
+
+def test_row13_a_binding_mismatch_because_the_guest_moved_spends_the_op(fakepve: Any, make_engine: Make,
+                                                                        tmp_path: Path) -> None:
+    """Row 13 when the change also changes the op's kind: a MAC change (config.nic_identity) is accepted; while
+    it waits in the lane an administrator sets that MAC by hand, so the write is no NIC identity change any
+    more: BINDING_MISMATCH (the kind, named before the digest), with the guest at another digest. That is a
+    refusal for the guest's state: spent. The administrator puts the old MAC back (the signed digest with
+    it), and the envelope replayed is NONCE_SPENT; nothing was sent for it."""
+    old, new = "virtio=BC:24:11:00:00:01,bridge=vmbr0", "virtio=BC:24:11:00:00:02,bridge=vmbr0"
+    add_vm(fakepve, 100, net0=old)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "config.nic_identity", set={"net0": new}), "alice", role="operator")
+    gate = hold_lane(desk, 100)
+    op_id, refusal = desk.submit(envelope)
+    assert refusal is None
+    fakepve.vm(100).config["net0"] = new
+    before = len(fakepve.requests)
+    gate.set()
+    desk.settle()
+    assert _lane_refusal(desk, op_id) == "BINDING_MISMATCH" and spent(desk, op_id)
+    fakepve.vm(100).config["net0"] = old
+    assert _reason(desk.run(envelope)) == "NONCE_SPENT"
+    assert mutations(fakepve, before) == [] and fakepve.vm(100).config["net0"] == old
 
 
 def test_row14_a_destroyed_and_recreated_vmid_is_digest_stale(fakepve: Any, make_engine: Make,
                                                               tmp_path: Path) -> None:
     """Row 14: a destroy signed for guest 100; 100 is destroyed out of band and created again (PVE gives a
-    new guest a new SMBIOS uuid): the op is DIGEST_STALE and the new guest stays; the nonce is unspent."""
+    new guest a new SMBIOS uuid): the op is DIGEST_STALE and the new guest stays; the op is spent."""
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer")
@@ -298,13 +405,14 @@ def test_row14_a_destroyed_and_recreated_vmid_is_digest_stale(fakepve: Any, make
     add_vm(fakepve, 100, smbios1="uuid=0c6a3d27-7c1e-4d8a-9a41-5d8f0e0f1a2b")
     op_id, refusal = desk.run(envelope)
     assert _reason((op_id, refusal)) == "DIGEST_STALE"
-    assert fakepve.vm(100) is not None and not spent(desk, op_id)
+    assert fakepve.vm(100) is not None and spent(desk, op_id)
 
 
 def test_beyond_the_matrix_a_vmid_recreated_as_another_guest_type_is_binding_mismatch(
         fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """Not in the matrix (row 14's sibling): a detach signed for QEMU guest 101, and 101 re-created as a
-    container. The op's guest type no longer binds: BINDING_MISMATCH, nothing sent, the nonce unspent."""
+    container. The op's guest type no longer binds: BINDING_MISMATCH, nothing sent, the op spent (the guest
+    is not the one signed for: a refusal for the guest's state spends, like DIGEST_STALE)."""
     add_vm(fakepve, 101)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(101, "config.disk_detach", **DETACH), "alice", "bob", role="destroyer")
@@ -313,7 +421,7 @@ def test_beyond_the_matrix_a_vmid_recreated_as_another_guest_type_is_binding_mis
     before = len(fakepve.requests)
     op_id, refusal = desk.run(envelope)
     assert _reason((op_id, refusal)) == "BINDING_MISMATCH"
-    assert mutations(fakepve, before) == [] and not spent(desk, op_id)
+    assert mutations(fakepve, before) == [] and spent(desk, op_id)
 
 
 def test_row44_a_protected_guest_is_not_destroyed_until_protection_is_cleared_by_its_own_op(
@@ -341,7 +449,7 @@ def test_beyond_the_matrix_an_op_that_expires_while_queued_never_runs(fakepve: A
     add_vm(fakepve, 100)
     desk = open_desk(make_engine, tmp_path)
     envelope = desk.sign(desk.propose(100, "guest.destroy", **DESTROY), "alice", "bob", role="destroyer", ttl=1)
-    gate = _hold_lane(desk, 100)
+    gate = hold_lane(desk, 100)
     op_id, refusal = desk.submit(envelope)
     assert refusal is None
     not_after = parse_payload(envelope.payload).not_after
@@ -590,13 +698,6 @@ def test_row47_a_flood_of_junk_is_refused_before_any_journal_write_then_rate_lim
 def _reason(result: tuple[str, Refusal | None]) -> str:
     """A submit's outcome: "accepted", or the refusal's reason."""
     return "accepted" if result[1] is None else result[1].reason
-
-
-def _hold_lane(desk: Any, vmid: int) -> threading.Event:
-    """Keep the guest's lane busy (a job ahead of the op) until the returned event is set."""
-    gate = threading.Event()
-    desk.engine.queue.submit(Job(vmid=vmid, run=lambda: gate.wait(20), label="held"))
-    return gate
 
 
 def _lane_refusal(desk: Any, op_id: str) -> str:
