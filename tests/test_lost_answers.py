@@ -10,6 +10,8 @@ the op ends "not applied" and the next tick plans it again). Each test widens th
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +27,9 @@ from executor.pve import Connection, Credentials, ProxmoxNode, PveNotSentError
 from executor.pvewrite import ProxmoxWriter
 from executor.recovery import recover
 from journal import Ended, Journal, Outcome
+from planner import server
 from tests.answer_faults import AnswerFaults
-from tests.executor_helpers import requests_to, unused_port
+from tests.executor_helpers import ROOT, LineReader, cli, requests_to, unused_port
 
 Make = Callable[..., Engine]
 SHUTDOWN = "/qemu/100/status/shutdown"
@@ -169,3 +172,44 @@ def test_a_call_that_never_connected_is_not_held(fakepve: Any, connect: Callable
         (Outcome.FAILED, "not applied")]
     engine.tick(wait=True)
     assert len(_ended(engine.journal)) == 2
+
+
+def test_a_running_daemon_sends_a_lost_shutdown_once(fakepve: Any, fakepve_cafile: str, planner: server.Running,
+                                                     tmp_path: Path) -> None:
+    """The fault run's case against a running daemon: PVE takes the shutdown and hangs (here 4 s, with a
+    1 s client timeout); the daemon ticks on, sends no second shutdown, and journals the op ok."""
+    fakepve.time_scale = 0.01
+    vm = fakepve.add_vm(100, "web", status="running")
+    vm.shutdown_secs = 600  # 6 s: still running well after the hang
+    AnswerFaults(fakepve).lose("POST", SHUTDOWN, 4.0, freeze=True)
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - vmid: 100\n    state: stopped\n")
+    state = tmp_path / "state"
+    command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
+                  "run", "--desired", str(desired), "--state-dir", str(state))
+    child = subprocess.Popen([*command, "--interval", "0.2", "--listen", "127.0.0.1:0", "--pve-timeout", "1",
+                              "--shutdown-timeout", "900"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    log = LineReader(child.stderr)
+    try:
+        deadline = time.monotonic() + 40
+        while not any('"action"' in line and '"outcome": "ok"' in line for line in log.lines):
+            assert child.poll() is None, "the daemon died: " + "".join(log.lines[-5:])
+            assert time.monotonic() < deadline, "the shutdown never settled"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 1, "the shutdown was sent again"
+    assert vm.status == "stopped"
+    events = log.events()
+    assert [e["event"] for e in events if e["event"] in ("action_in_flight", "answer_lost_task_found")][:1] == [
+        "action_in_flight"]
+    assert any(e["event"] == "answer_lost_task_found" for e in events)
+    with Journal.open(state) as journal:
+        assert not journal.in_flight()
+        assert [outcome for outcome, _ in _ended(journal)] == [Outcome.OK]
