@@ -8,6 +8,7 @@ read gets no write (no digest, no write), and every other guest converges.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -166,3 +167,23 @@ def test_the_daemon_survives_malformed_answers_and_converges_the_rest(
     assert named >= set(BAD_CONFIGS)
     assert any(e["event"] == "pve_entry_dropped" for e in events)
     assert not any(e.get("log_level") == "error" or "Traceback" in str(e) for e in events)
+
+
+def test_plan_names_a_guest_whose_entry_does_not_parse(fakepve: Any, fakepve_cafile: str, planner: server.Running,
+                                                       tmp_path: Path) -> None:
+    """`pve-executor plan` (the dry run, same read path) shows the unreadable guest, skipped with its error."""
+    for vmid in (100, 101):
+        fakepve.add_vm(vmid, f"g{vmid}", status="stopped")
+    AnswerFaults(fakepve).rewrite("GET", "/nodes/pve1/qemu", lambda data: [
+        {**e, "lock": 7} if e.get("vmid") == 101 else e for e in data])
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - vmid: 100\n    state: running\n  - vmid: 101\n    state: running\n")
+    base = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path, "plan")
+    text = subprocess.run([*base, "--desired", str(desired)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+    assert "guest 100: start" in text
+    assert "guest 101: skipped (unreadable): qemu guest-list entry: lock is an integer, not a string" in text
+    body = json.loads(subprocess.run([*base, "--json", "--desired", str(desired)], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=60, check=True).stdout)
+    assert [a["vmid"] for a in body["actions"]] == [100]
+    assert list(body["unreadable"]) == ["101"]
