@@ -139,7 +139,8 @@ def test_sigterm_during_recovery_exits_cleanly_and_leaves_the_op_resolvable(
     try:
         deadline = time.monotonic() + 30
         while not any(m == "GET" and upid in p for m, p, _ in fakepve.requests):
-            assert time.monotonic() < deadline and child.poll() is None, "recovery never read the task"
+            assert time.monotonic() < deadline and child.poll() is None, (
+                f"recovery never read the task: {''.join(log.lines[-20:])}")
             time.sleep(0.02)
         assert fakepve.tasks[upid]["status"] == "running"  # recovery is waiting on it now
         child.send_signal(signal.SIGTERM)
