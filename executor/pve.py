@@ -44,7 +44,7 @@ class PveUnavailableError(PveError):
 
 
 class PveNotSentError(PveUnavailableError):
-    """No connection was made (refused, connect timeout, TLS handshake failed): the request never left."""
+    """No connection was made (refused, connect timeout): the request never left."""
 
 
 class PveAnswerError(PveError):
@@ -281,10 +281,10 @@ class GuestList(list[GuestState]):
 def _never_sent(exc: requests.RequestException) -> bool:
     """Whether the request failed before a connection existed (so PVE cannot have taken it).
 
-    A connection refused or a connect timeout or TLS handshake failure: yes. A reset, a read timeout,
-    a connection closed after the request was written: PVE may have taken it.
+    A connection refused or a connect timeout: yes. A reset, a read timeout, a connection closed after
+    the request was written, a TLS error (urllib3 raises it mid-stream too): PVE may have taken it.
     """
-    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.SSLError):
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
         return True
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
