@@ -100,7 +100,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
                                       max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
-                                      stop_window=settings.interval,
+                                      stop_window=settings.interval, lost_grace=settings.lost_grace,
                                       secret=secret))
     planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     queue = GuestQueue(settings.max_parallel)
