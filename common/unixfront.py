@@ -156,6 +156,12 @@ class UnixFront:
             raise SocketInUseError(f"{self.path}: another daemon serves it{self._owner()}") from None
         self._held = held
         try:
+            # A directory someone else made (a squat in a shared, sticky directory such as /tmp) lets its owner
+            # swap gRPC's socket and read every call relayed to it: only our own is ever used.
+            owner = os.fstat(held).st_uid
+            if owner != os.geteuid():
+                raise SocketInUseError(f"{private} belongs to uid {owner}, not to this daemon (uid {os.geteuid()}): "
+                                       "not used; remove it, or put the socket in a directory only root writes")
             os.fchmod(held, 0o700)
             self._clear_stale()
         except BaseException:

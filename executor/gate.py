@@ -17,11 +17,13 @@ Admission makes no Proxmox reads (a refused step pays one to bind its descriptor
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
@@ -52,6 +54,7 @@ from executor.kinds import KINDS
 from executor.lane import Lane
 from executor.metrics import ExecutorMetrics
 from executor.observe import Observed
+from executor.opclock import INTACT_MARK
 from executor.opsteps import nonce_key
 from executor.pve import PveError, PveReader, PveWriter
 from executor.stopledger import StopLedger
@@ -65,7 +68,9 @@ from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.gate")
 # How a remote stop's lane ended -> whether it ran (None: unknown, so it still counts); refused: it did not.
-_STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: False, Outcome.UNKNOWN: None}
+# How a remote stop's lane ended, for the ledger. A failed task reached PVE: the guest may still power off
+# (a shutdown that timed out, then landed), so it is kept like an unknown one until a read settles it.
+_STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: None, Outcome.UNKNOWN: None}
 
 class Gate:
     """Admits steps by scope, binding and class; keeps the pending approvals."""
@@ -133,11 +138,12 @@ class Gate:
                     admitted.setdefault(vmid, []).append(Admitted(step=run, verdict=verdict, source=source,
                                                                   facts=facts, op=op))
                     continue
+                if op is not None and record and not self.spend(
+                        op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
+                        facts=facts):
+                    reason, detail = JOURNAL_UNAVAILABLE, f"{reason} ({detail}), and spending the op failed"
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
-                if op is not None and record:
-                    self.spend(op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
-                               facts=facts)
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,
@@ -232,15 +238,17 @@ class Gate:
         return verdict, None, ""
 
     def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
-              facts: GuestFacts | None) -> None:
+              facts: GuestFacts | None) -> bool:
         """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
 
         ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
-        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT. A
-        failed write loses the journal, and with it every signed op (fail closed).
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT.
+        False when the op had to be spent and could not be: the caller answers JOURNAL_UNAVAILABLE, the gate
+        loses its journal, and the next start sets the clock floor (``lose_journal``), so the op never runs.
         """
-        if spends(reason, op, guest_type, facts):
-            self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
+        if not spends(reason, op, guest_type, facts):
+            return True
+        return self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
         """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
@@ -268,8 +276,9 @@ class Gate:
 
         The count is of what the node has. ``managed``: the declared guests that are on this node
         (phantom vmids raise nothing) and the guests a remote source stopped (the ledger), declared
-        or not. Stopped: the ledger's, the declared-stopped ones stopped now, and those held out of
-        this tick (not ``planned``: busy, a stop possibly running in their lane). A remote stop is
+        or not. Stopped: the ledger's, every declared guest stopped now (whatever its declared run
+        state), and those declared stopped held out of this tick (not ``planned``: busy, a stop
+        possibly running in their lane). A remote stop is
         admitted only once the ledger holds it (durably, with its time in the rate window).
         """
         stops = sorted(vmid for vmid, steps in admitted.items()
@@ -278,8 +287,11 @@ class Gate:
             return ()
         remote = set(self.ledger.stopped())  # un-declaring a guest it stopped frees a source nothing
         managed = len({vmid for vmid in declared if vmid in observed.guests} | remote)
-        stopping = {vmid for vmid, d in declared.items() if d.state == "stopped" and vmid in observed.guests
-                    and (observed.guests[vmid].status == "stopped" or vmid not in planned)}
+        # Every managed guest stopped now counts, whatever is declared of it (a hub that declares the stopped
+        # guests without a run state must not get them out of the count); and the ones held out of this tick
+        # that are declared stopped (a stop may be running in their lane).
+        stopping = {vmid for vmid, d in declared.items() if vmid in observed.guests
+                    and (observed.guests[vmid].status == "stopped" or (d.state == "stopped" and vmid not in planned))}
         already = len((stopping | remote) - set(stops))
         now = self.wall()
         window = self.settings.stop_window
@@ -414,18 +426,28 @@ class Gate:
             self.ledger.stop_ended(admitted.step.vmid, ran=_STOP_RAN[result] if isinstance(result, Outcome) else False)
         return result
 
-    def journal_write(self, write: Callable[[Journal], object]) -> None:
-        """One journal write; a failure switches the gate to benign-only."""
+    def journal_write(self, write: Callable[[Journal], object]) -> bool:
+        """One journal write (True: written); a failure switches the gate to benign-only."""
         journal = self.journal
         if journal is None:
-            return
+            return False
         try:
             with self.metrics.journal_append.time():
                 write(journal)
         except JournalError as exc:
             self.lose_journal(exc)
+            return False
+        return True
 
     def lose_journal(self, exc: JournalError | OSError) -> None:
-        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest)."""
+        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
+
+        The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
+        been a spent nonce, so the next start refuses every op signed before it (``opclock.gate_secret``).
+        """
+        journal = self.journal
         log.error("journal_failed_benign_only_from_now", error=str(exc))
         self.journal = None
+        if journal is not None:
+            with contextlib.suppress(OSError):
+                (Path(journal.directory) / INTACT_MARK).unlink(missing_ok=True)

@@ -215,13 +215,14 @@ class Lane:
         """Refuse the signed op, spending it when refused for the guest's state (``facts``: as read; None: gone)."""
         op = admitted.op
         assert op is not None
+        if not self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts):
+            reason, detail = "JOURNAL_UNAVAILABLE", f"{reason} ({detail}), and spending the op failed"
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
                           reason=reason, detail=detail, op_id=op.payload.op_id)
         self._gate.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
         self._gate.count_refused()
-        self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts)
         self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                                     detail=detail, op_id=refusal.op_id,
                                                     key=f"{BURN_PREFIX}{refusal.op_id}:refused"))

@@ -83,6 +83,7 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 NONCES_MARK = "nonces.spent"  # in state_dir: this journal has accepted signed ops (it holds nonces)
+INTACT_MARK = "journal.intact"  # in state_dir: no journal write has failed since start (unlinked when one does)
 
 
 def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
@@ -92,7 +93,8 @@ def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
     one (a wiped or fresh state_dir). So creating it also sets the clock floor to now: an op
     signed before can never run here, even an APPROVAL op, which carries no challenge. The same
     holds when ``journal`` opens empty although this state had accepted signed ops (its segments
-    were lost or moved aside): the spent nonces went with them.
+    were lost or moved aside): the spent nonces went with them; and when a journal write failed
+    while the daemon ran (the gate unlinked ``INTACT_MARK``): that write may have been a spent nonce.
     """
     folder = Path(state_dir)
     path = folder / "gate.secret"
@@ -105,6 +107,13 @@ def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
                   consequence="signed ops from before now are refused: their spent nonces were in the lost journal")
         set_floor(folder)
         (folder / NONCES_MARK).unlink()
+    elif journal is not None and (folder / NONCES_MARK).exists() and not (folder / INTACT_MARK).exists():
+        log.error("journal_write_failed_floor_set", state_dir=str(folder),
+                  consequence="signed ops from before now are refused: a nonce spent when the journal failed may "
+                              "not have been written")
+        set_floor(folder)
+    if journal is not None:
+        (folder / INTACT_MARK).touch()
     return path.read_bytes()
 
 

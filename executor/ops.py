@@ -257,15 +257,18 @@ class OpDesk:
             return self._refusal(payload.vmid, payload.kind,
                                  Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
         except Refused as exc:  # the guest is gone: not the guest signed for
-            self._engine.gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None)
+            if not self._engine.gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None):
+                exc = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{exc.detail}, and spending the op failed")
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
         journal = self._engine.journal
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:
-            self._engine.gate.spend(op, RefusalReason.DIGEST_STALE.value, ran[1], guest_type=guest.type, facts=None)
-            return self._refusal(payload.vmid, payload.kind, Refused(RefusalReason.DIGEST_STALE, ran[1]), payload.op_id)
+            stale = Refused(RefusalReason.DIGEST_STALE, ran[1])
+            if not self._engine.gate.spend(op, stale.reason.value, ran[1], guest_type=guest.type, facts=None):
+                stale = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{ran[1]}, and spending the op failed")
+            return self._refusal(payload.vmid, payload.kind, stale, payload.op_id)
         store = self._current()
         role = store.roles.get(payload.role) if store is not None else None
         facts = GuestFacts(config=config[0], digest=config[1], run_state=guest.status, lock=guest.lock)

@@ -87,14 +87,27 @@ def bound_action(step: Step, verdict: Verdict, facts: GuestFacts, audience: str,
                      digest=facts.digest, run_state=facts.run_state)
 
 
+# Keys whose values are credentials or free text: the API never answers them (ProposeOp's before-image,
+# ListOperations' payloads), whoever asks; their presence is shown, their value is not.
+SECRET_KEYS = frozenset({"cipassword", "sshkeys", "ciuser", "cicustom", "description", "env", "entrypoint"})
+NOT_SHOWN = "<not shown>"
+
+
+def shown(values: Mapping[str, object]) -> dict[str, object]:
+    """``values`` with every secret key's value replaced by ``NOT_SHOWN`` (an absent one stays None)."""
+    return {key: NOT_SHOWN if key in SECRET_KEYS and value is not None else value for key, value in values.items()}
+
+
 def proposal_before(config: Mapping[str, str], digest: str, step: Step) -> dict[str, str]:
     """What ProposeOp shows of the guest: the keys the step writes or deletes, the disk its params name,
-    and the digest it binds; never the rest (a description or a cloud-init user is not the caller's to read)."""
+    and the digest it binds; never the rest, and never a secret key's value (a caller chooses the keys:
+    proposing a delete of ``ciuser`` must not read it back)."""
     keys = {k for k, _ in step.set} | set(step.delete)
     disk = dict(step.params).get("disk")
     if isinstance(disk, str):
         keys.add(disk)
-    return {**{key: config[key] for key in sorted(keys) if key in config}, "digest": digest}
+    return {**{key: NOT_SHOWN if key in SECRET_KEYS else config[key] for key in sorted(keys) if key in config},
+            "digest": digest}
 
 
 def before_image(config: Mapping[str, str] | None, step: Step) -> dict[str, str | None]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from executor.opapi import call_propose, print_proposal, stub
 from executor.opdoc import OpError, visible
+from executor.opsteps import NOT_SHOWN
 from executor.v1 import executor_pb2 as pb
 from safety.classify import Action, GuestFacts, Source, classify
 
@@ -72,6 +73,10 @@ def _config_undo(body: Mapping[str, Any], vmid: int) -> tuple[str, dict[str, obj
         raise OpError("the detach ran with force=true, which destroyed the volume: restore it from a backup")
     written, deleted = _changes(body)
     restore = {key: str(before[key]) for key in (*written, *deleted) if before.get(key) is not None}
+    hidden = sorted(key for key, value in restore.items() if value == NOT_SHOWN)
+    if hidden:
+        raise OpError(f"the executor API does not show what {', '.join(hidden)} held before (a credential or free "
+                      "text): set it again by hand")
     added = sorted(key for key in written if before.get(key) is None)
     if not restore and not added:
         raise OpError("the op changed no key the before-image records: there is nothing to undo")

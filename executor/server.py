@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 import structlog
@@ -13,6 +16,7 @@ from common.grpcserver import ServerTls
 from executor.decisions import GateState, Pending, Refusal
 from executor.engine import Engine, TickSummary
 from executor.ops import OpDesk, RateLimitedError
+from executor.opsteps import shown
 from executor.pve import PveError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
@@ -72,6 +76,18 @@ def tick_to_proto(summary: TickSummary) -> pb.TickSummary:
     )
 
 
+def served_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A begun record's payload as the API serves it: secret keys' values (a cloud-init password) not shown."""
+    out = dict(payload)
+    for name in ("set", "before"):
+        if isinstance(out.get(name), dict):
+            out[name] = shown(out[name])
+    params = out.get("params")
+    if isinstance(params, dict) and isinstance(params.get("set"), dict):
+        out["params"] = {**params, "set": shown(params["set"])}
+    return out
+
+
 def record_to_proto(record: Record) -> pb.Operation:
     """A journal record as an executor.v1 Operation."""
     at = int(record.at * 1000)
@@ -82,7 +98,7 @@ def record_to_proto(record: Record) -> pb.Operation:
             return pb.Operation(op_id=record.op_id, vmid=record.vmid, kind=record.kind, record="begun", at_unix_ms=at,
                                 op_kind=str(op.get("kind", "")), signers=[str(s) for s in op.get("signers", [])],
                                 action_class=CLASS_NAMES.get(cls, pb.ACTION_CLASS_UNSPECIFIED),
-                                payload_json=json.dumps(record.payload, sort_keys=True))
+                                payload_json=json.dumps(served_payload(record.payload), sort_keys=True))
         case TaskStarted():
             return pb.Operation(op_id=record.op_id, upid=record.upid, record="task", at_unix_ms=at)
         case Ended():
@@ -102,11 +118,16 @@ def envelope_of(op: pb.SignedOp) -> Envelope:
                     signatures=tuple(Signature(keyid=s.keyid, sig=s.sig) for s in op.signatures))
 
 
+RECONCILES_PER_CALLER = 2  # of the API's workers, what one caller's Reconcile calls may hold at once
+
+
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     """GetStatus, Reconcile, ListOperations, ListPending, ProposeOp, SubmitOp, RevokeOp over an Engine."""
 
     def __init__(self, engine: Engine, desk: OpDesk | None = None) -> None:
         self._engine, self._desk = engine, desk
+        self._lock = threading.Lock()
+        self._reconciling: collections.Counter[str] = collections.Counter()  # Reconcile calls in progress, by caller
 
     def _ops(self, context: grpc.ServicerContext) -> OpDesk:
         if self._desk is None:
@@ -185,7 +206,22 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         """Run a tick now (after the running one, if any) and wait for its actions."""
         if self._engine.recovering.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "recovering in-flight operations: no tick before that ends")
-        summary = self._engine.tick(wait=True)
+        # At most RECONCILES_PER_CALLER calls per caller at once (one ticking, one waiting for the next tick): each
+        # holds one of the API's few workers for a whole tick, and a caller queueing many must not starve another's
+        # SubmitOp. A call beyond is answered at once.
+        caller = callers.current().key
+        with self._lock:
+            busy = self._reconciling[caller] >= RECONCILES_PER_CALLER
+            if not busy:
+                self._reconciling[caller] += 1
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{RECONCILES_PER_CALLER} Reconcile calls of this caller are in progress: wait for them")
+        try:
+            summary = self._engine.tick(wait=True)
+        finally:
+            with self._lock:
+                self._reconciling[caller] -= 1
         return pb.ReconcileResponse(tick=tick_to_proto(summary), waited_for_tick=summary.waited,
                                     refusals=[refusal_to_proto(r) for r in summary.refusals])
 
