@@ -50,6 +50,8 @@ RUN = (
     Option(key="shutdown_timeout", kind=int, default=60, minimum=0, help="seconds a graceful shutdown gets"),
     Option(key="force_stop", kind=bool, default=True, help="force a stop after the shutdown timeout"),
     Option(key="grace", kind=float, default=30.0, minimum=0, help="seconds queued work gets on SIGTERM"),
+    Option(key="lost_grace", kind=float, default=120.0, minimum=0,
+           help="seconds after a lost Proxmox answer before a task list without its task proves it never ran"),
     Option(key="trust_store", help="TOML trust store of the keys that may sign operations "
                                    "(unset: signed operations are off; every non-benign step is refused)"),
     Option(key="executor_id",
@@ -98,6 +100,7 @@ class ExecutorSettings:
     shutdown_timeout: int = 60
     force_stop: bool = True
     grace: float = 30.0
+    lost_grace: float = 120.0
     trust_store: str | None = None
     executor_id: str | None = None
     op_clock_skew: float = 120.0

@@ -100,7 +100,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                 settings=GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout,
                                                          force_stop=settings.force_stop),
                                       max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
-                                      stop_window=settings.interval,
+                                      stop_window=settings.interval, lost_grace=settings.lost_grace,
                                       secret=secret))
     planner = PlannerClient(settings.planner, tls=planner_tls(settings))
     queue = GuestQueue(settings.max_parallel)
@@ -176,7 +176,7 @@ def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: thr
     if api is not None:
         api.set_serving(False)
     try:
-        recover(journal, reader, stop=stop)
+        recover(journal, reader, stop=stop, register_grace=engine.gate.settings.lost_grace)
     except RecoveryInterruptedError as exc:
         event = "shutdown_during_recovery" if stop.is_set() else "recovery_incomplete"
         log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()))

@@ -34,6 +34,7 @@ class GateSettings:
 
     calls: CallSettings = field(default_factory=CallSettings)
     task_timeout: float = 900.0
+    lost_grace: float = 120.0  # seconds after a lost answer before a task list without its task proves it absent
     max_stops_per_tick: int | None = None  # None: unlimited for the local file, max(2, 10%) for remote sources
     stop_window: float = 30.0  # the stop limit holds per window (the daemon's interval), however many ticks run
     audience: str | None = None  # node@cluster, read once from /cluster/status when unset

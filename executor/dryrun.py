@@ -122,6 +122,8 @@ def render(result: DryRun, color: bool) -> str:
         reason = pb.SkipReason.Name(skip.reason)
         lines.append(paint(f"guest {skip.vmid}: skipped ({reason.removeprefix('SKIP_REASON_').lower()}): "
                            f"{printable(skip.detail)}", "33"))
+    for vmid, error in sorted(result.observed.unreadable.items()):
+        lines.append(paint(f"guest {vmid}: skipped (unreadable): {printable(error)}", "33"))
     if result.observed.elsewhere:
         lines.append(f"{len(result.observed.elsewhere)} declared guest(s) on other nodes, left to their executors")
     return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
@@ -139,6 +141,7 @@ def as_json(result: DryRun) -> dict[str, Any]:
                         "rule": p.rule, "reasons": list(p.reasons), "descriptor_sha256": p.descriptor_sha256}
                        for p in result.admission.pending]
     body["elsewhere"] = sorted(result.observed.elsewhere)
+    body["unreadable"] = {str(vmid): error for vmid, error in sorted(result.observed.unreadable.items())}
     return body
 
 

@@ -243,7 +243,8 @@ class Engine:
         except PlannerUnavailableError as exc:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
             return
-        summary.skipped = len({s.vmid for s in plan.skipped})
+        unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
+        summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
         submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted, wait=wait,
                                  population=[d for d in declared if d.vmid not in observed.elsewhere],
                                  held=frozenset(held))

@@ -206,11 +206,17 @@ class Gate:
                         _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
         """A config write planned from another version of the config is stale (PVE would refuse it too).
 
-        A signed op's digest is checked by ``_judge_op``, after the lock: a lock moves the digest, and
-        LOCKED is retried where a stale op is spent.
+        No digest read (the config could not be read, or its answer did not parse): no write, whatever
+        digest the planner sent; the gate admits no write whose facts it could not read. A signed op's
+        digest is checked by ``_judge_op``, after the lock: a lock moves the digest, and LOCKED is
+        retried where a stale op is spent.
         """
-        if op is not None or step.kind != SET_CONFIG or not step.digest or not facts.digest \
-                or step.digest == facts.digest:
+        if op is not None or step.kind != SET_CONFIG:
+            return None
+        if not facts.digest:
+            return DIGEST_STALE, (f"no config digest was read for guest {step.vmid}: a config write needs the "
+                                  "version it was planned from")
+        if not step.digest or step.digest == facts.digest:
             return None
         return DIGEST_STALE, f"planned from config digest {step.digest[:12]}, the guest's is {facts.digest[:12]}"
 

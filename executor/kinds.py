@@ -21,7 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 from executor.actions import SET_CONFIG, START, STOP, Step
-from executor.pve import QEMU, GuestState, PveError, PveReader, PveWriter
+from executor.pve import LXC, QEMU, GuestState, PveError, PveReader, PveWriter
 
 DESTROY, RESIZE = "guest.destroy", "disk.resize"
 SNAPSHOT, ROLLBACK, DELETE_SNAPSHOT = "snapshot.create", "snapshot.rollback", "snapshot.delete"
@@ -55,6 +55,9 @@ class ActionKind:
     already_there: tuple[str, ...]  # PVE error texts (lowercase) that mean the guest is already there
     shows: Shows  # recovery: the state shows the change
     one_shot: bool = False  # recovery: no task and the digest as planned means the call was never made
+    # Guest types whose call answers at once and leaves no task (LXC's config PUT): a lost answer
+    # leaves nothing to look for; the digest the write carries makes the next plan safe instead.
+    untasked: frozenset[str] = frozenset()
     params: ParamSpec = field(default_factory=dict)
     validate: Callable[[Step, Mapping[str, str]], str | None] | None = None
 
@@ -229,7 +232,7 @@ KINDS: Mapping[str, ActionKind] = {kind.name: kind for kind in (
                task_types=("qmshutdown", "vzshutdown", "qmstop", "vzstop"), already_there=("not running",),
                shows=lambda _r, guest, _p: guest is not None and guest.status == "stopped"),
     ActionKind(name=SET_CONFIG, call=_set_config, task_types=("qmconfig",), already_there=(), shows=_config_shows,
-               params={"force": (bool, False)}, validate=_config_valid),
+               params={"force": (bool, False)}, validate=_config_valid, untasked=frozenset({LXC})),
     ActionKind(name=DESTROY, call=_destroy, task_types=("qmdestroy", "vzdestroy"), already_there=(),
                shows=lambda _r, guest, _p: guest is None, one_shot=True,
                params={"purge": (bool, True), "destroy_unreferenced_disks": (bool, True)}),

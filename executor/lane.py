@@ -7,8 +7,10 @@ checked on fresh facts), then the journal's
 begin record (which, for a signed op, spends its nonce), the call, the wait for the task, the end.
 
 Nothing is run twice: a call whose answer was lost is not a failure but looked up in the guest's
-task list and waited on; a task still running at the deadline keeps its guest held (``unsettled``)
-until PVE says it stopped.
+task list and waited on. Until a definite answer (its task found and ended, or proven absent by a
+task-list read that succeeded after PVE had time to register it) the call stays in flight in the
+journal and its guest is held (``unsettled``): a lookup that fails is retried at the next tick,
+never turned into a second call. The same rule as recovery at start (``executor.recovery``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import collections
 import os
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -27,7 +29,19 @@ from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
 from executor.kinds import KINDS, ActionKind
 from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.pve import Pending as PendingSection
-from executor.pve import PveError, PveReader, PveUnavailableError, PveWriter, TaskOutcome, TaskResult, wait_task
+from executor.pve import (
+    PveError,
+    PveNotSentError,
+    PveReader,
+    PveUnavailableError,
+    PveWriter,
+    TaskOutcome,
+    TaskResult,
+    find_task,
+    wait_task,
+)
+from executor.pve import classify as classify_exit
+from executor.recovery import NOT_APPLIED
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
@@ -47,6 +61,22 @@ def _applied(pending: PendingSection) -> dict[str, str]:
     return {key: value for key, value in merged.items() if key not in pending.delete and key != "digest"}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InFlightCall:
+    """A call whose request may have reached Proxmox and that has no definite answer yet.
+
+    Its journal record stays in flight and its guest is held until the task is found and ends, or a
+    task-list read made ``lost_grace`` after the loss proves it absent ("not applied").
+    """
+
+    admitted: Admitted
+    op_id: str
+    began_at: float  # wall time the call began: the task list is searched from here
+    lost_at: float  # monotonic time the answer was given up on (or the task's deadline passed)
+    upid: str = ""  # "" until the task is found
+    detail: str = ""
+
+
 class Lane:
     """Authorizes and runs admitted steps; the only holder of the Proxmox writer."""
 
@@ -55,7 +85,7 @@ class Lane:
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
-        self._unsettled: dict[int, str] = {}  # vmid -> UPID of a task still running past its deadline
+        self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
         self.ahead: ReadAhead | None = None  # set by the engine: the next starts' pending sections, read early
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
@@ -138,7 +168,7 @@ class Lane:
         now = self._gate.wall()
         if now >= op.payload.not_after:
             return self._refuse_op(admitted, "EXPIRED", f"expired at {op.payload.not_after}, now {int(now)}")
-        guest = next((g for g in self._reader.guests() if g.vmid == step.vmid), None)
+        guest = self._reader.guests().find(step.vmid)  # PveAnswerError if its entry does not parse
         if guest is None:
             return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
         config, digest = self._reader.config(guest.type, step.vmid)
@@ -218,6 +248,8 @@ class Lane:
         """Authorize, journal, call Proxmox, wait for the task, journal the end.
 
         Never raises for PVE errors; a step refused in the lane returns its Refusal and is not run.
+        A call with no definite answer (lost, or its task still running at the deadline) returns
+        UNKNOWN and stays in flight, its guest held, until ``unsettled`` settles it.
         """
         step = admitted.step
         kind = KINDS[step.kind]
@@ -237,71 +269,140 @@ class Lane:
         if not isinstance(begun, str):
             return begun
         bound = bound.bind(op_id=begun)
-        result, upid = self._call(admitted, kind, began_at, bound, begun)
-        if result.result is TaskResult.FAILED and kind.is_already_there(result.exitstatus):
-            result = TaskOutcome(TaskResult.OK, result.exitstatus)
-        if result.result is TaskResult.UNKNOWN and upid:
+        called = self._call(admitted, kind, began_at, bound, begun)
+        if isinstance(called, InFlightCall):
             with self._lock:
-                self._unsettled[step.vmid] = upid  # held from planning until PVE says the task stopped
+                self._unsettled[begun] = called  # its guest held from planning until a definite answer
+            bound.warning("action_in_flight", upid=called.upid or None, detail=called.detail,
+                          duration_s=round(time.monotonic() - started, 3))
+            return Outcome.UNKNOWN
+        return self._settle(admitted, begun, called, bound, time.monotonic() - started)
+
+    def _settle(self, admitted: Admitted, op_id: str, result: TaskOutcome, bound: Any, duration: float) -> Outcome:
+        """The definite end of a call: journaled, counted, logged (a signed op's action marked as run)."""
+        step, op = admitted.step, admitted.op
+        if result.result is TaskResult.FAILED and KINDS[step.kind].is_already_there(result.exitstatus):
+            result = TaskOutcome(TaskResult.OK, result.exitstatus)
         outcome = OUTCOMES[result.result]
-        self._gate.journal_write(lambda j: j.end(begun, outcome, "" if outcome is Outcome.OK else result.exitstatus))
-        op = admitted.op
+        self._gate.journal_write(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
         if op is not None and op.payload.kind in ACTION_MARKED and outcome is not Outcome.FAILED:
             self._gate.journal_write(lambda j: j.refuse(
                 vmid=step.vmid, kind=op.payload.kind, reason="NONCE_SPENT", op_id=op.payload.op_id,
                 detail=f"op {op.payload.op_id} ran it ({outcome.value}): the same action needs a new proposal",
                 key=action_key(op)))
         self._count(step.kind, outcome)
-        bound.info("action", outcome=outcome.value, duration_s=round(time.monotonic() - started, 3),
+        bound.info("action", outcome=outcome.value, duration_s=round(duration, 3),
                    **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
         return outcome
 
     def _call(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
-              op_id: str) -> tuple[TaskOutcome, str | None]:
-        """The call and its task; an answer lost on the way is looked for in the guest's task list."""
+              op_id: str) -> TaskOutcome | InFlightCall:
+        """The call and its task: waited on until it ends or its deadline passes (then in flight)."""
+        sent = self._send(admitted, kind, began_at, bound, op_id)
+        if not isinstance(sent, str):
+            return sent
+        if not sent:
+            return TaskOutcome(TaskResult.OK, "")  # a synchronous call that answered: done
+        self._gate.journal_write(lambda j: j.task(op_id, sent))
+        waiting = time.monotonic()
+        result = wait_task(self._reader, sent, deadline=waiting + self._gate.settings.task_timeout)
+        self._gate.metrics.task_wait.observe(time.monotonic() - waiting)
+        if not result.ended:
+            return InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
+                                upid=sent, detail=result.exitstatus)
+        return result
+
+    def _send(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
+              op_id: str) -> str | TaskOutcome | InFlightCall:
+        """The request: its UPID ("" for a synchronous answer), a definite failure, or a call in flight.
+
+        PVE may have taken a call whose answer was lost: "no answer" is never read as "not done"
+        (that is how things run twice). Its task is looked for at once; not found, the call is in flight.
+        """
         step = admitted.step
         assert self._writer is not None
         try:
-            upid = kind.call(self._writer, step, self._gate.settings.calls)
+            return kind.call(self._writer, step, self._gate.settings.calls) or ""
+        except PveNotSentError as exc:  # no connection was made: a definite "not done", planned again
+            return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {exc}")
         except PveUnavailableError as exc:
-            # PVE may have taken the call: never read "no answer" as "not done" (that is how things run twice).
-            upid = self._find_task(step.vmid, kind, began_at)
-            if upid is None:
-                return TaskOutcome(TaskResult.UNKNOWN, f"no answer, and no task found: {exc}"), None
-            bound.warning("answer_lost_task_found", upid=upid)
+            if step.guest_type in kind.untasked:  # nothing to look for; the write's digest guards the next plan
+                return TaskOutcome(TaskResult.UNKNOWN, f"no answer, and this call leaves no task: {exc}")
+            lost = InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
+                                detail=f"no answer: {exc}")
+            found = self._look_up(lost, bound)
+            if isinstance(found, InFlightCall) and found.upid:
+                return found.upid
+            return lost if found is None else found  # not found yet, or (no grace) proven absent
         except PveError as exc:
-            return TaskOutcome(TaskResult.FAILED, str(exc)), None
-        if not upid:
-            return TaskOutcome(TaskResult.OK, ""), None
-        self._gate.journal_write(lambda j: j.task(op_id, upid))
-        waiting = time.monotonic()
-        result = wait_task(self._reader, upid, deadline=waiting + self._gate.settings.task_timeout)
-        self._gate.metrics.task_wait.observe(time.monotonic() - waiting)
-        return result, upid
+            return TaskOutcome(TaskResult.FAILED, str(exc))
 
-    def _find_task(self, vmid: int, kind: ActionKind, since: float) -> str | None:
+    def _look_up(self, call: InFlightCall, bound: Any) -> InFlightCall | TaskOutcome | None:
+        """Search the guest's task list for a lost call's task.
+
+        The call with its UPID when found (journaled); "not applied" when a read that succeeded, begun
+        at least ``lost_grace`` after the answer was lost (PVE had time to register the task), shows
+        none; None when the lookup failed or came too early (still in flight, looked for again).
+        """
+        kind = KINDS[call.admitted.step.kind]
+        vmid = call.admitted.step.vmid
+        late = time.monotonic() - call.lost_at >= self._gate.settings.lost_grace  # before the read, not after
         try:
-            tasks = self._reader.tasks(vmid, since=since - 1)
-        except PveError:
+            upid = find_task(self._reader, vmid, kind.task_types, since=call.began_at - 1)
+        except PveError as exc:
+            bound.warning("lost_answer_lookup_failed", error=str(exc))
             return None
-        found = [t for t in tasks if t.get("type") in kind.task_types and str(t.get("id")) == str(vmid)]
-        return str(found[-1]["upid"]) if found else None
+        if upid is None:
+            if not late:
+                return None
+            return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {call.detail}; no task for it in PVE's task list")
+        bound.warning("answer_lost_task_found", upid=upid)
+        return replace(call, upid=upid)
+
+    def _check(self, call: InFlightCall) -> InFlightCall | TaskOutcome:
+        """One look at an in-flight call: its task found, its end, or the proof that it never ran."""
+        bound = log.bind(vmid=call.admitted.step.vmid, action=call.admitted.step.kind, op_id=call.op_id)
+        if not call.upid:
+            found = self._look_up(call, bound)
+            if found is None:
+                return call
+            if isinstance(found, TaskOutcome):
+                return found
+            call = found
+            self._gate.journal_write(lambda j: j.task(call.op_id, call.upid))
+        try:
+            status = self._reader.task_status(call.upid)
+        except PveError as exc:
+            bound.warning("in_flight_task_unreadable", upid=call.upid, error=str(exc))
+            return call
+        if status.get("status") != "stopped":
+            return call
+        return classify_exit(str(status.get("exitstatus", "")))
 
     def unsettled(self) -> set[int]:
-        """Guests whose last task outlived its deadline and still runs: not to be planned (one read each)."""
+        """Guests with a call in flight (answer lost, or task past its deadline): not to be planned.
+
+        Each is looked at once (a task-list or task-status read); one that gets a definite answer is
+        settled here (journaled and counted) and released.
+        """
         with self._lock:
             waiting = dict(self._unsettled)
         still = set()
-        for vmid, upid in waiting.items():
-            try:
-                running = self._reader.task_status(upid).get("status") != "stopped"
-            except PveError:
-                running = True
-            if running:
+        for op_id, call in waiting.items():
+            checked = self._check(call)
+            vmid = call.admitted.step.vmid
+            if isinstance(checked, InFlightCall):
                 still.add(vmid)
-            else:
                 with self._lock:
-                    self._unsettled.pop(vmid, None)
+                    self._unsettled[op_id] = checked
+                continue
+            with self._lock:
+                self._unsettled.pop(op_id, None)
+            step = call.admitted.step
+            self._settle(call.admitted, call.op_id, checked,
+                         log.bind(vmid=vmid, action=step.kind, guest_type=step.guest_type, op_id=call.op_id,
+                                  settled="later"),
+                         time.monotonic() - call.lost_at)
         return still
 
     def _count(self, kind: str, outcome: Outcome) -> None:

@@ -1,18 +1,21 @@
 """The one read path: what a tick, the dry run and selftest know of the node before they plan.
 
 ``observe`` reads the node's guest lists, the config of each declared guest whose config or
-description is managed (in parallel; an unreadable config is left out and the planner says
-CONFIG_UNKNOWN), and, only when a declared guest is not on this node, one ``/cluster/resources``
-to tell a guest that lives on another node (left to that node's executor, counted as elsewhere)
-from one that exists nowhere (the planner's NOT_FOUND). ``pve-executor plan`` uses this same
-function, so the dry run shows what ``run`` would do.
+description is managed (in parallel; an unreadable config, one whose answer does not parse among
+them, is left out and the planner says CONFIG_UNKNOWN), and, only when a declared guest is not on
+this node, one ``/cluster/resources`` to tell a guest that lives on another node (left to that
+node's executor, counted as elsewhere) from one that exists nowhere (the planner's NOT_FOUND).
+``pve-executor plan`` uses this same function, so the dry run shows what ``run`` would do.
+
+A declared guest whose guest-list entry does not parse is ``unreadable``: on the node, its run
+state and lock unknown; it is not planned at all, and the tick reports it as skipped with the error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -31,11 +34,12 @@ class Observed:
     guests: dict[int, GuestState]  # this node's guests whose run state the planner understands
     configs: dict[int, tuple[dict[str, str], str]]  # vmid -> (pending-applied config, digest)
     elsewhere: frozenset[int]  # declared guests that live on another node
+    unreadable: dict[int, str] = field(default_factory=dict)  # declared guests whose list entry did not parse
     listed: frozenset[int] | None = None  # every vmid of this node's lists, whatever its state (None: not read)
 
     def request(self, declared: Iterable[Declared]) -> tuple[list[pb.DesiredGuest], list[pb.ActualGuest]]:
         """The planner request for ``declared``: guests elsewhere are not this node's to plan."""
-        mine = [d for d in declared if d.vmid not in self.elsewhere]
+        mine = [d for d in declared if d.vmid not in self.elsewhere and d.vmid not in self.unreadable]
         actual = [actual_to_proto(self.guests[d.vmid], self.configs.get(d.vmid)) for d in mine if d.vmid in self.guests]
         return desired_to_proto(mine), actual
 
@@ -49,6 +53,9 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
     """Read what planning ``declared`` needs; PveError when the guest list cannot be read."""
     listing = reader.guests()
     guests = {g.vmid: g for g in listing if g.status in RUN_STATES}
+    unreadable = {d.vmid: listing.unreadable[d.vmid] for d in declared if d.vmid in listing.unreadable}
+    for vmid, error in unreadable.items():
+        log.warning("guest_unreadable", vmid=vmid, error=error)
     wanted = [guests[d.vmid] for d in declared if d.vmid in guests and manages_config(d)]
 
     def read(guest: GuestState) -> tuple[int, tuple[dict[str, str], str] | None]:
@@ -60,8 +67,10 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
 
     results = pool.map(read, wanted) if pool is not None else map(read, wanted)
     configs = {vmid: found for vmid, found in results if found is not None}
-    return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, declared, guests),
-                    listed=frozenset(g.vmid for g in listing))
+    placed = [d for d in declared if d.vmid not in unreadable]
+    # A guest whose entry did not parse is still on the node (its state unknown), so listed.
+    return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, placed, guests),
+                    unreadable=unreadable, listed=frozenset(g.vmid for g in listing) | frozenset(listing.unreadable))
 
 
 def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int, GuestState]) -> frozenset[int]:

@@ -119,7 +119,7 @@ class OpDesk:
         if not self._propose_bucket.take(caller):
             raise RateLimitedError("ProposeOp: too many calls; try again in a second")
         reader, gate = self._engine.pve, self._engine.gate
-        guest = next((g for g in reader.guests() if g.vmid == vmid), None)
+        guest = reader.guests().find(vmid)
         if guest is None:
             raise Refused(RefusalReason.BINDING_MISMATCH, f"guest {vmid} is not on node {reader.node}")
         checked = canonical_params(kind, params)  # MALFORMED / UNKNOWN_KIND naming the field, before any use
@@ -249,7 +249,7 @@ class OpDesk:
         payload = op.payload
         reader = self._engine.pve
         try:
-            guest = next((g for g in reader.guests() if g.vmid == payload.vmid), None)
+            guest = reader.guests().find(payload.vmid)
             if guest is None:
                 raise Refused(RefusalReason.DIGEST_STALE, f"guest {payload.vmid} is not on node {reader.node}")
             config = reader.config(guest.type, payload.vmid)

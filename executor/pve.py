@@ -13,16 +13,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import requests
+import structlog
+import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
+
+from executor import pveparse
 
 # proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
 logging.getLogger("proxmoxer").setLevel(logging.WARNING)
 
 QEMU, LXC = "qemu", "lxc"
+log = structlog.get_logger("executor.pve")
+T = TypeVar("T")
 
 
 class PveError(Exception):
@@ -35,6 +41,20 @@ class PveError(Exception):
 
 class PveUnavailableError(PveError):
     """No answer: connection refused or reset, timeout, TLS failure, 5xx from a proxy."""
+
+
+class PveNotSentError(PveUnavailableError):
+    """No connection was made (refused, connect timeout): the request never left."""
+
+
+class PveAnswerError(PveError):
+    """An answer that does not parse (``executor.pveparse``): a read that failed, never a fact.
+
+    Not transient (retrying gets the same answer); the message names the guest and what was wrong.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 200)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,10 +116,11 @@ class TaskResult(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TaskOutcome:
-    """A finished task's result and PVE's exit status text."""
+    """A task's result and PVE's exit status text; ``ended`` False: no definite answer yet (still in flight)."""
 
     result: TaskResult
     exitstatus: str
+    ended: bool = True
 
 
 def classify(exitstatus: str) -> TaskOutcome:
@@ -119,19 +140,12 @@ def upid_node(upid: str) -> str:
     return parts[1]
 
 
-def as_text(value: object) -> str:
-    """A PVE config value as the planner compares it: numbers as they read, strings as they are."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
 class PveReader(Protocol):
     """What the executor reads from a Proxmox node (one real implementation: ``ProxmoxNode``)."""
 
     node: str
 
-    def guests(self) -> list[GuestState]:
+    def guests(self) -> GuestList:
         """Every guest of the node with its run state and lock (one request per guest type)."""
 
     def cluster_guests(self) -> dict[int, str]:
@@ -229,7 +243,8 @@ class Session:
                 raise error(message, exc.status_code) from None
             except requests.RequestException as exc:
                 self._on_error(None)
-                raise PveUnavailableError(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
+                error = PveNotSentError if _never_sent(exc) else PveUnavailableError
+                raise error(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     def guest(self, api: Any, guest_type: str, vmid: int) -> Any:
@@ -237,68 +252,141 @@ class Session:
         return getattr(api.nodes(self.node), guest_type)(vmid)
 
 
+class GuestList(list[GuestState]):
+    """The node's guests whose entries parsed, and those whose entries did not.
+
+    ``unreadable``: vmid -> what was wrong with its entry (the guest is on the node, its facts are not
+    known: it is skipped, never planned); ``dropped``: entries that name no guest at all.
+    """
+
+    def __init__(self, guests: Sequence[GuestState] = (), *, unreadable: Mapping[int, str] | None = None,
+                 dropped: Sequence[str] = ()) -> None:
+        super().__init__(guests)
+        self.unreadable = dict(unreadable or {})
+        self.dropped = tuple(dropped)
+
+    def find(self, vmid: int) -> GuestState | None:
+        """The guest ``vmid`` (None: not on the node); PveAnswerError when its entry, or an entry that could
+        be it, did not parse: absence is never concluded from a list with holes."""
+        found = next((g for g in self if g.vmid == vmid), None)
+        if found is not None:
+            return found
+        if vmid in self.unreadable:
+            raise PveAnswerError(f"guest {vmid}: its guest-list entry does not parse: {self.unreadable[vmid]}")
+        if self.dropped:
+            raise PveAnswerError(f"guest {vmid} is not in the guest list, which dropped {self.dropped[0]}")
+        return None
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the request failed before a connection existed (so PVE cannot have taken it).
+
+    A connection refused or a connect timeout: yes. A reset, a read timeout, a connection closed after
+    the request was written, a TLS error (urllib3 raises it mid-stream too): PVE may have taken it.
+    """
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
 class ProxmoxNode:
-    """``PveReader`` over proxmoxer; ``session`` is shared with the gate's writer."""
+    """``PveReader`` over proxmoxer; ``session`` is shared with the gate's writer.
+
+    Every answer is parsed strictly (``executor.pveparse``): one that does not parse raises
+    PveAnswerError naming the guest and what was wrong, never a TypeError deep in a tick.
+    """
 
     def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
         self.session = Session(connection, on_error)
         self.node = connection.node
         self._call = self.session.call
 
-    def guests(self) -> list[GuestState]:
-        """QEMU (``full=1`` for qmpstatus) and LXC lists of the node."""
-        found = []
+    def guests(self) -> GuestList:
+        """QEMU (``full=1`` for qmpstatus) and LXC lists of the node; entries that do not parse set apart."""
+        found, unreadable, dropped = [], {}, []
         for kind in (QEMU, LXC):
             params = {"full": 1} if kind == QEMU else {}
 
             def listing(api: Any, kind: str = kind, params: dict[str, int] = params) -> Any:
                 return getattr(api.nodes(self.node), kind).get(**params)
 
-            for item in self._call(listing) or []:
-                status = item.get("status", "unknown")
-                if status == "running" and item.get("qmpstatus") in ("paused", "suspended", "prelaunch"):
-                    status = "paused"
-                found.append(GuestState(vmid=int(item["vmid"]), type=kind, status=status,
-                                        lock=str(item.get("lock") or "")))
-        return found
+            entries, notes = _parsed(f"the {kind} guest list", pveparse.objects, self._call(listing),
+                                     f"the {kind} guest list")
+            dropped += notes
+            for entry in entries:
+                try:
+                    vmid, status, lock = pveparse.guest_entry(entry)
+                except pveparse.MalformedAnswerError as exc:
+                    named = _vmid_or_none(entry)
+                    if named is None:
+                        dropped.append(f"a {kind} guest-list entry: {exc}")
+                    else:
+                        unreadable[named] = f"{kind} guest-list entry: {exc}"
+                    continue
+                found.append(GuestState(vmid=vmid, type=kind, status=status, lock=lock))
+        for note in dropped:
+            log.warning("pve_entry_dropped", node=self.node, error=note)
+        return GuestList(found, unreadable=unreadable, dropped=dropped)
 
     def cluster_guests(self) -> dict[int, str]:
         """GET /cluster/resources?type=vm: where each guest of the cluster lives."""
-        listed = self._call(lambda api: api.cluster.resources.get(type="vm")) or []
-        return {int(item["vmid"]): str(item.get("node", "")) for item in listed if "vmid" in item}
+        placed, dropped = _parsed("cluster resources", pveparse.resources_answer,
+                                  self._call(lambda api: api.cluster.resources.get(type="vm")))
+        for note in dropped:
+            log.warning("pve_entry_dropped", node=self.node, error=note)
+        return placed
 
     def cluster_name(self) -> str:
         """GET /cluster/status: the entry of type cluster names it."""
-        status = self._call(lambda api: api.cluster.status.get()) or []
-        return next((str(item.get("name", "")) for item in status if item.get("type") == "cluster"), "")
+        name, dropped = _parsed("cluster status", pveparse.cluster_name_answer,
+                                self._call(lambda api: api.cluster.status.get()))
+        for note in dropped:
+            log.warning("pve_entry_dropped", node=self.node, error=note)
+        return name
 
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
-        """GET .../config: PVE's pending-applied view, values as text, digest apart."""
-        data = self._call(lambda api: self.session.guest(api, guest_type, vmid).config.get()) or {}
-        digest = str(data.pop("digest", ""))
-        return {key: as_text(value) for key, value in data.items()}, digest
+        """GET .../config: PVE's pending-applied view, values as text, digest apart (never without one)."""
+        answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).config.get())
+        return _parsed(f"guest {vmid}: config", pveparse.config_answer, answer)
 
     def pending(self, guest_type: str, vmid: int) -> Pending:
         """GET .../pending: per key its current value, its pending value or a pending delete."""
-        listed = self._call(lambda api: self.session.guest(api, guest_type, vmid).pending.get()) or []
-        current = {str(i["key"]): as_text(i["value"]) for i in listed if "value" in i}
-        values = {str(i["key"]): as_text(i["pending"]) for i in listed if "pending" in i}
-        deleted = frozenset(str(i["key"]) for i in listed if i.get("delete"))
+        answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).pending.get())
+        current, values, deleted = _parsed(f"guest {vmid}: pending", pveparse.pending_answer, answer)
         return Pending(current=current, set=values, delete=deleted)
 
     def task_status(self, upid: str) -> dict[str, Any]:
-        """GET /nodes/{upid's node}/tasks/{upid}/status."""
-        return dict(self._call(lambda api: api.nodes(upid_node(upid)).tasks(upid).status.get()) or {})
+        """GET /nodes/{upid's node}/tasks/{upid}/status: ``status``, and a stopped task's ``exitstatus``."""
+        answer = self._call(lambda api: api.nodes(upid_node(upid)).tasks(upid).status.get())
+        return dict(_parsed(f"task {upid}: status", pveparse.task_status_answer, answer))
 
     def tasks(self, vmid: int, since: float) -> list[dict[str, Any]]:
-        """GET /nodes/{node}/tasks?vmid=&since=."""
-        listed = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100))
-        return [dict(t) for t in listed or [] if int(t.get("starttime", 0)) >= int(since)]
+        """GET /nodes/{node}/tasks?vmid=&since=&source=all: PVE's default source (archive) omits running tasks."""
+        answer = self._call(lambda api: api.nodes(self.node).tasks.get(vmid=vmid, since=int(since), limit=100,
+                                                                        source="all"))
+        listed = _parsed(f"guest {vmid}: task list", pveparse.task_list, answer)
+        return [t for t in listed if t["starttime"] >= int(since)]
 
     def snapshots(self, guest_type: str, vmid: int) -> list[str]:
         """GET .../snapshot: every entry but ``current`` (where the guest is now)."""
-        listed = self._call(lambda api: self.session.guest(api, guest_type, vmid).snapshot.get()) or []
-        return [str(item["name"]) for item in listed if item.get("name") != "current"]
+        answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).snapshot.get())
+        return _parsed(f"guest {vmid}: snapshot list", pveparse.snapshot_names, answer)
+
+
+def _parsed(what: str, parse: Callable[..., T], *args: Any) -> T:
+    """``parse(*args)``, a MalformedAnswerError answer raised as PveAnswerError prefixed with ``what`` (the guest)."""
+    try:
+        return parse(*args)
+    except pveparse.MalformedAnswerError as exc:
+        raise PveAnswerError(f"{what}: {exc}") from None
+
+
+def _vmid_or_none(entry: Mapping[str, Any]) -> int | None:
+    try:
+        return pveparse.vmid_of(entry.get("vmid"))
+    except pveparse.MalformedAnswerError:
+        return None
 
 
 def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,
@@ -322,11 +410,22 @@ def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[],
             now = clock()
             first_missing = first_missing or now
             if now - first_missing > missing_grace:
-                return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}")
+                return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}", ended=False)
             status = {}
         if status.get("status") == "stopped":
             return classify(str(status.get("exitstatus", "")))
         if clock() >= deadline:
-            return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline")
+            return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline", ended=False)
         sleep(delay)
         delay = min(delay * 1.6, 2.0)
+
+
+def find_task(pve: PveReader, vmid: int, types: Sequence[str], since: float) -> str | None:
+    """The newest task of ``types`` for guest ``vmid`` started at or after ``since`` (Unix time), or None.
+
+    None is a proof of absence only as good as the read: a PveError propagates (a failed lookup
+    proves nothing), and a task PVE has not registered yet is not in the list.
+    """
+    found = [t for t in pve.tasks(vmid, since=since) if t.get("type") in types and str(t.get("id")) == str(vmid)]
+    found.sort(key=lambda t: int(t.get("starttime", 0)))
+    return str(found[-1]["upid"]) if found else None

@@ -10,8 +10,11 @@ can also end as "not applied": no task was found and the guest's config digest i
 op was planned from (``payload["digest"]``), so the crash came between the journal's begin and the
 Proxmox call. That is a failure, not an unknown: the nonce stays spent and the operator re-signs.
 
-Only a definite answer ends an operation. A transient error (a 5xx, no answer) is retried with a
-capped backoff for ``retry_for`` seconds; past that the operation stays in flight, so the next
+Only a definite answer ends an operation. A transient error (a 5xx, no answer), or a planned
+step's task not listed yet when it began less than ``register_grace`` ago (the lane's
+``lost_grace``: PVE may not have registered the task of a request it took, and "unknown" would let
+the next tick send it again), is retried with a capped backoff for ``retry_for``
+seconds (at least until the grace has passed); past that the operation stays in flight, so the next
 start resolves it, and the daemon does not tick while anything is unresolved. A stop request
 (SIGTERM) ends recovery at once and leaves the unresolved operations in flight for the same reason.
 """
@@ -27,7 +30,16 @@ from typing import TypeVar
 import structlog
 
 from executor.kinds import KINDS
-from executor.pve import PveError, PveReader, PveUnavailableError, TaskOutcome, TaskResult, classify, wait_task
+from executor.pve import (
+    PveError,
+    PveReader,
+    PveUnavailableError,
+    TaskOutcome,
+    TaskResult,
+    classify,
+    find_task,
+    wait_task,
+)
 from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
@@ -41,9 +53,11 @@ class RecoveryInterruptedError(RuntimeError):
 
 
 def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, retry_for: float = 60.0,
-            stop: threading.Event | None = None) -> list[tuple[InFlight, Outcome]]:
+            stop: threading.Event | None = None, register_grace: float = 0.0) -> list[tuple[InFlight, Outcome]]:
     """End every in-flight operation with what Proxmox says happened; return what was decided.
 
+    ``register_grace``: a planned step begun less than this long ago whose task is not listed (and whose
+    guest does not show the change) may still be registered by PVE: looked for again, not ended unknown.
     Raises RecoveryInterruptedError when stopped or when Proxmox stays unavailable.
     """
     stop = stop or threading.Event()
@@ -53,7 +67,9 @@ def recover(journal: Journal, pve: PveReader, *, task_timeout: float = 900.0, re
     for op in pending:
         bound = log.bind(vmid=op.vmid, op_id=op.op_id, action=op.kind, upid=op.upid)
         try:
-            result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop), retry_for, stop, bound)
+            patience = max(retry_for, op.begun_at + register_grace - time.time() + 5.0)
+            result = _retrying(functools.partial(_resolve, op, pve, task_timeout, stop, register_grace), patience,
+                               stop, bound)
         except PveError as exc:  # a definite refusal (4xx; transient errors were retried): cannot be checked
             result = TaskOutcome(TaskResult.UNKNOWN, f"could not check: {exc}")
         outcome = OUTCOMES[result.result]
@@ -80,7 +96,8 @@ def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event,
             delay = min(delay * 2, 10.0)
 
 
-def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.Event) -> TaskOutcome:
+def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.Event,
+             register_grace: float = 0.0) -> TaskOutcome:
     upid = op.upid or _find_task(op, pve)
     if upid is not None:
         status = pve.task_status(upid)
@@ -89,7 +106,7 @@ def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.
         outcome = wait_task(pve, upid, deadline=time.monotonic() + task_timeout, sleep=_interruptible(stop),
                             transient=_raise)
         return outcome
-    return _from_state(op, pve)
+    return _from_state(op, pve, register_grace)
 
 
 def _interruptible(stop: threading.Event) -> Callable[[float], None]:
@@ -106,16 +123,12 @@ def _raise(exc: PveUnavailableError) -> None:
 def _find_task(op: InFlight, pve: PveReader) -> str | None:
     """A task of the operation's types for its guest, started since it began (the UPID never recorded)."""
     kind = KINDS.get(op.kind)
-    wanted = kind.task_types if kind is not None else ()
-    for task in pve.tasks(op.vmid, since=op.begun_at - 1):
-        if task.get("type") in wanted and str(task.get("id")) == str(op.vmid):
-            return str(task["upid"])
-    return None
+    return find_task(pve, op.vmid, kind.task_types if kind is not None else (), since=op.begun_at - 1)
 
 
-def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
+def _from_state(op: InFlight, pve: PveReader, register_grace: float = 0.0) -> TaskOutcome:
     """No task: does the guest show the change, or is its config untouched since the op was planned?"""
-    guest = next((g for g in pve.guests() if g.vmid == op.vmid), None)
+    guest = pve.guests().find(op.vmid)  # never "absent" from a list whose entries did not all parse
     kind = KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
@@ -124,6 +137,9 @@ def _from_state(op: InFlight, pve: PveReader) -> TaskOutcome:
     planned = _planned_digest(op)
     if planned and pve.config(guest.type, op.vmid)[1] == planned:
         return TaskOutcome(TaskResult.FAILED, NOT_APPLIED)
+    if not planned and time.time() < op.begun_at + register_grace:
+        # Unknown would let the next tick plan it again, while PVE may not have registered a request it took.
+        raise PveUnavailableError(f"no task yet for the {op.kind} begun {time.time() - op.begun_at:.0f} s ago")
     return TaskOutcome(TaskResult.UNKNOWN, "no task found and the guest does not show the change")
 
 

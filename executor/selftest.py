@@ -50,7 +50,7 @@ def _write(engine: Engine, vmid: int, values: dict[str, str], delete: list[str])
 def selftest(engine: Engine, vmid: int) -> SelftestResult:
     """Run the round trip on ``vmid`` and restore it."""
     pve, planner = engine.pve, engine.planner
-    guest = next((g for g in pve.guests() if g.vmid == vmid), None)
+    guest = pve.guests().find(vmid)
     if guest is None:
         return SelftestResult(False, "", "", False, f"guest {vmid} is not on node {pve.node}")
     if guest.lock:

@@ -96,7 +96,7 @@ def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> 
         calls = CallSettings(**{k: settings.pop(k) for k in ("shutdown_timeout", "force_stop") if k in settings})
         gate_settings = GateSettings(calls=calls, secret=b"test-gate-secret".ljust(32, b"."),
                                      **{k: settings.pop(k) for k in ("task_timeout", "max_stops_per_tick", "audience",
-                                                                     "stop_window")
+                                                                     "stop_window", "lost_grace")
                                         if k in settings})
         reader = pve or node
         writer = writer or ProxmoxWriter(getattr(reader, "session", node.session))

@@ -142,7 +142,8 @@ def test_http_5xx_and_a_flaky_network_only_delay_convergence(fakepve: Any, make_
     """A 500 on the guest list and dropped connections fail ticks or actions, never the daemon."""
     vm = fakepve.add_vm(100, "web", status="stopped")
     # onboot applies at once even while running (fakepve's GET config shows no pending change)
-    engine = make_engine([Declared(vmid=100, state="running", config={"onboot": "1"})])
+    # A reset call may have reached PVE: it stays in flight until a task list shows it absent (lost_grace).
+    engine = make_engine([Declared(vmid=100, state="running", config={"onboot": "1"})], lost_grace=0.2)
     fakepve.fail("GET", "/nodes/pve1/qemu", 500, "proxy error", times=1)
     assert engine.tick(wait=True).outcome is TickOutcome.PVE_UNAVAILABLE
     fakepve.flaky_network(drop_rate=0.2)  # every 5th request reset: a tick needs ~6 of them

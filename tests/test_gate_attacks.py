@@ -136,10 +136,10 @@ def test_a_planner_cannot_start_a_guest_whose_start_is_still_running(fakepve: An
     assert second.queued == 0
 
 
-def test_with_the_config_unreadable_no_disk_nic_or_protection_write_is_benign(fakepve: Any,
-                                                                                make_engine: Make) -> None:
+def test_with_the_config_unreadable_no_config_write_runs(fakepve: Any, make_engine: Make) -> None:
     """A config read that failed is no licence: a disk write cannot be told from a swap, a NIC write from a
-    new MAC, a protection write from lowering it, so all three need approval; only the plain key runs."""
+    new MAC, a protection write from lowering it, so all three are classed above benign; and with no digest
+    read, not even the plain key runs (no digest, no write)."""
     fakepve.add_vm(100, "db", status="stopped", config={"scsi0": "local-lvm:vm-100-disk-0,size=32G",
                                                         "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})
     fakepve.fail("GET", "/nodes/pve1/qemu/100/config", 500, "unable to read config")
@@ -148,9 +148,10 @@ def test_with_the_config_unreadable_no_disk_nic_or_protection_write_is_benign(fa
     actions = [config(100, {key: value}) for key, value in values.items()] + [config(100, {"memory": "1024"})]
     with scripted_planner([pb.PlanResponse(actions=actions)]) as target:
         summary = make_engine(declared, planner_target=target).tick(wait=True)
-    assert [b for _, _, b in mutations(fakepve)] == [b"memory=1024"]
-    assert sorted(r.op_kind for r in summary.refusals) == ["config.disk_swap", "config.nic_identity",
-                                                          "config.protection_off"]
+    assert not mutations(fakepve)
+    assert sorted((r.op_kind, r.cls.name, r.reason) for r in summary.refusals) == [
+        ("config", "BENIGN", "DIGEST_STALE"), ("config.disk_swap", "DESTRUCTIVE", "DIGEST_STALE"),
+        ("config.nic_identity", "APPROVAL", "DIGEST_STALE"), ("config.protection_off", "APPROVAL", "DIGEST_STALE")]
 
 
 # --- holes ---------------------------------------------------------------------------------------
