@@ -113,10 +113,11 @@ class Gate:
         """
         if op is None and source is Source.OPERATOR_OP:
             source = Source.HUB  # only a verified op is an operator's: anything else claiming it is remote
-        if held is not None and not self.ledger.idle():
+        if held is not None and observed.listed is not None and not self.ledger.idle():
+            # Not after a guest list with holes: a guest it dropped is not gone, and its stop still counts.
             self.ledger.settle(status={vmid: g.status for vmid, g in observed.guests.items()},
-                               present=observed.listed if observed.listed is not None else set(observed.guests),
-                               held=held, now=self.wall(), grace=self.settings.task_timeout, save=record)
+                               present=observed.listed, held=held, now=self.wall(),
+                               grace=self.settings.task_timeout, save=record)
         admitted: dict[int, list[Admitted]] = {}
         refused: list[Refusal] = []
         pending: list[Pending] = []

@@ -68,9 +68,11 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
     results = pool.map(read, wanted) if pool is not None else map(read, wanted)
     configs = {vmid: found for vmid, found in results if found is not None}
     placed = [d for d in declared if d.vmid not in unreadable]
-    # A guest whose entry did not parse is still on the node (its state unknown), so listed.
+    # A guest whose entry did not parse is still on the node (its state unknown), so listed; a list that
+    # dropped entries naming no guest has holes: it proves no guest absent (``listed`` None).
+    listed = None if listing.dropped else frozenset(g.vmid for g in listing) | frozenset(listing.unreadable)
     return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, placed, guests),
-                    unreadable=unreadable, listed=frozenset(g.vmid for g in listing) | frozenset(listing.unreadable))
+                    unreadable=unreadable, listed=listed)
 
 
 def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int, GuestState]) -> frozenset[int]:

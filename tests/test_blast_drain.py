@@ -29,6 +29,7 @@ from executor.stopledger import StopLedger
 from planner import server
 from safety.blast import RemoteStop
 from safety.classify import Source
+from tests.answer_faults import AnswerFaults
 from tests.executor_helpers import HeldReads
 from tests.tmpfs import tiny_filesystem
 
@@ -278,3 +279,33 @@ def test_a_stop_that_did_not_run_is_forgotten_and_one_that_ran_is_confirmed(tmp_
     again = StopLedger.in_state_dir(tmp_path)
     assert again.stopped() == {100: RemoteStop(at=10.0, seen=True), 102: RemoteStop(at=10.0)}
     assert again.used(now=39.0, window=30.0) == 3 and again.used(now=40.0, window=30.0) == 0
+
+
+@pytest.mark.usefixtures("node_of_ten")
+def test_a_guest_list_with_holes_never_frees_a_hubs_budget(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+    """The hub's stopped guests vanish from one guest-list answer (their entries garbled: dropped, naming no
+    guest). A list with holes proves no guest gone: the record keeps their stops, and the drain stays held."""
+    desired = tmp_path / "desired.yaml"
+    write_hub(desired, instalment(0, drop="guest"))
+    engine = make_engine([], stop_window=0.0)
+    engine.provider = FileProvider(desired)
+    for round_ in range(2):
+        write_hub(desired, instalment(round_, drop="guest"))
+        engine.tick(wait=True)
+    assert stopped(fakepve) == [100, 101, 102, 103]
+    garble = {"on": True}
+
+    def holes(data: Any) -> Any:
+        if not garble["on"] or not isinstance(data, list):
+            return data
+        return [e if not isinstance(e, dict) or int(e.get("vmid", 0)) not in range(100, 104) else "garbage"
+                for e in data]
+
+    AnswerFaults(fakepve).rewrite("GET", "/nodes/pve1/qemu", holes)
+    write_hub(desired, instalment(2, drop="guest"))
+    engine.tick(wait=True)
+    garble["on"] = False
+    for round_ in (3, 4):
+        write_hub(desired, instalment(round_, drop="guest"))
+        engine.tick(wait=True)
+    assert stopped(fakepve) == [100, 101, 102, 103], "a guest list with holes freed the hub's budget"
