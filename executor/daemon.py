@@ -147,7 +147,11 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
             summary = engine.tick(wait=True)
             return 0 if summary.outcome is TickOutcome.OK else 1
         while not stop.is_set():
-            engine.tick()
+            try:
+                engine.tick()
+            except Exception:  # a bug in one tick is logged and the next tick comes: failures are never fatal
+                log.exception("tick_crashed")
+                engine.metrics.ticks.labels("crashed").inc()
             stop.wait(settings.interval)
         return 0
     finally:
