@@ -112,6 +112,17 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
     return Parts(reader, planner, queue, engine, desk)
 
 
+def _loop(engine: Engine, stop: threading.Event, interval: float) -> None:
+    """Tick every ``interval`` until ``stop``; a bug in one tick is logged and counted, and the next comes."""
+    while not stop.is_set():
+        try:
+            engine.tick()
+        except Exception:  # failures are never fatal
+            log.exception("tick_crashed")
+            engine.metrics.ticks.labels("crashed").inc()
+        stop.wait(interval)
+
+
 def run(settings: ExecutorSettings, conn: Connection) -> int:
     """``pve-executor run``."""
     stop = stop_on_signals()  # first: a SIGTERM from here on is a clean stop
@@ -146,13 +157,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         if settings.once:
             summary = engine.tick(wait=True)
             return 0 if summary.outcome is TickOutcome.OK else 1
-        while not stop.is_set():
-            try:
-                engine.tick()
-            except Exception:  # a bug in one tick is logged and the next tick comes: failures are never fatal
-                log.exception("tick_crashed")
-                engine.metrics.ticks.labels("crashed").inc()
-            stop.wait(settings.interval)
+        _loop(engine, stop, settings.interval)
         return 0
     finally:
         if api is not None:

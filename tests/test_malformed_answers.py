@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from executor import daemon
 from executor.actions import SET_CONFIG, Step
 from executor.decisions import declaration_of
 from executor.desired import Declared
@@ -187,3 +189,22 @@ def test_plan_names_a_guest_whose_entry_does_not_parse(fakepve: Any, fakepve_caf
                                      text=True, timeout=60, check=True).stdout)
     assert [a["vmid"] for a in body["actions"]] == [100]
     assert list(body["unreadable"]) == ["101"]
+
+
+def test_a_tick_that_raises_never_ends_the_daemons_loop(fakepve: Any, make_engine: Make,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one tick (any exception) is logged and counted; the loop goes on to the next tick."""
+    engine = make_engine([])
+    stop = threading.Event()
+    calls: list[int] = []
+
+    def tick(*, wait: bool = False) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        stop.set()
+
+    monkeypatch.setattr(engine, "tick", tick)
+    daemon._loop(engine, stop, 0.01)
+    assert len(calls) == 2
+    assert engine.metrics.ticks.labels("crashed")._value.get() == 1
