@@ -174,7 +174,8 @@ def _key_judgments(action: Action, facts: GuestFacts) -> Iterator[Judgment]:
             continue
         written[target] = key
         change = keys.KeyChange(key=target, value=target_value, actual=facts.actual(target),
-                                config_read=facts.config is not None, vmid=action.vmid, guest_type=action.guest_type)
+                                config_read=facts.config is not None, vmid=action.vmid, guest_type=action.guest_type,
+                                config=facts.config)
         rule = keys.lookup(action.guest_type, target)
         if grammar.key_spec(action.guest_type, target) is None and not isinstance(rule, keys.Fixed):
             rule = keys.UNKNOWN_KEY  # a row's rule reads PVE's grammar; a key outside PVE's schema has none

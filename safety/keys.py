@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,7 @@ ANY = QEMU | LXC
 
 _OFF = frozenset({"0", "off", "no", "false"})
 _MAC_FIELD = {"qemu": "macaddr", "lxc": "hwaddr"}
+NIC_KEY = re.compile(r"net[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +38,7 @@ class KeyChange:
     config_read: bool
     vmid: int = 0  # the guest written to (a volume of another guest is never this guest's to attach)
     guest_type: str = "qemu"
+    config: Mapping[str, str] | None = None  # the whole config as read, for rules that look beside the key
 
     @property
     def verb(self) -> str:
@@ -136,6 +139,10 @@ class Nic:
         if old is None:
             if new.get(field):  # a chosen MAC may be another guest's: an identity taken, not drawn
                 return self._identity(change, f"adds a NIC with the chosen MAC {new[field].upper()}")
+            if new.get("firewall") != "1" and _firewalled(change):
+                return _judgment(change, Class.APPROVAL, "config.nic_firewall_off", "nic_firewall_off",
+                                 "adds a NIC without the firewall the guest's other NICs have: a path past PVE's "
+                                 "firewall and anti-spoofing filters")
             return _judgment(change, Class.BENIGN, "config", "nic_new", "adds a NIC where there was none (PVE draws "
                                                                       "its MAC)")
         return self._over(change, field, old, new)
@@ -155,6 +162,18 @@ class Nic:
     @staticmethod
     def _identity(change: KeyChange, why: str) -> Judgment:
         return _judgment(change, Class.APPROVAL, "config.nic_identity", "nic_identity", why)
+
+
+def _firewalled(change: KeyChange) -> bool:
+    """Whether another NIC of the guest, as read, has PVE's firewall on (a value that does not read counts as on)."""
+    for key, value in (change.config or {}).items():
+        if key != change.key and NIC_KEY.fullmatch(key):
+            try:
+                if (grammar.parse(change.guest_type, key, value) or {}).get("firewall") == "1":
+                    return True
+            except grammar.UnreadableError:
+                return True
+    return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,8 +2,7 @@
 
 Real requests: a hub's or a compromised planner's tick, or a signed op through the real OpDesk, against
 fakepve over HTTPS; each test counts what fakepve received. The ``test_h*``/``test_l*`` tests are holes the
-red team found: each failed when found and passes since its fix, except H6b, still a strict xfail (a design
-question left open). The plain tests are what held.
+red team found: each failed when found and passes since its fix. The plain tests are what held.
 """
 
 from __future__ import annotations
@@ -223,8 +222,6 @@ def test_h6_a_hub_cannot_clone_another_guests_mac_on_a_new_nic(fakepve: Any, mak
     assert [(r.op_kind, r.cls) for r in summary.refusals] == [("config.nic_identity", A)]
 
 
-@pytest.mark.xfail(strict=True, reason="H6b: a second NIC without firewall on a guest whose NIC has firewall=1 is "
-                                       "BENIGN: the guest gets a path past PVE's anti-spoofing filters")
 def test_h6b_a_new_unfiltered_nic_beside_a_firewalled_one_needs_approval() -> None:
     """Row 53's twin: ``firewall`` 1→0 on net0 is ``config.nic_firewall_off``; adding net1 on the same bridge with
     no firewall gives the guest the same unfiltered path (spoofed IPs and MACs), so it must need the same key."""
