@@ -117,8 +117,10 @@ def key_entry(guest_type: str, key: str, spec: dict[str, Any], formats: dict[str
     entry: dict[str, Any] = {"type": spec.get("type", "string"), "writable": writable}
     fmt = spec.get("format")
     if isinstance(fmt, dict):
-        name = f"{guest_type}:{key}"
-        formats[name] = {field: field_spec(sub) for field, sub in sorted(fmt.items())}
+        fields = {field: field_spec(sub) for field, sub in sorted(fmt.items())}
+        # Keys of one format share one entry (QEMU's ide, sata, scsi and virtio drives are one grammar).
+        name = next((known for known, other in formats.items() if other == fields), f"{guest_type}:{key}")
+        formats[name] = fields
         entry["format"] = name
     elif isinstance(fmt, str) and (fmt in NAMED or fmt in SAME_AS):
         entry["format"] = SAME_AS.get(fmt, fmt)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -134,3 +136,26 @@ class LineReader:
             except ValueError:
                 continue
         return out
+
+
+def run_daemon_until(command: list[str], done: Callable[[list[str]], bool], *, timeout: float, what: str) -> LineReader:
+    """Run the daemon ``command`` until ``done`` says so of its log lines, then SIGTERM it (it must exit 0).
+
+    Fails with ``what`` if ``timeout`` passes first, or with its last lines if it dies. Returns its log.
+    """
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    log = LineReader(child.stderr)
+    try:
+        deadline = time.monotonic() + timeout
+        while not done(log.lines):
+            assert child.poll() is None, "the daemon died: " + "".join(log.lines[-5:])
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return log

@@ -90,10 +90,8 @@ def test_a_hub_cannot_drain_a_node_in_instalments(drop: str, fakepve: Any, make_
     assert all("blast_radius" in r.detail for s in summaries[2:] for r in s.refusals)
 
 
-@pytest.mark.usefixtures("node_of_ten")
-def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, make_engine: Make,
-                                                                tmp_path: Path) -> None:
-    """Started again (by anyone), it is no longer the hub's stop: the budget comes back; gone from the node too."""
+def _two_rounds(fakepve: Any, make_engine: Make, tmp_path: Path) -> tuple[Engine, Path]:
+    """A hub (every tick a new window) that has stopped 100-103 in two rounds, un-declaring them: its engine, file."""
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop="guest"))
     engine = make_engine([], stop_window=0.0)
@@ -102,6 +100,14 @@ def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, ma
         write_hub(desired, instalment(round_, drop="guest"))
         engine.tick(wait=True)
     assert stopped(fakepve) == [100, 101, 102, 103]
+    return engine, desired
+
+
+@pytest.mark.usefixtures("node_of_ten")
+def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, make_engine: Make,
+                                                                tmp_path: Path) -> None:
+    """Started again (by anyone), it is no longer the hub's stop: the budget comes back; gone from the node too."""
+    engine, desired = _two_rounds(fakepve, make_engine, tmp_path)
     fakepve.vm(100).status = "running"  # an operator starts two of them, and removes a third
     fakepve.vm(101).status = "running"
     fakepve.vms.remove(fakepve.vm(102))
@@ -285,14 +291,7 @@ def test_a_stop_that_did_not_run_is_forgotten_and_one_that_ran_is_confirmed(tmp_
 def test_a_guest_list_with_holes_never_frees_a_hubs_budget(fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """The hub's stopped guests vanish from one guest-list answer (their entries garbled: dropped, naming no
     guest). A list with holes proves no guest gone: the record keeps their stops, and the drain stays held."""
-    desired = tmp_path / "desired.yaml"
-    write_hub(desired, instalment(0, drop="guest"))
-    engine = make_engine([], stop_window=0.0)
-    engine.provider = FileProvider(desired)
-    for round_ in range(2):
-        write_hub(desired, instalment(round_, drop="guest"))
-        engine.tick(wait=True)
-    assert stopped(fakepve) == [100, 101, 102, 103]
+    engine, desired = _two_rounds(fakepve, make_engine, tmp_path)
     garble = {"on": True}
 
     def holes(data: Any) -> Any:

@@ -10,8 +10,6 @@ the op ends "not applied" and the next tick plans it again). Each test widens th
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +27,7 @@ from executor.recovery import recover
 from journal import Ended, Journal, Outcome
 from planner import server
 from tests.answer_faults import AnswerFaults
-from tests.executor_helpers import ROOT, LineReader, cli, requests_to, unused_port
+from tests.executor_helpers import cli, requests_to, run_daemon_until, unused_port
 
 Make = Callable[..., Engine]
 SHUTDOWN = "/qemu/100/status/shutdown"
@@ -187,23 +185,10 @@ def test_a_running_daemon_sends_a_lost_shutdown_once(fakepve: Any, fakepve_cafil
     state = tmp_path / "state"
     command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
                   "run", "--desired", str(desired), "--state-dir", str(state))
-    child = subprocess.Popen([*command, "--interval", "0.2", "--listen", "127.0.0.1:0", "--pve-timeout", "1",
-                              "--shutdown-timeout", "900"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    log = LineReader(child.stderr)
-    try:
-        deadline = time.monotonic() + 40
-        while not any('"action"' in line and '"outcome": "ok"' in line for line in log.lines):
-            assert child.poll() is None, "the daemon died: " + "".join(log.lines[-5:])
-            assert time.monotonic() < deadline, "the shutdown never settled"
-            time.sleep(0.1)
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(10) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    log = run_daemon_until(
+        [*command, "--interval", "0.2", "--listen", "127.0.0.1:0", "--pve-timeout", "1", "--shutdown-timeout", "900"],
+        lambda lines: any('"action"' in line and '"outcome": "ok"' in line for line in lines),
+        timeout=40, what="the shutdown never settled")
     assert len(requests_to(fakepve, "POST", SHUTDOWN)) == 1, "the shutdown was sent again"
     assert vm.status == "stopped"
     events = log.events()

@@ -9,10 +9,8 @@ read gets no write (no digest, no write), and every other guest converges.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from executor.pve import GuestState, ProxmoxNode, PveError
 from planner import server
 from safety.classify import Source
 from tests.answer_faults import AnswerFaults
-from tests.executor_helpers import ROOT, LineReader, cli, mutations
+from tests.executor_helpers import ROOT, cli, mutations, run_daemon_until
 
 Make = Callable[..., Engine]
 MEMORY = {"memory": "4096"}
@@ -144,23 +142,9 @@ def test_the_daemon_survives_malformed_answers_and_converges_the_rest(
                                              for v in range(100, 108)))
     command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
                   "run", "--desired", str(desired), "--state-dir", str(tmp_path / "state"))
-    child = subprocess.Popen([*command, "--interval", "0.2", "--listen", "127.0.0.1:0"], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    log = LineReader(child.stderr)
-    try:
-        deadline = time.monotonic() + 30
-        while sum('"event": "tick"' in line for line in log.lines) < 5:
-            assert child.poll() is None, "the daemon died: " + "".join(log.lines[-5:])
-            assert time.monotonic() < deadline, "too few ticks"
-            time.sleep(0.1)
-        assert child.poll() is None, "the daemon died"
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(10) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    log = run_daemon_until([*command, "--interval", "0.2", "--listen", "127.0.0.1:0"],
+                           lambda lines: sum('"event": "tick"' in line for line in lines) >= 5,
+                           timeout=30, what="too few ticks")
     for vmid in BAD_CONFIGS:
         assert not _config_writes(fakepve, vmid), f"guest {vmid} ({BAD_CONFIGS[vmid][0]}) was written"
     assert fakepve.vm(100).config["memory"] == fakepve.vm(107).config["memory"] == "4096"

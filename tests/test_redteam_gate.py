@@ -342,8 +342,9 @@ for _ in range(40):  # more than the front's 32 per uid; each sends nothing (slo
     s.connect(path)
     held.append(s)
 open_ = set(held)
-deadline = time.monotonic() + 5  # the front closes the extras at once; a busy box gets 5 s
-while len(open_) > 32 and time.monotonic() < deadline:
+
+
+def drop_closed():
     for s in list(open_):
         s.settimeout(0.01)
         try:
@@ -351,14 +352,13 @@ while len(open_) > 32 and time.monotonic() < deadline:
                 open_.discard(s)
         except (TimeoutError, OSError):
             pass
+
+
+deadline = time.monotonic() + 5  # the front closes the extras at once; a busy box gets 5 s
+while len(open_) > 32 and time.monotonic() < deadline:
+    drop_closed()
 time.sleep(0.2)  # and keeps the rest: none of them closes later
-for s in list(open_):
-    s.settimeout(0.01)
-    try:
-        if s.recv(1) == b"":
-            open_.discard(s)
-    except (TimeoutError, OSError):
-        pass
+drop_closed()
 print(len(open_), len(held) - len(open_), flush=True)
 deadline = time.monotonic() + 20
 while not os.path.exists(stop) and time.monotonic() < deadline:
