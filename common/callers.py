@@ -7,6 +7,8 @@ audited methods with the caller (``api_call``), and lets the handler read the ca
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -71,13 +73,16 @@ def identify(context: grpc.ServicerContext, front: UnixFront | None) -> Caller |
 
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+CALLS_PER_CALLER = 4  # calls one caller may have in progress at once (streams included); the server has more workers
 
 
 class CallerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Names each call's caller; refuses the unvouched; logs ``audited`` methods as ``api_call``."""
 
-    def __init__(self, front: UnixFront | None, audited: frozenset[str]) -> None:
-        self._front, self._audited = front, audited
+    def __init__(self, front: UnixFront | None, audited: frozenset[str], *, per_caller: int = CALLS_PER_CALLER) -> None:
+        self._front, self._audited, self._per_caller = front, audited, per_caller
+        self._lock = threading.Lock()
+        self._busy: collections.Counter[str] = collections.Counter()  # calls in progress, by caller key
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         """The method's handler, wrapped."""
@@ -104,20 +109,44 @@ class CallerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc i
         assert caller is not None
         return caller
 
+    def _enter(self, caller: Caller, context: grpc.ServicerContext) -> None:
+        """Take one of the caller's call slots, or refuse the call at once: one caller (a member of the socket's
+        group holding idle streams) must never hold every worker of the server."""
+        with self._lock:
+            full = self._busy[caller.key] >= self._per_caller
+            if not full:
+                self._busy[caller.key] += 1
+        if full:
+            log.warning("api_caller_busy", limit=self._per_caller, **caller.fields())
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self._per_caller} calls of this caller are in progress: wait for one to end")
+
+    def _leave(self, caller: Caller) -> None:
+        with self._lock:
+            self._busy[caller.key] -= 1
+            if not self._busy[caller.key]:
+                del self._busy[caller.key]
+
     def _unary(self, behavior: Behavior, method: str) -> Behavior:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             caller = self._caller(context)
             if method in self._audited:
                 log.info("api_call", method=method, **caller.fields())
+            self._enter(caller, context)
             token = _CURRENT.set(caller)
             try:
                 return behavior(request, context)
             finally:
                 _CURRENT.reset(token)
+                self._leave(caller)
         return call
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Behavior:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._caller(context)
-            return behavior(request, context)
+            caller = self._caller(context)
+            self._enter(caller, context)
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._leave(caller)
         return call

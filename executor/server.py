@@ -119,6 +119,9 @@ def envelope_of(op: pb.SignedOp) -> Envelope:
 
 
 RECONCILES_PER_CALLER = 2  # of the API's workers, what one caller's Reconcile calls may hold at once
+# Workers of the API; a caller has at most common.callers.CALLS_PER_CALLER calls in progress, so it takes four
+# callers (uids of the socket's group, client certificates) to hold them all.
+API_WORKERS = 16
 
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
@@ -249,7 +252,8 @@ def start_api(engine: Engine, listen: str, *, tls: ServerTls | None = None, desk
     """Serve the executor API on ``listen``: ``unix:PATH`` (0660, ``socket_group``) or HOST:PORT (port 0 picks
     one; TLS, mutual when a client CA is set). Each mutating call is logged with its caller."""
     api = grpcserver.start(listen, lambda server: pb_grpc.add_ExecutorServiceServicer_to_server(
-        ExecutorServicer(engine, desk), server), (SERVICE_NAME,), tls=tls, workers=4, socket_group=socket_group,
+        ExecutorServicer(engine, desk), server), (SERVICE_NAME,), tls=tls, workers=API_WORKERS,
+        socket_group=socket_group,
         audited=AUDITED)
     address = f"unix:{api.front.path}" if api.front else f"{listen.rsplit(':', 1)[0]}:{api.port}"
     log.info("executor_api_listening", address=address, tls=tls is not None, mutual_tls=bool(tls and tls.client_ca))

@@ -420,3 +420,62 @@ def test_an_op_refused_protected_never_runs_whatever_the_flag_does_next(fakepve:
     assert _reason(desk.run(destroy)) == "NONCE_SPENT"
     assert [m for m in mutations(fakepve, before) if m[0] == "DELETE"] == []
     assert any(vm.vmid == 150 for vm in fakepve.vms)
+
+
+STREAM_HOLDER = """
+import os, sys, threading, time
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+path, stop = sys.argv[1], sys.argv[2]
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(f"unix:{path}"))
+results = []
+def hold():
+    def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        deadline = time.monotonic() + 20  # bounded: the test touches ``stop`` long before
+        while not os.path.exists(stop) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        for _ in stub.ServerReflectionInfo(requests(), timeout=25):
+            pass
+        results.append("held")
+    except grpc.RpcError as exc:
+        results.append(exc.code().name)
+threads = [threading.Thread(target=hold) for _ in range(20)]
+for t in threads:
+    t.start()
+time.sleep(2)
+print(results.count("RESOURCE_EXHAUSTED"), flush=True)
+for t in threads:
+    t.join(30)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to")
+def test_one_member_holding_streams_never_holds_every_worker(fakepve: Any, make_engine: Make, tmp_path: Path,
+                                                             sock_dir: Path) -> None:
+    """Found by a newcomer following the README: a member of the socket's group opens 20 reflection streams and
+    sends nothing more. Was: they held all 4 of the API's workers and root's `pending` and SubmitOp hung. Now a
+    caller has at most 4 calls in progress (the rest are refused at once) and the API has 16 workers."""
+    add_vm(fakepve, 100)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(desk.propose(100, "snapshot.create", snapname="s1"), "alice", role="operator")
+    path, stop = sock_dir / "executor.sock", sock_dir / "stop"
+    api = start_api(desk.engine, f"unix:{path}", desk=desk.desk, socket_group=grp.getgrgid(65534).gr_name)
+    child = subprocess.Popen([sys.executable, "-c", STREAM_HOLDER, str(path), str(stop)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        refused = int(child.stdout.readline() or -1)
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            answer = epb_grpc.ExecutorServiceStub(channel).SubmitOp(epb.SubmitOpRequest(op=to_proto(envelope)),
+                                                                   timeout=5)
+        stop.touch()
+        child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        api.stop(0)
+    assert refused == 16
+    assert answer.decision == "accepted", answer
