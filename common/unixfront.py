@@ -108,6 +108,8 @@ class UnixFront:
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o750)  # mkdir's mode passes through the umask
             self._give(str(folder), gid)
+        else:
+            self._check_reach(folder, gid)
         self._claim()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -122,6 +124,18 @@ class UnixFront:
             raise
         found = os.stat(self.path)
         self._listener, self._inode = listener, (found.st_dev, found.st_ino)
+
+    def _check_reach(self, folder: Path, gid: int | None) -> None:
+        """Warn when the socket's group cannot pass through a directory that was there already (never changed:
+        it may be /run itself); the group's members would get "Permission denied" with nothing logged."""
+        if gid is None:
+            return
+        found = folder.stat()
+        if found.st_mode & 0o001 or (found.st_gid == gid and found.st_mode & 0o010):
+            return
+        log.warning("api_socket_directory_unreachable", directory=str(folder), group=self._group,
+                    consequence=f"members of {self._group} cannot reach the socket",
+                    remedy=f"chgrp {self._group} {folder} && chmod 0750 {folder} (or remove it: the daemon makes it)")
 
     def _gid(self) -> int | None:
         if self._group is None:

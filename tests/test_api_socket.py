@@ -150,6 +150,23 @@ def test_the_socket_is_0660_in_the_service_group_in_a_0750_directory(sock_dir: P
     assert not path.exists()
 
 
+def test_a_directory_there_already_that_the_group_cannot_pass_is_named_in_a_warning(sock_dir: Path,
+                                                                                     make_engine: Make) -> None:
+    """Found following the README: the group created after a first start, the directory the daemon made then
+    stays root's; its members got "Permission denied" and nothing said why. The daemon never changes a directory
+    it did not make now (it may be /run itself), but it names the one to fix."""
+    group = other_group()
+    folder = sock_dir / "run"
+    folder.mkdir(mode=0o750)
+    os.chmod(folder, 0o750)
+    with capture_logs() as logs:
+        api = start_api(make_engine([]), f"unix:{folder / 'executor.sock'}", socket_group=group.gr_name)
+    api.stop(0)
+    warned = [e for e in logs if e["event"] == "api_socket_directory_unreachable"]
+    assert warned and warned[0]["directory"] == str(folder) and f"chgrp {group.gr_name}" in warned[0]["remedy"]
+    assert folder.stat().st_gid == os.getegid()  # left as it was
+
+
 def test_without_the_group_the_socket_keeps_the_daemons_group_and_says_which_group_to_create(
         sock_dir: Path, make_engine: Make) -> None:
     """No pve-reconcile group on the host: only root (and the daemon's user) reach the socket, and a warning
