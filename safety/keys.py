@@ -335,8 +335,8 @@ HOST_CODE = _fixed(Class.DESTRUCTIVE, "config.host_code", "host_code",
 UNKNOWN_KEY = _fixed(Class.APPROVAL, "config.unknown_key", "unknown_key",
                      "of a key PVE's schema does not have: needs approval (fail closed)")
 CREDENTIALS = _fixed(Class.APPROVAL, "config.guest_credentials", "guest_credentials",
-                     "of who logs in to the guest (cloud-init applies it at the next boot): a remote source must not "
-                     "grant itself a login")
+                     "of who logs in to the guest (cloud-init applies it at the next boot): a login is granted by an "
+                     "operator's approval, never by whoever writes the desired state")
 SHARES_HOST = _fixed(Class.APPROVAL, "config.host_device", "host_share",
                      "of a host resource shared into the guest (a host directory or host memory)")
 PVE_INTERNAL = _fixed(Class.DESTRUCTIVE, "config.pve_internal", "pve_internal",
