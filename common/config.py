@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,12 @@ def add_flags(parser: argparse.ArgumentParser, options: Sequence[Option], env_pr
 
 
 def resolve(options: Sequence[Option], args: argparse.Namespace, env_prefix: str,
-            environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults < TOML file < environment < flags; ConfigError names the first bad setting."""
+            environ: Mapping[str, str] | None = None, *, others: Collection[str] = ()) -> Config:
+    """Defaults < TOML file < environment < flags; ConfigError names the first bad setting.
+
+    ``others``: settings of the program's other commands; one file serves them all, so this command
+    leaves them alone there (``plan`` reads the daemon's file and skips ``max_parallel``).
+    """
     environ = os.environ if environ is None else environ
     by_key = {o.key: o for o in options}
     values = {o.key: o.default for o in options}
@@ -99,6 +103,8 @@ def resolve(options: Sequence[Option], args: argparse.Namespace, env_prefix: str
     if path:
         for key, raw in _read_toml(path).items():
             if key not in by_key:
+                if key in others:
+                    continue
                 raise ConfigError(key, "unknown setting", path)
             values[key], sources[key] = _check(by_key[key], raw, path), path
     for option in options:

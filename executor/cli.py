@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit 
 
     options = {"plan": (*CONNECTION, *PLAN), "clock-reset": STATE}.get(args.command, options)
     try:
-        config = resolve(options, args, ENV_PREFIX)
+        config = resolve(options, args, ENV_PREFIX, others={o.key for o in (*CONNECTION, *RUN)})
         settings = ExecutorSettings.from_config(config, **{k: v for k, v in vars(args).items() if k in EXTRAS})
         if args.print_config:
             print(config.render())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,20 @@ def test_selftest_round_trips_a_description_and_restores_it(kind: str, fakepve: 
     assert guest.config["description"].rstrip("\n") == "keep me"
     writes = [p for m, p, _ in fakepve.requests if m in ("POST", "PUT") and p.endswith("/150/config")]
     assert len(writes) == 2
+
+
+def test_plan_and_selftest_read_the_daemons_own_config_file(tmp_path: Path) -> None:
+    """The one config file a node has (deploy/executor.toml holds run's settings too) serves `plan` and
+    `selftest`: they skip the daemon's settings there instead of refusing the file; a misspelt key is still an
+    error naming it."""
+    shipped = (ROOT / "deploy" / "executor.toml").read_text()
+    config = tmp_path / "executor.toml"
+    config.write_text(shipped)
+    for command in (["plan"], ["selftest", "--vmid", "100"]):
+        result = subprocess.run([sys.executable, "-m", "executor", *command, "--config", str(config),
+                                 "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+    config.write_text(shipped + "\nmax_paralel = 3\n")
+    result = subprocess.run([sys.executable, "-m", "executor", "plan", "--config", str(config), "--print-config"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "max_paralel: unknown setting" in result.stderr
