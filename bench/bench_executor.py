@@ -32,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import logs
-from executor.desired import Declared, StaticProvider
-from executor.engine import Engine, Settings
-from executor.gate import Gate
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, Credentials, ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import GuestQueue
+from executor.gate.gate import Gate
+from executor.loop.desired import Declared, StaticProvider
+from executor.loop.engine import Engine, Settings
+from executor.loop.planner_client import PlannerClient
+from executor.loop.queue import GuestQueue
+from executor.pve.node import Connection, Credentials, ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from safety.classify import Source
 
 ROOT = Path(__file__).resolve().parent.parent

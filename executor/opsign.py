@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import IO
 
 from executor.opcli import DEFAULT_TTL
-from executor.opclock import SIGNER_BACKDATE
 from executor.opdoc import OpError, Proposal, read_proposal, refusal_text, summary
 from executor.opkeys import load_private
+from executor.signed.clock import SIGNER_BACKDATE
 from safety import signedop, truststore
 from safety.opschema import DESTRUCTIVE, TTL_CEILING
 from safety.payload import OpPayload, parse_payload, to_json

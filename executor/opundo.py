@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from executor.gate.steps import NOT_SHOWN
 from executor.opapi import call_propose, print_proposal, stub
 from executor.opdoc import OpError, visible
-from executor.opsteps import NOT_SHOWN
 from executor.v1 import executor_pb2 as pb
 from safety.classify import Action, GuestFacts, Source, classify
 

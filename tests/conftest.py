@@ -12,15 +12,15 @@ import pytest
 from hypothesis import settings
 
 from common.grpcserver import ServerTls
-from executor.decisions import GateSettings
-from executor.desired import Declared, StaticProvider
-from executor.engine import Engine, Settings
-from executor.gate import Gate
-from executor.kinds import CallSettings
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, Credentials, ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import GuestQueue
+from executor.gate.decisions import GateSettings
+from executor.gate.gate import Gate
+from executor.gate.kinds import CallSettings
+from executor.loop.desired import Declared, StaticProvider
+from executor.loop.engine import Engine, Settings
+from executor.loop.planner_client import PlannerClient
+from executor.loop.queue import GuestQueue
+from executor.pve.node import Connection, Credentials, ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from journal import Journal
 from planner import server
 from safety.classify import Source

@@ -21,15 +21,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from executor.decisions import Refusal
-from executor.desired import Declared
-from executor.engine import Engine
+from executor.gate.decisions import Refusal
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.queue import Job
 from executor.opapi import to_proto
-from executor.opclock import GateClock, gate_secret
 from executor.opdoc import Proposal as Unsigned
-from executor.ops import OpDesk, OpSettings, Proposal
 from executor.opsign import build_payload
-from executor.queue import Job
+from executor.signed.clock import GateClock, gate_secret
+from executor.signed.desk import OpDesk, OpSettings, Proposal
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import BURN_PREFIX, Applied, Begun, Journal, NonceSpentError, Record, segments

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from executor.app.dryrun import dry_run
+from executor.app.wiring import Parts, build, open_journal
 from executor.config import ExecutorSettings
-from executor.daemon import Parts, build, open_journal
-from executor.desired import FileProvider, provider_source
-from executor.dryrun import dry_run
-from executor.engine import Engine, TickSummary
-from executor.pve import Connection, ProxmoxNode
-from executor.stopledger import StopLedger
+from executor.gate.stopledger import StopLedger
+from executor.loop.desired import FileProvider, provider_source
+from executor.loop.engine import Engine, TickSummary
+from executor.pve.node import Connection, ProxmoxNode
 from planner import server
 from safety.blast import RemoteStop
 from safety.classify import Source

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from executor.desired import Declared
-from executor.engine import Engine, TickOutcome
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, ProxmoxNode
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.planner_client import PlannerClient
+from executor.pve.node import Connection, ProxmoxNode
 from planner import server
 from tests.executor_helpers import ROOT, cli, requests_to, starts, unused_port
 from tests.planner_standins import refusing_planner

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine, TickOutcome
-from executor.planner_client import PlannerClient
-from executor.pve import ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.planner_client import PlannerClient
+from executor.pve.node import ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from journal import Outcome
 from tests import executor_helpers
 
@@ -129,8 +129,8 @@ def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make
     """PVE's "CT n not running" on a stop means the goal is reached, not a failure."""
     fakepve.add_ct(101, "cache", status="stopped")
     engine = make_engine([])
-    from executor.actions import STOP, Step  # noqa: PLC0415
-    from executor.decisions import Admitted  # noqa: PLC0415
+    from executor.gate.actions import STOP, Step  # noqa: PLC0415
+    from executor.gate.decisions import Admitted  # noqa: PLC0415
     from safety.classify import Class, Source, Verdict  # noqa: PLC0415
 
     admitted = Admitted(step=Step(vmid=101, guest_type="lxc", kind=STOP), source=Source.LOCAL_FILE,

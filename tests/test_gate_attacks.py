@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
+from executor.app.dryrun import as_json, dry_run, render
+from executor.app.wiring import build
 from executor.config import ExecutorSettings
-from executor.daemon import build
-from executor.desired import Declared, FileProvider, StaticProvider
-from executor.dryrun import as_json, dry_run, render
-from executor.engine import Engine, TickOutcome
-from executor.pve import Connection, ProxmoxNode, PveUnavailableError
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import Job
+from executor.loop.desired import Declared, FileProvider, StaticProvider
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.queue import Job
+from executor.pve.node import Connection, ProxmoxNode, PveUnavailableError
+from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 from planner import server
 from planner.v1 import planner_pb2 as pb

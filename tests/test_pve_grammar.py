@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
 from executor.opdoc import Proposal as Unsigned
 from planner.v1 import planner_pb2 as pb
 from safety import grammar, keys

@@ -24,11 +24,11 @@ from typing import Any
 import grpc
 import pytest
 
-from executor.desired import Declared, FileProvider, provider_source
-from executor.engine import Engine
+from executor.api.server import start_api
+from executor.loop.desired import Declared, FileProvider, provider_source
+from executor.loop.engine import Engine
 from executor.opapi import to_proto
-from executor.pve import ProxmoxNode
-from executor.server import start_api
+from executor.pve.node import ProxmoxNode
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import JournalError

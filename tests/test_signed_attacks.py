@@ -21,8 +21,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from executor.decisions import Refusal
-from executor.engine import Engine
+from executor.gate.decisions import Refusal
+from executor.loop.engine import Engine
 from executor.opdoc import OpError, summary
 from executor.opdoc import Proposal as Unsigned
 from executor.opsign import build_payload

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from executor.engine import Engine
+from executor.loop.engine import Engine
 from executor.opdoc import Proposal as Unsigned
 from executor.opdoc import read_proposal
 from executor.opkeys import load_private

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from executor.actions import SET_CONFIG, START, STOP, Step
+from executor.gate.actions import SET_CONFIG, START, STOP, Step
 from journal import BURN_PREFIX
 from safety.classify import GuestFacts, Verdict
 from safety.opschema import plain

@@ -29,8 +29,9 @@ from typing import TypeVar
 
 import structlog
 
-from executor.kinds import KINDS
-from executor.pve import (
+from executor.gate.kinds import KINDS
+from executor.pve.node import (
+    NOT_APPLIED,
     PveError,
     PveReader,
     PveUnavailableError,
@@ -43,7 +44,6 @@ from executor.pve import (
 from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
-NOT_APPLIED = "not applied"  # the end's detail for an op whose call was never made
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 Every mutation source (the tick, the executor API, selftest, signed operations; later the hub)
 reaches Proxmox through ``Engine.submit``, which asks the gate to *admit* each step; the gate's
-``Lane`` (``executor.lane``), which alone holds the ``PveWriter``, authorizes and runs each admitted
+``Lane`` (``executor.gate.lane``), which alone holds the ``PveWriter``, authorizes and runs each admitted
 step in the guest's queue lane. What the planner (or any remote part) returns is never trusted:
 each step is checked against what was declared (guest, key, value, direction), against the guest
 as read (its type, the digest it was planned from), classified by its effect
@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-from executor.actions import SET_CONFIG, START, STOP, Step
-from executor.decisions import (
+from executor.gate.actions import SET_CONFIG, START, STOP, Step
+from executor.gate.decisions import (
     APPROVABLE,
     APPROVAL_REQUIRED,
     BINDING_MISMATCH,
@@ -50,14 +51,13 @@ from executor.decisions import (
     spends,
     unknown,
 )
-from executor.kinds import KINDS
-from executor.lane import Lane
+from executor.gate.files import INTACT_MARK
+from executor.gate.kinds import KINDS
+from executor.gate.lane import Lane
+from executor.gate.steps import nonce_key
+from executor.gate.stopledger import StopLedger
 from executor.metrics import ExecutorMetrics
-from executor.observe import Observed
-from executor.opclock import INTACT_MARK
-from executor.opsteps import nonce_key
-from executor.pve import PveError, PveReader, PveWriter
-from executor.stopledger import StopLedger
+from executor.pve.node import GuestState, PveError, PveReader, PveWriter
 from journal import Journal, JournalError, Outcome
 from safety import challenge as challenges
 from safety.blast import StopBudget, limit_stops
@@ -71,6 +71,22 @@ log = structlog.get_logger("executor.gate")
 # How a remote stop's lane ended, for the ledger. A failed task reached PVE: the guest may still power off
 # (a shutdown that timed out, then landed), so it is kept like an unknown one until a read settles it.
 _STOP_RAN: dict[Outcome, bool | None] = {Outcome.OK: True, Outcome.FAILED: None, Outcome.UNKNOWN: None}
+
+class NodeView(Protocol):
+    """What admission reads of the node (``executor.loop.observe.Observed`` is one; the gate never imports the loop)."""
+
+    @property
+    def guests(self) -> Mapping[int, GuestState]:
+        """This node's guests whose run state the planner understands."""
+
+    @property
+    def configs(self) -> Mapping[int, tuple[dict[str, str], str]]:
+        """vmid -> (pending-applied config, digest), for the guests whose config was read."""
+
+    @property
+    def listed(self) -> frozenset[int] | None:
+        """Every vmid of this node's lists (None: not read, or the lists had holes)."""
+
 
 class Gate:
     """Admits steps by scope, binding and class; keeps the pending approvals."""
@@ -97,7 +113,7 @@ class Gate:
 
     # --- admission ----------------------------------------------------------------------------
 
-    def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: Observed,
+    def admit(self, steps: Mapping[int, Sequence[Step]], *, observed: NodeView,
               declared: Mapping[int, Declaration], source: Source, record: bool = True,
               op: VerifiedOp | None = None, population: Mapping[int, Declaration] | None = None,
               held: Set[int] | None = None) -> Admission:
@@ -157,7 +173,7 @@ class Gate:
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
                          judged=tuple(judged))
 
-    def _judge(self, step: Step, facts: GuestFacts | None, observed: Observed, *, declared: Declaration | None,
+    def _judge(self, step: Step, facts: GuestFacts | None, observed: NodeView, *, declared: Declaration | None,
                source: Source, op: VerifiedOp | None) -> tuple[Verdict, str | None, str]:
         """The verdict, and the refusal reason (None: admitted) with its detail."""
         action, unreadable = readable(step)
@@ -185,7 +201,7 @@ class Gate:
     # Checks before the class (each: None, or the refusal reason and its detail).
 
     @staticmethod
-    def _guest_type(step: Step, _action: Action, _facts: GuestFacts, observed: Observed,
+    def _guest_type(step: Step, _action: Action, _facts: GuestFacts, observed: NodeView,
                     _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
         """The endpoint and the key table follow the guest as read, never the planner's (or a signer's) word."""
         actual = observed.guests[step.vmid].type
@@ -196,14 +212,14 @@ class Gate:
                 f"the step is for a {step.guest_type} guest, guest {step.vmid} is {actual}")
 
     @staticmethod
-    def _in_scope(_step: Step, action: Action, facts: GuestFacts, _observed: Observed,
+    def _in_scope(_step: Step, action: Action, facts: GuestFacts, _observed: NodeView,
                   declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
         """Desired state may do only what it declared (a signed op is scoped by its own binding)."""
         why = None if op is not None else out_of_scope(action, declared, facts.config)
         return None if why is None else (OUT_OF_SCOPE, why)
 
     @staticmethod
-    def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: Observed,
+    def _digest_current(step: Step, _action: Action, facts: GuestFacts, _observed: NodeView,
                         _declared: Declaration | None, op: VerifiedOp | None) -> tuple[str, str] | None:
         """A config write planned from another version of the config is stale (PVE would refuse it too).
 
@@ -262,7 +278,7 @@ class Gate:
         classes = [p.cls for p in listed if p.descriptor == descriptor(step, verdict, facts, self.audience(), p.cls)]
         return max([verdict.cls, *classes])
 
-    def _facts(self, vmid: int, observed: Observed) -> GuestFacts | None:
+    def _facts(self, vmid: int, observed: NodeView) -> GuestFacts | None:
         """What the classifier needs of the guest, as read for the plan (admission reads nothing more)."""
         guest = observed.guests.get(vmid)
         if guest is None:
@@ -271,7 +287,7 @@ class Gate:
         return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
 
     def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending],
-                     judged: list[Judged], *, observed: Observed, declared: Mapping[int, Declaration],
+                     judged: list[Judged], *, observed: NodeView, declared: Mapping[int, Declaration],
                      planned: Mapping[int, Declaration], source: Source, record: bool) -> tuple[int, ...]:
         """The blast radius: a stop rate per window, and no remote source stops over half the managed guests.
 
@@ -353,7 +369,7 @@ class Gate:
     # --- what the gate keeps ------------------------------------------------------------------
 
     def _record(self, refused: Sequence[Refusal], pending: Sequence[Pending], deferred: Sequence[int],
-                planned: set[int], observed: Observed, *, prune: bool) -> None:
+                planned: set[int], observed: NodeView, *, prune: bool) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
 
         ``prune``: drop the entries of the ``planned`` guests (declared and not held, or given a step) and
@@ -444,7 +460,7 @@ class Gate:
         """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
 
         The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
-        been a spent nonce, so the next start refuses every op signed before it (``opclock.gate_secret``).
+        been a spent nonce, so the next start refuses every op signed before it (``executor.signed.clock.gate_secret``).
         """
         journal = self.journal
         log.error("journal_failed_benign_only_from_now", error=str(exc))

@@ -13,11 +13,11 @@ import structlog
 
 from common import callers, grpcserver
 from common.grpcserver import ServerTls
-from executor.decisions import GateState, Pending, Refusal
-from executor.engine import Engine, TickSummary
-from executor.ops import OpDesk, RateLimitedError
-from executor.opsteps import shown
-from executor.pve import PveError
+from executor.gate.decisions import GateState, Pending, Refusal
+from executor.gate.steps import shown
+from executor.loop.engine import Engine, TickSummary
+from executor.pve.node import PveError
+from executor.signed.desk import OpDesk, RateLimitedError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
 from journal import Begun, Ended, Record, Refused, TaskStarted

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from executor.opclock import write_private
+from executor.gate.files import write_private
 from safety.blast import RemoteStop, settle
 
 log = structlog.get_logger("executor.stopledger")

@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from executor.pve import LXC, QEMU
+from executor.pve.node import LXC, QEMU
 from planner.v1 import planner_pb2 as pb
 
 START, STOP, SET_CONFIG, UNKNOWN = "start", "stop", "set_config", "unknown"

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from executor.actions import START
-from executor.decisions import Admitted
-from executor.pve import Pending, PveError, PveReader
+from executor.gate.actions import START
+from executor.gate.decisions import Admitted
+from executor.pve.node import Pending, PveError, PveReader
 from safety.classify import Source
 
 log = structlog.get_logger("executor.readahead")

@@ -21,7 +21,7 @@ import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
-from executor import pveparse
+from executor.pve import parse as pveparse
 
 # proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
 logging.getLogger("proxmoxer").setLevel(logging.WARNING)
@@ -48,7 +48,7 @@ class PveNotSentError(PveUnavailableError):
 
 
 class PveAnswerError(PveError):
-    """An answer that does not parse (``executor.pveparse``): a read that failed, never a fact.
+    """An answer that does not parse (``executor.pve.parse``): a read that failed, never a fact.
 
     Not transient (retrying gets the same answer); the message names the guest and what was wrong.
     """
@@ -114,6 +114,10 @@ class TaskResult(enum.Enum):
     UNKNOWN = "unknown"
 
 
+# The end's detail for an op whose call was never made (recovery and the lane both write it).
+NOT_APPLIED = "not applied"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOutcome:
     """A task's result and PVE's exit status text; ``ended`` False: no definite answer yet (still in flight)."""
@@ -171,7 +175,7 @@ class PveReader(Protocol):
 
 
 class PveWriter(Protocol):
-    """Every mutating Proxmox call; only the safety gate holds one (``executor.pvewrite``)."""
+    """Every mutating Proxmox call; only the safety gate holds one (``executor.pve.write``)."""
 
     def start(self, guest_type: str, vmid: int) -> str:
         """Start; the task's UPID."""
@@ -293,7 +297,7 @@ def _never_sent(exc: requests.RequestException) -> bool:
 class ProxmoxNode:
     """``PveReader`` over proxmoxer; ``session`` is shared with the gate's writer.
 
-    Every answer is parsed strictly (``executor.pveparse``): one that does not parse raises
+    Every answer is parsed strictly (``executor.pve.parse``): one that does not parse raises
     PveAnswerError naming the guest and what was wrong, never a TypeError deep in a tick.
     """
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from executor.actions import SET_CONFIG, Step
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.observe import observe
-from executor.planner_client import actual_to_proto, desired_to_proto
-from executor.pve import PveError
+from executor.gate.actions import SET_CONFIG, Step
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.observe import observe
+from executor.loop.planner_client import actual_to_proto, desired_to_proto
+from executor.pve.node import PveError
 from safety.classify import Source
 
 

@@ -1,7 +1,7 @@
 """The gate's lane side: the last checks and the one Proxmox writer, inside the guest's queue lane.
 
 ``Lane.execute`` runs an admitted step: ``authorize`` reads what the step still needs right before
-the call (a start applies PVE's pending section, read at most one lane ahead by ``executor.readahead``;
+the call (a start applies PVE's pending section, read at most one lane ahead by ``executor.loop.readahead``;
 a remote power action needs ``protection``; a signed op needs its binding, expiry, lock and protection
 checked on fresh facts), then the journal's
 begin record (which, for a signed op, spends its nonce), the call, the wait for the task, the end.
@@ -10,7 +10,7 @@ Nothing is run twice: a call whose answer was lost is not a failure but looked u
 task list and waited on. Until a definite answer (its task found and ended, or proven absent by a
 task-list read that succeeded after PVE had time to register it) the call stays in flight in the
 journal and its guest is held (``unsettled``): a lookup that fails is retried at the next tick,
-never turned into a second call. The same rule as recovery at start (``executor.recovery``).
+never turned into a second call. The same rule as recovery at start (``executor.loop.recovery``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ import collections
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from executor.actions import START, STOP
-from executor.decisions import Admitted, Pending, Refusal, descriptor, to_action
-from executor.kinds import KINDS, ActionKind
-from executor.opsteps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
-from executor.pve import Pending as PendingSection
-from executor.pve import (
+from executor.gate.actions import START, STOP, Step
+from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, descriptor, to_action
+from executor.gate.kinds import KINDS, ActionKind
+from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
+from executor.metrics import ExecutorMetrics
+from executor.pve.node import (
+    NOT_APPLIED,
     PveError,
     PveNotSentError,
     PveReader,
@@ -40,19 +42,75 @@ from executor.pve import (
     find_task,
     wait_task,
 )
-from executor.pve import classify as classify_exit
-from executor.recovery import NOT_APPLIED
-from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
+from executor.pve.node import Pending as PendingSection
+from executor.pve.node import classify as classify_exit
+from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
 from safety.refusal import Refused
-
-if TYPE_CHECKING:
-    from executor.gate import Gate
-    from executor.readahead import ReadAhead
+from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
+
+
+class GateSide(Protocol):
+    """What a lane uses of its gate: time, settings, metrics, the journal and the approval book.
+
+    ``gate.Gate`` passes itself; a Protocol, so ``lane`` never imports ``gate`` (no import cycle).
+    """
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal, None once it could not open or a write failed."""
+
+    @property
+    def settings(self) -> GateSettings:
+        """The gate's settings."""
+
+    @property
+    def metrics(self) -> ExecutorMetrics:
+        """Where decisions, actions and journal appends are counted."""
+
+    @property
+    def wall(self) -> Callable[[], float]:
+        """The gate's time."""
+
+    @property
+    def reverify(self) -> Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None:
+        """A signed op checked again against the trust store in force (None: no op desk)."""
+
+    def audience(self) -> str:
+        """node@cluster: what a signed approval names."""
+
+    def count_refused(self) -> None:
+        """One more refusal (made in a lane)."""
+
+    def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
+        """The class a signed op for ``step`` must carry."""
+
+    def journal_refusal(self, refusal: Refusal) -> None:
+        """Journal ``refusal`` unless it repeats the last one."""
+
+    def journal_write(self, write: Callable[[Journal], object]) -> bool:
+        """One journal write (True: written)."""
+
+    def keep_pending(self, entry: Pending) -> None:
+        """List ``entry`` for approval."""
+
+    def lose_journal(self, exc: JournalError | OSError) -> None:
+        """From here on only benign steps are admitted."""
+
+    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
+              facts: GuestFacts | None) -> bool:
+        """Spend ``op``'s nonce if it was refused for the guest's state."""
+
+
+class Ahead(Protocol):
+    """Pending sections read ahead of the lane (``executor.loop.readahead.ReadAhead`` is one)."""
+
+    def take(self, vmid: int) -> PendingSection | None:
+        """The guest's pending section, if one was read early and is still fresh."""
 
 
 def _applied(pending: PendingSection) -> dict[str, str]:
@@ -80,13 +138,13 @@ class InFlightCall:
 class Lane:
     """Authorizes and runs admitted steps; the only holder of the Proxmox writer."""
 
-    def __init__(self, *, gate: Gate, reader: PveReader, writer: PveWriter | None) -> None:
+    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None) -> None:
         self._gate, self._reader, self._writer = gate, reader, writer
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
-        self.ahead: ReadAhead | None = None  # set by the engine: the next starts' pending sections, read early
+        self.ahead: Ahead | None = None  # set by the engine: the next starts' pending sections, read early
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""

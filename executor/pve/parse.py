@@ -3,7 +3,7 @@
 What the executor reads of an answer is checked against what PVE's API schema promises (the
 apidoc fakepve ships): guest-list entries, config values and digest, pending entries, task status,
 task lists, cluster resources and status, snapshots. An answer that does not parse raises
-``MalformedAnswerError`` naming what was wrong; the adapter (``executor.pve``) turns that into a PveError that
+``MalformedAnswerError`` naming what was wrong; the adapter (``executor.pve.node``) turns that into a PveError that
 names the guest. Nothing here imports the rest of the executor.
 
 Lists are read in two ways. Where an entry that is not an object only costs that entry (guest

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 import grpc
 
 from common.grpcserver import ClientTls, channel_credentials
-from executor.desired import Declared
-from executor.pve import LXC, QEMU, GuestState
+from executor.loop.desired import Declared
+from executor.pve.node import LXC, QEMU, GuestState
 from planner.v1 import planner_pb2 as pb
 from planner.v1 import planner_pb2_grpc as pb_grpc
 

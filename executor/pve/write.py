@@ -1,4 +1,4 @@
-"""The Proxmox writer: every mutating call, held only by the gate's lane (``executor.lane``).
+"""The Proxmox writer: every mutating call, held only by the gate's lane (``executor.gate.lane``).
 
 A module of its own so that an import-linter contract can name who may import it: only the daemon,
 which wires the writer into the gate. Nothing else in the executor can reach a mutating call.
@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from executor.pve import QEMU, PveError, Session
+from executor.pve.node import QEMU, PveError, Session
 from safety.keys import API_PARAMETERS
 
 _KEY = re.compile(r"[a-z][a-z0-9_.-]*", re.ASCII)  # one config key (raw LXC keys have dots)

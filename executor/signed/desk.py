@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from executor.actions import Step
-from executor.decisions import Refusal, descriptor, to_action
-from executor.kinds import KINDS
-from executor.observe import Observed
-from executor.opauth import could_sign, revokers, role_covers_keys
-from executor.opclock import SIGNER_BACKDATE, GateClock, RateBuckets, mark_nonces
-from executor.opsteps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
-from executor.optrust import TrustKeeper
-from executor.pve import PveError
+from executor.gate.actions import Step
+from executor.gate.decisions import Refusal, descriptor, to_action
+from executor.gate.kinds import KINDS
+from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
+from executor.loop.observe import Observed
+from executor.pve.node import PveError
+from executor.signed.auth import could_sign, revokers, role_covers_keys
+from executor.signed.clock import SIGNER_BACKDATE, GateClock, mark_nonces
+from executor.signed.rates import RateBuckets
+from executor.signed.trust import TrustKeeper
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
@@ -38,7 +39,7 @@ from safety.signedop import MAX_SKEW, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStore, TrustStoreHolder
 
 if TYPE_CHECKING:
-    from executor.engine import Engine
+    from executor.loop.engine import Engine
 
 log = structlog.get_logger("executor.ops")
 REVOKE = "op.revoke"

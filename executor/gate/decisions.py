@@ -1,5 +1,5 @@
 """The gate's vocabulary: its settings, what it decides per step (admitted, refused, pending), and
-the descriptor an approval binds. Values only; ``executor.gate`` and ``executor.lane`` decide.
+the descriptor an approval binds. Values only; ``executor.gate.gate`` and ``executor.gate.lane`` decide.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from executor.actions import UNKNOWN, Step
-from executor.kinds import KINDS, CallSettings
-from executor.opsteps import bound_action, params_of
+from executor.gate.actions import UNKNOWN, Step
+from executor.gate.kinds import KINDS, CallSettings
+from executor.gate.steps import bound_action, params_of
 from safety.classify import Action, Class, GuestFacts, Source, Verdict
 from safety.keys import API_PARAMETERS
 from safety.refusal import Refused

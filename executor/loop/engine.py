@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from executor.actions import Step, by_guest
-from executor.decisions import Admission, Admitted, GateState, Refusal, declaration_of
-from executor.desired import Declared, DesiredProvider, DesiredStateError, provider_source
-from executor.gate import Gate
+from executor.gate.actions import Step, by_guest
+from executor.gate.decisions import Admission, Admitted, GateState, Refusal, declaration_of
+from executor.gate.gate import Gate
+from executor.loop.desired import Declared, DesiredProvider, DesiredStateError, provider_source
+from executor.loop.observe import Observed, observe
+from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
+from executor.loop.queue import GuestQueue, Job
+from executor.loop.readahead import ReadAhead
 from executor.metrics import ExecutorMetrics
-from executor.observe import Observed, observe
-from executor.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
-from executor.pve import PveError, PveReader
-from executor.queue import GuestQueue, Job
-from executor.readahead import ReadAhead
+from executor.pve.node import PveError, PveReader
 from journal import InFlight, Journal, Outcome
 from safety.classify import Source
 from safety.signedop import VerifiedOp

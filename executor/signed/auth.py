@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from executor.actions import SET_CONFIG, Step
+from executor.gate.actions import SET_CONFIG, Step
 from safety.classify import Action, Class, GuestFacts, Source, classify
 from safety.payload import OpPayload
 from safety.refusal import RefusalReason, Refused

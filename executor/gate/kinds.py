@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from executor.actions import SET_CONFIG, START, STOP, Step
-from executor.pve import LXC, QEMU, GuestState, PveError, PveReader, PveWriter
+from executor.gate.actions import SET_CONFIG, START, STOP, Step
+from executor.pve.node import LXC, QEMU, GuestState, PveError, PveReader, PveWriter
 
 DESTROY, RESIZE = "guest.destroy", "disk.resize"
 SNAPSHOT, ROLLBACK, DELETE_SNAPSHOT = "snapshot.create", "snapshot.rollback", "snapshot.delete"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from executor.opclock import write_private
+from executor.gate.files import write_private
 from safety.truststore import TrustStore, TrustStoreHolder
 
 log = structlog.get_logger("executor.optrust")

@@ -1,24 +1,20 @@
-"""What signed operations keep on the node besides the journal: the gate's clock, its secret, a rate.
+"""What signed operations keep on the node besides the journal: the gate's clock and its secret.
 
 ``GateClock``: the gate's time is never before the journal's high-water mark, so a clock set back
 revives no expired op; ``clock_reset`` is the offline remedy for a clock that ran ahead.
 ``gate_secret``: the key of this executor's challenges (state_dir/gate.secret, 0600).
-``TokenBucket``, ``RateBuckets``: the API's rate limits, one bucket per caller.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from executor.gate.files import INTACT_MARK, NONCES_MARK, write_private
 from journal import Journal
 from safety import challenge as challenges
 from safety.signedop import MAX_SKEW
@@ -60,30 +56,6 @@ def clock_reset(state_dir: str | Path, journal: Journal) -> tuple[float, float]:
     path = Path(state_dir) / "clock.reset"
     write_private(path, json.dumps({"offset": offset, "floor": now}).encode())
     return offset, now
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600, synced (a temporary of its own: writers may race)."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp makes it 0600
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
-
-
-NONCES_MARK = "nonces.spent"  # in state_dir: this journal has accepted signed ops (it holds nonces)
-INTACT_MARK = "journal.intact"  # in state_dir: no journal write has failed since start (unlinked when one does)
 
 
 def gate_secret(state_dir: str | Path, journal: Journal | None = None) -> bytes:
@@ -135,58 +107,3 @@ def mark_nonces(state_dir: str | Path) -> None:
     mark = Path(state_dir) / NONCES_MARK
     if not mark.exists():
         write_private(mark, b"this state's journal holds spent nonces of signed operations\n")
-
-
-class TokenBucket:
-    """``rate`` per second, ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate, self._burst = rate, float(burst)
-        self._tokens, self._at = float(burst), time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        """One token, if there is one."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-            self._at = now
-            if self._tokens < 1:
-                return False
-            self._tokens -= 1
-            return True
-
-
-class RateBuckets:
-    """A ``TokenBucket`` per caller key, so one caller's flood never spends another's tokens.
-
-    At most ``max_keys`` are held: past that the least recently used is forgotten. Forgetting is safe
-    for the limit only when the bucket had refilled (a forgotten caller comes back with a full bucket),
-    so a caller can regain tokens early only by being pushed out by ``max_keys`` busier ones.
-    """
-
-    def __init__(self, rate: float, burst: int, max_keys: int = 1024) -> None:
-        self._rate, self._burst, self._max = rate, burst, max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> bool:
-        """One token from ``key``'s bucket, if there is one."""
-        with self._lock:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = TokenBucket(self._rate, self._burst)
-                while len(self._buckets) > self._max:
-                    self._buckets.popitem(last=False)
-            else:
-                self._buckets.move_to_end(key)
-        return bucket.take()
-
-    def keys_held(self) -> list[str]:
-        """The callers with a bucket now, least recently used first."""
-        with self._lock:
-            return list(self._buckets)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._buckets)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from executor.desired import Declared
-from executor.planner_client import RUN_STATES, actual_to_proto, desired_to_proto
-from executor.pve import GuestState, PveError, PveReader
+from executor.loop.desired import Declared
+from executor.loop.planner_client import RUN_STATES, actual_to_proto, desired_to_proto
+from executor.pve.node import GuestState, PveError, PveReader
 from planner.v1 import planner_pb2 as pb
 
 log = structlog.get_logger("executor.observe")

@@ -17,17 +17,17 @@ from typing import Any
 import structlog
 from google.protobuf.json_format import MessageToDict
 
-from executor.actions import by_guest
-from executor.cli import connection, planner_tls
+from executor.app.connect import connection, planner_tls
+from executor.app.wiring import provider
 from executor.config import ExecutorSettings
-from executor.daemon import provider
-from executor.decisions import Admission, GateSettings, declaration_of
-from executor.desired import DesiredStateError, provider_source
-from executor.gate import Gate
-from executor.observe import Observed, observe
-from executor.planner_client import PlannerClient, PlannerError
-from executor.pve import ProxmoxNode, PveError
-from executor.stopledger import StopLedger
+from executor.gate.actions import by_guest
+from executor.gate.decisions import Admission, GateSettings, declaration_of
+from executor.gate.gate import Gate
+from executor.gate.stopledger import StopLedger
+from executor.loop.desired import DesiredStateError, provider_source
+from executor.loop.observe import Observed, observe
+from executor.loop.planner_client import PlannerClient, PlannerError
+from executor.pve.node import ProxmoxNode, PveError
 from planner.v1 import planner_pb2 as pb
 
 log = structlog.get_logger("executor.dryrun")
