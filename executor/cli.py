@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from common import logs
 from common.config import ConfigError, Option, add_flags, resolve
-from executor import opcli
 from executor.app.connect import connection
 from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, ExecutorSettings
 from executor.pve.node import PveError
+from opctl import cli as opcli
 
 
 def parser() -> argparse.ArgumentParser:

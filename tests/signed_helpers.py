@@ -25,15 +25,15 @@ from executor.gate.decisions import Refusal
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
 from executor.loop.queue import Job
-from executor.opapi import to_proto
-from executor.opdoc import Proposal as Unsigned
-from executor.opsign import build_payload
 from executor.signed.clock import GateClock, gate_secret
 from executor.signed.desk import OpDesk, OpSettings, Proposal
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import BURN_PREFIX, Applied, Begun, Journal, NonceSpentError, Record, segments
 from journal.records import record_of, scan
+from opctl.api import to_proto
+from opctl.doc import Proposal as Unsigned
+from opctl.sign import build_payload
 from safety import signedop
 from safety.signedop import Envelope
 from tests.executor_helpers import ROOT, LineReader, cli

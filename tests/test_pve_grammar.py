@@ -21,7 +21,7 @@ import pytest
 
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
-from executor.opdoc import Proposal as Unsigned
+from opctl.doc import Proposal as Unsigned
 from planner.v1 import planner_pb2 as pb
 from safety import grammar, keys
 from safety.classify import Action, Class, GuestFacts, Source, classify

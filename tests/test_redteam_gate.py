@@ -27,11 +27,11 @@ import pytest
 from executor.api.server import start_api
 from executor.loop.desired import Declared, FileProvider, provider_source
 from executor.loop.engine import Engine
-from executor.opapi import to_proto
 from executor.pve.node import ProxmoxNode
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import JournalError
+from opctl.api import to_proto
 from safety.classify import Source
 from safety.signedop import parse_payload
 from tests.executor_helpers import HeldReads

@@ -23,9 +23,9 @@ import pytest
 
 from executor.gate.decisions import Refusal
 from executor.loop.engine import Engine
-from executor.opdoc import OpError, summary
-from executor.opdoc import Proposal as Unsigned
-from executor.opsign import build_payload
+from opctl.doc import OpError, summary
+from opctl.doc import Proposal as Unsigned
+from opctl.sign import build_payload
 from safety.payload import parse_payload
 from safety.refusal import Refused
 from tests.signed_helpers import (

@@ -31,11 +31,11 @@ from executor.app.wiring import open_journal
 from executor.gate.decisions import Refusal
 from executor.loop.desired import Declared, StaticProvider
 from executor.loop.engine import Engine
-from executor.opdoc import Proposal as Unsigned
 from executor.signed.clock import mark_nonces
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import Begun, Ended, Journal, JournalCorruptError, Outcome, Refused, TaskStarted
+from opctl.doc import Proposal as Unsigned
 from planner import server
 from safety.classify import Source
 from safety.payload import parse_payload

@@ -16,7 +16,7 @@ from typing import Any
 from executor.gate.actions import SET_CONFIG, START, STOP, Step
 from journal import BURN_PREFIX
 from safety.classify import GuestFacts, Verdict
-from safety.opschema import plain
+from safety.opschema import NOT_SHOWN, plain
 from safety.payload import action_of, action_part
 from safety.signedop import VerifiedOp
 
@@ -90,7 +90,6 @@ def bound_action(step: Step, verdict: Verdict, facts: GuestFacts, audience: str,
 # Keys whose values are credentials or free text: the API never answers them (ProposeOp's before-image,
 # ListOperations' payloads), whoever asks; their presence is shown, their value is not.
 SECRET_KEYS = frozenset({"cipassword", "sshkeys", "ciuser", "cicustom", "description", "env", "entrypoint"})
-NOT_SHOWN = "<not shown>"
 
 
 def shown(values: Mapping[str, object]) -> dict[str, object]:

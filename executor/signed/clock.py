@@ -20,7 +20,6 @@ from safety import challenge as challenges
 from safety.signedop import MAX_SKEW
 
 log = structlog.get_logger("executor.opclock")
-SIGNER_BACKDATE = 60  # ``op sign`` puts not_before this far in the past (a gate whose clock runs behind)
 
 
 class GateClock:

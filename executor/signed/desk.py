@@ -27,7 +27,7 @@ from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_b
 from executor.loop.observe import Observed
 from executor.pve.node import PveError
 from executor.signed.auth import could_sign, revokers, role_covers_keys
-from executor.signed.clock import SIGNER_BACKDATE, GateClock, mark_nonces
+from executor.signed.clock import GateClock, mark_nonces
 from executor.signed.rates import RateBuckets
 from executor.signed.trust import TrustKeeper
 from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
@@ -35,7 +35,7 @@ from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
 from safety.refusal import RefusalReason, Refused
-from safety.signedop import MAX_SKEW, Envelope, VerifiedOp, verify
+from safety.signedop import MAX_SKEW, SIGNER_BACKDATE, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStore, TrustStoreHolder
 
 if TYPE_CHECKING:

@@ -18,12 +18,12 @@ from contextlib import contextmanager
 import grpc
 
 from common.grpcserver import ClientTls, channel_credentials
-from executor.opcli import DEFAULT_TTL, api_target
-from executor.opdoc import OpError, Proposal, action_words, parse_action_json, proposal_document, summary, when
-from executor.opkeys import load_private
-from executor.opsign import build_payload, parse_ttl, read_envelope
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
+from opctl.cli import DEFAULT_TTL, api_target
+from opctl.doc import OpError, Proposal, action_words, parse_action_json, proposal_document, summary, when
+from opctl.keys import load_private
+from opctl.sign import build_payload, parse_ttl, read_envelope
 from safety import signedop
 from safety.opschema import APPROVAL, canonical_params, plain
 from safety.payload import parse_payload

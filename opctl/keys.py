@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from executor.opdoc import OpError, when
+from opctl.doc import OpError, when
 from safety import truststore
 from safety.signedop import public_raw
 

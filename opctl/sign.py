@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import IO
 
-from executor.opcli import DEFAULT_TTL
-from executor.opdoc import OpError, Proposal, read_proposal, refusal_text, summary
-from executor.opkeys import load_private
-from executor.signed.clock import SIGNER_BACKDATE
+from opctl.cli import DEFAULT_TTL
+from opctl.doc import OpError, Proposal, read_proposal, refusal_text, summary
+from opctl.keys import load_private
 from safety import signedop, truststore
 from safety.opschema import DESTRUCTIVE, TTL_CEILING
 from safety.payload import OpPayload, parse_payload, to_json
 from safety.refusal import Refused
+from safety.signedop import SIGNER_BACKDATE
 
 BACKDATE = SIGNER_BACKDATE  # seconds not_before lies in the past, for a gate whose clock runs behind (§4.5)
 _TTL = re.compile(r"([0-9]{1,6})([smh]?)", re.ASCII)

@@ -1,4 +1,4 @@
-"""The operator's commands of ``pve-executor`` (SAFETY-DESIGN §5): keys, trust, pending, op ...
+"""The operator's commands, ``opctl`` or ``pve-executor`` (SAFETY-DESIGN §5): keys, trust, pending, op ...
 
 None of them talks to Proxmox: the offline ones (``keys generate``, ``trust check``, ``op sign``,
 ``op cosign``, ``op verify``) read and write files; the others call the executor API. Exit status:
@@ -12,26 +12,25 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
-from executor.config import DEFAULT_LISTEN
-
 COMMANDS = frozenset({"keys", "trust", "pending", "op"})
-DEFAULT_API = DEFAULT_LISTEN  # the daemon's socket
+# The daemon's default socket (executor.config.DEFAULT_LISTEN; a test keeps the two equal, opctl never imports it).
+DEFAULT_API = "unix:/run/pve-reconcile/executor.sock"
 API_ENV = "PVE_EXECUTOR_API"
-# Imported when run, so `pve-executor --help` and the daemon do not load gRPC stubs and key code for nothing.
+# Imported when run, so `--help` and the daemon do not load gRPC stubs and key code for nothing.
 HANDLERS: Mapping[tuple[str, str | None], str] = {
-    ("keys", "generate"): "opkeys:generate",
-    ("trust", "check"): "opkeys:check",
-    ("pending", None): "opapi:pending",
-    ("op", "propose"): "opapi:propose",
-    ("op", "sign"): "opsign:sign",
-    ("op", "cosign"): "opsign:cosign",
-    ("op", "verify"): "opsign:verify",
-    ("op", "submit"): "opapi:submit",
-    ("op", "revoke"): "opapi:revoke",
-    ("op", "undo"): "opundo:undo",
+    ("keys", "generate"): "keys:generate",
+    ("trust", "check"): "keys:check",
+    ("pending", None): "api:pending",
+    ("op", "propose"): "api:propose",
+    ("op", "sign"): "sign:sign",
+    ("op", "cosign"): "sign:cosign",
+    ("op", "verify"): "sign:verify",
+    ("op", "submit"): "api:submit",
+    ("op", "revoke"): "api:revoke",
+    ("op", "undo"): "undo:undo",
 }
 DEFAULT_TTL = "15m"
 
@@ -121,27 +120,34 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
     module, function = HANDLERS[(args.command, getattr(args, "subcommand", None))].split(":")
-    return cast("Callable[[argparse.Namespace], int]", getattr(importlib.import_module(f"executor.{module}"),
+    return cast("Callable[[argparse.Namespace], int]", getattr(importlib.import_module(f"opctl.{module}"),
                                                                  function))
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run one operator command; errors are one line on stderr naming the command."""
+def run(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``opctl``: the same commands as ``pve-executor keys|trust|pending|op``."""
+    top = argparse.ArgumentParser(prog="opctl", description="pve-reconcile operator's tool: signed operations")
+    add_parsers(top.add_subparsers(dest="command", required=True))
+    return main(top.parse_args(argv), prog="opctl")
+
+
+def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
+    """Run one operator command; errors are one line on stderr naming the program and the command."""
     import grpc  # noqa: PLC0415 - see HANDLERS
 
     from common.config import ConfigError  # noqa: PLC0415
-    from executor.opdoc import OpError, api_error, refusal_text  # noqa: PLC0415
+    from opctl.doc import OpError, api_error, refusal_text  # noqa: PLC0415
     from safety.refusal import Refused  # noqa: PLC0415
 
     name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     try:
         return _handler(args)(args)
     except OpError as exc:
-        print(f"pve-executor {name}: {exc}", file=sys.stderr)
+        print(f"{prog} {name}: {exc}", file=sys.stderr)
         return exc.code
     except (Refused, ConfigError) as exc:
-        print(f"pve-executor {name}: {refusal_text(exc) if isinstance(exc, Refused) else exc}", file=sys.stderr)
+        print(f"{prog} {name}: {refusal_text(exc) if isinstance(exc, Refused) else exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
-        print(f"pve-executor {name}: {api_error(exc)}", file=sys.stderr)
+        print(f"{prog} {name}: {api_error(exc)}", file=sys.stderr)
         return 1

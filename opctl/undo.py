@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from executor.gate.steps import NOT_SHOWN
-from executor.opapi import call_propose, print_proposal, stub
-from executor.opdoc import OpError, visible
 from executor.v1 import executor_pb2 as pb
+from opctl.api import call_propose, print_proposal, stub
+from opctl.doc import OpError, visible
 from safety.classify import Action, GuestFacts, Source, classify
+from safety.opschema import NOT_SHOWN
 
 LIST_LIMIT = 1000
 
