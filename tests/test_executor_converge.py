@@ -198,8 +198,8 @@ def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(fakepve: An
 def test_planner_down_means_zero_mutations(fakepve: Any, make_engine: Make, unused_port: int) -> None:
     """With the planner unreachable the tick reads, fails to plan, and writes nothing."""
     fakepve.add_vm(100, "web", status="stopped")
-    engine = make_engine([Declared(vmid=100, state="running")])
-    engine.planner = PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2)
+    engine = make_engine([Declared(vmid=100, state="running")],
+                         planner_client=PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2))
     summary = engine.tick(wait=True)
     assert summary.outcome is TickOutcome.PLANNER_UNAVAILABLE and "UNAVAILABLE" in summary.error
     assert writes(fakepve) == []

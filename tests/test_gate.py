@@ -244,8 +244,8 @@ def test_a_held_guest_still_counts_for_the_blast_radius(fakepve: Any, make_engin
     for vmid in range(110, 115):
         fakepve.add_vm(vmid, f"vm{vmid}", status="stopped" if vmid == 111 else "running")
     declared = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
-    engine = make_engine(declared, source=Source.HUB, max_stops_per_tick=10)
-    engine.holders.append(lambda: {111})  # e.g. its approved stop just ran in its lane
+    # 111 held, e.g. its approved stop just ran in its lane
+    engine = make_engine(declared, source=Source.HUB, max_stops_per_tick=10, holders=(lambda: {111},))
     summary = engine.tick(wait=True)
     assert mutations(fakepve) == []
     assert sorted((r.vmid, r.reason) for r in summary.refusals) == [(110, "APPROVAL_REQUIRED"),

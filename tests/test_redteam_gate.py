@@ -57,8 +57,8 @@ def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve:
         fakepve.add_vm(vmid, f"vm{vmid}", status="running" if vmid < 105 else "stopped")
     desired = tmp_path / "desired.yaml"
     write_hub(desired, {**{v: "stopped" for v in range(100, 105)}, **{v: None for v in range(105, 110)}})
-    engine = make_engine([], stop_window=0.0)  # every tick a new window: only the half rule holds the hub
-    engine.provider = FileProvider(desired)
+    # every tick a new window: only the half rule holds the hub
+    engine = make_engine([], stop_window=0.0, provider=FileProvider(desired))
     assert provider_source(engine.provider) is Source.HUB
     refusals: list[Any] = []
     for _ in range(4):
@@ -81,8 +81,7 @@ def test_a_shutdown_that_times_out_but_lands_frees_the_hubs_budget(fakepve: Any,
     fakepve.time_scale = 0.01
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop="guest"))
-    engine = make_engine([], stop_window=0.0, shutdown_timeout=1, force_stop=False)
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], stop_window=0.0, shutdown_timeout=1, force_stop=False, provider=FileProvider(desired))
     for round_ in range(5):
         write_hub(desired, instalment(round_, drop="guest"))
         before = len(fakepve.requests)

@@ -29,7 +29,7 @@ from executor.loop.engine import Engine, TickOutcome
 from executor.loop.planner_client import PlannerError
 from executor.loop.recovery import RecoveryInterruptedError, recover
 from executor.metrics import ExecutorMetrics
-from executor.pve.node import Connection, ProxmoxNode
+from executor.pve.node import Connection, PveReader
 from executor.signed.clock import clock_reset
 from executor.signed.desk import OpDesk
 from journal import Journal, JournalOpenError
@@ -75,7 +75,8 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         return 2
     if api is not None and engine.recovering.is_set():
         api.set_serving(False)
-    reload_on_hangup(parts.desk)
+    if parts.desk is not None:  # always, for the daemon: build makes one
+        reload_on_hangup(parts.desk)
     try:
         if not _recover(engine, parts.reader, api, stop):
             return 0 if stop.is_set() else 1
@@ -101,7 +102,7 @@ def reload_on_hangup(desk: OpDesk) -> None:
     signal.signal(signal.SIGHUP, lambda _signum, _frame: desk.hang_up())
 
 
-def _recover(engine: Engine, reader: ProxmoxNode, api: Running | None, stop: threading.Event) -> bool:
+def _recover(engine: Engine, reader: PveReader, api: Running | None, stop: threading.Event) -> bool:
     """Resolve the journal's in-flight operations; False when stopped or Proxmox stayed unavailable."""
     journal = engine.journal
     if journal is None:

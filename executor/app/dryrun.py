@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import structlog
 from google.protobuf.json_format import MessageToDict
 
-from executor.app.connect import connection, planner_tls
-from executor.app.wiring import provider
+from executor.app.wiring import dry_gate, dry_inputs, provider
 from executor.config import ExecutorSettings
 from executor.gate.actions import by_guest
-from executor.gate.decisions import Admission, GateSettings, declaration_of
+from executor.gate.decisions import Admission, declaration_of
 from executor.gate.gate import Gate
-from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredStateError, provider_source
 from executor.loop.observe import Observed, observe
-from executor.loop.planner_client import PlannerClient, PlannerError
-from executor.pve.node import ProxmoxNode, PveError
+from executor.loop.planner_client import PlannerError
+from executor.pve.node import PveError
 from planner.v1 import planner_pb2 as pb
 
 log = structlog.get_logger("executor.dryrun")
@@ -47,19 +44,13 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
     desired = provider(settings)
     declared = desired.desired()  # local, cheap input first: a typo is reported before any network
     source = provider_source(desired)
-    reader = ProxmoxNode(connection(settings))
-    planner = PlannerClient(settings.planner, tls=planner_tls(settings))
+    reader, planner = dry_inputs(settings)
     try:
         observed = observe(reader, declared)
         plan = planner.plan(*observed.request(declared))
     finally:
         planner.close()
-    secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
-    gate = Gate(reader=reader, writer=None, journal=None, dry_run=True,
-                ledger=StopLedger.in_state_dir(settings.state_dir, writable=False),  # read, never written
-                settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
-                                      stop_window=settings.interval,
-                                      secret=secret.read_bytes() if secret.is_file() else None))
+    gate = dry_gate(reader, settings)
     mine = [d for d in declared if d.vmid not in observed.elsewhere]
     declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in mine}
     admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,

@@ -53,7 +53,7 @@ from executor.gate.decisions import (
 )
 from executor.gate.files import INTACT_MARK
 from executor.gate.kinds import KINDS
-from executor.gate.lane import Lane
+from executor.gate.lane import Ahead, Lane
 from executor.gate.steps import nonce_key
 from executor.gate.stopledger import StopLedger
 from executor.metrics import ExecutorMetrics
@@ -94,7 +94,10 @@ class Gate:
     def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
                  dry_run: bool = False, wall: Callable[[], float] = time.time,
-                 ledger: StopLedger | None = None) -> None:
+                 ledger: StopLedger | None = None, ahead: Ahead | None = None,
+                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None) -> None:
+        """``ahead``: the starts' pending sections read ahead of the lanes; ``reverify``: a signed op checked
+        again against the trust store in force, in the lane (the op desk's; None: no signed ops)."""
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal = journal
@@ -107,9 +110,8 @@ class Gate:
         self.ledger = ledger if ledger is not None else StopLedger()
         self.refused_total = 0
         self.deferred_total = 0
-        # Set by the op desk: a signed op checked again against the trust store in force, in the lane.
-        self.reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None
-        self.lane = Lane(gate=self, reader=reader, writer=writer)
+        self.reverify = reverify
+        self.lane = Lane(gate=self, reader=reader, writer=writer, ahead=ahead)
 
     # --- admission ----------------------------------------------------------------------------
 

@@ -138,13 +138,14 @@ class InFlightCall:
 class Lane:
     """Authorizes and runs admitted steps; the only holder of the Proxmox writer."""
 
-    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None) -> None:
+    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None,
+                 ahead: Ahead | None = None) -> None:
         self._gate, self._reader, self._writer = gate, reader, writer
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
-        self.ahead: Ahead | None = None  # set by the engine: the next starts' pending sections, read early
+        self.ahead = ahead  # the next starts' pending sections, read early (None: always read in the lane)
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""

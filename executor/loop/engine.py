@@ -138,8 +138,13 @@ class Engine:
     """Runs ticks; owns the tick lock, the per-guest backoff and the submit funnel."""
 
     def __init__(self, *, pve: PveReader, gate: Gate, planner: PlannerClient, provider: DesiredProvider,
-                 queue: GuestQueue, settings: Settings | None = None, clock: Callable[[], float] = time.monotonic,
-                 metrics: ExecutorMetrics | None = None) -> None:
+                 queue: GuestQueue, reads: ThreadPoolExecutor, ahead: ReadAhead, settings: Settings | None = None,
+                 clock: Callable[[], float] = time.monotonic, metrics: ExecutorMetrics | None = None,
+                 holders: Sequence[Callable[[], set[int]]] = (),
+                 before_tick: Sequence[Callable[[], None]] = ()) -> None:
+        """``reads`` (the config readers' pool, closed by ``close``) and ``ahead`` (reading through it, the
+        lanes' read-ahead the gate was given) come from the wiring; ``holders`` name more guests not to
+        plan (a signed op queued), ``before_tick`` runs at the start of each tick, under the tick lock."""
         self.pve, self.gate, self.planner, self.provider, self.queue = pve, gate, planner, provider, queue
         self.settings = settings or Settings()
         self._clock = clock
@@ -147,18 +152,15 @@ class Engine:
         self._tick_lock = threading.Lock()
         self.recovering = threading.Event()  # set by the daemon while recovery runs: no tick then
         # More guests not to plan: a task still running past its deadline; later, a signed op queued.
-        self.holders: list[Callable[[], set[int]]] = [gate.lane.unsettled]
-        self.before_tick: list[Callable[[], None]] = []  # run at the start of each tick, under the tick lock
+        self.holders: tuple[Callable[[], set[int]], ...] = (gate.lane.unsettled, *holders)
+        self.before_tick = tuple(before_tick)
         self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
         self._finished: dict[int, float] = {}  # vmid -> when its last job ended (clock time)
         self.ticks = 0
         self.last: TickSummary | None = None
         self.metrics = metrics or gate.metrics
         self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
-        self._reader = ThreadPoolExecutor(max_workers=self.settings.read_parallel, thread_name_prefix="pve-read")
-        # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
-        self._ahead = ReadAhead(pve, self._reader, window=queue.max_parallel, fresh=self.settings.read_ahead_fresh)
-        gate.lane.ahead = self._ahead
+        self._reader, self._ahead = reads, ahead
 
     @property
     def journal(self) -> Journal | None:

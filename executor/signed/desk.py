@@ -86,9 +86,6 @@ class OpDesk:
         self._bucket = RateBuckets(settings.rate, settings.burst)  # per caller: a flood spends its own
         self._propose_bucket = RateBuckets(settings.rate, settings.burst)
         self.trust = TrustKeeper(settings.trust_store, settings.state_dir)
-        engine.holders.append(self.held)
-        engine.before_tick.append(self.tick)
-        engine.gate.reverify = self.reverify
 
     # --- trust store ---------------------------------------------------------------------------
 
