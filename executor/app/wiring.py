@@ -126,7 +126,7 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
                         settings=engine_settings, metrics=metrics, reads=reads, ahead=ahead,
                         holders=(*holders, *held), before_tick=before_tick)
     if ops is not None and clock is not None:
-        desk = OpDesk(engine=the_engine, clock=clock, settings=ops)
+        desk = OpDesk(reader=reader, gate=the_gate, funnel=the_engine, clock=clock, settings=ops)
     return Parts(reader, planner, queue, the_engine, desk)
 
 

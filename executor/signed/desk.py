@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
 from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
+from executor.gate.gate import Gate
 from executor.gate.kinds import KINDS
 from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
+from executor.loop.desired import Declared
+from executor.loop.engine import Submission
 from executor.loop.observe import Observed
-from executor.pve.node import PveError
+from executor.pve.node import PveError, PveReader
 from executor.signed.auth import could_sign, revokers, role_covers_keys
 from executor.signed.clock import GateClock, mark_nonces
 from executor.signed.rates import RateBuckets
@@ -37,9 +41,6 @@ from safety.opschema import SIGNABLE_CLASSES, canonical_params
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import MAX_SKEW, SIGNER_BACKDATE, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStore, TrustStoreHolder
-
-if TYPE_CHECKING:
-    from executor.loop.engine import Engine
 
 log = structlog.get_logger("executor.ops")
 REVOKE = "op.revoke"
@@ -73,11 +74,25 @@ class Proposal:
     before: dict[str, str]
 
 
+class Funnel(Protocol):
+    """The single entry of every mutation (``executor.loop.engine.Engine`` is it): the gate admits, the queue runs."""
+
+    def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
+               declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
+               on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None,
+               population: Sequence[Declared] | None = None, held: Set[int] | None = None) -> Submission:
+        """Admit ``steps`` and queue what the gate admitted."""
+
+
 class OpDesk:
     """The executor's counter for signed operations."""
 
-    def __init__(self, *, engine: Engine, settings: OpSettings, clock: GateClock) -> None:
-        self._engine, self.settings, self.clock = engine, settings, clock
+    def __init__(self, *, reader: PveReader, gate: Gate, funnel: Funnel, settings: OpSettings,
+                 clock: GateClock) -> None:
+        """``funnel``: where an accepted op's step is submitted (the engine); the wiring hands the engine this
+        desk's ``held`` and ``tick`` and the gate its ``reverify``."""
+        self._reader, self._gate, self._funnel = reader, gate, funnel
+        self.settings, self.clock = settings, clock
         self._lock = threading.Lock()
         self._hangup = threading.Event()
         self._accepted: dict[str, VerifiedOp] = {}  # by nonce key: queued or waiting for a retry, not yet run
@@ -116,7 +131,7 @@ class OpDesk:
         """
         if not self._propose_bucket.take(caller):
             raise RateLimitedError("ProposeOp: too many calls; try again in a second")
-        reader, gate = self._engine.pve, self._engine.gate
+        reader, gate = self._reader, self._gate
         guest = reader.guests().find(vmid)
         if guest is None:
             raise Refused(RefusalReason.BINDING_MISMATCH, f"guest {vmid} is not on node {reader.node}")
@@ -140,8 +155,8 @@ class OpDesk:
                         before=proposal_before(config, digest, step))
 
     def _secret(self) -> bytes:
-        secret = self._engine.gate.settings.secret
-        if self._engine.journal is None or secret is None:  # the daemon keeps a secret only with a journal
+        secret = self._gate.settings.secret
+        if self._gate.journal is None or secret is None:  # the daemon keeps a secret only with a journal
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: no signed op can run")
         return secret
 
@@ -173,7 +188,7 @@ class OpDesk:
         try:
             mark_nonces(self.settings.state_dir)  # before it can spend a nonce: a lost journal is then noticed
         except OSError as exc:  # the journal's own directory: its next write would fail the same way
-            self._engine.gate.lose_journal(exc)
+            self._gate.lose_journal(exc)
             self._forget(key)
             return payload.op_id, self._refusal(payload.vmid, payload.kind, Refused(
                 RefusalReason.JOURNAL_UNAVAILABLE, f"state_dir not writable: {exc.strerror}"), payload.op_id)
@@ -194,11 +209,11 @@ class OpDesk:
         store = self._current()
         if store is None:
             raise Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3])
-        if self._engine.journal is None:
+        if self._gate.journal is None:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: only benign steps run")
         now = self.clock.now()
-        op = verify(envelope, store, now=now, audience=self._engine.gate.audience(),
-                    challenge_key=self._engine.gate.settings.secret, skew=self.settings.skew)
+        op = verify(envelope, store, now=now, audience=self._gate.audience(),
+                    challenge_key=self._gate.settings.secret, skew=self.settings.skew)
         if op.payload.not_before + SIGNER_BACKDATE < int(self.clock.floor):  # payload times are whole seconds
             # Nonces compacted while the clock ran ahead cannot be trusted: only ops signed since the reset.
             raise Refused(RefusalReason.EXPIRED, f"signed before {int(self.clock.floor)}, when this executor's "
@@ -217,7 +232,7 @@ class OpDesk:
         if store is None or envelope is None:
             return Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3] or "the op is not accepted here")
         try:
-            verify(envelope, store, now=self.clock.now(), audience=self._engine.gate.audience(), challenge_key=None,
+            verify(envelope, store, now=self.clock.now(), audience=self._gate.audience(), challenge_key=None,
                    skew=self.settings.skew, check_challenge=False)
             self._check_nonce(op)  # a veto that came while the op waited
         except Refused as exc:
@@ -226,7 +241,7 @@ class OpDesk:
 
     def _check_nonce(self, op: VerifiedOp) -> None:
         """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
-        journal = self._engine.journal
+        journal = self._gate.journal
         op_id = op.payload.op_id
         if journal is None:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
@@ -245,7 +260,7 @@ class OpDesk:
     def _queue(self, op: VerifiedOp) -> Refusal | None:
         """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
         payload = op.payload
-        reader = self._engine.pve
+        reader = self._reader
         try:
             guest = reader.guests().find(payload.vmid)
             if guest is None:
@@ -255,16 +270,16 @@ class OpDesk:
             return self._refusal(payload.vmid, payload.kind,
                                  Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
         except Refused as exc:  # the guest is gone: not the guest signed for
-            if not self._engine.gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None):
+            if not self._gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None):
                 exc = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{exc.detail}, and spending the op failed")
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
-        journal = self._engine.journal
+        journal = self._gate.journal
         ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
         if ran is not None:
             stale = Refused(RefusalReason.DIGEST_STALE, ran[1])
-            if not self._engine.gate.spend(op, stale.reason.value, ran[1], guest_type=guest.type, facts=None):
+            if not self._gate.spend(op, stale.reason.value, ran[1], guest_type=guest.type, facts=None):
                 stale = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{ran[1]}, and spending the op failed")
             return self._refusal(payload.vmid, payload.kind, stale, payload.op_id)
         store = self._current()
@@ -275,7 +290,7 @@ class OpDesk:
         if denied is not None:
             return self._refusal(payload.vmid, payload.kind, denied, payload.op_id)
         observed = Observed(guests={guest.vmid: guest}, configs={guest.vmid: config}, elsewhere=frozenset())
-        submission = self._engine.submit({payload.vmid: [step]}, source=Source.OPERATOR_OP, observed=observed,
+        submission = self._funnel.submit({payload.vmid: [step]}, source=Source.OPERATOR_OP, observed=observed,
                                          declared=[], op=op, on_done=self._done)
         refused = submission.admission.refused
         return refused[0] if refused else None
@@ -355,7 +370,7 @@ class OpDesk:
                 raise Refused(RefusalReason.BINDING_MISMATCH, f"RevokeOp takes an {REVOKE} op, not "
                                                               f"{revocation.payload.kind}")
             target = str(revocation.payload.params["op_id"])
-            journal = self._engine.journal
+            journal = self._gate.journal
             prior = journal.last_refusal(revoked_key(target)) if journal is not None else None
             by = set(revokers(prior[1])) if prior is not None else set()
             if by >= set(revocation.signers):
@@ -365,10 +380,10 @@ class OpDesk:
             return "", self._refusal(0, REVOKE, exc)
         # The detail names every revoker so far (a veto that counts for nothing never hides one that counts):
         # an op submitted later is vetoed only if one of them could sign it.
-        self._engine.gate.journal_write(lambda j: j.refuse(
+        self._gate.journal_write(lambda j: j.refuse(
             vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
             detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target, key=revoked_key(target)))
-        if self._engine.journal is None:
+        if self._gate.journal is None:
             return "", self._refusal(0, REVOKE, Refused(RefusalReason.JOURNAL_UNAVAILABLE,
                                                         "the veto could not be journaled"))
         for key in covered:
@@ -399,11 +414,11 @@ class OpDesk:
 
         Unauthenticated junk never reaches the journal: a flood of it costs counters and log lines.
         """
-        metrics = self._engine.gate.metrics
+        metrics = self._gate.metrics
         metrics.gate_decisions.labels("unknown", "refused", exc.reason.value.lower()).inc()
         log.warning("op_refused", vmid=vmid, op_kind=kind, op_id=op_id, reason=exc.reason.value, detail=exc.detail)
         if op_id:
-            self._engine.gate.journal_write(lambda j: j.refuse_if_new(
+            self._gate.journal_write(lambda j: j.refuse_if_new(
                 vmid=vmid, kind=kind, reason=exc.reason.value, detail=exc.detail, op_id=op_id,
                 key=f"{BURN_PREFIX}{op_id}:refused"))
         return Refusal(vmid=vmid, op_kind=kind, cls=Class.DESTRUCTIVE, reason=exc.reason.value, detail=exc.detail,
