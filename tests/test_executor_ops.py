@@ -34,7 +34,8 @@ from executor.gate.kinds import (
     size_text,
 )
 from executor.loop.recovery import recover
-from executor.pve.node import LXC, NOT_APPLIED, QEMU, ProxmoxNode, PveError, TaskResult, wait_task
+from executor.pve.node import LXC, QEMU, ProxmoxNode, PveError
+from executor.pve.tasks import NOT_APPLIED, TaskResult, wait_task
 from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 

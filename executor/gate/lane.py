@@ -30,20 +30,10 @@ from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, de
 from executor.gate.kinds import KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
-from executor.pve.node import (
-    NOT_APPLIED,
-    PveError,
-    PveNotSentError,
-    PveReader,
-    PveUnavailableError,
-    PveWriter,
-    TaskOutcome,
-    TaskResult,
-    find_task,
-    wait_task,
-)
 from executor.pve.node import Pending as PendingSection
-from executor.pve.node import classify as classify_exit
+from executor.pve.node import PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
+from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, find_task, wait_task
+from executor.pve.tasks import classify as classify_exit
 from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding

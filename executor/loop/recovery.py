@@ -30,17 +30,8 @@ from typing import TypeVar
 import structlog
 
 from executor.gate.kinds import KINDS
-from executor.pve.node import (
-    NOT_APPLIED,
-    PveError,
-    PveReader,
-    PveUnavailableError,
-    TaskOutcome,
-    TaskResult,
-    classify,
-    find_task,
-    wait_task,
-)
+from executor.pve.node import PveError, PveReader, PveUnavailableError
+from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify, find_task, wait_task
 from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
