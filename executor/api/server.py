@@ -230,8 +230,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         """Recent journal records, oldest first."""
         if request.limit > 1000:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit: at most 1000")
-        journal = self._engine.journal
-        records = journal.recent(request.limit or 100) if journal is not None else []
+        records = self._engine.gate.records.recent(request.limit or 100)
         return pb.ListOperationsResponse(operations=[record_to_proto(r) for r in records])
 
     def ListPending(self, request: pb.ListPendingRequest,  # noqa: N802

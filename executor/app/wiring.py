@@ -25,6 +25,7 @@ from executor.config import ExecutorSettings
 from executor.gate.actions import Step
 from executor.gate.decisions import GateSettings
 from executor.gate.gate import Gate
+from executor.gate.journalport import JournalReads
 from executor.gate.kinds import CallSettings
 from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
@@ -103,8 +104,8 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     metrics = metrics or ExecutorMetrics()
     desk: OpDesk | None = None
 
-    def gate_journal() -> Journal | None:
-        return the_gate.journal
+    def gate_journal() -> JournalReads:
+        return the_gate.records
 
     def reverify(op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
         if desk is None:  # never so once built (the desk is made before any tick); fail closed all the same

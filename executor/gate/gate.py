@@ -52,6 +52,7 @@ from executor.gate.decisions import (
     unknown,
 )
 from executor.gate.files import INTACT_MARK
+from executor.gate.journalport import NO_JOURNAL, JournalReads
 from executor.gate.kinds import KINDS
 from executor.gate.lane import Ahead, Lane
 from executor.gate.steps import nonce_key
@@ -444,6 +445,12 @@ class Gate:
         if admitted.step.kind == STOP and admitted.op is None and admitted.source is not Source.LOCAL_FILE:
             self.ledger.stop_ended(admitted.step.vmid, ran=_STOP_RAN[result] if isinstance(result, Outcome) else False)
         return result
+
+    @property
+    def records(self) -> JournalReads:
+        """What is read of the journal: the journal, or ``NO_JOURNAL`` (nothing in flight, nothing recorded)."""
+        journal = self.journal
+        return journal if journal is not None else NO_JOURNAL
 
     def journal_write(self, write: Callable[[Journal], object]) -> bool:
         """One journal write (True: written); a failure switches the gate to benign-only."""

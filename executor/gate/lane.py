@@ -27,6 +27,7 @@ import structlog
 
 from executor.gate.actions import START, STOP, Step
 from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, descriptor, to_action
+from executor.gate.journalport import JournalReads
 from executor.gate.kinds import KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
@@ -53,6 +54,10 @@ class GateSide(Protocol):
     @property
     def journal(self) -> Journal | None:
         """The journal, None once it could not open or a write failed."""
+
+    @property
+    def records(self) -> JournalReads:
+        """What is read of the journal (``NO_JOURNAL`` when there is none)."""
 
     @property
     def settings(self) -> GateSettings:
@@ -248,8 +253,7 @@ class Lane:
         again = self._gate.reverify(op, step, facts) if self._gate.reverify is not None else None
         if again is not None:
             return again.reason.value, again.detail
-        journal = self._gate.journal
-        ran = journal.last_refusal(action_key(op)) if journal is not None and op.payload.kind in ACTION_MARKED else None
+        ran = self._gate.records.last_refusal(action_key(op)) if op.payload.kind in ACTION_MARKED else None
         if ran is not None:
             return "DIGEST_STALE", f"this exact action already ran: {ran[1]}"
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:

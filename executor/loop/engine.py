@@ -27,6 +27,7 @@ import structlog
 from executor.gate.actions import Step, by_guest
 from executor.gate.decisions import Admission, Admitted, GateState, Refusal, declaration_of
 from executor.gate.gate import Gate
+from executor.gate.journalport import NO_JOURNAL
 from executor.loop.desired import Declared, DesiredProvider, DesiredStateError, provider_source
 from executor.loop.observe import Observed, observe
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
@@ -159,7 +160,7 @@ class Engine:
         self.ticks = 0
         self.last: TickSummary | None = None
         self.metrics = metrics or gate.metrics
-        self.metrics.watch(queue.busy, lambda: len(self.journal.in_flight()) if self.journal is not None else 0)
+        self.metrics.watch(queue.busy, lambda: len(self.gate.records.in_flight()))
         self._reader, self._ahead = reads, ahead
 
     @property
@@ -177,10 +178,10 @@ class Engine:
         """A snapshot for the API."""
         with self._lock:
             ticks, last = self.ticks, self.last
-        journal = self.journal
+        records = self.gate.records  # read once: the journal, or the stand-in when it is gone
         return EngineStatus(ticks=ticks, last=last, counters=dict(self.counters), busy=self.queue.busy(),
-                            in_flight=journal.in_flight() if journal is not None else [],
-                            journal_enabled=journal is not None, gate=self.gate.state())
+                            in_flight=records.in_flight(), journal_enabled=records is not NO_JOURNAL,
+                            gate=self.gate.state())
 
     # --- the tick -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from executor.gate.files import INTACT_MARK, NONCES_MARK, write_private
+from executor.gate.journalport import JournalReads
 from journal import Journal
 from safety import challenge as challenges
 from safety.signedop import MAX_SKEW
@@ -29,7 +30,7 @@ class GateClock:
     ahead: the mark is then read less the offset, and ops signed before the reset are refused.
     """
 
-    def __init__(self, journal: Callable[[], Journal | None], state_dir: str | Path) -> None:
+    def __init__(self, journal: Callable[[], JournalReads], state_dir: str | Path) -> None:
         self._journal = journal
         self.offset, self.floor = 0.0, 0.0
         reset = Path(state_dir) / "clock.reset"
@@ -39,8 +40,7 @@ class GateClock:
 
     def now(self) -> float:
         """max(wall time, the journal's high-water mark less a reset's offset)."""
-        journal = self._journal()
-        mark = journal.high_water - self.offset if journal is not None else 0.0
+        mark = self._journal().high_water - self.offset  # no journal: 0 less the offset, never above the wall
         wall = time.time()
         if mark > wall + MAX_SKEW:
             log.warning("clock_ahead_of_high_water", wall=wall, high_water=mark,

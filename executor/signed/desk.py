@@ -275,8 +275,7 @@ class OpDesk:
             return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
-        journal = self._gate.journal
-        ran = journal.last_refusal(action_key(op)) if journal is not None and payload.kind in ACTION_MARKED else None
+        ran = self._gate.records.last_refusal(action_key(op)) if payload.kind in ACTION_MARKED else None
         if ran is not None:
             stale = Refused(RefusalReason.DIGEST_STALE, ran[1])
             if not self._gate.spend(op, stale.reason.value, ran[1], guest_type=guest.type, facts=None):
@@ -370,8 +369,7 @@ class OpDesk:
                 raise Refused(RefusalReason.BINDING_MISMATCH, f"RevokeOp takes an {REVOKE} op, not "
                                                               f"{revocation.payload.kind}")
             target = str(revocation.payload.params["op_id"])
-            journal = self._gate.journal
-            prior = journal.last_refusal(revoked_key(target)) if journal is not None else None
+            prior = self._gate.records.last_refusal(revoked_key(target))
             by = set(revokers(prior[1])) if prior is not None else set()
             if by >= set(revocation.signers):
                 raise Refused(RefusalReason.OP_REVOKED, f"op {target} is already revoked by these keys")
