@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
@@ -29,6 +28,7 @@ from typing import Protocol
 import structlog
 
 from executor.gate.actions import SET_CONFIG, START, STOP, Step
+from executor.gate.approvals import ApprovalBook
 from executor.gate.decisions import (
     APPROVABLE,
     APPROVAL_REQUIRED,
@@ -104,13 +104,10 @@ class Gate:
         self.journal = journal
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
-        self._lock = threading.Lock()
-        self._pending: dict[str, Pending] = {}
+        self.book = ApprovalBook()  # pending approvals and the refusal counts
         self._audience = self.settings.audience
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
-        self.refused_total = 0
-        self.deferred_total = 0
         self.reverify = reverify
         self.lane = Lane(gate=self, reader=reader, writer=writer, ahead=ahead)
 
@@ -276,8 +273,7 @@ class Gate:
         A remote source's stops beyond the blast radius were listed as APPROVAL; signing that exact
         descriptor approves it, although the same stop from an operator alone is benign.
         """
-        with self._lock:
-            listed = [p for p in self._pending.values() if p.vmid == step.vmid and p.op_kind == verdict.op_kind]
+        listed = self.book.listed_for(step.vmid, verdict.op_kind)
         classes = [p.cls for p in listed if p.descriptor == descriptor(step, verdict, facts, self.audience(), p.cls)]
         return max([verdict.cls, *classes])
 
@@ -384,26 +380,16 @@ class Gate:
                         reason=refusal.reason, detail=refusal.detail)
         for _ in deferred:
             self.metrics.gate_decisions.labels("benign", "deferred", "stop_limit").inc()
-        with self._lock:  # one swap: an op admitted meanwhile never sees its approval missing
-            self.refused_total += len(refused)
-            self.deferred_total += len(deferred)
-            listed = self._pending
-            if prune:  # the entries of guests not planned this tick (busy, backing off) stay
-                listed = {k: p for k, p in listed.items() if p.vmid not in planned and p.vmid in observed.guests}
-            for entry in pending:
-                key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
-                old = self._pending.get(key)
-                listed[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
-            self._pending = listed
+        # One swap: an op admitted meanwhile never sees its approval missing. When pruning, the entries of
+        # guests not planned this tick (busy, backing off) stay.
+        self.book.record(refused=len(refused), deferred=len(deferred), pending=pending,
+                         keep=(lambda p: p.vmid not in planned and p.vmid in observed.guests) if prune else None)
         for refusal in refused:
             self.journal_refusal(refusal)
 
     def keep_pending(self, entry: Pending) -> None:
         """List ``entry`` for approval (keeping when it was first seen)."""
-        key = f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
-        with self._lock:
-            old = self._pending.get(key)
-            self._pending[key] = replace(entry, first_seen=old.first_seen) if old is not None else entry
+        self.book.keep(entry)
 
     def journal_refusal(self, refusal: Refusal) -> None:
         """Journal ``refusal`` unless its guest and kind were last refused for the same reason (across restarts)."""
@@ -419,20 +405,17 @@ class Gate:
 
     def count_refused(self) -> None:
         """One more refusal (made in a lane)."""
-        with self._lock:
-            self.refused_total += 1
+        self.book.count_refused()
 
     def pending(self) -> list[Pending]:
         """Pending approvals, by vmid then op kind."""
-        with self._lock:
-            return sorted(self._pending.values(), key=lambda p: (p.vmid, p.op_kind, p.descriptor_sha256))
+        return self.book.entries()
 
     def state(self) -> GateState:
-        """The gate's state, read under its lock."""
-        with self._lock:
-            return GateState(signed_ops=False, journal_ok=self.journal is not None, pending=len(self._pending),
-                             refused=self.refused_total, deferred=self.deferred_total,
-                             max_stops_per_tick=self.settings.max_stops_per_tick)
+        """The gate's state; the book's counts read together."""
+        pending, refused, deferred = self.book.counts()
+        return GateState(signed_ops=False, journal_ok=self.journal is not None, pending=pending, refused=refused,
+                         deferred=deferred, max_stops_per_tick=self.settings.max_stops_per_tick)
 
     @property
     def counters(self) -> collections.Counter[tuple[str, str]]:
