@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY common ./common
 COPY planner ./planner
 COPY executor ./executor
+COPY opctl ./opctl
 COPY journal ./journal
 COPY safety ./safety
 RUN python -m venv /opt/pve-reconcile \

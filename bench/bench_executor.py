@@ -32,13 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import logs
-from executor.desired import Declared, StaticProvider
-from executor.engine import Engine, Settings
-from executor.gate import Gate
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, Credentials, ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import GuestQueue
+from executor.app.wiring import assemble, writer_for
+from executor.loop.desired import Declared, StaticProvider
+from executor.loop.engine import Engine, Settings
+from executor.loop.planner_client import PlannerClient
+from executor.loop.queue import GuestQueue
+from executor.pve.node import Connection, Credentials, ProxmoxNode
 from safety.classify import Source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +96,9 @@ def engine(port: int, address: str, desired: list[Declared], max_parallel: int, 
            source: Source = Source.LOCAL_FILE) -> Engine:
     """An engine without a journal (the journal has its own benchmark)."""
     reader = node(port, ca_file)
-    gate = Gate(reader=reader, writer=ProxmoxWriter(reader.session), journal=None)
-    return Engine(pve=reader, gate=gate, planner=PlannerClient(address),
-                  provider=StaticProvider(desired, source=source), queue=GuestQueue(max_parallel), settings=Settings())
+    return assemble(reader=reader, writer=writer_for(reader.session), journal=None, planner=PlannerClient(address),
+                    provider=StaticProvider(desired, source=source), queue=GuestQueue(max_parallel),
+                    engine=Settings()).engine
 
 
 def count_requests(run: Engine) -> Counter[str]:

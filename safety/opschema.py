@@ -23,6 +23,7 @@ SIGNABLE_CLASSES = frozenset({APPROVAL, DESTRUCTIVE})
 TTL_CEILING = {APPROVAL: 24 * 3600, DESTRUCTIVE: 3600}  # seconds, whatever a role allows (§4.5)
 VMID_MIN, VMID_MAX = 100, 999_999_999
 SIZE_MAX = 1 << 53
+NOT_SHOWN = "<not shown>"  # what the API answers for a secret key's value (the key's presence is shown)
 DESCRIPTION_MAX = 8192
 
 

@@ -38,6 +38,7 @@ MAX_PAYLOAD = 16 * 1024
 MAX_SIGNATURES = 4
 SIGNATURE_BYTES = 64
 MAX_SKEW = 300.0
+SIGNER_BACKDATE = 60  # ``op sign`` puts not_before this far in the past (a gate whose clock runs behind)
 _ENVELOPE_FIELDS = frozenset({"payloadType", "payload", "signatures"})
 _SIGNATURE_FIELDS = frozenset({"keyid", "sig"})
 

@@ -12,15 +12,15 @@ import pytest
 from hypothesis import settings
 
 from common.grpcserver import ServerTls
-from executor.decisions import GateSettings
-from executor.desired import Declared, StaticProvider
-from executor.engine import Engine, Settings
-from executor.gate import Gate
-from executor.kinds import CallSettings
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, Credentials, ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import GuestQueue
+from executor.app.wiring import Parts, assemble, writer_for
+from executor.gate.decisions import GateSettings
+from executor.gate.kinds import CallSettings
+from executor.loop.desired import Declared, DesiredProvider, StaticProvider
+from executor.loop.engine import Engine, Settings
+from executor.loop.planner_client import PlannerClient
+from executor.loop.queue import GuestQueue
+from executor.pve.node import Connection, Credentials, ProxmoxNode
+from executor.signed.desk import OpSettings
 from journal import Journal
 from planner import server
 from safety.classify import Source
@@ -86,28 +86,41 @@ def _node(connect: Callable[..., Connection]) -> ProxmoxNode:
 
 @pytest.fixture(name="make_engine")
 def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
-    """Engines over the real adapter, a real planner on loopback and a real journal; closed after."""
+    """Engines built by the daemon's own wiring (``assemble``) over the real adapter, a real planner on
+    loopback and a real journal; closed after."""
     made: list[tuple[Engine, GuestQueue]] = []
 
     def make(desired: list[Declared], *, max_parallel: int = 4, journal: bool = True, pve: Any = None,
              writer: Any = None, source: Source = Source.LOCAL_FILE, planner_target: str | None = None,
+             provider: DesiredProvider | None = None, planner_client: PlannerClient | None = None,
+             journal_dir: Path | None = None, holders: tuple[Callable[[], set[int]], ...] = (),
+             desk: Callable[[Path], OpSettings] | None = None, parts: list[Parts] | None = None,
              **settings: Any) -> Engine:
-        """``pve`` replaces the reader and ``writer`` the gate's writer (e.g. to widen a race window)."""
+        """``pve`` replaces the reader and ``writer`` the gate's writer (e.g. to widen a race window);
+        ``provider`` the static one over ``desired``; ``planner_client`` the one to the test planner;
+        ``journal_dir``: the journal opens there. ``desk`` adds an op desk whose settings it makes from the
+        state dir (the journal's directory, else tmp_path/state); ``parts`` receives everything built."""
         calls = CallSettings(**{k: settings.pop(k) for k in ("shutdown_timeout", "force_stop") if k in settings})
         gate_settings = GateSettings(calls=calls, secret=b"test-gate-secret".ljust(32, b"."),
                                      **{k: settings.pop(k) for k in ("task_timeout", "max_stops_per_tick", "audience",
                                                                      "stop_window", "lost_grace")
                                         if k in settings})
         reader = pve or node
-        writer = writer or ProxmoxWriter(getattr(reader, "session", node.session))
-        gate = Gate(reader=reader, writer=writer, settings=gate_settings,
-                    journal=Journal.open(tmp_path / f"journal-{len(made)}") if journal else None)
-        queue = GuestQueue(max_parallel)
-        engine = Engine(pve=reader, gate=gate, planner=PlannerClient(planner_target or f"127.0.0.1:{planner.port}"),
-                        provider=StaticProvider(desired, source=source), queue=queue,
-                        settings=Settings(**{"backoff_base": 0.0, **settings}))
-        made.append((engine, queue))
-        return engine
+        writer = writer or writer_for(getattr(reader, "session", node.session))
+        where = journal_dir or (tmp_path / f"journal-{len(made)}" if journal else None)
+        opened = Journal.open(where) if where is not None else None
+        state_dir = opened.directory if opened is not None else tmp_path / "state"
+        if desk is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        built = assemble(reader=reader, writer=writer, journal=opened, gate=gate_settings, holders=holders,
+                         planner=planner_client or PlannerClient(planner_target or f"127.0.0.1:{planner.port}"),
+                         provider=provider or StaticProvider(desired, source=source), queue=GuestQueue(max_parallel),
+                         engine=Settings(**{"backoff_base": 0.0, **settings}),
+                         ops=desk(Path(state_dir)) if desk is not None else None)
+        made.append((built.engine, built.queue))
+        if parts is not None:
+            parts.append(built)
+        return built.engine
 
     yield make
     for engine, queue in made:

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from proxmoxer import ProxmoxAPI
 
-from executor.pve import GuestState, ProxmoxNode
+from executor.pve.node import GuestState, ProxmoxNode
 
 ROOT = Path(__file__).resolve().parent.parent
 

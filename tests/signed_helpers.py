@@ -5,7 +5,6 @@ read from disk while a daemon holds it, and a hold on one fakepve request (to ki
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -21,19 +20,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from executor.decisions import Refusal
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.opapi import to_proto
-from executor.opclock import GateClock, gate_secret
-from executor.opdoc import Proposal as Unsigned
-from executor.ops import OpDesk, OpSettings, Proposal
-from executor.opsign import build_payload
-from executor.queue import Job
+from executor.app.wiring import Parts
+from executor.gate.decisions import Refusal
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.queue import Job
+from executor.signed.desk import OpDesk, OpSettings, Proposal
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import BURN_PREFIX, Applied, Begun, Journal, NonceSpentError, Record, segments
+from journal import BURN_PREFIX, Applied, Begun, NonceSpentError, Record, segments
 from journal.records import record_of, scan
+from opctl.api import to_proto
+from opctl.doc import Proposal as Unsigned
+from opctl.sign import build_payload
 from safety import signedop
 from safety.signedop import Envelope
 from tests.executor_helpers import ROOT, LineReader, cli
@@ -118,25 +117,22 @@ def seal(payload: bytes, *signers: str) -> Envelope:
 
 def open_desk(make_engine: Callable[..., Engine], tmp_path: Path, declared: list[Declared] | None = None, *,
               journal: bool = True, journal_dir: Path | None = None, **settings: Any) -> Desk:
-    """An engine from the ``make_engine`` fixture with an OpDesk wired as ``daemon.build`` wires it.
+    """An engine from the ``make_engine`` fixture with an OpDesk, built by ``wiring.assemble`` as the daemon's.
 
     The state dir is the journal's directory (``journal_dir``: open the journal there; the caller closes it
     if the gate drops it); the gate's secret is state_dir/gate.secret, none without a journal; the gate's
     wall clock is the desk's GateClock (never before the journal's high-water mark).
     """
-    engine = make_engine(declared or [], journal=journal and journal_dir is None, **settings)
-    if journal_dir is not None:
-        engine.gate.journal = Journal.open(journal_dir)
-    state_dir = engine.journal.directory if engine.journal is not None else tmp_path / "state"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    trust = write_store(tmp_path, store_doc(), name=f"trust-{state_dir.name}.toml")
-    # Before the clock, as daemon.build: a new secret (or a lost journal) sets the clock floor.
-    secret = gate_secret(state_dir, engine.journal) if engine.journal is not None else None
-    clock = GateClock(lambda: engine.gate.journal, state_dir)
-    engine.gate.wall = clock.now
-    engine.gate.settings = dataclasses.replace(engine.gate.settings, secret=secret)
-    desk = OpDesk(engine=engine, clock=clock, settings=OpSettings(state_dir=str(state_dir), trust_store=str(trust)))
-    return Desk(engine=engine, desk=desk, state_dir=state_dir)
+    def settings_for(state_dir: Path) -> OpSettings:
+        trust = write_store(tmp_path, store_doc(), name=f"trust-{state_dir.name}.toml")
+        return OpSettings(state_dir=str(state_dir), trust_store=str(trust))
+
+    built: list[Parts] = []
+    engine = make_engine(declared or [], journal=journal, journal_dir=journal_dir, desk=settings_for, parts=built,
+                         **settings)
+    (parts,) = built
+    assert parts.desk is not None
+    return Desk(engine=engine, desk=parts.desk, state_dir=Path(parts.desk.settings.state_dir))
 
 
 def trust_toml(entries: dict[str, str], audience: str = AUDIENCE) -> str:

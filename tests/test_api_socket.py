@@ -33,15 +33,15 @@ from structlog.testing import capture_logs
 
 from common import grpcserver
 from common.grpcserver import ServerTls
-from executor import opcli
+from executor.api.server import start_api
 from executor.config import ExecutorSettings
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.opapi import to_proto
-from executor.opclock import RateBuckets
-from executor.server import start_api
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.signed.rates import RateBuckets
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
+from opctl import cli as opcli
+from opctl.api import to_proto
 from planner import server
 from tests.certs import Pki
 from tests.executor_helpers import ROOT, LineReader, cli, run_module

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from executor.app.dryrun import dry_run
+from executor.app.wiring import Parts, build, open_journal
 from executor.config import ExecutorSettings
-from executor.daemon import Parts, build, open_journal
-from executor.desired import FileProvider, provider_source
-from executor.dryrun import dry_run
-from executor.engine import Engine, TickSummary
-from executor.pve import Connection, ProxmoxNode
-from executor.stopledger import StopLedger
+from executor.gate.stopledger import StopLedger
+from executor.loop.desired import FileProvider, provider_source
+from executor.loop.engine import Engine, TickSummary
+from executor.pve.node import Connection, ProxmoxNode
 from planner import server
 from safety.blast import RemoteStop
 from safety.classify import Source
@@ -77,8 +77,8 @@ def test_a_hub_cannot_drain_a_node_in_instalments(drop: str, fakepve: Any, make_
     """Two stops per window, then un-declare them, five times: the hub never gets past half of the node."""
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop=drop))
-    engine = make_engine([], stop_window=0.0)  # every tick is a new window: only the half rule holds the hub
-    engine.provider = FileProvider(desired)
+    # every tick is a new window: only the half rule holds the hub
+    engine = make_engine([], stop_window=0.0, provider=FileProvider(desired))
     assert provider_source(engine.provider) is Source.HUB
     summaries: list[TickSummary] = []
     for round_ in range(5):
@@ -94,8 +94,7 @@ def _two_rounds(fakepve: Any, make_engine: Make, tmp_path: Path) -> tuple[Engine
     """A hub (every tick a new window) that has stopped 100-103 in two rounds, un-declaring them: its engine, file."""
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop="guest"))
-    engine = make_engine([], stop_window=0.0)
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], stop_window=0.0, provider=FileProvider(desired))
     for round_ in range(2):
         write_hub(desired, instalment(round_, drop="guest"))
         engine.tick(wait=True)
@@ -128,8 +127,7 @@ def test_a_stop_that_ends_while_the_node_is_read_stays_counted(fakepve: Any, nod
     desired = tmp_path / "desired.yaml"
     write_hub(desired, {v: "stopped" if v < 103 else "running" for v in range(100, 106)})
     reads = HeldReads(node)
-    engine = make_engine([], pve=reads, max_stops_per_tick=10)
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], pve=reads, max_stops_per_tick=10, provider=FileProvider(desired))
     engine.tick()  # the three shutdowns start
     write_hub(desired, {103: "stopped", 104: "running", 105: "running"})
 

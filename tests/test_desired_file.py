@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from executor.desired import Declared, DesiredStateError, FileProvider, parse
+from executor.loop.desired import Declared, DesiredStateError, FileProvider, parse
 
 
 @pytest.mark.parametrize(("text", "message"), [

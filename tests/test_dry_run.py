@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from executor.actions import SET_CONFIG, Step
+from executor.app.dryrun import DryRun, dry_run, render
+from executor.app.wiring import build
 from executor.config import CONNECTION, EXTRAS, RUN, ExecutorSettings, settings_fields
-from executor.daemon import build
-from executor.decisions import Admission, Judged
-from executor.desired import FileProvider
-from executor.dryrun import DryRun, dry_run, render
-from executor.engine import TickOutcome
-from executor.observe import Observed
-from executor.pve import Connection
+from executor.gate.actions import SET_CONFIG, Step
+from executor.gate.decisions import Admission, Judged
+from executor.loop.desired import FileProvider
+from executor.loop.engine import TickOutcome
+from executor.loop.observe import Observed
+from executor.pve.node import Connection
 from journal import Journal
 from planner import server
 from planner.v1 import planner_pb2 as pb

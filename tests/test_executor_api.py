@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from common.grpcserver import ServerTls
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.server import start_api
+from executor.api.server import start_api
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from tests.certs import Pki

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from executor.desired import Declared
-from executor.engine import Engine, TickOutcome
-from executor.planner_client import PlannerClient
-from executor.pve import Connection, ProxmoxNode
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.planner_client import PlannerClient
+from executor.pve.node import Connection, ProxmoxNode
 from planner import server
 from tests.executor_helpers import ROOT, cli, requests_to, starts, unused_port
 from tests.planner_standins import refusing_planner
@@ -101,9 +101,9 @@ def test_plan_says_how_many_guests_live_on_other_nodes(fakepve: Any, fakepve_caf
 def test_a_refusing_planner_is_refused_not_unavailable(fakepve: Any, make_engine: Make) -> None:
     """INVALID_ARGUMENT from the planner is PLANNER_REFUSED: asked once, counted under its own label, no writes."""
     fakepve.add_vm(100, "web", status="stopped")
-    engine = make_engine([Declared(vmid=100, state="running")])
     with refusing_planner() as (standin, port):
-        engine.planner = PlannerClient(f"127.0.0.1:{port}", deadline=5)
+        engine = make_engine([Declared(vmid=100, state="running")],
+                             planner_client=PlannerClient(f"127.0.0.1:{port}", deadline=5))
         try:
             summary = engine.tick(wait=True)
         finally:

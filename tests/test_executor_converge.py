@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine, TickOutcome
-from executor.planner_client import PlannerClient
-from executor.pve import ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.planner_client import PlannerClient
+from executor.pve.node import ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from journal import Outcome
 from tests import executor_helpers
 
@@ -129,8 +129,8 @@ def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make
     """PVE's "CT n not running" on a stop means the goal is reached, not a failure."""
     fakepve.add_ct(101, "cache", status="stopped")
     engine = make_engine([])
-    from executor.actions import STOP, Step  # noqa: PLC0415
-    from executor.decisions import Admitted  # noqa: PLC0415
+    from executor.gate.actions import STOP, Step  # noqa: PLC0415
+    from executor.gate.decisions import Admitted  # noqa: PLC0415
     from safety.classify import Class, Source, Verdict  # noqa: PLC0415
 
     admitted = Admitted(step=Step(vmid=101, guest_type="lxc", kind=STOP), source=Source.LOCAL_FILE,
@@ -198,8 +198,8 @@ def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(fakepve: An
 def test_planner_down_means_zero_mutations(fakepve: Any, make_engine: Make, unused_port: int) -> None:
     """With the planner unreachable the tick reads, fails to plan, and writes nothing."""
     fakepve.add_vm(100, "web", status="stopped")
-    engine = make_engine([Declared(vmid=100, state="running")])
-    engine.planner = PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2)
+    engine = make_engine([Declared(vmid=100, state="running")],
+                         planner_client=PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2))
     summary = engine.tick(wait=True)
     assert summary.outcome is TickOutcome.PLANNER_UNAVAILABLE and "UNAVAILABLE" in summary.error
     assert writes(fakepve) == []

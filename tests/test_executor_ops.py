@@ -20,8 +20,8 @@ from fakepve.lxc import format_size
 from hypothesis import given
 from hypothesis import strategies as st
 
-from executor.actions import SET_CONFIG, Step
-from executor.kinds import (
+from executor.gate.actions import SET_CONFIG, Step
+from executor.gate.kinds import (
     DELETE_SNAPSHOT,
     DESTROY,
     KINDS,
@@ -33,9 +33,10 @@ from executor.kinds import (
     size_bytes,
     size_text,
 )
-from executor.pve import LXC, QEMU, ProxmoxNode, PveError, TaskResult, wait_task
-from executor.pvewrite import ProxmoxWriter
-from executor.recovery import NOT_APPLIED, recover
+from executor.loop.recovery import recover
+from executor.pve.node import LXC, QEMU, ProxmoxNode, PveError
+from executor.pve.tasks import NOT_APPLIED, TaskResult, wait_task
+from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 
 GiB = 1 << 30

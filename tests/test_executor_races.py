@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.pve import ProxmoxNode
-from executor.recovery import recover
-from executor.server import start_api
+from executor.api.server import start_api
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.recovery import recover
+from executor.pve.node import ProxmoxNode
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import Ended, Journal, Outcome

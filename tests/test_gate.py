@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine, TickOutcome
-from executor.pve import ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
-from executor.server import start_api
+from executor.api.server import start_api
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine, TickOutcome
+from executor.pve.node import ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import Refused
@@ -175,10 +175,10 @@ def test_a_remote_source_stops_a_few_guests_per_tick_and_never_drains_the_node(f
 def test_only_the_gate_holds_the_proxmox_writer(fakepve: Any, fakepve_cafile: str, planner: Any,
                                                 tmp_path: Any) -> None:
     """The reader has no mutating call, and of all the parts the daemon builds only the gate holds a writer."""
+    from executor.app.wiring import build  # noqa: PLC0415
     from executor.config import ExecutorSettings  # noqa: PLC0415
-    from executor.daemon import build  # noqa: PLC0415
-    from executor.desired import EmptyProvider  # noqa: PLC0415
-    from executor.pve import Connection, Credentials  # noqa: PLC0415
+    from executor.loop.desired import EmptyProvider  # noqa: PLC0415
+    from executor.pve.node import Connection, Credentials  # noqa: PLC0415
 
     assert not {"start", "shutdown", "set_config"} & set(dir(ProxmoxNode))
     conn = Connection(host="127.0.0.1", port=fakepve.port, node="pve1", ca_file=fakepve_cafile,
@@ -244,8 +244,8 @@ def test_a_held_guest_still_counts_for_the_blast_radius(fakepve: Any, make_engin
     for vmid in range(110, 115):
         fakepve.add_vm(vmid, f"vm{vmid}", status="stopped" if vmid == 111 else "running")
     declared = [Declared(vmid=v, state="stopped" if v < 113 else "running") for v in range(110, 115)]
-    engine = make_engine(declared, source=Source.HUB, max_stops_per_tick=10)
-    engine.holders.append(lambda: {111})  # e.g. its approved stop just ran in its lane
+    # 111 held, e.g. its approved stop just ran in its lane
+    engine = make_engine(declared, source=Source.HUB, max_stops_per_tick=10, holders=(lambda: {111},))
     summary = engine.tick(wait=True)
     assert mutations(fakepve) == []
     assert sorted((r.vmid, r.reason) for r in summary.refusals) == [(110, "APPROVAL_REQUIRED"),

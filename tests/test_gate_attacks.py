@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
+from executor.app.dryrun import as_json, dry_run, render
+from executor.app.wiring import build
 from executor.config import ExecutorSettings
-from executor.daemon import build
-from executor.desired import Declared, FileProvider, StaticProvider
-from executor.dryrun import as_json, dry_run, render
-from executor.engine import Engine, TickOutcome
-from executor.pve import Connection, ProxmoxNode, PveUnavailableError
-from executor.pvewrite import ProxmoxWriter
-from executor.queue import Job
+from executor.loop.desired import Declared, FileProvider, StaticProvider
+from executor.loop.engine import Engine, TickOutcome
+from executor.loop.queue import Job
+from executor.pve.node import Connection, ProxmoxNode, PveUnavailableError
+from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 from planner import server
 from planner.v1 import planner_pb2 as pb
@@ -313,8 +313,7 @@ def test_a_desired_file_removed_while_running_does_not_crash_the_tick(fakepve: A
     fakepve.add_vm(100, "web", status="stopped")
     desired = tmp_path / "desired.yaml"
     desired.write_text("guests:\n  - {vmid: 100, state: running}\n")
-    engine = make_engine([])
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], provider=FileProvider(desired))
     desired.unlink()
     summary = engine.tick(wait=True)
     assert summary.outcome in (TickOutcome.OK, TickOutcome.DESIRED_UNAVAILABLE)
@@ -336,8 +335,7 @@ def test_the_trust_given_to_the_desired_file_is_that_of_the_content_read(fakepve
     planted.write_text("guests:\n" + "".join(f"  - {{vmid: {v}, state: stopped}}\n" for v in range(100, 104)))
     planted.chmod(0o666)
     reads = HeldReads(node)
-    engine = make_engine([], pve=reads)
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], pve=reads, provider=FileProvider(desired))
     os.replace(planted, desired)
     reads.hold_next(lambda: os.replace(kept, desired))
     engine.tick(wait=True)

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.pve import ProxmoxNode
-from executor.pvewrite import ProxmoxWriter
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.pve.node import ProxmoxNode
+from executor.pve.write import ProxmoxWriter
 from safety.classify import Source
 from tests.executor_helpers import starts
 

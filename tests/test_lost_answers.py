@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from proxmoxer import ProxmoxAPI
 
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.pve import Connection, Credentials, ProxmoxNode, PveNotSentError
-from executor.pvewrite import ProxmoxWriter
-from executor.recovery import recover
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.recovery import recover
+from executor.pve.node import Connection, Credentials, ProxmoxNode, PveNotSentError
+from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 from planner import server
 from tests.answer_faults import AnswerFaults

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from executor import daemon
-from executor.actions import SET_CONFIG, Step
-from executor.decisions import declaration_of
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.gate import Gate
-from executor.observe import Observed
-from executor.pve import GuestState, ProxmoxNode, PveError
+from executor.app import daemon
+from executor.gate.actions import SET_CONFIG, Step
+from executor.gate.decisions import declaration_of
+from executor.gate.gate import Gate
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.loop.observe import Observed
+from executor.pve.node import GuestState, ProxmoxNode, PveError
 from planner import server
 from safety.classify import Source
 from tests.answer_faults import AnswerFaults

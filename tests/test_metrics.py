@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from executor.desired import Declared
-from executor.planner_client import PlannerClient, PlannerRefusedError
+from executor.loop.desired import Declared
+from executor.loop.planner_client import PlannerClient, PlannerRefusedError
 from planner import server
 from tests.builders import ONE_GUEST, want
 

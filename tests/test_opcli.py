@@ -292,6 +292,6 @@ def test_verify_refusals(desk: Desk, signed: Path, tmp_path: Path) -> None:
 def test_the_signer_sees_hidden_characters_escaped() -> None:
     """Line and paragraph separators, private-use characters and letters that print blank are shown escaped,
     like control and format characters: what a signer reads is what is signed."""
-    from executor.opdoc import visible  # noqa: PLC0415
+    from opctl.doc import visible  # noqa: PLC0415
 
     assert visible("a\u2028b\u2029c\u3164d\ue000e\u202ef") == "a\\u2028b\\u2029c\\u3164d\\ue000e\\u202ef"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.grpcserver import ClientTls, ServerTls
-from executor.planner_client import PlannerClient, PlannerUnavailableError
+from executor.loop.planner_client import PlannerClient, PlannerUnavailableError
 from planner import server
 from tests.builders import ONE_GUEST
 from tests.certs import Pki

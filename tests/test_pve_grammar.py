@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.opdoc import Proposal as Unsigned
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from opctl.doc import Proposal as Unsigned
 from planner.v1 import planner_pb2 as pb
 from safety import grammar, keys
 from safety.classify import Action, Class, GuestFacts, Source, classify

@@ -1,4 +1,4 @@
-"""The strict parse of Proxmox answers (``executor.pveparse``): what PVE's API promises, or MalformedAnswerError."""
+"""The strict parse of Proxmox answers (``executor.pve.parse``): what PVE's API promises, or MalformedAnswerError."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from executor import pveparse
-from executor.pveparse import MalformedAnswerError
+from executor.pve import parse as pveparse
+from executor.pve.parse import MalformedAnswerError
 
 DIGEST = "0" * 40
 UPID = "UPID:pve1:000003E8:00001B58:6745A1B2:qmshutdown:100:root@pam:"

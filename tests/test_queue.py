@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from executor.queue import GuestQueue, Job, QueueClosedError
+from executor.loop.queue import GuestQueue, Job, QueueClosedError
 
 
 def test_same_guest_runs_strictly_in_submit_order_one_at_a_time() -> None:

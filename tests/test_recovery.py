@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from executor.pvewrite import ProxmoxWriter
-from executor.recovery import recover
+from executor.loop.recovery import recover
+from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 from planner import server
 from tests.executor_helpers import ROOT, cli

@@ -24,14 +24,14 @@ from typing import Any
 import grpc
 import pytest
 
-from executor.desired import Declared, FileProvider, provider_source
-from executor.engine import Engine
-from executor.opapi import to_proto
-from executor.pve import ProxmoxNode
-from executor.server import start_api
+from executor.api.server import start_api
+from executor.loop.desired import Declared, FileProvider, provider_source
+from executor.loop.engine import Engine
+from executor.pve.node import ProxmoxNode
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import JournalError
+from opctl.api import to_proto
 from safety.classify import Source
 from safety.signedop import parse_payload
 from tests.executor_helpers import HeldReads
@@ -57,8 +57,8 @@ def test_a_hub_drains_every_running_guest_by_declaring_the_stopped_ones(fakepve:
         fakepve.add_vm(vmid, f"vm{vmid}", status="running" if vmid < 105 else "stopped")
     desired = tmp_path / "desired.yaml"
     write_hub(desired, {**{v: "stopped" for v in range(100, 105)}, **{v: None for v in range(105, 110)}})
-    engine = make_engine([], stop_window=0.0)  # every tick a new window: only the half rule holds the hub
-    engine.provider = FileProvider(desired)
+    # every tick a new window: only the half rule holds the hub
+    engine = make_engine([], stop_window=0.0, provider=FileProvider(desired))
     assert provider_source(engine.provider) is Source.HUB
     refusals: list[Any] = []
     for _ in range(4):
@@ -81,8 +81,7 @@ def test_a_shutdown_that_times_out_but_lands_frees_the_hubs_budget(fakepve: Any,
     fakepve.time_scale = 0.01
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop="guest"))
-    engine = make_engine([], stop_window=0.0, shutdown_timeout=1, force_stop=False)
-    engine.provider = FileProvider(desired)
+    engine = make_engine([], stop_window=0.0, shutdown_timeout=1, force_stop=False, provider=FileProvider(desired))
     for round_ in range(5):
         write_hub(desired, instalment(round_, drop="guest"))
         before = len(fakepve.requests)

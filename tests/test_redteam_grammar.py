@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from executor.desired import Declared
-from executor.engine import Engine
-from executor.pve import PveError
-from executor.pvewrite import ProxmoxWriter
+from executor.loop.desired import Declared
+from executor.loop.engine import Engine
+from executor.pve.node import PveError
+from executor.pve.write import ProxmoxWriter
 from planner.v1 import planner_pb2 as pb
 from safety import grammar
 from safety.classify import Action, Class, GuestFacts, Source, classify

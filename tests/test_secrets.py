@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from executor.pve import Credentials, ProxmoxNode
+from executor.pve.node import Credentials, ProxmoxNode
 from planner import server
 from planner.v1 import planner_pb2 as pb
 from tests.certs import Pki

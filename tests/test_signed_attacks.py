@@ -21,11 +21,11 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from executor.decisions import Refusal
-from executor.engine import Engine
-from executor.opdoc import OpError, summary
-from executor.opdoc import Proposal as Unsigned
-from executor.opsign import build_payload
+from executor.gate.decisions import Refusal
+from executor.loop.engine import Engine
+from opctl.doc import OpError, summary
+from opctl.doc import Proposal as Unsigned
+from opctl.sign import build_payload
 from safety.payload import parse_payload
 from safety.refusal import Refused
 from tests.signed_helpers import (

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from executor.engine import Engine
-from executor.opdoc import Proposal as Unsigned
-from executor.opdoc import read_proposal
-from executor.opkeys import load_private
-from executor.opsign import build_payload, read_envelope
+from executor.loop.engine import Engine
 from executor.v1 import executor_pb2 as epb
+from opctl.doc import Proposal as Unsigned
+from opctl.doc import read_proposal
+from opctl.keys import load_private
+from opctl.sign import build_payload, read_envelope
 from planner import server
 from safety import signedop
 from safety.refusal import Refused

@@ -26,16 +26,16 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from executor.daemon import open_journal
-from executor.decisions import Refusal
-from executor.desired import Declared, StaticProvider
-from executor.engine import Engine
-from executor.opclock import mark_nonces
-from executor.opdoc import Proposal as Unsigned
-from executor.server import start_api
+from executor.api.server import start_api
+from executor.app.wiring import open_journal
+from executor.gate.decisions import Refusal
+from executor.loop.desired import Declared, StaticProvider
+from executor.loop.engine import Engine
+from executor.signed.clock import mark_nonces
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import Begun, Ended, Journal, JournalCorruptError, Outcome, Refused, TaskStarted
+from opctl.doc import Proposal as Unsigned
 from planner import server
 from safety.classify import Source
 from safety.payload import parse_payload
@@ -793,7 +793,7 @@ def test_state_files_written_at_once_from_many_threads_all_land(tmp_path: Path) 
     its own per write, so concurrent writers never trip over each other's rename, and the file is 0600."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-    from executor.opclock import write_private  # noqa: PLC0415
+    from executor.gate.files import write_private  # noqa: PLC0415
 
     target = tmp_path / "nonces.spent"
     with ThreadPoolExecutor(8) as pool:
@@ -805,7 +805,7 @@ def test_state_files_written_at_once_from_many_threads_all_land(tmp_path: Path) 
 def test_a_new_secret_raises_the_floor_over_an_old_clock_reset(tmp_path: Path) -> None:
     """A wipe that leaves an old clock.reset behind still gets a fresh floor when the secret is made anew
     (the floor only rises; a reset's offset is kept)."""
-    from executor.opclock import gate_secret  # noqa: PLC0415
+    from executor.signed.clock import gate_secret  # noqa: PLC0415
 
     (tmp_path / "clock.reset").write_text(json.dumps({"offset": 12.0, "floor": 1000.0}))
     before = time.time()

@@ -1,0 +1,69 @@
+"""Settings to connections: the Proxmox connection, TLS towards the planner, TLS of the executor API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from common.config import ConfigError
+from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls, socket_path
+from common.unixfront import too_long
+from executor.config import ExecutorSettings
+from executor.pve.node import Connection, Credentials
+
+
+def _secret(path: str | None, value: str | None, key: str) -> str | None:
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    return value
+
+
+def connection(settings: ExecutorSettings) -> Connection:
+    """The Proxmox connection the settings describe (ConfigError when incomplete)."""
+    if not settings.node:
+        raise ConfigError("node", "required (--node or PVE_EXECUTOR_NODE)")
+    url = urlsplit(settings.pve_url)
+    if url.scheme != "https" or not url.hostname:
+        raise ConfigError("pve_url", f"must be https://HOST:PORT, got {settings.pve_url!r}")
+    if settings.pve_token_id:
+        secret = _secret(settings.pve_token_file, settings.pve_token_secret, "pve_token_file")
+        if not secret or "!" not in settings.pve_token_id:
+            raise ConfigError("pve_token_id", "USER@REALM!ID needs pve_token_file (or PVE_EXECUTOR_PVE_TOKEN_SECRET)")
+        credentials = Credentials(user=settings.pve_token_id, token_secret=secret)
+    elif settings.pve_user:
+        password = _secret(settings.pve_password_file, settings.pve_password, "pve_password_file")
+        if not password:
+            raise ConfigError("pve_user", "needs pve_password_file (or PVE_EXECUTOR_PVE_PASSWORD)")
+        credentials = Credentials(user=settings.pve_user, password=password)
+    else:
+        raise ConfigError("pve_token_id", "give pve_token_id (recommended) or pve_user")
+    if settings.pve_ca_file and not Path(settings.pve_ca_file).is_file():
+        raise ConfigError("pve_ca_file", f"{settings.pve_ca_file}: no such file")
+    return Connection(host=url.hostname, port=url.port or 8006, node=settings.node, credentials=credentials,
+                      ca_file=settings.pve_ca_file, insecure=settings.pve_insecure, timeout=settings.pve_timeout)
+
+
+def planner_tls(settings: ExecutorSettings) -> ClientTls | None:
+    """TLS towards the planner, when asked for (a client certificate makes it mutual)."""
+    pair(settings.planner_client_cert, settings.planner_client_key, ("planner_client_cert", "planner_client_key"))
+    if not (settings.planner_tls or settings.planner_ca or settings.planner_client_cert):
+        return None
+    return ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key)
+
+
+def api_tls(settings: ExecutorSettings) -> ServerTls | None:
+    """TLS of the executor API; beyond loopback it must be mutual: Reconcile mutates. A socket is local."""
+    tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    path = socket_path(settings.listen)
+    if path is not None:
+        problem = too_long(path) if path else f"{settings.listen}: give unix:PATH"
+        if problem is not None:
+            raise ConfigError("listen", problem)
+        return tls
+    if not is_loopback(settings.listen) and not (tls and tls.client_ca):
+        raise ConfigError("listen", f"{settings.listen} is beyond loopback: the executor API (Reconcile mutates) "
+                                    "then requires tls_cert, tls_key and tls_client_ca (mutual TLS)")
+    return tls

@@ -1,0 +1,185 @@
+"""The one place the executor's parts are built: the Proxmox writer goes to the gate and nowhere else.
+
+``assemble`` builds an engine (and, given ``OpSettings``, the op desk with the gate's clock and
+secret) in a straight line from parts already made; ``build`` makes those parts from the daemon's
+settings; ``dry_gate`` is the dry run's gate (no writer, no journal). The daemon, the dry run,
+selftest, the tests' helpers and the benchmarks all build through here; nothing is assigned to an
+object after it is built. ``provider`` and ``open_journal`` are the two inputs that can fail with a
+message for the operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from common.config import ConfigError
+from executor.app.connect import connection, planner_tls
+from executor.config import ExecutorSettings
+from executor.gate.actions import Step
+from executor.gate.decisions import GateSettings
+from executor.gate.gate import Gate
+from executor.gate.journalport import JournalReads
+from executor.gate.kinds import CallSettings
+from executor.gate.stopledger import StopLedger
+from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
+from executor.loop.engine import Engine, Settings
+from executor.loop.planner_client import PlannerClient
+from executor.loop.queue import GuestQueue
+from executor.loop.readahead import ReadAhead
+from executor.metrics import ExecutorMetrics
+from executor.pve.node import Connection, ProxmoxNode, PveReader, PveWriter, Session
+from executor.pve.write import ProxmoxWriter
+from executor.signed.clock import GateClock, gate_secret
+from executor.signed.desk import OP_TTL_MAX, OpDesk, OpSettings
+from journal import Journal, JournalOpenError
+from safety.classify import GuestFacts
+from safety.refusal import RefusalReason, Refused
+from safety.signedop import VerifiedOp
+
+log = structlog.get_logger("executor.daemon")
+
+
+def provider(settings: ExecutorSettings) -> DesiredProvider:
+    """FileProvider for --desired, else EmptyProvider (manage nothing)."""
+    if not settings.desired:
+        return EmptyProvider()
+    try:
+        return FileProvider(settings.desired)
+    except OSError as exc:
+        raise DesiredStateError(f"{settings.desired}: cannot read: {exc.strerror}") from None
+
+
+def open_journal(state_dir: str) -> Journal | None:
+    """The journal, or None (with a loud warning) when it cannot open."""
+    try:
+        return Journal.open(state_dir)
+    except JournalOpenError as exc:
+        log.error("journal_unavailable_benign_only", state_dir=state_dir, error=str(exc),
+                  consequence="only benign actions run; in-flight operations will not survive a crash")
+        return None
+
+
+@dataclass(slots=True)
+class Parts:
+    """What a daemon (or a one-shot command) is made of; ``close`` releases it all."""
+
+    reader: PveReader
+    planner: PlannerClient
+    queue: GuestQueue
+    engine: Engine
+    desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
+
+    def close(self, grace: float) -> None:
+        """Drain the queue within ``grace``, then close the planner channel and the journal."""
+        unfinished = self.queue.close(grace)
+        if unfinished:
+            log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
+        self.engine.close()
+        self.planner.close()
+        if self.engine.journal is not None:
+            self.engine.journal.close()
+
+
+def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | None, planner: PlannerClient,
+             provider: DesiredProvider, queue: GuestQueue, gate: GateSettings | None = None,
+             engine: Settings | None = None, metrics: ExecutorMetrics | None = None,
+             ledger: StopLedger | None = None, ops: OpSettings | None = None,
+             holders: Sequence[Callable[[], set[int]]] = ()) -> Parts:
+    """The parts, built in a straight line; with ``ops`` an op desk, the gate's clock and its challenge secret.
+
+    The desk and the engine need each other until the desk submits through a funnel of its own: the desk
+    submits through the engine, and the engine asks the desk which guests its queued ops hold and lets it
+    reload the trust store before each tick; the lane asks it to verify an op again. So the gate and
+    the engine are handed closures over the desk built right after them, never patched afterwards.
+    ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's).
+    """
+    gate_settings, engine_settings = gate or GateSettings(), engine or Settings()
+    metrics = metrics or ExecutorMetrics()
+    desk: OpDesk | None = None
+
+    def gate_journal() -> JournalReads:
+        return the_gate.records
+
+    def reverify(op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
+        if desk is None:  # never so once built (the desk is made before any tick); fail closed all the same
+            return Refused(RefusalReason.TRUST_STORE_INVALID, "signed ops are not accepted here")
+        return desk.reverify(op, step, facts)
+
+    if ops is not None:  # before the clock: a new secret (or a lost journal) sets the clock's floor
+        secret = gate_secret(ops.state_dir, journal) if journal is not None else None
+        gate_settings = dataclasses.replace(gate_settings, secret=secret)
+    clock = GateClock(gate_journal, ops.state_dir) if ops is not None else None
+    reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
+    # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
+    ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
+    the_gate = Gate(reader=reader, writer=writer, journal=journal, settings=gate_settings, metrics=metrics,
+                    wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
+                    reverify=reverify if ops is not None else None)
+    held, before_tick = _desk_hooks(lambda: desk) if ops is not None else ((), ())
+    the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, queue=queue,
+                        settings=engine_settings, metrics=metrics, reads=reads, ahead=ahead,
+                        holders=(*holders, *held), before_tick=before_tick)
+    if ops is not None and clock is not None:
+        desk = OpDesk(reader=reader, gate=the_gate, funnel=the_engine, clock=clock, settings=ops)
+    return Parts(reader, planner, queue, the_engine, desk)
+
+
+def _desk_hooks(desk: Callable[[], OpDesk | None]) -> tuple[tuple[Callable[[], set[int]], ...],
+                                                           tuple[Callable[[], None], ...]]:
+    """The engine's hooks into the desk built after it: the guests its queued ops hold; its trust reload."""
+    def held() -> set[int]:
+        found = desk()
+        return found.held() if found is not None else set()
+
+    def tick() -> None:
+        found = desk()
+        if found is not None:
+            found.tick()
+
+    return (held,), (tick,)
+
+
+def writer_for(session: Session) -> PveWriter:
+    """The Proxmox writer over ``session``: for ``assemble``, which hands it to the gate's lane alone."""
+    return ProxmoxWriter(session)
+
+
+def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider, journal: Journal | None,
+          metrics: ExecutorMetrics | None = None) -> Parts:
+    """The daemon's parts from its settings: the writer goes to the gate and nowhere else."""
+    metrics = metrics or ExecutorMetrics()
+    if journal is not None and journal.retention <= OP_TTL_MAX:
+        raise ConfigError("state_dir", f"the journal keeps nonces {journal.retention:.0f} s: it must outlive the "
+                                       f"longest signed op ({OP_TTL_MAX:.0f} s)")
+    reader = ProxmoxNode(conn, on_error=metrics.pve_error)
+    gate = GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout, force_stop=settings.force_stop),
+                        max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
+                        stop_window=settings.interval, lost_grace=settings.lost_grace)
+    return assemble(reader=reader, writer=writer_for(reader.session), journal=journal, gate=gate, metrics=metrics,
+                    ledger=StopLedger.in_state_dir(settings.state_dir),
+                    planner=PlannerClient(settings.planner, tls=planner_tls(settings)),
+                    queue=GuestQueue(settings.max_parallel), provider=desired, engine=Settings(),
+                    ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
+                                   skew=settings.op_clock_skew))
+
+
+def dry_gate(reader: PveReader, settings: ExecutorSettings) -> Gate:
+    """The dry run's gate: no writer, no journal; the stop ledger and the gate's secret read, never written."""
+    secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
+    return Gate(reader=reader, writer=None, journal=None, dry_run=True,
+                ledger=StopLedger.in_state_dir(settings.state_dir, writable=False),  # read, never written
+                settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
+                                      stop_window=settings.interval,
+                                      secret=secret.read_bytes() if secret.is_file() else None))
+
+
+def dry_inputs(settings: ExecutorSettings) -> tuple[ProxmoxNode, PlannerClient]:
+    """The dry run's reader and planner client (it builds no writer)."""
+    return ProxmoxNode(connection(settings)), PlannerClient(settings.planner, tls=planner_tls(settings))

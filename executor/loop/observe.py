@@ -1,0 +1,87 @@
+"""The one read path: what a tick, the dry run and selftest know of the node before they plan.
+
+``observe`` reads the node's guest lists, the config of each declared guest whose config or
+description is managed (in parallel; an unreadable config, one whose answer does not parse among
+them, is left out and the planner says CONFIG_UNKNOWN), and, only when a declared guest is not on
+this node, one ``/cluster/resources`` to tell a guest that lives on another node (left to that
+node's executor, counted as elsewhere) from one that exists nowhere (the planner's NOT_FOUND).
+``pve-executor plan`` uses this same function, so the dry run shows what ``run`` would do.
+
+A declared guest whose guest-list entry does not parse is ``unreadable``: on the node, its run
+state and lock unknown; it is not planned at all, and the tick reports it as skipped with the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import structlog
+
+from executor.loop.desired import Declared
+from executor.loop.planner_client import RUN_STATES, actual_to_proto, desired_to_proto
+from executor.pve.node import GuestState, PveError, PveReader
+from planner.v1 import planner_pb2 as pb
+
+log = structlog.get_logger("executor.observe")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observed:
+    """The node as read for one plan."""
+
+    guests: dict[int, GuestState]  # this node's guests whose run state the planner understands
+    configs: dict[int, tuple[dict[str, str], str]]  # vmid -> (pending-applied config, digest)
+    elsewhere: frozenset[int]  # declared guests that live on another node
+    unreadable: dict[int, str] = field(default_factory=dict)  # declared guests whose list entry did not parse
+    listed: frozenset[int] | None = None  # every vmid of this node's lists, whatever its state (None: not read)
+
+    def request(self, declared: Iterable[Declared]) -> tuple[list[pb.DesiredGuest], list[pb.ActualGuest]]:
+        """The planner request for ``declared``: guests elsewhere are not this node's to plan."""
+        mine = [d for d in declared if d.vmid not in self.elsewhere and d.vmid not in self.unreadable]
+        actual = [actual_to_proto(self.guests[d.vmid], self.configs.get(d.vmid)) for d in mine if d.vmid in self.guests]
+        return desired_to_proto(mine), actual
+
+
+def manages_config(declared: Declared) -> bool:
+    """Whether a guest's config must be read: its config or description is declared."""
+    return declared.config is not None or declared.description is not None
+
+
+def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor | None = None) -> Observed:
+    """Read what planning ``declared`` needs; PveError when the guest list cannot be read."""
+    listing = reader.guests()
+    guests = {g.vmid: g for g in listing if g.status in RUN_STATES}
+    unreadable = {d.vmid: listing.unreadable[d.vmid] for d in declared if d.vmid in listing.unreadable}
+    for vmid, error in unreadable.items():
+        log.warning("guest_unreadable", vmid=vmid, error=error)
+    wanted = [guests[d.vmid] for d in declared if d.vmid in guests and manages_config(d)]
+
+    def read(guest: GuestState) -> tuple[int, tuple[dict[str, str], str] | None]:
+        try:
+            return guest.vmid, reader.config(guest.type, guest.vmid)
+        except PveError as exc:
+            log.warning("config_unreadable", vmid=guest.vmid, error=str(exc))
+            return guest.vmid, None
+
+    results = pool.map(read, wanted) if pool is not None else map(read, wanted)
+    configs = {vmid: found for vmid, found in results if found is not None}
+    placed = [d for d in declared if d.vmid not in unreadable]
+    # A guest whose entry did not parse is still on the node (its state unknown), so listed; a list that
+    # dropped entries naming no guest has holes: it proves no guest absent (``listed`` None).
+    listed = None if listing.dropped else frozenset(g.vmid for g in listing) | frozenset(listing.unreadable)
+    return Observed(guests=guests, configs=configs, elsewhere=_elsewhere(reader, placed, guests),
+                    unreadable=unreadable, listed=listed)
+
+
+def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int, GuestState]) -> frozenset[int]:
+    missing = {d.vmid for d in declared if d.vmid not in guests}
+    if not missing:
+        return frozenset()
+    try:
+        placed = reader.cluster_guests()
+    except PveError as exc:
+        log.warning("cluster_resources_unreadable", error=str(exc))
+        return frozenset()
+    return frozenset(vmid for vmid in missing if placed.get(vmid, reader.node) != reader.node)

@@ -1,0 +1,153 @@
+"""The operator's commands, ``opctl`` or ``pve-executor`` (SAFETY-DESIGN §5): keys, trust, pending, op ...
+
+None of them talks to Proxmox: the offline ones (``keys generate``, ``trust check``, ``op sign``,
+``op cosign``, ``op verify``) read and write files; the others call the executor API. Exit status:
+0 done, 1 refused (by the executor, the gate, or the signer who typed another vmid) or the API failed,
+2 bad input or an op that does not verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
+
+COMMANDS = frozenset({"keys", "trust", "pending", "op"})
+# The daemon's default socket (executor.config.DEFAULT_LISTEN; a test keeps the two equal, opctl never imports it).
+DEFAULT_API = "unix:/run/pve-reconcile/executor.sock"
+API_ENV = "PVE_EXECUTOR_API"
+# Imported when run, so `--help` and the daemon do not load gRPC stubs and key code for nothing.
+HANDLERS: Mapping[tuple[str, str | None], str] = {
+    ("keys", "generate"): "keys:generate",
+    ("trust", "check"): "keys:check",
+    ("pending", None): "api:pending",
+    ("op", "propose"): "api:propose",
+    ("op", "sign"): "sign:sign",
+    ("op", "cosign"): "sign:cosign",
+    ("op", "verify"): "sign:verify",
+    ("op", "submit"): "api:submit",
+    ("op", "revoke"): "api:revoke",
+    ("op", "undo"): "undo:undo",
+}
+DEFAULT_TTL = "15m"
+
+
+def api_target(args: argparse.Namespace) -> str:
+    """The executor API's address (unix:PATH or HOST:PORT): --api, else PVE_EXECUTOR_API, else the socket."""
+    return str(args.api or os.environ.get(API_ENV) or DEFAULT_API)
+
+
+def add_api_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the executor API is and how to reach it."""
+    parser.add_argument("--api", metavar="unix:PATH|HOST:PORT",
+                        help=f"executor API [{API_ENV}] (default {DEFAULT_API})")
+    parser.add_argument("--api-ca", metavar="PEM", help="CA of the API's certificate (turns TLS on)")
+    parser.add_argument("--api-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--api-key", metavar="PEM", help="client key for mutual TLS")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+
+
+def _keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="subcommand", required=True)
+    generate = keys.add_parser("generate", help="a new Ed25519 key (PKCS8 PEM, 0600); prints its [[keys]] entry")
+    generate.add_argument("--out", required=True, metavar="FILE", help="the private key file (never overwritten)")
+    generate.add_argument("--passphrase-file", metavar="F", help="encrypt the key with the first line of F")
+    generate.add_argument("--owner", metavar="EMAIL", help="who holds the key (default user@host)")
+    generate.add_argument("--not-after", metavar="DATE", help="expiry, e.g. 2027-06-30 (default: in a year)")
+    trust = sub.add_parser("trust", help="the trust store").add_subparsers(dest="subcommand", required=True)
+    check = trust.add_parser("check", help="load it as the executor would; list roles and keys; exit 2 if bad")
+    check.add_argument("file", metavar="FILE")
+
+
+def _signing(parser: argparse.ArgumentParser, *, role: bool) -> None:
+    parser.add_argument("--key", required=True, metavar="KEYFILE", help="your private key (PKCS8 PEM)")
+    parser.add_argument("--passphrase-file", metavar="F", help="the key's passphrase (default: asked)")
+    if role:
+        parser.add_argument("--role", required=True, help="the trust store role you sign as")
+        parser.add_argument("--ttl", metavar="DURATION", help=f"how long it stays valid (default {DEFAULT_TTL})")
+        parser.add_argument("--reason", help="why (a ticket, a sentence); kept in the journal")
+
+
+def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ops = sub.add_parser("op", help="signed operations").add_subparsers(dest="subcommand", required=True)
+    propose = ops.add_parser("propose", help="ProposeOp: the executor describes the op; mutates nothing")
+    propose.add_argument("--vmid", type=int, required=True)
+    propose.add_argument("kind", metavar="KIND", help="guest.destroy, config.disk_detach, disk.resize, ...")
+    propose.add_argument("params", metavar="KEY=VALUE", nargs="*", help="params (set.KEY=VALUE for config writes)")
+    propose.add_argument("--params-json", metavar="JSON", help="params as a JSON object (KEY=VALUE overrides)")
+    sign = ops.add_parser("sign", help="sign a proposal or pending entry (offline); prints what is signed")
+    _signing(sign, role=True)
+    sign.add_argument("--yes", action="store_true", help="do not ask for the vmid (you checked the summary)")
+    sign.add_argument("--out", metavar="FILE", help="the envelope file (default stdout)")
+    sign.add_argument("proposal", metavar="PROPOSAL", help="op propose output, or a pending/plan --json entry")
+    cosign = ops.add_parser("cosign", help="add your signature over the same payload bytes (offline)")
+    _signing(cosign, role=False)
+    cosign.add_argument("--yes", action="store_true", help="do not ask for the vmid")
+    cosign.add_argument("--out", metavar="FILE", help="write here instead of back to ENVELOPE (- for stdout)")
+    cosign.add_argument("envelope", metavar="ENVELOPE")
+    verify = ops.add_parser("verify", help="check an envelope offline (steps 1-11); exit 2 with the refusal")
+    verify.add_argument("--trust", required=True, metavar="FILE", help="a copy of the node's trust store")
+    verify.add_argument("--audience", metavar="NODE@CLUSTER", help="the executor it is for (default: the op's)")
+    verify.add_argument("--at", type=float, metavar="UNIX", help="check as of this time (default now)")
+    verify.add_argument("--gate-secret", metavar="FILE", help="the executor's state_dir/gate.secret (checks the "
+                                                              "challenge too)")
+    verify.add_argument("envelope", metavar="ENVELOPE")
+    submit = ops.add_parser("submit", help="SubmitOp: exit 0 accepted, 1 refused")
+    submit.add_argument("envelope", metavar="ENVELOPE")
+    revoke = ops.add_parser("revoke", help="RevokeOp: a signed op.revoke; the op can then never run")
+    revoke.add_argument("op_id", metavar="OP_ID")
+    _signing(revoke, role=True)
+    revoke.add_argument("--vmid", type=int, required=True, help="the guest the op is for")
+    revoke.add_argument("--audience", metavar="NODE@CLUSTER", help="default: asked of the executor (ProposeOp)")
+    revoke.add_argument("--guest-type", choices=("qemu", "lxc"), default="qemu", help="with --audience")
+    undo = ops.add_parser("undo", help="propose the inverse of an op that ran, from its before-image")
+    undo.add_argument("op_id", metavar="OP_ID")
+    for parser in (propose, submit, revoke, undo):
+        add_api_flags(parser)
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add keys, trust, pending and op to ``pve-executor``'s subcommands."""
+    _keys(sub)
+    pending = sub.add_parser("pending", help="ListPending: refused actions waiting for approval")
+    pending.add_argument("--json", action="store_true", help="entries op sign accepts")
+    add_api_flags(pending)
+    _op(sub)
+
+
+def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    module, function = HANDLERS[(args.command, getattr(args, "subcommand", None))].split(":")
+    return cast("Callable[[argparse.Namespace], int]", getattr(importlib.import_module(f"opctl.{module}"),
+                                                                 function))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``opctl``: the same commands as ``pve-executor keys|trust|pending|op``."""
+    top = argparse.ArgumentParser(prog="opctl", description="pve-reconcile operator's tool: signed operations")
+    add_parsers(top.add_subparsers(dest="command", required=True))
+    return main(top.parse_args(argv), prog="opctl")
+
+
+def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
+    """Run one operator command; errors are one line on stderr naming the program and the command."""
+    import grpc  # noqa: PLC0415 - see HANDLERS
+
+    from common.config import ConfigError  # noqa: PLC0415
+    from opctl.doc import OpError, api_error, refusal_text  # noqa: PLC0415
+    from safety.refusal import Refused  # noqa: PLC0415
+
+    name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
+    try:
+        return _handler(args)(args)
+    except OpError as exc:
+        print(f"{prog} {name}: {exc}", file=sys.stderr)
+        return exc.code
+    except (Refused, ConfigError) as exc:
+        print(f"{prog} {name}: {refusal_text(exc) if isinstance(exc, Refused) else exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"{prog} {name}: {api_error(exc)}", file=sys.stderr)
+        return 1
