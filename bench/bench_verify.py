@@ -1,4 +1,4 @@
-"""Cost of verifying one signed op (SAFETY-DESIGN §4.4 steps 1-11), threshold 1 and threshold 2.
+"""Cost of verifying one signed op (docs/SAFETY.md §7 steps 1-11), threshold 1 and threshold 2.
 
 Usage: python bench/bench_verify.py [--runs 2000]
 

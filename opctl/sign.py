@@ -1,4 +1,4 @@
-"""Offline signing: ``op sign``, ``op cosign`` and ``op verify`` (SAFETY-DESIGN §4.3-§4.5, §5).
+"""Offline signing: ``op sign``, ``op cosign`` and ``op verify`` (docs/SAFETY.md §6, §11).
 
 Nothing here talks to the executor. ``op sign`` builds the payload from a proposal, parses its own bytes
 back with the gate's strict parser before signing them, prints what is signed in words, and asks the signer
@@ -27,7 +27,7 @@ from safety.payload import OpPayload, parse_payload, to_json
 from safety.refusal import Refused
 from safety.signedop import SIGNER_BACKDATE
 
-BACKDATE = SIGNER_BACKDATE  # seconds not_before lies in the past, for a gate whose clock runs behind (§4.5)
+BACKDATE = SIGNER_BACKDATE  # not_before this far back, for a gate whose clock runs behind (docs/SAFETY.md §6.6)
 _TTL = re.compile(r"([0-9]{1,6})([smh]?)", re.ASCII)
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 

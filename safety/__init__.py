@@ -11,5 +11,5 @@ The rules of this package (checked by import-linter):
   nor gRPC/protobuf. The signed-op modules may also use ``cryptography``, nothing else.
 - Fail closed, never halt: an unknown kind is DESTRUCTIVE, an unknown config key needs approval,
   and the source of an action can only raise its class, never lower it.
-- ``safety.keys`` is the single source of how each PVE config key is classed (SAFETY-DESIGN §4.1).
+- ``safety.keys`` is the single source of how each PVE config key is classed (docs/SAFETY.md §2.1).
 """

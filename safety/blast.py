@@ -1,4 +1,4 @@
-"""Blast radius: how many stops one tick may run, by source (SAFETY-DESIGN §4.1 rule 4).
+"""Blast radius: how many stops one tick may run, by source (docs/SAFETY.md §4).
 
 A rate that gives a person time to notice a bad edit: the node's own desired file is trusted with
 any number of stops, a remote source with max(2, 10% of the managed guests) per tick, the rest

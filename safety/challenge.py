@@ -1,4 +1,4 @@
-"""The executor challenge: ties a DESTRUCTIVE op to this executor and a fresh proposal (SAFETY-DESIGN §4.3).
+"""The executor challenge: ties a DESTRUCTIVE op to this executor and a fresh proposal (docs/SAFETY.md §6.4).
 
 ``challenge = issued_at "." hex(HMAC-SHA256(secret, sha256(action part) || issued_at))``. It is stateless,
 like DPoP's server nonce: the executor keeps only its secret (state_dir/gate.secret) and recomputes the MAC.

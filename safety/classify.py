@@ -1,4 +1,4 @@
-"""The classifier: one action, the guest's facts and the source in; a verdict out (SAFETY-DESIGN §4.1).
+"""The classifier: one action, the guest's facts and the source in; a verdict out (docs/SAFETY.md §1).
 
 Rules are registries, not if-chains: ``KINDS`` gives each action kind its base class, the parameter
 flags that raise or explain it, and whether guest facts apply; ``safety.keys`` classes config keys.

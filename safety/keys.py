@@ -1,4 +1,4 @@
-"""The key table: the single source of how each PVE config key is classed (SAFETY-DESIGN §4.1).
+"""The key table: the single source of how each PVE config key is classed (docs/SAFETY.md §2.1).
 
 Rows of (regex, guest types, rule), first full match wins, like the planner's normalizer registry.
 Every key of PVE's API schema has a row with its reason (``tests/test_pve_grammar.py`` enumerates
@@ -125,7 +125,7 @@ class Privilege:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Nic:
-    """``netN``: connectivity is benign; the NIC's identity (its MAC) and its firewall are not (F1)."""
+    """``netN``: connectivity is benign; the NIC's identity (its MAC) and its firewall are not (docs/SAFETY.md §2.1)."""
 
     def judge(self, change: KeyChange) -> Judgment:
         """Benign when the actual MAC and firewall are kept or the NIC is new; approval otherwise."""

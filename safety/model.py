@@ -33,7 +33,7 @@ class Source(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Action:
-    """One mutation as the executor would run it (kind names as in SAFETY-DESIGN §4.1)."""
+    """One mutation as the executor would run it (kind names as in docs/SAFETY.md §1.3)."""
 
     kind: str
     vmid: int

@@ -1,4 +1,4 @@
-"""The closed params schema of every signable op kind, and the ASCII identifier rules (SAFETY-DESIGN §4.3).
+"""The closed params schema of every signable op kind, and the ASCII identifier rules (docs/SAFETY.md §6.2).
 
 One registry maps an op kind to its fields; a field is a validator and a default. A field the kind does
 not name, a value of the wrong type, or a list that is not sorted and unique is MALFORMED: every op has
@@ -20,7 +20,7 @@ from safety.refusal import RefusalReason, Refused
 # The names of safety.model.Class (REVERSIBLE_WITH_APPROVAL is spelled APPROVAL there); BENIGN needs no signature.
 APPROVAL, DESTRUCTIVE = "APPROVAL", "DESTRUCTIVE"
 SIGNABLE_CLASSES = frozenset({APPROVAL, DESTRUCTIVE})
-TTL_CEILING = {APPROVAL: 24 * 3600, DESTRUCTIVE: 3600}  # seconds, whatever a role allows (§4.5)
+TTL_CEILING = {APPROVAL: 24 * 3600, DESTRUCTIVE: 3600}  # seconds, whatever a role allows (docs/SAFETY.md §6.6)
 VMID_MIN, VMID_MAX = 100, 999_999_999
 SIZE_MAX = 1 << 53
 NOT_SHOWN = "<not shown>"  # what the API answers for a secret key's value (the key's presence is shown)
@@ -161,7 +161,7 @@ SCHEMAS: Mapping[str, KindSchema] = MappingProxyType({
     # Both flags are required: whoever signs a destroy states whether it reaches backups and stray volumes.
     "guest.destroy": KindSchema(fields={"purge": (boolean, _REQUIRED),
                                         "destroy_unreferenced_disks": (boolean, _REQUIRED)}),
-    # A veto: names the signed op whose nonce RevokeOp spends before it runs (§4.5).
+    # A veto: names the signed op RevokeOp stops for good (docs/SAFETY.md §6.7).
     "op.revoke": KindSchema(fields={"op_id": (text(OP_ID, "32 lowercase hex (the op to revoke)"), _REQUIRED)}),
 })
 KINDS = frozenset(SCHEMAS)

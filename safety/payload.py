@@ -1,4 +1,4 @@
-"""The signed op payload: strict parsing, encoding, the action part and the binding comparison (§4.3).
+"""The signed op payload: strict parsing, encoding, the action part, the binding comparison (docs/SAFETY.md §6.2-§6.3).
 
 The payload is parsed only after its exact bytes verified (``signedop.verify`` step 5). Every field is
 required (``challenge`` may be null), every unknown field is refused, identifiers are ASCII, and only
@@ -185,7 +185,7 @@ def _flat(action: Mapping[str, object]) -> dict[str, object]:
 def check_binding(payload: OpPayload, expected: Mapping[str, object]) -> None:
     """The signed action equals ``expected`` (an ``action_of`` for the live step and fresh facts), by meaning.
 
-    Typed fields are compared, never bytes (§4.3 Binding). Raises Refused naming the first field that differs.
+    Typed fields are compared, never bytes (docs/SAFETY.md §6.3). Raises Refused naming the first field that differs.
     """
     signed, live = _flat(action_part(payload)), _flat(expected)
     for name, reason in _BINDING:

@@ -1,4 +1,4 @@
-"""Typed refusals: why the safety core said no (SAFETY-DESIGN §5), as one enum and one exception.
+"""Typed refusals: why the safety core said no (docs/SAFETY.md §10), as one enum and one exception.
 
 The names are ``executor.v1.RefusalReason`` without its ``REFUSAL_REASON_`` prefix, so the service edge
 maps them by name. ``Refused`` is raised by pure checks (signature, payload, trust store, challenge) and

@@ -1,4 +1,4 @@
-"""Signed operations: a DSSE v1 envelope profile and verification steps 1-11 (SAFETY-DESIGN §4.3, §4.4).
+"""Signed operations: a DSSE v1 envelope profile and verification steps 1-11 (docs/SAFETY.md §6.1, §7).
 
 The signature covers ``PAE(payloadType, payload)``, so the type is inside it and there is no algorithm
 field anywhere (Ed25519 only). The payload's exact received bytes are verified and only then parsed;
@@ -221,7 +221,7 @@ def _check_signers(role: Role, keys: list[TrustKey], store: TrustStore, now: flo
 
 def verify(env: Envelope, store: TrustStore, *, now: float, audience: str, challenge_key: bytes | None,
            skew: float = 120.0, check_challenge: bool = True) -> VerifiedOp:
-    """Steps 1-11 of §4.4 for ``env`` at ``now`` on the executor named ``audience``; raises Refused.
+    """Steps 1-11 of docs/SAFETY.md §7 for ``env`` at ``now`` on the executor named ``audience``; raises Refused.
 
     ``challenge_key`` is the gate secret; without it no DESTRUCTIVE op verifies. Reads nothing, writes nothing.
     ``check_challenge=False`` skips step 11: only for offline review without the secret (``op verify``,

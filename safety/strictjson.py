@@ -1,4 +1,4 @@
-"""Strict JSON for signed bytes: one document, one meaning (SAFETY-DESIGN §4.3).
+"""Strict JSON for signed bytes: one document, one meaning (docs/SAFETY.md §6.2).
 
 Python's ``json`` is lenient where a signed document must not be: it keeps the last of duplicate keys
 (``{"vmid":100,"vmid":101}`` reads as 101), accepts NaN and Infinity, turns ``1e2`` into a float,

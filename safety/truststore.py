@@ -1,9 +1,9 @@
-"""The trust store: who may sign which ops, read from a root-owned TOML file (SAFETY-DESIGN §4.3).
+"""The trust store: who may sign which ops, read from a root-owned TOML file (docs/SAFETY.md §6.5).
 
 A store that does not load grants nothing: the caller has no signers and refuses every non-benign step.
 Every rule a mistake or an attacker could break is checked at load, and the error names the file and
 the field: ownership and mode (sshd's StrictModes), unknown fields, a duplicate key or id, an id that is
-not sha256(public), a key type other than ``ed25519:``, a small-order key (F5), a version lower than the
+not sha256(public), a key type other than ``ed25519:``, a small-order key, a version lower than the
 last one accepted (rollback, row 36). Empty lists grant nothing; ``"*"`` audience only when spelled out.
 """
 
@@ -36,7 +36,7 @@ _VMIDS = re.compile(r"([0-9]{3,9})(?:-([0-9]{3,9}))?", re.ASCII)
 _TTL_UNIT = {"s": 1, "m": 60, "h": 3600}
 DEFAULT_THRESHOLD = 2
 _P = 2**255 - 19
-# libsodium's has_small_order list (F5), as y-coordinates with bit 255 (the sign of x) cleared: the
+# libsodium's has_small_order list (docs/SAFETY.md §6.5), as y-coordinates with bit 255 (the sign of x) cleared: the
 # identity (1, p+1), order 2 (p-1), order 4 (0, p), order 8 (the two below). tests/test_truststore.py
 # recomputes the order-8 pair from the curve equation.
 SMALL_ORDER_Y = frozenset({0, 1, _P - 1, _P, _P + 1} | {

@@ -46,7 +46,7 @@ def key_entry(name: str, roles: list[str], *, not_after: dt.datetime = FAR) -> d
 
 
 def default_roles() -> list[dict[str, Any]]:
-    """destroyer (DESTRUCTIVE, threshold 2, 1 h) and operator (APPROVAL, threshold 1, 4 h), as in §4.3."""
+    """destroyer (DESTRUCTIVE, threshold 2, 1 h) and operator (APPROVAL, threshold 1, 4 h): docs/SAFETY.md §6.5."""
     return [
         {"name": "destroyer", "kinds": ["guest.destroy", "config.disk_detach", "config.unused_delete",
                                         "snapshot.delete"],

@@ -1,4 +1,4 @@
-"""A hub drains a node in instalments (issue 13 item 4, SAFETY-DESIGN matrix row 52).
+"""A hub drains a node in instalments (issue 13 item 4, docs/SAFETY.md §12 row 52).
 
 A hub stops two guests per window, then stops declaring them (drops their run state, or the
 guest), and repeats. The blast rule counts what the node has: a guest a remote source stopped

@@ -1,4 +1,4 @@
-"""The classifier: every row of SAFETY-DESIGN §4.1 gets its class and op kind; sources only raise."""
+"""The classifier: every row of docs/SAFETY.md §1.3 and §2.1 gets its class and op kind; sources only raise."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ SET_DELETE_ROWS = [
     ("nic new, unfiltered beside a firewalled one", "qemu", {"net1": "virtio,bridge=vmbr1"}, (), A,
      "config.nic_firewall_off"),
     ("nic new where none lxc", "lxc", {"net1": "name=eth1,bridge=vmbr1"}, (), B, "config"),
-    ("nic drops MAC (F1)", "qemu", {"net0": "e1000,bridge=vmbr1"}, (), A, "config.nic_identity"),
+    ("nic drops MAC", "qemu", {"net0": "e1000,bridge=vmbr1"}, (), A, "config.nic_identity"),
     ("nic changes MAC", "qemu", {"net0": "virtio=BC:24:11:00:00:99,bridge=vmbr0"}, (), A, "config.nic_identity"),
     ("nic drops hwaddr", "lxc", {"net0": "name=eth0,bridge=vmbr1,ip=dhcp"}, (), A, "config.nic_identity"),
     ("nic changes hwaddr", "lxc", {"net0": "name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:00:99"}, (), A,
@@ -121,7 +121,7 @@ SET_DELETE_ROWS = [
                          [pytest.param(*row[1:], id=row[0]) for row in SET_DELETE_ROWS])
 def test_config_key_rows(guest_type: str, set_: dict[str, str], delete: tuple[str, ...], cls: Class,
                          op_kind: str) -> None:
-    """Each config row of §4.1 is classed by its effect, with the op kind roles name."""
+    """Each config row of docs/SAFETY.md §2.1 is classed by its effect, with the op kind roles name."""
     verdict = run(guest_type, "set_config", set_=set_, delete=delete)
     assert (verdict.cls, verdict.op_kind) == (cls, op_kind)
     assert all(verdict.reasons[0].startswith(f"{key}: ") for key in (*set_, *delete))
@@ -141,7 +141,7 @@ LXC_BENIGN = ["hostname", "swap", "cmode", "console", "tty", "timezone"]
 @pytest.mark.parametrize(("guest_type", "key"), [("qemu", k) for k in (*QEMU_BENIGN, *COMMON_BENIGN)]
                          + [("lxc", k) for k in (*LXC_BENIGN, *COMMON_BENIGN)])
 def test_benign_keys_are_benign_to_write_and_delete(guest_type: str, key: str) -> None:
-    """The §4.1 benign key list: writing or deleting one loses no data, whoever asks."""
+    """The docs/SAFETY.md §2.1 benign key list: writing or deleting one loses no data, whoever asks."""
     value = BENIGN_VALUES.get(key, "1")
     for verdict in (run(guest_type, "set_config", set_={key: value}), run(guest_type, "set_config", delete=(key,))):
         assert (verdict.cls, verdict.op_kind, verdict.rule) == (B, "config", "benign_key")
@@ -251,7 +251,7 @@ OP_KIND_ROWS = [
 @pytest.mark.parametrize(("kind", "params", "cls", "op_kind"),
                          [pytest.param(*row, id=f"{row[0]}-{row[3]}") for row in OP_KIND_ROWS])
 def test_op_kind_rows(guest_type: str, kind: str, params: dict[str, object], cls: Class, op_kind: str) -> None:
-    """The issue-10 op kinds get their §4.1 class whoever asks; an unknown kind is destructive."""
+    """The issue-10 op kinds get their docs/SAFETY.md §1.3 class whoever asks; an unknown kind is destructive."""
     for source in Source:
         verdict = run(guest_type, kind, params=params, source=source)
         assert (verdict.cls, verdict.op_kind) == (cls, op_kind)

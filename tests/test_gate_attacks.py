@@ -1,4 +1,4 @@
-"""Adversarial review of the safety gate (issue 9, SAFETY-DESIGN §6 rows 42-43): try to break it.
+"""Adversarial review of the safety gate (issue 9, docs/SAFETY.md §12 rows 42-43): try to break it.
 
 The attacker controls the planner's answers, the content (and claimed source) of a non-local
 desired state, or the timing of the Proxmox API. Each test counts what fakepve actually received.

@@ -1,4 +1,4 @@
-"""The gate reads PVE's grammar (issue 13 items 1-2, SAFETY-DESIGN §4.1 "Grammar", matrix rows 49, 50, 53).
+"""The gate reads PVE's grammar (issue 13 items 1-2, docs/SAFETY.md §2.2, §12 rows 49, 50, 53).
 
 The grammar is generated from PVE's own API schema (the apidoc fakepve ships); these tests keep the
 generated module fresh, enumerate the schema so that a key a PVE release adds fails until the key table

@@ -1,4 +1,4 @@
-"""Red team of the grammar gate (issue 13 items 1-3; SAFETY-DESIGN §4.1 "Grammar", §6 rows 42-54).
+"""Red team of the grammar gate (issue 13 items 1-3; docs/SAFETY.md §2.2, §12 rows 42-54).
 
 Real requests: a hub's or a compromised planner's tick, or a signed op through the real OpDesk, against
 fakepve over HTTPS; each test counts what fakepve received. The ``test_h*``/``test_l*`` tests are holes the

@@ -51,7 +51,7 @@ def test_undeclared_actions_are_out_of_scope(action: Action, declared: Declarati
 
 
 @pytest.mark.parametrize(("stops", "managed", "source", "limit", "budget"), [
-    # SAFETY-DESIGN §6 row 43: a hub stopping 40 of 50 needs approval; 12 of 50 runs 5 per tick.
+    # docs/SAFETY.md §12 row 43: a hub stopping 40 of 50 needs approval; 12 of 50 runs 5 per tick.
     (range(100, 140), 50, Source.HUB, None, StopBudget(admitted=(), deferred=(), need_approval=tuple(range(100, 140)))),
     ([111, 100, 105, 101, 110, 102, 103, 104, 106, 107, 108, 109], 50, Source.HUB, None,
      StopBudget(admitted=(100, 101, 102, 103, 104), deferred=tuple(range(105, 112)), need_approval=())),

@@ -1,4 +1,4 @@
-"""Adversarial review of signed operations (issue 10, SAFETY-DESIGN §4.2-§4.5 and §6): try to break them.
+"""Adversarial review of signed operations (issue 10, docs/SAFETY.md §5-§7 and §12): try to break them.
 
 The attacker holds one signing key of a threshold-2 role (or a whole low-privilege role), valid ops for
 other actions, the network (replay, delay, redirect), or the planner and hub that shape the pending
@@ -269,7 +269,7 @@ def _reuse_op_id(unsigned: Unsigned, op_id: str, *signers: str, role: str) -> An
 @pytest.mark.parametrize("veto", ["revoke_op_out_of_scope", "own_op_reusing_the_op_id"])
 def test_hole_f_only_a_role_that_could_sign_an_op_can_veto_it(veto: str, fakepve: Any, make_engine: Make,
                                                               tmp_path: Path) -> None:
-    """§4.5: RevokeOp is a veto "from a key holding a role that could have signed the op". carol holds only the
+    """docs/SAFETY.md §6.7: a veto counts only from a key whose role could have signed the op. carol holds only the
     operator role (APPROVAL kinds, one key); two destroyers sign a destroy of guest 150, whose op_id anyone on
     the path sees. carol cancels it either with an op.revoke for guest 100 naming that op_id, or by signing
     a snapshot of guest 100 under the same op_id (the journal key ``op:<op_id>`` does not say which payload

@@ -1,4 +1,4 @@
-"""The rejection matrix of SAFETY-DESIGN §6 against the real executor: each test names its row.
+"""The rejection matrix of docs/SAFETY.md §12 against the real executor: each test names its row.
 
 Rows 6-37 and 46 (the offline checks) have unit tests in tests/test_signedop.py and test_truststore.py,
 rows 42-43 in tests/test_gate.py. Here the rows that need the executor: a real engine, gate, lane and
@@ -344,7 +344,7 @@ NO_DIGEST: dict[str, dict[str, Any]] = {"guest.destroy": {"purge": False, "destr
 def test_row13_a_kind_pve_takes_no_digest_for_is_compared_on_the_lanes_last_read(
         kind: str, fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
     """Row 13 where PVE cannot help: destroy, rollback and snapshot delete take no digest, so the lane compares
-    the signed digest with the config it reads right before the call (§4.2). The window is widened on purpose:
+    the signed digest with the config read just before the call (docs/SAFETY.md §5.2). The window is widened on purpose:
     the op is admitted, and an administrator's edit lands while fakepve holds the lane's config read, after
     every earlier check. DIGEST_STALE, the op spent, and fakepve received no destroy, rollback or delete."""
     add_vm(fakepve, 100)

@@ -1,6 +1,6 @@
-"""Signed ops: the DSSE profile, strict payloads and verification steps 1-11 (SAFETY-DESIGN §4.3-§4.5, §6).
+"""Signed ops: the DSSE profile, strict payloads and verification steps 1-11 (docs/SAFETY.md §6, §7, §12).
 
-Each test named ``test_rowNN_*`` is one row of the §6 rejection matrix, with the refusal it must get.
+Each test named ``test_rowNN_*`` is one row of the docs/SAFETY.md §12 rejection matrix, with the refusal it must get.
 Stores are real files loaded by ``safety.truststore.load``; signatures are real Ed25519 via OpenSSL.
 """
 
@@ -122,7 +122,7 @@ def _wycheproof(result: str, comment: str = "") -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("case", _wycheproof("invalid"), ids=lambda t: f"tcId{t['tcId']}")
 def test_wycheproof_invalid_signatures_are_rejected_by_openssl(case: dict[str, Any]) -> None:
-    """OpenSSL (through cryptography) rejects Wycheproof's wrong-length and S >= L signatures (§0 F5 probe)."""
+    """OpenSSL (through cryptography) rejects Wycheproof's wrong-length and S >= L signatures (docs/SAFETY.md §6.1)."""
     public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(_vector("wycheproof_ed25519.json")["key"]["pk"]))
     (valid,) = _wycheproof("valid")
     public.verify(bytes.fromhex(valid["sig"]), bytes.fromhex(valid["msg"]))  # the key and message are right
@@ -181,7 +181,7 @@ def test_sign_gives_a_signature_that_verifies(store: TrustStore) -> None:
     assert check(env, store).signers == (kid("alice"), kid("bob"))
 
 
-# --- §6 rows 6-37 and 46 --------------------------------------------------------------------------------
+# --- docs/SAFETY.md §12 rows 6-37 and 46 -----------------------------------------------------------------
 
 
 def test_row06_expired_names_both_clocks(store: TrustStore) -> None:

@@ -1,4 +1,4 @@
-"""The trust store: what it refuses at load, and why (SAFETY-DESIGN §0 F5, §4.3, §6 rows 29-31 and 36).
+"""The trust store: what it refuses at load, and why (docs/SAFETY.md §6.5, §12 rows 29-31 and 36).
 
 Every store here is a real file on disk, written by the test and loaded the way the gate loads it
 (these tests run as root, so files start root-owned; ownership and modes are changed with chown/chmod).
@@ -104,7 +104,7 @@ def test_key_id_is_sha256_of_the_raw_public_key() -> None:
     assert key_id(raw) == "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-# --- row 29 and F5: small-order keys ---------------------------------------------------------------------
+# --- row 29: small-order keys ----------------------------------------------------------------------------
 
 
 def test_small_order_list_is_exactly_the_curves_small_order_points() -> None:
@@ -128,7 +128,7 @@ def test_row29_small_order_forgery_verifies_under_openssl_so_the_store_refuses_t
     weak = bytes.fromhex("01" + "00" * 31)
     forgery = BASE_POINT + (1).to_bytes(32, "little")
     for message in (b"any message", signedop.pae(signedop.PAYLOAD_TYPE, encode(op()))):
-        Ed25519PublicKey.from_public_bytes(weak).verify(forgery, message)  # no exception: this is F5
+        Ed25519PublicKey.from_public_bytes(weak).verify(forgery, message)  # no exception: docs/SAFETY.md §6.5
     entry = {"id": key_id(weak), "public": "ed25519:" + base64.b64encode(weak).decode(), "owner": "mallory",
              "not_after": default_doc()["keys"][0]["not_after"], "roles": ["destroyer"]}
     doc = default_doc()

@@ -8,7 +8,7 @@ state that the change happened, and whether the kind is one-shot (run once for a
 convergent (re-planned from the next read). A kind missing from the table is refused by the gate as
 unknown.
 
-The destructive kinds (SAFETY-DESIGN §3) are named as the signed ops that run them, with the op's
+The destructive kinds (docs/SAFETY.md §1.3) are named as the signed ops that run them, with the op's
 params (``safety.opschema``); config ops run as ``set_config`` (``force`` in their params).
 """
 

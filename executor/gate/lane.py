@@ -212,7 +212,7 @@ class Lane:
         return Verdict(cls=applied.cls, op_kind=verdict.op_kind, rule=f"pending_{applied.rule}", reasons=reasons)
 
     def _authorize_op(self, admitted: Admitted) -> Refusal | None:
-        """Step 13 of §4.4: fresh facts, expiry, lock, binding, protection; no operation begins yet.
+        """Step 14 of docs/SAFETY.md §7: fresh facts, expiry, lock, binding, protection; no operation begins yet.
 
         A refusal for the guest's state (DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH) spends the nonce;
         any other leaves it unspent (LOCKED is retried by the desk until the op expires).

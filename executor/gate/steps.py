@@ -21,7 +21,7 @@ from safety.payload import action_of, action_part
 from safety.signedop import VerifiedOp
 
 POWER = {"start": START, "stop": STOP}
-# PVE's protection flag refuses these (SAFETY-DESIGN F4): checked before the nonce is spent.
+# PVE's protection flag refuses these (docs/SAFETY.md §5.3): checked before the nonce is spent.
 PROTECTION_BLOCKS = frozenset({"guest.destroy", "config.disk_detach", "config.unused_delete"})
 
 

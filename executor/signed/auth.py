@@ -2,7 +2,7 @@
 
 ``role_covers_keys``: a config op is named after its strictest key, so its role must also name the
 kind of every other non-benign key it writes. ``could_sign``: a veto counts only from a key that
-could have signed the op it vetoes (SAFETY-DESIGN §4.5).
+could have signed the op it vetoes (docs/SAFETY.md §6.7).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Signed operations at the executor: propose, submit, revoke, and the clock and trust store behind them.
 
 ``OpDesk.submit`` runs the cheap, unauthenticated checks first and writes nothing before a
-signature holds (SAFETY-DESIGN §4.4): rate limit -> trust store -> verify (steps 1-11, on the
+signature holds (docs/SAFETY.md §7): rate limit -> trust store -> verify (steps 1-11, on the
 gate's clock) -> the clock-reset floor -> the nonce, read-only (step 12) -> the guest's current
 facts -> ``Engine.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
 names. The nonce is spent later, in the guest's lane, by the journal record that states the intent.
@@ -359,7 +359,7 @@ class OpDesk:
         """A signed ``op.revoke`` marks the named op revoked for good (a veto): it can never run after.
 
         When the target is accepted here, the revoker must be its kind's peer: the revocation names
-        the target's guest, and the revoker's role allows the target's kind and class (§4.5).
+        the target's guest, and the revoker's role allows the target's kind and class (docs/SAFETY.md §6.7).
         """
         if not self._bucket.take(caller):
             raise RateLimitedError("RevokeOp: too many calls; try again in a second")
@@ -390,7 +390,7 @@ class OpDesk:
         return target, None
 
     def _may_revoke(self, revocation: VerifiedOp, target: str) -> list[str]:
-        """The accepted ops under ``target`` the revokers could have signed (§4.5): the ones the veto stops.
+        """The accepted ops under ``target`` the revokers could sign (docs/SAFETY.md §6.7): the ones the veto stops.
 
         ROLE_DENIES when ops under that id wait here and the revokers could sign none of them. An op not
         submitted yet is unknown: the veto is recorded with its signers and weighed when it arrives.
