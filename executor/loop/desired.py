@@ -22,6 +22,7 @@ from typing import Protocol
 import structlog
 import yaml
 
+from executor.errors import InvalidInputError
 from safety.classify import Source
 
 log = structlog.get_logger("executor.desired")
@@ -56,7 +57,7 @@ def provider_source(provider: DesiredProvider) -> Source:
     return Source.LOCAL_FILE if source is Source.LOCAL_FILE else Source.HUB
 
 
-class DesiredStateError(ValueError):
+class DesiredStateError(InvalidInputError, ValueError):
     """The declared state is invalid or unreadable; the message names the file, line and field."""
 
 

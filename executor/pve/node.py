@@ -19,6 +19,7 @@ import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
+from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.pve import parse as pveparse
 
 # proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
@@ -29,7 +30,7 @@ log = structlog.get_logger("executor.pve")
 T = TypeVar("T")
 
 
-class PveError(Exception):
+class PveError(ExecutorError):
     """A Proxmox call failed; ``status`` is the HTTP status (None: no answer)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -37,7 +38,7 @@ class PveError(Exception):
         self.status = status
 
 
-class PveUnavailableError(PveError):
+class PveUnavailableError(PveError, TemporaryError):
     """No answer: connection refused or reset, timeout, TLS failure, 5xx from a proxy."""
 
 
@@ -45,7 +46,7 @@ class PveNotSentError(PveUnavailableError):
     """No connection was made (refused, connect timeout): the request never left."""
 
 
-class PveAnswerError(PveError):
+class PveAnswerError(PveError, PermanentError):
     """An answer that does not parse (``executor.pve.parse``): a read that failed, never a fact.
 
     Not transient (retrying gets the same answer); the message names the guest and what was wrong.

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import structlog
 
+from executor.errors import TemporaryError
 from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
 from executor.gate.gate import Gate
@@ -47,7 +48,7 @@ REVOKE = "op.revoke"
 OP_TTL_MAX = 24 * 3600 + MAX_SKEW  # the longest an op can live: the journal must remember nonces longer
 
 
-class RateLimitedError(RuntimeError):
+class RateLimitedError(TemporaryError, RuntimeError):
     """Too many SubmitOp calls: refused before any parsing."""
 
 
