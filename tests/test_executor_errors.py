@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from executor.errors import ExecutorError, InvalidInputError, PermanentError, TemporaryError
@@ -13,6 +16,8 @@ from executor.loop.recovery import RecoveryInterruptedError
 from executor.pve.node import PveAnswerError, PveError, PveNotSentError, PveUnavailableError
 from executor.pve.parse import MalformedAnswerError
 from executor.signed.desk import RateLimitedError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Each error, the kind it is (what a caller may do about it), and the old base its catch sites rely on.
 TREE: list[tuple[type[Exception], type[ExecutorError], type[Exception]]] = [
@@ -51,3 +56,21 @@ def test_the_status_of_a_pve_error_survives() -> None:
     """PveError keeps its HTTP status under the new root."""
     assert PveUnavailableError("no answer", 503).status == 503
     assert StepError("bad param").status == 400
+
+
+def _raises_from_none(path: Path) -> list[str]:
+    """``raise ... from None`` in one module: file:line for each."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None]
+
+
+@pytest.mark.parametrize("package", ["executor", "opctl", "common"])
+def test_no_cause_is_dropped(package: str) -> None:
+    """Errors are wrapped with their cause chained (``from exc``), never ``from None``: a traceback shows what failed.
+
+    (A user-facing message stays one clean line; the chain is for the log and the developer.)
+    """
+    found = [hit for path in sorted((ROOT / package).rglob("*.py")) if "_pb2" not in path.name
+             for hit in _raises_from_none(path)]
+    assert found == []

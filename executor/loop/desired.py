@@ -134,7 +134,7 @@ def parse(text: str, name: str = "<desired>") -> list[Declared]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise DesiredStateError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise DesiredStateError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if root is None:
         return []
     if not isinstance(root, yaml.MappingNode):

@@ -85,9 +85,9 @@ class PlannerClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in REFUSED:
-                    raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from None
+                    raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from exc
                 if code not in RETRYABLE or attempt == self._attempts:
-                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from None
+                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from exc
                 time.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
 

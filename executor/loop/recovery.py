@@ -82,7 +82,7 @@ def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event,
             return resolve()
         except PveUnavailableError as exc:
             if time.monotonic() + delay > deadline:
-                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from None
+                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from exc
             bound.warning("recovery_retrying", error=str(exc), retry_in_s=round(delay, 2))
             stop.wait(delay)
             delay = min(delay * 2, 10.0)

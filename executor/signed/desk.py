@@ -254,9 +254,9 @@ class OpDesk:
             journal.check_key(nonce_key(op))
         except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
             raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value}): "
-                                                     "sign a new proposal") from None
-        except KeyInFlightError:
-            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
+                                                     "sign a new proposal") from exc
+        except KeyInFlightError as exc:
+            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from exc
 
     def _queue(self, op: VerifiedOp) -> Refusal | None:
         """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
