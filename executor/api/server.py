@@ -93,7 +93,8 @@ def reason_to_proto(reason: str) -> pb.RefusalReason.ValueType:
     """A gate reason name as executor.v1.RefusalReason (UNSPECIFIED for a name the contract lacks)."""
     try:
         return pb.RefusalReason.Value(f"REFUSAL_REASON_{reason}")
-    except ValueError:
+    except ValueError:  # a name from an older journal: still answered, but never silently
+        log.warning("refusal_reason_unknown", reason=reason)
         return pb.REFUSAL_REASON_UNSPECIFIED
 
 
