@@ -30,6 +30,13 @@ QEMU, LXC = "qemu", "lxc"
 log = structlog.get_logger("executor.pve")
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
+# What to do about a certificate the verifier rejects, by OpenSSL's verify code; any other code: the CA file.
+CA_ADVICE = "give the CA that signed Proxmox's certificate with --pve-ca-file"
+CERT_ADVICE = {
+    10: "renew Proxmox's certificate",  # X509_V_ERR_CERT_HAS_EXPIRED
+    62: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_IP_ADDRESS_MISMATCH
+}
 
 
 class PveError(ExecutorError):
@@ -268,8 +275,8 @@ def why(exc: requests.RequestException) -> str:
     """
     cert = _found(exc, ssl.SSLCertVerificationError)
     if cert is not None:
-        return (f"TLS certificate not trusted ({cert.verify_message}): give the CA that signed Proxmox's "
-                "certificate with --pve-ca-file")
+        advice = CERT_ADVICE.get(cert.verify_code, CA_ADVICE)
+        return f"TLS certificate not trusted ({cert.verify_message.rstrip('.')}): {advice}"
     if _found(exc, ssl.SSLError) is not None:
         return f"TLS failed ({type(exc).__name__}); check --pve-url and --pve-ca-file"
     return type(exc).__name__
