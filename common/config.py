@@ -121,18 +121,18 @@ def _read_toml(path: str) -> dict[str, Any]:
         with Path(path).open("rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
 
 
 def _check(option: Option, raw: Any, source: str) -> Any:
     """``raw`` (text from the environment or a flag, or a TOML value) as the option's type."""
     try:
         value = _convert(option.kind, raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as exc:
         raise ConfigError(option.key, f"must be {option.kind.__name__}, got {'<redacted>' if option.secret else raw!r}",
-                          source) from None
+                          source) from exc
     if option.choices is not None and value not in option.choices:
         raise ConfigError(option.key, f"must be one of {', '.join(option.choices)}, got {value!r}", source)
     if option.minimum is not None and value is not None and value < option.minimum:

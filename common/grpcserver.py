@@ -58,7 +58,7 @@ def _read(path: str, key: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:

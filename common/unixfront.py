@@ -165,9 +165,9 @@ class UnixFront:
         held = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             os.close(held)
-            raise SocketInUseError(f"{self.path}: another daemon serves it{self._owner()}") from None
+            raise SocketInUseError(f"{self.path}: another daemon serves it{self._owner()}") from exc
         self._held = held
         try:
             # A directory someone else made (a squat in a shared, sticky directory such as /tmp) lets its owner

@@ -103,7 +103,7 @@ def propose_params(kind: str, pairs: list[str], params_json: str | None) -> dict
         try:
             loaded = json.loads(params_json)
         except json.JSONDecodeError as exc:
-            raise OpError(f"--params-json: not JSON: {exc}") from None
+            raise OpError(f"--params-json: not JSON: {exc}") from exc
         if not isinstance(loaded, dict):
             raise OpError("--params-json: must be a JSON object")
         params.update(loaded)
@@ -120,7 +120,7 @@ def propose_params(kind: str, pairs: list[str], params_json: str | None) -> dict
     try:
         canonical_params(kind, params)
     except Refused as exc:
-        raise OpError(f"{kind}: {exc.detail}") from None
+        raise OpError(f"{kind}: {exc.detail}") from exc
     return params
 
 
@@ -198,7 +198,7 @@ def revoke(args: argparse.Namespace) -> int:
     try:
         canonical_params("op.revoke", {"op_id": args.op_id})
     except Refused as exc:
-        raise OpError(f"OP_ID: {exc.detail}") from None
+        raise OpError(f"OP_ID: {exc.detail}") from exc
     proposal = _revoke_proposal(args)
     now = time.time()
     data = build_payload(proposal, role=args.role, ttl=parse_ttl(args.ttl or DEFAULT_TTL),

@@ -61,7 +61,7 @@ def action_from(raw: Mapping[str, object], where: str) -> dict[str, object]:
                          params=_object(fields["params"], f"{where}.params"), class_=str(fields["class"]),
                          digest=str(digest), run_state=str(run_state))
     except Refused as exc:
-        raise OpError(f"{where}: {exc.detail}") from None
+        raise OpError(f"{where}: {exc.detail}") from exc
 
 
 def _object(value: object, where: str) -> Mapping[str, object]:
@@ -76,7 +76,7 @@ def read_proposal(data: bytes, where: str) -> Proposal:
         doc = strictjson.loads(data, what=where)
     except Refused as exc:
         hint = " (a list? give one entry, e.g. jq '.[0]')" if data.lstrip().startswith(b"[") else ""
-        raise OpError(f"{exc.detail}{hint}") from None
+        raise OpError(f"{exc.detail}{hint}") from exc
     nested = doc.get("action")
     action = action_from(nested if isinstance(nested, dict) else doc, f"{where}.action"
                          if isinstance(nested, dict) else where)
@@ -98,7 +98,7 @@ def parse_action_json(data: bytes, where: str) -> dict[str, object]:
     try:
         raw = strictjson.loads(data, what=where)
     except Refused as exc:
-        raise OpError(f"the executor sent a bad action: {exc.detail}", code=1) from None
+        raise OpError(f"the executor sent a bad action: {exc.detail}", code=1) from exc
     return action_from(raw, where)
 
 

@@ -39,7 +39,7 @@ def read_passphrase(path: str) -> bytes:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise OpError(f"--passphrase-file {path}: cannot read: {getattr(exc, 'strerror', exc)}") from None
+        raise OpError(f"--passphrase-file {path}: cannot read: {getattr(exc, 'strerror', exc)}") from exc
     line = text.splitlines()[0] if text else ""
     if not line:
         raise OpError(f"--passphrase-file {path}: empty")
@@ -52,8 +52,8 @@ def _not_after(text: str | None) -> dt.datetime:
         return today + KEY_VALIDITY
     try:
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise OpError(f"--not-after {text!r}: give a date (2027-06-30) or a UTC time (2027-06-30T12:00:00Z)") from None
+    except ValueError as exc:
+        raise OpError(f"--not-after {text!r}: give a date (2027-06-30) or a UTC time (2027-06-30T12:00:00Z)") from exc
     value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     if value.timestamp() <= time.time():
         raise OpError(f"--not-after {text}: is in the past")
@@ -77,10 +77,10 @@ def write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 and ``data``, fsync'd; an existing file is never overwritten."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise OpError(f"--out {path}: exists; a key is never overwritten (choose another name)") from None
+    except FileExistsError as exc:
+        raise OpError(f"--out {path}: exists; a key is never overwritten (choose another name)") from exc
     except OSError as exc:
-        raise OpError(f"--out {path}: cannot create: {exc.strerror}") from None
+        raise OpError(f"--out {path}: cannot create: {exc.strerror}") from exc
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
         os.write(fd, data)
@@ -111,19 +111,19 @@ def load_private(path: str, passphrase_file: str | None = None) -> Ed25519Privat
             mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
             data = handle.read(64 * 1024)
     except OSError as exc:
-        raise OpError(f"--key {path}: cannot read: {exc.strerror}") from None
+        raise OpError(f"--key {path}: cannot read: {exc.strerror}") from exc
     if mode & 0o077:
         raise OpError(f"--key {path}: readable or writable by group or others (mode {mode:04o}): chmod 600 it")
     password = read_passphrase(passphrase_file) if passphrase_file else None
     if password is None and b"ENCRYPTED" in data:
         try:
             password = getpass.getpass(f"passphrase for {path}: ").encode("utf-8")
-        except (EOFError, OSError):
-            raise OpError(f"--key {path}: encrypted; give --passphrase-file") from None
+        except (EOFError, OSError) as exc:
+            raise OpError(f"--key {path}: encrypted; give --passphrase-file") from exc
     try:
         key = load_pem_private_key(data, password=password)
     except (ValueError, TypeError) as exc:
-        raise OpError(f"--key {path}: not a usable PKCS8 PEM private key ({exc})") from None
+        raise OpError(f"--key {path}: not a usable PKCS8 PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise OpError(f"--key {path}: not an Ed25519 key")
     return key

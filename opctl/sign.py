@@ -48,7 +48,7 @@ def read_input(path: str, what: str) -> bytes:
         with Path(path).open("rb") as handle:
             return handle.read(1 << 20)
     except OSError as exc:
-        raise OpError(f"{what} {path}: cannot read: {exc.strerror}") from None
+        raise OpError(f"{what} {path}: cannot read: {exc.strerror}") from exc
 
 
 def write_output(path: str | None, data: bytes) -> None:
@@ -67,7 +67,7 @@ def write_output(path: str | None, data: bytes) -> None:
         temporary.replace(target)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise OpError(f"--out {path}: cannot write: {exc.strerror}") from None
+        raise OpError(f"--out {path}: cannot write: {exc.strerror}") from exc
 
 
 def build_payload(proposal: Proposal, *, role: str, ttl: int, reason: str, now: float) -> bytes:
@@ -87,7 +87,7 @@ def build_payload(proposal: Proposal, *, role: str, ttl: int, reason: str, now: 
     try:
         parsed = parse_payload(data)
     except Refused as exc:
-        raise OpError(f"cannot sign: {exc.detail}") from None
+        raise OpError(f"cannot sign: {exc.detail}") from exc
     if to_json(parsed) != data:  # one encoding of the op, whichever tool writes it
         raise OpError("cannot sign: the payload does not round-trip to its canonical form")
     return data
@@ -110,8 +110,8 @@ def confirm(vmid: int, *, stdin_taken: bool) -> None:
         try:
             with open("/dev/tty", "r+", encoding="utf-8") as tty:
                 line = _answer(tty, tty, vmid)
-        except OSError:
-            raise OpError("cannot ask for the vmid: no terminal (check the summary, then pass --yes)") from None
+        except OSError as exc:
+            raise OpError("cannot ask for the vmid: no terminal (check the summary, then pass --yes)") from exc
     typed = line.strip()
     if typed != str(vmid):
         shown = "nothing" if not typed else repr(typed[:20])
@@ -146,7 +146,7 @@ def read_envelope(path: str) -> signedop.Envelope:
     try:
         return signedop.parse_envelope_json(read_input(path, "ENVELOPE"))
     except Refused as exc:
-        raise OpError(f"ENVELOPE {path}: {refusal_text(exc)}") from None
+        raise OpError(f"ENVELOPE {path}: {refusal_text(exc)}") from exc
 
 
 def cosign(args: argparse.Namespace) -> int:
@@ -163,7 +163,7 @@ def cosign(args: argparse.Namespace) -> int:
     try:
         payload = parse_payload(envelope.payload)
     except Refused as exc:
-        raise OpError(f"ENVELOPE {args.envelope}: {refusal_text(exc)}") from None
+        raise OpError(f"ENVELOPE {args.envelope}: {refusal_text(exc)}") from exc
     now = time.time()
     _check_window(payload, now)
     print(f"co-signing:\n{summary(payload, now=now)}", file=sys.stderr)
@@ -183,7 +183,7 @@ def _secret(path: str | None) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise OpError(f"--gate-secret {path}: cannot read: {exc.strerror}") from None
+        raise OpError(f"--gate-secret {path}: cannot read: {exc.strerror}") from exc
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -191,7 +191,7 @@ def verify(args: argparse.Namespace) -> int:
     try:
         store = truststore.load(args.trust, check_owner=False)  # a reviewer's copy need not be root-owned
     except truststore.TrustStoreError as exc:
-        raise OpError(f"--trust: {exc}") from None
+        raise OpError(f"--trust: {exc}") from exc
     envelope = read_envelope(args.envelope)
     audience = args.audience
     if audience is None:

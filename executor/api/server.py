@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
 
 from common import callers, grpcserver
 from common.grpcserver import ServerTls
+from executor.errors import InvalidInputError, PermanentError, TemporaryError
 from executor.gate.decisions import GateState, Pending, Refusal
+from executor.gate.kinds import StepError
 from executor.gate.steps import shown
 from executor.loop.engine import Engine, TickSummary
+from executor.loop.queue import QueueClosedError
 from executor.pve.node import PveError
 from executor.signed.desk import OpDesk, RateLimitedError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
-from journal import Begun, Ended, Record, Refused, TaskStarted
+from journal import Begun, Ended, JournalError, Record, Refused, TaskStarted
 from safety.classify import Class
 from safety.refusal import Refused as OpRefused
 from safety.signedop import Envelope, Signature
@@ -33,13 +37,64 @@ CLASS_NAMES = {cls.name: value for cls, value in CLASSES.items()}
 SOCKET_GROUP = "pve-reconcile"  # the group whose members reach the API's socket (like docker's group)
 # The calls that change something or mint a challenge: each is logged with its caller (``api_call``).
 AUDITED = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Reconcile", "ProposeOp", "SubmitOp", "RevokeOp"))
+# The one mapping from an error to the status a client gets, with the prefix of its message; first match wins, so
+# the more specific rows come first. An exception no row names is a bug: INTERNAL and an ``api_call_failed`` line
+# with its traceback, never grpc's UNKNOWN (and never its text: it could hold anything).
+STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
+    (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    (StepError, grpc.StatusCode.INVALID_ARGUMENT, "Proxmox: "),  # a step's params, refused before any request
+    (PveError, grpc.StatusCode.UNAVAILABLE, "Proxmox: "),
+    (JournalError, grpc.StatusCode.UNAVAILABLE, "journal: "),
+    (QueueClosedError, grpc.StatusCode.UNAVAILABLE, ""),  # shutting down
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, ""),
+    (TemporaryError, grpc.StatusCode.UNAVAILABLE, ""),
+    (PermanentError, grpc.StatusCode.FAILED_PRECONDITION, ""),
+)
+INTERNAL = "internal error: the executor's log has it (api_call_failed)"
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
+Method = Callable[[Any, Any, grpc.ServicerContext], R]
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message ``STATUS`` gives ``exc``; None for an exception it does not name (a bug)."""
+    for error, code, prefix in STATUS:
+        if isinstance(exc, error):
+            return code, f"{prefix}{exc}"
+    return None
+
+
+def answered(method: Method[R]) -> Method[R]:
+    """An RPC method whose exceptions reach the client through ``STATUS`` (a bug: INTERNAL, logged)."""
+    @functools.wraps(method)
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            if context.code() is not None:  # context.abort() raised it: the call already has its status
+                raise
+            status = status_of(exc)
+            if status is None:
+                log.exception("api_call_failed", method=method.__name__, error=type(exc).__name__)
+                status = grpc.StatusCode.INTERNAL, INTERNAL
+            context.abort(*status)
+            raise  # abort raises; this line only tells the type checker
+    return call
+
+
+def _answered_all(cls: C) -> C:
+    """Every RPC method of the service on ``cls`` wrapped by ``answered``."""
+    for name in pb.DESCRIPTOR.services_by_name["ExecutorService"].methods_by_name:
+        setattr(cls, name, answered(getattr(cls, name)))
+    return cls
 
 
 def reason_to_proto(reason: str) -> pb.RefusalReason.ValueType:
     """A gate reason name as executor.v1.RefusalReason (UNSPECIFIED for a name the contract lacks)."""
     try:
         return pb.RefusalReason.Value(f"REFUSAL_REASON_{reason}")
-    except ValueError:
+    except ValueError:  # a name from an older journal: still answered, but never silently
+        log.warning("refusal_reason_unknown", reason=reason)
         return pb.REFUSAL_REASON_UNSPECIFIED
 
 
@@ -124,6 +179,7 @@ RECONCILES_PER_CALLER = 2  # of the API's workers, what one caller's Reconcile c
 API_WORKERS = 16
 
 
+@_answered_all
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     """GetStatus, Reconcile, ListOperations, ListPending, ProposeOp, SubmitOp, RevokeOp over an Engine."""
 
@@ -154,10 +210,6 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         except OpRefused as exc:
             code = grpc.StatusCode.NOT_FOUND if "not on node" in exc.detail else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, f"{exc.reason.value}: {exc.detail}")
-        except PveError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"Proxmox: {exc}")
-        except RateLimitedError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.ProposeOpResponse(action=proposal.action, challenge=proposal.challenge,
                                     action_class=CLASSES[proposal.cls], rule=proposal.rule, reasons=proposal.reasons,
                                     before=proposal.before)
@@ -175,11 +227,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     @staticmethod
     def _decide(call: Callable[[Envelope, str], tuple[str, Refusal | None]], signed: pb.SignedOp, done: str,
                 context: grpc.ServicerContext) -> tuple[str, str, pb.Refusal | None]:
-        """One desk call on an envelope: (op_id, decision, refusal), RESOURCE_EXHAUSTED past the caller's rate."""
-        try:
-            op_id, refusal = call(envelope_of(signed), callers.current().key)
-        except RateLimitedError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        """One desk call on an envelope: (op_id, decision, refusal); a RateLimitedError past the caller's rate."""
+        op_id, refusal = call(envelope_of(signed), callers.current().key)
         if refusal is not None:
             return op_id, "refused", refusal_to_proto(refusal)
         return op_id, done, None

@@ -17,7 +17,7 @@ def _secret(path: str | None, value: str | None, key: str) -> str | None:
         try:
             return Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
     return value
 
 

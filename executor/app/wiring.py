@@ -53,7 +53,7 @@ def provider(settings: ExecutorSettings) -> DesiredProvider:
     try:
         return FileProvider(settings.desired)
     except OSError as exc:
-        raise DesiredStateError(f"{settings.desired}: cannot read: {exc.strerror}") from None
+        raise DesiredStateError(f"{settings.desired}: cannot read: {exc.strerror}") from exc
 
 
 def open_journal(state_dir: str) -> Journal | None:

@@ -14,15 +14,18 @@ from executor.gate.kinds import KINDS, CallSettings
 from executor.gate.steps import bound_action, params_of
 from safety.classify import Action, Class, GuestFacts, Source, Verdict
 from safety.keys import API_PARAMETERS
-from safety.refusal import Refused
+from safety.refusal import RefusalReason, Refused
 from safety.scope import Declaration
 from safety.signedop import VerifiedOp
 
-# Refusal reasons (the executor.v1 RefusalReason names without their prefix).
+# Refusal reasons: members of the one enum (the executor.v1 RefusalReason names without their prefix), so a
+# misspelt one fails at import, never reaches a client as UNSPECIFIED.
 APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
-    "APPROVAL_REQUIRED", "OUT_OF_SCOPE", "UNKNOWN_KIND", "JOURNAL_UNAVAILABLE")
-DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = "DIGEST_STALE", "CLASS_MISMATCH", "BINDING_MISMATCH"
-LOCKED = "LOCKED"
+    RefusalReason.APPROVAL_REQUIRED, RefusalReason.OUT_OF_SCOPE, RefusalReason.UNKNOWN_KIND,
+    RefusalReason.JOURNAL_UNAVAILABLE)
+DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = (
+    RefusalReason.DIGEST_STALE, RefusalReason.CLASS_MISMATCH, RefusalReason.BINDING_MISMATCH)
+LOCKED = RefusalReason.LOCKED
 APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
 # The refusals that can spend a signed op (``spends``): those for the guest's state.
 SPENDING = frozenset({DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH})

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from executor.errors import InvalidInputError
 from executor.gate.actions import SET_CONFIG, START, STOP, Step
 from executor.pve.node import LXC, QEMU, GuestState, PveError, PveReader, PveWriter
 
@@ -38,7 +39,7 @@ class CallSettings:
     force_stop: bool = True
 
 
-class StepError(PveError):
+class StepError(PveError, InvalidInputError):
     """A step the table cannot run as given (a param missing or of the wrong type): raised before any request."""
 
     def __init__(self, message: str) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol
 import structlog
 import yaml
 
+from executor.errors import InvalidInputError
 from safety.classify import Source
 
 log = structlog.get_logger("executor.desired")
@@ -56,7 +57,7 @@ def provider_source(provider: DesiredProvider) -> Source:
     return Source.LOCAL_FILE if source is Source.LOCAL_FILE else Source.HUB
 
 
-class DesiredStateError(ValueError):
+class DesiredStateError(InvalidInputError, ValueError):
     """The declared state is invalid or unreadable; the message names the file, line and field."""
 
 
@@ -133,7 +134,7 @@ def parse(text: str, name: str = "<desired>") -> list[Declared]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise DesiredStateError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise DesiredStateError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if root is None:
         return []
     if not isinstance(root, yaml.MappingNode):

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import grpc
 
 from common.grpcserver import ClientTls, channel_credentials
+from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.loop.desired import Declared
 from executor.pve.node import LXC, QEMU, GuestState
 from planner.v1 import planner_pb2 as pb
@@ -22,15 +23,15 @@ REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PR
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
-class PlannerError(RuntimeError):
+class PlannerError(ExecutorError, RuntimeError):
     """The planner produced no plan."""
 
 
-class PlannerUnavailableError(PlannerError):
+class PlannerUnavailableError(PlannerError, TemporaryError):
     """The planner could not be reached (after the retries): the next tick tries again."""
 
 
-class PlannerRefusedError(PlannerError):
+class PlannerRefusedError(PlannerError, PermanentError):
     """The planner answered and refused the request (INVALID_ARGUMENT...): a bug here, not retried."""
 
 
@@ -84,9 +85,9 @@ class PlannerClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in REFUSED:
-                    raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from None
+                    raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from exc
                 if code not in RETRYABLE or attempt == self._attempts:
-                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from None
+                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from exc
                 time.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
 

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from executor.errors import PermanentError
+
 
 @dataclass(slots=True)
 class Job:
@@ -29,7 +31,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
 
 
-class QueueClosedError(RuntimeError):
+class QueueClosedError(PermanentError, RuntimeError):
     """Submitted after close()."""
 
 

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import structlog
 
+from executor.errors import TemporaryError
 from executor.gate.kinds import KINDS
 from executor.pve.node import PveError, PveReader, PveUnavailableError
 from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify, find_task, wait_task
@@ -39,7 +40,7 @@ OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskRe
 T = TypeVar("T")
 
 
-class RecoveryInterruptedError(RuntimeError):
+class RecoveryInterruptedError(TemporaryError, RuntimeError):
     """Stopped (SIGTERM) or out of retries: what is unresolved stays in flight in the journal."""
 
 
@@ -81,7 +82,7 @@ def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event,
             return resolve()
         except PveUnavailableError as exc:
             if time.monotonic() + delay > deadline:
-                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from None
+                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from exc
             bound.warning("recovery_retrying", error=str(exc), retry_in_s=round(delay, 2))
             stop.wait(delay)
             delay = min(delay * 2, 10.0)

@@ -8,6 +8,7 @@ never printed (``repr=False``) and never logged.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
+from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.pve import parse as pveparse
 
 # proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
@@ -27,9 +29,17 @@ logging.getLogger("proxmoxer").setLevel(logging.WARNING)
 QEMU, LXC = "qemu", "lxc"
 log = structlog.get_logger("executor.pve")
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+# What to do about a certificate the verifier rejects, by OpenSSL's verify code; any other code: the CA file.
+CA_ADVICE = "give the CA that signed Proxmox's certificate with --pve-ca-file"
+CERT_ADVICE = {
+    10: "renew Proxmox's certificate",  # X509_V_ERR_CERT_HAS_EXPIRED
+    62: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_IP_ADDRESS_MISMATCH
+}
 
 
-class PveError(Exception):
+class PveError(ExecutorError):
     """A Proxmox call failed; ``status`` is the HTTP status (None: no answer)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -37,7 +47,7 @@ class PveError(Exception):
         self.status = status
 
 
-class PveUnavailableError(PveError):
+class PveUnavailableError(PveError, TemporaryError):
     """No answer: connection refused or reset, timeout, TLS failure, 5xx from a proxy."""
 
 
@@ -45,7 +55,7 @@ class PveNotSentError(PveUnavailableError):
     """No connection was made (refused, connect timeout): the request never left."""
 
 
-class PveAnswerError(PveError):
+class PveAnswerError(PveError, PermanentError):
     """An answer that does not parse (``executor.pve.parse``): a read that failed, never a fact.
 
     Not transient (retrying gets the same answer); the message names the guest and what was wrong.
@@ -200,10 +210,10 @@ class Session:
             kwargs.update(user=creds.user, password=creds.password)
         try:
             return ProxmoxAPI(c.host, **kwargs)
-        except AuthenticationError:
-            raise PveError(f"login to {c.host}:{c.port} as {creds.user} refused", 401) from None
+        except AuthenticationError as exc:
+            raise PveError(f"login to {c.host}:{c.port} as {creds.user} refused", 401) from exc
         except requests.RequestException as exc:
-            raise PveUnavailableError(f"cannot reach {c.host}:{c.port}: {type(exc).__name__}") from None
+            raise PveUnavailableError(f"cannot reach {c.host}:{c.port}: {why(exc)}") from exc
 
     def call(self, request: Callable[[Any], Any]) -> Any:
         """Run one API request; translate errors once; log in again once on a 401 (tickets)."""
@@ -220,11 +230,11 @@ class Session:
                 if exc.errors:
                     message = f"{message} {exc.errors}"
                 error = PveUnavailableError if exc.status_code in (502, 503, 504, 595, 596) else PveError
-                raise error(message, exc.status_code) from None
+                raise error(message, exc.status_code) from exc
             except requests.RequestException as exc:
                 self._on_error(None)
                 error = PveNotSentError if _never_sent(exc) else PveUnavailableError
-                raise error(f"no answer from {self._connection.host}: {type(exc).__name__}") from None
+                raise error(f"no answer from {self._connection.host}: {why(exc)}") from exc
         raise AssertionError("unreachable")
 
     def guest(self, api: Any, guest_type: str, vmid: int) -> Any:
@@ -256,6 +266,35 @@ class GuestList(list[GuestState]):
         if self.dropped:
             raise PveAnswerError(f"guest {vmid} is not in the guest list, which dropped {self.dropped[0]}")
         return None
+
+
+def why(exc: requests.RequestException) -> str:
+    """What failed, for a person: a certificate Proxmox's CA file does not trust says so and what to pass.
+
+    Only the verifier's own words and the error's type: never the request (its URL, headers or body).
+    """
+    cert = _found(exc, ssl.SSLCertVerificationError)
+    if cert is not None:
+        advice = CERT_ADVICE.get(cert.verify_code, CA_ADVICE)
+        return f"TLS certificate not trusted ({cert.verify_message.rstrip('.')}): {advice}"
+    if _found(exc, ssl.SSLError) is not None:
+        return f"TLS failed ({type(exc).__name__}); check --pve-url and --pve-ca-file"
+    return type(exc).__name__
+
+
+def _found(exc: BaseException, wanted: type[E]) -> E | None:
+    """The first ``wanted`` among ``exc``, its args, ``reason`` and causes (urllib3 nests the ssl error there)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, wanted):
+            return item
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        todo.extend((*item.args, getattr(item, "reason", None), item.__cause__, item.__context__))
+    return None
 
 
 def _never_sent(exc: requests.RequestException) -> bool:
@@ -359,7 +398,7 @@ def _parsed(what: str, parse: Callable[..., T], *args: Any) -> T:
     try:
         return parse(*args)
     except pveparse.MalformedAnswerError as exc:
-        raise PveAnswerError(f"{what}: {exc}") from None
+        raise PveAnswerError(f"{what}: {exc}") from exc
 
 
 def _vmid_or_none(entry: Mapping[str, Any]) -> int | None:

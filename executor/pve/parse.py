@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from executor.errors import PermanentError
+
 VMID_MIN, VMID_MAX = 100, 999_999_999
 KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")  # every key of PVE's QEMU and LXC config schemas ([n] as digits)
 DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 of the config file today; SHA-256 accepted too
@@ -30,7 +32,7 @@ UPID = re.compile(r"UPID:[A-Za-z0-9][A-Za-z0-9.-]*:[0-9A-Fa-f]{8}:[0-9A-Fa-f]{8,
                   r"[^:\s]+:")
 
 
-class MalformedAnswerError(ValueError):
+class MalformedAnswerError(PermanentError, ValueError):
     """An answer that is not what PVE's API promises; the message says what was wrong."""
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import structlog
 
+from executor.errors import TemporaryError
 from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
 from executor.gate.gate import Gate
@@ -47,7 +48,7 @@ REVOKE = "op.revoke"
 OP_TTL_MAX = 24 * 3600 + MAX_SKEW  # the longest an op can live: the journal must remember nonces longer
 
 
-class RateLimitedError(RuntimeError):
+class RateLimitedError(TemporaryError, RuntimeError):
     """Too many SubmitOp calls: refused before any parsing."""
 
 
@@ -253,9 +254,9 @@ class OpDesk:
             journal.check_key(nonce_key(op))
         except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
             raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value}): "
-                                                     "sign a new proposal") from None
-        except KeyInFlightError:
-            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
+                                                     "sign a new proposal") from exc
+        except KeyInFlightError as exc:
+            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from exc
 
     def _queue(self, op: VerifiedOp) -> Refusal | None:
         """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""

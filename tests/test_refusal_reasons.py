@@ -1,0 +1,65 @@
+"""Refusal reasons are spelled one way: the proto enum executor.v1.RefusalReason.
+
+``safety.refusal.RefusalReason`` holds the proto's names without their prefix; every reason the executor spells
+as a string must be one of them, so a typo fails here instead of reaching a client as UNSPECIFIED.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from executor.api.server import reason_to_proto
+from executor.v1 import executor_pb2 as pb
+from safety.refusal import RefusalReason
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "REFUSAL_REASON_"
+CAPS = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*$")
+# The all-caps strings of executor/ that are not refusal reasons, and what each is.
+NOT_REASONS = {
+    "OK": "a PVE task's exit status",
+    "WARNINGS": "a PVE task's exit status prefix",
+    "PVE": "proxmoxer's service name",
+    "UPID": "a NewType name",
+    "FAILED": "the dry run's mark for a step that could not be authorized (never sent as a refusal)",
+}
+
+
+def test_the_library_enum_is_the_proto_enum() -> None:
+    """Each RefusalReason is a proto RefusalReason and back (UNSPECIFIED aside): one list of names.
+
+    DEFERRED alone is the library's: a stop the blast budget moved to a later tick, counted on the wire as
+    ``actions_deferred``, never sent as a refusal.
+    """
+    proto = {name.removeprefix(PREFIX) for name in pb.RefusalReason.DESCRIPTOR.values_by_name} - {"UNSPECIFIED"}
+    assert {reason.name for reason in RefusalReason} == proto | {"DEFERRED"}
+    assert all(reason.value == reason.name for reason in RefusalReason)
+
+
+def _caps_literals(path: Path) -> list[tuple[str, int]]:
+    """The all-caps string literals of one module (one letter: a TypeVar's name) with their lines."""
+    return [(node.value, node.lineno) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 1
+            and CAPS.match(node.value)]
+
+
+def test_every_reason_spelt_in_the_executor_is_in_the_enum() -> None:
+    """Every all-caps string in executor/ is a RefusalReason name or a known non-reason: a misspelt reason
+    (which the API would send as UNSPECIFIED) fails here."""
+    names = {reason.name for reason in RefusalReason} | set(NOT_REASONS)
+    found = [f"{path.relative_to(ROOT)}:{line}: {text!r}" for path in sorted((ROOT / "executor").rglob("*.py"))
+             if "_pb2" not in path.name for text, line in _caps_literals(path) if text not in names]
+    assert found == []
+
+
+def test_an_unknown_reason_is_not_silent() -> None:
+    """A name the contract lacks (an old journal's) still maps to UNSPECIFIED on the wire, with a warning logged."""
+    with capture_logs() as logs:
+        assert reason_to_proto("DIGEST_STAEL") == pb.REFUSAL_REASON_UNSPECIFIED
+        assert reason_to_proto(RefusalReason.DIGEST_STALE) == pb.REFUSAL_REASON_DIGEST_STALE
+    assert [(e["event"], e["reason"], e["log_level"]) for e in logs] == [
+        ("refusal_reason_unknown", "DIGEST_STAEL", "warning")]
