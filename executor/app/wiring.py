@@ -25,7 +25,7 @@ from executor.config import ExecutorSettings
 from executor.gate.actions import Step
 from executor.gate.decisions import GateSettings
 from executor.gate.gate import Gate
-from executor.gate.journalport import JournalReads
+from executor.gate.journalport import JournalReads, journal_port
 from executor.gate.kinds import CallSettings
 from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
@@ -83,8 +83,7 @@ class Parts:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
         self.engine.close()
         self.planner.close()
-        if self.engine.journal is not None:
-            self.engine.journal.close()
+        self.engine.gate.journal_port.close()
 
 
 def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | None, planner: PlannerClient,
@@ -119,7 +118,8 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
     # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
     ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
-    the_gate = Gate(reader=reader, writer=writer, journal=journal, settings=gate_settings, metrics=metrics,
+    port = journal_port(journal, metrics.journal_append.time)
+    the_gate = Gate(reader=reader, writer=writer, journal=port, settings=gate_settings, metrics=metrics,
                     wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
                     reverify=reverify if ops is not None else None)
     held, before_tick = _desk_hooks(lambda: desk) if ops is not None else ((), ())
@@ -173,7 +173,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
 def dry_gate(reader: PveReader, settings: ExecutorSettings) -> Gate:
     """The dry run's gate: no writer, no journal; the stop ledger and the gate's secret read, never written."""
     secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
-    return Gate(reader=reader, writer=None, journal=None, dry_run=True,
+    return Gate(reader=reader, writer=None, dry_run=True,
                 ledger=StopLedger.in_state_dir(settings.state_dir, writable=False),  # read, never written
                 settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
                                       stop_window=settings.interval,

@@ -27,7 +27,7 @@ import structlog
 
 from executor.gate.actions import START, STOP, Step
 from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, descriptor, to_action
-from executor.gate.journalport import JournalReads
+from executor.gate.journalport import JournalPort, JournalReads, NoJournalError
 from executor.gate.kinds import KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
@@ -52,8 +52,8 @@ class GateSide(Protocol):
     """
 
     @property
-    def journal(self) -> Journal | None:
-        """The journal, None once it could not open or a write failed."""
+    def journal_port(self) -> JournalPort:
+        """The journal's port (``NO_JOURNAL`` once it could not open or a write failed)."""
 
     @property
     def records(self) -> JournalReads:
@@ -465,7 +465,7 @@ class Lane:
 
     def _begin(self, admitted: Admitted) -> str | Refusal:
         """Journal the intent; for a signed op the same fdatasync'd record spends its nonce (``op:<op_id>``)."""
-        step, journal, op = admitted.step, self._gate.journal, admitted.op
+        step, journal, op = admitted.step, self._gate.journal_port, admitted.op
         payload: dict[str, object] = {**step.payload(), "class": admitted.verdict.cls.name.lower(),
                                       "source": admitted.source.value}
         if op is not None:
@@ -475,13 +475,11 @@ class Lane:
                            op={"id": op.payload.op_id, "kind": op.payload.kind, "class": op.payload.class_,
                                "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,
                                "not_after": op.payload.not_after})
-        if journal is None:
-            return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", "the journal is not working") if op else \
-                os.urandom(8).hex()
         try:
-            with self._gate.metrics.journal_append.time():
-                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
-                                     key=nonce_key(op) if op is not None else None)
+            return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
+                                 key=nonce_key(op) if op is not None else None)
+        except NoJournalError:  # journal-less: a benign step runs unjournaled, a signed op does not run
+            return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", "the journal is not working")
         except NonceSpentError:
             return self._refuse_op(admitted, "NONCE_SPENT", "this signed op was already used")
         except KeyInFlightError:

@@ -24,6 +24,7 @@ import structlog
 from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
 from executor.gate.gate import Gate
+from executor.gate.journalport import NoJournalError
 from executor.gate.kinds import KINDS
 from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.loop.desired import Declared
@@ -156,7 +157,7 @@ class OpDesk:
 
     def _secret(self) -> bytes:
         secret = self._gate.settings.secret
-        if self._gate.journal is None or secret is None:  # the daemon keeps a secret only with a journal
+        if not self._gate.journal_port.working or secret is None:  # the daemon keeps a secret only with a journal
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: no signed op can run")
         return secret
 
@@ -209,7 +210,7 @@ class OpDesk:
         store = self._current()
         if store is None:
             raise Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3])
-        if self._gate.journal is None:
+        if not self._gate.journal_port.working:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: only benign steps run")
         now = self.clock.now()
         op = verify(envelope, store, now=now, audience=self._gate.audience(),
@@ -241,10 +242,8 @@ class OpDesk:
 
     def _check_nonce(self, op: VerifiedOp) -> None:
         """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
-        journal = self._gate.journal
+        journal = self._gate.journal_port
         op_id = op.payload.op_id
-        if journal is None:
-            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
         veto = journal.last_refusal(revoked_key(op_id))
         store = self._current()
         if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
@@ -256,6 +255,8 @@ class OpDesk:
                                                      "sign a new proposal") from None
         except KeyInFlightError:
             raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from None
+        except NoJournalError:  # journal-less: no veto is read, and no journal can say the nonce is unspent
+            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working") from None
 
     def _queue(self, op: VerifiedOp) -> Refusal | None:
         """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
@@ -378,10 +379,10 @@ class OpDesk:
             return "", self._refusal(0, REVOKE, exc)
         # The detail names every revoker so far (a veto that counts for nothing never hides one that counts):
         # an op submitted later is vetoed only if one of them could sign it.
-        self._gate.journal_write(lambda j: j.refuse(
-            vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
-            detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target, key=revoked_key(target)))
-        if self._gate.journal is None:
+        if not self._gate.journal_write(lambda j: j.refuse(
+                vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
+                detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target,
+                key=revoked_key(target))):
             return "", self._refusal(0, REVOKE, Refused(RefusalReason.JOURNAL_UNAVAILABLE,
                                                         "the veto could not be journaled"))
         for key in covered:
