@@ -29,7 +29,8 @@ from executor.gate.journalport import JournalReads, journal_port
 from executor.gate.kinds import CallSettings
 from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
-from executor.loop.engine import Engine, Settings
+from executor.loop.engine import Engine
+from executor.loop.funnel import Funnel, Settings
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.loop.readahead import ReadAhead
@@ -75,6 +76,7 @@ class Parts:
     queue: GuestQueue
     engine: Engine
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
+    funnel: Funnel  # what selftest submits through
 
     def close(self, grace: float) -> None:
         """Drain the queue within ``grace``, then close the planner channel and the journal."""
@@ -93,10 +95,10 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
              holders: Sequence[Callable[[], set[int]]] = ()) -> Parts:
     """The parts, built in a straight line; with ``ops`` an op desk, the gate's clock and its challenge secret.
 
-    The desk and the engine need each other until the desk submits through a funnel of its own: the desk
-    submits through the engine, and the engine asks the desk which guests its queued ops hold and lets it
-    reload the trust store before each tick; the lane asks it to verify an op again. So the gate and
-    the engine are handed closures over the desk built right after them, never patched afterwards.
+    The funnel (the gate's admission and the queue) is built before the desk and the engine, which both
+    submit through it; the engine, built last, asks the desk which guests its queued ops hold and lets it
+    reload the trust store before each tick. The lane asks the desk to verify an op again: the gate is
+    handed a closure over the desk built right after it, never patched afterwards.
     ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's).
     """
     gate_settings, engine_settings = gate or GateSettings(), engine or Settings()
@@ -122,28 +124,14 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     the_gate = Gate(reader=reader, writer=writer, journal=port, settings=gate_settings, metrics=metrics,
                     wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
                     reverify=reverify if ops is not None else None)
-    held, before_tick = _desk_hooks(lambda: desk) if ops is not None else ((), ())
-    the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, queue=queue,
-                        settings=engine_settings, metrics=metrics, reads=reads, ahead=ahead,
-                        holders=(*holders, *held), before_tick=before_tick)
+    funnel = Funnel(gate=the_gate, queue=queue, ahead=ahead, settings=engine_settings)
     if ops is not None and clock is not None:
-        desk = OpDesk(reader=reader, gate=the_gate, funnel=the_engine, clock=clock, settings=ops)
-    return Parts(reader, planner, queue, the_engine, desk)
-
-
-def _desk_hooks(desk: Callable[[], OpDesk | None]) -> tuple[tuple[Callable[[], set[int]], ...],
-                                                           tuple[Callable[[], None], ...]]:
-    """The engine's hooks into the desk built after it: the guests its queued ops hold; its trust reload."""
-    def held() -> set[int]:
-        found = desk()
-        return found.held() if found is not None else set()
-
-    def tick() -> None:
-        found = desk()
-        if found is not None:
-            found.tick()
-
-    return (held,), (tick,)
+        desk = OpDesk(reader=reader, gate=the_gate, funnel=funnel, clock=clock, settings=ops)
+    held, before_tick = ((desk.held,), (desk.tick,)) if desk is not None else ((), ())
+    the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, funnel=funnel,
+                        settings=engine_settings, metrics=metrics, reads=reads,
+                        holders=(*holders, *held), before_tick=before_tick)
+    return Parts(reader, planner, queue, the_engine, desk, funnel)
 
 
 def writer_for(session: Session) -> PveWriter:

@@ -28,7 +28,7 @@ from executor.gate.journalport import NoJournalError
 from executor.gate.kinds import KINDS
 from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.loop.desired import Declared
-from executor.loop.engine import Submission
+from executor.loop.funnel import Submission
 from executor.loop.observe import Observed
 from executor.pve.node import PveError, PveReader
 from executor.signed.auth import could_sign, revokers, role_covers_keys
@@ -76,7 +76,7 @@ class Proposal:
 
 
 class Funnel(Protocol):
-    """The single entry of every mutation (``executor.loop.engine.Engine`` is it): the gate admits, the queue runs."""
+    """The single entry of every mutation (``executor.loop.funnel.Funnel`` is it): the gate admits, the queue runs."""
 
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
@@ -90,8 +90,8 @@ class OpDesk:
 
     def __init__(self, *, reader: PveReader, gate: Gate, funnel: Funnel, settings: OpSettings,
                  clock: GateClock) -> None:
-        """``funnel``: where an accepted op's step is submitted (the engine); the wiring hands the engine this
-        desk's ``held`` and ``tick`` and the gate its ``reverify``."""
+        """``funnel``: where an accepted op's step is submitted (built before the desk and the engine); the
+        wiring hands the engine, built after the desk, its ``held`` and ``tick``, and the gate its ``reverify``."""
         self._reader, self._gate, self._funnel = reader, gate, funnel
         self.settings, self.clock = settings, clock
         self._lock = threading.Lock()
@@ -259,7 +259,7 @@ class OpDesk:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working") from None
 
     def _queue(self, op: VerifiedOp) -> Refusal | None:
-        """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
+        """Read the guest, hand the op's step to the funnel; the gate's admission decides."""
         payload = op.payload
         reader = self._reader
         try:
