@@ -22,6 +22,6 @@ def test_no_journal_holds_nothing() -> None:
 def test_the_clock_without_a_journal_is_the_wall_clock(tmp_path: Path) -> None:
     """A clock reset's offset applies to the journal's mark; with no journal the gate's time is the wall's."""
     (tmp_path / "clock.reset").write_text(json.dumps({"offset": 3600.0, "floor": 0.0}), encoding="utf-8")
-    clock = GateClock(lambda: NO_JOURNAL, tmp_path)
+    clock = GateClock(NO_JOURNAL, tmp_path)
     before = time.time()
     assert before <= clock.now() <= time.time()

@@ -25,7 +25,7 @@ from executor.config import ExecutorSettings
 from executor.gate.actions import Step
 from executor.gate.decisions import GateSettings
 from executor.gate.gate import Gate
-from executor.gate.journalport import JournalReads, journal_port
+from executor.gate.journalport import journal_port
 from executor.gate.kinds import CallSettings
 from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
@@ -105,9 +105,6 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     metrics = metrics or ExecutorMetrics()
     desk: OpDesk | None = None
 
-    def gate_journal() -> JournalReads:
-        return the_gate.records
-
     def reverify(op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
         if desk is None:  # never so once built (the desk is made before any tick); fail closed all the same
             return Refused(RefusalReason.TRUST_STORE_INVALID, "signed ops are not accepted here")
@@ -116,11 +113,11 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     if ops is not None:  # before the clock: a new secret (or a lost journal) sets the clock's floor
         secret = gate_secret(ops.state_dir, journal) if journal is not None else None
         gate_settings = dataclasses.replace(gate_settings, secret=secret)
-    clock = GateClock(gate_journal, ops.state_dir) if ops is not None else None
+    port = journal_port(journal, metrics.journal_append.time)  # one port: a failed write switches it for everyone
+    clock = GateClock(port, ops.state_dir) if ops is not None else None
     reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
     # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
     ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
-    port = journal_port(journal, metrics.journal_append.time)
     the_gate = Gate(reader=reader, writer=writer, journal=port, settings=gate_settings, metrics=metrics,
                     wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
                     reverify=reverify if ops is not None else None)

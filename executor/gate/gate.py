@@ -99,7 +99,7 @@ class Gate:
         the journal's port (``NO_JOURNAL``: none, so only benign steps run)."""
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
-        self.journal_port = journal  # NO_JOURNAL once a write fails (``lose_journal``)
+        self.journal_port = journal  # switched to NO_JOURNAL in place when a write fails (``lose_journal``)
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self.book = ApprovalBook()  # pending approvals and the refusal counts
@@ -451,7 +451,5 @@ class Gate:
         The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
         been a spent nonce, so the next start refuses every op signed before it (``executor.signed.clock.gate_secret``).
         """
-        port = self.journal_port
         log.error("journal_failed_benign_only_from_now", error=str(exc))
-        self.journal_port = NO_JOURNAL
-        port.lost()
+        self.journal_port.lost()

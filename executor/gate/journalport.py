@@ -1,8 +1,10 @@
 """The executor's journal port: the journal (``LiveJournal``), or ``NO_JOURNAL`` when there is none.
 
-The gate holds ``NO_JOURNAL`` once its journal could not open or a write failed; from then on only
-benign steps run. What is only *read* (the operations in flight, recent records, a key's last
-refusal, the high-water mark) holds nothing there, so a reader needs no check; a write does
+The wiring builds one port (``journal_port``) and hands the same object to the gate, the gate's
+clock and the op desk; when a write fails, ``lost`` switches it to ``NO_JOURNAL`` in place, so no
+holder needs to ask the gate which journal is current. Without a journal only benign steps run.
+What is only *read* (the operations in flight, recent records, a key's last refusal, the
+high-water mark) holds nothing there, so a reader needs no check; a write does
 nothing and says so (False); an intent journaled for a signed op, or a nonce checked, raises
 ``NoJournalError``: a signed op needs a working journal. The policy points ask ``working``.
 """
@@ -66,6 +68,62 @@ class JournalPort(JournalReads, Protocol):
 
     def close(self) -> None:
         """Close the journal."""
+
+
+class SwitchedJournal:
+    """The port the wiring builds: the journal until a write fails (``lost``), ``NO_JOURNAL`` from then on."""
+
+    def __init__(self, port: JournalPort) -> None:
+        """``port``: a ``LiveJournal``, or ``NO_JOURNAL`` when the journal could not open."""
+        self._port = port
+
+    @property
+    def working(self) -> bool:
+        """True until the journal is lost (or if it never opened, never)."""
+        return self._port.working
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal itself (None once lost)."""
+        return self._port.journal
+
+    @property
+    def high_water(self) -> float:
+        """The journal's largest record time (0 without one)."""
+        return self._port.high_water
+
+    def in_flight(self) -> list[InFlight]:
+        """Operations begun and not ended."""
+        return self._port.in_flight()
+
+    def recent(self, limit: int = 100) -> list[Record]:
+        """The last ``limit`` records."""
+        return self._port.recent(limit)
+
+    def last_refusal(self, key: str) -> tuple[str, str] | None:
+        """The last refusal under ``key``."""
+        return self._port.last_refusal(key)
+
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """One write (False: no journal)."""
+        return self._port.write(write)
+
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+        """One intent (see ``JournalPort.begin``)."""
+        return self._port.begin(vmid=vmid, kind=kind, payload=payload, key=key)
+
+    def check_key(self, key: str) -> None:
+        """The journal's answer for ``key``."""
+        self._port.check_key(key)
+
+    def lost(self) -> None:
+        """Benign-only from now on: ``NO_JOURNAL`` in place of the journal, whose intact mark is unlinked."""
+        port, self._port = self._port, NO_JOURNAL
+        port.lost()
+
+    def close(self) -> None:
+        """Close the journal (nothing once it is lost: as before, a lost journal is left as it is)."""
+        self._port.close()
 
 
 class LiveJournal:
@@ -167,4 +225,4 @@ NO_JOURNAL: JournalPort = NoJournal()
 def journal_port(journal: Journal | None,
                  timer: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext) -> JournalPort:
     """The port over what ``open_journal`` gave: the journal, or ``NO_JOURNAL`` when it could not open."""
-    return NO_JOURNAL if journal is None else LiveJournal(journal, timer)
+    return SwitchedJournal(NO_JOURNAL if journal is None else LiveJournal(journal, timer))

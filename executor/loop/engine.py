@@ -26,7 +26,6 @@ import structlog
 from executor.gate.actions import by_guest
 from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
-from executor.gate.journalport import NO_JOURNAL
 from executor.loop.desired import DesiredProvider, DesiredStateError, provider_source
 from executor.loop.funnel import Funnel, Settings
 from executor.loop.observe import observe
@@ -124,9 +123,9 @@ class Engine:
         """A snapshot for the API."""
         with self._lock:
             ticks, last = self.ticks, self.last
-        records = self.gate.records  # read once: the journal, or the stand-in when it is gone
+        records = self.gate.journal_port  # the journal, or the stand-in once it is gone
         return EngineStatus(ticks=ticks, last=last, counters=dict(self.counters), busy=self.queue.busy(),
-                            in_flight=records.in_flight(), journal_enabled=records is not NO_JOURNAL,
+                            in_flight=records.in_flight(), journal_enabled=records.working,
                             gate=self.gate.state())
 
     # --- the tick -----------------------------------------------------------------------------
