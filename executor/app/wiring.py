@@ -22,7 +22,7 @@ import structlog
 from common.config import ConfigError
 from executor.app.connect import connection, planner_tls
 from executor.config import ExecutorSettings
-from executor.gate.actions import Step
+from executor.gate.audience import Audience
 from executor.gate.decisions import GateSettings
 from executor.gate.gate import Gate
 from executor.gate.journalport import journal_port
@@ -39,10 +39,9 @@ from executor.pve.node import Connection, ProxmoxNode, PveReader, PveWriter, Ses
 from executor.pve.write import ProxmoxWriter
 from executor.signed.clock import GateClock, gate_secret
 from executor.signed.desk import OP_TTL_MAX, OpDesk, OpSettings
+from executor.signed.trust import TrustKeeper
+from executor.signed.verifier import OpVerifier
 from journal import Journal, JournalOpenError
-from safety.classify import GuestFacts
-from safety.refusal import RefusalReason, Refused
-from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.daemon")
 
@@ -97,33 +96,30 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
 
     The funnel (the gate's admission and the queue) is built before the desk and the engine, which both
     submit through it; the engine, built last, asks the desk which guests its queued ops hold and lets it
-    reload the trust store before each tick. The lane asks the desk to verify an op again: the gate is
-    handed a closure over the desk built right after it, never patched afterwards.
+    reload the trust store before each tick. The op verifier (the trust store in force, the nonce check)
+    and the audience are built before the gate: the gate's lane verifies each op again through it, the
+    desk hands it the ops it accepts. Nothing is handed a closure over a part built later.
     ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's).
     """
     gate_settings, engine_settings = gate or GateSettings(), engine or Settings()
     metrics = metrics or ExecutorMetrics()
-    desk: OpDesk | None = None
-
-    def reverify(op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
-        if desk is None:  # never so once built (the desk is made before any tick); fail closed all the same
-            return Refused(RefusalReason.TRUST_STORE_INVALID, "signed ops are not accepted here")
-        return desk.reverify(op, step, facts)
-
     if ops is not None:  # before the clock: a new secret (or a lost journal) sets the clock's floor
         secret = gate_secret(ops.state_dir, journal) if journal is not None else None
         gate_settings = dataclasses.replace(gate_settings, secret=secret)
     port = journal_port(journal, metrics.journal_append.time)  # one port: a failed write switches it for everyone
     clock = GateClock(port, ops.state_dir) if ops is not None else None
+    audience = Audience(reader, gate_settings.audience)  # one cache for the gate and the verifier
+    verifier = OpVerifier(trust=TrustKeeper(ops.trust_store, ops.state_dir), clock=clock, journal=port,
+                          audience=audience, skew=ops.skew) if ops is not None and clock is not None else None
     reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
     # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
     ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
     the_gate = Gate(reader=reader, writer=writer, journal=port, settings=gate_settings, metrics=metrics,
                     wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
-                    reverify=reverify if ops is not None else None)
+                    reverify=verifier.reverify if verifier is not None else None, audience=audience)
     funnel = Funnel(gate=the_gate, queue=queue, ahead=ahead, settings=engine_settings)
-    if ops is not None and clock is not None:
-        desk = OpDesk(reader=reader, gate=the_gate, funnel=funnel, clock=clock, settings=ops)
+    desk = OpDesk(reader=reader, gate=the_gate, funnel=funnel, verifier=verifier, clock=verifier.clock,
+                  settings=ops) if verifier is not None and ops is not None else None
     held, before_tick = ((desk.held,), (desk.tick,)) if desk is not None else ((), ())
     the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, funnel=funnel,
                         settings=engine_settings, metrics=metrics, reads=reads,

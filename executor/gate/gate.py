@@ -27,6 +27,7 @@ import structlog
 
 from executor.gate.actions import SET_CONFIG, START, STOP, Step
 from executor.gate.approvals import ApprovalBook
+from executor.gate.audience import Audience
 from executor.gate.decisions import (
     APPROVABLE,
     APPROVAL_REQUIRED,
@@ -93,17 +94,19 @@ class Gate:
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
                  dry_run: bool = False, wall: Callable[[], float] = time.time,
                  ledger: StopLedger | None = None, ahead: Ahead | None = None,
-                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None) -> None:
+                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None,
+                 audience: Audience | None = None) -> None:
         """``ahead``: the starts' pending sections read ahead of the lanes; ``reverify``: a signed op checked
         again against the trust store in force, in the lane (the op desk's; None: no signed ops); ``journal``:
-        the journal's port (``NO_JOURNAL``: none, so only benign steps run)."""
+        the journal's port (``NO_JOURNAL``: none, so only benign steps run); ``audience``: shared with the op
+        verifier (default: the settings' audience, else node@cluster as read)."""
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal_port = journal  # switched to NO_JOURNAL in place when a write fails (``lose_journal``)
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self.book = ApprovalBook()  # pending approvals and the refusal counts
-        self._audience = self.settings.audience
+        self._audience = audience if audience is not None else Audience(reader, self.settings.audience)
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
         self.reverify = reverify
@@ -355,13 +358,7 @@ class Gate:
 
     def audience(self) -> str:
         """node@cluster: what a signed approval names (read once, only when first needed)."""
-        if self._audience is None:
-            try:
-                cluster = self._reader.cluster_name()
-            except PveError:
-                return f"{self._reader.node}@"  # not cached: the next refusal tries again
-            self._audience = f"{self._reader.node}@{cluster}"
-        return self._audience
+        return self._audience()
 
     # --- what the gate keeps ------------------------------------------------------------------
 
