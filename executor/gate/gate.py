@@ -109,8 +109,9 @@ class Gate:
         self._audience = audience if audience is not None else Audience(reader, self.settings.audience)
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
-        self.reverify = reverify
-        self.lane = Lane(gate=self, reader=reader, writer=writer, ahead=ahead)
+        self.lane = Lane(gate=self, reader=reader, writer=writer, journal=self.journal_port, book=self.book,
+                         settings=self.settings, metrics=self.metrics, wall=self.wall, audience=self._audience,
+                         reverify=reverify, ahead=ahead)
 
     # --- admission ----------------------------------------------------------------------------
 
