@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import logs
 from executor.app.wiring import assemble, writer_for
 from executor.loop.desired import Declared, StaticProvider
-from executor.loop.engine import Engine, Settings
+from executor.loop.engine import Engine
+from executor.loop.funnel import Settings
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.pve.node import Connection, Credentials, ProxmoxNode

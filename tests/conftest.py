@@ -16,7 +16,8 @@ from executor.app.wiring import Parts, assemble, writer_for
 from executor.gate.decisions import GateSettings
 from executor.gate.kinds import CallSettings
 from executor.loop.desired import Declared, DesiredProvider, StaticProvider
-from executor.loop.engine import Engine, Settings
+from executor.loop.engine import Engine
+from executor.loop.funnel import Settings
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.pve.node import Connection, Credentials, ProxmoxNode

@@ -93,11 +93,11 @@ def test_task_error_is_counted_and_retried(fakepve: Any, make_engine: Make) -> N
     failed = engine.tick(wait=True)
     assert (failed.outcome, failed.failed) == (TickOutcome.ACTIONS_FAILED, 1)
     assert engine.counters[("start", "failed")] == 1
-    assert engine.backoff[100][0] == 1
+    assert engine.funnel.backoff[100][0] == 1
     vm.start_error = None
     time.sleep(0.01)
     assert engine.tick(wait=True).succeeded == 1
-    assert vm.status == "running" and 100 not in engine.backoff
+    assert vm.status == "running" and 100 not in engine.funnel.backoff
 
 
 def test_failed_guest_backs_off_before_the_retry(fakepve: Any, make_engine: Make) -> None:

@@ -118,7 +118,7 @@ def test_the_gate_admits_no_config_write_without_a_digest(fakepve: Any, node: Pr
     """Facts without a digest (a config that could not be read) admit no config write, whatever the planner
     sends (with a digest of its own, or none)."""
     fakepve.add_vm(100, "web", status="stopped", config={"memory": "2048"})
-    gate = Gate(reader=node, writer=None, journal=None, dry_run=True)
+    gate = Gate(reader=node, writer=None, dry_run=True)
     guest = GuestState(vmid=100, type="qemu", status="stopped", lock="")
     for config in ({"memory": "2048"}, None):
         observed = Observed(guests={100: guest}, configs={100: (config, "")} if config else {}, elsewhere=frozenset())

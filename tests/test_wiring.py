@@ -10,7 +10,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILT = frozenset({"Gate", "Lane", "Engine", "OpDesk", "ReadAhead", "GateClock", "ProxmoxWriter"})
+BUILT = frozenset({"Gate", "Lane", "Engine", "OpDesk", "ReadAhead", "GateClock", "ProxmoxWriter", "Funnel",
+                   "OpVerifier"})
 # The collaborators handed in at construction (before: assigned from outside).
 HANDED_IN = frozenset({"reverify", "wall", "settings", "ahead", "provider", "planner", "journal", "holders",
                        "before_tick"})
@@ -50,3 +51,12 @@ def test_nothing_is_assigned_onto_a_built_part() -> None:
                         and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
                     found.add(f"{path.relative_to(ROOT)}:{node.lineno}: .{target.attr} =")
     assert found == set()
+
+
+def test_the_wiring_hands_no_closure_over_a_later_part() -> None:
+    """``assemble`` builds in a straight line: no nested function or lambda standing in for a part built after it."""
+    tree = ast.parse(WIRING.read_text(encoding="utf-8"))
+    assemble = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "assemble")
+    closures = [f"{type(n).__name__}:{n.lineno}" for n in ast.walk(assemble) if n is not assemble
+                and isinstance(n, ast.FunctionDef | ast.Lambda)]
+    assert closures == []

@@ -141,7 +141,7 @@ def run_selftest(settings: ExecutorSettings, conn: Connection) -> int:
     journal = open_journal(settings.state_dir) if settings.state_dir else None
     parts = build(settings, conn, EmptyProvider(), journal)
     try:
-        result = selftest(parts.engine, settings.vmid or 0)
+        result = selftest(parts.funnel, parts.reader, parts.planner, settings.vmid or 0)
     except PlannerError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)
         return 1

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from executor.gate.actions import SET_CONFIG, Step
 from executor.loop.desired import Declared
-from executor.loop.engine import Engine
+from executor.loop.funnel import Funnel
 from executor.loop.observe import observe
-from executor.loop.planner_client import actual_to_proto, desired_to_proto
-from executor.pve.node import PveError
+from executor.loop.planner_client import PlannerClient, actual_to_proto, desired_to_proto
+from executor.pve.node import PveError, PveReader
 from safety.classify import Source
 
 
@@ -31,15 +31,15 @@ class SelftestResult:
     detail: str
 
 
-def _write(engine: Engine, vmid: int, values: dict[str, str], delete: list[str]) -> None:
-    """One description write through the engine's funnel (the gate admits it as SELFTEST)."""
+def _write(funnel: Funnel, pve: PveReader, vmid: int, values: dict[str, str], delete: list[str]) -> None:
+    """One description write through the funnel (the gate admits it as SELFTEST)."""
     declared = [Declared(vmid=vmid, description=values.get("description", ""))]  # exactly what is written
-    observed = observe(engine.pve, declared)
+    observed = observe(pve, declared)
     guest = observed.guests[vmid]
     _, digest = observed.configs[vmid]
     step = Step(vmid=vmid, guest_type=guest.type, kind=SET_CONFIG, set=tuple(sorted(values.items())),
                 delete=tuple(delete), digest=digest)
-    submission = engine.submit({vmid: [step]}, source=Source.SELFTEST, observed=observed, declared=declared,
+    submission = funnel.submit({vmid: [step]}, source=Source.SELFTEST, observed=observed, declared=declared,
                                wait=True)
     if submission.admission.refused:
         raise PveError(f"the gate refused the write: {submission.admission.refused[0].detail}")
@@ -47,9 +47,8 @@ def _write(engine: Engine, vmid: int, values: dict[str, str], delete: list[str])
         raise PveError("the description write failed (see the action log line)")
 
 
-def selftest(engine: Engine, vmid: int) -> SelftestResult:
-    """Run the round trip on ``vmid`` and restore it."""
-    pve, planner = engine.pve, engine.planner
+def selftest(funnel: Funnel, pve: PveReader, planner: PlannerClient, vmid: int) -> SelftestResult:
+    """Run the round trip on ``vmid`` through ``funnel`` (``pve`` reads, ``planner`` judges) and restore it."""
     guest = pve.guests().find(vmid)
     if guest is None:
         return SelftestResult(False, "", "", False, f"guest {vmid} is not on node {pve.node}")
@@ -59,7 +58,7 @@ def selftest(engine: Engine, vmid: int) -> SelftestResult:
     written = f"pve-reconcile selftest {int(time.time())}\r\nsecond line  \n"
     restored = False
     try:
-        _write(engine, vmid, {"description": written}, [])
+        _write(funnel, pve, vmid, {"description": written}, [])
         config, digest = pve.config(guest.type, vmid)
         read_back = config.get("description", "")
         plan = planner.plan(desired_to_proto([Declared(vmid=vmid, description=written)]),
@@ -68,8 +67,8 @@ def selftest(engine: Engine, vmid: int) -> SelftestResult:
         detail = "round trip equal after normalization" if ok else f"planner still sees drift: {plan}"
     finally:
         if original is None:
-            _write(engine, vmid, {}, ["description"])
+            _write(funnel, pve, vmid, {}, ["description"])
         else:
-            _write(engine, vmid, {"description": original}, [])
+            _write(funnel, pve, vmid, {"description": original}, [])
         restored = pve.config(guest.type, vmid)[0].get("description") == original
     return SelftestResult(ok and restored, written, read_back, restored, detail)

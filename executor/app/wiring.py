@@ -22,14 +22,15 @@ import structlog
 from common.config import ConfigError
 from executor.app.connect import connection, planner_tls
 from executor.config import ExecutorSettings
-from executor.gate.actions import Step
+from executor.gate.audience import Audience
 from executor.gate.decisions import GateSettings
 from executor.gate.gate import Gate
-from executor.gate.journalport import JournalReads
+from executor.gate.journalport import journal_port
 from executor.gate.kinds import CallSettings
 from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
-from executor.loop.engine import Engine, Settings
+from executor.loop.engine import Engine
+from executor.loop.funnel import Funnel, Settings
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.loop.readahead import ReadAhead
@@ -38,10 +39,9 @@ from executor.pve.node import Connection, ProxmoxNode, PveReader, PveWriter, Ses
 from executor.pve.write import ProxmoxWriter
 from executor.signed.clock import GateClock, gate_secret
 from executor.signed.desk import OP_TTL_MAX, OpDesk, OpSettings
+from executor.signed.trust import TrustKeeper
+from executor.signed.verifier import OpVerifier
 from journal import Journal, JournalOpenError
-from safety.classify import GuestFacts
-from safety.refusal import RefusalReason, Refused
-from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.daemon")
 
@@ -75,6 +75,7 @@ class Parts:
     queue: GuestQueue
     engine: Engine
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
+    funnel: Funnel  # what selftest submits through
 
     def close(self, grace: float) -> None:
         """Drain the queue within ``grace``, then close the planner channel and the journal."""
@@ -83,8 +84,7 @@ class Parts:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
         self.engine.close()
         self.planner.close()
-        if self.engine.journal is not None:
-            self.engine.journal.close()
+        self.engine.gate.journal_port.close()
 
 
 def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | None, planner: PlannerClient,
@@ -94,56 +94,37 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
              holders: Sequence[Callable[[], set[int]]] = ()) -> Parts:
     """The parts, built in a straight line; with ``ops`` an op desk, the gate's clock and its challenge secret.
 
-    The desk and the engine need each other until the desk submits through a funnel of its own: the desk
-    submits through the engine, and the engine asks the desk which guests its queued ops hold and lets it
-    reload the trust store before each tick; the lane asks it to verify an op again. So the gate and
-    the engine are handed closures over the desk built right after them, never patched afterwards.
+    The funnel (the gate's admission and the queue) is built before the desk and the engine, which both
+    submit through it; the engine, built last, asks the desk which guests its queued ops hold and lets it
+    reload the trust store before each tick. The op verifier (the trust store in force, the nonce check)
+    and the audience are built before the gate: the gate's lane verifies each op again through it, the
+    desk hands it the ops it accepts. Nothing is handed a closure over a part built later.
     ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's).
     """
     gate_settings, engine_settings = gate or GateSettings(), engine or Settings()
     metrics = metrics or ExecutorMetrics()
-    desk: OpDesk | None = None
-
-    def gate_journal() -> JournalReads:
-        return the_gate.records
-
-    def reverify(op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
-        if desk is None:  # never so once built (the desk is made before any tick); fail closed all the same
-            return Refused(RefusalReason.TRUST_STORE_INVALID, "signed ops are not accepted here")
-        return desk.reverify(op, step, facts)
-
     if ops is not None:  # before the clock: a new secret (or a lost journal) sets the clock's floor
         secret = gate_secret(ops.state_dir, journal) if journal is not None else None
         gate_settings = dataclasses.replace(gate_settings, secret=secret)
-    clock = GateClock(gate_journal, ops.state_dir) if ops is not None else None
+    port = journal_port(journal, metrics.journal_append.time)  # one port: a failed write switches it for everyone
+    clock = GateClock(port, ops.state_dir) if ops is not None else None
+    audience = Audience(reader, gate_settings.audience)  # one cache for the gate and the verifier
+    verifier = OpVerifier(trust=TrustKeeper(ops.trust_store, ops.state_dir), clock=clock, journal=port,
+                          audience=audience, skew=ops.skew) if ops is not None and clock is not None else None
     reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
     # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
     ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
-    the_gate = Gate(reader=reader, writer=writer, journal=journal, settings=gate_settings, metrics=metrics,
+    the_gate = Gate(reader=reader, writer=writer, journal=port, settings=gate_settings, metrics=metrics,
                     wall=clock.now if clock is not None else time.time, ledger=ledger, ahead=ahead,
-                    reverify=reverify if ops is not None else None)
-    held, before_tick = _desk_hooks(lambda: desk) if ops is not None else ((), ())
-    the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, queue=queue,
-                        settings=engine_settings, metrics=metrics, reads=reads, ahead=ahead,
+                    reverify=verifier.reverify if verifier is not None else None, audience=audience)
+    funnel = Funnel(gate=the_gate, queue=queue, ahead=ahead, settings=engine_settings)
+    desk = OpDesk(reader=reader, gate=the_gate, funnel=funnel, verifier=verifier, clock=verifier.clock,
+                  settings=ops) if verifier is not None and ops is not None else None
+    held, before_tick = ((desk.held,), (desk.tick,)) if desk is not None else ((), ())
+    the_engine = Engine(pve=reader, gate=the_gate, planner=planner, provider=provider, funnel=funnel,
+                        settings=engine_settings, metrics=metrics, reads=reads,
                         holders=(*holders, *held), before_tick=before_tick)
-    if ops is not None and clock is not None:
-        desk = OpDesk(reader=reader, gate=the_gate, funnel=the_engine, clock=clock, settings=ops)
-    return Parts(reader, planner, queue, the_engine, desk)
-
-
-def _desk_hooks(desk: Callable[[], OpDesk | None]) -> tuple[tuple[Callable[[], set[int]], ...],
-                                                           tuple[Callable[[], None], ...]]:
-    """The engine's hooks into the desk built after it: the guests its queued ops hold; its trust reload."""
-    def held() -> set[int]:
-        found = desk()
-        return found.held() if found is not None else set()
-
-    def tick() -> None:
-        found = desk()
-        if found is not None:
-            found.tick()
-
-    return (held,), (tick,)
+    return Parts(reader, planner, queue, the_engine, desk, funnel)
 
 
 def writer_for(session: Session) -> PveWriter:
@@ -173,7 +154,7 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
 def dry_gate(reader: PveReader, settings: ExecutorSettings) -> Gate:
     """The dry run's gate: no writer, no journal; the stop ledger and the gate's secret read, never written."""
     secret = Path(settings.state_dir) / "gate.secret"  # read, never created: the dry run writes nothing
-    return Gate(reader=reader, writer=None, journal=None, dry_run=True,
+    return Gate(reader=reader, writer=None, dry_run=True,
                 ledger=StopLedger.in_state_dir(settings.state_dir, writable=False),  # read, never written
                 settings=GateSettings(max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
                                       stop_window=settings.interval,

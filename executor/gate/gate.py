@@ -17,18 +17,17 @@ Admission makes no Proxmox reads (a refused step pays one to bind its descriptor
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
-from pathlib import Path
 from typing import Protocol
 
 import structlog
 
 from executor.gate.actions import SET_CONFIG, START, STOP, Step
 from executor.gate.approvals import ApprovalBook
+from executor.gate.audience import Audience
 from executor.gate.decisions import (
     APPROVABLE,
     APPROVAL_REQUIRED,
@@ -51,8 +50,7 @@ from executor.gate.decisions import (
     spends,
     unknown,
 )
-from executor.gate.files import INTACT_MARK
-from executor.gate.journalport import NO_JOURNAL, JournalReads
+from executor.gate.journalport import NO_JOURNAL, JournalPort, JournalReads
 from executor.gate.kinds import KINDS
 from executor.gate.lane import Ahead, Lane
 from executor.gate.steps import nonce_key
@@ -92,24 +90,28 @@ class NodeView(Protocol):
 class Gate:
     """Admits steps by scope, binding and class; keeps the pending approvals."""
 
-    def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: Journal | None,
+    def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: JournalPort = NO_JOURNAL,
                  settings: GateSettings | None = None, metrics: ExecutorMetrics | None = None,
                  dry_run: bool = False, wall: Callable[[], float] = time.time,
                  ledger: StopLedger | None = None, ahead: Ahead | None = None,
-                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None) -> None:
+                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None,
+                 audience: Audience | None = None) -> None:
         """``ahead``: the starts' pending sections read ahead of the lanes; ``reverify``: a signed op checked
-        again against the trust store in force, in the lane (the op desk's; None: no signed ops)."""
+        again against the trust store in force, in the lane (the op desk's; None: no signed ops); ``journal``:
+        the journal's port (``NO_JOURNAL``: none, so only benign steps run); ``audience``: shared with the op
+        verifier (default: the settings' audience, else node@cluster as read)."""
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
-        self.journal = journal
+        self.journal_port = journal  # switched to NO_JOURNAL in place when a write fails (``lose_journal``)
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self.book = ApprovalBook()  # pending approvals and the refusal counts
-        self._audience = self.settings.audience
+        self._audience = audience if audience is not None else Audience(reader, self.settings.audience)
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
-        self.reverify = reverify
-        self.lane = Lane(gate=self, reader=reader, writer=writer, ahead=ahead)
+        self.lane = Lane(gate=self, reader=reader, writer=writer, journal=self.journal_port, book=self.book,
+                         settings=self.settings, metrics=self.metrics, wall=self.wall, audience=self._audience,
+                         reverify=reverify, ahead=ahead)
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -195,7 +197,7 @@ class Gate:
         if verdict.cls is Class.BENIGN:
             return verdict, None, ""
         detail = f"{verdict.rule}: " + "; ".join(verdict.reasons)
-        journal_less = self.journal is None and not self._dry_run
+        journal_less = not self.journal_port.working and not self._dry_run
         return verdict, JOURNAL_UNAVAILABLE if journal_less else APPROVAL_REQUIRED, detail
 
     # Checks before the class (each: None, or the refusal reason and its detail).
@@ -240,7 +242,7 @@ class Gate:
     def _judge_op(self, step: Step, verdict: Verdict, facts: GuestFacts,
                   op: VerifiedOp) -> tuple[Verdict, str | None, str]:
         """A signed op's step: its class and kind must be the verdict's (no downgrade, no over-approval)."""
-        if self.journal is None:
+        if not self.journal_port.working:
             return verdict, JOURNAL_UNAVAILABLE, "a signed op needs a working journal (its nonce is spent there)"
         if facts.lock:  # before the digest: PVE writes the lock into the config, so it moves the digest too
             return verdict, LOCKED, f"guest {step.vmid} is locked ({facts.lock}): retried until the op expires"
@@ -357,13 +359,7 @@ class Gate:
 
     def audience(self) -> str:
         """node@cluster: what a signed approval names (read once, only when first needed)."""
-        if self._audience is None:
-            try:
-                cluster = self._reader.cluster_name()
-            except PveError:
-                return f"{self._reader.node}@"  # not cached: the next refusal tries again
-            self._audience = f"{self._reader.node}@{cluster}"
-        return self._audience
+        return self._audience()
 
     # --- what the gate keeps ------------------------------------------------------------------
 
@@ -414,7 +410,7 @@ class Gate:
     def state(self) -> GateState:
         """The gate's state; the book's counts read together."""
         pending, refused, deferred = self.book.counts()
-        return GateState(signed_ops=False, journal_ok=self.journal is not None, pending=pending, refused=refused,
+        return GateState(signed_ops=False, journal_ok=self.journal_port.working, pending=pending, refused=refused,
                          deferred=deferred, max_stops_per_tick=self.settings.max_stops_per_tick)
 
     @property
@@ -432,21 +428,20 @@ class Gate:
     @property
     def records(self) -> JournalReads:
         """What is read of the journal: the journal, or ``NO_JOURNAL`` (nothing in flight, nothing recorded)."""
-        journal = self.journal
-        return journal if journal is not None else NO_JOURNAL
+        return self.journal_port
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal itself (None when it could not open or a write failed): for recovery and tests."""
+        return self.journal_port.journal
 
     def journal_write(self, write: Callable[[Journal], object]) -> bool:
         """One journal write (True: written); a failure switches the gate to benign-only."""
-        journal = self.journal
-        if journal is None:
-            return False
         try:
-            with self.metrics.journal_append.time():
-                write(journal)
+            return self.journal_port.write(write)
         except JournalError as exc:
             self.lose_journal(exc)
             return False
-        return True
 
     def lose_journal(self, exc: JournalError | OSError) -> None:
         """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
@@ -454,9 +449,5 @@ class Gate:
         The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
         been a spent nonce, so the next start refuses every op signed before it (``executor.signed.clock.gate_secret``).
         """
-        journal = self.journal
         log.error("journal_failed_benign_only_from_now", error=str(exc))
-        self.journal = None
-        if journal is not None:
-            with contextlib.suppress(OSError):
-                (Path(journal.directory) / INTACT_MARK).unlink(missing_ok=True)
+        self.journal_port.lost()

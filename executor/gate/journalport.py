@@ -1,16 +1,25 @@
-"""What the executor reads of its journal, and the stand-in when there is none.
+"""The executor's journal port: the journal (``LiveJournal``), or ``NO_JOURNAL`` when there is none.
 
-The gate's journal is None once it could not open or a write failed (from then on only benign
-steps run: that policy stays explicit, ``Gate.journal is None``). What is only *read* of it (the
-operations in flight, recent records, a key's last refusal, the high-water mark) goes through
-``Gate.records``: the journal, or ``NO_JOURNAL``, which holds nothing, so a reader needs no check.
+The wiring builds one port (``journal_port``) and hands the same object to the gate, the gate's
+clock and the op desk; when a write fails, ``lost`` switches it to ``NO_JOURNAL`` in place, so no
+holder needs to ask the gate which journal is current. Without a journal only benign steps run.
+What is only *read* (the operations in flight, recent records, a key's last refusal, the
+high-water mark) holds nothing there, so a reader needs no check; a write does
+nothing and says so (False); an intent journaled for a signed op, or a nonce checked, raises
+``NoJournalError``: a signed op needs a working journal. The policy points ask ``working``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
 
-from journal import InFlight, Record
+from executor.gate.files import INTACT_MARK
+from journal import InFlight, Journal, Record
 
 
 class JournalReads(Protocol):
@@ -30,10 +39,152 @@ class JournalReads(Protocol):
         """The last refusal recorded under ``key`` (reason, detail), if any."""
 
 
+class NoJournalError(Exception):
+    """There is no working journal: what needs one (a signed op's intent, its nonce) is refused."""
+
+
+class JournalPort(JournalReads, Protocol):
+    """The journal as the gate, the lane and the op desk write it: ``LiveJournal`` or ``NO_JOURNAL``."""
+
+    @property
+    def working(self) -> bool:
+        """True for a journal that opened and has not failed: only then may anything but benign steps run."""
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal itself, for recovery (None: there is none)."""
+
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """Apply ``write`` to the journal (False: there is none); a failed write raises ``JournalError``."""
+
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+        """Journal an intent; its op id (``NoJournalError`` for a keyed intent where there is no journal)."""
+
+    def check_key(self, key: str) -> None:
+        """Raise when ``key`` was spent or is in flight (``NoJournalError``: there is no journal to ask)."""
+
+    def lost(self) -> None:
+        """A write failed: unlink the intact mark, so the next start sets the clock floor."""
+
+    def close(self) -> None:
+        """Close the journal."""
+
+
+class SwitchedJournal:
+    """The port the wiring builds: the journal until a write fails (``lost``), ``NO_JOURNAL`` from then on."""
+
+    def __init__(self, port: JournalPort) -> None:
+        """``port``: a ``LiveJournal``, or ``NO_JOURNAL`` when the journal could not open."""
+        self._port = port
+
+    @property
+    def working(self) -> bool:
+        """True until the journal is lost (or if it never opened, never)."""
+        return self._port.working
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal itself (None once lost)."""
+        return self._port.journal
+
+    @property
+    def high_water(self) -> float:
+        """The journal's largest record time (0 without one)."""
+        return self._port.high_water
+
+    def in_flight(self) -> list[InFlight]:
+        """Operations begun and not ended."""
+        return self._port.in_flight()
+
+    def recent(self, limit: int = 100) -> list[Record]:
+        """The last ``limit`` records."""
+        return self._port.recent(limit)
+
+    def last_refusal(self, key: str) -> tuple[str, str] | None:
+        """The last refusal under ``key``."""
+        return self._port.last_refusal(key)
+
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """One write (False: no journal)."""
+        return self._port.write(write)
+
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+        """One intent (see ``JournalPort.begin``)."""
+        return self._port.begin(vmid=vmid, kind=kind, payload=payload, key=key)
+
+    def check_key(self, key: str) -> None:
+        """The journal's answer for ``key``."""
+        self._port.check_key(key)
+
+    def lost(self) -> None:
+        """Benign-only from now on: ``NO_JOURNAL`` in place of the journal, whose intact mark is unlinked."""
+        port, self._port = self._port, NO_JOURNAL
+        port.lost()
+
+    def close(self) -> None:
+        """Close the journal (nothing once it is lost: as before, a lost journal is left as it is)."""
+        self._port.close()
+
+
+class LiveJournal:
+    """A working journal; ``timer`` times each append (the journal-append histogram)."""
+
+    working = True
+
+    def __init__(self, journal: Journal,
+                 timer: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext) -> None:
+        """``journal``: opened by the wiring."""
+        self.journal: Journal | None = journal
+        self._journal, self._timer = journal, timer
+
+    @property
+    def high_water(self) -> float:
+        """The journal's largest record time."""
+        return self._journal.high_water
+
+    def in_flight(self) -> list[InFlight]:
+        """Operations begun and not ended."""
+        return self._journal.in_flight()
+
+    def recent(self, limit: int = 100) -> list[Record]:
+        """The last ``limit`` records."""
+        return self._journal.recent(limit)
+
+    def last_refusal(self, key: str) -> tuple[str, str] | None:
+        """The last refusal under ``key``."""
+        return self._journal.last_refusal(key)
+
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """One timed write; a ``JournalError`` goes to the caller (the gate loses the journal)."""
+        with self._timer():
+            write(self._journal)
+        return True
+
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+        """One timed, durable intent."""
+        with self._timer():
+            return self._journal.begin(vmid=vmid, kind=kind, payload=payload, key=key)
+
+    def check_key(self, key: str) -> None:
+        """The journal's answer for ``key`` (spent, in flight, or free)."""
+        self._journal.check_key(key)
+
+    def lost(self) -> None:
+        """Unlink the intact mark (an unlink needs no free space)."""
+        with contextlib.suppress(OSError):
+            (Path(self._journal.directory) / INTACT_MARK).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the journal."""
+        self._journal.close()
+
+
 class NoJournal:
-    """No journal: nothing in flight, nothing recorded, a high-water mark of 0."""
+    """No journal: nothing in flight, nothing recorded, a high-water mark of 0, nothing written."""
 
     high_water = 0.0
+    working = False
+    journal: Journal | None = None
 
     def in_flight(self) -> list[InFlight]:
         """Nothing is in flight where nothing was begun."""
@@ -47,5 +198,31 @@ class NoJournal:
         """No refusal was recorded."""
         return None
 
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """Nothing is written."""
+        return False
 
-NO_JOURNAL: JournalReads = NoJournal()
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+        """A benign step runs unjournaled under a fresh id; a keyed (signed) one cannot."""
+        if key is not None:
+            raise NoJournalError("the journal is not working")
+        return os.urandom(8).hex()
+
+    def check_key(self, key: str) -> None:
+        """No journal can say a nonce is unspent."""
+        raise NoJournalError("the journal is not working")
+
+    def lost(self) -> None:
+        """Nothing to mark."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+NO_JOURNAL: JournalPort = NoJournal()
+
+
+def journal_port(journal: Journal | None,
+                 timer: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext) -> JournalPort:
+    """The port over what ``open_journal`` gave: the journal, or ``NO_JOURNAL`` when it could not open."""
+    return SwitchedJournal(NO_JOURNAL if journal is None else LiveJournal(journal, timer))

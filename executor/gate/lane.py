@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import structlog
 
 from executor.gate.actions import START, STOP, Step
+from executor.gate.approvals import ApprovalBook
 from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, descriptor, to_action
-from executor.gate.journalport import JournalReads
+from executor.gate.journalport import JournalPort, NoJournalError
 from executor.gate.kinds import KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
@@ -46,40 +47,13 @@ OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskRe
 
 
 class GateSide(Protocol):
-    """What a lane uses of its gate: time, settings, metrics, the journal and the approval book.
+    """What a lane asks of its gate: its policy on signed ops and refusals, and the journal's writes.
+
+    The rest (the journal port, the approval book, the settings, metrics, time, the audience and the
+    op verifier) the gate hands the lane when it builds it.
 
     ``gate.Gate`` passes itself; a Protocol, so ``lane`` never imports ``gate`` (no import cycle).
     """
-
-    @property
-    def journal(self) -> Journal | None:
-        """The journal, None once it could not open or a write failed."""
-
-    @property
-    def records(self) -> JournalReads:
-        """What is read of the journal (``NO_JOURNAL`` when there is none)."""
-
-    @property
-    def settings(self) -> GateSettings:
-        """The gate's settings."""
-
-    @property
-    def metrics(self) -> ExecutorMetrics:
-        """Where decisions, actions and journal appends are counted."""
-
-    @property
-    def wall(self) -> Callable[[], float]:
-        """The gate's time."""
-
-    @property
-    def reverify(self) -> Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None:
-        """A signed op checked again against the trust store in force (None: no op desk)."""
-
-    def audience(self) -> str:
-        """node@cluster: what a signed approval names."""
-
-    def count_refused(self) -> None:
-        """One more refusal (made in a lane)."""
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
         """The class a signed op for ``step`` must carry."""
@@ -89,9 +63,6 @@ class GateSide(Protocol):
 
     def journal_write(self, write: Callable[[Journal], object]) -> bool:
         """One journal write (True: written)."""
-
-    def keep_pending(self, entry: Pending) -> None:
-        """List ``entry`` for approval."""
 
     def lose_journal(self, exc: JournalError | OSError) -> None:
         """From here on only benign steps are admitted."""
@@ -133,9 +104,16 @@ class InFlightCall:
 class Lane:
     """Authorizes and runs admitted steps; the only holder of the Proxmox writer."""
 
-    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None,
+    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None, journal: JournalPort,
+                 book: ApprovalBook, settings: GateSettings, metrics: ExecutorMetrics, wall: Callable[[], float],
+                 audience: Callable[[], str],
+                 reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None,
                  ahead: Ahead | None = None) -> None:
+        """``journal``: the gate's port; ``book``: its approval book; ``wall``: its time; ``reverify``: the op
+        verifier's (None: no signed ops)."""
         self._gate, self._reader, self._writer = gate, reader, writer
+        self._journal, self._book, self._settings, self._metrics = journal, book, settings, metrics
+        self._wall, self._audience, self._reverify = wall, audience, reverify
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
@@ -219,7 +197,7 @@ class Lane:
         """
         step, op = admitted.step, admitted.op
         assert op is not None
-        now = self._gate.wall()
+        now = self._wall()
         if now >= op.payload.not_after:
             return self._refuse_op(admitted, "EXPIRED", f"expired at {op.payload.not_after}, now {int(now)}")
         guest = self._reader.guests().find(step.vmid)  # PveAnswerError if its entry does not parse
@@ -247,13 +225,13 @@ class Lane:
                                      facts, admitted)
         cls = self._gate.expected_class(step, verdict, facts)
         try:
-            check_binding(op.payload, bound_action(step, verdict, facts, self._gate.audience(), cls_name=cls.name))
+            check_binding(op.payload, bound_action(step, verdict, facts, self._audience(), cls_name=cls.name))
         except Refused as exc:
             return exc.reason.value, exc.detail
-        again = self._gate.reverify(op, step, facts) if self._gate.reverify is not None else None
+        again = self._reverify(op, step, facts) if self._reverify is not None else None
         if again is not None:
             return again.reason.value, again.detail
-        ran = self._gate.records.last_refusal(action_key(op)) if op.payload.kind in ACTION_MARKED else None
+        ran = self._journal.last_refusal(action_key(op)) if op.payload.kind in ACTION_MARKED else None
         if ran is not None:
             return "DIGEST_STALE", f"this exact action already ran: {ran[1]}"
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
@@ -272,10 +250,10 @@ class Lane:
             reason, detail = "JOURNAL_UNAVAILABLE", f"{reason} ({detail}), and spending the op failed"
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
                           reason=reason, detail=detail, op_id=op.payload.op_id)
-        self._gate.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
+        self._metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
-        self._gate.count_refused()
+        self._book.count_refused()
         self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                                     detail=detail, op_id=refusal.op_id,
                                                     key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
@@ -284,14 +262,14 @@ class Lane:
     def _refuse(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                           detail=detail)
-        self._gate.metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()
+        self._metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=verdict.cls.name,
                     reason=reason, detail=detail, where="lane")
-        self._gate.count_refused()
-        self._gate.keep_pending(Pending(
+        self._book.count_refused()
+        self._book.keep(Pending(
             vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule, reasons=verdict.reasons,
             source=admitted.source, reason=reason, first_seen=time.time(),
-            descriptor=descriptor(admitted.step, verdict, admitted.facts, self._gate.audience())))
+            descriptor=descriptor(admitted.step, verdict, admitted.facts, self._audience())))
         self._gate.journal_refusal(refusal)
         return refusal
 
@@ -358,8 +336,8 @@ class Lane:
             return TaskOutcome(TaskResult.OK, "")  # a synchronous call that answered: done
         self._gate.journal_write(lambda j: j.task(op_id, sent))
         waiting = time.monotonic()
-        result = wait_task(self._reader, sent, deadline=waiting + self._gate.settings.task_timeout)
-        self._gate.metrics.task_wait.observe(time.monotonic() - waiting)
+        result = wait_task(self._reader, sent, deadline=waiting + self._settings.task_timeout)
+        self._metrics.task_wait.observe(time.monotonic() - waiting)
         if not result.ended:
             return InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
                                 upid=sent, detail=result.exitstatus)
@@ -375,7 +353,7 @@ class Lane:
         step = admitted.step
         assert self._writer is not None
         try:
-            return kind.call(self._writer, step, self._gate.settings.calls) or ""
+            return kind.call(self._writer, step, self._settings.calls) or ""
         except PveNotSentError as exc:  # no connection was made: a definite "not done", planned again
             return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {exc}")
         except PveUnavailableError as exc:
@@ -399,7 +377,7 @@ class Lane:
         """
         kind = KINDS[call.admitted.step.kind]
         vmid = call.admitted.step.vmid
-        late = time.monotonic() - call.lost_at >= self._gate.settings.lost_grace  # before the read, not after
+        late = time.monotonic() - call.lost_at >= self._settings.lost_grace  # before the read, not after
         try:
             upid = find_task(self._reader, vmid, kind.task_types, since=call.began_at - 1)
         except PveError as exc:
@@ -461,11 +439,11 @@ class Lane:
     def _count(self, kind: str, outcome: Outcome) -> None:
         with self._lock:
             self._counters[(kind, outcome.value)] += 1
-        self._gate.metrics.actions.labels(kind, outcome.value).inc()
+        self._metrics.actions.labels(kind, outcome.value).inc()
 
     def _begin(self, admitted: Admitted) -> str | Refusal:
         """Journal the intent; for a signed op the same fdatasync'd record spends its nonce (``op:<op_id>``)."""
-        step, journal, op = admitted.step, self._gate.journal, admitted.op
+        step, journal, op = admitted.step, self._journal, admitted.op
         payload: dict[str, object] = {**step.payload(), "class": admitted.verdict.cls.name.lower(),
                                       "source": admitted.source.value}
         if op is not None:
@@ -475,13 +453,11 @@ class Lane:
                            op={"id": op.payload.op_id, "kind": op.payload.kind, "class": op.payload.class_,
                                "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,
                                "not_after": op.payload.not_after})
-        if journal is None:
-            return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", "the journal is not working") if op else \
-                os.urandom(8).hex()
         try:
-            with self._gate.metrics.journal_append.time():
-                return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
-                                     key=nonce_key(op) if op is not None else None)
+            return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
+                                 key=nonce_key(op) if op is not None else None)
+        except NoJournalError:  # journal-less: a benign step runs unjournaled, a signed op does not run
+            return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", "the journal is not working")
         except NonceSpentError:
             return self._refuse_op(admitted, "NONCE_SPENT", "this signed op was already used")
         except KeyInFlightError:

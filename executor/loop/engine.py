@@ -2,8 +2,8 @@
 
 Nothing here is fatal: a planner or Proxmox that cannot be reached makes the tick do nothing; a
 failed action is counted and its guest retried on a later tick, after a capped exponential
-backoff. Every mutation goes through ``submit`` (the safety gate admits it, the per-guest queue
-runs it), whatever its source.
+backoff. Every mutation goes through the funnel (``executor.loop.funnel``: the safety gate admits
+it, the per-guest queue runs it), whatever its source.
 
 Nothing is run twice: one tick runs at a time (a second caller waits for the running tick, then
 runs its own); a guest with queued or running work is left out of planning; and a guest whose
@@ -14,30 +14,25 @@ planned from a read older than the last action run on that guest.
 from __future__ import annotations
 
 import enum
-import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
-from executor.gate.actions import Step, by_guest
-from executor.gate.decisions import Admission, Admitted, GateState, Refusal, declaration_of
+from executor.gate.actions import by_guest
+from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
-from executor.gate.journalport import NO_JOURNAL
-from executor.loop.desired import Declared, DesiredProvider, DesiredStateError, provider_source
-from executor.loop.observe import Observed, observe
+from executor.loop.desired import DesiredProvider, DesiredStateError, provider_source
+from executor.loop.funnel import Funnel, Settings
+from executor.loop.observe import observe
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
-from executor.loop.queue import GuestQueue, Job
-from executor.loop.readahead import ReadAhead
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PveError, PveReader
-from journal import InFlight, Journal, Outcome
-from safety.classify import Source
-from safety.signedop import VerifiedOp
+from journal import InFlight, Journal
 
 log = structlog.get_logger("executor.engine")
 
@@ -75,17 +70,6 @@ class TickSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Settings:
-    """Tunables of the engine."""
-
-    read_parallel: int = 8
-    backoff_base: float = 5.0
-    backoff_cap: float = 600.0
-    wait_timeout: float = 1800.0
-    read_ahead_fresh: float = 0.5  # a start's pending section read ahead of its lane is used this long (0: never)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EngineStatus:
     """A consistent snapshot of the engine for GetStatus (read under the locks that guard it)."""
 
@@ -98,55 +82,19 @@ class EngineStatus:
     gate: GateState
 
 
-@dataclass(slots=True)
-class _Tracker:
-    """A batch's jobs: how many remain, and their results."""
-
-    remaining: int
-    succeeded: int = 0
-    failed: int = 0
-    refused: list[Refusal] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def record(self, ok: bool) -> None:
-        with self.lock:
-            if ok:
-                self.succeeded += 1
-            else:
-                self.failed += 1
-
-    def record_refused(self, refusal: Refusal) -> None:
-        with self.lock:
-            self.refused.append(refusal)
-
-    def finish_job(self) -> None:
-        with self.lock:
-            self.remaining -= 1
-            if self.remaining <= 0:
-                self.done.set()
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """What ``submit`` did with a batch: the gate's admission and the jobs' tracker."""
-
-    admission: Admission
-    tracker: _Tracker
-
-
 class Engine:
-    """Runs ticks; owns the tick lock, the per-guest backoff and the submit funnel."""
+    """Runs ticks; owns the tick lock; submits through the funnel it is given."""
 
     def __init__(self, *, pve: PveReader, gate: Gate, planner: PlannerClient, provider: DesiredProvider,
-                 queue: GuestQueue, reads: ThreadPoolExecutor, ahead: ReadAhead, settings: Settings | None = None,
+                 funnel: Funnel, reads: ThreadPoolExecutor, settings: Settings | None = None,
                  clock: Callable[[], float] = time.monotonic, metrics: ExecutorMetrics | None = None,
                  holders: Sequence[Callable[[], set[int]]] = (),
                  before_tick: Sequence[Callable[[], None]] = ()) -> None:
-        """``reads`` (the config readers' pool, closed by ``close``) and ``ahead`` (reading through it, the
-        lanes' read-ahead the gate was given) come from the wiring; ``holders`` name more guests not to
+        """``reads`` (the config readers' pool, closed by ``close``) and ``funnel`` (the gate and the queue every
+        mutation goes through) come from the wiring; ``holders`` name more guests not to
         plan (a signed op queued), ``before_tick`` runs at the start of each tick, under the tick lock."""
-        self.pve, self.gate, self.planner, self.provider, self.queue = pve, gate, planner, provider, queue
+        self.pve, self.gate, self.planner, self.provider = pve, gate, planner, provider
+        self.funnel, self.queue = funnel, funnel.queue
         self.settings = settings or Settings()
         self._clock = clock
         self._lock = threading.Lock()
@@ -155,13 +103,11 @@ class Engine:
         # More guests not to plan: a task still running past its deadline; later, a signed op queued.
         self.holders: tuple[Callable[[], set[int]], ...] = (gate.lane.unsettled, *holders)
         self.before_tick = tuple(before_tick)
-        self.backoff: dict[int, tuple[int, float]] = {}  # vmid -> (consecutive failures, retry after)
-        self._finished: dict[int, float] = {}  # vmid -> when its last job ended (clock time)
         self.ticks = 0
         self.last: TickSummary | None = None
         self.metrics = metrics or gate.metrics
-        self.metrics.watch(queue.busy, lambda: len(self.gate.records.in_flight()))
-        self._reader, self._ahead = reads, ahead
+        self.metrics.watch(self.queue.busy, lambda: len(self.gate.records.in_flight()))
+        self._reader = reads
 
     @property
     def journal(self) -> Journal | None:
@@ -177,9 +123,9 @@ class Engine:
         """A snapshot for the API."""
         with self._lock:
             ticks, last = self.ticks, self.last
-        records = self.gate.records  # read once: the journal, or the stand-in when it is gone
+        records = self.gate.journal_port  # the journal, or the stand-in once it is gone
         return EngineStatus(ticks=ticks, last=last, counters=dict(self.counters), busy=self.queue.busy(),
-                            in_flight=records.in_flight(), journal_enabled=records is not NO_JOURNAL,
+                            in_flight=records.in_flight(), journal_enabled=records.working,
                             gate=self.gate.state())
 
     # --- the tick -----------------------------------------------------------------------------
@@ -225,7 +171,7 @@ class Engine:
         if not declared:
             return  # nothing declared: nothing to read, nothing to do
         read_at = self._clock()
-        held = self._held(since=read_at)  # taken before the read: a busy guest's state is in motion
+        held = self.funnel.held(since=read_at)  # taken before the read: a busy guest's state is in motion
         for holder in self.holders:  # once a tick: an unsettled task costs a read per guest
             held |= holder()
         try:
@@ -233,7 +179,7 @@ class Engine:
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
             return
-        held |= self._held(since=read_at)  # and a job that ended while we read: that read is stale
+        held |= self.funnel.held(since=read_at)  # and a job that ended while we read: that read is stale
         wanted = [d for d in declared if d.vmid not in held]
         summary.deferred = len(declared) - len(wanted)
         summary.elsewhere = sum(1 for d in wanted if d.vmid in observed.elsewhere)
@@ -247,9 +193,9 @@ class Engine:
             return
         unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
         summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
-        submission = self.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted, wait=wait,
-                                 population=[d for d in declared if d.vmid not in observed.elsewhere],
-                                 held=frozenset(held))
+        submission = self.funnel.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted,
+                                        wait=wait, population=[d for d in declared if d.vmid not in observed.elsewhere],
+                                        held=frozenset(held))
         admission, tracker = submission.admission, submission.tracker
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
@@ -262,77 +208,6 @@ class Engine:
             summary.pending = len(self.gate.pending())
             if tracker.failed:
                 summary.outcome = TickOutcome.ACTIONS_FAILED
-
-    def _held(self, *, since: float) -> set[int]:
-        """Guests not to plan now: busy, backing off, or whose last job ended at or after ``since``."""
-        now = self._clock()
-        with self._lock:
-            held = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
-            held |= {vmid for vmid, ended in self._finished.items() if ended >= since}
-        return held | set(self.queue.busy())
-
-    # --- the funnel ---------------------------------------------------------------------------
-
-    def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
-               declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
-               on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None,
-               population: Sequence[Declared] | None = None, held: Set[int] | None = None) -> Submission:
-        """The single entry of every mutation: the gate admits, the per-guest queue runs.
-
-        ``op``: the signed op the steps come from; ``on_done(op, result)`` hears how its lane ended (None: it raised).
-        ``population``: every declared guest of this node, for the blast radius (default: ``declared``).
-        ``held``: a tick's guests left out of planning, its ``observed`` being a read of the whole node.
-        """
-        declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in declared}
-        everyone = None if population is None else {
-            d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in population}
-        admission = self.gate.admit(steps, observed=observed, declared=declarations, source=source, op=op,
-                                    population=everyone, held=held)
-        self.gate.count_admitted(admission)
-        self._ahead.plan(admission.admitted)
-        tracker = _Tracker(remaining=len(admission.admitted))
-        for vmid, admitted in admission.admitted.items():
-            self.queue.submit(Job(vmid=vmid, run=functools.partial(self._run_guest, admitted, tracker, on_done),
-                                  label=",".join(a.step.kind for a in admitted)))
-        if wait and admission.admitted:
-            tracker.done.wait(self.settings.wait_timeout)
-        return Submission(admission, tracker)
-
-    def _run_guest(self, steps: list[Admitted], tracker: _Tracker,
-                   on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None) -> None:
-        """One guest's steps in order; the first failure leaves the rest for a later tick."""
-        vmid = steps[0].step.vmid
-        try:
-            for index, admitted in enumerate(steps):
-                result: Outcome | Refusal | None = None
-                try:
-                    result = self.gate.execute(admitted)
-                finally:  # the desk hears of its op even when the lane raised (None), so it never waits forever
-                    if on_done is not None and admitted.op is not None:
-                        on_done(admitted.op, result)
-                if isinstance(result, Refusal):  # refused in the lane: the guest's later steps wait too
-                    tracker.record_refused(result)
-                    return
-                ok = result is Outcome.OK
-                tracker.record(ok)
-                if not ok:
-                    for _ in steps[index + 1:]:
-                        tracker.record(False)
-                    self._back_off(vmid)
-                    return
-            with self._lock:
-                self.backoff.pop(vmid, None)
-        finally:
-            with self._lock:
-                self._finished[vmid] = self._clock()
-            tracker.finish_job()
-
-    def _back_off(self, vmid: int) -> None:
-        with self._lock:
-            failures = self.backoff.get(vmid, (0, 0.0))[0] + 1
-            delay = min(self.settings.backoff_base * 2 ** (failures - 1), self.settings.backoff_cap)
-            self.backoff[vmid] = (failures, self._clock() + delay)
-        log.info("guest_backing_off", vmid=vmid, failures=failures, retry_in_s=delay)
 
     def close(self) -> None:
         """Stop the config readers."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -30,7 +29,8 @@ class GateClock:
     ahead: the mark is then read less the offset, and ops signed before the reset are refused.
     """
 
-    def __init__(self, journal: Callable[[], JournalReads], state_dir: str | Path) -> None:
+    def __init__(self, journal: JournalReads, state_dir: str | Path) -> None:
+        """``journal``: the wiring's journal port (no journal: its high-water mark is 0)."""
         self._journal = journal
         self.offset, self.floor = 0.0, 0.0
         reset = Path(state_dir) / "clock.reset"
@@ -40,7 +40,7 @@ class GateClock:
 
     def now(self) -> float:
         """max(wall time, the journal's high-water mark less a reset's offset)."""
-        mark = self._journal().high_water - self.offset  # no journal: 0 less the offset, never above the wall
+        mark = self._journal.high_water - self.offset  # no journal: 0 less the offset, never above the wall
         wall = time.time()
         if mark > wall + MAX_SKEW:
             log.warning("clock_ahead_of_high_water", wall=wall, high_water=mark,

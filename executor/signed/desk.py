@@ -3,7 +3,7 @@
 ``OpDesk.submit`` runs the cheap, unauthenticated checks first and writes nothing before a
 signature holds (docs/SAFETY.md §7): rate limit -> trust store -> verify (steps 1-11, on the
 gate's clock) -> the clock-reset floor -> the nonce, read-only (step 12) -> the guest's current
-facts -> ``Engine.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
+facts -> ``Funnel.submit`` as OPERATOR_OP, which the gate admits only as exactly the action the op
 names. The nonce is spent later, in the guest's lane, by the journal record that states the intent.
 A refusal because the guest is not in the state signed for (DIGEST_STALE, BINDING_MISMATCH,
 CLASS_MISMATCH), at admission or in the lane, spends it too: that state can come back, the op may
@@ -28,14 +28,14 @@ from executor.gate.gate import Gate
 from executor.gate.kinds import KINDS
 from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.loop.desired import Declared
-from executor.loop.engine import Submission
+from executor.loop.funnel import Submission
 from executor.loop.observe import Observed
 from executor.pve.node import PveError, PveReader
 from executor.signed.auth import could_sign, revokers, role_covers_keys
 from executor.signed.clock import GateClock, mark_nonces
 from executor.signed.rates import RateBuckets
-from executor.signed.trust import TrustKeeper
-from journal import BURN_PREFIX, KeyInFlightError, NonceSpentError, Outcome
+from executor.signed.verifier import OpVerifier
+from journal import BURN_PREFIX, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
@@ -76,7 +76,7 @@ class Proposal:
 
 
 class Funnel(Protocol):
-    """The single entry of every mutation (``executor.loop.engine.Engine`` is it): the gate admits, the queue runs."""
+    """The single entry of every mutation (``executor.loop.funnel.Funnel`` is it): the gate admits, the queue runs."""
 
     def submit(self, steps: Mapping[int, Sequence[Step]], *, source: Source, observed: Observed,
                declared: Sequence[Declared], wait: bool = False, op: VerifiedOp | None = None,
@@ -88,20 +88,20 @@ class Funnel(Protocol):
 class OpDesk:
     """The executor's counter for signed operations."""
 
-    def __init__(self, *, reader: PveReader, gate: Gate, funnel: Funnel, settings: OpSettings,
+    def __init__(self, *, reader: PveReader, gate: Gate, funnel: Funnel, verifier: OpVerifier, settings: OpSettings,
                  clock: GateClock) -> None:
-        """``funnel``: where an accepted op's step is submitted (the engine); the wiring hands the engine this
-        desk's ``held`` and ``tick`` and the gate its ``reverify``."""
-        self._reader, self._gate, self._funnel = reader, gate, funnel
+        """``funnel``: where an accepted op's step is submitted (built before the desk and the engine); the
+        wiring hands the engine, built after the desk, its ``held`` and ``tick``; ``verifier``: the trust store in
+        force and the nonce check, shared with the gate's lane (which verifies each op again)."""
+        self._reader, self._gate, self._funnel, self._verifier = reader, gate, funnel, verifier
         self.settings, self.clock = settings, clock
         self._lock = threading.Lock()
         self._hangup = threading.Event()
         self._accepted: dict[str, VerifiedOp] = {}  # by nonce key: queued or waiting for a retry, not yet run
-        self._envelopes: dict[str, Envelope] = {}  # their envelopes, verified again in the lane
         self._retry: set[str] = set()
         self._bucket = RateBuckets(settings.rate, settings.burst)  # per caller: a flood spends its own
         self._propose_bucket = RateBuckets(settings.rate, settings.burst)
-        self.trust = TrustKeeper(settings.trust_store, settings.state_dir)
+        self.trust = verifier.trust
 
     # --- trust store ---------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class OpDesk:
 
     def _secret(self) -> bytes:
         secret = self._gate.settings.secret
-        if self._gate.journal is None or secret is None:  # the daemon keeps a secret only with a journal
+        if not self._gate.journal_port.working or secret is None:  # the daemon keeps a secret only with a journal
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: no signed op can run")
         return secret
 
@@ -176,7 +176,7 @@ class OpDesk:
             return "", self._refusal(0, "", exc)
         payload = op.payload
         try:
-            self._check_nonce(op)
+            self._verifier.check_nonce(op)
         except Refused as exc:
             return payload.op_id, self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
         key = nonce_key(op)  # keyed as the journal keys it: another payload under this op_id is another op
@@ -185,7 +185,7 @@ class OpDesk:
                 twice = Refused(RefusalReason.NONCE_IN_FLIGHT, "this signed op is already accepted and queued")
                 return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
             self._accepted[key] = op
-            self._envelopes[key] = envelope
+            self._verifier.hold(key, envelope)  # verified again in the lane
         try:
             mark_nonces(self.settings.state_dir)  # before it can spend a nonce: a lost journal is then noticed
         except OSError as exc:  # the journal's own directory: its next write would fail the same way
@@ -210,7 +210,7 @@ class OpDesk:
         store = self._current()
         if store is None:
             raise Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3])
-        if self._gate.journal is None:
+        if not self._gate.journal_port.working:
             raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working: only benign steps run")
         now = self.clock.now()
         op = verify(envelope, store, now=now, audience=self._gate.audience(),
@@ -221,45 +221,8 @@ class OpDesk:
                                                  "state began or its clock was reset")
         return op
 
-    def reverify(self, op: VerifiedOp, step: Step, facts: GuestFacts) -> Refused | None:
-        """In the lane, right before the nonce is spent: the op against the trust store in force now.
-
-        A key revoked, expired or stripped of its role, an op revoked, or a store rolled back while
-        the op waited for a lock all stop it here (the challenge was checked at submission). Then the
-        role must name the op kind of every non-benign key of a config op, not only the strictest.
-        """
-        store = self._current()
-        envelope = self._envelopes.get(nonce_key(op))
-        if store is None or envelope is None:
-            return Refused(RefusalReason.TRUST_STORE_INVALID, self.state()[3] or "the op is not accepted here")
-        try:
-            verify(envelope, store, now=self.clock.now(), audience=self._gate.audience(), challenge_key=None,
-                   skew=self.settings.skew, check_challenge=False)
-            self._check_nonce(op)  # a veto that came while the op waited
-        except Refused as exc:
-            return exc
-        return role_covers_keys(store.roles[op.payload.role], step, facts)  # verify() found the role
-
-    def _check_nonce(self, op: VerifiedOp) -> None:
-        """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
-        journal = self._gate.journal
-        op_id = op.payload.op_id
-        if journal is None:
-            raise Refused(RefusalReason.JOURNAL_UNAVAILABLE, "the journal is not working")
-        veto = journal.last_refusal(revoked_key(op_id))
-        store = self._current()
-        if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
-            raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
-        try:
-            journal.check_key(nonce_key(op))
-        except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
-            raise Refused(RefusalReason.NONCE_SPENT, f"op {op_id} was already used ({exc.outcome.value}): "
-                                                     "sign a new proposal") from exc
-        except KeyInFlightError as exc:
-            raise Refused(RefusalReason.NONCE_IN_FLIGHT, f"op {op_id} is running now") from exc
-
     def _queue(self, op: VerifiedOp) -> Refusal | None:
-        """Read the guest, hand the op's step to the engine's funnel; the gate's admission decides."""
+        """Read the guest, hand the op's step to the funnel; the gate's admission decides."""
         payload = op.payload
         reader = self._reader
         try:
@@ -313,7 +276,7 @@ class OpDesk:
     def _forget(self, key: str) -> None:
         with self._lock:
             self._accepted.pop(key, None)
-            self._envelopes.pop(key, None)
+            self._verifier.release(key)
             self._retry.discard(key)
 
     def held(self) -> set[int]:
@@ -379,10 +342,10 @@ class OpDesk:
             return "", self._refusal(0, REVOKE, exc)
         # The detail names every revoker so far (a veto that counts for nothing never hides one that counts):
         # an op submitted later is vetoed only if one of them could sign it.
-        self._gate.journal_write(lambda j: j.refuse(
-            vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
-            detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target, key=revoked_key(target)))
-        if self._gate.journal is None:
+        if not self._gate.journal_write(lambda j: j.refuse(
+                vmid=revocation.payload.vmid, kind=REVOKE, reason=RefusalReason.OP_REVOKED.value,
+                detail=json.dumps({"by": sorted(by | set(revocation.signers))}), op_id=target,
+                key=revoked_key(target))):
             return "", self._refusal(0, REVOKE, Refused(RefusalReason.JOURNAL_UNAVAILABLE,
                                                         "the veto could not be journaled"))
         for key in covered:
