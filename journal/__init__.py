@@ -22,13 +22,13 @@ from journal.errors import (
     NonceSpentError,
     OutcomeUnknownError,
 )
-from journal.records import Applied, Begun, Ended, Outcome, Record, Refused, TaskStarted
+from journal.records import Applied, Begun, Ended, Outcome, Record, RefusalRecord, TaskStarted
 from journal.state import BURN_PREFIX, InFlight, is_burn_key
 from journal.store import Journal
 
 __all__ = [
     "BURN_PREFIX", "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",
     "InFlight", "Journal", "JournalClosedError", "JournalCorruptError", "JournalError", "JournalOpenError",
-    "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError", "Record", "Refused",
-    "TaskStarted", "is_burn_key",
+    "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError", "Record",
+    "RefusalRecord", "TaskStarted", "is_burn_key",
 ]

@@ -112,7 +112,7 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Refused:
+class RefusalRecord:
     """A step the executor refused (by policy or for want of approval): no operation, no in-flight state.
 
     ``key`` names the refusal for de-duplication (the gate's ``vmid:kind:descriptor``); ``op_id`` is
@@ -128,7 +128,7 @@ class Refused:
     at: float
 
 
-Record = Begun | TaskStarted | Ended | Applied | Refused
+Record = Begun | TaskStarted | Ended | Applied | RefusalRecord
 Body = tuple[bytes, float, int, list[bytes | None]]  # type, at, number, fields
 
 
@@ -159,7 +159,7 @@ def fields_of(record: Record) -> Body:
         case Applied():
             return APPLIED, record.at, OUTCOME_CODES[record.outcome], [record.op_id.encode(), record.key.encode(),
                                                                        record.payload_hash]
-        case Refused():
+        case RefusalRecord():
             return REFUSED, record.at, record.vmid, [_text(record.op_id), record.kind.encode(), record.reason.encode(),
                                                      record.detail.encode(), _text(record.key)]
 
@@ -203,7 +203,7 @@ def _applied(at: float, number: int, fields: list[bytes | None]) -> Record:
 
 def _refused(at: float, number: int, fields: list[bytes | None]) -> Record:
     op, kind, reason, detail, key = fields
-    return Refused(op_id=_opt(op), vmid=number, kind=_str(kind), reason=_str(reason), detail=_str(detail),
+    return RefusalRecord(op_id=_opt(op), vmid=number, kind=_str(kind), reason=_str(reason), detail=_str(detail),
                    key=_opt(key), at=at)
 
 

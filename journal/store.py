@@ -32,7 +32,7 @@ from journal.records import (
     Ended,
     Outcome,
     Record,
-    Refused,
+    RefusalRecord,
     TaskStarted,
     encode_body,
     fields_of,
@@ -43,6 +43,8 @@ from journal.state import BURN_PREFIX, InFlight, KeyState, State, is_burn_key
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+# The reason ``mark_ran`` writes: a later try of the same action is refused as a spent nonce would be.
+RAN_REASON = "NONCE_SPENT"
 
 
 class Journal:
@@ -163,8 +165,16 @@ class Journal:
 
         ``key`` names the refusal for ``last_refusal``; ``op_id`` is the signed op refused, if any.
         """
-        self._refuse(Refused(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
+        self._refuse(RefusalRecord(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
                              at=self._clock()), only_if_new=False)
+
+    def mark_ran(self, *, vmid: int, kind: str, op_id: str, key: str, detail: str = "") -> None:
+        """Record, durably, that signed op ``op_id``'s action ran, so the same action is refused from now on.
+
+        Written as the refusal record it always was (reason ``RAN_REASON``, under the action's ``key``),
+        so journals written before this call existed read the same; ``last_refusal(key)`` finds it.
+        """
+        self.refuse(vmid=vmid, kind=kind, reason=RAN_REASON, detail=detail, op_id=op_id, key=key)
 
     def refuse_if_new(self, *, vmid: int, kind: str, reason: str, key: str, detail: str = "",
                       op_id: str | None = None) -> bool:
@@ -173,10 +183,10 @@ class Journal:
         How a refusal is journaled when first seen and when its reason changes, not on every tick
         (atomic: of two threads with the same new refusal, one writes it).
         """
-        return self._refuse(Refused(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
+        return self._refuse(RefusalRecord(vmid=vmid, kind=kind, reason=reason, detail=detail, op_id=op_id, key=key,
                                     at=self._clock()), only_if_new=True)
 
-    def _refuse(self, record: Refused, *, only_if_new: bool) -> bool:
+    def _refuse(self, record: RefusalRecord, *, only_if_new: bool) -> bool:
         if record.key == "":
             raise ValueError("a refusal key must not be empty (None for no key)")
         body = fields_of(record)

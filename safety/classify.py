@@ -1,6 +1,6 @@
 """The classifier: one action, the guest's facts and the source in; a verdict out (docs/SAFETY.md §1).
 
-Rules are registries, not if-chains: ``KINDS`` gives each action kind its base class, the parameter
+Rules are registries, not if-chains: ``KIND_RULES`` gives each action kind its base class, the parameter
 flags that raise or explain it, and whether guest facts apply; ``safety.keys`` classes config keys.
 The verdict is the maximum of every rule that spoke. Facts and the source can only add candidates,
 so they raise a class and never lower it. Unknown kinds are destructive and unknown keys need
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from safety import grammar, keys
 from safety.model import Action, Class, GuestFacts, Judgment, Source, Verdict, is_on
 
-__all__ = ["KINDS", "Action", "Class", "GuestFacts", "KindRule", "ParamFlag", "Source", "Verdict", "classify"]
+__all__ = ["KIND_RULES", "Action", "Class", "GuestFacts", "KindRule", "ParamFlag", "Source", "Verdict", "classify"]
 
 TRUSTED_FOR_PROTECTED_POWER = frozenset({Source.LOCAL_FILE, Source.OPERATOR_OP})
 """Sources that may start or stop a guest with ``protection=1`` without approval."""
@@ -80,7 +80,7 @@ def _config(cls: Class, op_kind: str, why: str) -> KindRule:
     return KindRule(cls=cls, op_kind=op_kind, why=why)
 
 
-KINDS: dict[str, KindRule] = {
+KIND_RULES: dict[str, KindRule] = {
     "start": KindRule(cls=_B, op_kind="start", why="powers the guest on", power=True, applies_pending=True),
     "stop": KindRule(cls=_B, op_kind="stop", why="graceful shutdown, then a hard stop after the timeout", power=True),
     # Config writes are classed by their keys; a config.* kind also sets a floor of its own.
@@ -134,7 +134,7 @@ KINDS: dict[str, KindRule] = {
 
 def classify(action: Action, facts: GuestFacts, source: Source) -> Verdict:
     """The strictest class any rule finds for ``action`` on a guest with ``facts``, from ``source``."""
-    rule = KINDS.get(action.kind)
+    rule = KIND_RULES.get(action.kind)
     by_keys = list(_key_judgments(action, facts))
     if rule is None:
         found = [Judgment(cls=_D, op_kind="unknown", rule="unknown_kind",

@@ -164,7 +164,7 @@ SCHEMAS: Mapping[str, KindSchema] = MappingProxyType({
     # A veto: names the signed op RevokeOp stops for good (docs/SAFETY.md §6.7).
     "op.revoke": KindSchema(fields={"op_id": (text(OP_ID, "32 lowercase hex (the op to revoke)"), _REQUIRED)}),
 })
-KINDS = frozenset(SCHEMAS)
+OP_KINDS = frozenset(SCHEMAS)
 
 
 def canonical_params(kind: str, raw: object, *, path: str = "params") -> Mapping[str, object]:

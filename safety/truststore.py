@@ -226,7 +226,7 @@ def _role(value: object, where: str) -> Role:
         raise _FieldError(f"{where}.name", "must be an ASCII role name ([a-z][a-z0-9_-]*)")
     kinds = _strings(entry.get("kinds", []), f"{where}.kinds")
     classes = _strings(entry.get("classes", []), f"{where}.classes")
-    for field, values, known in (("kinds", kinds, opschema.KINDS), ("classes", classes, opschema.SIGNABLE_CLASSES)):
+    for field, values, known in (("kinds", kinds, opschema.OP_KINDS), ("classes", classes, opschema.SIGNABLE_CLASSES)):
         unknown = sorted(values - known)
         if unknown:
             raise _FieldError(f"{where}.{field}", f"{unknown[0]!r} is not one of {sorted(known)}")

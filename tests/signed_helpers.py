@@ -25,13 +25,13 @@ from executor.gate.decisions import Refusal
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
 from executor.loop.queue import Job
-from executor.signed.desk import OpDesk, OpSettings, Proposal
+from executor.signed.desk import IssuedProposal, OpDesk, OpSettings
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from journal import BURN_PREFIX, Applied, Begun, NonceSpentError, Record, segments
 from journal.records import record_of, scan
 from opctl.api import to_proto
-from opctl.doc import Proposal as Unsigned
+from opctl.doc import Proposal
 from opctl.sign import build_payload
 from safety import signedop
 from safety.signedop import Envelope
@@ -70,14 +70,14 @@ class Desk:
     desk: OpDesk
     state_dir: Path
 
-    def propose(self, vmid: int, kind: str, **params: Any) -> Proposal:
+    def propose(self, vmid: int, kind: str, **params: Any) -> IssuedProposal:
         """ProposeOp, in process."""
         return self.desk.propose(vmid, kind, params)
 
-    def sign(self, proposal: Proposal | Unsigned, *signers: str, role: str, ttl: int = 900,
+    def sign(self, proposal: IssuedProposal | Proposal, *signers: str, role: str, ttl: int = 900,
              now: float | None = None) -> Envelope:
         """The payload ``op sign`` builds from ``proposal`` (signed ``now``), signed by the named test keys."""
-        unsigned = proposal if isinstance(proposal, Unsigned) else unsigned_of(proposal)
+        unsigned = proposal if isinstance(proposal, Proposal) else unsigned_of(proposal)
         data = build_payload(unsigned, role=role, ttl=ttl, reason="test", now=time.time() if now is None else now)
         return seal(data, *signers)
 
@@ -102,9 +102,9 @@ class Desk:
         return journal.recent(1000)
 
 
-def unsigned_of(proposal: Proposal) -> Unsigned:
+def unsigned_of(proposal: IssuedProposal) -> Proposal:
     """A ProposeOp answer as the document ``op sign`` reads."""
-    return Unsigned(action=json.loads(proposal.action), challenge=proposal.challenge or None)
+    return Proposal(action=json.loads(proposal.action), challenge=proposal.challenge or None)
 
 
 def seal(payload: bytes, *signers: str) -> Envelope:
@@ -315,10 +315,10 @@ class Daemon:
         self.close()
 
 
-def api_propose(api: epb_grpc.ExecutorServiceStub, vmid: int, kind: str, **params: Any) -> Unsigned:
+def api_propose(api: epb_grpc.ExecutorServiceStub, vmid: int, kind: str, **params: Any) -> Proposal:
     """ProposeOp over the API: the document ``op sign`` signs."""
     response = api.ProposeOp(epb.ProposeOpRequest(vmid=vmid, kind=kind, params_json=json.dumps(params)), timeout=10)
-    return Unsigned(action=json.loads(response.action), challenge=response.challenge or None)
+    return Proposal(action=json.loads(response.action), challenge=response.challenge or None)
 
 
 def api_submit(api: epb_grpc.ExecutorServiceStub, envelope: Envelope) -> tuple[str, str]:
@@ -327,7 +327,7 @@ def api_submit(api: epb_grpc.ExecutorServiceStub, envelope: Envelope) -> tuple[s
     return response.decision, epb.RefusalReason.Name(response.refusal.reason).removeprefix("REFUSAL_REASON_")
 
 
-def signed_by(unsigned: Unsigned, *signers: str, role: str, ttl: int = 900) -> Envelope:
+def signed_by(unsigned: Proposal, *signers: str, role: str, ttl: int = 900) -> Envelope:
     """``unsigned`` signed now by the named test keys (tests.signing), as ``op sign`` builds the payload."""
     return seal(build_payload(unsigned, role=role, ttl=ttl, reason="test", now=time.time()), *signers)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from planner.model import GuestType
 from planner.normalize import DEFAULT_REGISTRY
-from safety.classify import KINDS, Action, Class, GuestFacts, Source, classify
+from safety.classify import KIND_RULES, Action, Class, GuestFacts, Source, classify
 
 KEYS = ["memory", "cores", "name", "hostname", "description", "net0", "net1", "scsi0", "scsi1", "efidisk0", "rootfs",
         "mp0", "mp1", "unused0", "vmstate", "hookscript", "args", "protection", "template", "hostpci0", "usb0",
@@ -21,7 +21,7 @@ configs = st.none() | st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VAL
 guest_types = st.sampled_from(["qemu", "lxc"])
 writes = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=6)
 deletes = st.lists(st.sampled_from(KEYS), max_size=4, unique=True).map(tuple)
-kinds = st.sampled_from(sorted(KINDS)) | st.text(max_size=12)
+kinds = st.sampled_from(sorted(KIND_RULES)) | st.text(max_size=12)
 params = st.dictionaries(st.sampled_from(["delete", "target-vmid", "destroy_unreferenced_disks", "purge", "size"]),
                          st.one_of(st.booleans(), st.integers(-1, 200), st.sampled_from(["1", "0", "+2G", ""])),
                          max_size=3)
@@ -67,7 +67,7 @@ def test_provenance_and_facts_only_raise(action: Action, config: dict[str, str] 
         assert classify(action, raised, source).cls >= classify(action, plain, source).cls
 
 
-@given(actions(st.text(max_size=20).filter(lambda k: k not in KINDS)))
+@given(actions(st.text(max_size=20).filter(lambda k: k not in KIND_RULES)))
 def test_unknown_kind_is_destructive(action: Action) -> None:
     """Any kind the classifier does not know is destructive, whatever it carries and whoever sends it."""
     for source in Source:

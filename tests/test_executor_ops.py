@@ -1,6 +1,6 @@
 """The destructive Proxmox operations as action-table rows: each call, its checks, and recovery after a crash.
 
-Every call goes through ``KINDS[kind].call(writer, step, CallSettings())`` with the real writer over HTTPS
+Every call goes through ``ACTION_KINDS[kind].call(writer, step, CallSettings())`` with the real writer over HTTPS
 against fakepve, and is judged by what the guest looks like afterwards. Where fakepve does not model an
 effect, the test says so and either asserts the request PVE would read or, for QEMU's resize (which fakepve
 only synthesizes), uses an in-process stand-in for that one call.
@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from executor.gate.actions import SET_CONFIG, Step
 from executor.gate.kinds import (
+    ACTION_KINDS,
     DELETE_SNAPSHOT,
     DESTROY,
-    KINDS,
     RESIZE,
     ROLLBACK,
     SNAPSHOT,
@@ -79,7 +79,7 @@ def step(kind: str, vmid: int, guest_type: str, digest: str = "", **params: Any)
 
 def run(writer: Any, node: ProxmoxNode, made: Step) -> tuple[TaskResult, str, str]:
     """Make the row's call, wait for its task: (result, exit status, task type)."""
-    upid = KINDS[made.kind].call(writer, made, CallSettings())
+    upid = ACTION_KINDS[made.kind].call(writer, made, CallSettings())
     assert upid, f"{made.kind} answered without a task"
     outcome = wait_task(node, upid, deadline=time.monotonic() + 30)
     return outcome.result, outcome.exitstatus, upid.split(":")[5]
@@ -213,7 +213,7 @@ def test_resize_grows_a_vm_disk(fakepve: Any, node: ProxmoxNode) -> None:
 ])
 def test_the_resize_check_refuses_a_shrink_before_any_call(guest_type: str, disk: str, value: str) -> None:
     """The gate's check on the config as read: a shrink is invalid input; a grow or the same size may run."""
-    check = KINDS[RESIZE].check
+    check = ACTION_KINDS[RESIZE].check
     config = {disk: value}
     shrink = check(step(RESIZE, 100, guest_type, disk=disk, size=31 * GiB), config)
     assert shrink is not None and "shrink" in shrink and disk in shrink
@@ -228,7 +228,7 @@ def test_the_resize_check_refuses_a_shrink_before_any_call(guest_type: str, disk
 ])
 def test_the_resize_check_refuses_what_it_cannot_tell_is_a_grow(config: dict[str, str], needle: str) -> None:
     """A disk that is missing, has no size= or is a CD-ROM is refused: a grow cannot be told from a shrink."""
-    problem = KINDS[RESIZE].check(step(RESIZE, 100, QEMU, disk="scsi1", size=40 * GiB), config)
+    problem = ACTION_KINDS[RESIZE].check(step(RESIZE, 100, QEMU, disk="scsi1", size=40 * GiB), config)
     assert problem is not None and needle in problem
 
 
@@ -237,7 +237,7 @@ def test_the_resize_check_refuses_exactly_the_shrinks(current: int, delta: int) 
     """For any sizes, the check refuses a resize if and only if it would make the disk smaller (by even a byte)."""
     size = max(1, current + delta)
     config = {"scsi0": f"local-lvm:vm-100-disk-0,size={size_text(current)}"}
-    problem = KINDS[RESIZE].check(step(RESIZE, 100, QEMU, disk="scsi0", size=size), config)
+    problem = ACTION_KINDS[RESIZE].check(step(RESIZE, 100, QEMU, disk="scsi0", size=size), config)
     assert (problem is not None) == (size < current)
 
 
@@ -271,11 +271,11 @@ def test_a_container_snapshot_with_vmstate_is_refused_before_any_request(fakepve
     """LXC has no RAM state: the check refuses it, and the call itself sends nothing."""
     add_ct(fakepve)
     made = step(SNAPSHOT, 101, LXC, snapname="live", vmstate=True)
-    problem = KINDS[SNAPSHOT].check(made, {})
+    problem = ACTION_KINDS[SNAPSHOT].check(made, {})
     assert problem is not None and "vmstate" in problem
     before = len(fakepve.requests)
     with pytest.raises(PveError, match="vmstate"):
-        KINDS[SNAPSHOT].call(ProxmoxWriter(node.session), made, CallSettings())
+        ACTION_KINDS[SNAPSHOT].call(ProxmoxWriter(node.session), made, CallSettings())
     assert len(fakepve.requests) == before and not fakepve.ct(101).snapshots
 
 
@@ -319,7 +319,7 @@ def test_a_forced_detach_sends_force_with_the_delete_and_digest(fakepve: Any, no
     _, digest = node.config(QEMU, 100)
     made = Step(vmid=100, guest_type=QEMU, kind=SET_CONFIG, delete=("scsi1",), digest=digest,
                 params=(("force", True),))
-    assert KINDS[SET_CONFIG].check(made, node.config(QEMU, 100)[0]) is None
+    assert ACTION_KINDS[SET_CONFIG].check(made, node.config(QEMU, 100)[0]) is None
     result, _, task = run(ProxmoxWriter(node.session), node, made)
     assert (result, task) == (TaskResult.OK, "qmconfig")
     assert sent(fakepve, "POST", "/qemu/100/config")[-1] == {"delete": "scsi1", "digest": digest, "force": "1"}
@@ -331,7 +331,7 @@ def test_a_planned_config_write_sends_no_force(fakepve: Any, node: ProxmoxNode) 
     add_vm(fakepve, disks={"scsi0": GiB})
     _, digest = node.config(QEMU, 100)
     made = Step(vmid=100, guest_type=QEMU, kind=SET_CONFIG, set=(("cores", "4"),), digest=digest)
-    assert KINDS[SET_CONFIG].check(made, {}) is None
+    assert ACTION_KINDS[SET_CONFIG].check(made, {}) is None
     run(ProxmoxWriter(node.session), node, made)
     assert sent(fakepve, "POST", "/qemu/100/config")[-1] == {"cores": "4", "digest": digest}
 
@@ -340,11 +340,11 @@ def test_force_on_a_container_is_refused_before_any_request(fakepve: Any, node: 
     """LXC's config API has no force: the check says to delete the unusedN instead; the writer sends nothing."""
     add_ct(fakepve, config={"mp0": "local-lvm:vm-101-disk-1,mp=/data,size=1G"})
     made = Step(vmid=101, guest_type=LXC, kind=SET_CONFIG, delete=("mp0",), params=(("force", True),))
-    problem = KINDS[SET_CONFIG].check(made, {})
+    problem = ACTION_KINDS[SET_CONFIG].check(made, {})
     assert problem is not None and "unusedN" in problem
     before = len(fakepve.requests)
     with pytest.raises(PveError, match="force"):
-        KINDS[SET_CONFIG].call(ProxmoxWriter(node.session), made, CallSettings())
+        ACTION_KINDS[SET_CONFIG].call(ProxmoxWriter(node.session), made, CallSettings())
     assert len(fakepve.requests) == before and "mp0" in guest_config(fakepve, 101)
 
 
@@ -358,12 +358,12 @@ def test_a_step_with_bad_params_is_refused_and_never_sent(fakepve: Any, node: Pr
     """Params a row does not take, lacks or gets mistyped: the check names the field; the call sends nothing."""
     add_vm(fakepve, disks={"scsi0": GiB})
     made = step(DESTROY, 100, QEMU, **params)
-    problem = KINDS[DESTROY].check(made, {})
+    problem = ACTION_KINDS[DESTROY].check(made, {})
     assert problem is not None and needle in problem
     if "skiplock" not in params:
         before = len(fakepve.requests)
         with pytest.raises(StepError):
-            KINDS[DESTROY].call(ProxmoxWriter(node.session), made, CallSettings())
+            ACTION_KINDS[DESTROY].call(ProxmoxWriter(node.session), made, CallSettings())
         assert len(fakepve.requests) == before and fakepve.vm(100) is not None
 
 
@@ -415,9 +415,9 @@ def test_recovery_finds_the_task_of_a_call_made_just_before_a_crash(fakepve: Any
     made, writer = setup_case(fakepve, node, case)
     with Journal.open(tmp_path / "j") as journal:
         op_id = begin_signed(journal, made)
-        KINDS[made.kind].call(writer, made, CallSettings())  # the crash comes before journal.task()
+        ACTION_KINDS[made.kind].call(writer, made, CallSettings())  # the crash comes before journal.task()
         task = fakepve.tasklog[-1]
-        assert task["type"] in KINDS[made.kind].task_types
+        assert task["type"] in ACTION_KINDS[made.kind].task_types
         seen = len(fakepve.requests)
         decided = recover(journal, node)
         assert [(op.op_id, outcome) for op, outcome in decided] == [(op_id, Outcome.OK)]

@@ -17,7 +17,7 @@ from executor.pve.node import ProxmoxNode
 from executor.pve.write import ProxmoxWriter
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import Refused
+from journal import RefusalRecord
 from planner.v1 import planner_pb2 as pb
 from safety.classify import Source
 from tests.builders import QEMU, config
@@ -83,7 +83,7 @@ def test_a_hostile_planner_gets_nothing_but_declared_benign_steps_run(fakepve: A
         assert mutations(fakepve, before) == []
         assert {(r.vmid, r.op_kind, r.reason) for r in second.refusals} == EXPECTED
     assert engine.journal is not None
-    journaled = [r for r in engine.journal.recent(1000) if isinstance(r, Refused)]
+    journaled = [r for r in engine.journal.recent(1000) if isinstance(r, RefusalRecord)]
     assert sorted((r.vmid, r.kind, r.reason) for r in journaled) == sorted(EXPECTED)  # once, not per tick
     labels = {"class": "destructive", "decision": "refused", "reason": "approval_required"}
     decided = engine.metrics.registry.get_sample_value("pve_executor_gate_decisions_total", labels)

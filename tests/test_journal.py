@@ -29,7 +29,7 @@ from journal import (
     Outcome,
     OutcomeUnknownError,
     Record,
-    Refused,
+    RefusalRecord,
     TaskStarted,
 )
 from journal.records import encode
@@ -483,7 +483,7 @@ def test_high_water_never_goes_backwards(steps: list[tuple[float, bool]]) -> Non
 # --- refusals -------------------------------------------------------------------------------------
 
 def test_a_refusal_is_durable_readable_and_never_in_flight(path: Path) -> None:
-    """refuse() writes a Refused record recent() returns, after a restart too; nothing is in flight."""
+    """refuse() writes a RefusalRecord that recent() returns, after a restart too; nothing is in flight."""
     with Journal.open(path) as journal:
         journal.refuse(vmid=101, kind="destroy", reason="APPROVAL_REQUIRED", detail="class destructive",
                        key="101:destroy:ab12")
@@ -491,7 +491,7 @@ def test_a_refusal_is_durable_readable_and_never_in_flight(path: Path) -> None:
         assert journal.in_flight() == []
     with Journal.open(path) as journal:
         first, second = journal.recent()
-        assert isinstance(first, Refused) and isinstance(second, Refused)
+        assert isinstance(first, RefusalRecord) and isinstance(second, RefusalRecord)
         assert (first.vmid, first.kind, first.reason, first.detail, first.op_id, first.key) == (
             101, "destroy", "APPROVAL_REQUIRED", "class destructive", None, "101:destroy:ab12")
         assert (second.vmid, second.op_id, second.key, second.detail) == (102, "op-7", None, "")
@@ -512,7 +512,7 @@ def test_a_refusal_is_journaled_when_first_seen_and_when_its_reason_changes(path
     with Journal.open(path, segment_bytes=4096, retention=3600, clock=clock) as journal:
         for reason, detail, written in sightings:
             assert journal.refuse_if_new(vmid=100, kind="stop", reason=reason, detail=detail, key=key) is written
-        assert [r.reason for r in journal.recent() if isinstance(r, Refused)] == [
+        assert [r.reason for r in journal.recent() if isinstance(r, RefusalRecord)] == [
             "APPROVAL_REQUIRED", "TOO_MANY_STOPS", "APPROVAL_REQUIRED"]
         _fill(journal, 60)  # compaction carries the last refusal per key
     assert sequences(path)[0] > 1
@@ -539,7 +539,7 @@ def test_concurrent_identical_refusals_are_journaled_once(path: Path) -> None:
         for thread in threads:
             thread.join()
         assert sorted(written) == [False] * 7 + [True]
-        assert len([r for r in journal.recent() if isinstance(r, Refused)]) == 1
+        assert len([r for r in journal.recent() if isinstance(r, RefusalRecord)]) == 1
 
 
 # --- format compatibility, retention, compaction cost -----------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
-from opctl.doc import Proposal as Unsigned
+from opctl.doc import Proposal
 from planner.v1 import planner_pb2 as pb
 from safety import grammar, keys
 from safety.classify import Action, Class, GuestFacts, Source, classify
@@ -241,7 +241,7 @@ def test_one_operator_key_cannot_attach_a_foreign_volume_by_alias(case: str, fak
     with pytest.raises(Refused, match=r"config\.disk_swap"):
         desk.propose(100, "config.disk_attach", set=values)
     swap = json.loads(desk.propose(100, "config.disk_swap", set=values).action)
-    forged = Unsigned(action={**swap, "kind": "config.disk_attach", "class": "APPROVAL"}, challenge=None)
+    forged = Proposal(action={**swap, "kind": "config.disk_attach", "class": "APPROVAL"}, challenge=None)
     before = len(fakepve.requests)
     _, refusal = desk.run(desk.sign(forged, "alice", role="operator"))
     assert refusal is not None and refusal.reason in {"CLASS_MISMATCH", "ROLE_DENIES"}

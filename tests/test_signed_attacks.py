@@ -23,8 +23,7 @@ import pytest
 
 from executor.gate.decisions import Refusal
 from executor.loop.engine import Engine
-from opctl.doc import OpError, summary
-from opctl.doc import Proposal as Unsigned
+from opctl.doc import OpError, Proposal, summary
 from opctl.sign import build_payload
 from safety.payload import parse_payload
 from safety.refusal import Refused
@@ -259,7 +258,7 @@ def _carol_and_a_destroy(fakepve: Any, make_engine: Make, tmp_path: Path) -> tup
     return desk, destroy, parse_payload(destroy.payload).op_id
 
 
-def _reuse_op_id(unsigned: Unsigned, op_id: str, *signers: str, role: str) -> Any:
+def _reuse_op_id(unsigned: Proposal, op_id: str, *signers: str, role: str) -> Any:
     """``unsigned`` signed by ``signers`` as ``op sign`` would, but carrying ``op_id`` (a nonce seen elsewhere)."""
     document = json.loads(build_payload(unsigned, role=role, ttl=900, reason="test", now=time.time()))
     document["op_id"] = op_id
@@ -295,7 +294,7 @@ def test_a_challenge_for_one_action_does_not_carry_to_another(fakepve: Any, make
     desk = open_desk(make_engine, tmp_path)
     proposal = unsigned_of(desk.propose(100, "guest.destroy", **DESTROY))
     action = {**proposal.action, "params": {"purge": True, "destroy_unreferenced_disks": False}}
-    envelope = desk.sign(Unsigned(action=action, challenge=proposal.challenge), "alice", "bob", role="destroyer")
+    envelope = desk.sign(Proposal(action=action, challenge=proposal.challenge), "alice", "bob", role="destroyer")
     files = journal_files(desk.state_dir)
     before = len(fakepve.requests)
     assert _reason(desk.run(envelope)) == "CHALLENGE_INVALID"
@@ -349,7 +348,7 @@ def test_an_audience_without_a_cluster_name_is_never_signable_nor_matched(fakepv
     assert blind.action["audience"] == "pve1@"
     with pytest.raises(OpError, match="audience"):
         build_payload(blind, role="operator", ttl=900, reason="test", now=time.time())
-    good = desk.sign(Unsigned(action={**blind.action, "audience": AUDIENCE}, challenge=None), "alice",
+    good = desk.sign(Proposal(action={**blind.action, "audience": AUDIENCE}, challenge=None), "alice",
                      role="operator")
     files = journal_files(desk.state_dir)
     assert _reason(desk.run(good)) == "WRONG_AUDIENCE" and journal_files(desk.state_dir) == files
@@ -365,7 +364,7 @@ def test_op_sign_shows_control_and_format_characters_in_values_escaped() -> None
     action = {"audience": AUDIENCE, "vmid": 100, "guest_type": "qemu", "kind": "config.nic_identity",
               "params": {"set": {"description": hidden, "net0": "virtio,bridge=vmbr0"}, "delete": []},
               "class": "APPROVAL", "precondition": {"digest": "a" * 40, "run_state": "running"}}
-    data = build_payload(Unsigned(action=action, challenge=None), role="operator", ttl=900, reason="r", now=1e9)
+    data = build_payload(Proposal(action=action, challenge=None), role="operator", ttl=900, reason="r", now=1e9)
     shown = summary(parse_payload(data), now=1e9)
     assert "\\u001b[2K\\u202eevil\\u200b" in shown and "\x1b" not in shown and "\u202e" not in shown
     assert json.loads(data)["params"]["set"]["description"] == hidden

@@ -20,8 +20,7 @@ import pytest
 
 from executor.loop.engine import Engine
 from executor.v1 import executor_pb2 as epb
-from opctl.doc import Proposal as Unsigned
-from opctl.doc import read_proposal
+from opctl.doc import Proposal, read_proposal
 from opctl.keys import load_private
 from opctl.sign import build_payload, read_envelope
 from planner import server
@@ -58,7 +57,7 @@ def signed(path: Path, *keys: str, role: str = "destroyer", audience: str | None
     """The proposal at ``path`` signed in process with the operator's key files (``audience``: changed first)."""
     proposal = read_proposal(path.read_bytes(), str(path))
     if audience is not None:
-        proposal = Unsigned(action={**proposal.action, "audience": audience}, challenge=proposal.challenge)
+        proposal = Proposal(action={**proposal.action, "audience": audience}, challenge=proposal.challenge)
     data = build_payload(proposal, role=role, ttl=900, reason="e2e", now=time.time())
     return Envelope(payload_type=signedop.PAYLOAD_TYPE, payload=data,
                     signatures=tuple(signedop.sign(data, load_private(str(path.parent / f"{k}.key"))) for k in keys))

@@ -34,8 +34,8 @@ from executor.loop.engine import Engine
 from executor.signed.clock import mark_nonces
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import Begun, Ended, Journal, JournalCorruptError, Outcome, Refused, TaskStarted
-from opctl.doc import Proposal as Unsigned
+from journal import Begun, Ended, Journal, JournalCorruptError, Outcome, RefusalRecord, TaskStarted
+from opctl.doc import Proposal
 from planner import server
 from safety.classify import Source
 from safety.payload import parse_payload
@@ -80,7 +80,7 @@ def test_row45_a_backup_lock_holds_a_destroy_until_it_ends(fakepve: Any, make_en
     locked = [e for e in logs if e["event"] == "gate_refused" and e["reason"] == "LOCKED"]
     assert len(locked) == 3  # at the submit and at each of the two ticks
     assert mutations(fakepve, before) == [] and not spent(desk, op_id)
-    assert next((r.reason, r.op_id) for r in desk.records() if isinstance(r, Refused)) == ("LOCKED", op_id)
+    assert next((r.reason, r.op_id) for r in desk.records() if isinstance(r, RefusalRecord)) == ("LOCKED", op_id)
     fakepve.unlock(100)
     desk.engine.tick(wait=True)
     desk.settle()
@@ -144,7 +144,7 @@ def test_row43_approved_stops_of_a_hub_run_each_and_leave_the_list(fakepve: Any,
     refused = desk.engine.tick(wait=True).refusals
     assert [(r.vmid, r.reason) for r in refused] == [(110, "APPROVAL_REQUIRED"), (111, "APPROVAL_REQUIRED"),
                                                      (112, "APPROVAL_REQUIRED")]
-    entries = {p.vmid: Unsigned(action=json.loads(p.descriptor), challenge=None) for p in desk.engine.gate.pending()}
+    entries = {p.vmid: Proposal(action=json.loads(p.descriptor), challenge=None) for p in desk.engine.gate.pending()}
     assert sorted(entries) == [110, 111, 112]
     before = len(fakepve.requests)
     for vmid in (110, 111):
@@ -170,7 +170,7 @@ def test_row43_an_approval_no_longer_listed_is_class_mismatch_and_not_spent(fake
     desk = open_desk(make_engine, tmp_path, asks, source=Source.HUB)
     desk.engine.tick(wait=True)
     (entry,) = [p for p in desk.engine.gate.pending() if p.vmid == 110]
-    envelope = desk.sign(Unsigned(action=json.loads(entry.descriptor), challenge=None), "alice", role="operator")
+    envelope = desk.sign(Proposal(action=json.loads(entry.descriptor), challenge=None), "alice", role="operator")
     provider = desk.engine.provider
     assert isinstance(provider, StaticProvider)
     provider.guests = [Declared(vmid=v, state="running") for v in range(110, 115)]
@@ -471,7 +471,7 @@ def test_beyond_the_matrix_a_key_smuggled_into_an_approved_config_op_is_class_mi
     action = json.loads(desk.propose(100, "config.protection_off", delete=["protection"]).action)
     action["params"]["set"] = {"hookscript": "local:snippets/evil.sh"}
     before = len(fakepve.requests)
-    op_id, refusal = desk.run(desk.sign(Unsigned(action=action, challenge=None), "alice", role="operator"))
+    op_id, refusal = desk.run(desk.sign(Proposal(action=action, challenge=None), "alice", role="operator"))
     assert _reason((op_id, refusal)) == "ROLE_DENIES"
     assert mutations(fakepve, before) == [] and "hookscript" not in fakepve.vm(100).config
 
@@ -685,7 +685,7 @@ def test_row47_a_flood_of_junk_is_refused_before_any_journal_write_then_rate_lim
                                                                         "PAYLOAD_TYPE", "MALFORMED", "MALFORMED",
                                                                         "MALFORMED")]
     assert {r.removeprefix("REFUSAL_REASON_") for _, r in answered} == reasons
-    assert journal_files(desk.state_dir) == files and not [r for r in desk.records() if isinstance(r, Refused)]
+    assert journal_files(desk.state_dir) == files and not [r for r in desk.records() if isinstance(r, RefusalRecord)]
     counted = sum(desk.engine.gate.metrics.registry.get_sample_value(
         "pve_executor_gate_decisions_total", {"class": "unknown", "decision": "refused", "reason": r.lower()}) or 0
         for r in reasons)

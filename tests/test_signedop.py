@@ -498,9 +498,9 @@ def test_reason_holds_no_control_or_format_characters(reason: str) -> None:
 
 def test_every_kind_the_classifier_names_has_a_params_schema() -> None:
     """Every op kind the classifier can give a step (and its flags) can be signed: no approval is unreachable."""
-    named = {rule.op_kind for rule in classify.KINDS.values()}
-    named |= {flag.op_kind for rule in classify.KINDS.values() for flag in rule.flags}
-    assert named <= opschema.KINDS, sorted(named - opschema.KINDS)
+    named = {rule.op_kind for rule in classify.KIND_RULES.values()}
+    named |= {flag.op_kind for rule in classify.KIND_RULES.values() for flag in rule.flags}
+    assert named <= opschema.OP_KINDS, sorted(named - opschema.OP_KINDS)
 
 
 def test_check_binding_compares_meaning_not_spelling() -> None:

@@ -15,7 +15,7 @@ import structlog
 from common import callers, grpcserver
 from common.grpcserver import ServerTls
 from executor.errors import InvalidInputError, PermanentError, TemporaryError
-from executor.gate.decisions import GateState, Pending, Refusal
+from executor.gate.decisions import GateState, PendingApproval, Refusal
 from executor.gate.kinds import StepError
 from executor.gate.steps import shown
 from executor.loop.engine import Engine, TickSummary
@@ -24,9 +24,9 @@ from executor.pve.node import PveError
 from executor.signed.desk import OpDesk, RateLimitedError
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
-from journal import Begun, Ended, JournalError, Record, Refused, TaskStarted
+from journal import Begun, Ended, JournalError, Record, RefusalRecord, TaskStarted
 from safety.classify import Class
-from safety.refusal import Refused as OpRefused
+from safety.refusal import Refused
 from safety.signedop import Envelope, Signature
 
 log = structlog.get_logger("executor.server")
@@ -104,7 +104,7 @@ def refusal_to_proto(refusal: Refusal) -> pb.Refusal:
                       reason=reason_to_proto(refusal.reason), detail=refusal.detail, op_id=refusal.op_id)
 
 
-def pending_to_proto(entry: Pending) -> pb.PendingApproval:
+def pending_to_proto(entry: PendingApproval) -> pb.PendingApproval:
     """A pending approval as executor.v1."""
     return pb.PendingApproval(vmid=entry.vmid, op_kind=entry.op_kind, action_class=CLASSES[entry.cls], rule=entry.rule,
                               reasons=entry.reasons, source=entry.source.value, descriptor=entry.descriptor,
@@ -159,7 +159,7 @@ def record_to_proto(record: Record) -> pb.Operation:
         case Ended():
             return pb.Operation(op_id=record.op_id, record="ended", outcome=record.outcome.value, error=record.error,
                                 at_unix_ms=at)
-        case Refused():
+        case RefusalRecord():
             refusal = pb.Refusal(vmid=record.vmid, op_kind=record.kind, reason=reason_to_proto(record.reason),
                                  detail=record.detail, op_id=record.op_id or "")
             return pb.Operation(op_id=record.op_id or "", vmid=record.vmid, kind=record.kind, record="refused",
@@ -207,7 +207,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json: {exc}")
         try:
             proposal = desk.propose(request.vmid, request.kind, params, callers.current().key)
-        except OpRefused as exc:
+        except Refused as exc:
             code = grpc.StatusCode.NOT_FOUND if "not on node" in exc.detail else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, f"{exc.reason.value}: {exc.detail}")
         return pb.ProposeOpResponse(action=proposal.action, challenge=proposal.challenge,

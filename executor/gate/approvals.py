@@ -11,10 +11,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from executor.gate.decisions import Pending
+from executor.gate.decisions import PendingApproval
 
 
-def _key(entry: Pending) -> str:
+def _key(entry: PendingApproval) -> str:
     return f"{entry.vmid}:{entry.op_kind}:{entry.descriptor_sha256}"
 
 
@@ -23,12 +23,12 @@ class ApprovalBook:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[str, Pending] = {}
+        self._pending: dict[str, PendingApproval] = {}
         self.refused_total = 0
         self.deferred_total = 0
 
-    def record(self, *, refused: int, deferred: int, pending: Sequence[Pending],
-               keep: Callable[[Pending], bool] | None = None) -> None:
+    def record(self, *, refused: int, deferred: int, pending: Sequence[PendingApproval],
+               keep: Callable[[PendingApproval], bool] | None = None) -> None:
         """A tick's (or a batch's) outcome in one swap: the counts, then ``pending`` listed.
 
         ``keep``: when given, the entries already listed that stay (the others are pruned first).
@@ -44,18 +44,18 @@ class ApprovalBook:
                 listed[_key(entry)] = replace(entry, first_seen=old.first_seen) if old is not None else entry
             self._pending = listed
 
-    def keep(self, entry: Pending) -> None:
+    def keep(self, entry: PendingApproval) -> None:
         """List ``entry`` for approval (keeping when it was first seen)."""
         with self._lock:
             old = self._pending.get(_key(entry))
             self._pending[_key(entry)] = replace(entry, first_seen=old.first_seen) if old is not None else entry
 
-    def listed_for(self, vmid: int, op_kind: str) -> list[Pending]:
+    def listed_for(self, vmid: int, op_kind: str) -> list[PendingApproval]:
         """The entries for ``vmid`` and ``op_kind``."""
         with self._lock:
             return [p for p in self._pending.values() if p.vmid == vmid and p.op_kind == op_kind]
 
-    def entries(self) -> list[Pending]:
+    def entries(self) -> list[PendingApproval]:
         """Every entry, by vmid, then op kind, then descriptor digest."""
         with self._lock:
             return sorted(self._pending.values(), key=lambda p: (p.vmid, p.op_kind, p.descriptor_sha256))

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from executor.gate.actions import UNKNOWN, Step
-from executor.gate.kinds import KINDS, CallSettings
+from executor.gate.kinds import ACTION_KINDS, CallSettings
 from executor.gate.steps import bound_action, params_of
 from safety.classify import Action, Class, GuestFacts, Source, Verdict
 from safety.keys import API_PARAMETERS
@@ -57,7 +57,7 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pending:
+class PendingApproval:
     """A refused non-benign step an operator could approve: the exact action, as a descriptor."""
 
     vmid: int
@@ -110,7 +110,7 @@ class Admission:
     admitted: dict[int, list[Admitted]]
     refused: tuple[Refusal, ...] = ()
     deferred: tuple[int, ...] = ()  # stops held back by the per-window limit
-    pending: tuple[Pending, ...] = ()  # the refused steps an operator could approve
+    pending: tuple[PendingApproval, ...] = ()  # the refused steps an operator could approve
     judged: tuple[Judged, ...] = ()  # every step, in order, with its decision (for the dry run)
 
 
@@ -179,7 +179,7 @@ def canonical(body: Mapping[str, object]) -> bytes:
 
 def readable(step: Step) -> tuple[Action | None, str]:
     """The classifier's view of a step, or why there is none (an unknown kind, a value no action holds)."""
-    if step.kind == UNKNOWN or step.kind not in KINDS:
+    if step.kind == UNKNOWN or step.kind not in ACTION_KINDS:
         return None, step.detail or f"action kind {step.kind!r}"
     reserved = sorted({k for k, _ in step.set} & API_PARAMETERS)
     if reserved:

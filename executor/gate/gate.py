@@ -43,7 +43,7 @@ from executor.gate.decisions import (
     GateSettings,
     GateState,
     Judged,
-    Pending,
+    PendingApproval,
     Refusal,
     descriptor,
     readable,
@@ -51,7 +51,7 @@ from executor.gate.decisions import (
     unknown,
 )
 from executor.gate.journalport import NO_JOURNAL, JournalPort, JournalReads
-from executor.gate.kinds import KINDS
+from executor.gate.kinds import ACTION_KINDS
 from executor.gate.lane import Ahead, Lane
 from executor.gate.steps import nonce_key
 from executor.gate.stopledger import StopLedger
@@ -138,7 +138,7 @@ class Gate:
                                grace=self.settings.task_timeout, save=record)
         admitted: dict[int, list[Admitted]] = {}
         refused: list[Refusal] = []
-        pending: list[Pending] = []
+        pending: list[PendingApproval] = []
         judged: list[Judged] = []
         seen: set[Step] = set()
         for vmid, guest_steps in steps.items():
@@ -287,7 +287,7 @@ class Gate:
         config, digest = observed.configs.get(vmid, (None, ""))
         return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
 
-    def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[Pending],
+    def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[PendingApproval],
                      judged: list[Judged], *, observed: NodeView, declared: Mapping[int, Declaration],
                      planned: Mapping[int, Declaration], source: Source, record: bool) -> tuple[int, ...]:
         """The blast radius: a stop rate per window, and no remote source stops over half the managed guests.
@@ -341,8 +341,9 @@ class Gate:
             pending.append(self._pending_of(stop.step, verdict, stop.facts, source, APPROVAL_REQUIRED))
         return tuple(budget.deferred)
 
-    def _pending_of(self, step: Step, verdict: Verdict, facts: GuestFacts, source: Source, reason: str) -> Pending:
-        if not facts.digest and step.kind in KINDS:
+    def _pending_of(self, step: Step, verdict: Verdict, facts: GuestFacts, source: Source,
+                    reason: str) -> PendingApproval:
+        if not facts.digest and step.kind in ACTION_KINDS:
             # Only refused steps pay this read: an approval must bind the config version it was planned on.
             try:
                 config, digest = self._reader.config(step.guest_type, step.vmid)
@@ -353,7 +354,7 @@ class Gate:
         challenge = ""
         if self.settings.secret is not None and verdict.cls is Class.DESTRUCTIVE:
             challenge = challenges.issue(self.settings.secret, json.loads(action), now=self.wall())
-        return Pending(vmid=step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
+        return PendingApproval(vmid=step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule,
                        reasons=verdict.reasons, source=source, reason=reason, descriptor=action,
                        first_seen=time.time(), challenge=challenge)
 
@@ -363,7 +364,7 @@ class Gate:
 
     # --- what the gate keeps ------------------------------------------------------------------
 
-    def _record(self, refused: Sequence[Refusal], pending: Sequence[Pending], deferred: Sequence[int],
+    def _record(self, refused: Sequence[Refusal], pending: Sequence[PendingApproval], deferred: Sequence[int],
                 planned: set[int], observed: NodeView, *, prune: bool) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
 
@@ -383,7 +384,7 @@ class Gate:
         for refusal in refused:
             self.journal_refusal(refusal)
 
-    def keep_pending(self, entry: Pending) -> None:
+    def keep_pending(self, entry: PendingApproval) -> None:
         """List ``entry`` for approval (keeping when it was first seen)."""
         self.book.keep(entry)
 
@@ -403,7 +404,7 @@ class Gate:
         """One more refusal (made in a lane)."""
         self.book.count_refused()
 
-    def pending(self) -> list[Pending]:
+    def pending(self) -> list[PendingApproval]:
         """Pending approvals, by vmid then op kind."""
         return self.book.entries()
 

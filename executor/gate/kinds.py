@@ -225,7 +225,7 @@ def _has_snapshot(reader: PveReader, guest: GuestState | None, payload: Mapping[
 
 _SNAPNAME: ParamSpec = {"snapname": (str, True)}
 
-KINDS: Mapping[str, ActionKind] = {kind.name: kind for kind in (
+ACTION_KINDS: Mapping[str, ActionKind] = {kind.name: kind for kind in (
     ActionKind(name=START, call=lambda w, s, _c: w.start(s.guest_type, s.vmid),
                task_types=("qmstart", "vzstart"), already_there=("already running",),
                shows=lambda _r, guest, _p: guest is not None and guest.status == "running"),

@@ -27,15 +27,13 @@ import structlog
 
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
-from executor.gate.decisions import Admitted, GateSettings, Pending, Refusal, descriptor, to_action
+from executor.gate.decisions import Admitted, GateSettings, PendingApproval, Refusal, descriptor, to_action
 from executor.gate.journalport import JournalPort, NoJournalError
-from executor.gate.kinds import KINDS, ActionKind
+from executor.gate.kinds import ACTION_KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
-from executor.pve.node import Pending as PendingSection
-from executor.pve.node import PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
-from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, find_task, wait_task
-from executor.pve.tasks import classify as classify_exit
+from executor.pve.node import PendingSection, PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
+from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, wait_task
 from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
@@ -237,7 +235,7 @@ class Lane:
         if op.payload.kind in PROTECTION_BLOCKS and facts.protection:
             return "PROTECTED", (f"guest {step.vmid} has protection=1: clear it first with its own approved "
                                  "config.protection_off op")
-        check = getattr(KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
+        check = getattr(ACTION_KINDS[step.kind], "check", None)  # e.g. a disk resize that would shrink
         problem = check(step, facts.config) if check is not None else None
         return None if problem is None else ("MALFORMED", problem)
 
@@ -266,7 +264,7 @@ class Lane:
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=verdict.cls.name,
                     reason=reason, detail=detail, where="lane")
         self._book.count_refused()
-        self._book.keep(Pending(
+        self._book.keep(PendingApproval(
             vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule, reasons=verdict.reasons,
             source=admitted.source, reason=reason, first_seen=time.time(),
             descriptor=descriptor(admitted.step, verdict, admitted.facts, self._audience())))
@@ -283,7 +281,7 @@ class Lane:
         UNKNOWN and stays in flight, its guest held, until ``unsettled`` settles it.
         """
         step = admitted.step
-        kind = KINDS[step.kind]
+        kind = ACTION_KINDS[step.kind]
         if self._writer is None:
             raise RuntimeError("this gate has no writer (a dry run)")
         bound = log.bind(vmid=step.vmid, action=step.kind, guest_type=step.guest_type)
@@ -312,13 +310,13 @@ class Lane:
     def _settle(self, admitted: Admitted, op_id: str, result: TaskOutcome, bound: Any, duration: float) -> Outcome:
         """The definite end of a call: journaled, counted, logged (a signed op's action marked as run)."""
         step, op = admitted.step, admitted.op
-        if result.result is TaskResult.FAILED and KINDS[step.kind].is_already_there(result.exitstatus):
+        if result.result is TaskResult.FAILED and ACTION_KINDS[step.kind].is_already_there(result.exitstatus):
             result = TaskOutcome(TaskResult.OK, result.exitstatus)
         outcome = OUTCOMES[result.result]
         self._gate.journal_write(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
         if op is not None and op.payload.kind in ACTION_MARKED and outcome is not Outcome.FAILED:
-            self._gate.journal_write(lambda j: j.refuse(
-                vmid=step.vmid, kind=op.payload.kind, reason="NONCE_SPENT", op_id=op.payload.op_id,
+            self._gate.journal_write(lambda j: j.mark_ran(
+                vmid=step.vmid, kind=op.payload.kind, op_id=op.payload.op_id,
                 detail=f"op {op.payload.op_id} ran it ({outcome.value}): the same action needs a new proposal",
                 key=action_key(op)))
         self._count(step.kind, outcome)
@@ -375,7 +373,7 @@ class Lane:
         at least ``lost_grace`` after the answer was lost (PVE had time to register the task), shows
         none; None when the lookup failed or came too early (still in flight, looked for again).
         """
-        kind = KINDS[call.admitted.step.kind]
+        kind = ACTION_KINDS[call.admitted.step.kind]
         vmid = call.admitted.step.vmid
         late = time.monotonic() - call.lost_at >= self._settings.lost_grace  # before the read, not after
         try:

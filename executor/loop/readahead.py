@@ -24,7 +24,7 @@ import structlog
 
 from executor.gate.actions import START
 from executor.gate.decisions import Admitted
-from executor.pve.node import Pending, PveError, PveReader
+from executor.pve.node import PendingSection, PveError, PveReader
 from safety.classify import Source
 
 log = structlog.get_logger("executor.readahead")
@@ -34,7 +34,7 @@ log = structlog.get_logger("executor.readahead")
 class _Read:
     """A read begun (its answer to come) and when it began."""
 
-    answer: Future[Pending]
+    answer: Future[PendingSection]
     began: float
 
 
@@ -65,7 +65,7 @@ class ReadAhead:
                     self._planned[vmid] = steps[0].step.guest_type
         self._fill()
 
-    def take(self, vmid: int) -> Pending | None:
+    def take(self, vmid: int) -> PendingSection | None:
         """The guest's pending section as read ahead, if it was and is still fresh; None: read it in the lane.
 
         Either way the guest leaves the window, and the next planned guest's read begins (unless this

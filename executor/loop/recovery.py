@@ -30,9 +30,9 @@ from typing import TypeVar
 import structlog
 
 from executor.errors import TemporaryError
-from executor.gate.kinds import KINDS
+from executor.gate.kinds import ACTION_KINDS
 from executor.pve.node import PveError, PveReader, PveUnavailableError
-from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify, find_task, wait_task
+from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, wait_task
 from journal import InFlight, Journal, Outcome, is_burn_key
 
 log = structlog.get_logger("executor.recovery")
@@ -94,7 +94,7 @@ def _resolve(op: InFlight, pve: PveReader, task_timeout: float, stop: threading.
     if upid is not None:
         status = pve.task_status(upid)
         if status.get("status") == "stopped":
-            return classify(str(status.get("exitstatus", "")))
+            return classify_exit(str(status.get("exitstatus", "")))
         outcome = wait_task(pve, upid, deadline=time.monotonic() + task_timeout, sleep=_interruptible(stop),
                             transient=_raise)
         return outcome
@@ -114,14 +114,14 @@ def _raise(exc: PveUnavailableError) -> None:
 
 def _find_task(op: InFlight, pve: PveReader) -> str | None:
     """A task of the operation's types for its guest, started since it began (the UPID never recorded)."""
-    kind = KINDS.get(op.kind)
+    kind = ACTION_KINDS.get(op.kind)
     return find_task(pve, op.vmid, kind.task_types if kind is not None else (), since=op.begun_at - 1)
 
 
 def _from_state(op: InFlight, pve: PveReader, register_grace: float = 0.0) -> TaskOutcome:
     """No task: does the guest show the change, or is its config untouched since the op was planned?"""
     guest = pve.guests().find(op.vmid)  # never "absent" from a list whose entries did not all parse
-    kind = KINDS.get(op.kind)
+    kind = ACTION_KINDS.get(op.kind)
     if kind is not None and kind.shows(pve, guest, op.payload):
         return TaskOutcome(TaskResult.OK, f"guest shows the {op.kind}")
     if guest is None:
@@ -137,7 +137,7 @@ def _from_state(op: InFlight, pve: PveReader, register_grace: float = 0.0) -> Ta
 
 def _planned_digest(op: InFlight) -> str:
     """The digest an op was planned from, where an unchanged one proves the call was never made."""
-    kind = KINDS.get(op.kind)
+    kind = ACTION_KINDS.get(op.kind)
     if not ((kind is not None and kind.one_shot) or is_burn_key(op.key or "")):
         return ""  # a planned step: keep to what the state shows (it is re-planned from the next read)
     return str(op.payload.get("digest") or "")

@@ -103,7 +103,7 @@ class GuestState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pending:
+class PendingSection:
     """A guest's pending section: the values now, the values and deletes the next start applies."""
 
     current: dict[str, str] = field(default_factory=dict)
@@ -147,7 +147,7 @@ class PveReader(Protocol):
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
         """The pending-applied config and its digest."""
 
-    def pending(self, guest_type: str, vmid: int) -> Pending:
+    def pending(self, guest_type: str, vmid: int) -> PendingSection:
         """PVE's pending section (what the next start applies) with the current values beside it."""
 
     def task_status(self, upid: str) -> dict[str, Any]:
@@ -369,11 +369,11 @@ class ProxmoxNode:
         answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).config.get())
         return _parsed(f"guest {vmid}: config", pveparse.config_answer, answer)
 
-    def pending(self, guest_type: str, vmid: int) -> Pending:
+    def pending(self, guest_type: str, vmid: int) -> PendingSection:
         """GET .../pending: per key its current value, its pending value or a pending delete."""
         answer = self._call(lambda api: self.session.guest(api, guest_type, vmid).pending.get())
         current, values, deleted = _parsed(f"guest {vmid}: pending", pveparse.pending_answer, answer)
-        return Pending(current=current, set=values, delete=deleted)
+        return PendingSection(current=current, set=values, delete=deleted)
 
     def task_status(self, upid: str) -> dict[str, Any]:
         """GET /nodes/{upid's node}/tasks/{upid}/status: ``status``, and a stopped task's ``exitstatus``."""

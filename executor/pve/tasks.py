@@ -31,7 +31,7 @@ class TaskOutcome:
     ended: bool = True
 
 
-def classify(exitstatus: str) -> TaskOutcome:
+def classify_exit(exitstatus: str) -> TaskOutcome:
     """PVE's exit status: ``OK`` and ``WARNINGS: n`` succeed, "unexpected status" is unknown."""
     if exitstatus == "OK" or exitstatus.startswith("WARNINGS"):
         return TaskOutcome(TaskResult.OK, exitstatus)
@@ -64,7 +64,7 @@ def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[],
                 return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}", ended=False)
             status = {}
         if status.get("status") == "stopped":
-            return classify(str(status.get("exitstatus", "")))
+            return classify_exit(str(status.get("exitstatus", "")))
         if clock() >= deadline:
             return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline", ended=False)
         sleep(delay)

@@ -25,7 +25,7 @@ from executor.errors import TemporaryError
 from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
 from executor.gate.gate import Gate
-from executor.gate.kinds import KINDS
+from executor.gate.kinds import ACTION_KINDS
 from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
 from executor.loop.desired import Declared
 from executor.loop.funnel import Submission
@@ -64,7 +64,7 @@ class OpSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Proposal:
+class IssuedProposal:
     """What ``ProposeOp`` returns: the action part to sign, its challenge, the verdict, the before-image."""
 
     action: bytes
@@ -123,7 +123,7 @@ class OpDesk:
 
     # --- propose ---------------------------------------------------------------------------------
 
-    def propose(self, vmid: int, kind: str, params: dict[str, object], caller: str = "") -> Proposal:
+    def propose(self, vmid: int, kind: str, params: dict[str, object], caller: str = "") -> IssuedProposal:
         """Describe an op on the guest as it is now, with a challenge; raises Refused. Mutates nothing.
 
         Rate-limited on its own, per ``caller`` (each call reads Proxmox twice and mints a challenge),
@@ -146,13 +146,13 @@ class OpDesk:
         cls = gate.expected_class(step, verdict, facts)
         if cls.name not in SIGNABLE_CLASSES:
             raise Refused(RefusalReason.MALFORMED, "a benign change needs no approval: declare it instead")
-        check = getattr(KINDS.get(step.kind), "check", None)
+        check = getattr(ACTION_KINDS.get(step.kind), "check", None)
         problem = check(step, config) if check is not None else None
         if problem is not None:
             raise Refused(RefusalReason.MALFORMED, problem)
         action = descriptor(step, verdict, facts, gate.audience(), cls)
         challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
-        return Proposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
+        return IssuedProposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
                         before=proposal_before(config, digest, step))
 
     def _secret(self) -> bytes:
