@@ -112,7 +112,14 @@ class MemoryPve:
         self.vms.append(guest)
         return guest
 
-    def vm(self, vmid: int) -> MemGuest | None:
+    def vm(self, vmid: int) -> MemGuest:
+        """The guest ``vmid`` (of any node); KeyError when there is none (``find`` for a maybe)."""
+        found = self.find(vmid)
+        if found is None:
+            raise KeyError(vmid)
+        return found
+
+    def find(self, vmid: int) -> MemGuest | None:
         """The guest ``vmid`` (of any node), or None."""
         return next((g for g in self.vms if g.vmid == vmid), None)
 
@@ -291,7 +298,7 @@ class MemoryPve:
     def _guest(self, method: str, guest_type: str, vmid: int, tail: str, params: Any) -> MemGuest:
         """The guest of this node, the request counted; PVE's 500 when its config file is not there."""
         self._count(method, f"/nodes/{self.node}/{guest_type}/{vmid}" + (f"/{tail}" if tail else ""), params)
-        guest = self.vm(vmid)
+        guest = self.find(vmid)
         if guest is None or guest.node != self.node or guest.type != guest_type:
             where = "qemu-server" if guest_type == QEMU else "lxc"
             raise PveError(f"Configuration file 'nodes/{self.node}/{where}/{vmid}.conf' does not exist", 500)

@@ -34,7 +34,7 @@ def test_the_digest_changes_on_every_write_and_a_stale_one_fails_with_pves_messa
     with pytest.raises(PveError, match="checksum mismatch") as raised:
         pve.set_config("lxc", 200, {"memory": "1024"}, (), first)
     assert (str(raised.value), raised.value.status) == (CHECKSUM_MISMATCH, 500)
-    assert pve.vm(200).config["memory"] == "512"  # type: ignore[union-attr]
+    assert pve.vm(200).config["memory"] == "512"
     assert [(m, p) for m, p, _ in pve.requests if m != "GET"] == [("PUT", "/api2/json/nodes/pve1/lxc/200/config")] * 2
 
 
@@ -60,7 +60,7 @@ def test_a_locked_guest_refuses_writes_and_its_start_fails_in_the_task() -> None
         pve.set_config("qemu", 100, {"memory": "1024"}, (), "")
     outcome = wait_task(pve, pve.start("qemu", 100), deadline=_deadline())
     assert (outcome.result, outcome.exitstatus) == (TaskResult.FAILED, "VM is locked (backup)")
-    assert pve.vm(100).status == "stopped"  # type: ignore[union-attr]
+    assert pve.vm(100).status == "stopped"
     assert pve.guests().find(100).lock == "backup"  # type: ignore[union-attr]
 
 
@@ -83,8 +83,8 @@ def test_tasks_fail_or_stay_running_as_asked_and_are_listed() -> None:
     pve.add_vm(100, "web", status="stopped")
     pve.fail_tasks("qmstart", "start failed: no disk")
     failed = wait_task(pve, pve.start("qemu", 100), deadline=_deadline())
-    assert (failed.result, failed.exitstatus, pve.vm(100).status) == (TaskResult.FAILED,  # type: ignore[union-attr]
-                                                                      "start failed: no disk", "stopped")
+    assert (failed.result, failed.exitstatus, pve.vm(100).status) == (TaskResult.FAILED, "start failed: no disk",
+                                                                      "stopped")
     pve.failing.clear()
     pve.hold_tasks("qmstart")
     upid = pve.start("qemu", 100)
@@ -113,5 +113,5 @@ def test_snapshots_the_cluster_and_an_unknown_guest() -> None:
     with pytest.raises(PveError, match=r"qemu-server/300\.conf' does not exist"):
         pve.config("qemu", 300)
     pve.destroy("qemu", 100, purge=True, destroy_unreferenced_disks=True)
-    assert pve.vm(100) is None and pve.requests[-1] == ("DELETE", "/api2/json/nodes/pve1/qemu/100",
+    assert pve.find(100) is None and pve.requests[-1] == ("DELETE", "/api2/json/nodes/pve1/qemu/100",
                                                         {"purge": 1, "destroy-unreferenced-disks": 1})
