@@ -51,6 +51,7 @@ class MemGuest:
     pending: dict[str, Any] = field(default_factory=dict)  # key -> new value, None: a pending delete
     lock: str | None = None
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    start_error: str | None = None  # a start's task ends with it (fakepve's: e.g. a storage that is down)
     writes: int = 0  # every config write bumps it: the digest changes on every write, as the file's mtime does
 
     def digest(self) -> str:
@@ -122,6 +123,10 @@ class MemoryPve:
     def find(self, vmid: int) -> MemGuest | None:
         """The guest ``vmid`` (of any node), or None."""
         return next((g for g in self.vms if g.vmid == vmid), None)
+
+    def snapshot_lock(self, vmid: int, lock: str = "snapshot") -> None:
+        """Leave the guest locked (fakepve's name: an interrupted snapshot, a backup running)."""
+        self.vm(vmid).lock = lock
 
     def fail_tasks(self, task_type: str, exitstatus: str) -> None:
         """Tasks of ``task_type`` (qmstart, vzshutdown, ...) end with ``exitstatus`` and change nothing."""
@@ -205,7 +210,8 @@ class MemoryPve:
         with self._lock:
             guest = self._guest("POST", guest_type, vmid, "status/start", {})
             failure = (f"{_PREFIX[guest_type]} is locked ({guest.lock})" if guest.lock else
-                       f"{_PREFIX[guest_type]} {vmid} already running" if guest.status == "running" else None)
+                       f"{_PREFIX[guest_type]} {vmid} already running" if guest.status == "running" else
+                       guest.start_error)
             return self._task(guest, "start", failure, lambda: _started(guest))
 
     def shutdown(self, guest_type: str, vmid: int, timeout: int, force: bool) -> str:
