@@ -26,6 +26,7 @@ from journal import Journal
 from planner import server
 from safety.classify import Source
 from tests.certs import Pki, make_pki
+from tests.pve_memory import MemoryPve
 
 # No per-example deadline (this machine's speed varies by 2x); in CI the examples are derandomized,
 # so a red run can be reproduced and a green one is not luck.
@@ -90,6 +91,29 @@ def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> 
     """Engines built by the daemon's own wiring (``assemble``) over the real adapter, a real planner on
     loopback and a real journal; closed after."""
     made: list[tuple[Engine, GuestQueue]] = []
+    yield _engine_maker(node, lambda reader: writer_for(getattr(reader, "session", node.session)), planner,
+                        tmp_path, made)
+    _close(made)
+
+
+@pytest.fixture(name="pve")
+def _pve() -> MemoryPve:
+    """The in-memory Proxmox stand-in (``tests.pve_memory``): reader and writer, every call counted."""
+    return MemoryPve()
+
+
+@pytest.fixture(name="make_memory_engine")
+def _make_memory_engine(pve: MemoryPve, planner: server.Running,
+                        tmp_path: Path) -> Iterator[Callable[..., Engine]]:
+    """``make_engine``'s engines over the in-memory stand-in (its reader and writer) instead of HTTPS."""
+    made: list[tuple[Engine, GuestQueue]] = []
+    yield _engine_maker(pve, lambda _reader: pve, planner, tmp_path, made)
+    _close(made)
+
+
+def _engine_maker(node: Any, default_writer: Callable[[Any], Any], planner: server.Running, tmp_path: Path,
+                  made: list[tuple[Engine, GuestQueue]]) -> Callable[..., Engine]:
+    """The engine factory of ``make_engine`` over the reader ``node`` (``default_writer`` makes its writer)."""
 
     def make(desired: list[Declared], *, max_parallel: int = 4, journal: bool = True, pve: Any = None,
              writer: Any = None, source: Source = Source.LOCAL_FILE, planner_target: str | None = None,
@@ -107,7 +131,7 @@ def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> 
                                                                      "stop_window", "lost_grace")
                                         if k in settings})
         reader = pve or node
-        writer = writer or writer_for(getattr(reader, "session", node.session))
+        writer = writer or default_writer(reader)
         where = journal_dir or (tmp_path / f"journal-{len(made)}" if journal else None)
         opened = Journal.open(where) if where is not None else None
         state_dir = opened.directory if opened is not None else tmp_path / "state"
@@ -123,7 +147,10 @@ def _make_engine(node: ProxmoxNode, planner: server.Running, tmp_path: Path) -> 
             parts.append(built)
         return built.engine
 
-    yield make
+    return make
+
+
+def _close(made: list[tuple[Engine, GuestQueue]]) -> None:
     for engine, queue in made:
         queue.close(5)
         engine.close()

@@ -31,6 +31,7 @@ from safety.blast import RemoteStop
 from safety.classify import Source
 from tests.answer_faults import AnswerFaults
 from tests.executor_helpers import HeldReads
+from tests.pve_memory import MemoryPve
 from tests.tmpfs import tiny_filesystem
 
 Make = Callable[..., Engine]
@@ -71,20 +72,28 @@ def _node_of_ten(fakepve: Any) -> None:
         fakepve.add_vm(vmid, f"vm{vmid}", status="running")
 
 
-@pytest.mark.usefixtures("node_of_ten")
+@pytest.fixture(name="memory_of_ten")
+def _memory_of_ten(pve: MemoryPve) -> None:
+    """The same ten running guests on the in-memory stand-in (the drain's counting is not about HTTP)."""
+    for vmid in NODE:
+        pve.add_vm(vmid, f"vm{vmid}", status="running")
+
+
+@pytest.mark.usefixtures("memory_of_ten")
 @pytest.mark.parametrize("drop", ["state", "guest"])
-def test_a_hub_cannot_drain_a_node_in_instalments(drop: str, fakepve: Any, make_engine: Make, tmp_path: Path) -> None:
+def test_a_hub_cannot_drain_a_node_in_instalments(drop: str, pve: MemoryPve, make_memory_engine: Make,
+                                                  tmp_path: Path) -> None:
     """Two stops per window, then un-declare them, five times: the hub never gets past half of the node."""
     desired = tmp_path / "desired.yaml"
     write_hub(desired, instalment(0, drop=drop))
     # every tick is a new window: only the half rule holds the hub
-    engine = make_engine([], stop_window=0.0, provider=FileProvider(desired))
+    engine = make_memory_engine([], stop_window=0.0, provider=FileProvider(desired))
     assert provider_source(engine.provider) is Source.HUB
     summaries: list[TickSummary] = []
     for round_ in range(5):
         write_hub(desired, instalment(round_, drop=drop))
         summaries.append(engine.tick(wait=True))
-    assert stopped(fakepve) == [100, 101, 102, 103], "the hub stopped more than half of the node, no approval"
+    assert stopped(pve) == [100, 101, 102, 103], "the hub stopped more than half of the node, no approval"
     refused = [(r.vmid, r.reason) for s in summaries[2:] for r in s.refusals]
     assert refused == [(v, "APPROVAL_REQUIRED") for v in range(104, 110)]
     assert all("blast_radius" in r.detail for s in summaries[2:] for r in s.refusals)
@@ -102,18 +111,18 @@ def _two_rounds(fakepve: Any, make_engine: Make, tmp_path: Path) -> tuple[Engine
     return engine, desired
 
 
-@pytest.mark.usefixtures("node_of_ten")
-def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(fakepve: Any, make_engine: Make,
+@pytest.mark.usefixtures("memory_of_ten")
+def test_a_guest_the_hub_stopped_counts_until_someone_starts_it(pve: MemoryPve, make_memory_engine: Make,
                                                                 tmp_path: Path) -> None:
     """Started again (by anyone), it is no longer the hub's stop: the budget comes back; gone from the node too."""
-    engine, desired = _two_rounds(fakepve, make_engine, tmp_path)
-    fakepve.vm(100).status = "running"  # an operator starts two of them, and removes a third
-    fakepve.vm(101).status = "running"
-    fakepve.vms.remove(fakepve.vm(102))
+    engine, desired = _two_rounds(pve, make_memory_engine, tmp_path)
+    pve.vm(100).status = "running"  # an operator starts two of them, and removes a third
+    pve.vm(101).status = "running"
+    pve.vms.remove(pve.vm(102))
     write_hub(desired, instalment(2, drop="guest"))
     summary = engine.tick(wait=True)
     assert summary.refusals == ()
-    assert stopped(fakepve) == [103, 104, 105]
+    assert stopped(pve) == [103, 104, 105]
 
 
 def test_a_stop_that_ends_while_the_node_is_read_stays_counted(fakepve: Any, node: ProxmoxNode, make_engine: Make,

@@ -12,10 +12,10 @@ import pytest
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine, TickOutcome
 from executor.loop.planner_client import PlannerClient
-from executor.pve.node import ProxmoxNode
-from executor.pve.write import ProxmoxWriter
+from executor.pve.node import PveWriter
 from journal import Outcome
 from tests import executor_helpers
+from tests.pve_memory import MemoryPve
 
 Make = Callable[..., Engine]
 WRITES = ("POST", "PUT", "DELETE")
@@ -27,14 +27,14 @@ def writes(fakepve: Any, vmid: int | None = None) -> list[tuple[str, str]]:
     return [(m, p) for m, p in found if vmid is None or f"/{vmid}/" in p + "/"]
 
 
-def test_converges_power_and_config_on_qemu_and_lxc(fakepve: Any, make_engine: Make) -> None:
+def test_converges_power_and_config_on_qemu_and_lxc(pve: MemoryPve, make_memory_engine: Make) -> None:
     """Start, stop and config changes land on both guest types; the second tick plans nothing."""
-    vm = fakepve.add_vm(100, "web", status="stopped", config={"memory": 2048, "cores": 1,
+    vm = pve.add_vm(100, "web", status="stopped", config={"memory": 2048, "cores": 1,
                                                              "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})
-    ct = fakepve.add_ct(101, "cache", status="running", config={"memory": 512, "hostname": "cache"})
-    vm2 = fakepve.add_vm(102, "db", status="running", config={"memory": 1024})
-    ct2 = fakepve.add_ct(103, "proxy", status="stopped", config={"memory": 256, "hostname": "proxy"})
-    engine = make_engine([
+    ct = pve.add_ct(101, "cache", status="running", config={"memory": 512, "hostname": "cache"})
+    vm2 = pve.add_vm(102, "db", status="running", config={"memory": 1024})
+    ct2 = pve.add_ct(103, "proxy", status="stopped", config={"memory": 256, "hostname": "proxy"})
+    engine = make_memory_engine([
         Declared(vmid=100, state="running", config={"memory": "4096", "net0": "virtio,bridge=vmbr0"},
                  description="web tier"),
         Declared(vmid=101, state="stopped", config={"memory": "1024"}),
@@ -48,48 +48,48 @@ def test_converges_power_and_config_on_qemu_and_lxc(fakepve: Any, make_engine: M
     assert (ct.status, str(ct.config["memory"])) == ("stopped", "1024")
     assert vm2.status == "stopped"
     assert (ct2.status, str(ct2.config["onboot"]), ct2.config["description"].strip()) == ("running", "1", "proxy")
-    before = len(fakepve.requests)
+    before = len(pve.requests)
     second = engine.tick(wait=True)
     assert (second.outcome, second.queued) == (TickOutcome.OK, 0)
-    assert not [r for r in fakepve.requests[before:] if r[0] in WRITES]
+    assert not [r for r in pve.requests[before:] if r[0] in WRITES]
     assert engine.counters == {("set_config", "ok"): 3, ("start", "ok"): 2, ("stop", "ok"): 2}
 
 
-def test_unmanaged_guests_and_keys_are_untouched(fakepve: Any, make_engine: Make) -> None:
+def test_unmanaged_guests_and_keys_are_untouched(pve: MemoryPve, make_memory_engine: Make) -> None:
     """Only declared guests and declared keys are written; nothing without a declaration."""
-    vm = fakepve.add_vm(100, "web", status="running", config={"memory": 2048, "cores": 8, "onboot": 0})
-    fakepve.add_vm(900, "other", status="stopped", config={"memory": 1})
-    engine = make_engine([Declared(vmid=100, config={"onboot": "1"})])
+    vm = pve.add_vm(100, "web", status="running", config={"memory": 2048, "cores": 8, "onboot": 0})
+    pve.add_vm(900, "other", status="stopped", config={"memory": 1})
+    engine = make_memory_engine([Declared(vmid=100, config={"onboot": "1"})])
     assert engine.tick(wait=True).succeeded == 1
-    assert writes(fakepve, 900) == []
+    assert writes(pve, 900) == []
     assert (vm.status, vm.config["cores"], vm.config["memory"], str(vm.config["onboot"])) == ("running", 8, 2048, "1")
-    body = [b for m, p, b in fakepve.requests if m == "POST" and p.endswith("/qemu/100/config")]
+    body = [b for m, p, b in pve.requests if m == "POST" and p.endswith("/qemu/100/config")]
     assert len(body) == 1 and "onboot" in str(body[0]) and "cores" not in str(body[0])
 
 
-def test_nothing_declared_means_no_reads_and_no_writes(fakepve: Any, make_engine: Make) -> None:
+def test_nothing_declared_means_no_reads_and_no_writes(pve: MemoryPve, make_memory_engine: Make) -> None:
     """The default empty desired state performs zero mutations (and does not even read)."""
-    fakepve.add_vm(100, "web", status="stopped")
-    before = len(fakepve.requests)
-    summary = make_engine([]).tick(wait=True)
+    pve.add_vm(100, "web", status="stopped")
+    before = len(pve.requests)
+    summary = make_memory_engine([]).tick(wait=True)
     assert (summary.outcome, summary.queued) == (TickOutcome.OK, 0)
-    assert fakepve.requests[before:] == []
+    assert pve.requests[before:] == []
 
 
-def test_locked_guest_is_skipped(fakepve: Any, make_engine: Make) -> None:
+def test_locked_guest_is_skipped(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A guest under a backup lock gets no request at all that would fail; it is reported skipped."""
-    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
-    fakepve.snapshot_lock(100, "backup")
-    summary = make_engine([Declared(vmid=100, state="running", config={"memory": "1024"})]).tick(wait=True)
+    pve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    pve.snapshot_lock(100, "backup")
+    summary = make_memory_engine([Declared(vmid=100, state="running", config={"memory": "1024"})]).tick(wait=True)
     assert (summary.queued, summary.skipped) == (0, 1)
-    assert writes(fakepve, 100) == []
+    assert writes(pve, 100) == []
 
 
-def test_task_error_is_counted_and_retried(fakepve: Any, make_engine: Make) -> None:
+def test_task_error_is_counted_and_retried(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A start whose task ends in error is a failed action; a later tick retries and converges."""
-    vm = fakepve.add_vm(100, "web", status="stopped")
+    vm = pve.add_vm(100, "web", status="stopped")
     vm.start_error = "start failed: could not activate storage 'nfs-down'"
-    engine = make_engine([Declared(vmid=100, state="running")])
+    engine = make_memory_engine([Declared(vmid=100, state="running")])
     failed = engine.tick(wait=True)
     assert (failed.outcome, failed.failed) == (TickOutcome.ACTIONS_FAILED, 1)
     assert engine.counters[("start", "failed")] == 1
@@ -100,11 +100,11 @@ def test_task_error_is_counted_and_retried(fakepve: Any, make_engine: Make) -> N
     assert vm.status == "running" and 100 not in engine.funnel.backoff
 
 
-def test_failed_guest_backs_off_before_the_retry(fakepve: Any, make_engine: Make) -> None:
+def test_failed_guest_backs_off_before_the_retry(pve: MemoryPve, make_memory_engine: Make) -> None:
     """With a backoff, the failed guest is deferred on the next tick instead of hammered."""
-    vm = fakepve.add_vm(100, "web", status="stopped")
+    vm = pve.add_vm(100, "web", status="stopped")
     vm.start_error = "boom"
-    engine = make_engine([Declared(vmid=100, state="running")], backoff_base=60.0)
+    engine = make_memory_engine([Declared(vmid=100, state="running")], backoff_base=60.0)
     engine.tick(wait=True)
     again = engine.tick(wait=True)
     assert (again.queued, again.deferred) == (0, 1)
@@ -125,10 +125,10 @@ def test_shutdown_that_times_out_falls_back_to_a_forced_stop(fakepve: Any, make_
     assert summary.failed == 1 and polite.status == "running"
 
 
-def test_stopping_a_stopped_container_is_success(fakepve: Any, make_engine: Make, node: ProxmoxNode) -> None:
+def test_stopping_a_stopped_container_is_success(pve: MemoryPve, make_memory_engine: Make) -> None:
     """PVE's "CT n not running" on a stop means the goal is reached, not a failure."""
-    fakepve.add_ct(101, "cache", status="stopped")
-    engine = make_engine([])
+    pve.add_ct(101, "cache", status="stopped")
+    engine = make_memory_engine([])
     from executor.gate.actions import STOP, Step  # noqa: PLC0415
     from executor.gate.decisions import Admitted  # noqa: PLC0415
     from safety.classify import Class, Source, Verdict  # noqa: PLC0415
@@ -168,9 +168,9 @@ def test_revoked_ticket_logs_in_again(fakepve: Any, make_engine: Make) -> None:
 
 
 class ChangesBehindOurBack:
-    """The real writer, but an administrator edits the guest between our read and our write."""
+    """A writer, but an administrator edits the guest between our read and our write."""
 
-    def __init__(self, writer: ProxmoxWriter, fakepve: Any) -> None:
+    def __init__(self, writer: PveWriter, fakepve: Any) -> None:
         self._writer, self._fakepve = writer, fakepve
 
     def __getattr__(self, name: str) -> Any:
@@ -182,27 +182,26 @@ class ChangesBehindOurBack:
         return self._writer.set_config(*args, **kwargs)
 
 
-def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(fakepve: Any, make_engine: Make,
-                                                                      node: ProxmoxNode) -> None:
+def test_digest_mismatch_fails_the_write_and_the_next_tick_converges(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A config changed between read and write is refused by PVE; re-read, re-planned, converged."""
-    vm = fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
-    racing = make_engine([Declared(vmid=100, config={"memory": "2048"})],
-                         writer=ChangesBehindOurBack(ProxmoxWriter(node.session), fakepve))
+    vm = pve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    racing = make_memory_engine([Declared(vmid=100, config={"memory": "2048"})],
+                         writer=ChangesBehindOurBack(pve, pve))
     summary = racing.tick(wait=True)
     assert summary.failed == 1 and str(vm.config["memory"]) == "512"
     assert racing.counters[("set_config", "failed")] == 1
-    assert make_engine([Declared(vmid=100, config={"memory": "2048"})]).tick(wait=True).succeeded == 1
+    assert make_memory_engine([Declared(vmid=100, config={"memory": "2048"})]).tick(wait=True).succeeded == 1
     assert (str(vm.config["memory"]), vm.config["cores"]) == ("2048", 4)
 
 
-def test_planner_down_means_zero_mutations(fakepve: Any, make_engine: Make, unused_port: int) -> None:
+def test_planner_down_means_zero_mutations(pve: MemoryPve, make_memory_engine: Make, unused_port: int) -> None:
     """With the planner unreachable the tick reads, fails to plan, and writes nothing."""
-    fakepve.add_vm(100, "web", status="stopped")
-    engine = make_engine([Declared(vmid=100, state="running")],
+    pve.add_vm(100, "web", status="stopped")
+    engine = make_memory_engine([Declared(vmid=100, state="running")],
                          planner_client=PlannerClient(f"127.0.0.1:{unused_port}", deadline=1, attempts=2))
     summary = engine.tick(wait=True)
     assert summary.outcome is TickOutcome.PLANNER_UNAVAILABLE and "UNAVAILABLE" in summary.error
-    assert writes(fakepve) == []
+    assert writes(pve) == []
 
 
 @pytest.fixture(name="unused_port")

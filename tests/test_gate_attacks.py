@@ -22,7 +22,7 @@ from executor.config import ExecutorSettings
 from executor.loop.desired import Declared, FileProvider, StaticProvider
 from executor.loop.engine import Engine, TickOutcome
 from executor.loop.queue import Job
-from executor.pve.node import Connection, ProxmoxNode, PveUnavailableError
+from executor.pve.node import Connection, ProxmoxNode, PveUnavailableError, PveWriter
 from executor.pve.write import ProxmoxWriter
 from journal import Ended, Journal, Outcome
 from planner import server
@@ -33,6 +33,7 @@ from safety.model import is_on
 from tests.builders import config
 from tests.executor_helpers import HeldReads, mutations, starts
 from tests.planner_standins import scripted_planner
+from tests.pve_memory import MemoryPve
 
 Make = Callable[..., Engine]
 QEMU, LXC = pb.GUEST_TYPE_QEMU, pb.GUEST_TYPE_LXC
@@ -49,9 +50,10 @@ def stopped(fakepve: Any) -> list[int]:
 
 
 class Meddling:
-    """The real writer, but ``before`` runs right before each call named ``when`` (a change after the read)."""
+    """A writer (real or the stand-in), but ``before`` runs right before each call named ``when`` (a change
+    after the read)."""
 
-    def __init__(self, writer: ProxmoxWriter, when: str, before: Callable[[], object]) -> None:
+    def __init__(self, writer: PveWriter, when: str, before: Callable[[], object]) -> None:
         self._writer, self._when, self._before = writer, when, before
 
     def __getattr__(self, name: str) -> Any:
@@ -107,19 +109,19 @@ KEY_TRICKS = [
 
 @pytest.mark.parametrize(("values", "delete"), KEY_TRICKS)
 def test_key_name_tricks_from_a_hub_never_reach_proxmox(values: dict[str, str], delete: tuple[str, ...],
-                                                        fakepve: Any, make_engine: Make) -> None:
+                                                        pve: MemoryPve, make_memory_engine: Make) -> None:
     """Even when a hub declares the odd key itself (so the scope check passes), a key the table does not
     know exactly needs approval: case, padding, spaces, lookalikes, comma-joined deletes and PVE aliases
     (cdrom) are all refused, the writer's own parameter names (delete, skiplock) as never a config key
     (no approval can make them one), and scsi0 stays."""
-    fakepve.add_vm(100, "db", status="stopped", config={"scsi0": "local-lvm:vm-100-disk-0,size=32G"})
+    pve.add_vm(100, "db", status="stopped", config={"scsi0": "local-lvm:vm-100-disk-0,size=32G"})
     declared = [Declared(vmid=100, config={**dict.fromkeys(delete, ""), **values})]
     with scripted_planner([pb.PlanResponse(actions=[config(100, values, delete)])]) as target:
-        summary = make_engine(declared, planner_target=target, source=Source.HUB).tick(wait=True)
-    assert mutations(fakepve) == []
+        summary = make_memory_engine(declared, planner_target=target, source=Source.HUB).tick(wait=True)
+    assert mutations(pve) == []
     never = set(values) & API_PARAMETERS
     assert [r.reason for r in summary.refusals] == ["UNKNOWN_KIND" if never else "APPROVAL_REQUIRED"]
-    assert fakepve.vm(100).config["scsi0"].startswith("local-lvm:vm-100-disk-0")
+    assert pve.vm(100).config["scsi0"].startswith("local-lvm:vm-100-disk-0")
 
 
 def test_a_planner_cannot_start_a_guest_whose_start_is_still_running(fakepve: Any, make_engine: Make) -> None:
@@ -158,33 +160,33 @@ def test_with_the_config_unreadable_no_config_write_runs(fakepve: Any, make_engi
 
 @pytest.mark.parametrize("bad", [pb.Action(vmid=100, type=7, start=pb.StartAction()),  # type: ignore[arg-type]
                                  start(0)], ids=["guest type 7", "vmid 0"])
-def test_an_unreadable_action_is_refused_and_never_stops_the_tick(bad: pb.Action, fakepve: Any,
-                                                                  make_engine: Make) -> None:
+def test_an_unreadable_action_is_refused_and_never_stops_the_tick(bad: pb.Action, pve: MemoryPve,
+                                                                  make_memory_engine: Make) -> None:
     """A newer planner's guest type, or a vmid 0, is refused as unknown: the other guests still converge."""
-    fakepve.add_vm(100, "web", status="stopped")
-    fakepve.add_vm(101, "db", status="stopped")
+    pve.add_vm(100, "web", status="stopped")
+    pve.add_vm(101, "db", status="stopped")
     declared = [Declared(vmid=100, state="running"), Declared(vmid=101, state="running")]
     with scripted_planner([pb.PlanResponse(actions=[bad, start(101)])]) as target:
-        summary = make_engine(declared, planner_target=target).tick(wait=True)
-    assert [p.rsplit("/", 3)[1] for p in starts(fakepve)] == ["101"]
+        summary = make_memory_engine(declared, planner_target=target).tick(wait=True)
+    assert [p.rsplit("/", 3)[1] for p in starts(pve)] == ["101"]
     assert [r.vmid for r in summary.refusals] == [bad.vmid]
 
 
 def test_a_planner_that_drops_the_digest_cannot_write_over_a_change_made_after_the_read(
-        fakepve: Any, node: ProxmoxNode, make_engine: Make) -> None:
+        pve: MemoryPve, make_memory_engine: Make) -> None:
     """`protection: 0` over an actual 0 is benign; if an operator turns protection on after the read, a
     write planned without a digest must not turn it off again (PVE refuses a stale digest)."""
-    fakepve.add_vm(100, "web", status="stopped", config={"protection": 0, "memory": 512})
+    pve.add_vm(100, "web", status="stopped", config={"protection": 0, "memory": 512})
     declared = [Declared(vmid=100, config={"protection": "0", "memory": "1024"})]
     no_digest = config(100, {"protection": "0", "memory": "1024"})
 
     def operator_protects() -> None:
-        fakepve.vm(100).config["protection"] = 1
+        pve.vm(100).config["protection"] = 1
 
-    writer = Meddling(ProxmoxWriter(node.session), "set_config", operator_protects)
+    writer = Meddling(pve, "set_config", operator_protects)
     with scripted_planner([pb.PlanResponse(actions=[no_digest])]) as target:
-        make_engine(declared, planner_target=target, writer=writer).tick(wait=True)
-    assert is_on(str(fakepve.vm(100).config["protection"])), "protection lowered without approval"
+        make_memory_engine(declared, planner_target=target, writer=writer).tick(wait=True)
+    assert is_on(str(pve.vm(100).config["protection"])), "protection lowered without approval"
 
 
 def test_a_start_whose_answer_was_lost_is_not_sent_again(fakepve: Any, node: ProxmoxNode, make_engine: Make) -> None:
@@ -212,108 +214,112 @@ def test_a_start_still_running_at_the_task_deadline_is_not_sent_again(fakepve: A
     assert len(starts(fakepve, 100)) == 1
 
 
-def test_a_step_listed_twice_runs_once(fakepve: Any, make_engine: Make) -> None:
+def test_a_step_listed_twice_runs_once(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A planner repeating an action in one answer gets it run once."""
-    fakepve.add_vm(100, "web", status="stopped")
+    pve.add_vm(100, "web", status="stopped")
     with scripted_planner([pb.PlanResponse(actions=[start(100), start(100)])]) as target:
-        make_engine([Declared(vmid=100, state="running")], planner_target=target).tick(wait=True)
-    assert len(starts(fakepve, 100)) == 1
+        make_memory_engine([Declared(vmid=100, state="running")], planner_target=target).tick(wait=True)
+    assert len(starts(pve, 100)) == 1
 
 
-def test_a_start_that_would_apply_pending_host_code_needs_approval(fakepve: Any, make_engine: Make) -> None:
+def test_a_start_that_would_apply_pending_host_code_needs_approval(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A start applies the whole pending section: a pending `args` makes it as destructive as writing `args`."""
-    vm = fakepve.add_vm(100, "web", status="stopped", pending={"args": "-device pci-assign,host=00:02.0"})
-    summary = make_engine([Declared(vmid=100, state="running")]).tick(wait=True)
-    assert starts(fakepve, 100) == [] and "args" not in vm.config
+    vm = pve.add_vm(100, "web", status="stopped", pending={"args": "-device pci-assign,host=00:02.0"})
+    summary = make_memory_engine([Declared(vmid=100, state="running")]).tick(wait=True)
+    assert starts(pve, 100) == [] and "args" not in vm.config
     assert [(r.op_kind, r.reason) for r in summary.refusals] == [("start", "APPROVAL_REQUIRED")]
 
 
-def test_phantom_guests_do_not_raise_a_hubs_stop_budget(fakepve: Any, make_engine: Make) -> None:
+def test_phantom_guests_do_not_raise_a_hubs_stop_budget(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A hub that stops every guest of the node is refused, however many absent vmids it also declares."""
     for vmid in range(100, 104):
-        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
+        pve.add_vm(vmid, f"vm{vmid}", status="running")
     declared = [Declared(vmid=v, state="stopped") for v in range(100, 104)]
     phantoms = [Declared(vmid=v, state="running") for v in range(5000, 5040)]
-    summary = make_engine(declared + phantoms, source=Source.HUB).tick(wait=True)
-    assert stopped(fakepve) == []
+    summary = make_memory_engine(declared + phantoms, source=Source.HUB).tick(wait=True)
+    assert stopped(pve) == []
     assert {r.reason for r in summary.refusals} == {"APPROVAL_REQUIRED"}
 
 
-def test_back_to_back_ticks_do_not_multiply_a_hubs_stop_rate(fakepve: Any, make_engine: Make) -> None:
+def test_back_to_back_ticks_do_not_multiply_a_hubs_stop_rate(pve: MemoryPve, make_memory_engine: Make) -> None:
     """The limit gives a person time to notice: three Reconcile calls in a second still stop max(2, 10%)."""
     for vmid in range(100, 110):
-        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
+        pve.add_vm(vmid, f"vm{vmid}", status="running")
     declared = [Declared(vmid=v, state="stopped" if v < 104 else "running") for v in range(100, 110)]
-    engine = make_engine(declared, source=Source.HUB)
+    engine = make_memory_engine(declared, source=Source.HUB)
     for _ in range(3):
         engine.tick(wait=True)
-    assert len(stopped(fakepve)) <= 2
+    assert len(stopped(pve)) <= 2
 
 
-def test_a_hub_cannot_drain_a_node_half_at_a_time(fakepve: Any, make_engine: Make) -> None:
+def test_a_hub_cannot_drain_a_node_half_at_a_time(pve: MemoryPve, make_memory_engine: Make) -> None:
     """Stopping half, then the other half, still stops more than half of the managed guests: needs approval."""
     for vmid in range(100, 106):
-        fakepve.add_vm(vmid, f"vm{vmid}", status="running")
-    engine = make_engine([Declared(vmid=v, state="stopped" if v < 103 else "running") for v in range(100, 106)],
+        pve.add_vm(vmid, f"vm{vmid}", status="running")
+    engine = make_memory_engine([Declared(vmid=v, state="stopped" if v < 103 else "running") for v in range(100, 106)],
                          source=Source.HUB, max_stops_per_tick=10)
     engine.tick(wait=True)
-    assert stopped(fakepve) == [100, 101, 102]  # exactly half: allowed
+    assert stopped(pve) == [100, 101, 102]  # exactly half: allowed
     assert isinstance(engine.provider, StaticProvider)
     engine.provider.guests = [Declared(vmid=v, state="stopped") for v in range(100, 106)]
     engine.tick(wait=True)
-    assert stopped(fakepve) == [100, 101, 102], "the node was drained without an approval"
+    assert stopped(pve) == [100, 101, 102], "the node was drained without an approval"
 
 
-def test_a_desired_state_provider_cannot_claim_to_be_a_signed_operation(fakepve: Any, make_engine: Make) -> None:
+def test_a_desired_state_provider_cannot_claim_to_be_a_signed_operation(pve: MemoryPve,
+                                                                        make_memory_engine: Make) -> None:
     """Only a verified signed op is OPERATOR_OP: a provider claiming it still gets the scope check."""
-    fakepve.add_vm(100, "web", status="running")
-    fakepve.add_vm(104, "undeclared", status="stopped")
+    pve.add_vm(100, "web", status="running")
+    pve.add_vm(104, "undeclared", status="stopped")
     with scripted_planner([pb.PlanResponse(actions=[start(104)])]) as target:
-        summary = make_engine([Declared(vmid=100, state="running")], planner_target=target,
+        summary = make_memory_engine([Declared(vmid=100, state="running")], planner_target=target,
                               source=Source.OPERATOR_OP).tick(wait=True)
-    assert starts(fakepve, 104) == []
+    assert starts(pve, 104) == []
     assert [(r.vmid, r.reason) for r in summary.refusals] == [(104, "OUT_OF_SCOPE")]
 
 
-def test_a_planner_writes_only_the_declared_value(fakepve: Any, make_engine: Make) -> None:
+def test_a_planner_writes_only_the_declared_value(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A running container declared with 2048 MB is not given 16 MB (hot-applied: an OOM kill, a stop in disguise)."""
-    fakepve.add_ct(101, "db", status="running", config={"memory": 2048})
+    pve.add_ct(101, "db", status="running", config={"memory": 2048})
     squeeze = pb.Action(vmid=101, type=LXC, set_config=pb.SetConfigAction(set={"memory": "16"}))
     with scripted_planner([pb.PlanResponse(actions=[squeeze])]) as target:
-        summary = make_engine([Declared(vmid=101, config={"memory": "2048"})], planner_target=target).tick(wait=True)
-    assert mutations(fakepve) == []
+        summary = make_memory_engine([Declared(vmid=101, config={"memory": "2048"})],
+                                     planner_target=target).tick(wait=True)
+    assert mutations(pve) == []
     assert [r.vmid for r in summary.refusals] == [101]
 
 
-def test_an_action_with_fields_this_executor_cannot_read_is_refused(fakepve: Any, make_engine: Make) -> None:
+def test_an_action_with_fields_this_executor_cannot_read_is_refused(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A newer planner's SetConfig field (say a `force` or a condition) is not silently dropped: the action
     is refused as unknown, as an unknown kind is."""
-    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    pve.add_vm(100, "web", status="stopped", config={"memory": 512})
     change = pb.SetConfigAction()
     change.MergeFromString(pb.SetConfigAction(set={"memory": "1024"}).SerializeToString() + b"\x48\x01")  # field 9
     with scripted_planner([pb.PlanResponse(actions=[pb.Action(vmid=100, type=QEMU, set_config=change)])]) as target:
-        summary = make_engine([Declared(vmid=100, config={"memory": "1024"})], planner_target=target).tick(wait=True)
-    assert mutations(fakepve) == []
+        summary = make_memory_engine([Declared(vmid=100, config={"memory": "1024"})],
+                                     planner_target=target).tick(wait=True)
+    assert mutations(pve) == []
     assert [r.vmid for r in summary.refusals] == [100]
 
 
-def test_a_step_for_the_wrong_guest_type_is_refused_not_sent(fakepve: Any, make_engine: Make) -> None:
+def test_a_step_for_the_wrong_guest_type_is_refused_not_sent(pve: MemoryPve, make_memory_engine: Make) -> None:
     """A planner calling a VM a container gets the step refused; no request reaches the other endpoint."""
-    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512})
+    pve.add_vm(100, "web", status="stopped", config={"memory": 512})
     wrong = pb.Action(vmid=100, type=LXC, set_config=pb.SetConfigAction(set={"memory": "1024"}))
     with scripted_planner([pb.PlanResponse(actions=[wrong])]) as target:
-        summary = make_engine([Declared(vmid=100, config={"memory": "1024"})], planner_target=target).tick(wait=True)
-    assert mutations(fakepve) == []
+        summary = make_memory_engine([Declared(vmid=100, config={"memory": "1024"})],
+                                     planner_target=target).tick(wait=True)
+    assert mutations(pve) == []
     assert [r.vmid for r in summary.refusals] == [100]
 
 
-def test_a_desired_file_removed_while_running_does_not_crash_the_tick(fakepve: Any, make_engine: Make,
+def test_a_desired_file_removed_while_running_does_not_crash_the_tick(pve: MemoryPve, make_memory_engine: Make,
                                                                       tmp_path: Path) -> None:
     """The file provider keeps its last good state when the file goes away; the tick goes on."""
-    fakepve.add_vm(100, "web", status="stopped")
+    pve.add_vm(100, "web", status="stopped")
     desired = tmp_path / "desired.yaml"
     desired.write_text("guests:\n  - {vmid: 100, state: running}\n")
-    engine = make_engine([], provider=FileProvider(desired))
+    engine = make_memory_engine([], provider=FileProvider(desired))
     desired.unlink()
     summary = engine.tick(wait=True)
     assert summary.outcome in (TickOutcome.OK, TickOutcome.DESIRED_UNAVAILABLE)
@@ -410,26 +416,26 @@ def test_the_dry_run_prints_no_escape_sequence_a_planner_sent(fakepve: Any, fake
 # --- found by the red team of issue 13 -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kind", "status"), [("start", "stopped"), ("stop", "running")])
-def test_a_hubs_power_action_reads_protection_again_right_before_the_call(kind: str, status: str, fakepve: Any,
-                                                                          make_engine: Make) -> None:
+def test_a_hubs_power_action_reads_protection_again_right_before_the_call(kind: str, status: str, pve: MemoryPve,
+                                                                          make_memory_engine: Make) -> None:
     """A hub's start (or stop) of a guest without protection is benign, judged on the config read for the
     plan. An administrator sets protection=1 after that read, while the step waits for a lane (widened on
     purpose: the only worker is busy with another guest's job). The lane reads the flag again right before
-    the call: the step needs approval, and fakepve receives no start (no shutdown)."""
+    the call: the step needs approval, and the stand-in receives no start (no shutdown)."""
     for vmid in range(100, 104):  # one stop of four stays under the blast-radius rule
-        fakepve.add_vm(vmid, f"vm{vmid}", status=status if vmid == 100 else "running", config={"cores": 2})
+        pve.add_vm(vmid, f"vm{vmid}", status=status if vmid == 100 else "running", config={"cores": 2})
     wanted = "running" if kind == "start" else "stopped"
     declared = [Declared(vmid=100, state=wanted, config={"cores": "2"}),
                 *(Declared(vmid=v, state="running") for v in range(101, 104))]
-    engine = make_engine(declared, source=Source.HUB, max_parallel=1)
+    engine = make_memory_engine(declared, source=Source.HUB, max_parallel=1)
     busy = threading.Event()
     engine.queue.submit(Job(vmid=999, run=lambda: busy.wait(20), label="another guest's work"))
-    before = len(fakepve.requests)
+    before = len(pve.requests)
     summary = engine.tick()
     assert summary.queued == 1 and not summary.refusals  # admitted: no protection in the config it read
-    fakepve.vm(100).config["protection"] = 1
+    pve.vm(100).config["protection"] = 1
     busy.set()
     assert engine.queue.wait_idle(20)
-    assert [m for m in mutations(fakepve, before) if "/100/status/" in m[1]] == []
-    assert fakepve.vm(100).status == status
+    assert [m for m in mutations(pve, before) if "/100/status/" in m[1]] == []
+    assert pve.vm(100).status == status
     assert [(p.vmid, p.op_kind, p.reason) for p in engine.gate.pending()] == [(100, kind, "APPROVAL_REQUIRED")]
