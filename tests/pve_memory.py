@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.pve.node import LXC, QEMU, GuestList, GuestState, Pending, PveError, upid_node
+from executor.pve.node import LXC, QEMU, GuestList, GuestState, PendingSection, PveError, upid_node
 
 CHECKSUM_MISMATCH = "checksum mismatch (file change by other user?)"
 # Keys PVE applies to a running QEMU guest at once (fakepve's list); any other write waits for the next start.
@@ -169,11 +169,11 @@ class MemoryPve:
             guest = self._guest("GET", guest_type, vmid, "config", {})
             return {k: _text(v) for k, v in guest.config.items()}, guest.digest()
 
-    def pending(self, guest_type: str, vmid: int) -> Pending:
+    def pending(self, guest_type: str, vmid: int) -> PendingSection:
         """The pending section beside the current values."""
         with self._lock:
             guest = self._guest("GET", guest_type, vmid, "pending", {})
-            return Pending(current={k: _text(v) for k, v in guest.config.items()},
+            return PendingSection(current={k: _text(v) for k, v in guest.config.items()},
                            set={k: _text(v) for k, v in guest.pending.items() if v is not None},
                            delete=frozenset(k for k, v in guest.pending.items() if v is None))
 
