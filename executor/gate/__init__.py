@@ -6,5 +6,6 @@ spend (``steps``), and the state-dir files the gate keeps beside the journal (``
 
 Imported by every room above it (loop, signed, api, app); imports only ``executor.pve`` and
 ``executor.metrics`` of the executor. What it needs from above is a Protocol defined here
-(``gate.NodeView``, ``lane.Ahead``); ``lane`` sees the gate only through ``lane.GateSide``.
+(``gate.NodeView``, ``lane.Ahead``). ``lane`` never sees the gate: the gate hands it the collaborators
+they share (the journal port and its writes, ``journalport.JournalWrites``; the approval book).
 """

@@ -11,7 +11,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from executor.gate.decisions import PendingApproval
+from executor.gate.actions import Step
+from executor.gate.decisions import PendingApproval, descriptor
+from safety.classify import Class, GuestFacts, Verdict
 
 
 def _key(entry: PendingApproval) -> str:
@@ -54,6 +56,17 @@ class ApprovalBook:
         """The entries for ``vmid`` and ``op_kind``."""
         with self._lock:
             return [p for p in self._pending.values() if p.vmid == vmid and p.op_kind == op_kind]
+
+    def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts, audience: Callable[[], str]) -> Class:
+        """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
+
+        A remote source's stops beyond the blast radius were listed as APPROVAL; signing that exact
+        descriptor approves it, although the same stop from an operator alone is benign. ``audience`` is
+        read only when an entry is listed.
+        """
+        listed = self.listed_for(step.vmid, verdict.op_kind)
+        classes = [p.cls for p in listed if p.descriptor == descriptor(step, verdict, facts, audience(), p.cls)]
+        return max([verdict.cls, *classes])
 
     def entries(self) -> list[PendingApproval]:
         """Every entry, by vmid, then op kind, then descriptor digest."""

@@ -47,13 +47,11 @@ from executor.gate.decisions import (
     Refusal,
     descriptor,
     readable,
-    spends,
     unknown,
 )
-from executor.gate.journalport import NO_JOURNAL, JournalPort, JournalReads
+from executor.gate.journalport import NO_JOURNAL, JournalPort, JournalReads, JournalWrites
 from executor.gate.kinds import ACTION_KINDS
 from executor.gate.lane import Ahead, Lane
-from executor.gate.steps import nonce_key
 from executor.gate.stopledger import StopLedger
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import GuestState, PveError, PveReader, PveWriter
@@ -103,13 +101,14 @@ class Gate:
         self._reader, self._dry_run = reader, dry_run
         self.wall = wall  # the gate's time: never before the journal's high-water mark (the daemon wires it)
         self.journal_port = journal  # switched to NO_JOURNAL in place when a write fails (``lose_journal``)
+        self.writes = JournalWrites(journal)  # the gate's and the lane's writes, spends and journal loss
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self.book = ApprovalBook()  # pending approvals and the refusal counts
         self._audience = audience if audience is not None else Audience(reader, self.settings.audience)
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
-        self.lane = Lane(gate=self, reader=reader, writer=writer, journal=self.journal_port, book=self.book,
+        self.lane = Lane(reader=reader, writer=writer, journal=self.journal_port, writes=self.writes, book=self.book,
                          settings=self.settings, metrics=self.metrics, wall=self.wall, audience=self._audience,
                          reverify=reverify, ahead=ahead)
 
@@ -258,26 +257,12 @@ class Gate:
 
     def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
               facts: GuestFacts | None) -> bool:
-        """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
-
-        ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
-        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT.
-        False when the op had to be spent and could not be: the caller answers JOURNAL_UNAVAILABLE, the gate
-        loses its journal, and the next start sets the clock floor (``lose_journal``), so the op never runs.
-        """
-        if not spends(reason, op, guest_type, facts):
-            return True
-        return self.journal_write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
+        """Spend ``op``'s nonce if it was refused for the guest's state (``JournalWrites.spend``)."""
+        return self.writes.spend(op, reason, detail, guest_type=guest_type, facts=facts)
 
     def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
-        """The class a signed op for ``step`` must carry: the verdict's, or a pending approval's when higher.
-
-        A remote source's stops beyond the blast radius were listed as APPROVAL; signing that exact
-        descriptor approves it, although the same stop from an operator alone is benign.
-        """
-        listed = self.book.listed_for(step.vmid, verdict.op_kind)
-        classes = [p.cls for p in listed if p.descriptor == descriptor(step, verdict, facts, self.audience(), p.cls)]
-        return max([verdict.cls, *classes])
+        """The class a signed op for ``step`` must carry (``ApprovalBook.expected_class``)."""
+        return self.book.expected_class(step, verdict, facts, self.audience)
 
     def _facts(self, vmid: int, observed: NodeView) -> GuestFacts | None:
         """What the classifier needs of the guest, as read for the plan (admission reads nothing more)."""
@@ -389,10 +374,8 @@ class Gate:
         self.book.keep(entry)
 
     def journal_refusal(self, refusal: Refusal) -> None:
-        """Journal ``refusal`` unless its guest and kind were last refused for the same reason (across restarts)."""
-        key = f"{refusal.vmid}:{refusal.op_kind}"
-        self.journal_write(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
-                                                     detail=refusal.detail, key=key, op_id=refusal.op_id or None))
+        """Journal ``refusal`` unless it repeats the last one (``JournalWrites.refusal``)."""
+        self.writes.refusal(refusal)
 
     def count_admitted(self, admission: Admission) -> None:
         """Count the admitted steps (the refusals were counted by ``admit``)."""
@@ -437,18 +420,9 @@ class Gate:
         return self.journal_port.journal
 
     def journal_write(self, write: Callable[[Journal], object]) -> bool:
-        """One journal write (True: written); a failure switches the gate to benign-only."""
-        try:
-            return self.journal_port.write(write)
-        except JournalError as exc:
-            self.lose_journal(exc)
-            return False
+        """One journal write (True: written); a failure switches the gate to benign-only (``JournalWrites``)."""
+        return self.writes.write(write)
 
     def lose_journal(self, exc: JournalError | OSError) -> None:
-        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
-
-        The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
-        been a spent nonce, so the next start refuses every op signed before it (``executor.signed.clock.gate_secret``).
-        """
-        log.error("journal_failed_benign_only_from_now", error=str(exc))
-        self.journal_port.lost()
+        """From here on only benign steps are admitted (``JournalWrites.lose``)."""
+        self.writes.lose(exc)

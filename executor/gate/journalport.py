@@ -18,8 +18,16 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
+from executor.gate.decisions import Refusal, spends
 from executor.gate.files import INTACT_MARK
-from journal import InFlight, Journal, Record
+from executor.gate.steps import nonce_key
+from journal import InFlight, Journal, JournalError, Record
+from safety.classify import GuestFacts
+from safety.signedop import VerifiedOp
+
+log = structlog.get_logger("executor.gate")  # the gate's events, wherever the write is made
 
 
 class JournalReads(Protocol):
@@ -220,6 +228,53 @@ class NoJournal:
 
 
 NO_JOURNAL: JournalPort = NoJournal()
+
+
+class JournalWrites:
+    """The journal's writes as the gate and its lane make them: a write that fails loses the journal.
+
+    Built by the gate over its port and handed to its lane, so both write, spend and lose through one object.
+    """
+
+    def __init__(self, port: JournalPort) -> None:
+        """``port``: the gate's journal port (switched to ``NO_JOURNAL`` in place by ``lose``)."""
+        self._port = port
+
+    def write(self, write: Callable[[Journal], object]) -> bool:
+        """One journal write (True: written); a failure switches the port to benign-only."""
+        try:
+            return self._port.write(write)
+        except JournalError as exc:
+            self.lose(exc)
+            return False
+
+    def lose(self, exc: JournalError | OSError) -> None:
+        """From here on only benign steps are admitted (JOURNAL_UNAVAILABLE for the rest).
+
+        The journal's intact mark goes too (an unlink needs no free space): a write that failed may have
+        been a spent nonce, so the next start refuses every op signed before it (``executor.signed.clock.gate_secret``).
+        """
+        log.error("journal_failed_benign_only_from_now", error=str(exc))
+        self._port.lost()
+
+    def refusal(self, refusal: Refusal) -> None:
+        """Journal ``refusal`` unless its guest and kind were last refused for the same reason (across restarts)."""
+        key = f"{refusal.vmid}:{refusal.op_kind}"
+        self.write(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
+                                             detail=refusal.detail, key=key, op_id=refusal.op_id or None))
+
+    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
+              facts: GuestFacts | None) -> bool:
+        """Spend ``op``'s nonce if it was refused for the guest's state (``decisions.spends``): it never runs later.
+
+        ``guest_type`` and ``facts``: the guest as read for the refusal (None: not on this node). One durable
+        journal record, before the refusal is answered: a replay, now or after a restart, is NONCE_SPENT.
+        False when the op had to be spent and could not be: the caller answers JOURNAL_UNAVAILABLE, the journal
+        is lost, and the next start sets the clock floor (``lose``), so the op never runs.
+        """
+        if not spends(reason, op, guest_type, facts):
+            return True
+        return self.write(lambda j: j.burn(nonce_key(op), op_id=op.payload.op_id, why=f"{reason}: {detail}"))
 
 
 def journal_port(journal: Journal | None,

@@ -28,13 +28,13 @@ import structlog
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
 from executor.gate.decisions import Admitted, GateSettings, PendingApproval, Refusal, descriptor, to_action
-from executor.gate.journalport import JournalPort, NoJournalError
+from executor.gate.journalport import JournalPort, JournalWrites, NoJournalError
 from executor.gate.kinds import ACTION_KINDS, ActionKind
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PendingSection, PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
 from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, wait_task
-from journal import BURN_PREFIX, Journal, JournalError, KeyInFlightError, NonceSpentError, Outcome
+from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
 from safety.refusal import Refused
@@ -42,32 +42,6 @@ from safety.signedop import VerifiedOp
 
 log = structlog.get_logger("executor.lane")
 OUTCOMES = {TaskResult.OK: Outcome.OK, TaskResult.FAILED: Outcome.FAILED, TaskResult.UNKNOWN: Outcome.UNKNOWN}
-
-
-class GateSide(Protocol):
-    """What a lane asks of its gate: its policy on signed ops and refusals, and the journal's writes.
-
-    The rest (the journal port, the approval book, the settings, metrics, time, the audience and the
-    op verifier) the gate hands the lane when it builds it.
-
-    ``gate.Gate`` passes itself; a Protocol, so ``lane`` never imports ``gate`` (no import cycle).
-    """
-
-    def expected_class(self, step: Step, verdict: Verdict, facts: GuestFacts) -> Class:
-        """The class a signed op for ``step`` must carry."""
-
-    def journal_refusal(self, refusal: Refusal) -> None:
-        """Journal ``refusal`` unless it repeats the last one."""
-
-    def journal_write(self, write: Callable[[Journal], object]) -> bool:
-        """One journal write (True: written)."""
-
-    def lose_journal(self, exc: JournalError | OSError) -> None:
-        """From here on only benign steps are admitted."""
-
-    def spend(self, op: VerifiedOp, reason: str, detail: str, *, guest_type: str | None,
-              facts: GuestFacts | None) -> bool:
-        """Spend ``op``'s nonce if it was refused for the guest's state."""
 
 
 class Ahead(Protocol):
@@ -102,14 +76,14 @@ class InFlightCall:
 class Lane:
     """Authorizes and runs admitted steps; the only holder of the Proxmox writer."""
 
-    def __init__(self, *, gate: GateSide, reader: PveReader, writer: PveWriter | None, journal: JournalPort,
+    def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: JournalPort, writes: JournalWrites,
                  book: ApprovalBook, settings: GateSettings, metrics: ExecutorMetrics, wall: Callable[[], float],
                  audience: Callable[[], str],
                  reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None,
                  ahead: Ahead | None = None) -> None:
-        """``journal``: the gate's port; ``book``: its approval book; ``wall``: its time; ``reverify``: the op
-        verifier's (None: no signed ops)."""
-        self._gate, self._reader, self._writer = gate, reader, writer
+        """``journal``: the gate's port; ``writes``: its writes over that port (spends, refusals, journal loss);
+        ``book``: its approval book; ``wall``: its time; ``reverify``: the op verifier's (None: no signed ops)."""
+        self._reader, self._writer, self._writes = reader, writer, writes
         self._journal, self._book, self._settings, self._metrics = journal, book, settings, metrics
         self._wall, self._audience, self._reverify = wall, audience, reverify
         self._lock = threading.Lock()
@@ -221,7 +195,7 @@ class Lane:
         # the digest: DIGEST_STALE, not PROTECTED (clearing the flag again would revive the op).
         verdict = self._with_pending(step.kind, classify(to_action(step), facts, Source.OPERATOR_OP),
                                      facts, admitted)
-        cls = self._gate.expected_class(step, verdict, facts)
+        cls = self._book.expected_class(step, verdict, facts, self._audience)
         try:
             check_binding(op.payload, bound_action(step, verdict, facts, self._audience(), cls_name=cls.name))
         except Refused as exc:
@@ -244,7 +218,7 @@ class Lane:
         """Refuse the signed op, spending it when refused for the guest's state (``facts``: as read; None: gone)."""
         op = admitted.op
         assert op is not None
-        if not self._gate.spend(op, reason, detail, guest_type=guest_type, facts=facts):
+        if not self._writes.spend(op, reason, detail, guest_type=guest_type, facts=facts):
             reason, detail = "JOURNAL_UNAVAILABLE", f"{reason} ({detail}), and spending the op failed"
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
                           reason=reason, detail=detail, op_id=op.payload.op_id)
@@ -252,9 +226,9 @@ class Lane:
         log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
                     detail=detail, where="lane")
         self._book.count_refused()
-        self._gate.journal_write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
-                                                    detail=detail, op_id=refusal.op_id,
-                                                    key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
+        self._writes.write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
+                                              detail=detail, op_id=refusal.op_id,
+                                              key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
         return refusal
 
     def _refuse(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
@@ -268,7 +242,7 @@ class Lane:
             vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule, reasons=verdict.reasons,
             source=admitted.source, reason=reason, first_seen=time.time(),
             descriptor=descriptor(admitted.step, verdict, admitted.facts, self._audience())))
-        self._gate.journal_refusal(refusal)
+        self._writes.refusal(refusal)
         return refusal
 
     # --- execution ----------------------------------------------------------------------------
@@ -313,9 +287,9 @@ class Lane:
         if result.result is TaskResult.FAILED and ACTION_KINDS[step.kind].is_already_there(result.exitstatus):
             result = TaskOutcome(TaskResult.OK, result.exitstatus)
         outcome = OUTCOMES[result.result]
-        self._gate.journal_write(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
+        self._writes.write(lambda j: j.end(op_id, outcome, "" if outcome is Outcome.OK else result.exitstatus))
         if op is not None and op.payload.kind in ACTION_MARKED and outcome is not Outcome.FAILED:
-            self._gate.journal_write(lambda j: j.mark_ran(
+            self._writes.write(lambda j: j.mark_ran(
                 vmid=step.vmid, kind=op.payload.kind, op_id=op.payload.op_id,
                 detail=f"op {op.payload.op_id} ran it ({outcome.value}): the same action needs a new proposal",
                 key=action_key(op)))
@@ -332,7 +306,7 @@ class Lane:
             return sent
         if not sent:
             return TaskOutcome(TaskResult.OK, "")  # a synchronous call that answered: done
-        self._gate.journal_write(lambda j: j.task(op_id, sent))
+        self._writes.write(lambda j: j.task(op_id, sent))
         waiting = time.monotonic()
         result = wait_task(self._reader, sent, deadline=waiting + self._settings.task_timeout)
         self._metrics.task_wait.observe(time.monotonic() - waiting)
@@ -398,7 +372,7 @@ class Lane:
             if isinstance(found, TaskOutcome):
                 return found
             call = found
-            self._gate.journal_write(lambda j: j.task(call.op_id, call.upid))
+            self._writes.write(lambda j: j.task(call.op_id, call.upid))
         try:
             status = self._reader.task_status(call.upid)
         except PveError as exc:
@@ -461,7 +435,7 @@ class Lane:
         except KeyInFlightError:
             return self._refuse_op(admitted, "NONCE_IN_FLIGHT", "this signed op is running now")
         except JournalError as exc:
-            self._gate.lose_journal(exc)
+            self._writes.lose(exc)
             if op is not None:  # nothing durable says the nonce was spent: the op did not run
                 return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", f"the journal failed: {exc}")
             return os.urandom(8).hex()
