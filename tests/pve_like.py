@@ -85,7 +85,8 @@ class PveLike(FakePve):  # type: ignore[misc]  # fakepve has no type hints
         if "memory" in config:
             config["memory"] = str(config["memory"])  # PVE sends it as a string (as fakepve does)
         config["digest"] = vm.digest()
-        return ok(config)
+        answer: web.Response = ok(config)
+        return answer
 
     async def _apply_config(self, vm: Any, user: str, p: dict[str, Any]) -> None:
         """fakepve's update, with PVE's MAC for a NIC written without one, and cleanup_pending after it."""

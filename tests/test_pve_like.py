@@ -100,7 +100,8 @@ def test_a_start_applies_the_staged_change(fakepve: Any, node: ProxmoxNode) -> N
     assert config(node, 100, current=1)["memory"] == "2048" and not node.pending("qemu", 100)
 
 
-def test_plain_fakepve_still_answers_otherwise(_fakepve_pki: tuple[str, str], connect: Callable[..., Connection]) -> None:
+def test_plain_fakepve_still_answers_otherwise(_fakepve_pki: tuple[str, str],
+                                               connect: Callable[..., Connection]) -> None:
     """Why the layer exists: fakepve's own QEMU config read gives the running values and keeps a NIC without
     a MAC. When this fails, fakepve answers like PVE and ``tests.pve_like`` can go."""
     from fakepve.pytest_plugin import _Serving  # noqa: PLC0415
