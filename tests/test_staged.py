@@ -8,7 +8,9 @@ applied. The executor writes it once, and ``plan``, the tick's summary and its l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,11 +18,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from executor.api.server import start_api
+from executor.app.dryrun import as_json, dry_run, render
+from executor.config import ExecutorSettings
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
+from opctl.doc import Proposal
+from planner import server
 from tests import pve_like
+from tests.signed_helpers import open_desk
 
 Make = Callable[..., Engine]
 CONFIG_WRITES = ("POST", "PUT")
@@ -84,3 +91,57 @@ def test_status_counts_the_staged_guests(fakepve: Any, make_engine: Make) -> Non
     finally:
         api.stop(0)
     assert (status.last_tick.guests_staged, status.last_tick.actions_queued) == (1, 0)
+
+
+def plan_settings(fakepve: Any, cafile: str, planner: server.Running, tmp_path: Path, guests: str) -> ExecutorSettings:
+    """``pve-executor plan``'s settings for a desired file listing ``guests`` (YAML flow lines)."""
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n" + guests)
+    return ExecutorSettings(node="pve1", pve_url=f"https://127.0.0.1:{fakepve.port}", pve_user="root@pam",
+                            pve_password="secret", pve_ca_file=cafile, desired=str(desired),
+                            planner=f"127.0.0.1:{planner.port}", state_dir=str(tmp_path / "state"))
+
+
+def test_plan_marks_the_staged_change_and_counts_it(fakepve: Any, fakepve_cafile: str, planner: server.Running,
+                                                    make_engine: Make, tmp_path: Path) -> None:
+    """After the write, ``plan`` has nothing to write for the guest: it shows the change marked staged, with
+    its value now and at the restart, and a count of staged guests apart; a real change beside it is planned."""
+    fakepve.add_vm(100, "web", status="running", config={"memory": 1024, "cores": 1})
+    fakepve.add_vm(101, "db", status="stopped", config={"memory": 512})
+    make_engine([Declared(vmid=100, config={"memory": "2048"})]).tick(wait=True)
+    settings = plan_settings(fakepve, fakepve_cafile, planner, tmp_path,
+                             "  - {vmid: 100, config: {memory: 2048}}\n  - {vmid: 101, config: {memory: 1024}}\n")
+    shown = dry_run(settings)
+    assert sorted(shown.admission.admitted) == [101]
+    text = render(shown, color=False).splitlines()
+    assert text[text.index("guest 100: staged, applies at the next restart") + 1] == "    memory: '1024' -> '2048'"
+    assert text[-1] == "1 guest(s) staged, applies at the next restart: nothing to write"
+    assert not [line for line in text if line.startswith("guest 100: set config")]
+    assert as_json(shown)["staged"] == {"100": [{"key": "memory", "now": "1024", "next": "2048"}]}
+
+
+def test_a_guest_with_nothing_staged_shows_no_marker(fakepve: Any, fakepve_cafile: str, planner: server.Running,
+                                                      tmp_path: Path) -> None:
+    """A pending change the desired file does not declare is not ours to show; the node matches."""
+    fakepve.add_vm(100, "web", status="running", config={"memory": 1024, "cores": 1}, pending={"cores": "2"})
+    shown = dry_run(plan_settings(fakepve, fakepve_cafile, planner, tmp_path,
+                                  "  - {vmid: 100, config: {memory: 1024}}\n"))
+    assert (shown.staged, render(shown, color=False)) == ({}, "nothing to do: the node matches the desired state")
+
+
+def test_an_approved_change_that_pve_stages_is_not_listed_again(fakepve: Any, make_engine: Make,
+                                                                 tmp_path: Path) -> None:
+    """A MAC change (config.nic_identity, APPROVAL) of a running guest is listed for approval, signed and run;
+    fakepve stages it (no NIC hotplug there). The next ticks plan nothing for it: it is not listed for
+    approval again (ListPending stays empty), it is counted staged, and Proxmox received one config write."""
+    fakepve.add_vm(100, "web", status="running", config={"net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"})
+    desk = open_desk(make_engine, tmp_path, [Declared(vmid=100, config={"net0": "virtio=BC:24:11:00:00:02"})])
+    assert [r.reason for r in desk.engine.tick(wait=True).refusals] == ["APPROVAL_REQUIRED"]
+    (entry,) = desk.engine.gate.pending()
+    envelope = desk.sign(Proposal(action=json.loads(entry.descriptor), challenge=None), "alice", role="operator")
+    assert desk.run(envelope)[1] is None
+    assert fakepve.vm(100).pending == {"net0": "virtio=BC:24:11:00:00:02,bridge=vmbr0"}
+    later = [desk.engine.tick(wait=True) for _ in range(2)]
+    assert [(s.queued, s.refused, s.pending, s.staged) for s in later] == [(0, 0, 0, 1)] * 2
+    assert desk.engine.gate.pending() == []
+    assert config_writes(fakepve, 100) == [("POST", "/api2/json/nodes/pve1/qemu/100/config")]

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from executor.gate.actions import SET_CONFIG, Step
 from executor.loop.desired import Declared
 from executor.loop.planner_client import RUN_STATES, actual_to_proto, desired_to_proto
-from executor.gate.actions import SET_CONFIG, Step
 from executor.pve.node import GuestState, PendingSection, PveError, PveReader
 from planner.v1 import planner_pb2 as pb
 
