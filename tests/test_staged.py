@@ -9,6 +9,7 @@ applied. The executor writes it once, and ``plan``, the tick's summary and its l
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from executor.v1 import executor_pb2_grpc as pb_grpc
 from opctl.doc import Proposal
 from planner import server
 from tests import pve_like
+from tests.executor_helpers import ROOT, cli
 from tests.signed_helpers import open_desk
 
 Make = Callable[..., Engine]
@@ -145,3 +147,20 @@ def test_an_approved_change_that_pve_stages_is_not_listed_again(fakepve: Any, ma
     assert [(s.queued, s.refused, s.pending, s.staged) for s in later] == [(0, 0, 0, 1)] * 2
     assert desk.engine.gate.pending() == []
     assert config_writes(fakepve, 100) == [("POST", "/api2/json/nodes/pve1/qemu/100/config")]
+
+
+def test_the_plan_command_shows_a_change_staged_outside_the_executor(fakepve: Any, fakepve_cafile: str,
+                                                                     planner: server.Running, tmp_path: Path) -> None:
+    """`pve-executor plan` as a process: a change someone else staged (the web UI on a running guest) is
+    shown staged, exit 0, and nothing is written."""
+    fakepve.add_vm(100, "web", status="running", config={"memory": 1024}, pending={"memory": "2048"})
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - {vmid: 100, config: {memory: 2048}}\n")
+    result = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
+                                tmp_path, "plan", "--desired", str(desired)),
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["guest 100: staged, applies at the next restart",
+                                          "    memory: '1024' -> '2048'",
+                                          "1 guest(s) staged, applies at the next restart: nothing to write"]
+    assert config_writes(fakepve, 100) == []
