@@ -80,6 +80,20 @@ def test_a_restart_applies_it_and_it_is_no_longer_staged(fakepve: Any, make_engi
     assert (after.queued, after.staged, len(config_writes(fakepve, 100))) == (0, 0, 1)
 
 
+def test_an_unreadable_pending_section_costs_only_the_staged_count(fakepve: Any, make_engine: Make) -> None:
+    """A /pending read that fails is logged; the tick plans from the config read as before (nothing is
+    written again) and shows nothing staged for that guest; the next tick reads it again."""
+    fakepve.add_vm(100, "web", status="running", config={"memory": 1024})
+    engine = make_engine([Declared(vmid=100, config={"memory": "2048"})])
+    engine.tick(wait=True)
+    fakepve.fail("GET", "/nodes/pve1/qemu/100/pending", 500, "unable to read config", times=1)
+    with capture_logs() as logs:
+        failed = engine.tick(wait=True)
+    assert (failed.outcome.name, failed.queued, failed.staged) == ("OK", 0, 0)
+    assert [e["vmid"] for e in logs if e["event"] == "pending_unreadable"] == [100]
+    assert engine.tick(wait=True).staged == 1 and len(config_writes(fakepve, 100)) == 1
+
+
 def test_status_counts_the_staged_guests(fakepve: Any, make_engine: Make) -> None:
     """GetStatus's last tick carries guests_staged."""
     fakepve.add_vm(100, "web", status="running", config={"memory": 1024})
