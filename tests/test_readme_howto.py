@@ -11,6 +11,7 @@ directories of the test, the audience is fakepve's, and OP_ID is the id ``op sub
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -182,6 +183,18 @@ def _detaches(fakepve: Any) -> list[str]:
             if method in ("POST", "PUT") and path.endswith("/qemu/104/config")]
 
 
+def _undo_as_written(env: dict[str, str], op_id: str) -> None:
+    """The README's ``op undo`` line (after the how-to) proposes the re-attach: a kind the trust example grants."""
+    text = README.read_text(encoding="utf-8")
+    (line,) = [line for line in text.splitlines() if line.startswith("pve-executor op undo")]
+    result = subprocess.run(["bash", "-c", line.replace("OP_ID", op_id)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    undo = json.loads((Path(env["HOME"]) / ".pve-reconcile" / "undo.json").read_text(encoding="utf-8"))
+    assert (undo["action"]["kind"], undo["action"]["params"]["set"]) == (
+        "config.disk_attach", {"scsi1": "local-lvm:vm-104-disk-1,size=4G"})
+
+
 def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile: str, planner: server.Running,
                                                     tmp_path: Path, short_dir: Path) -> None:
     """Keys, the trust store from deploy/trust.example.toml, a restart, then propose, sign, cosign, submit:
@@ -219,5 +232,6 @@ def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile
             time.sleep(0.05)
         assert "scsi1" not in fakepve.vm(104).config
         assert _detaches(fakepve) == ["scsi1"]
+        _undo_as_written(env, op_id)
     finally:
         _stop_daemon(short_dir)
