@@ -193,6 +193,11 @@ def _detaches(fakepve: Any) -> list[str]:
             if method in ("POST", "PUT") and path.endswith("/qemu/104/config")]
 
 
+def _converged(fakepve: Any) -> tuple[bool, str]:
+    """Whether guest 100 has the example's memory, and guest 101's power state."""
+    return str(fakepve.vm(100).config.get("memory")) == "4096", fakepve.guest(101).status
+
+
 def _undo_as_written(env: dict[str, str], op_id: str) -> None:
     """The README's ``op undo`` line (after the how-to) proposes the re-attach: a kind the trust example grants."""
     text = README.read_text(encoding="utf-8")
@@ -244,5 +249,10 @@ def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile
         assert "scsi1" not in fakepve.vm(104).config
         assert _detaches(fakepve) == ["scsi1"]
         _undo_as_written(env, op_id)
+        # The daemon converged the guests of deploy/desired.example.yaml meanwhile (the example works as shipped).
+        deadline = time.monotonic() + 30
+        while _converged(fakepve) != (True, "stopped") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _converged(fakepve) == (True, "stopped")
     finally:
         _stop_daemon(short_dir)
