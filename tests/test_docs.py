@@ -102,3 +102,55 @@ def test_each_row_of_the_matrix_names_tests_that_exist(row: str, cell: str) -> N
         if not re.search(rf"^def {name}\(", source, re.MULTILINE):
             missing.append(f"{current}::{name}")
     assert not missing, f"row {row} names tests that do not exist: {missing}"
+
+
+# --- links (issue 15): every relative link of the README and docs/ resolves in the repository ---------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+HEADING_LINE = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
+EXTERNAL = ("http://", "https://", "mailto:")
+
+
+def _documents() -> list[Path]:
+    """The README and every Markdown document in docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a Markdown document's headings (lowercase, punctuation dropped, spaces to dashes)."""
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-") for title in HEADING_LINE.findall(text)}
+
+
+def _links() -> Iterator[tuple[str, Path, str]]:
+    """(``file:line``, the document, the link target) of every link in the README and docs/."""
+    for doc in _documents():
+        for number, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for target in LINK.findall(text):
+                yield f"{doc.relative_to(ROOT)}:{number}", doc, target
+
+
+def test_every_relative_link_resolves_to_a_file_of_the_repository() -> None:
+    """A link of the README or docs/ names a file (or directory) that is in the repository, and an anchor
+    (``#section``) names a heading of the document it points to."""
+    broken = []
+    for where, doc, target in _links():
+        if target.startswith(EXTERNAL):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (doc.parent / path).resolve() if path else doc
+        if not resolved.exists() or ROOT not in (resolved, *resolved.parents):
+            broken.append(f"{where}: {target} is not in the repository")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(f"{where}: {target}: {resolved.name} has no heading #{anchor}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_docs_cite_no_document_kept_outside_the_repository() -> None:
+    """docs/*.md, like the code and the README, names only documents a reader of the repository can open."""
+    found = []
+    for doc in _documents()[1:]:
+        for number, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            found += [f"{doc.name}:{number}: {m.group(0)}" for m in ELSEWHERE.finditer(text)]
+            found += [f"{doc.name}:{number}: {name}" for name in MARKDOWN.findall(text) if not _exists(name)]
+    assert not found, "cites a document that is not in the repository:\n" + "\n".join(found)
