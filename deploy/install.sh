@@ -19,7 +19,7 @@ REPO=$(dirname "$HERE")
 USER_NAME=pve-reconcile
 ROOT=/
 ROLE=
-CONFIG= TLS_CA= TLS_CERT= TLS_KEY= TOKEN= DESIRED= TRUST=
+CONFIG='' TLS_CA='' TLS_CERT='' TLS_KEY='' TOKEN='' DESIRED='' TRUST=''
 
 usage() {
     sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
@@ -57,8 +57,8 @@ if [ "$ROLE" = planner ]; then
         [ -z "$given" ] || fail 2 "--token, --desired and --trust-store are the executor's, not the planner's"
     done
 fi
-for given in "$CONFIG" "$TLS_CA" "$TLS_CERT" "$TLS_KEY" "$DESIRED" "$TRUST"; do
-    [ -z "$given" ] || [ -r "$given" ] || fail 2 "cannot read $given"
+for given in "$CONFIG" "$TLS_CA" "$TLS_CERT" "$TLS_KEY" "$DESIRED" "$TRUST" "$TOKEN"; do
+    [ -z "$given" ] || [ "$given" = - ] || [ -r "$given" ] || fail 2 "cannot read $given"
 done
 [ "$(id -u)" = 0 ] || fail 2 "run it as root (it creates a system user and root-owned files)"
 ROOT=${ROOT%/}
@@ -104,10 +104,9 @@ for name in pve-executor pve-planner pve-healthcheck; do
 done
 
 # What systemd will read for the service (LoadCredential=): missing, the unit does not start.
-missing=
-for source in $(sed -n 's/^LoadCredential=[^:]*://p' "$HERE/systemd/$unit"); do
-    [ -f "$ROOT$source" ] || missing="$missing $source"
-done
+missing=$(sed -n 's/^LoadCredential=[^:]*://p' "$HERE/systemd/$unit" | while read -r source; do
+    [ -f "$ROOT$source" ] || printf ' %s' "$source"
+done)
 if [ "$ROOT" = "" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi

@@ -32,16 +32,19 @@ ENTRY_POINTS = {"pve-executor": "executor.cli", "pve-planner": "planner.cli", "p
 # Started as root: make a private mount namespace, bind what the service needs, drop to its ids, exec.
 LAUNCH = r"""
 set -eu
-R=$1 IDS=$2 GROUPS=$3 RW=$4 BINDS=$5
+R=$1 IDS=$2 GIDS=$3 RW=$4 BINDS=$5
 shift 5
 mount --bind "$R" "$R" && mount -o remount,bind,ro "$R"
 mount --rbind /dev "$R/dev" && mount --rbind /proc "$R/proc"
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
-for path in $BINDS; do mount --bind -o ro "$path" "$R$path"; done
+for path in $BINDS; do  # a path under /tmp (the code's checkout) needs its mount point in the new /tmp
+    [ -d "$R$path" ] || mkdir -p "$R$path"
+    mount --bind -o ro "$path" "$R$path"
+done
 for path in $RW; do mount --bind "$R$path" "$R$path" && mount -o remount,bind,rw "$R$path"; done
 umask "$UMASK"
 unset UMASK
-exec chroot --userspec="$IDS" --groups="$GROUPS" "$R" "$@"
+exec chroot --userspec="$IDS" --groups="$GIDS" "$R" "$@"
 """
 
 
@@ -144,7 +147,9 @@ def environment(root: Path, unit: Unit, who: Identity) -> dict[str, str]:
         if made:
             env[variable] = made
     for line in unit.all("Environment"):
-        env.update(assignment.split("=", 1) for assignment in shlex.split(line))
+        for assignment in shlex.split(line):
+            key, value = assignment.split("=", 1)
+            env[key] = value
     return env
 
 
