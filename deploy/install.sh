@@ -7,9 +7,9 @@
 # It makes the system user and group pve-reconcile (systemd-sysusers), /etc/pve-reconcile and its
 # tls/ (root:pve-reconcile 0750), installs each FILE given where the unit and the config expect it
 # (readable files root:pve-reconcile 0640; the token and the TLS key root:root 0600, which systemd
-# hands to the service as credentials), the config template when there is no config yet, the unit,
-# the README the unit's Documentation= names, and the commands on PATH. The package itself comes
-# first: python3 -m venv /opt/pve-reconcile && /opt/pve-reconcile/bin/pip install .
+# hands to the service as credentials; files already there get the same), the config template when
+# there is no config yet, the unit, the README its Documentation= names, and the commands on PATH.
+# The package itself comes first: python3 -m venv /opt/pve-reconcile && /opt/pve-reconcile/bin/pip install .
 # --root DIR installs into DIR instead of / (the tests do); `systemctl daemon-reload` runs only for /.
 # Exit: 0 installed; 1 something the service needs is missing (named); 2 usage error.
 set -eu
@@ -21,8 +21,9 @@ ROOT=/
 ROLE=
 CONFIG='' TLS_CA='' TLS_CERT='' TLS_KEY='' TOKEN='' DESIRED='' TRUST=''
 
-usage() {
-    sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
+usage() {  # exit status: 0 asked for (on standard output), 2 after a usage error
+    if [ "$1" = 0 ]; then sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 0; fi
+    sed -n '2,15s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
@@ -34,7 +35,7 @@ fail() {  # status, message
 while [ $# -gt 0 ]; do
     case $1 in
         executor|planner) ROLE=$1; shift; continue ;;
-        -h|--help) usage ;;
+        -h|--help) usage 0 ;;
         --root|--config|--tls-ca|--tls-cert|--tls-key|--token|--desired|--trust-store)
             [ $# -ge 2 ] || fail 2 "$1 needs a value"
             case $1 in
@@ -48,10 +49,10 @@ while [ $# -gt 0 ]; do
                 --trust-store) TRUST=$2 ;;
             esac
             shift 2 ;;
-        *) echo "install.sh: unknown argument: $1" >&2; usage ;;
+        *) echo "install.sh: unknown argument: $1" >&2; usage 2 ;;
     esac
 done
-[ -n "$ROLE" ] || { echo "install.sh: say which service: executor or planner" >&2; usage; }
+[ -n "$ROLE" ] || { echo "install.sh: say which service: executor or planner" >&2; usage 2; }
 if [ "$ROLE" = planner ]; then
     for given in "$TOKEN" "$DESIRED" "$TRUST"; do
         [ -z "$given" ] || fail 2 "--token, --desired and --trust-store are the executor's, not the planner's"
@@ -94,6 +95,14 @@ secret "$TLS_KEY" "$ETC/tls/$ROLE.key"
 secret "$TOKEN" "$ETC/pve-token"
 readable "$DESIRED" "$ETC/desired.yaml"
 readable "$TRUST" "$ETC/trust.toml"
+# Files already there (an earlier install, or put there by hand) get the same owners and modes: a key
+# left group-readable would be readable by every operator who joins the group for the API socket.
+for name in "$ROLE.toml" desired.yaml trust.toml tls/ca.pem "tls/$ROLE.pem"; do
+    [ ! -f "$ETC/$name" ] || { chown "0:$gid" "$ETC/$name" && chmod 0640 "$ETC/$name"; }
+done
+for name in pve-token "tls/$ROLE.key"; do
+    [ ! -f "$ETC/$name" ] || { chown 0:0 "$ETC/$name" && chmod 0600 "$ETC/$name"; }
+done
 
 unit=pve-reconcile-$ROLE.service
 install -d -m 0755 "$ROOT/etc/systemd/system" "$ROOT/usr/local/share/doc/pve-reconcile" "$ROOT/usr/local/bin"

@@ -335,7 +335,8 @@ def _layout(root: Path) -> dict[str, tuple[int, int, int]]:
 @as_root
 def test_install_sets_owners_and_modes_keeps_an_edited_config_and_runs_again(target: Path, tmp_path: Path) -> None:
     """Readable files root:pve-reconcile 0640, secrets root:root 0600 (the group, which operators join for the
-    API socket, never reads a key or the token); a second run changes nothing and keeps the edited config."""
+    API socket, never reads a key or the token); a second run keeps the edited config and puts back the owners
+    and modes of files already there."""
     key, token = tmp_path / "executor.key", tmp_path / "token"
     key.write_text("KEY\n")
     token.write_text("SECRET\n")
@@ -354,6 +355,9 @@ def test_install_sets_owners_and_modes_keeps_an_edited_config_and_runs_again(tar
     assert _layout(target) == expected
     edited = target / "etc/pve-reconcile/executor.toml"
     edited.write_text(edited.read_text().replace('node = "pve1"', 'node = "pve7"'))
+    for name, mode in (("tls/executor.key", 0o640), ("desired.yaml", 0o600)):  # the earlier README's modes, and a slip
+        os.chown(target / "etc/pve-reconcile" / name, 0, gid)
+        (target / "etc/pve-reconcile" / name).chmod(mode)
     passwd = (target / "etc/passwd").read_text()
     again = _install(target, "executor")
     assert again.returncode == 0, again.stderr
@@ -384,6 +388,8 @@ def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target
                  ("executor", "--desired", str(tmp_path / "absent.yaml"))):
         result = _install(target, *args)
         assert result.returncode == 2 and "install.sh: " in result.stderr, args
+    helped = _install(target, "--help")
+    assert helped.returncode == 0 and "executor|planner" in helped.stdout
     bare = tmp_path / "bare"
     result = _install(bare, "planner")
     assert result.returncode == 1 and "pip install" in result.stderr  # the package comes first
