@@ -1,27 +1,40 @@
-"""What ships to run it: the Dockerfile, the systemd units and pve-healthcheck (the image's health check).
+"""What ships to run it: the Dockerfile, the systemd units, deploy/install.sh and pve-healthcheck.
 
 The image cannot be built here, so the Dockerfile is linted (and run through hadolint where it is
 installed); the units are checked for their hardening and, where systemd-analyze is present,
-verified and rated for exposure.
+verified and rated for exposure. The installed layout is proven by running it: deploy/install.sh
+installs both services into a scratch root, and each unit is started there as systemd would start
+it (tests/unitrun.py: its user, environment, credentials and directories), against fakepve over HTTPS.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from planner import server
+from tests import unitrun
 from tests.certs import Pki
-from tests.executor_helpers import ROOT, run_module
+from tests.executor_helpers import ROOT, run_module, starts, unused_port
+from tests.signing import default_doc, to_toml
 
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+INSTALL = ROOT / "deploy" / "install.sh"
+SERVICE_USER = "pve-reconcile"  # deploy/sysusers.d/pve-reconcile.conf
+WWW_DATA = 33  # Debian's www-data: /etc/pve (pmxcfs) is root:www-data, its CA 0640
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="installs as root and starts the services as their user")
 MAX_EXPOSURE = 1.8  # systemd-analyze's "OK"; today's units score exactly this
 
 
@@ -59,13 +72,38 @@ def test_dockerfile_is_clean_under_hadolint() -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
+def test_install_script_is_clean_under_shellcheck() -> None:
+    """shellcheck (POSIX sh) finds nothing in deploy/install.sh: it runs on every node, as root."""
+    result = subprocess.run([tool("shellcheck"), "--shell=sh", str(INSTALL)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_image_and_units_share_one_layout() -> None:
+    """The image's user is the units' (from sysusers.d), with the units' state and runtime directories."""
+    sysusers = (ROOT / "deploy/sysusers.d/pve-reconcile.conf").read_text()
+    declared = [line.split()[1] for line in sysusers.splitlines() if line.startswith("u ")]
+    assert declared == [SERVICE_USER]
+    image = (ROOT / "Dockerfile").read_text()
+    assert f"--no-create-home --shell /usr/sbin/nologin {SERVICE_USER}" in image
+    unit = (ROOT / "deploy/systemd/pve-reconcile-executor.service").read_text().splitlines()
+    for directive, folder in (("StateDirectory", "/var/lib/"), ("RuntimeDirectory", "/run/")):
+        name = next(line.split("=", 1)[1] for line in unit if line.startswith(directive + "="))
+        assert folder + name in image, directive
+    exec_start = next(line for line in unit if line.startswith("ExecStart="))
+    assert "--state-dir /var/lib/pve-reconcile" in exec_start
+    assert "PVE_EXECUTOR_STATE_DIR=/var/lib/pve-reconcile" in image
+
+
 @pytest.mark.parametrize("unit", ["pve-reconcile-executor.service", "pve-reconcile-planner.service"])
 def test_systemd_units_are_hardened(unit: str) -> None:
     """Restart on failure, hardening, and (executor) a state directory and credentials from a file."""
     text = (ROOT / "deploy" / "systemd" / unit).read_text()
     for directive in ("Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
-                      "ProtectHome=yes", "DynamicUser=yes"):
-        assert directive in text, directive
+                      "ProtectHome=yes", "RemoveIPC=yes", f"User={SERVICE_USER}", f"Group={SERVICE_USER}"):
+        assert directive in text.splitlines(), directive
+    # A dynamic uid reads nothing it is not given; the static user's group reads /etc/pve-reconcile.
+    assert "DynamicUser=" not in text
     if "executor" in unit:
         assert "StateDirectory=pve-reconcile" in text and "LoadCredential=" in text
         assert "%d/" in text  # the secret is read from the credentials directory, never from the unit
@@ -135,3 +173,223 @@ def test_healthcheck_reads_its_address_from_the_environment() -> None:
     missing = run_module("common.healthcheck", env={"PVE_HEALTH_ADDRESS": ""})
     assert missing.returncode == 2 and "PVE_HEALTH_ADDRESS" in missing.stderr
     assert 'CMD ["/opt/pve-reconcile/bin/pve-healthcheck"]' in (ROOT / "Dockerfile").read_text()
+
+
+@as_root
+def test_units_name_only_documentation_that_exists(target: Path) -> None:
+    """Each Documentation= is a page install.sh puts on the host (file:) or the project's own URL: nothing invented."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    urls = set(project.get("urls", {}).values())
+    for role in ("planner", "executor"):
+        assert _install(target, role).returncode == 1  # installed; credentials still missing (another test)
+    for unit in UNITS:
+        documentation = [line.split("=", 1)[1] for line in unit.read_text().splitlines()
+                         if line.startswith("Documentation=")]
+        assert documentation, unit.name
+        for uri in " ".join(documentation).split():
+            if uri.startswith("file:"):
+                page = target / uri.removeprefix("file:").lstrip("/")
+                assert page.read_text() == (ROOT / "README.md").read_text(), uri
+            else:
+                assert uri.split("#")[0] in urls, f"{unit.name}: {uri} is not a URL pyproject.toml names"
+
+
+def _install(root: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(INSTALL), "--root", str(root), *args], input=stdin, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.fixture(name="target")
+def _target(tmp_path: Path) -> Path:
+    """A scratch root with the package's commands in /opt/pve-reconcile/bin (pip's part of the install)."""
+    if os.geteuid() != 0:
+        pytest.skip("install.sh runs as root and the services start as their own user")
+    root = tmp_path / "root"
+    for command in unitrun.ENTRY_POINTS:
+        unitrun.console_script(root, command)
+    return root
+
+
+def _pve_ca(root: Path, cafile: str) -> None:
+    """The CA where a Proxmox node has it: /etc/pve/pve-root-ca.pem, root:www-data 0640 (pmxcfs)."""
+    folder = root / "etc/pve"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chown(folder, 0, WWW_DATA)
+    shutil.copy(cafile, folder / "pve-root-ca.pem")
+    os.chown(folder / "pve-root-ca.pem", 0, WWW_DATA)
+    (folder / "pve-root-ca.pem").chmod(0o640)
+
+
+def _edited(template: str, **settings: str) -> str:
+    """A shipped config with ``settings`` set, as the operator edits it (a commented line is uncommented)."""
+    lines = template.splitlines()
+    for key, value in settings.items():
+        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(f"{key} ="))
+        lines[at] = f"{key} = {value}"
+    return "\n".join(lines) + "\n"
+
+
+def _operator_files(tmp_path: Path, fakepve: Any, planner_port: int) -> dict[str, Path]:
+    """What the operator brings: edited configs, the token secret, a desired file, a trust store."""
+    made = tmp_path / "operator"
+    made.mkdir()
+    files = {
+        "executor.toml": _edited((ROOT / "deploy/executor.toml").read_text(), pve_url=f'"{_fakepve_url(fakepve)}"',
+                                 planner=f'"127.0.0.1:{planner_port}"', metrics_listen=f'"127.0.0.1:{unused_port()}"',
+                                 trust_store='"/etc/pve-reconcile/trust.toml"'),
+        "planner.toml": _edited((ROOT / "deploy/planner.toml").read_text(), listen=f'"127.0.0.1:{planner_port}"',
+                                metrics_listen=f'"127.0.0.1:{unused_port()}"'),
+        "desired.yaml": "guests:\n  - vmid: 100\n    state: running\n",
+        "trust.toml": to_toml(default_doc()),
+    }
+    for name, text in files.items():
+        (made / name).write_text(text)
+    return {name: made / name for name in files}
+
+
+def _fakepve_url(fakepve: Any) -> str:
+    """https://127.0.0.1:PORT of the fakepve fixture."""
+    return f"https://127.0.0.1:{fakepve.port}"
+
+
+def _wait_listening(child: subprocess.Popen[str], port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert child.poll() is None, "the planner died: " + (child.stderr.read() if child.stderr else "")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, "the planner never listened"
+        time.sleep(0.1)
+
+
+def _stop(child: subprocess.Popen[str]) -> str:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        _, err = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, err = child.communicate()
+    return err
+
+
+@as_root
+def test_installed_as_the_readme_says_both_services_read_their_files_and_converge_a_guest(
+        target: Path, tmp_path: Path, fakepve: Any, fakepve_cafile: str, pki: Pki) -> None:
+    """install.sh installs both services; each started as systemd starts it (its static user, the unit's
+    environment, its credentials) reads every file it needs: the planner its config, certificate and key
+    (mutual TLS), the executor its config, token, PVE's CA (root:www-data in /etc/pve), planner key, desired
+    file and trust store; one guest is started on fakepve."""
+    fakepve.apitokens["reconcile@pve!executor"] = "tok-5e1d-SECRET"
+    guest = fakepve.add_vm(100, "web", status="stopped")
+    _pve_ca(target, fakepve_cafile)
+    port = unused_port()
+    given = _operator_files(tmp_path, fakepve, port)
+    planner = _install(target, "planner", "--config", str(given["planner.toml"]), "--tls-ca", pki.ca,
+                       "--tls-cert", pki.server_cert, "--tls-key", pki.server_key)
+    assert planner.returncode == 0, planner.stderr
+    executor = _install(target, "executor", "--config", str(given["executor.toml"]), "--tls-ca", pki.ca,
+                        "--tls-cert", pki.client_cert, "--tls-key", pki.client_key, "--token", "-",
+                        "--desired", str(given["desired.yaml"]), "--trust-store", str(given["trust.toml"]),
+                        stdin="tok-5e1d-SECRET\n")
+    assert executor.returncode == 0, executor.stderr
+    serving = unitrun.start(target, "pve-reconcile-planner.service")
+    try:
+        _wait_listening(serving, port)
+        run = unitrun.start(target, "pve-reconcile-executor.service", extra=("--once",))
+        _, log = run.communicate(timeout=90)
+    finally:
+        planner_log = _stop(serving)
+    assert run.returncode == 0, log + planner_log
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert "trust_store_loaded" in {e["event"] for e in events}, log
+    assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+    service = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-executor.service"))
+    journal = [p for p in (target / "var/lib/pve-reconcile").rglob("*") if p.is_file()]
+    assert journal and {p.stat().st_uid for p in journal} == {service.uid}  # written by the service user, not root
+    assert "tok-5e1d-SECRET" not in log
+
+
+@as_root
+def test_a_uid_outside_the_group_cannot_read_the_installed_config(target: Path, tmp_path: Path) -> None:
+    """The check above can fail: the same layout started as a dynamic uid with its own group (DynamicUser=
+    without the group) is refused its config, exit 2 naming the file."""
+    (tmp_path / "token").write_text("SECRET\n")
+    (tmp_path / "key").write_text("KEY\n")
+    _pve_ca(target, str(tmp_path / "token"))
+    installed = _install(target, "executor", "--token", str(tmp_path / "token"), "--tls-key", str(tmp_path / "key"))
+    assert installed.returncode == 0, installed.stderr
+    dynamic = unitrun.Identity(uid=61_234, gid=61_234, groups=(61_234,), name="pve-reconcile-executor")
+    run = unitrun.start(target, "pve-reconcile-executor.service", who=dynamic, extra=("--once",))
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2, err
+    assert "cannot read /etc/pve-reconcile/executor.toml: Permission denied" in err
+
+
+def _layout(root: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o7777)
+            for p in [*sorted((root / "etc/pve-reconcile").rglob("*")), root / "etc/pve-reconcile"]}
+
+
+@as_root
+def test_install_sets_owners_and_modes_keeps_an_edited_config_and_runs_again(target: Path, tmp_path: Path) -> None:
+    """Readable files root:pve-reconcile 0640, secrets root:root 0600 (the group, which operators join for the
+    API socket, never reads a key or the token); a second run keeps the edited config and puts back the owners
+    and modes of files already there."""
+    key, token = tmp_path / "executor.key", tmp_path / "token"
+    key.write_text("KEY\n")
+    token.write_text("SECRET\n")
+    (target / "etc/pve").mkdir(parents=True)
+    (target / "etc/pve/pve-root-ca.pem").write_text("CA\n")
+    args = ("executor", "--token", str(token), "--tls-key", str(key), "--tls-ca", str(key), "--tls-cert", str(key),
+            "--desired", str(token), "--trust-store", str(token))
+    assert _install(target, *args).returncode == 0
+    gid = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-executor.service")).gid
+    readable, secret, folder = (0, gid, 0o640), (0, 0, 0o600), (0, gid, 0o750)
+    expected = {"etc/pve-reconcile": folder, "etc/pve-reconcile/tls": folder,
+                "etc/pve-reconcile/executor.toml": readable, "etc/pve-reconcile/desired.yaml": readable,
+                "etc/pve-reconcile/trust.toml": readable, "etc/pve-reconcile/tls/ca.pem": readable,
+                "etc/pve-reconcile/tls/executor.pem": readable, "etc/pve-reconcile/tls/executor.key": secret,
+                "etc/pve-reconcile/pve-token": secret}
+    assert _layout(target) == expected
+    edited = target / "etc/pve-reconcile/executor.toml"
+    edited.write_text(edited.read_text().replace('node = "pve1"', 'node = "pve7"'))
+    for name, mode in (("tls/executor.key", 0o640), ("desired.yaml", 0o600)):  # the earlier README's modes, and a slip
+        os.chown(target / "etc/pve-reconcile" / name, 0, gid)
+        (target / "etc/pve-reconcile" / name).chmod(mode)
+    passwd = (target / "etc/passwd").read_text()
+    again = _install(target, "executor")
+    assert again.returncode == 0, again.stderr
+    assert _layout(target) == expected and 'node = "pve7"' in edited.read_text()
+    assert (target / "etc/passwd").read_text() == passwd
+
+
+@as_root
+def test_install_takes_over_a_group_made_by_hand(target: Path, tmp_path: Path) -> None:
+    """A node set up by the earlier README has a pve-reconcile group (groupadd): the user joins it, its gid kept."""
+    (target / "etc").mkdir(parents=True)
+    (target / "etc/group").write_text("root:x:0:\npve-reconcile:x:990:\n")
+    (target / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    assert _install(target, "planner").returncode == 1  # no TLS key yet: named below
+    who = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-planner.service"))
+    assert who.gid == 990 and who.name == SERVICE_USER
+
+
+@as_root
+def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target: Path, tmp_path: Path) -> None:
+    """Exit 1 naming each file systemd would fail to hand over; exit 2 for a bad argument or an unreadable file."""
+    missing = _install(target, "executor")
+    assert missing.returncode == 1
+    for path in ("/etc/pve-reconcile/pve-token", "/etc/pve/pve-root-ca.pem", "/etc/pve-reconcile/tls/executor.key"):
+        assert path in missing.stderr
+    assert (target / "etc/systemd/system/pve-reconcile-executor.service").is_file()  # the rest is installed
+    for args in ((), ("planner", "--token", "-"), ("executor", "--desired"), ("executor", "--bogus"),
+                 ("executor", "--desired", str(tmp_path / "absent.yaml"))):
+        result = _install(target, *args)
+        assert result.returncode == 2 and "install.sh: " in result.stderr, args
+    helped = _install(target, "--help")
+    assert helped.returncode == 0 and "executor|planner" in helped.stdout
+    bare = tmp_path / "bare"
+    result = _install(bare, "planner")
+    assert result.returncode == 1 and "pip install" in result.stderr  # the package comes first
