@@ -461,3 +461,17 @@ def test_hole_h_a_digest_that_comes_back_never_revives_a_stale_op(where: str, fa
     _restore(again, {**store_doc(), "version": 3})  # the state remembers trust version 2 (carol's)
     assert _reason(again.run(destroy)) == "NONCE_SPENT"
     assert mutations(fakepve, before) == [] and fakepve.vm(150) is not None
+
+
+def test_a_standalone_node_is_its_own_audience() -> None:
+    """A node outside a cluster (PVE's /cluster/status names no cluster) is signable as ``pve1``: an audience of
+    ``pve1@`` matches the audience pattern never, and such a node could approve nothing. (A read that fails
+    still gives the unsignable ``pve1@``: the test above.)"""
+    from executor.gate.audience import Audience  # noqa: PLC0415
+    from safety import opschema  # noqa: PLC0415
+    from tests.pve_memory import MemoryPve  # noqa: PLC0415
+
+    standalone = Audience(MemoryPve(cluster=""))
+    assert standalone() == "pve1" and opschema.AUDIENCE.fullmatch(standalone())
+    clustered = Audience(MemoryPve())
+    assert clustered() == "pve1@fakecluster"

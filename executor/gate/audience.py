@@ -1,4 +1,4 @@
-"""node@cluster: what a signed approval names, read once from Proxmox when first needed."""
+"""node@cluster (a standalone node: node): what a signed approval names, read once from Proxmox when first needed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from executor.pve.node import PveError, PveReader
 
 
 class Audience:
-    """The executor's audience: the configured one, else node@cluster as read (cached once read)."""
+    """The executor's audience: the configured one, else node@cluster as read, or node alone outside a cluster."""
 
     def __init__(self, reader: PveReader, configured: str | None = None) -> None:
         """``configured``: the executor_id setting (None: read the cluster name from ``reader``)."""
@@ -19,5 +19,6 @@ class Audience:
                 cluster = self._reader.cluster_name()
             except PveError:
                 return f"{self._reader.node}@"
-            self._audience = f"{self._reader.node}@{cluster}"
+            # A node outside a cluster has no cluster name: its audience is the node's name alone.
+            self._audience = f"{self._reader.node}@{cluster}" if cluster else self._reader.node
         return self._audience
