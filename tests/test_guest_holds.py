@@ -15,13 +15,19 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from executor.app.dryrun import as_json, dry_run, render
+from executor.app.wiring import build
+from executor.config import ExecutorSettings
 from executor.gate.actions import step_from_proto
 from executor.gate.decisions import DEFERRED, declaration_of
 from executor.gate.gate import Gate
-from executor.loop.desired import Declared, StaticProvider
+from executor.loop.desired import Declared, FileProvider, StaticProvider
 from executor.loop.engine import Engine
 from executor.loop.observe import observe
+from executor.pve.node import Connection
+from journal import Journal
 from opctl.doc import Proposal
+from planner import server
 from planner.v1 import planner_pb2 as pb
 from safety.classify import Source
 from tests.builders import QEMU, config
@@ -143,3 +149,31 @@ def test_the_action_event_carries_the_tasks_upid(pve: MemoryPve, make_memory_eng
     (action,) = [e for e in logs if e["event"] == "action"]
     (task,) = pve.tasks_of(100)
     assert (action["upid"], action["vmid"], action["outcome"]) == (task.upid, 100, "ok")
+
+
+def test_plan_shows_the_held_start_and_run_sends_what_plan_promised(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, connect: Callable[..., Connection],
+        tmp_path: Path) -> None:
+    """``pve-executor plan`` names the held start and the step it waits for; ``run`` then sends nothing for 100."""
+    fakepve.add_vm(100, "web", status="stopped", config={"memory": 512, "protection": 1})
+    fakepve.add_vm(101, "db", status="stopped")
+    desired = tmp_path / "desired.yaml"
+    desired.write_text("guests:\n  - {vmid: 100, state: running, config: {memory: 4096, protection: 0}}\n"
+                       "  - {vmid: 101, state: running}\n")
+    settings = ExecutorSettings(node="pve1", pve_url=f"https://127.0.0.1:{fakepve.port}", pve_user="root@pam",
+                                pve_password="secret", pve_ca_file=fakepve_cafile, desired=str(desired),
+                                planner=f"127.0.0.1:{planner.port}", state_dir=str(tmp_path / "state"))
+    shown = dry_run(settings)
+    lines = render(shown, color=False).splitlines()
+    assert "guest 100: start [benign] deferred: held: waits for config step (config.protection_off), refused " \
+           "APPROVAL_REQUIRED" in lines
+    held = [v for v in as_json(shown)["verdicts"] if v["decision"] == "deferred"]
+    assert [(v["vmid"], v["action"], v["detail"].split(",")[0]) for v in held] == [
+        (100, "start", "held: waits for config step (config.protection_off)")]
+    before = len(fakepve.requests)
+    parts = build(settings, connect(), FileProvider(desired), Journal.open(tmp_path / "state"))
+    try:
+        parts.engine.tick(wait=True)
+    finally:
+        parts.close(5)
+    assert mutations(fakepve, before) == [("POST", _start_path("pve1", 101))]

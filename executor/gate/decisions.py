@@ -127,6 +127,12 @@ class GateState:
     max_stops_per_tick: int | None
 
 
+def lock_of(listed: str, config: Mapping[str, str] | None) -> str:
+    """The guest's lock: the guest list's, else the ``lock:`` line of a config read (PVE writes it there too;
+    a backup begun after the list was read shows only in the config)."""
+    return listed or (config or {}).get("lock", "")
+
+
 def held_by(refused: Judged) -> str:
     """Why a later step of the same guest waits: the refused step, named with its kind and reason."""
     what = f"config step ({refused.verdict.op_kind})" if refused.step.kind == SET_CONFIG else f"{refused.step.kind} step"

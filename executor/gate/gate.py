@@ -48,6 +48,7 @@ from executor.gate.decisions import (
     Refusal,
     descriptor,
     held_by,
+    lock_of,
     readable,
     unknown,
 )
@@ -286,7 +287,7 @@ class Gate:
         if guest is None:
             return None
         config, digest = observed.configs.get(vmid, (None, ""))
-        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=lock_of(guest.lock, config))
 
     def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[PendingApproval],
                      judged: list[Judged], *, observed: NodeView, declared: Mapping[int, Declaration],

@@ -27,7 +27,15 @@ import structlog
 
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
-from executor.gate.decisions import Admitted, GateSettings, PendingApproval, Refusal, descriptor, to_action
+from executor.gate.decisions import (
+    Admitted,
+    GateSettings,
+    PendingApproval,
+    Refusal,
+    descriptor,
+    lock_of,
+    to_action,
+)
 from executor.gate.journalport import JournalPort, JournalWrites, NoJournalError
 from executor.gate.kinds import ACTION_KINDS, ActionKind
 from executor.gate.standing import StandingRefusals
@@ -179,7 +187,7 @@ class Lane:
         if guest is None:
             return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
         config, digest = self._reader.config(guest.type, step.vmid)
-        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=lock_of(guest.lock, config))
         problem = self._op_problem(admitted, facts)
         if problem is not None:
             return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
