@@ -65,14 +65,16 @@ def _plan(*actions: pb.Action) -> pb.PlanResponse:
 
 
 def test_every_later_step_of_the_guest_is_held_each_naming_the_refused_one(pve: MemoryPve) -> None:
-    """Out of scope, then a stop and a second write of the same guest: all held; the other guest's stop runs."""
+    """Out of scope, then a stop and a second write of the same guest: both held (a later step refused on its
+    own is refused); the other guest's stop runs."""
     pve.add_vm(100, "web", status="running", config={"memory": 512})
     pve.add_vm(101, "db", status="running")
     declared = {100: Declared(vmid=100, state="stopped", config={"memory": "1024", "cores": "2"}),
                 101: Declared(vmid=101, state="stopped")}
     stop = pb.StopAction()
-    steps = {100: [step_from_proto(a) for a in (config(100, {"hookscript": "local:snippets/x.sh"}),
-                                                pb.Action(vmid=100, type=QEMU, stop=stop), config(100, {"cores": "2"}))],
+    hook, cores = config(100, {"hookscript": "local:snippets/x.sh"}), config(100, {"cores": "2"})
+    undeclared = config(100, {"onboot": "1"})  # refused on its own: it says so, and is no more held than refused
+    steps = {100: [step_from_proto(a) for a in (hook, pb.Action(vmid=100, type=QEMU, stop=stop), cores, undeclared)],
              101: [step_from_proto(pb.Action(vmid=101, type=QEMU, stop=stop))]}
     gate = Gate(reader=pve, writer=pve)
     observed = observe(pve, list(declared.values()))
@@ -81,12 +83,12 @@ def test_every_later_step_of_the_guest_is_held_each_naming_the_refused_one(pve: 
     assert list(admission.admitted) == [101]
     decided = [(j.step.vmid, j.step.kind, j.reason) for j in admission.judged]
     assert decided == [(100, "set_config", "OUT_OF_SCOPE"), (100, "stop", DEFERRED), (100, "set_config", DEFERRED),
-                       (101, "stop", None)]
+                       (100, "set_config", "OUT_OF_SCOPE"), (101, "stop", None)]
     held = [j for j in admission.judged if j.reason == DEFERRED]
     assert all(j.detail.startswith("held: waits for config step") and "OUT_OF_SCOPE" in j.detail for j in held)
     assert all(j.decision == "deferred" for j in held)
     assert [(j.step.vmid, j.step.kind) for j in admission.held] == [(100, "stop"), (100, "set_config")]
-    assert [r.vmid for r in admission.refused] == [100]  # a held step is no refusal of its own, and lists nothing
+    assert [r.vmid for r in admission.refused] == [100, 100]  # a held step is no refusal of its own, lists nothing
     assert [p.vmid for p in admission.pending] == []
 
 
@@ -125,8 +127,8 @@ def test_a_standing_refusal_is_logged_once_and_counted(pve: MemoryPve, make_memo
     assert [(e["vmid"], e["reason"]) for e in refused] == [(100, "APPROVAL_REQUIRED")]
     standing = engine.metrics.registry.get_sample_value("pve_executor_gate_refusals_standing")
     assert standing == 1.0
-    decided = engine.metrics.registry.get_sample_value(
-        "pve_executor_gate_decisions_total", {"class": "approval", "decision": "refused", "reason": "approval_required"})
+    labels = {"class": "approval", "decision": "refused", "reason": "approval_required"}
+    decided = engine.metrics.registry.get_sample_value("pve_executor_gate_decisions_total", labels)
     assert decided == 3.0  # the decisions are still counted per tick
     provider.guests = [Declared(vmid=100, state="stopped", config={"memory": "8192", "protection": "0"})]
     with capture_logs() as logs:

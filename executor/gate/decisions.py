@@ -135,7 +135,8 @@ def lock_of(listed: str, config: Mapping[str, str] | None) -> str:
 
 def held_by(refused: Judged) -> str:
     """Why a later step of the same guest waits: the refused step, named with its kind and reason."""
-    what = f"config step ({refused.verdict.op_kind})" if refused.step.kind == SET_CONFIG else f"{refused.step.kind} step"
+    step = refused.step
+    what = f"config step ({refused.verdict.op_kind})" if step.kind == SET_CONFIG else f"{step.kind} step"
     return f"held: waits for {what}, refused {refused.reason}"
 
 

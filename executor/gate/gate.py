@@ -146,7 +146,7 @@ class Gate:
         refused: list[Refusal] = []
         pending: list[PendingApproval] = []
         judged: list[Judged] = []
-        held: list[Judged] = []
+        waiting: list[Judged] = []  # held behind a refused step of their guest
         refused_steps: list[Step] = []  # beside ``refused`` (a blast-radius refusal of a stop is added later)
         seen: set[Step] = set()
         for vmid, guest_steps in steps.items():
@@ -155,13 +155,13 @@ class Gate:
             for step in guest_steps:
                 verdict, reason, detail = self._judge(step, facts, observed, declared=declared.get(vmid),
                                                       source=source, op=op)
-                if blocker is not None:  # plan order is config, then run state: never start on the old config
-                    held.append(Judged(step=step, verdict=verdict, reason=DEFERRED, detail=held_by(blocker)))
-                    judged.append(held[-1])
-                    continue
                 if reason is None and step in seen:
                     reason, detail = OUT_OF_SCOPE, "the same step twice in one plan: it runs once"
                 seen.add(step)
+                if reason is None and blocker is not None:  # config, then run state: never start on the old config
+                    waiting.append(Judged(step=step, verdict=verdict, reason=DEFERRED, detail=held_by(blocker)))
+                    judged.append(waiting[-1])
+                    continue
                 judged.append(Judged(step=step, verdict=verdict, reason=reason, detail=detail))
                 if reason is None:
                     assert facts is not None  # a step for a guest not on this node is never admitted
@@ -174,7 +174,7 @@ class Gate:
                         op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
                         facts=facts):
                     reason, detail = JOURNAL_UNAVAILABLE, f"{reason} ({detail}), and spending the op failed"
-                blocker = judged[-1]
+                blocker = blocker or judged[-1]  # the first refused step is the one the later ones wait for
                 refused_steps.append(step)
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
@@ -187,9 +187,9 @@ class Gate:
             # A tick replaces the pending entries of the guests it planned; a signed op's admission plans
             # nothing, and the entry it approves must stay listed until its lane has run it.
             self._record(refused, pending, deferred, set(steps) | set(declared), observed, prune=op is None,
-                         held=held, admitted=admitted, steps=refused_steps)
+                         waiting=waiting, admitted=admitted, steps=refused_steps)
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
-                         judged=tuple(judged), held=tuple(held))
+                         judged=tuple(judged), held=tuple(waiting))
 
     def _judge(self, step: Step, facts: GuestFacts | None, observed: NodeView, *, declared: Declaration | None,
                source: Source, op: VerifiedOp | None) -> tuple[Verdict, str | None, str]:
@@ -367,7 +367,7 @@ class Gate:
     # --- what the gate keeps ------------------------------------------------------------------
 
     def _record(self, refused: Sequence[Refusal], pending: Sequence[PendingApproval], deferred: Sequence[int],
-                planned: set[int], observed: NodeView, *, prune: bool, held: Sequence[Judged] = (),
+                planned: set[int], observed: NodeView, *, prune: bool, waiting: Sequence[Judged] = (),
                 admitted: Mapping[int, Sequence[Admitted]] | None = None, steps: Sequence[Step] = ()) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
 
@@ -376,15 +376,15 @@ class Gate:
         refusal is logged when it appears or changes (``StandingRefusals``), counted every time.
         """
         if prune:  # what a planned guest no longer asks for no longer stands (its step's lane may refuse it again)
-            asked = {(r.vmid, r.op_kind) for r in refused} | {(j.step.vmid, j.verdict.op_kind) for j in held}
-            asked |= {(a.step.vmid, a.verdict.op_kind) for steps in (admitted or {}).values() for a in steps}
+            asked = {(r.vmid, r.op_kind) for r in refused} | {(j.step.vmid, j.verdict.op_kind) for j in waiting}
+            asked |= {(a.step.vmid, a.verdict.op_kind) for run in (admitted or {}).values() for a in run}
             self.standing.keep_only(lambda key: key in asked or (key[0] not in planned and key[0] in observed.guests))
         for index, refusal in enumerate(refused):  # ``steps``: the refused steps, in order, as far as known
             self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", refusal.reason.lower()).inc()
             self.standing.note(refusal, steps[index] if index < len(steps) else None, cls=refusal.cls.name)
         for _ in deferred:
             self.metrics.gate_decisions.labels("benign", "deferred", "stop_limit").inc()
-        for judged in held:
+        for judged in waiting:
             self.metrics.gate_decisions.labels(judged.verdict.cls.name.lower(), "deferred", "held").inc()
         # One swap: an op admitted meanwhile never sees its approval missing. When pruning, the entries of
         # guests not planned this tick (busy, backing off) stay.
