@@ -117,6 +117,7 @@ def test_a_standing_refusal_is_logged_once_and_counted(pve: MemoryPve, make_memo
     """The same refusal, tick after tick: one gate_refused event, a gauge of standing refusals; logged again on
     a change, and cleared once the guest no longer asks for it."""
     pve.add_vm(100, "web", status="stopped", config={"memory": 512, "protection": 1})
+    pve.add_vm(101, "db", status="stopped")
     desired = [Declared(vmid=100, state="stopped", config=GUARDED)]
     provider = StaticProvider(desired)
     engine = make_memory_engine(desired, provider=provider)
@@ -135,7 +136,14 @@ def test_a_standing_refusal_is_logged_once_and_counted(pve: MemoryPve, make_memo
         engine.tick(wait=True)
         engine.tick(wait=True)
     assert [e["vmid"] for e in logs if e["event"] == "gate_refused"] == [100]  # another value: logged again, once
-    provider.guests = [Declared(vmid=100, state="stopped")]
+    provider.guests = [Declared(vmid=100, state="stopped")]  # nothing left to ask
+    with capture_logs() as logs:
+        engine.tick(wait=True)
+    assert [e["vmid"] for e in logs if e["event"] == "gate_refusal_cleared"] == [100]
+    assert engine.metrics.registry.get_sample_value("pve_executor_gate_refusals_standing") == 0.0
+    provider.guests = [Declared(vmid=100, state="stopped", config=GUARDED)]
+    engine.tick(wait=True)
+    provider.guests = [Declared(vmid=101, state="stopped")]  # 100 no longer declared at all
     with capture_logs() as logs:
         engine.tick(wait=True)
     assert [e["vmid"] for e in logs if e["event"] == "gate_refusal_cleared"] == [100]

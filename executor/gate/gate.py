@@ -187,7 +187,8 @@ class Gate:
             # A tick replaces the pending entries of the guests it planned; a signed op's admission plans
             # nothing, and the entry it approves must stay listed until its lane has run it.
             self._record(refused, pending, deferred, set(steps) | set(declared), observed, prune=op is None,
-                         waiting=waiting, admitted=admitted, steps=refused_steps)
+                         waiting=waiting, admitted=admitted, steps=refused_steps,
+                         declared=set(population if population is not None else declared))
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
                          judged=tuple(judged), held=tuple(waiting))
 
@@ -368,17 +369,21 @@ class Gate:
 
     def _record(self, refused: Sequence[Refusal], pending: Sequence[PendingApproval], deferred: Sequence[int],
                 planned: set[int], observed: NodeView, *, prune: bool, waiting: Sequence[Judged] = (),
-                admitted: Mapping[int, Sequence[Admitted]] | None = None, steps: Sequence[Step] = ()) -> None:
+                admitted: Mapping[int, Sequence[Admitted]] | None = None, steps: Sequence[Step] = (),
+                declared: Set[int] | None = None) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
 
         ``prune``: drop the entries of the ``planned`` guests (declared and not held, or given a step) and
         of guests gone from the node; a guest planned with nothing left to do has nothing pending. A
-        refusal is logged when it appears or changes (``StandingRefusals``), counted every time.
+        refusal is logged when it appears or changes (``StandingRefusals``), counted every time; what a planned
+        guest no longer asks for stands no more (an admitted step's may stand on: its lane may refuse it again),
+        nor what stood for a guest no longer declared (``declared``: every declared guest, held ones too).
         """
-        if prune:  # what a planned guest no longer asks for no longer stands (its step's lane may refuse it again)
+        if prune:
             asked = {(r.vmid, r.op_kind) for r in refused} | {(j.step.vmid, j.verdict.op_kind) for j in waiting}
             asked |= {(a.step.vmid, a.verdict.op_kind) for run in (admitted or {}).values() for a in run}
-            self.standing.keep_only(lambda key: key in asked or (key[0] not in planned and key[0] in observed.guests))
+            self.standing.keep_only(lambda key: key in asked or (key[0] not in planned and key[0] in observed.guests
+                                                                 and (declared is None or key[0] in declared)))
         for index, refusal in enumerate(refused):  # ``steps``: the refused steps, in order, as far as known
             self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", refusal.reason.lower()).inc()
             self.standing.note(refusal, steps[index] if index < len(steps) else None, cls=refusal.cls.name)
