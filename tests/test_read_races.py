@@ -101,6 +101,21 @@ def test_a_lock_in_the_config_read_counts_as_a_lock(fakepve: Any, make_engine: M
                                           ("POST", "/api2/json/nodes/pve1/qemu/100/status/start")]
 
 
+def test_a_start_whose_config_read_shows_a_lock_is_not_sent(fakepve: Any, make_engine: Make) -> None:
+    """Declared for its run state only (no config read to plan from): the start's own read, right before the
+    call, shows ``lock: backup``; no start is sent, refused LOCKED, and started once the backup ended."""
+    fakepve.add_vm(100, "web", status="stopped")
+    fakepve.vm(100).config["lock"] = "backup"
+    engine = make_engine([Declared(vmid=100, state="running")])
+    before = len(fakepve.requests)
+    summary = engine.tick(wait=True)
+    assert mutations(fakepve, before) == []
+    assert [(r.vmid, r.reason) for r in summary.refusals] == [(100, LOCKED)]
+    fakepve.vm(100).config.pop("lock")
+    assert engine.tick(wait=True).succeeded == 1
+    assert mutations(fakepve, before) == [("POST", "/api2/json/nodes/pve1/qemu/100/status/start")]
+
+
 def test_plan_names_the_config_lock(fakepve: Any, fakepve_cafile: str, planner: server.Running,
                                     tmp_path: Path) -> None:
     """``plan`` shows the guest skipped as locked, naming the lock the config carries."""

@@ -28,6 +28,7 @@ import structlog
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
 from executor.gate.decisions import (
+    LOCKED,
     Admitted,
     GateSettings,
     PendingApproval,
@@ -129,6 +130,9 @@ class Lane:
         if step.kind == STOP and not remote:
             return None
         pending = self._read_pending(admitted) if step.kind == START else None
+        lock = lock_of("", pending.current) if pending is not None else ""
+        if lock:  # the config's lock line, as PVE writes it: a backup begun since the guest list was read
+            return self._refuse_locked(admitted, lock)
         if not remote:
             config = admitted.facts.config
         elif pending is not None:  # what GET .../config answers: the pending-applied view
@@ -239,6 +243,17 @@ class Lane:
         self._writes.write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                               detail=detail, op_id=refusal.op_id,
                                               key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
+        return refusal
+
+    def _refuse_locked(self, admitted: Admitted, lock: str) -> Refusal:
+        """A locked guest's step: not sent (PVE would fail it), tried again at a later tick; nothing to approve."""
+        verdict = admitted.verdict
+        refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=LOCKED,
+                          detail=f"guest {admitted.step.vmid} is locked ({lock}): a later tick")
+        self._metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", "locked").inc()
+        self._standing.note(refusal, admitted.step, cls=verdict.cls.name, where="lane")
+        self._book.count_refused()
+        self._writes.refusal(refusal)
         return refusal
 
     def _refuse(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
