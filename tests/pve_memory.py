@@ -8,9 +8,12 @@ are about HTTP, TLS, tasks over the wire and crashes.
 
 What it keeps of PVE: a config digest that changes on every write (a write with a stale one fails with
 PVE's "checksum mismatch"), a locked guest refuses writes, a running QEMU guest's config writes go to its
-pending section (a start applies it), a stop of a stopped guest fails "VM/CT n not running", a start of
-a running one fails in its task, QEMU's config POST answers a UPID and LXC's PUT answers None. Tasks end
-OK at once unless a test makes them fail (``fail_tasks``) or stay running (``hold_tasks``).
+pending section (a start applies it; a pending entry that changes nothing is dropped, as PVE's
+cleanup_pending does) and the config read answers with that section applied (PVE's ``vm_config``
+without ``current``), a NIC written without a MAC gets one drawn (PVE's ``parse_net``), a stop of a
+stopped guest fails "VM/CT n not running", a start of a running one fails in its task, QEMU's config
+POST answers a UPID and LXC's PUT answers None. Tasks end OK at once unless a test makes them fail
+(``fail_tasks``) or stay running (``hold_tasks``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +35,9 @@ CHECKSUM_MISMATCH = "checksum mismatch (file change by other user?)"
 # Keys PVE applies to a running QEMU guest at once (fakepve's list); any other write waits for the next start.
 HOTPLUG = frozenset({"name", "description", "onboot", "tags", "protection", "startup", "agent", "hookscript"})
 _PREFIX = {QEMU: "VM", LXC: "CT"}
+_NIC = re.compile(r"net\d+")
+_QEMU_MODELS = frozenset({"e1000", "e1000e", "virtio", "rtl8139", "vmxnet3", "ne2k_pci", "ne2k_isa", "i82551",
+                          "i82557b", "i82559er", "pcnet"})
 _TASK_NAMES = {(QEMU, "start"): "qmstart", (LXC, "start"): "vzstart", (QEMU, "shutdown"): "qmshutdown",
                (LXC, "shutdown"): "vzshutdown", (QEMU, "config"): "qmconfig", (QEMU, "destroy"): "qmdestroy",
                (LXC, "destroy"): "vzdestroy", (QEMU, "resize"): "resize", (LXC, "resize"): "resize",
@@ -164,10 +172,11 @@ class MemoryPve:
             return self.cluster
 
     def config(self, guest_type: str, vmid: int) -> tuple[dict[str, str], str]:
-        """The config (values as text) and its digest."""
+        """The config with the pending section applied (PVE's default view; values as text) and its digest."""
         with self._lock:
             guest = self._guest("GET", guest_type, vmid, "config", {})
-            return {k: _text(v) for k, v in guest.config.items()}, guest.digest()
+            applied = {**guest.config, **{k: v for k, v in guest.pending.items() if v is not None}}
+            return {k: _text(v) for k, v in applied.items() if guest.pending.get(k, "") is not None}, guest.digest()
 
     def pending(self, guest_type: str, vmid: int) -> PendingSection:
         """The pending section beside the current values."""
@@ -341,8 +350,24 @@ def _started(guest: MemGuest) -> None:
     guest.status = "running"
 
 
+def _with_mac(key: str, value: str) -> str:
+    """A NIC as PVE writes it: a MAC drawn when none is given (QEMU ``model=MAC``, LXC ``hwaddr=``)."""
+    fields = value.split(",")
+    if not _NIC.fullmatch(key) or any(f.startswith(("macaddr=", "hwaddr=")) for f in fields):
+        return value
+    mac = "BC:24:11:" + ":".join(f"{b:02X}" for b in secrets.token_bytes(3))
+    head = next((i for i, f in enumerate(fields) if f.partition("=")[0] in _QEMU_MODELS), None)
+    if head is None:
+        return value if "name=" not in value else f"{value},hwaddr={mac}"  # an LXC NIC names its interface
+    if "=" in fields[head] and fields[head].partition("=")[2]:
+        return value  # model=MAC already
+    fields[head] = f"{fields[head].partition('=')[0]}={mac}"
+    return ",".join(fields)
+
+
 def _write(guest: MemGuest, values: Mapping[str, str], delete: Sequence[str]) -> None:
     """A config write: a running QEMU guest's non-hotplug keys go to pending; the digest changes."""
+    values = {key: _with_mac(key, value) for key, value in values.items()}
     deferred = guest.type == QEMU and guest.status == "running"
     for key in delete:
         if deferred and key not in HOTPLUG:
@@ -355,6 +380,10 @@ def _write(guest: MemGuest, values: Mapping[str, str], delete: Sequence[str]) ->
         else:
             guest.config[key] = value
             guest.pending.pop(key, None)
+    for key, value in list(guest.pending.items()):  # PVE's cleanup_pending: entries that change nothing go
+        now = _text(guest.config[key]) if key in guest.config else None
+        if now == (None if value is None else _text(value)):
+            del guest.pending[key]
     guest.writes += 1
 
 

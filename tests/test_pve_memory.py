@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -41,15 +42,34 @@ def test_the_digest_changes_on_every_write_and_a_stale_one_fails_with_pves_messa
 def test_a_qemu_config_write_is_a_task_and_a_running_guest_defers_it_to_pending() -> None:
     """QEMU's POST answers a UPID that ends OK; on a running guest the write waits in pending for the start."""
     pve = MemoryPve()
-    pve.add_vm(100, "web", status="running", config={"memory": 512})
+    pve.add_vm(100, "web", status="running", config={"memory": 512, "cores": 2})
     upid = pve.set_config("qemu", 100, {"memory": "1024", "description": "x"}, ("cores",), "")
     assert upid is not None and wait_task(pve, upid, deadline=_deadline()).result is TaskResult.OK
     pending = pve.pending("qemu", 100)
     assert (pending.set, pending.delete, pending.current["memory"]) == ({"memory": "1024"}, frozenset({"cores"}), "512")
     assert pve.config("qemu", 100)[0]["description"] == "x"  # hot-plugged at once
+    applied = pve.config("qemu", 100)[0]  # PVE's config read (vm_config): the pending section applied
+    assert (applied["memory"], "cores" in applied, pve.vm(100).config["memory"]) == ("1024", False, 512)
     pve.shutdown("qemu", 100, 30, False)
     pve.start("qemu", 100)
     assert pve.config("qemu", 100)[0]["memory"] == "1024" and not pve.pending("qemu", 100)
+
+
+def test_a_nic_written_without_a_mac_gets_one_and_a_no_op_pending_entry_is_dropped() -> None:
+    """PVE draws a MAC for a NIC written without one (QEMU model=MAC, LXC hwaddr=) and keeps one written;
+    writing the running value back clears its pending entry (cleanup_pending)."""
+    pve = MemoryPve()
+    pve.add_vm(100, "web", status="running", config={"memory": 512})
+    pve.add_ct(200, "ct", config={})
+    pve.set_config("qemu", 100, {"net1": "virtio,bridge=vmbr1", "net2": "e1000=BC:24:11:00:00:07"}, (), "")
+    pve.set_config("lxc", 200, {"net0": "name=eth0,bridge=vmbr0"}, (), "")
+    nics = pve.config("qemu", 100)[0]
+    assert re.fullmatch(r"virtio=BC:24:11(:[0-9A-F]{2}){3},bridge=vmbr1", nics["net1"])
+    assert nics["net2"] == "e1000=BC:24:11:00:00:07"
+    assert re.fullmatch(r"name=eth0,bridge=vmbr0,hwaddr=BC:24:11(:[0-9A-F]{2}){3}", pve.config("lxc", 200)[0]["net0"])
+    pve.set_config("qemu", 100, {"memory": "1024"}, (), "")
+    pve.set_config("qemu", 100, {"memory": "512"}, (), "")
+    assert pve.pending("qemu", 100).set.keys() == {"net1", "net2"}
 
 
 def test_a_locked_guest_refuses_writes_and_its_start_fails_in_the_task() -> None:

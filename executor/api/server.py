@@ -127,7 +127,7 @@ def tick_to_proto(summary: TickSummary) -> pb.TickSummary:
         error=summary.error, actions_queued=summary.queued, actions_succeeded=summary.succeeded,
         actions_failed=summary.failed, guests_skipped=summary.skipped, guests_deferred=summary.deferred,
         guests_elsewhere=summary.elsewhere, actions_refused=summary.refused, approvals_pending=summary.pending,
-        actions_deferred=summary.stops_deferred,
+        actions_deferred=summary.stops_deferred, guests_staged=summary.staged,
     )
 
 

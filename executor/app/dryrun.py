@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -22,7 +23,7 @@ from executor.gate.actions import by_guest
 from executor.gate.decisions import Admission, declaration_of
 from executor.gate.gate import Gate
 from executor.loop.desired import DesiredStateError, provider_source
-from executor.loop.observe import Observed, observe
+from executor.loop.observe import STAGED_NOTE, Observed, PendingSections, StagedKey, observe, staged
 from executor.loop.planner_client import PlannerError
 from executor.pve.node import PveError
 from planner.v1 import planner_pb2 as pb
@@ -37,6 +38,7 @@ class DryRun:
     plan: pb.PlanResponse
     admission: Admission
     observed: Observed
+    staged: dict[int, tuple[StagedKey, ...]] = field(default_factory=dict)  # held by PVE for the next restart
 
 
 def dry_run(settings: ExecutorSettings) -> DryRun:
@@ -46,16 +48,17 @@ def dry_run(settings: ExecutorSettings) -> DryRun:
     source = provider_source(desired)
     reader, planner = dry_inputs(settings)
     try:
-        observed = observe(reader, declared)
+        observed = observe(reader, declared, sections=PendingSections())
         plan = planner.plan(*observed.request(declared))
     finally:
         planner.close()
     gate = dry_gate(reader, settings)
     mine = [d for d in declared if d.vmid not in observed.elsewhere]
     declarations = {d.vmid: declaration_of(d.vmid, d.state, d.config, d.description) for d in mine}
-    admission = gate.admit(by_guest(plan.actions), observed=observed, declared=declarations,
+    planned = by_guest(plan.actions)
+    admission = gate.admit(planned, observed=observed, declared=declarations,
                            source=source, record=False, held=frozenset())
-    return DryRun(plan, _authorized(gate, admission), observed)
+    return DryRun(plan, _authorized(gate, admission), observed, staged(observed, mine, planned))
 
 
 def _authorized(gate: Gate, admission: Admission) -> Admission:
@@ -115,9 +118,23 @@ def render(result: DryRun, color: bool) -> str:
                            f"{printable(skip.detail)}", "33"))
     for vmid, error in sorted(result.observed.unreadable.items()):
         lines.append(paint(f"guest {vmid}: skipped (unreadable): {printable(error)}", "33"))
+    lines += _staged_lines(result, paint)
     if result.observed.elsewhere:
         lines.append(f"{len(result.observed.elsewhere)} declared guest(s) on other nodes, left to their executors")
+    if result.staged:
+        lines.append(f"{len(result.staged)} guest(s) {STAGED_NOTE}: nothing to write")
     return "\n".join(lines) if lines else "nothing to do: the node matches the desired state"
+
+
+def _staged_lines(result: DryRun, paint: Callable[[str, str], str]) -> list[str]:
+    """Each guest whose declared change PVE already holds for the next restart: marked, its keys now -> next."""
+    lines = []
+    for vmid, keys in sorted(result.staged.items()):
+        lines.append(paint(f"guest {vmid}: {STAGED_NOTE}", "36"))
+        for k in keys:
+            now, then = (repr(v) if v is not None else "<absent>" for v in (k.now, k.next))
+            lines.append(f"    {printable(k.key)}: {printable(now)} -> {printable(then)}")
+    return lines
 
 
 def as_json(result: DryRun) -> dict[str, Any]:
@@ -133,6 +150,8 @@ def as_json(result: DryRun) -> dict[str, Any]:
                         "rule": p.rule, "reasons": list(p.reasons), "descriptor_sha256": p.descriptor_sha256}
                        for p in result.admission.pending]
     body["elsewhere"] = sorted(result.observed.elsewhere)
+    body["staged"] = {str(vmid): [{"key": k.key, "now": k.now, "next": k.next} for k in keys]
+                      for vmid, keys in sorted(result.staged.items())}
     body["unreadable"] = {str(vmid): error for vmid, error in sorted(result.observed.unreadable.items())}
     return body
 

@@ -28,7 +28,7 @@ from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
 from executor.loop.desired import DesiredProvider, DesiredStateError, provider_source
 from executor.loop.funnel import Funnel, Settings
-from executor.loop.observe import observe
+from executor.loop.observe import PendingSections, StagedLog, observe, staged
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PveError, PveReader
@@ -66,6 +66,7 @@ class TickSummary:
     pending: int = 0
     stops_deferred: int = 0
     held: int = 0  # steps held behind a refused step of their guest (a start behind a refused config write)
+    staged: int = 0  # guests with a declared change PVE holds for the next restart (not planned again)
     waited: bool = False
     refusals: tuple[Refusal, ...] = ()
 
@@ -109,6 +110,8 @@ class Engine:
         self.metrics = metrics or gate.metrics
         self.metrics.watch(self.queue.busy, lambda: len(self.gate.records.in_flight()))
         self._reader = reads
+        self.sections = PendingSections()  # the guests' /pending, read again only when a digest moved
+        self._staged_log = StagedLog()
 
     @property
     def journal(self) -> Journal | None:
@@ -156,7 +159,8 @@ class Engine:
         log.info("tick", outcome=summary.outcome.name.lower(), queued=summary.queued, succeeded=summary.succeeded,
                  failed=summary.failed, skipped=summary.skipped, deferred=summary.deferred,
                  elsewhere=summary.elsewhere, refused=summary.refused, approvals_pending=summary.pending,
-                 stops_deferred=summary.stops_deferred, held=summary.held, duration_s=round(summary.duration, 3),
+                 stops_deferred=summary.stops_deferred, held=summary.held, staged=summary.staged,
+                 duration_s=round(summary.duration, 3),
                  **({"error": summary.error} if summary.error else {}))
         return summary
 
@@ -176,7 +180,8 @@ class Engine:
         for holder in self.holders:  # once a tick: an unsettled task costs a read per guest
             held |= holder()
         try:
-            observed = observe(self.pve, [d for d in declared if d.vmid not in held], pool=self._reader)
+            observed = observe(self.pve, [d for d in declared if d.vmid not in held], pool=self._reader,
+                               sections=self.sections)
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
             return
@@ -194,7 +199,11 @@ class Engine:
             return
         unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
         summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
-        submission = self.funnel.submit(by_guest(plan.actions), source=source, observed=observed, declared=wanted,
+        planned = by_guest(plan.actions)
+        held_back = staged(observed, wanted, planned)
+        summary.staged = len(held_back)
+        self._staged_log.report(held_back)
+        submission = self.funnel.submit(planned, source=source, observed=observed, declared=wanted,
                                         wait=wait, population=[d for d in declared if d.vmid not in observed.elsewhere],
                                         held=frozenset(held))
         admission, tracker = submission.admission, submission.tracker

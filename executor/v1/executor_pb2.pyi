@@ -394,6 +394,7 @@ class TickSummary(_message.Message):
     ACTIONS_REFUSED_FIELD_NUMBER: _builtins.int
     APPROVALS_PENDING_FIELD_NUMBER: _builtins.int
     ACTIONS_DEFERRED_FIELD_NUMBER: _builtins.int
+    GUESTS_STAGED_FIELD_NUMBER: _builtins.int
     started_unix_ms: _builtins.int
     """Start, Unix time in milliseconds."""
     duration_seconds: _builtins.float
@@ -420,6 +421,10 @@ class TickSummary(_message.Message):
     """Refused actions waiting for an operator's approval after this tick."""
     actions_deferred: _builtins.int
     """Stops held back by the per-tick stop limit, for a later tick."""
+    guests_staged: _builtins.int
+    """Guests with a declared config change Proxmox holds in its pending section: staged, applies at the
+    next restart (written once, not planned again).
+    """
     def __init__(
         self,
         *,
@@ -436,10 +441,11 @@ class TickSummary(_message.Message):
         actions_refused: _builtins.int = ...,
         approvals_pending: _builtins.int = ...,
         actions_deferred: _builtins.int = ...,
+        guests_staged: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_deferred", b"actions_deferred", "actions_failed", b"actions_failed", "actions_queued", b"actions_queued", "actions_refused", b"actions_refused", "actions_succeeded", b"actions_succeeded", "approvals_pending", b"approvals_pending", "duration_seconds", b"duration_seconds", "error", b"error", "guests_deferred", b"guests_deferred", "guests_elsewhere", b"guests_elsewhere", "guests_skipped", b"guests_skipped", "outcome", b"outcome", "started_unix_ms", b"started_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_deferred", b"actions_deferred", "actions_failed", b"actions_failed", "actions_queued", b"actions_queued", "actions_refused", b"actions_refused", "actions_succeeded", b"actions_succeeded", "approvals_pending", b"approvals_pending", "duration_seconds", b"duration_seconds", "error", b"error", "guests_deferred", b"guests_deferred", "guests_elsewhere", b"guests_elsewhere", "guests_skipped", b"guests_skipped", "guests_staged", b"guests_staged", "outcome", b"outcome", "started_unix_ms", b"started_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
