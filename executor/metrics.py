@@ -30,6 +30,8 @@ class ExecutorMetrics:
         self.gate_decisions = Counter("pve_executor_gate_decisions", "Safety gate decisions, by class (benign, "
                                       "approval, destructive), decision (admitted, refused, deferred) and reason.",
                                       ["class", "decision", "reason"], registry=r)
+        self.refusals_standing = Gauge("pve_executor_gate_refusals_standing", "Refusals standing now, by guest and "
+                                       "op kind (each logged once, when it appears or changes).", registry=r)
         self.queue_depth = Gauge("pve_executor_queue_depth", "Jobs queued or running.", registry=r)
         self.busy_guests = Gauge("pve_executor_busy_guests", "Guests with queued or running work.", registry=r)
         self.in_flight = Gauge("pve_executor_in_flight_operations", "Journal operations begun and not ended.",

@@ -101,8 +101,8 @@ def render(result: DryRun, color: bool) -> str:
         note = f"[{verdict.cls.name.lower()}]"
         if judged.decision == "refused":
             note += f" REFUSED {judged.reason.lower() if judged.reason else ''}: {printable(judged.detail)}"
-        elif judged.decision == "deferred":
-            note += " deferred to a later tick (stop limit)"
+        elif judged.decision == "deferred":  # the stop limit, or held behind a refused step of the guest
+            note += f" deferred: {printable(judged.detail)}"
         head = "set config" if step.kind == "set_config" else printable(step.kind)
         lines.append(paint(f"guest {step.vmid}: {head} {note}", "1" if judged.reason is None else "1;31"))
         current = result.observed.configs.get(step.vmid, ({}, ""))[0]
@@ -143,7 +143,8 @@ def as_json(result: DryRun) -> dict[str, Any]:
     body["verdicts"] = [
         {"vmid": j.step.vmid, "action": j.step.kind, "class": j.verdict.cls.name, "op_kind": j.verdict.op_kind,
          "rule": j.verdict.rule, "reasons": list(j.verdict.reasons), "decision": j.decision,
-         **({"refusal": j.reason, "detail": j.detail} if j.decision == "refused" else {})}
+         **({"refusal": j.reason, "detail": j.detail} if j.decision == "refused" else
+            {"detail": j.detail} if j.decision == "deferred" else {})}
         for j in result.admission.judged]
     body["pending"] = [{"action": json.loads(p.descriptor), "challenge": p.challenge, "class": p.cls.name,
                         "rule": p.rule, "reasons": list(p.reasons), "descriptor_sha256": p.descriptor_sha256}

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from executor.gate.actions import UNKNOWN, Step
+from executor.gate.actions import SET_CONFIG, UNKNOWN, Step
 from executor.gate.kinds import ACTION_KINDS, CallSettings
 from executor.gate.steps import bound_action, params_of
 from safety.classify import Action, Class, GuestFacts, Source, Verdict
@@ -25,7 +25,7 @@ APPROVAL_REQUIRED, OUT_OF_SCOPE, UNKNOWN_KIND, JOURNAL_UNAVAILABLE = (
     RefusalReason.JOURNAL_UNAVAILABLE)
 DIGEST_STALE, CLASS_MISMATCH, BINDING_MISMATCH = (
     RefusalReason.DIGEST_STALE, RefusalReason.CLASS_MISMATCH, RefusalReason.BINDING_MISMATCH)
-LOCKED = RefusalReason.LOCKED
+LOCKED, DEFERRED = RefusalReason.LOCKED, RefusalReason.DEFERRED
 APPROVABLE = frozenset({APPROVAL_REQUIRED, JOURNAL_UNAVAILABLE})
 # The refusals that can spend a signed op (``spends``): those for the guest's state.
 SPENDING = frozenset({DIGEST_STALE, BINDING_MISMATCH, CLASS_MISMATCH})
@@ -100,7 +100,7 @@ class Judged:
     @property
     def decision(self) -> str:
         """admitted, refused or deferred."""
-        return "admitted" if self.reason is None else ("deferred" if self.reason == "DEFERRED" else "refused")
+        return "admitted" if self.reason is None else ("deferred" if self.reason == DEFERRED else "refused")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +110,7 @@ class Admission:
     admitted: dict[int, list[Admitted]]
     refused: tuple[Refusal, ...] = ()
     deferred: tuple[int, ...] = ()  # stops held back by the per-window limit
+    held: tuple[Judged, ...] = ()  # steps after a refused step of their guest: they wait for it (DEFERRED)
     pending: tuple[PendingApproval, ...] = ()  # the refused steps an operator could approve
     judged: tuple[Judged, ...] = ()  # every step, in order, with its decision (for the dry run)
 
@@ -124,6 +125,19 @@ class GateState:
     refused: int
     deferred: int
     max_stops_per_tick: int | None
+
+
+def lock_of(listed: str, config: Mapping[str, str] | None) -> str:
+    """The guest's lock: the guest list's, else the ``lock:`` line of a config read (PVE writes it there too;
+    a backup begun after the list was read shows only in the config)."""
+    return listed or (config or {}).get("lock", "")
+
+
+def held_by(refused: Judged) -> str:
+    """Why a later step of the same guest waits: the refused step, named with its kind and reason."""
+    step = refused.step
+    what = f"config step ({refused.verdict.op_kind})" if step.kind == SET_CONFIG else f"{step.kind} step"
+    return f"held: waits for {what}, refused {refused.reason}"
 
 
 def spends(reason: str, op: VerifiedOp, guest_type: str | None, facts: GuestFacts | None) -> bool:

@@ -33,6 +33,7 @@ from executor.gate.decisions import (
     APPROVAL_REQUIRED,
     BINDING_MISMATCH,
     CLASS_MISMATCH,
+    DEFERRED,
     DIGEST_STALE,
     JOURNAL_UNAVAILABLE,
     LOCKED,
@@ -46,12 +47,15 @@ from executor.gate.decisions import (
     PendingApproval,
     Refusal,
     descriptor,
+    held_by,
+    lock_of,
     readable,
     unknown,
 )
 from executor.gate.journalport import NO_JOURNAL, JournalPort, JournalReads, JournalWrites
 from executor.gate.kinds import ACTION_KINDS
 from executor.gate.lane import Ahead, Lane
+from executor.gate.standing import StandingRefusals
 from executor.gate.stopledger import StopLedger
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import GuestState, PveError, PveReader, PveWriter
@@ -105,10 +109,13 @@ class Gate:
         self.settings = settings or GateSettings()
         self.metrics = metrics or ExecutorMetrics()
         self.book = ApprovalBook()  # pending approvals and the refusal counts
+        self.standing = StandingRefusals()  # each refusal logged once, when it appears or changes
+        self.metrics.refusals_standing.set_function(lambda: float(len(self.standing)))
         self._audience = audience if audience is not None else Audience(reader, self.settings.audience)
         # What remote sources stopped, and when (the daemon's is durable, in state_dir; see ``_limit_stops``).
         self.ledger = ledger if ledger is not None else StopLedger()
         self.lane = Lane(reader=reader, writer=writer, journal=self.journal_port, writes=self.writes, book=self.book,
+                         standing=self.standing,
                          settings=self.settings, metrics=self.metrics, wall=self.wall, audience=self._audience,
                          reverify=reverify, ahead=ahead)
 
@@ -139,15 +146,22 @@ class Gate:
         refused: list[Refusal] = []
         pending: list[PendingApproval] = []
         judged: list[Judged] = []
+        waiting: list[Judged] = []  # held behind a refused step of their guest
+        refused_steps: list[Step] = []  # beside ``refused`` (a blast-radius refusal of a stop is added later)
         seen: set[Step] = set()
         for vmid, guest_steps in steps.items():
             facts = self._facts(vmid, observed)
+            blocker: Judged | None = None  # the guest's first refused step: its later steps wait for it
             for step in guest_steps:
                 verdict, reason, detail = self._judge(step, facts, observed, declared=declared.get(vmid),
                                                       source=source, op=op)
                 if reason is None and step in seen:
                     reason, detail = OUT_OF_SCOPE, "the same step twice in one plan: it runs once"
                 seen.add(step)
+                if reason is None and blocker is not None:  # config, then run state: never start on the old config
+                    waiting.append(Judged(step=step, verdict=verdict, reason=DEFERRED, detail=held_by(blocker)))
+                    judged.append(waiting[-1])
+                    continue
                 judged.append(Judged(step=step, verdict=verdict, reason=reason, detail=detail))
                 if reason is None:
                     assert facts is not None  # a step for a guest not on this node is never admitted
@@ -160,6 +174,8 @@ class Gate:
                         op, reason, detail, guest_type=observed.guests[vmid].type if facts is not None else None,
                         facts=facts):
                     reason, detail = JOURNAL_UNAVAILABLE, f"{reason} ({detail}), and spending the op failed"
+                blocker = blocker or judged[-1]  # the first refused step is the one the later ones wait for
+                refused_steps.append(step)
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                                        detail=detail, op_id=op.payload.op_id if op is not None else ""))
                 if reason in APPROVABLE and facts is not None and op is None:
@@ -170,9 +186,11 @@ class Gate:
         if record:
             # A tick replaces the pending entries of the guests it planned; a signed op's admission plans
             # nothing, and the entry it approves must stay listed until its lane has run it.
-            self._record(refused, pending, deferred, set(steps) | set(declared), observed, prune=op is None)
+            self._record(refused, pending, deferred, set(steps) | set(declared), observed, prune=op is None,
+                         waiting=waiting, admitted=admitted, steps=refused_steps,
+                         declared=set(population if population is not None else declared))
         return Admission(admitted=admitted, refused=tuple(refused), deferred=deferred, pending=tuple(pending),
-                         judged=tuple(judged))
+                         judged=tuple(judged), held=tuple(waiting))
 
     def _judge(self, step: Step, facts: GuestFacts | None, observed: NodeView, *, declared: Declaration | None,
                source: Source, op: VerifiedOp | None) -> tuple[Verdict, str | None, str]:
@@ -270,7 +288,7 @@ class Gate:
         if guest is None:
             return None
         config, digest = observed.configs.get(vmid, (None, ""))
-        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+        return GuestFacts(config=config, digest=digest, run_state=guest.status, lock=lock_of(guest.lock, config))
 
     def _limit_stops(self, admitted: dict[int, list[Admitted]], refused: list[Refusal], pending: list[PendingApproval],
                      judged: list[Judged], *, observed: NodeView, declared: Mapping[int, Declaration],
@@ -350,18 +368,29 @@ class Gate:
     # --- what the gate keeps ------------------------------------------------------------------
 
     def _record(self, refused: Sequence[Refusal], pending: Sequence[PendingApproval], deferred: Sequence[int],
-                planned: set[int], observed: NodeView, *, prune: bool) -> None:
+                planned: set[int], observed: NodeView, *, prune: bool, waiting: Sequence[Judged] = (),
+                admitted: Mapping[int, Sequence[Admitted]] | None = None, steps: Sequence[Step] = (),
+                declared: Set[int] | None = None) -> None:
         """Count, log, keep the pending list, and journal a refusal when first seen or when its reason changes.
 
         ``prune``: drop the entries of the ``planned`` guests (declared and not held, or given a step) and
-        of guests gone from the node; a guest planned with nothing left to do has nothing pending.
+        of guests gone from the node; a guest planned with nothing left to do has nothing pending. A
+        refusal is logged when it appears or changes (``StandingRefusals``), counted every time; what a planned
+        guest no longer asks for stands no more (an admitted step's may stand on: its lane may refuse it again),
+        nor what stood for a guest no longer declared (``declared``: every declared guest, held ones too).
         """
-        for refusal in refused:
+        if prune:
+            asked = {(r.vmid, r.op_kind) for r in refused} | {(j.step.vmid, j.verdict.op_kind) for j in waiting}
+            asked |= {(a.step.vmid, a.verdict.op_kind) for run in (admitted or {}).values() for a in run}
+            self.standing.keep_only(lambda key: key in asked or (key[0] not in planned and key[0] in observed.guests
+                                                                 and (declared is None or key[0] in declared)))
+        for index, refusal in enumerate(refused):  # ``steps``: the refused steps, in order, as far as known
             self.metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", refusal.reason.lower()).inc()
-            log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=refusal.cls.name,
-                        reason=refusal.reason, detail=refusal.detail)
+            self.standing.note(refusal, steps[index] if index < len(steps) else None, cls=refusal.cls.name)
         for _ in deferred:
             self.metrics.gate_decisions.labels("benign", "deferred", "stop_limit").inc()
+        for judged in waiting:
+            self.metrics.gate_decisions.labels(judged.verdict.cls.name.lower(), "deferred", "held").inc()
         # One swap: an op admitted meanwhile never sees its approval missing. When pruning, the entries of
         # guests not planned this tick (busy, backing off) stay.
         self.book.record(refused=len(refused), deferred=len(deferred), pending=pending,

@@ -27,9 +27,19 @@ import structlog
 
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
-from executor.gate.decisions import Admitted, GateSettings, PendingApproval, Refusal, descriptor, to_action
+from executor.gate.decisions import (
+    LOCKED,
+    Admitted,
+    GateSettings,
+    PendingApproval,
+    Refusal,
+    descriptor,
+    lock_of,
+    to_action,
+)
 from executor.gate.journalport import JournalPort, JournalWrites, NoJournalError
 from executor.gate.kinds import ACTION_KINDS, ActionKind
+from executor.gate.standing import StandingRefusals
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PendingSection, PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
@@ -78,12 +88,14 @@ class Lane:
 
     def __init__(self, *, reader: PveReader, writer: PveWriter | None, journal: JournalPort, writes: JournalWrites,
                  book: ApprovalBook, settings: GateSettings, metrics: ExecutorMetrics, wall: Callable[[], float],
-                 audience: Callable[[], str],
+                 audience: Callable[[], str], standing: StandingRefusals | None = None,
                  reverify: Callable[[VerifiedOp, Step, GuestFacts], Refused | None] | None = None,
                  ahead: Ahead | None = None) -> None:
         """``journal``: the gate's port; ``writes``: its writes over that port (spends, refusals, journal loss);
-        ``book``: its approval book; ``wall``: its time; ``reverify``: the op verifier's (None: no signed ops)."""
+        ``book``: its approval book; ``wall``: its time; ``reverify``: the op verifier's (None: no signed ops);
+        ``standing``: the gate's refusals standing now (logged once each)."""
         self._reader, self._writer, self._writes = reader, writer, writes
+        self._standing = standing if standing is not None else StandingRefusals()
         self._journal, self._book, self._settings, self._metrics = journal, book, settings, metrics
         self._wall, self._audience, self._reverify = wall, audience, reverify
         self._lock = threading.Lock()
@@ -118,6 +130,9 @@ class Lane:
         if step.kind == STOP and not remote:
             return None
         pending = self._read_pending(admitted) if step.kind == START else None
+        lock = lock_of("", pending.current) if pending is not None else ""
+        if lock:  # the config's lock line, as PVE writes it: a backup begun since the guest list was read
+            return self._refuse_locked(admitted, lock)
         if not remote:
             config = admitted.facts.config
         elif pending is not None:  # what GET .../config answers: the pending-applied view
@@ -176,7 +191,7 @@ class Lane:
         if guest is None:
             return self._refuse_op(admitted, "DIGEST_STALE", f"guest {step.vmid} is not on node {self._reader.node}")
         config, digest = self._reader.config(guest.type, step.vmid)
-        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=guest.lock)
+        facts = GuestFacts(config=config, digest=digest, run_state=guest.status, lock=lock_of(guest.lock, config))
         problem = self._op_problem(admitted, facts)
         if problem is not None:
             return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
@@ -223,20 +238,29 @@ class Lane:
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
                           reason=reason, detail=detail, op_id=op.payload.op_id)
         self._metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
-        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, op_id=refusal.op_id, reason=reason,
-                    detail=detail, where="lane")
+        self._standing.note(refusal, admitted.step, where="lane")
         self._book.count_refused()
         self._writes.write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                               detail=detail, op_id=refusal.op_id,
                                               key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
         return refusal
 
+    def _refuse_locked(self, admitted: Admitted, lock: str) -> Refusal:
+        """A locked guest's step: not sent (PVE would fail it), tried again at a later tick; nothing to approve."""
+        verdict = admitted.verdict
+        refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=LOCKED,
+                          detail=f"guest {admitted.step.vmid} is locked ({lock}): a later tick")
+        self._metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", "locked").inc()
+        self._standing.note(refusal, admitted.step, cls=verdict.cls.name, where="lane")
+        self._book.count_refused()
+        self._writes.refusal(refusal)
+        return refusal
+
     def _refuse(self, admitted: Admitted, verdict: Verdict, reason: str, detail: str) -> Refusal:
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
                           detail=detail)
         self._metrics.gate_decisions.labels(verdict.cls.name.lower(), "refused", reason.lower()).inc()
-        log.warning("gate_refused", vmid=refusal.vmid, op_kind=refusal.op_kind, cls=verdict.cls.name,
-                    reason=reason, detail=detail, where="lane")
+        self._standing.note(refusal, admitted.step, cls=verdict.cls.name, where="lane")
         self._book.count_refused()
         self._book.keep(PendingApproval(
             vmid=refusal.vmid, op_kind=verdict.op_kind, cls=verdict.cls, rule=verdict.rule, reasons=verdict.reasons,
@@ -267,16 +291,19 @@ class Lane:
             return Outcome.FAILED
         if refusal is not None:
             return refusal
+        self._standing.clear(step.vmid, (admitted.verdict.op_kind,))  # not refused: what stood for it is over
         started, began_at = time.monotonic(), time.time()
         begun = self._begin(admitted)
         if not isinstance(begun, str):
             return begun
         bound = bound.bind(op_id=begun)
-        called = self._call(admitted, kind, began_at, bound, begun)
+        called, upid = self._call(admitted, kind, began_at, bound, begun)
+        if upid:
+            bound = bound.bind(upid=upid)  # the task started: every later event of this step names it
         if isinstance(called, InFlightCall):
             with self._lock:
                 self._unsettled[begun] = called  # its guest held from planning until a definite answer
-            bound.warning("action_in_flight", upid=called.upid or None, detail=called.detail,
+            bound.warning("action_in_flight", detail=called.detail,
                           duration_s=round(time.monotonic() - started, 3))
             return Outcome.UNKNOWN
         return self._settle(admitted, begun, called, bound, time.monotonic() - started)
@@ -299,21 +326,22 @@ class Lane:
         return outcome
 
     def _call(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
-              op_id: str) -> TaskOutcome | InFlightCall:
-        """The call and its task: waited on until it ends or its deadline passes (then in flight)."""
+              op_id: str) -> tuple[TaskOutcome | InFlightCall, str]:
+        """The call and its task (its UPID, "" when none is known): waited on until it ends or its deadline
+        passes (then in flight)."""
         sent = self._send(admitted, kind, began_at, bound, op_id)
         if not isinstance(sent, str):
-            return sent
+            return sent, sent.upid if isinstance(sent, InFlightCall) else ""
         if not sent:
-            return TaskOutcome(TaskResult.OK, "")  # a synchronous call that answered: done
+            return TaskOutcome(TaskResult.OK, ""), ""  # a synchronous call that answered: done
         self._writes.write(lambda j: j.task(op_id, sent))
         waiting = time.monotonic()
         result = wait_task(self._reader, sent, deadline=waiting + self._settings.task_timeout)
         self._metrics.task_wait.observe(time.monotonic() - waiting)
         if not result.ended:
             return InFlightCall(admitted=admitted, op_id=op_id, began_at=began_at, lost_at=time.monotonic(),
-                                upid=sent, detail=result.exitstatus)
-        return result
+                                upid=sent, detail=result.exitstatus), sent
+        return result, sent
 
     def _send(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
               op_id: str) -> str | TaskOutcome | InFlightCall:
@@ -404,7 +432,7 @@ class Lane:
             step = call.admitted.step
             self._settle(call.admitted, call.op_id, checked,
                          log.bind(vmid=vmid, action=step.kind, guest_type=step.guest_type, op_id=call.op_id,
-                                  settled="later"),
+                                  settled="later", **({"upid": call.upid} if call.upid else {})),
                          time.monotonic() - call.lost_at)
         return still
 

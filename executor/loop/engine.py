@@ -65,6 +65,7 @@ class TickSummary:
     refused: int = 0
     pending: int = 0
     stops_deferred: int = 0
+    held: int = 0  # steps held behind a refused step of their guest (a start behind a refused config write)
     staged: int = 0  # guests with a declared change PVE holds for the next restart (not planned again)
     waited: bool = False
     refusals: tuple[Refusal, ...] = ()
@@ -158,7 +159,8 @@ class Engine:
         log.info("tick", outcome=summary.outcome.name.lower(), queued=summary.queued, succeeded=summary.succeeded,
                  failed=summary.failed, skipped=summary.skipped, deferred=summary.deferred,
                  elsewhere=summary.elsewhere, refused=summary.refused, approvals_pending=summary.pending,
-                 stops_deferred=summary.stops_deferred, staged=summary.staged, duration_s=round(summary.duration, 3),
+                 stops_deferred=summary.stops_deferred, held=summary.held, staged=summary.staged,
+                 duration_s=round(summary.duration, 3),
                  **({"error": summary.error} if summary.error else {}))
         return summary
 
@@ -208,6 +210,7 @@ class Engine:
         summary.queued = sum(len(s) for s in admission.admitted.values())
         summary.refused, summary.refusals = len(admission.refused), admission.refused
         summary.stops_deferred = len(admission.deferred)
+        summary.held = len(admission.held)
         summary.pending = len(self.gate.pending())
         if wait and admission.admitted:
             summary.succeeded, summary.failed = tracker.succeeded, tracker.failed

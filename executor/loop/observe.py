@@ -4,7 +4,10 @@
 description is managed (in parallel; an unreadable config, one whose answer does not parse among
 them, is left out and the planner says CONFIG_UNKNOWN), and, only when a declared guest is not on
 this node, one ``/cluster/resources`` to tell a guest that lives on another node (left to that
-node's executor, counted as elsewhere) from one that exists nowhere (the planner's NOT_FOUND).
+node's executor, counted as elsewhere) from one that exists nowhere (the planner's NOT_FOUND). A guest
+the cluster knows is never NOT_FOUND: one it places on this node although the list read just before did
+not have it (a migration that ended between the two reads) is elsewhere for this tick. A ``lock:`` line
+in a config read is a lock, as the list's is (a backup begun after the list was read).
 ``pve-executor plan`` uses this same function, so the dry run shows what ``run`` would do.
 
 A declared guest whose guest-list entry does not parse is ``unreadable``: on the node, its run
@@ -24,11 +27,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
 from executor.gate.actions import SET_CONFIG, Step
+from executor.gate.decisions import lock_of
 from executor.loop.desired import Declared
 from executor.loop.planner_client import RUN_STATES, actual_to_proto, desired_to_proto
 from executor.pve.node import GuestState, PendingSection, PveError, PveReader
@@ -157,6 +161,8 @@ def observe(reader: PveReader, declared: Sequence[Declared], *, pool: Executor |
     pending = {vmid: section for vmid, _, section in results if section is not None}
     if sections is not None:
         sections.keep(configs)
+    for vmid, (config, _) in configs.items():  # a lock only the config shows (taken after the list was read)
+        guests[vmid] = replace(guests[vmid], lock=lock_of(guests[vmid].lock, config))
     placed = [d for d in declared if d.vmid not in unreadable]
     # A guest whose entry did not parse is still on the node (its state unknown), so listed; a list that
     # dropped entries naming no guest has holes: it proves no guest absent (``listed`` None).
@@ -174,4 +180,11 @@ def _elsewhere(reader: PveReader, declared: Sequence[Declared], guests: dict[int
     except PveError as exc:
         log.warning("cluster_resources_unreadable", error=str(exc))
         return frozenset()
-    return frozenset(vmid for vmid in missing if placed.get(vmid, reader.node) != reader.node)
+    # Every guest the cluster knows is elsewhere for this tick, even one it places here: that one was not on
+    # the list read just before (a migration that ended between the two reads, or a lagging index), so it
+    # exists and is in motion; the next tick's list settles it. Only a guest the cluster does not know is missing.
+    landed = sorted(vmid for vmid in missing if placed.get(vmid) == reader.node)
+    if landed:
+        log.info("guests_in_motion", vmids=landed, detail="on this node in /cluster/resources, not in its guest list "
+                 "read just before: planned at the next tick")
+    return frozenset(vmid for vmid in missing if vmid in placed)
