@@ -9,7 +9,7 @@ The output ends with a summary line, and the exit code tells a script what it sa
 ``-detailed-exitcode``, always on): 0 nothing to change, 3 changes ``run`` would make, 4 an operator is
 needed (a step needing APPROVAL or refused, a guest skipped), 1 Proxmox or the planner failed, 2 a bad flag
 or desired file. Text and ``--json`` use the same words (``CHANGE``/``REFUSED``/``DEFERRED``, ``SKIPPED``,
-``ELSEWHERE``, the classes ``BENIGN``/``APPROVAL``/``DESTRUCTIVE``, ``<absent>`` for a missing key, JSON null).
+``elsewhere``, the classes ``BENIGN``/``APPROVAL``/``DESTRUCTIVE``, ``<absent>`` for a missing key, JSON null).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _authorized(gate: Gate, admission: Admission) -> Admission:
 
 
 # The words of `plan`, the same in its text and its --json (a step's class is BENIGN, APPROVAL or DESTRUCTIVE).
-CHANGE, REFUSED, DEFERRED, SKIPPED, ELSEWHERE = "CHANGE", "REFUSED", "DEFERRED", "SKIPPED", "ELSEWHERE"
+# Guests on other nodes are only counted (on a cluster, one desired file may name hundreds of them).
+CHANGE, REFUSED, DEFERRED, SKIPPED = "CHANGE", "REFUSED", "DEFERRED", "SKIPPED"
 ABSENT = "<absent>"  # a key the guest does not have, or that the step deletes
 STAGED = "staged: applies at the next restart"  # a key PVE holds as pending (shown once `staged` is filled in)
 DECISIONS = {"admitted": CHANGE, "refused": REFUSED, "deferred": DEFERRED}
@@ -212,8 +213,6 @@ def render(result: DryRun, color: bool) -> str:
         named = f" ({', '.join(printable(k) for k in keys)})" if keys else ""
         lines.append(paint(f"guest {vmid}: {SKIPPED} {reason}{named}", "33"))
         lines.append(f"    {printable(detail)}")
-    lines += [paint(f"guest {vmid}: {ELSEWHERE} (on another node, left to its executor)", "2")
-              for vmid in sorted(result.observed.elsewhere)]
     total = summarize(result)
     if not lines:
         return f"{total.line()} The node matches the desired state."

@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 
-from safety.grammar import UnreadableError, key_spec, parse_format, schema_keys
 from safety.grammar import KeySpec as Spec
+from safety.grammar import UnreadableError, key_spec, parse_format, schema_keys
 from safety.pvegrammar_data import FORMATS
 
 GUEST_TYPES = ("qemu", "lxc")
@@ -52,7 +52,8 @@ def key_problem(guest_types: Iterable[str], key: str, value: str) -> str | None:
     problems = [value_problem(key, spec, value) for spec in specs]
     # Fine for one type is fine (the file does not say which type a guest is; check_types knows later);
     # else the plainest of the reasons.
-    return None if None in problems else min(problems, key=lambda p: (len(p), p))
+    found = [p for p in problems if p is not None]
+    return None if len(found) < len(problems) else min(found, key=lambda p: (len(p), p))
 
 
 def unknown_key(guest_types: Iterable[str], key: str) -> str:

@@ -203,7 +203,8 @@ def _guest(node: yaml.Node, name: str, errors: list[str]) -> Declared | None:
     for key, value in node.value:
         if key.value not in GUEST_KEYS:
             close = difflib.get_close_matches(str(key.value), sorted(GUEST_KEYS), n=1)
-            errors.append(f"{_where(name, key, key.value)}: unknown key (expected one of {', '.join(sorted(GUEST_KEYS))})"
+            expected = ", ".join(sorted(GUEST_KEYS))
+            errors.append(f"{_where(name, key, key.value)}: unknown key (expected one of {expected})"
                           + (f"; did you mean `{close[0]}`?" if close else ""))
             continue
         fields[key.value] = value
