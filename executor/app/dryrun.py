@@ -33,6 +33,7 @@ from executor.loop.observe import Observed, observe
 from executor.loop.planner_client import PlannerError
 from executor.pve.node import PveError
 from planner.v1 import planner_pb2 as pb
+from safety.keys import BENIGN_KEY
 
 log = structlog.get_logger("executor.dryrun")
 
@@ -175,7 +176,7 @@ def _key_note(judged: Judged, key: str, staged: frozenset[str]) -> str:
     if judged.decision != "refused":
         return ""
     why = next((r.removeprefix(f"{key}: ") for r in judged.verdict.reasons if r.startswith(f"{key}: ")), "")
-    return f"  ({printable(why)})" if why else ""
+    return f"  ({printable(why)})" if why and not why.endswith(BENIGN_KEY.why) else ""  # only what holds it
 
 
 def render_step(result: DryRun, judged: Judged, paint: Callable[[str, str], str]) -> list[str]:
