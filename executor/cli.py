@@ -13,7 +13,6 @@ from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, Ex
 from executor.pve.node import PveError
 from opctl import cli as opcli
 
-
 PLAN_EXIT_CODES = """exit codes:
   0  nothing to change: the node matches the desired state
   1  Proxmox or the planner failed
