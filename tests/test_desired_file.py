@@ -25,6 +25,8 @@ from safety.grammar import key_spec
     ("guests:\n  - vmid: 100\n    config: [memory]\n", "f:3: config: must be a mapping"),
     ("hosts: []\n", "f:1: unknown key 'hosts'"),
     ("guests: [\n", "f:2: not valid YAML"),
+    ("guests:\n  - vmid: 100\n    description: \"a\\0b\"\n", "f:3: description: holds a NUL or is longer than"),
+    (f"guests:\n  - vmid: 100\n    description: {'x' * 8193}\n", "f:3: description: holds a NUL or is longer than"),
 ])
 def test_desired_file_errors_name_file_line_and_field(text: str, message: str) -> None:
     """Every mistake in the desired file is refused with where it is and what is wrong."""

@@ -26,6 +26,7 @@ import yaml
 from executor.errors import InvalidInputError
 from executor.loop import configschema
 from safety.classify import Source
+from safety.opschema import DESCRIPTION_MAX
 
 log = structlog.get_logger("executor.desired")
 GUEST_KEYS = frozenset({"vmid", "state", "config", "description"})
@@ -292,4 +293,8 @@ def _description(node: yaml.Node | None, name: str) -> str | None:
         return None
     if not isinstance(node, yaml.ScalarNode):
         raise DesiredStateError(f"{_where(name, node, 'description')}: must be text")
-    return str(node.value)
+    text = str(node.value)
+    if "\x00" in text or len(text) > DESCRIPTION_MAX:  # what the planner would refuse, said with the line
+        raise DesiredStateError(f"{_where(name, node, 'description')}: holds a NUL or is longer than PVE's "
+                                f"{DESCRIPTION_MAX} characters")
+    return text
