@@ -50,6 +50,7 @@ def test_exit_code_says_what_the_plan_holds(fakepve: Any, fakepve_cafile: str, p
     assert held.stdout.endswith("\nPlan: 1 to change, 1 needing APPROVAL, 0 refused, 1 skipped, 0 elsewhere.\n")
     assert "guest 101: set config [APPROVAL] REFUSED APPROVAL_REQUIRED: protection_off\n" in held.stdout
     assert "guest 300: SKIPPED NOT_FOUND\n" in held.stdout
+    assert "\nSteps needing APPROVAL wait in the running daemon's `pve-executor pending`; " in held.stdout
 
 
 def test_a_bad_desired_file_is_refused_whole_before_anything_is_planned(fakepve: Any, fakepve_cafile: str,

@@ -103,6 +103,8 @@ def _authorized(gate: Gate, admission: Admission) -> Admission:
 CHANGE, REFUSED, DEFERRED, SKIPPED = "CHANGE", "REFUSED", "DEFERRED", "SKIPPED"
 ABSENT = "<absent>"  # a key the guest does not have, or that the step deletes
 STAGED = "staged: applies at the next restart"  # a key PVE holds as pending (shown once `staged` is filled in)
+APPROVAL_HINT = ("Steps needing APPROVAL wait in the running daemon's `pve-executor pending`; "
+                 "sign one with `pve-executor op sign --pending N`.")
 DECISIONS = {"admitted": CHANGE, "refused": REFUSED, "deferred": DEFERRED}
 # Exit codes of `plan` (Terraform's -detailed-exitcode, always on): 1 and 2 are every command's.
 EXIT_NO_CHANGES, EXIT_ERROR, EXIT_USAGE, EXIT_CHANGES, EXIT_ATTENTION = 0, 1, 2, 3, 4
@@ -217,6 +219,8 @@ def render(result: DryRun, color: bool) -> str:
     total = summarize(result)
     if not lines:
         return f"{total.line()} The node matches the desired state."
+    if total.approval:
+        lines += ["", APPROVAL_HINT]
     return "\n".join([*lines, "", total.line()])
 
 
