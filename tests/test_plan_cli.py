@@ -18,7 +18,7 @@ from planner import server
 from tests.executor_helpers import ROOT, cli
 
 CLASSES = {"BENIGN", "APPROVAL", "DESTRUCTIVE"}
-STEP_KEYS = {"vmid", "guest_type", "action", "class", "decision", "refusal", "reason", "detail", "op_kind", "rule",
+STEP_KEYS = {"vmid", "guest_type", "action", "class", "decision", "refusal", "why", "detail", "op_kind", "rule",
              "reasons", "changes"}
 
 
@@ -150,9 +150,9 @@ def test_json_speaks_the_words_of_the_text(fakepve: Any, fakepve_cafile: str, pl
     body = json.loads(shown.stdout)
     assert set(body) == {"steps", "pending", "skipped", "elsewhere", "summary", "exit_code"}
     assert all(set(step) == STEP_KEYS for step in body["steps"])
-    assert [(s["vmid"], s["action"], s["class"], s["decision"], s["refusal"]) for s in body["steps"]] == [
-        (100, "set_config", "BENIGN", "CHANGE", None), (100, "start", "BENIGN", "CHANGE", None),
-        (101, "set_config", "APPROVAL", "REFUSED", "APPROVAL_REQUIRED")]
+    assert [(s["vmid"], s["action"], s["class"], s["decision"], s["refusal"], s["why"]) for s in body["steps"]] == [
+        (100, "set_config", "BENIGN", "CHANGE", None, None), (100, "start", "BENIGN", "CHANGE", None, None),
+        (101, "set_config", "APPROVAL", "REFUSED", "APPROVAL_REQUIRED", "protection_off")]
     assert body["steps"][0]["changes"] == [{"key": "memory", "from": "512", "to": "1024", "staged": False},
                                            {"key": "tags", "from": "a", "to": None, "staged": False}]
     assert "    tags: 'a' -> <absent>" in text.stdout

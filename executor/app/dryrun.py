@@ -168,7 +168,7 @@ def changes(result: DryRun, step: Step) -> list[tuple[str, str | None, str | Non
     """Each key a config step writes or deletes: (key, current or None, desired or None for a delete)."""
     current = result.observed.configs.get(step.vmid, ({}, ""))[0]
     return sorted([(key, current.get(key), value) for key, value in step.set]
-                  + [(key, current.get(key), None) for key in step.delete])
+                  + [(key, current.get(key), None) for key in step.delete], key=lambda change: change[0])
 
 
 def _key_note(judged: Judged, key: str, staged: frozenset[str]) -> str:
@@ -229,7 +229,7 @@ def as_json(result: DryRun) -> dict[str, Any]:
     total = summarize(result)
     steps = [{"vmid": j.step.vmid, "guest_type": j.step.guest_type, "action": j.step.kind,
               "class": j.verdict.cls.name, "decision": DECISIONS[j.decision], "refusal": j.reason,
-              "reason": short_reason(j) if j.decision == "refused" else None, "detail": j.detail,
+              "why": short_reason(j) if j.decision == "refused" else None, "detail": j.detail,
               "op_kind": j.verdict.op_kind, "rule": j.verdict.rule, "reasons": list(j.verdict.reasons),
               "changes": [{"key": key, "from": old, "to": new,
                            "staged": key in result.staged.get(j.step.vmid, frozenset())}
