@@ -13,6 +13,15 @@ from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, Ex
 from executor.pve.node import PveError
 from opctl import cli as opcli
 
+PLAN_EXIT_CODES = """exit codes:
+  0  nothing to change: the node matches the desired state
+  1  Proxmox or the planner failed
+  2  a bad flag, config or desired file (each mistake named with file:line; nothing planned)
+  3  changes to make: `run` would make them
+  4  an operator is needed: a step needs APPROVAL or is refused, or a guest is skipped
+
+colour only on a terminal, never when NO_COLOR is set"""
+
 
 def parser() -> argparse.ArgumentParser:
     """Flags; every setting also comes from the TOML file or a PVE_EXECUTOR_* variable."""
@@ -21,9 +30,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="converge this node: recover, then tick every --interval")
     add_flags(run, (*CONNECTION, *RUN), ENV_PREFIX)
     run.add_argument("--once", action="store_true", help="recover, run one tick, wait for it, exit (1 if it failed)")
-    plan = sub.add_parser("plan", help="dry run: show what would change, mutate nothing")
+    plan = sub.add_parser("plan", help="dry run: show what would change, mutate nothing", epilog=PLAN_EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(plan, (*CONNECTION, *PLAN), ENV_PREFIX)
-    plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    plan.add_argument("--json", action="store_true",
+                      help="the plan as JSON: steps, pending, skipped, elsewhere, summary, exit_code")
     check = sub.add_parser("selftest", help="write a description to a scratch guest, read it back, restore it")
     add_flags(check, CONNECTION, ENV_PREFIX)
     check.add_argument("--vmid", type=int, required=True, help="a scratch guest whose description may be changed")

@@ -21,7 +21,17 @@ from common.grpcserver import ClientTls, channel_credentials
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
 from opctl.cli import DEFAULT_TTL, api_target
-from opctl.doc import OpError, Proposal, action_words, parse_action_json, proposal_document, summary, when
+from opctl.doc import (
+    PARAM_WORDS,
+    OpError,
+    Proposal,
+    action_words,
+    parse_action_json,
+    proposal_document,
+    summary,
+    visible,
+    when,
+)
 from opctl.keys import load_private
 from opctl.sign import build_payload, parse_ttl, read_envelope
 from safety import signedop
@@ -73,14 +83,60 @@ def pending(args: argparse.Namespace) -> int:
         return 0
     if not entries:
         print("nothing pending")
-    for entry, item in zip(entries, response.pending, strict=True):
-        action = entry["action"]
-        assert isinstance(action, dict)
-        print(f"{action_words(action)}\n  {entry['class']} by rule {item.rule}; refused {entry['refusal']}; "
-              f"from {item.source}; first seen {when(item.first_seen_unix_ms / 1000)}; "
-              f"descriptor {item.descriptor_sha256[:12]}")
-        print("".join(f"  - {reason}\n" for reason in item.reasons), end="")
+    for index, (entry, item) in enumerate(zip(entries, response.pending, strict=True), start=1):
+        print("\n".join(pending_lines(index, entry, item)))
     return 0
+
+
+def pending_lines(index: int, entry: Mapping[str, object], item: pb.PendingApproval) -> list[str]:
+    """One pending entry for a person: numbered, the action, one line per parameter (``key -> 'value'``, a
+    delete ``key -> <absent>``; values quoted so commas and spaces are plain), why, and how to sign it."""
+    action = entry["action"]
+    assert isinstance(action, dict)
+    params = plain(action["params"])
+    assert isinstance(params, dict)
+    lines = [f"[{index}] {action_words({**action, 'params': {}})}  {entry['class']}"]
+    lines += [f"      {line}" for name, value in params.items() for line in param_lines(name, value)]
+    lines.append(f"    rule {item.rule}; refused {entry['refusal']}; from {item.source}; "
+                 f"first seen {when(item.first_seen_unix_ms / 1000)}; descriptor {item.descriptor_sha256[:12]}")
+    lines += [f"    - {visible(reason)}" for reason in item.reasons]
+    lines.append(f"    sign it: pve-executor op sign --pending {index} --key KEYFILE --role ROLE")
+    return lines
+
+
+def param_lines(name: str, value: object) -> list[str]:
+    """A parameter as lines: each config key written (``key -> 'value'``) or deleted (``key -> <absent>``)."""
+    if name == "set" and isinstance(value, dict):
+        return [f"{visible(str(key))} -> {visible(repr(str(item)))}" for key, item in sorted(value.items())]
+    if name == "delete" and isinstance(value, list):
+        return [f"{visible(str(key))} -> <absent>" for key in value]
+    if isinstance(value, bool):
+        return [f"{name}: {'yes' if value else 'NO'}"]
+    if name == "size":
+        return [f"size: {PARAM_WORDS['size'](value).removeprefix('to ')}"]
+    return [f"{name}: {visible(repr(value) if isinstance(value, str) else str(value))}"]
+
+
+def pending_proposal(args: argparse.Namespace) -> Proposal:
+    """The pending entry ``op sign --pending N`` (as ``pending`` numbers them) or ``--vmid VMID`` names,
+    fetched with ListPending."""
+    with stub(args) as api:
+        response = api.ListPending(pb.ListPendingRequest(), timeout=args.timeout)
+    items = list(response.pending)
+    if args.pending is not None:
+        if not 1 <= args.pending <= len(items):
+            raise OpError(f"--pending {args.pending}: there are {len(items)} pending entries "
+                          "(see pve-executor pending)")
+        chosen = [(args.pending, items[args.pending - 1])]
+    else:
+        chosen = [(i, item) for i, item in enumerate(items, start=1) if item.vmid == args.vmid]
+        if len(chosen) != 1:
+            named = ", ".join(f"--pending {i} ({item.op_kind})" for i, item in chosen)
+            raise OpError(f"--vmid {args.vmid}: " + (f"{len(chosen)} pending entries; give one of {named}" if chosen
+                                                     else "no pending entry for this guest (see pve-executor pending)"))
+    item = chosen[0][1]
+    action = parse_action_json(item.descriptor, f"pending[{chosen[0][0]}].descriptor")
+    return Proposal(action=action, challenge=item.challenge or None)
 
 
 def coerce(kind: str, name: str, text: str) -> object:

@@ -82,7 +82,11 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _signing(sign, role=True)
     sign.add_argument("--yes", action="store_true", help="do not ask for the vmid (you checked the summary)")
     sign.add_argument("--out", metavar="FILE", help="the envelope file (default stdout)")
-    sign.add_argument("proposal", metavar="PROPOSAL", help="op propose output, or a pending/plan --json entry")
+    sign.add_argument("proposal", metavar="PROPOSAL", nargs="?",
+                      help="op propose output, or a pending/plan --json entry (a file, - for stdin)")
+    sign.add_argument("--pending", type=int, metavar="N", help="instead of PROPOSAL: entry N of `pending`")
+    sign.add_argument("--vmid", type=int, metavar="VMID", help="instead of PROPOSAL: the one pending entry of VMID")
+    add_api_flags(sign)  # for --pending and --vmid
     cosign = ops.add_parser("cosign", help="add your signature over the same payload bytes (offline)")
     _signing(cosign, role=False)
     cosign.add_argument("--yes", action="store_true", help="do not ask for the vmid")

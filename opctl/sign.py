@@ -123,10 +123,24 @@ def _check_window(payload: OpPayload, now: float) -> None:
         raise OpError(f"the op expired at {payload.not_after}; sign a fresh proposal")
 
 
+def proposal_to_sign(args: argparse.Namespace) -> Proposal:
+    """The PROPOSAL file, or the pending entry ``--pending N`` or ``--vmid VMID`` names (asked of the executor)."""
+    given = [name for name, value in (("PROPOSAL", args.proposal), ("--pending", args.pending),
+                                      ("--vmid", args.vmid)) if value is not None]
+    if len(given) != 1:
+        raise OpError("give one of PROPOSAL (a file, - for stdin), --pending N or --vmid VMID"
+                      + (f", not {' and '.join(given)}" if given else ""))
+    if args.proposal is not None:
+        return read_proposal(read_input(args.proposal, "PROPOSAL"), "proposal")
+    from opctl.api import pending_proposal  # noqa: PLC0415 - the API side imports this module
+
+    return pending_proposal(args)
+
+
 def sign(args: argparse.Namespace) -> int:
     """``op sign``: a new envelope with one signature over a payload built from the proposal."""
     key = load_private(args.key, args.passphrase_file)
-    proposal = read_proposal(read_input(args.proposal, "PROPOSAL"), "proposal")
+    proposal = proposal_to_sign(args)
     now = time.time()
     data = build_payload(proposal, role=args.role, ttl=parse_ttl(args.ttl or DEFAULT_TTL),
                          reason=args.reason or "no reason given", now=now)

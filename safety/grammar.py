@@ -51,6 +51,11 @@ class KeySpec:
     format: str | None = None  # a property-string format of FORMATS
     value_format: str | None = None  # a named string format PVE checks (pve-volume-id, ...)
     enum: tuple[str, ...] = ()
+    pattern: str | None = None  # a Python regex the whole value must match
+    minimum: int | float | None = None  # an integer's or number's range
+    maximum: int | float | None = None
+    max_length: int | None = None
+    parameter: bool = False  # an argument of PVE's config write (digest, delete, skiplock...), not a config key
 
 
 @functools.lru_cache(maxsize=4096)
@@ -73,7 +78,9 @@ def key_spec(guest_type: str, key: str) -> KeySpec | None:
 def _spec(name: str, entry: Mapping[str, Any]) -> KeySpec:
     return KeySpec(name=name, type=str(entry.get("type", "string")), writable=bool(entry.get("writable")),
                    format=entry.get("format"), value_format=entry.get("value_format"),
-                   enum=tuple(entry.get("enum", ())))
+                   enum=tuple(entry.get("enum", ())), pattern=entry.get("pattern"), minimum=entry.get("minimum"),
+                   maximum=entry.get("maximum"), max_length=entry.get("maxLength"),
+                   parameter=bool(entry.get("parameter")))
 
 
 def schema_keys(guest_type: str) -> dict[str, KeySpec]:

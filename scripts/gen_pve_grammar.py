@@ -72,6 +72,10 @@ NAMED: dict[str, dict[str, dict[str, Any]]] = {
     "pve-qemu-tdx-fmt": {"type": {"type": "string", "optional": 1, "default_key": 1}},
 }
 OPEN = frozenset({"pve-vm-cpu-conf", "pve-qm-hostpci", "pve-qemu-sev-fmt", "pve-qemu-tdx-fmt"})
+# Keys a config write takes that are no config: the write's own arguments (PVE also returns ``digest``
+# with a read, as the version a write may be conditioned on). A desired file may not declare them.
+PARAMETERS = frozenset({"digest"})
+KEY_ATTRS = ("minimum", "maximum", "maxLength")  # a key's range, checked before anything is planned
 # A named format that is another key's inline one: cdrom is PVE's alias of ide2.
 SAME_AS = {"pve-qm-ide": "qemu:ide[n]"}
 
@@ -112,9 +116,13 @@ def field_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def key_entry(guest_type: str, key: str, spec: dict[str, Any], formats: dict[str, Any], *,
-              writable: bool) -> dict[str, Any]:
-    """One config key: its type, enum or pattern, the format its value is parsed with, writable or not."""
+              writable: bool, parameter: bool = False) -> dict[str, Any]:
+    """One config key: its type, range, enum or pattern, the format its value is parsed with, writable or not,
+    and whether it is a parameter of the write rather than a config key."""
     entry: dict[str, Any] = {"type": spec.get("type", "string"), "writable": writable}
+    entry.update({attr: spec[attr] for attr in KEY_ATTRS if attr in spec})
+    if parameter:
+        entry["parameter"] = True
     fmt = spec.get("format")
     if isinstance(fmt, dict):
         fields = {field: field_spec(sub) for field, sub in sorted(fmt.items())}
@@ -141,7 +149,9 @@ def grammar() -> dict[str, Any]:
     for guest_type, (path, method) in ENDPOINTS.items():
         written = paths[path][method]["parameters"]["properties"]
         returned = paths[path]["GET"]["returns"].get("properties", {})
-        found = {key: key_entry(guest_type, key, spec, formats, writable=True) for key, spec in written.items()}
+        found = {key: key_entry(guest_type, key, spec, formats, writable=True,
+                                parameter=key not in returned or key in PARAMETERS)
+                 for key, spec in written.items()}
         for key, spec in returned.items():
             if key not in found:
                 found[key] = key_entry(guest_type, key, spec, formats, writable=False)

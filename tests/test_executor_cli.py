@@ -44,14 +44,17 @@ def test_plan_is_a_dry_run_that_shows_key_current_and_desired(fakepve: Any, fake
     desired = tmp_path / "desired.yaml"
     desired.write_text("guests:\n  - vmid: 100\n    state: running\n    config: {memory: 1024}\n")
     before = len(fakepve.requests)
-    text = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
-                              tmp_path, "plan", "--desired", str(desired)),
-                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    shown = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
+                               tmp_path, "plan", "--desired", str(desired)),
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    text = shown.stdout
+    assert shown.returncode == 3, shown.stderr  # changes to make
     assert "guest 100: set config" in text and "memory: '512' -> '1024'" in text and "guest 100: start" in text
     as_json = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
                                  tmp_path, "plan", "--json", "--desired", str(desired)),
-                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-    assert [a["vmid"] for a in json.loads(as_json.stdout)["actions"]] == [100, 100]
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert as_json.returncode == 3
+    assert [a["vmid"] for a in json.loads(as_json.stdout)["steps"]] == [100, 100]
     assert not [r for r in fakepve.requests[before:] if r[0] in ("POST", "PUT") and "ticket" not in r[1]]
 
 

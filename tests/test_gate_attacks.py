@@ -397,7 +397,7 @@ def test_the_dry_run_marks_only_the_refused_step_refused(fakepve: Any, fakepve_c
         shown = as_json(dry_run(settings))
         sent = _ran(settings, connect, desired, tmp_path, fakepve)
     assert sent == [("POST", "/api2/json/nodes/pve1/qemu/100/config")]
-    assert [v["decision"] for v in shown["verdicts"]] == ["admitted", "refused"]
+    assert [v["decision"] for v in shown["steps"]] == ["CHANGE", "REFUSED"]
 
 
 def test_the_dry_run_prints_no_escape_sequence_a_planner_sent(fakepve: Any, fakepve_cafile: str,

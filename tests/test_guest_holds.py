@@ -175,9 +175,9 @@ def test_plan_shows_the_held_start_and_run_sends_what_plan_promised(
                                 planner=f"127.0.0.1:{planner.port}", state_dir=str(tmp_path / "state"))
     shown = dry_run(settings)
     lines = render(shown, color=False).splitlines()
-    assert "guest 100: start [benign] deferred: held: waits for config step (config.protection_off), refused " \
+    assert "guest 100: start [BENIGN] DEFERRED: held: waits for config step (config.protection_off), refused " \
            "APPROVAL_REQUIRED" in lines
-    held = [v for v in as_json(shown)["verdicts"] if v["decision"] == "deferred"]
+    held = [v for v in as_json(shown)["steps"] if v["decision"] == "DEFERRED"]
     assert [(v["vmid"], v["action"], v["detail"].split(",")[0]) for v in held] == [
         (100, "start", "held: waits for config step (config.protection_off)")]
     before = len(fakepve.requests)

@@ -204,8 +204,73 @@ def test_pending_entries_are_documents_op_sign_accepts(api: Api, capsys: pytest.
     assert code == 0, err
     assert json.loads(signedop.parse_envelope_json(out.encode()).payload)["params"] == detach["params"]
     code, out, _ = run(capsys, "pending", *api.flags)
-    assert "DETACH DISKS of guest 105 (qemu) on pve1@cluster-a, remove scsi1, force=NO" in out
+    assert out.splitlines()[:3] == ["[1] DETACH DISKS of guest 105 (qemu) on pve1@cluster-a  DESTRUCTIVE",
+                                    "      scsi1 -> <absent>", "      force: NO"]
     assert "refused APPROVAL_REQUIRED; from local_file; first seen 2025-11-27 10:40 UTC" in out
+
+
+def _pending_config(vmid: int, values: dict[str, str], delete: list[str]) -> tuple[dict[str, object],
+                                                                                   pb.PendingApproval]:
+    write = action("config.nic_identity", {"set": values, "delete": delete}, cls="APPROVAL")
+    write["vmid"] = vmid
+    return write, pb.PendingApproval(
+        vmid=vmid, op_kind="config.nic_identity", action_class=pb.ACTION_CLASS_APPROVAL, rule="nic_identity",
+        reasons=["net0: changes the MAC"], source="hub", descriptor=canonical(write), descriptor_sha256="cd" * 32,
+        reason=pb.REFUSAL_REASON_APPROVAL_REQUIRED, first_seen_unix_ms=1_764_240_000_000)
+
+
+def test_pending_separates_keys_and_values(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line per key, values quoted: a value's commas and spaces never run into the next key."""
+    _, item = _pending_config(100, {"net0": "virtio=BC:24:11:00:00:02,bridge=vmbr0", "name": "a b; c=d"},
+                              ["tags"])
+    api.servicer.answers["ListPending"] = pb.ListPendingResponse(pending=[item])
+    code, out, err = run(capsys, "pending", *api.flags)
+    assert code == 0, err
+    assert out.splitlines() == [
+        "[1] CHANGE THE CONFIG (config.nic_identity) of guest 100 (qemu) on pve1@cluster-a  APPROVAL",
+        "      name -> 'a b; c=d'",
+        "      net0 -> 'virtio=BC:24:11:00:00:02,bridge=vmbr0'",
+        "      tags -> <absent>",
+        "    rule nic_identity; refused APPROVAL_REQUIRED; from hub; first seen 2025-11-27 10:40 UTC; "
+        "descriptor cdcdcdcdcdcd",
+        "    - net0: changes the MAC",
+        "    sign it: pve-executor op sign --pending 1 --key KEYFILE --role ROLE"]
+
+
+@pytest.mark.parametrize("choice", [("--pending", "2"), ("--vmid", "101")])
+def test_sign_takes_a_pending_entry_by_index_or_vmid(api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     choice: tuple[str, str]) -> None:
+    """`op sign --pending N` or `--vmid VMID` asks ListPending for the entry and signs exactly its action."""
+    first, one = _pending_config(100, {"net0": "virtio=BC:24:11:00:00:02"}, [])
+    second, two = _pending_config(101, {"net0": "virtio=BC:24:11:00:00:03"}, [])
+    api.servicer.answers["ListPending"] = pb.ListPendingResponse(pending=[one, two])
+    code, out, err = run(capsys, "op", "sign", *choice, *api.flags, "--key", key_file(tmp_path, "alice"),
+                         "--role", "netadmin", "--yes")
+    assert code == 0, err
+    payload = json.loads(signedop.parse_envelope_json(out.encode()).payload)
+    assert (payload["vmid"], payload["params"]["set"]) == (101, second["params"]["set"])  # type: ignore[index]
+    assert first != second and len(api.sent("ListPending")) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--pending", "3"), "--pending 3: there are 2 pending entries (see pve-executor pending)"),
+    (("--vmid", "100"), "--vmid 100: 2 pending entries; give one of --pending 1 (config.nic_identity), "
+                        "--pending 2 (config.nic_identity)"),
+    (("--vmid", "555"), "--vmid 555: no pending entry for this guest"),
+    (("--vmid", "100", "p.json"), "give one of PROPOSAL (a file, - for stdin), --pending N or --vmid VMID, "
+                                  "not PROPOSAL and --vmid"),
+    ((), "give one of PROPOSAL (a file, - for stdin), --pending N or --vmid VMID"),
+])
+def test_sign_names_the_entry_it_cannot_pick(api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                             args: tuple[str, ...], message: str) -> None:
+    """An index past the list, a guest with two entries or none, two sources at once: exit 2, nothing signed."""
+    _, one = _pending_config(100, {"net0": "virtio=BC:24:11:00:00:02"}, [])
+    _, two = _pending_config(100, {"net0": "virtio=BC:24:11:00:00:03"}, ["tags"])
+    api.servicer.answers["ListPending"] = pb.ListPendingResponse(pending=[one, two])
+    code, out, err = run(capsys, "op", "sign", *args, *api.flags, "--key", key_file(tmp_path, "alice"),
+                         "--role", "netadmin", "--yes")
+    assert (code, out) == (2, "")
+    assert message in err
 
 
 def _envelope(tmp_path: Path) -> tuple[Path, bytes]:

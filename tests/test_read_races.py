@@ -127,7 +127,7 @@ def test_plan_names_the_config_lock(fakepve: Any, fakepve_cafile: str, planner: 
                                 pve_password="secret", pve_ca_file=fakepve_cafile, desired=str(desired),
                                 planner=f"127.0.0.1:{planner.port}", state_dir=str(tmp_path / "state"))
     text = render(dry_run(settings), color=False)
-    assert text == "guest 100: skipped (locked): guest is locked (backup)"
+    assert text.splitlines()[:2] == ["guest 100: SKIPPED LOCKED", "    guest is locked (backup)"]
 
 
 def test_a_signed_op_on_a_guest_locked_only_in_its_config_is_refused_locked(fakepve: Any, make_engine: Make,

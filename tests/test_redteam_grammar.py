@@ -139,7 +139,7 @@ def test_h2_the_daemon_outlives_a_planner_that_sends_an_odd_disk_key(fakepve: An
     fakepve.add_vm(101, "web", status="stopped", config={"description": "old"})
     desired = tmp_path / "desired.yaml"
     desired.write_text("guests:\n  - vmid: 100\n    config: {cores: 2}\n"
-                       "  - vmid: 101\n    config: {description: new}\n")
+                       "  - vmid: 101\n    description: new\n")  # config.description is refused at load
     desired.chmod(0o644)
     actions = [write(100, {"scsi01": "local-lvm:vm-100-disk-0"}), write(101, {"description": "new"})]
     with served(ScriptedPlanner([pb.PlanResponse(actions=actions)])) as planner_port:

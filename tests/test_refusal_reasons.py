@@ -26,6 +26,11 @@ NOT_REASONS = {
     "PVE": "proxmoxer's service name",
     "UPID": "a NewType name",
     "FAILED": "the dry run's mark for a step that could not be authorized (never sent as a refusal)",
+    "CHANGE": "plan's word for a step run would make",
+    "REFUSED": "plan's word for a refused step (its reason follows)",
+    "SKIPPED": "plan's word for a guest the planner left alone",
+    "UNREADABLE": "plan's skip reason for a guest whose list entry did not parse",
+    "NO_COLOR": "the environment variable that turns colour off",
 }
 
 

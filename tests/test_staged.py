@@ -131,9 +131,9 @@ def test_plan_marks_the_staged_change_and_counts_it(fakepve: Any, fakepve_cafile
     assert sorted(shown.admission.admitted) == [101]
     text = render(shown, color=False).splitlines()
     assert text[text.index("guest 100: staged, applies at the next restart") + 1] == "    memory: '1024' -> '2048'"
-    assert text[-1] == "1 guest(s) staged, applies at the next restart: nothing to write"
+    assert text[-1] == "Plan: 1 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere, 1 staged."
     assert not [line for line in text if line.startswith("guest 100: set config")]
-    assert as_json(shown)["staged"] == {"100": [{"key": "memory", "now": "1024", "next": "2048"}]}
+    assert as_json(shown)["staged"] == [{"vmid": 100, "changes": [{"key": "memory", "from": "1024", "to": "2048"}]}]
 
 
 def test_a_guest_with_nothing_staged_shows_no_marker(fakepve: Any, fakepve_cafile: str, planner: server.Running,
@@ -142,7 +142,8 @@ def test_a_guest_with_nothing_staged_shows_no_marker(fakepve: Any, fakepve_cafil
     fakepve.add_vm(100, "web", status="running", config={"memory": 1024, "cores": 1}, pending={"cores": "2"})
     shown = dry_run(plan_settings(fakepve, fakepve_cafile, planner, tmp_path,
                                   "  - {vmid: 100, config: {memory: 1024}}\n"))
-    assert (shown.staged, render(shown, color=False)) == ({}, "nothing to do: the node matches the desired state")
+    assert (shown.staged, render(shown, color=False)) == (
+        {}, "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere. The node matches the desired state.")
 
 
 def test_an_approved_change_that_pve_stages_is_not_listed_again(fakepve: Any, make_engine: Make,
@@ -176,5 +177,7 @@ def test_the_plan_command_shows_a_change_staged_outside_the_executor(fakepve: An
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["guest 100: staged, applies at the next restart",
                                           "    memory: '1024' -> '2048'",
-                                          "1 guest(s) staged, applies at the next restart: nothing to write"]
+                                          "",
+                                          "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere, "
+                                          "1 staged."]
     assert config_writes(fakepve, 100) == []
