@@ -188,7 +188,7 @@ def test_a_socket_path_too_long_for_the_kernel_is_a_config_error(tmp_path: Path)
     password.write_text("x")
     long = "/tmp/" + "d" * 110 + "/executor.sock"
     result = run_module("executor", "run", "--node", "pve1", "--pve-user", "root@pam", "--pve-password-file",
-                        str(password), "--listen", f"unix:{long}")
+                        str(password), "--listen", f"unix:{long}", "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 2 and "listen" in result.stderr and "108" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
