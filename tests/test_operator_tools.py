@@ -6,6 +6,7 @@ flag spelling, help on every positional, exit codes in `--help`, and no tracebac
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import signal
 import socket
@@ -92,13 +93,13 @@ def test_whoami_names_the_audience_the_roles_naming_it_and_the_journal_a_daemon_
 
 def test_whoami_exits_1_and_says_what_is_wrong(fakepve: Any, fakepve_cafile: str, planner: server.Running,
                                                tmp_path: Path) -> None:
-    """No role names this audience, Proxmox unreachable, the state directory missing: each is a PROBLEM line and
-    exit 1; settings come from --config as the daemon's do."""
+    """No role names this audience, Proxmox unreachable: each is a PROBLEM line and exit 1 (a state directory not
+    made yet is said, not a problem); settings come from --config as the daemon's do."""
     write_store(tmp_path, {**store_doc(), "roles": roles("pve9@elsewhere")}, name="trust-daemon.toml")
     unnamed = _whoami(fakepve, fakepve_cafile, planner.port, tmp_path)
     assert unnamed.returncode == 1, unnamed.stdout + unnamed.stderr
     assert f"PROBLEM: no role of the trust store names audience '{AUDIENCE}'" in unnamed.stdout
-    assert "PROBLEM: state directory" in unnamed.stdout and "no such directory" in unnamed.stdout
+    assert "does not exist yet" in unnamed.stdout and "PROBLEM: state" not in unnamed.stdout
     down = _whoami(fakepve, fakepve_cafile, planner.port, tmp_path, pve_url=f"https://127.0.0.1:{unused_port()}")
     assert down.returncode == 1 and "PROBLEM: Proxmox at https://127.0.0.1:" in down.stdout
     assert "Traceback" not in down.stderr
@@ -185,17 +186,14 @@ WRITING = ("run", "selftest", "clock-reset")  # the commands that write their st
 SAFE = ("--state-dir", "--config", "--print-config", "--help", "STATE_DIR")
 
 
-def _strings(node: Any) -> list[str]:
-    import ast  # noqa: PLC0415 - only this audit parses source
-
+def _strings(node: ast.AST) -> list[str]:
+    """Every string literal under ``node``."""
     return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
 def test_the_test_suite_never_runs_a_writing_command_on_the_default_state_dir() -> None:
     """Every `python -m executor run|selftest|clock-reset` the tests start names its state directory (or a
     config file): the default, /var/lib/pve-reconcile, is the real node's, never the test suite's."""
-    import ast  # noqa: PLC0415 - only this audit parses source
-
     found = []
     for path in sorted((ROOT / "tests").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -224,8 +222,8 @@ def test_version_prints_prog_and_version(module: str, prog: str) -> None:
 def _parsers(top: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
     """Each parser under ``top`` (the operator's commands, which opctl owns, left out), by name."""
     yield top.prog, top
-    for action in top._actions:  # noqa: SLF001 - argparse exposes its subparsers only so
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 if name not in skip:
                     yield from _parsers(sub, skip)
@@ -235,7 +233,7 @@ def test_every_positional_has_help_and_every_help_lists_the_exit_codes() -> None
     """pve-executor (its own commands), pve-planner and pve-healthcheck: no bare positional, exit codes in --help."""
     parsers = [*_parsers(executor_cli.parser(), frozenset({"keys", "trust", "pending", "op"})),
                *_parsers(planner_cli.parser()), *_parsers(healthcheck.parser())]
-    bare = [f"{prog}: {a.dest}" for prog, p in parsers for a in p._actions  # noqa: SLF001
+    bare = [f"{prog}: {a.dest}" for prog, p in parsers for a in p._actions
             if not a.option_strings and not a.help]
     assert bare == []
     assert [prog for prog, p in parsers if "exit codes: 0" not in p.format_help()] == []

@@ -171,9 +171,7 @@ def gather(settings: ExecutorSettings, conn: Connection) -> Whoami:
     elif not trust.roles and (settings.executor_id or proxmox == "reachable"):  # else the audience is unknown
         problems.append(f"no role of the trust store names audience {audience!r}: no signed op can be approved here "
                         f"(add it to a role's audiences)")
-    if not journal.exists:
-        problems.append(f"state directory {settings.state_dir}: no such directory (the daemon creates it at start)")
-    elif not journal.readable:
+    if journal.exists and not journal.readable:  # one not made yet is no problem: the daemon makes it
         problems.append(f"state directory {settings.state_dir}: {journal.error}")
     if journal.in_flight:
         problems.append(f"{journal.in_flight} operation(s) in flight in the journal (the daemon resolves them at "
@@ -192,16 +190,20 @@ def render(who: Whoami) -> str:
         lines.append(f"trust store  {trust.path or '-'}: {trust.error}")
     else:
         lines.append(f"trust store  {trust.path}: version {trust.version}, sha256 {trust.sha256[:16]}, "
-                     f"{trust.keys} key(s); version floor here {trust.floor}")
+                     f"{trust.keys} key(s); highest version accepted on this node: {trust.floor}")
         lines.extend(f"  role {name}: {', '.join(role['classes'])}; kinds {', '.join(role['kinds'])}; "
                      f"threshold {role['threshold']}; signers {', '.join(role['signers']) or 'none'}"
                      for name, role in trust.roles.items())
         if not trust.roles:
-            lines.append(f"  no role names {who.executor_id}")
+            lines.append(f"  no role names {who.executor_id}" if not who.executor_id.endswith("@?") else
+                         "  the audience is not known (Proxmox unreachable, executor_id unset): roles not matched")
     held = "locked by a running daemon" if journal.locked else "not locked (no daemon running on it)"
     if journal.readable:
         counts = ", ".join(f"{n} {what}" for what, n in journal.counts.items()) or "empty"
         lines.append(f"state dir    {journal.state_dir}: {held}; {journal.in_flight} in flight; {counts}")
+    elif not journal.exists:
+        lines.append(f"state dir    {journal.state_dir}: does not exist yet (the daemon creates it at its first "
+                     "start; or is --state-dir mistyped?)")
     else:
         lines.append(f"state dir    {journal.state_dir}: {journal.error}")
     lines.extend(f"PROBLEM: {p}" for p in who.problems)
