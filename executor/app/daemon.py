@@ -71,8 +71,8 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
     parts = build(settings, conn, desired, journal, metrics)
     desk = parts.desk
     if desk is not None:  # always, for the daemon: build makes one
+        # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).
         reload_on_hangup(desk, lambda: warn_if_unnamed(desk, parts.engine.gate.audience))
-        warn_if_unnamed(desk, parts.engine.gate.audience)
     if parts.engine.journal is not None:
         parts.engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
     try:
@@ -134,7 +134,8 @@ def journal_or_refuse(state_dir: str) -> Journal | None:
 
 
 def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> threading.Thread:
-    """SIGHUP reloads the trust store at once (a bad file keeps the last good store), then calls ``then``.
+    """SIGHUP reloads the trust store at once (a bad file keeps the last good store), then calls ``then`` (also
+    once at the start).
 
     The handler only sets an event: I/O or logging inside a signal handler could raise in, or deadlock,
     whatever the main thread was doing. A thread of its own waits for it, so a reload comes at once,
@@ -143,6 +144,7 @@ def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> t
     hangup = threading.Event()
 
     def reloader() -> None:
+        then()
         while True:
             hangup.wait()
             hangup.clear()
