@@ -29,5 +29,5 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> MetricsEndpoint:
     try:
         server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     except OSError as exc:
-        raise bind_error(listen, exc) from None
+        raise bind_error(listen, exc) from exc
     return MetricsEndpoint(server, int(server.server_port))

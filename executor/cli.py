@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     """Flags; every setting also comes from the TOML file or a PVE_EXECUTOR_* variable."""
     top = argparse.ArgumentParser(prog="pve-executor", description="pve-reconcile node executor", epilog=EXIT_CODES)
     add_version(top, "pve-executor")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
+    sub = top.add_subparsers(dest="command", required=True, metavar="<command>",
                              help="run | plan | whoami | selftest | clock-reset | keys | trust | pending | op")
     run = _command(sub, "run", "converge this node: recover, then tick every --interval (one executor per "
                                "state directory: a second one refuses to start)")

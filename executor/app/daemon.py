@@ -97,7 +97,7 @@ def _listen(settings: ExecutorSettings, parts: Parts, metrics: ExecutorMetrics,
     try:
         endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
     except OSError as exc:
-        raise OSError(exc.errno, f"metrics_listen: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"metrics_listen: {exc.strerror or exc}") from exc
     if endpoint is not None and settings.metrics_listen:
         log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
     try:
@@ -105,7 +105,7 @@ def _listen(settings: ExecutorSettings, parts: Parts, metrics: ExecutorMetrics,
     except OSError as exc:
         if endpoint is not None:
             endpoint.stop()
-        raise OSError(exc.errno, f"listen: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"listen: {exc.strerror or exc}") from exc
     if api is not None and parts.engine.recovering.is_set():
         api.set_serving(False)
     return api, endpoint
@@ -148,7 +148,7 @@ def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> t
         while True:
             hangup.wait()
             hangup.clear()
-            log.info("trust_store_reload", cause="SIGHUP")
+            log.info("trust_store_reload", cause=signal.SIGHUP.name)
             desk.reload()
             then()
 

@@ -75,7 +75,7 @@ def roles_naming(store: TrustStore, audience: str) -> dict[str, Role]:
 def lock_held(state_dir: Path) -> bool:
     """Whether a process (a running daemon) holds the journal's lock; never creates the lock file."""
     try:
-        fd = os.open(state_dir / "LOCK", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(state_dir / segments.LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
