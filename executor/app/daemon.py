@@ -143,14 +143,20 @@ def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> t
     """
     hangup = threading.Event()
 
+    def guarded(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # a bug here must not end the thread: the next SIGHUP still reloads
+            log.exception("trust_store_reload_crashed")
+
     def reloader() -> None:
-        then()
+        guarded(then)
         while True:
             hangup.wait()
             hangup.clear()
             log.info("trust_store_reload", cause=signal.SIGHUP.name)
-            desk.reload()
-            then()
+            guarded(desk.reload)
+            guarded(then)
 
     thread = threading.Thread(target=reloader, name="sighup-reload", daemon=True)
     thread.start()
