@@ -6,7 +6,10 @@ HOST:PORT binds TCP as before.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import socket
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.callers import CallerInterceptor
-from common.config import ConfigError
+from common.config import Config, ConfigError
 from common.unixfront import UnixFront
 
 
@@ -83,6 +86,48 @@ def socket_path(listen: str) -> str | None:
         return None
     path = listen.removeprefix("unix:")
     return path[2:] if path.startswith("//") else path
+
+
+def listen_problem(listen: str, *, unix: bool = True) -> str | None:
+    """What is wrong with a listen address (None: HOST:PORT, or ``unix:PATH`` when ``unix``)."""
+    if socket_path(listen) is not None:
+        return None if unix else f"{listen!r}: a Unix socket is not possible here; give HOST:PORT"
+    host, colon, port = listen.rpartition(":")
+    if not colon or not port:
+        return f"{listen!r} has no port: give HOST:PORT, e.g. {listen.rstrip(':') or '127.0.0.1'}:50051"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"{listen!r}: an IPv6 host goes in brackets, e.g. [::1]:50051"
+    if not port.isdigit() or int(port) > 65535:
+        return f"{listen!r}: the port must be a number from 0 to 65535, got {port!r}"
+    return None
+
+
+def check_listen(config: Config, keys: Sequence[str], *, unix: Sequence[str] = ()) -> None:
+    """ConfigError naming the setting and where it came from (e.g. ``--listen``) for a bad address among ``keys``."""
+    for key in keys:
+        value = config.values.get(key)
+        if value:
+            problem = listen_problem(str(value), unix=key in unix)
+            if problem is not None:
+                raise ConfigError(key, problem, config.sources.get(key, ""))
+
+
+def bind_error(listen: str, cause: OSError | None = None) -> OSError:
+    """An OSError that says in one line why ``listen`` cannot be bound ("address in use", ...)."""
+    if cause is None and socket_path(listen) is None:
+        host, _, port = listen.rpartition(":")
+        try:  # gRPC does not say why a bind failed: ask the kernel the same question
+            family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            cause = exc
+        except ValueError:
+            pass
+    code = cause.errno if cause is not None and cause.errno else errno.EADDRNOTAVAIL
+    reason = "address in use" if code == errno.EADDRINUSE else (
+        os.strerror(code).lower() if cause is not None and cause.errno else "cannot bind")
+    return OSError(code, f"cannot listen on {listen}: {reason}")
 
 
 def is_loopback(listen: str) -> bool:
@@ -165,6 +210,6 @@ def _serve(backend: str | None, listen: str, register: Callable[[grpc.Server], N
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot bind {listen}")
+        raise bind_error(listen)
     server.start()
     return Running(server, port, health_servicer, tuple(service_names), front)

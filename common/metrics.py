@@ -7,6 +7,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from common.grpcserver import bind_error
+
 
 @dataclass(frozen=True, slots=True)
 class MetricsEndpoint:
@@ -22,7 +24,10 @@ class MetricsEndpoint:
 
 
 def serve_metrics(listen: str, registry: CollectorRegistry) -> MetricsEndpoint:
-    """Serve ``registry`` at http://HOST:PORT/metrics (port 0 picks one)."""
+    """Serve ``registry`` at http://HOST:PORT/metrics (port 0 picks one); OSError "cannot listen on ..." if taken."""
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise bind_error(listen, exc) from exc
     return MetricsEndpoint(server, int(server.server_port))

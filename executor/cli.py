@@ -1,4 +1,4 @@
-"""``pve-executor``: the node daemon (run), a dry run (plan) and a round-trip check (selftest)."""
+"""``pve-executor``: the node daemon (run), a dry run (plan), who it is (whoami), a round-trip check (selftest)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from collections.abc import Sequence
 
 from common import logs
 from common.config import ConfigError, Option, add_flags, resolve
+from common.grpcserver import check_listen
+from common.version import EXIT_CODES, add_version
 from executor.app.connect import connection
 from executor.config import CONNECTION, ENV_PREFIX, EXTRAS, PLAN, RUN, STATE, ExecutorSettings
 from executor.pve.node import PveError
 from opctl import cli as opcli
 
-PLAN_EXIT_CODES = """exit codes:
-  0  nothing to change: the node matches the desired state
+ALL = (*CONNECTION, *RUN)
+STATE_DIR = tuple(o for o in RUN if o.key == "state_dir")
+WHOAMI = (*CONNECTION, *(o for o in RUN if o.key in ("state_dir", "trust_store", "executor_id")))
+# The settings each command reads (the one config file holds them all: each command skips the others').
+OPTIONS: dict[str, tuple[Option, ...]] = {"run": ALL, "plan": (*CONNECTION, *PLAN), "whoami": WHOAMI,
+                                          "selftest": (*CONNECTION, *STATE_DIR), "clock-reset": STATE}
+ALIASES = {"status": "whoami"}
+PLAN_EXIT_CODES = """exit codes: 0 nothing to change: the node matches the desired state
   1  Proxmox or the planner failed
   2  a bad flag, config or desired file (each mistake named with file:line; nothing planned)
   3  changes to make: `run` would make them
@@ -23,24 +31,35 @@ PLAN_EXIT_CODES = """exit codes:
 colour only on a terminal, never when NO_COLOR is set"""
 
 
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str,
+             aliases: Sequence[str] = (), exit_codes: str = EXIT_CODES) -> argparse.ArgumentParser:
+    """A subcommand with its settings' flags and the exit codes in its ``--help``."""
+    command = sub.add_parser(name, help=summary, description=summary, epilog=exit_codes, aliases=list(aliases),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(command, OPTIONS[name], ENV_PREFIX)
+    return command
+
+
 def parser() -> argparse.ArgumentParser:
     """Flags; every setting also comes from the TOML file or a PVE_EXECUTOR_* variable."""
-    top = argparse.ArgumentParser(prog="pve-executor", description="pve-reconcile node executor")
-    sub = top.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="converge this node: recover, then tick every --interval")
-    add_flags(run, (*CONNECTION, *RUN), ENV_PREFIX)
+    top = argparse.ArgumentParser(prog="pve-executor", description="pve-reconcile node executor", epilog=EXIT_CODES)
+    add_version(top, "pve-executor")
+    sub = top.add_subparsers(dest="command", required=True, metavar="<command>",
+                             help="run | plan | whoami | selftest | clock-reset | keys | trust | pending | op")
+    run = _command(sub, "run", "converge this node: recover, then tick every --interval (one executor per "
+                               "state directory: a second one refuses to start)")
     run.add_argument("--once", action="store_true", help="recover, run one tick, wait for it, exit (1 if it failed)")
-    plan = sub.add_parser("plan", help="dry run: show what would change, mutate nothing", epilog=PLAN_EXIT_CODES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(plan, (*CONNECTION, *PLAN), ENV_PREFIX)
+    plan = _command(sub, "plan", "dry run: show what would change, mutate nothing", exit_codes=PLAN_EXIT_CODES)
     plan.add_argument("--json", action="store_true",
-                      help="the plan as JSON: steps, pending, skipped, elsewhere, summary, exit_code")
-    check = sub.add_parser("selftest", help="write a description to a scratch guest, read it back, restore it")
-    add_flags(check, CONNECTION, ENV_PREFIX)
+                      help="the plan as JSON: steps, pending, skipped, elsewhere, staged, summary, exit_code")
+    who = _command(sub, "whoami", "this executor's audience (executor_id), trust store and the roles naming it, "
+                                  "state directory and journal, Proxmox reachability; exit 1 if something is wrong",
+                   aliases=("status",))
+    who.add_argument("--json", action="store_true", help="the report as JSON")
+    check = _command(sub, "selftest", "write a description to a scratch guest, read it back, restore it")
     check.add_argument("--vmid", type=int, required=True, help="a scratch guest whose description may be changed")
-    reset = sub.add_parser("clock-reset", help="after a clock that ran ahead (daemon stopped): let the gate's clock "
-                                               "follow the wall clock again; ops signed before now are refused")
-    add_flags(reset, STATE, ENV_PREFIX)
+    _command(sub, "clock-reset", "after a clock that ran ahead (daemon stopped): let the gate's clock "
+                                 "follow the wall clock again; ops signed before now are refused")
     opcli.add_parsers(sub)
     return top
 
@@ -50,25 +69,29 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit 
     args = parser().parse_args(argv)
     if args.command in opcli.COMMANDS:  # the operator's commands talk to the executor API, never to Proxmox
         return opcli.main(args)
-    options: tuple[Option, ...] = (*CONNECTION, *RUN) if args.command == "run" else CONNECTION
+    command = ALIASES.get(args.command, args.command)
     from executor.app import daemon  # noqa: PLC0415 (keeps `--help` fast)
 
-    options = {"plan": (*CONNECTION, *PLAN), "clock-reset": STATE}.get(args.command, options)
     try:
-        config = resolve(options, args, ENV_PREFIX, others={o.key for o in (*CONNECTION, *RUN)})
+        config = resolve(OPTIONS[command], args, ENV_PREFIX, others={o.key for o in ALL})
+        check_listen(config, ("listen", "metrics_listen"), unix=("listen",))
         settings = ExecutorSettings.from_config(config, **{k: v for k, v in vars(args).items() if k in EXTRAS})
         if args.print_config:
             print(config.render())
             return 0
         logs.configure(settings.log_format)
-        if args.command == "clock-reset":
+        if command == "clock-reset":
             return daemon.reset_clock(settings)
-        if args.command == "plan":
+        if command == "plan":
             from executor.app import dryrun  # noqa: PLC0415 (keeps `--help` fast)
 
             return dryrun.show_plan(settings)
         conn = connection(settings)
-        if args.command == "selftest":
+        if command == "whoami":
+            from executor.app import whoami  # noqa: PLC0415 (keeps `--help` fast)
+
+            return whoami.run_whoami(settings, conn)
+        if command == "selftest":
             return daemon.run_selftest(settings, conn)
         return daemon.run(settings, conn)
     except ConfigError as exc:

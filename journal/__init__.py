@@ -16,6 +16,7 @@ from journal.errors import (
     JournalClosedError,
     JournalCorruptError,
     JournalError,
+    JournalInUseError,
     JournalOpenError,
     JournalWriteError,
     KeyInFlightError,
@@ -28,7 +29,7 @@ from journal.store import Journal
 
 __all__ = [
     "BURN_PREFIX", "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",
-    "InFlight", "Journal", "JournalClosedError", "JournalCorruptError", "JournalError", "JournalOpenError",
-    "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError", "Record",
-    "RefusalRecord", "TaskStarted", "is_burn_key",
+    "InFlight", "Journal", "JournalClosedError", "JournalCorruptError", "JournalError", "JournalInUseError",
+    "JournalOpenError", "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError",
+    "Record", "RefusalRecord", "TaskStarted", "is_burn_key",
 ]

@@ -13,6 +13,10 @@ class JournalOpenError(JournalError):
     """The journal cannot be opened (unwritable directory, disk full...): run journal-less."""
 
 
+class JournalInUseError(JournalOpenError):
+    """Another process (a running executor) holds the journal's lock."""
+
+
 class JournalCorruptError(JournalOpenError):
     """A damaged record with valid records after it: never skipped silently.
 

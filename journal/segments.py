@@ -20,6 +20,7 @@ from journal.records import Body, scan
 PREFIX, SUFFIX, TMP = "journal-", ".log", ".tmp"
 PROBE_BYTES = 64 * 1024
 PREALLOCATE_BYTES = 1024 * 1024
+LOCK_FILE = "LOCK"  # the file a running executor holds an exclusive flock on
 
 
 def name(sequence: int) -> str:
@@ -45,7 +46,7 @@ def close_quietly(fd: int) -> None:
 
 def lock(directory: Path) -> int:
     """Take the directory's exclusive lock (BlockingIOError when another process holds it)."""
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

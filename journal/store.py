@@ -20,6 +20,7 @@ from journal.errors import (
     IdempotencyConflictError,
     JournalClosedError,
     JournalError,
+    JournalInUseError,
     JournalOpenError,
     JournalWriteError,
 )
@@ -84,7 +85,7 @@ class Journal:
             segment = segments.ActiveSegment.open(path, sequence)
         except BlockingIOError as exc:
             segments.close_quietly(lock_fd)
-            raise JournalOpenError(f"journal {path} is in use by another process") from exc
+            raise JournalInUseError(f"journal {path} is in use by another process") from exc
         except OSError as exc:
             segments.close_quietly(lock_fd)
             raise JournalOpenError(f"cannot open journal {path}: {exc.strerror or exc}") from exc

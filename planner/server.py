@@ -60,7 +60,11 @@ def start(listen: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, wo
                ("grpc.max_send_message_length", max_message_bytes)]
     running = grpcserver.start(listen, lambda server: add_planner(server, PlannerServicer(metrics)), (SERVICE_NAME,),
                                tls=tls, workers=workers, options=options)
-    endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
+    try:
+        endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
+    except OSError:
+        running.stop(0)  # the gRPC port is released before the caller reports the taken one
+        raise
     host = listen.rsplit(":", 1)[0]
     log.info("planner_listening", address=f"{host}:{running.port}", tls=tls is not None,
              mutual_tls=bool(tls and tls.client_ca), max_message_bytes=max_message_bytes,

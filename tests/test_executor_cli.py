@@ -109,7 +109,7 @@ def test_selftest_round_trips_a_description_and_restores_it(kind: str, fakepve: 
     add = fakepve.add_vm if kind == "qemu" else fakepve.add_ct
     guest = add(150, "scratch", status="stopped", config={"description": "keep me"})
     result = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
-                                tmp_path, "selftest", "--vmid", "150"),
+                                tmp_path, "selftest", "--vmid", "150", "--state-dir", str(tmp_path / "state")),
                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest: ok" in result.stdout and "restored" in result.stdout

@@ -143,7 +143,8 @@ def test_a_guest_with_nothing_staged_shows_no_marker(fakepve: Any, fakepve_cafil
     shown = dry_run(plan_settings(fakepve, fakepve_cafile, planner, tmp_path,
                                   "  - {vmid: 100, config: {memory: 1024}}\n"))
     assert (shown.staged, render(shown, color=False)) == (
-        {}, "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere. The node matches the desired state.")
+        {}, "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere. "
+            "The node matches the desired state.")
 
 
 def test_an_approved_change_that_pve_stages_is_not_listed_again(fakepve: Any, make_engine: Make,

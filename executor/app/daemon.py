@@ -1,11 +1,12 @@
 """The daemon's lifecycle, and the self-test and clock-reset commands (the dry run is ``executor.app.dryrun``).
 
 run: install the signal handlers first (a SIGTERM during start-up or recovery stops cleanly);
-open the journal (journal-less with a loud warning if it cannot open: then only benign actions
-run); serve the API (health NOT_SERVING, Reconcile refused) while recovery resolves in-flight
+open the journal (refuse to start, exit 1, when another daemon holds it: one executor per node;
+journal-less with a loud warning if it cannot open otherwise: then only benign actions run);
+serve the API (health NOT_SERVING, Reconcile refused) while recovery resolves in-flight
 operations; then tick every interval until SIGTERM/SIGINT; then stop ticking, drain the queue
 within the grace period, close the journal. A stop during recovery leaves what is unresolved in
-flight in the journal, for the next start to resolve.
+flight in the journal, for the next start to resolve. SIGHUP reloads the trust store at once.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
-from common.grpcserver import Running
-from common.metrics import serve_metrics
+from common.grpcserver import Running, ServerTls
+from common.metrics import MetricsEndpoint, serve_metrics
 from common.signals import stop_on_signals
 from executor.api.server import start_api
 from executor.app.connect import api_tls
 from executor.app.selftest import selftest
-from executor.app.wiring import build, open_journal, provider
+from executor.app.whoami import roles_naming
+from executor.app.wiring import Parts, build, open_journal, provider
 from executor.config import ExecutorSettings
 from executor.loop.desired import DesiredStateError, EmptyProvider
 from executor.loop.engine import Engine, TickOutcome
@@ -32,7 +36,7 @@ from executor.metrics import ExecutorMetrics
 from executor.pve.node import Connection, PveReader
 from executor.signed.clock import clock_reset
 from executor.signed.desk import OpDesk
-from journal import Journal, JournalOpenError
+from journal import Journal, JournalInUseError, JournalOpenError
 
 log = structlog.get_logger("executor.daemon")
 
@@ -58,33 +62,27 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         return 2
     tls = api_tls(settings)
     metrics = ExecutorMetrics()
-    parts = build(settings, conn, desired, open_journal(settings.state_dir), metrics)
-    engine = parts.engine
-    endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
-    if endpoint is not None and settings.metrics_listen:
-        log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
-    if engine.journal is not None:
-        engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
     try:
-        api = None if settings.once else start_api(engine, settings.listen, tls=tls, desk=parts.desk)
+        journal = journal_or_refuse(settings.state_dir)
+    except JournalInUseError as exc:  # one executor per node: never a second one running benign-only beside it
+        print(f"pve-executor: {exc}: another pve-executor runs on this state directory ({settings.state_dir}); "
+              "stop it first, or give this one its own --state-dir", file=sys.stderr)
+        return 1
+    parts = build(settings, conn, desired, journal, metrics)
+    desk = parts.desk
+    if desk is not None:  # always, for the daemon: build makes one
+        # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).
+        reload_on_hangup(desk, lambda: warn_if_unnamed(desk, parts.engine.gate.audience))
+    if parts.engine.journal is not None:
+        parts.engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
+    try:
+        api, endpoint = _listen(settings, parts, metrics, tls)
     except OSError as exc:  # a live daemon on the socket, a port taken: one line, no traceback
-        print(f"pve-executor: listen: {exc}", file=sys.stderr)
+        print(f"pve-executor: {exc.strerror or exc}", file=sys.stderr)
         parts.close(0)
-        if endpoint is not None:
-            endpoint.stop()
-        return 2
-    if api is not None and engine.recovering.is_set():
-        api.set_serving(False)
-    if parts.desk is not None:  # always, for the daemon: build makes one
-        reload_on_hangup(parts.desk)
+        return 1
     try:
-        if not _recover(engine, parts.reader, api, stop):
-            return 0 if stop.is_set() else 1
-        if settings.once:
-            summary = engine.tick(wait=True)
-            return 0 if summary.outcome is TickOutcome.OK else 1
-        _loop(engine, stop, settings.interval)
-        return 0
+        return _serve(settings, parts, api, stop)
     finally:
         if api is not None:
             api.stop(5.0)
@@ -93,13 +91,95 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
             endpoint.stop()
 
 
-def reload_on_hangup(desk: OpDesk) -> None:
-    """SIGHUP reloads the trust store at the next tick (a bad file keeps the last good store).
+def _listen(settings: ExecutorSettings, parts: Parts, metrics: ExecutorMetrics,
+            tls: ServerTls | None) -> tuple[Running | None, MetricsEndpoint | None]:
+    """The metrics endpoint and the API (none with --once); OSError "listen: cannot listen on ..." naming the flag."""
+    try:
+        endpoint = serve_metrics(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
+    except OSError as exc:
+        raise OSError(exc.errno, f"metrics_listen: {exc.strerror or exc}") from exc
+    if endpoint is not None and settings.metrics_listen:
+        log.info("metrics_listening", address=f"{settings.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}")
+    try:
+        api = None if settings.once else start_api(parts.engine, settings.listen, tls=tls, desk=parts.desk)
+    except OSError as exc:
+        if endpoint is not None:
+            endpoint.stop()
+        raise OSError(exc.errno, f"listen: {exc.strerror or exc}") from exc
+    if api is not None and parts.engine.recovering.is_set():
+        api.set_serving(False)
+    return api, endpoint
 
-    The handler only sets a flag: I/O or logging inside a signal handler could raise in, or deadlock,
-    whatever the main thread was doing.
+
+def _serve(settings: ExecutorSettings, parts: Parts, api: Running | None, stop: threading.Event) -> int:
+    """Recover, then one tick (--once) or a tick every interval until stopped; the exit status."""
+    engine = parts.engine
+    if not _recover(engine, parts.reader, api, stop):
+        return 0 if stop.is_set() else 1
+    if settings.once:
+        summary = engine.tick(wait=True)
+        return 0 if summary.outcome is TickOutcome.OK else 1
+    _loop(engine, stop, settings.interval)
+    return 0
+
+
+def journal_or_refuse(state_dir: str) -> Journal | None:
+    """The journal; None (benign actions only, loudly) when it cannot open; JournalInUseError when a daemon holds it."""
+    try:
+        return Journal.open(state_dir)
+    except JournalInUseError:
+        raise
+    except JournalOpenError:
+        return open_journal(state_dir)  # logs why, and what runs without it
+
+
+def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> threading.Thread:
+    """SIGHUP reloads the trust store at once (a bad file keeps the last good store), then calls ``then`` (also
+    once at the start).
+
+    The handler only sets an event: I/O or logging inside a signal handler could raise in, or deadlock,
+    whatever the main thread was doing. A thread of its own waits for it, so a reload comes at once,
+    not after the interval the main thread sleeps (nor after a long recovery).
     """
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: desk.hang_up())
+    hangup = threading.Event()
+
+    def guarded(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # a bug here must not end the thread: the next SIGHUP still reloads
+            log.exception("trust_store_reload_crashed")
+
+    def reloader() -> None:
+        guarded(then)
+        while True:
+            hangup.wait()
+            hangup.clear()
+            log.info("trust_store_reload", cause=signal.SIGHUP.name)
+            guarded(desk.reload)
+            guarded(then)
+
+    thread = threading.Thread(target=reloader, name="sighup-reload", daemon=True)
+    thread.start()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hangup.set())
+    return thread
+
+
+def warn_if_unnamed(desk: OpDesk, audience: Callable[[], str]) -> None:
+    """Warn (log and stderr) when no role of the trust store names this executor's audience: nothing could be approved.
+
+    Silent while the audience is not known (Proxmox unreachable and no executor_id: ``node@``).
+    """
+    store = desk.trust.current()
+    if store is None:
+        return
+    name = audience()
+    if name.endswith("@") or roles_naming(store, name):
+        return
+    log.warning("trust_store_names_no_role_for_audience", audience=name, trust_store=store.path,
+                roles=sorted(store.roles), consequence="no signed op can ever be approved here")
+    print(f"pve-executor: warning: no role of the trust store {store.path} names this executor's audience {name!r}: "
+          "no signed op can ever be approved here; add it to a role's audiences (pve-executor whoami shows them)",
+          file=sys.stderr, flush=True)
 
 
 def _recover(engine: Engine, reader: PveReader, api: Running | None, stop: threading.Event) -> bool:
@@ -123,7 +203,13 @@ def _recover(engine: Engine, reader: PveReader, api: Running | None, stop: threa
 
 
 def reset_clock(settings: ExecutorSettings) -> int:
-    """``pve-executor clock-reset``: the daemon must be stopped (the journal's lock says so)."""
+    """``pve-executor clock-reset``: the daemon must be stopped (the journal's lock says so).
+
+    A state directory that does not exist is a mistyped one: exit 2, never a new empty journal.
+    """
+    if not Path(settings.state_dir).is_dir():
+        print(f"pve-executor: clock-reset: state_dir: {settings.state_dir}: no such directory", file=sys.stderr)
+        return 2
     try:
         journal = Journal.open(settings.state_dir)
     except JournalOpenError as exc:

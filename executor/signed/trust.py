@@ -8,6 +8,7 @@ older version, or the same version with other content, as a running daemon does.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import structlog
@@ -24,6 +25,7 @@ class TrustKeeper:
     def __init__(self, path: str | None, state_dir: str) -> None:
         self._version_file = Path(state_dir) / "trust.version"
         self._stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # a SIGHUP's reload (its own thread) and a tick's may coincide
         self.holder: TrustStoreHolder | None = None
         if path:
             version, sha256 = self._floor()
@@ -50,6 +52,11 @@ class TrustKeeper:
         """Load the file again; remember what was accepted."""
         if self.holder is None:
             return
+        with self._lock:
+            self._reload()
+
+    def _reload(self) -> None:
+        assert self.holder is not None
         self._stamp = self._file_stamp()
         error = self.holder.reload()
         if error is not None:
