@@ -232,9 +232,11 @@ def test_submit_sends_the_bytes_as_signed(api: Api, capsys: pytest.CaptureFixtur
 
     api.servicer.answers["SubmitOp"] = decide
     path, payload = _envelope(tmp_path)
-    assert run(capsys, "op", "submit", *api.flags, str(path)) == (0, f"accepted op {OP_ID}\n", "")
-    code, out, _ = run(capsys, "op", "submit", *api.flags, str(path))
+    assert run(capsys, "op", "submit", *api.flags, str(path)) == (
+        0, f"accepted: {OP_ID} (queued; see `pve-executor op status {OP_ID} --wait`)\n", "")
+    code, out, err = run(capsys, "op", "submit", *api.flags, str(path))
     assert (code, out) == (1, f"refused op {OP_ID}: NONCE_SPENT: this signed op was already used\n")
+    assert "what to do: this signed op was already used: an op runs once" in err
     sent = api.sent("SubmitOp")[0].op
     assert (sent.payload_type, sent.payload) == (signedop.PAYLOAD_TYPE, payload)
     assert [s.keyid for s in sent.signatures] == [signedop.sign(payload, private(n)).keyid for n in ("alice", "bob")]

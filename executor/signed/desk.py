@@ -75,6 +75,18 @@ class IssuedProposal:
     before: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitingOp:
+    """A signed op accepted and not yet run; ``locked``: a lock held it back, retried each tick until not_after."""
+
+    op_id: str
+    vmid: int
+    kind: str
+    not_after: int
+    locked: bool
+    signers: tuple[str, ...]
+
+
 class Funnel(Protocol):
     """The single entry of every mutation (``executor.loop.funnel.Funnel`` is it): the gate admits, the queue runs."""
 
@@ -283,6 +295,13 @@ class OpDesk:
         """Guests with an accepted op not yet run: left out of planning, like a busy guest."""
         with self._lock:
             return {op.payload.vmid for op in self._accepted.values()}
+
+    def waiting(self) -> list[WaitingOp]:
+        """Signed ops accepted and not yet run (``op status``): queued in their lane, or held back by a lock."""
+        with self._lock:
+            return [WaitingOp(op_id=op.payload.op_id, vmid=op.payload.vmid, kind=op.payload.kind,
+                              not_after=op.payload.not_after, locked=key in self._retry, signers=op.signers)
+                    for key, op in self._accepted.items()]
 
     def accepted(self) -> int:
         """Signed ops accepted and not yet run."""

@@ -49,6 +49,10 @@ class ExecutorServiceStub:
     """
     RevokeOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+    GetOpStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetOpStatusRequest, _executor_pb2.GetOpStatusResponse]
+    """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+    NOT_FOUND for an op id this executor has no trace of. Reads only.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -71,6 +75,10 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """
     RevokeOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]  # type: ignore[assignment]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+    GetOpStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetOpStatusRequest, _executor_pb2.GetOpStatusResponse]  # type: ignore[assignment]
+    """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+    NOT_FOUND for an op id this executor has no trace of. Reads only.
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The node daemon's control and status API (loopback-only by default: Reconcile mutates)."""
@@ -132,5 +140,15 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.RevokeOpResponse, _abc.Awaitable[_executor_pb2.RevokeOpResponse]]:
         """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+
+    @_abc_1.abstractmethod
+    def GetOpStatus(
+        self,
+        request: _executor_pb2.GetOpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.GetOpStatusResponse, _abc.Awaitable[_executor_pb2.GetOpStatusResponse]]:
+        """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+        NOT_FOUND for an op id this executor has no trace of. Reads only.
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
