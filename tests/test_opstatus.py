@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from structlog.testing import capture_logs
 
 from executor.api.server import start_api
 from executor.v1 import executor_pb2 as epb
@@ -34,7 +35,7 @@ from tests.signed_helpers import (
     signed_by,
     unsigned_of,
 )
-from tests.signing import private
+from tests.signing import kid, private
 
 DESTROY = ("guest.destroy", "purge=false", "destroy_unreferenced_disks=false")
 
@@ -143,6 +144,21 @@ def test_an_op_waiting_in_its_lane_is_waiting_then_ran(make_engine: Any, fakepve
         api.stop(0)
 
 
+def test_a_threshold_refusal_is_logged_with_what_it_lacked(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """op_refused for THRESHOLD_NOT_MET names the guest, kind, op id, role, key ids, and have/need."""
+    add_vm(fakepve, 109)
+    desk = open_desk(make_engine, tmp_path)
+    envelope = desk.sign(unsigned_of(desk.propose(109, "config.disk_detach", set={}, delete=["scsi1"], force=False)),
+                         "alice", role="destroyer")
+    op_id = json.loads(envelope.payload)["op_id"]
+    with capture_logs() as logs:
+        assert desk.submit(envelope)[1] is not None
+    (event,) = [e for e in logs if e["event"] == "op_refused"]
+    assert {k: event.get(k) for k in ("reason", "vmid", "op_kind", "op_id", "role", "keyids", "have", "need")} == {
+        "reason": "THRESHOLD_NOT_MET", "vmid": 109, "op_kind": "config.disk_detach", "op_id": op_id,
+        "role": "destroyer", "keyids": [kid("alice")], "have": 1, "need": 2}
+
+
 def test_propose_refuses_to_detach_a_disk_the_guest_lacks(fakepve: Any, fakepve_cafile: str,
                                                           planner: server.Running, tmp_path: Path) -> None:
     """A detach of a key the guest's config does not hold is refused at propose, naming the param (exit 1)."""
@@ -154,4 +170,5 @@ def test_propose_refuses_to_detach_a_disk_the_guest_lacks(fakepve: Any, fakepve_
                                   cwd=tmp_path, api=port))
     assert result.returncode == 1, result
     assert result.stdout == ""
-    assert "params.delete: guest 108 has no scsi7" in result.stderr, result.stderr
+    assert "INVALID_ARGUMENT: MALFORMED: params.delete: guest 108 has no scsi7: nothing to detach" in result.stderr, \
+        result.stderr
