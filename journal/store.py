@@ -22,6 +22,7 @@ from journal.errors import (
     JournalError,
     JournalOpenError,
     JournalWriteError,
+    KeyInFlightError,
 )
 from journal.records import (
     BEGUN_PAYLOAD,

@@ -3,7 +3,9 @@
 None of them talks to Proxmox: the offline ones (``keys generate``, ``trust check``, ``op sign``,
 ``op cosign``, ``op verify``) read and write files; the others call the executor API. Exit status:
 0 done, 1 refused (by the executor, the gate, or the signer who typed another vmid) or the API failed,
-2 bad input or an op that does not verify.
+2 bad input or an op that does not verify; ``op status`` (and ``op submit --wait``) 3 when the op is
+still waiting or running. A reader that closes the pipe early (``| head -1``) ends the command quietly
+with 141, as SIGPIPE ends a shell tool.
 """
 
 from __future__ import annotations

@@ -127,13 +127,14 @@ def show(status: pb.OpStatus, *, as_json: bool) -> int:
 def fetch(api: pb_grpc.ExecutorServiceStub, op_id: str, timeout: float) -> pb.OpStatus:
     """GetOpStatus for one op (OpError, exit 1, when the executor has no trace of it)."""
     try:
-        response = api.GetOpStatus(pb.GetOpStatusRequest(op_id=op_id), timeout=timeout)
+        response: pb.GetOpStatusResponse = api.GetOpStatus(pb.GetOpStatusRequest(op_id=op_id), timeout=timeout)
     except grpc.RpcError as exc:
         if getattr(exc, "code", lambda: None)() == grpc.StatusCode.NOT_FOUND:
             raise OpError(str(getattr(exc, "details", lambda: "")()) or f"op {op_id}: not found", code=1) from exc
         raise
-    (status,) = response.ops
-    return status
+    if len(response.ops) != 1:
+        raise OpError(f"the executor answered {len(response.ops)} ops for op {op_id}, not one", code=1)
+    return response.ops[0]
 
 
 def wait(api: pb_grpc.ExecutorServiceStub, op_id: str, *, timeout: float, call_timeout: float) -> pb.OpStatus:

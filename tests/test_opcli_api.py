@@ -74,6 +74,10 @@ class StandIn(pb_grpc.ExecutorServiceServicer):
         """Canned."""
         return self._answer("ListOperations", request, context)
 
+    def GetOpStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Canned."""
+        return self._answer("GetOpStatus", request, context)
+
 
 @dataclass(frozen=True, slots=True)
 class Api:

@@ -39,8 +39,8 @@ from journal import BURN_PREFIX, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
-from safety.refusal import RefusalReason, Refused
 from safety.payload import parse_payload
+from safety.refusal import RefusalReason, Refused
 from safety.signedop import MAX_SKEW, SIGNER_BACKDATE, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStore, TrustStoreHolder
 
@@ -165,8 +165,9 @@ class OpDesk:
             raise Refused(RefusalReason.MALFORMED, problem)
         absent = sorted(set(step.delete) - set(config))
         if absent:  # a detach of a disk the guest lacks: nothing to sign, and a typo must not look signed-for
+            verb = "detach" if kind == "config.disk_detach" else "delete"
             raise Refused(RefusalReason.MALFORMED, f"params.delete: guest {vmid} has no {', '.join(absent)}: "
-                                                   f"nothing to {'detach' if kind == 'config.disk_detach' else 'delete'}")
+                                                   f"nothing to {verb}")
         action = descriptor(step, verdict, facts, gate.audience(), cls)
         challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
         return IssuedProposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,

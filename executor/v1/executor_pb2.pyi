@@ -557,7 +557,7 @@ class Operation(_message.Message):
     SIGNERS_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
-    """Journal id."""
+    """Journal id: for a signed operation, its own op_id (as op sign, op submit and the log name it)."""
     vmid: _builtins.int
     """Guest id."""
     kind: _builtins.str

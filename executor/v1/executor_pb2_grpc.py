@@ -118,7 +118,7 @@ class ExecutorServiceServicer:
 
     def SubmitOp(self, request, context):
         """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,7 @@ class ExecutorServiceStub:
     """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
     SubmitOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]
     """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
     """
     RevokeOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
@@ -71,7 +71,7 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
     SubmitOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]  # type: ignore[assignment]
     """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
     """
     RevokeOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]  # type: ignore[assignment]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
@@ -130,7 +130,7 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.SubmitOpResponse, _abc.Awaitable[_executor_pb2.SubmitOpResponse]]:
         """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
         """
 
     @_abc_1.abstractmethod
