@@ -169,7 +169,7 @@ def _decision(op_id: str, decision: str, refusal: pb.Refusal, done: str) -> int:
     named = op_id or refusal.op_id  # empty when refused before a signature held
     reason = reason_name(refusal.reason)
     print(f"{decision or 'refused'}{f' op {named}' if named else ''}: {reason}: {refusal.detail}")
-    print(f"what to do: {advice(reason)}", file=sys.stderr)
+    print(f"what to do: {advice(reason, refusal.vmid)}", file=sys.stderr)
     return 1
 
 

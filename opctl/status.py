@@ -28,7 +28,7 @@ POLL = 0.25  # seconds between GetOpStatus calls while waiting (it only reads me
 # What an operator does about each refusal: the reason names what happened, this says what next.
 ADVICE: Mapping[str, str] = {
     "PROTECTED": "the guest has protection=1: clear it with its own signed config.protection_off op "
-                 "(op propose --vmid VMID config.protection_off), then propose this op again",
+                 "(op propose --vmid {vmid} config.protection_off), then propose this op again",
     "LOCKED": "the guest was locked (backup, migration, snapshot): the op waited until it expired; "
               "propose it again once the lock is gone",
     "DIGEST_STALE": "the guest changed since the op was proposed: op propose again and sign the new proposal",
@@ -60,9 +60,10 @@ FATES = {pb.OP_FATE_WAITING: "WAITING", pb.OP_FATE_RUNNING: "RUNNING", pb.OP_FAT
 SETTLED = frozenset({pb.OP_FATE_RAN, pb.OP_FATE_REFUSED, pb.OP_FATE_REVOKED})
 
 
-def advice(reason: str) -> str:
-    """What to do about a refusal ``reason`` (a RefusalReason name)."""
-    return ADVICE.get(reason, "see the detail; docs/SAFETY.md lists every refusal")
+def advice(reason: str, vmid: int | None = None) -> str:
+    """What to do about a refusal ``reason`` (a RefusalReason name) of an op for guest ``vmid``."""
+    text = ADVICE.get(reason, "see the detail; docs/SAFETY.md lists every refusal")
+    return text.replace("{vmid}", str(vmid) if vmid else "VMID")
 
 
 def reason_of(status: pb.OpStatus) -> str:
@@ -86,7 +87,7 @@ def document(status: pb.OpStatus) -> dict[str, object]:
             "fate": FATES.get(status.fate, "UNKNOWN"), "detail": status.detail, "reason": reason or None,
             "outcome": status.outcome or None, "upid": status.upid or None,
             "at_unix_ms": status.at_unix_ms or None, "not_after": status.not_after or None,
-            "signers": list(status.signers), "what_to_do": advice(reason) if reason else None,
+            "signers": list(status.signers), "what_to_do": advice(reason, status.vmid) if reason else None,
             "exit_code": exit_code(status)}
 
 
@@ -114,7 +115,7 @@ def lines(status: pb.OpStatus) -> list[str]:
         out.append(f"  last record {when(status.at_unix_ms / 1000)}")
     reason = reason_of(status)
     if status.fate == pb.OP_FATE_REFUSED and reason:
-        out.append(f"  what to do: {advice(reason)}")
+        out.append(f"  what to do: {advice(reason, status.vmid)}")
     return out
 
 

@@ -85,8 +85,8 @@ def test_a_destroy_the_lane_refuses_protected_and_a_detach_that_runs(
         first, *rest = waited.stdout.splitlines()
         assert first == (f"op {op_id} (guest.destroy on guest 105): REFUSED PROTECTED: guest 105 has protection=1: "
                          "clear it first with its own approved config.protection_off op")
-        assert any(line.startswith("  what to do: the guest has protection=1: clear it with its own signed "
-                                   "config.protection_off op") for line in rest), rest
+        assert "  what to do: the guest has protection=1: clear it with its own signed config.protection_off op " \
+               "(op propose --vmid 105 config.protection_off), then propose this op again" in rest, rest
         assert fakepve.vm(105) is not None
         (as_json,) = done(operator("op", "status", op_id, "--json", cwd=work, api=port))
         assert as_json.returncode == 1
@@ -134,7 +134,7 @@ def test_an_op_waiting_in_its_lane_is_waiting_then_ran(make_engine: Any, fakepve
         now = done(operator("op", "status", op_id, cwd=tmp_path, api=api.port))[0]
         assert now.returncode == 3, now
         assert now.stdout.startswith(f"op {op_id} (config.disk_detach on guest 107): WAITING: queued in guest 107's "
-                                     "lane (")
+                                     "lane behind 1 other job(s)\n")
         short = done(operator("op", "status", op_id, "--wait", "--timeout", "1", cwd=tmp_path, api=api.port))[0]
         assert short.returncode == 3 and "still WAITING after 1s" in short.stderr, short
         held.set()

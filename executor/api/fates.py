@@ -103,7 +103,8 @@ def _waiting(op: WaitingOp, trace: _Trace | None, depth: int) -> pb.OpStatus:
         held = trace.refusal.detail if trace is not None and trace.refusal is not None else "the guest is locked"
         why = f"{held}: retried each tick until it expires"
     else:
-        why = f"queued in guest {op.vmid}'s lane ({depth} job(s) queued or running for it)"
+        ahead = max(0, depth - 1)  # the lane's depth counts this op's own job
+        why = f"queued in guest {op.vmid}'s lane behind {ahead} other job(s)"
     return pb.OpStatus(op_id=op.op_id, vmid=op.vmid, op_kind=op.kind, fate=pb.OP_FATE_WAITING, detail=why,
                        not_after=op.not_after, signers=list(op.signers),
                        at_unix_ms=int(trace.at * 1000) if trace is not None else 0)
