@@ -93,6 +93,13 @@ def _signing(parser: argparse.ArgumentParser, *, role: bool) -> None:
         parser.add_argument("--reason", help="why (a ticket, a sentence); kept in the journal")
 
 
+def _count(text: str) -> int:
+    """``--limit``: 1 to 200."""
+    if not text.isdigit() or not 1 <= int(text) <= 200:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number from 1 to 200")
+    return int(text)
+
+
 def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ops = sub.add_parser("op", help="signed operations").add_subparsers(dest="subcommand", required=True)
     propose = ops.add_parser("propose", help="ProposeOp: the executor describes the op; mutates nothing")
@@ -128,7 +135,8 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="the op's id (op sign and op submit print it); none: the most recent signed ops")
     status.add_argument("--wait", action="store_true", help="wait until it ran or was refused (see --timeout)")
     status.add_argument("--json", action="store_true", help="as JSON")
-    status.add_argument("--limit", type=int, default=20, metavar="N", help="without OP_ID: how many (default 20)")
+    status.add_argument("--limit", type=_count, default=20, metavar="N",
+                        help="without OP_ID: how many, 1-200 (default 20)")
     revoke = ops.add_parser("revoke", help="RevokeOp: a signed op.revoke; the op can then never run")
     revoke.add_argument("op_id", metavar="OP_ID", help="the id of the signed op to veto")
     _signing(revoke, role=True)

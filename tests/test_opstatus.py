@@ -14,11 +14,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from structlog.testing import capture_logs
 
 from executor.api.server import start_api
 from executor.v1 import executor_pb2 as epb
+from executor.v1 import executor_pb2_grpc as epb_grpc
 from opctl.doc import read_proposal
 from planner import server
 from safety import signedop
@@ -137,6 +140,13 @@ def test_an_op_waiting_in_its_lane_is_waiting_then_ran(make_engine: Any, fakepve
                                      "lane behind 1 other job(s)\n")
         short = done(operator("op", "status", op_id, "--wait", "--timeout", "1", cwd=tmp_path, api=api.port))[0]
         assert short.returncode == 3 and "still WAITING after 1s" in short.stderr, short
+        with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+            stub = epb_grpc.ExecutorServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as bad:
+                stub.GetOpStatus(epb.GetOpStatusRequest(op_id="OP"), timeout=10)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "op_id" in str(bad.value.details())
+            (listed,) = stub.GetOpStatus(epb.GetOpStatusRequest(), timeout=10).ops
+            assert (listed.op_id, listed.fate) == (op_id, epb.OP_FATE_WAITING)
         held.set()
         later = done(operator("op", "status", op_id, "--wait", "--timeout", "30", cwd=tmp_path, api=api.port))[0]
         assert later.returncode == 0 and f"op {op_id} (config.disk_detach on guest 107): RAN ok" in later.stdout
