@@ -154,6 +154,31 @@ def test_an_op_waiting_in_its_lane_is_waiting_then_ran(make_engine: Any, fakepve
         api.stop(0)
 
 
+def test_an_op_revoked_while_it_waits_is_revoked(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """An op vetoed (op.revoke) while it waits in its lane never runs: op status says REVOKED, exit 1."""
+    add_vm(fakepve, 110)
+    desk = open_desk(make_engine, tmp_path)
+    api = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
+    try:
+        held = hold_lane(desk, 110)
+        envelope = desk.sign(unsigned_of(desk.propose(110, "config.disk_detach", set={}, delete=["scsi1"],
+                                                      force=False)), "alice", "bob", role="destroyer")
+        op_id, refusal = desk.submit(envelope)
+        assert refusal is None
+        revocation = desk.sign(unsigned_of(desk.propose(110, "op.revoke", op_id=op_id)), "alice", role="operator")
+        assert desk.desk.revoke(revocation) == (op_id, None)
+        held.set()
+        desk.settle()
+        result = done(operator("op", "status", op_id, "--json", cwd=tmp_path, api=api.port))[0]
+        assert result.returncode == 1, result
+        assert {k: fate(result)[k] for k in ("fate", "reason", "vmid")} == {"fate": "REVOKED", "reason": "OP_REVOKED",
+                                                                           "vmid": 110}
+        assert fate(result)["detail"] == f"vetoed by a signed op.revoke (signed by {kid('alice')}): it never runs"
+        assert "scsi1" in fakepve.vm(110).config
+    finally:
+        api.stop(0)
+
+
 def test_a_threshold_refusal_is_logged_with_what_it_lacked(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """op_refused for THRESHOLD_NOT_MET names the guest, kind, op id, role, key ids, and have/need."""
     add_vm(fakepve, 109)

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from executor.signed.auth import revokers
 from executor.signed.desk import WaitingOp
 from executor.v1 import executor_pb2 as pb
 from journal import Begun, Ended, Record, RefusalRecord, TaskStarted
 
 OP_REVOKED = "OP_REVOKED"
+REVOKE = "op.revoke"
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class _Trace:
     at: float = 0.0
     signers: list[str] = field(default_factory=list)
     refusal: RefusalRecord | None = None
+    veto: RefusalRecord | None = None  # a journaled op.revoke naming it: final, whatever the lane said after
     ran_begun: bool = False  # a begun record came after the last refusal (a LOCKED retry that then ran)
 
 
@@ -68,6 +71,8 @@ def traces(records: Iterable[Record]) -> dict[str, _Trace]:
                 trace.vmid = trace.vmid or record.vmid
                 if record.reason != OP_REVOKED:  # a veto's record names the op.revoke, not the op it vetoes
                     trace.kind = trace.kind or record.kind
+                elif record.kind == REVOKE:
+                    trace.veto = record
                 trace.refusal = record
             case _:
                 continue
@@ -90,6 +95,10 @@ def _journaled(trace: _Trace) -> pb.OpStatus:
         status.detail = "its Proxmox call has no definite answer yet" if not trace.upid else "its task is running"
     elif trace.begun and trace.ended is not None:
         status.fate, status.outcome, status.detail = pb.OP_FATE_RAN, trace.ended.outcome.value, trace.ended.error
+    elif trace.veto is not None:
+        by = ", ".join(revokers(trace.veto.detail)) or "a key"
+        status.fate, status.reason = pb.OP_FATE_REVOKED, pb.REFUSAL_REASON_OP_REVOKED
+        status.detail = f"vetoed by a signed op.revoke (signed by {by}): it never runs"
     elif trace.refusal is not None:
         revoked = trace.refusal.reason == OP_REVOKED
         status.fate = pb.OP_FATE_REVOKED if revoked else pb.OP_FATE_REFUSED
