@@ -154,6 +154,25 @@ def test_an_op_waiting_in_its_lane_is_waiting_then_ran(make_engine: Any, fakepve
         api.stop(0)
 
 
+def test_an_op_held_back_by_a_lock_says_so(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """A guest locked by a backup: the accepted op waits, and op status says for what (exit 3)."""
+    add_vm(fakepve, 111)
+    desk = open_desk(make_engine, tmp_path)
+    api = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
+    try:
+        proposal = unsigned_of(desk.propose(111, "config.disk_detach", set={}, delete=["scsi1"], force=False))
+        fakepve.vm(111).lock = "backup"
+        op_id, refusal = desk.run(desk.sign(proposal, "alice", "bob", role="destroyer"))
+        assert refusal is None
+        result = done(operator("op", "status", op_id, cwd=tmp_path, api=api.port))[0]
+        assert result.returncode == 3, result
+        assert result.stdout.startswith(f"op {op_id} (config.disk_detach on guest 111): WAITING: guest 111 is locked "
+                                        "(backup)"), result.stdout
+        assert "retried" in result.stdout
+    finally:
+        api.stop(0)
+
+
 def test_an_op_revoked_while_it_waits_is_revoked(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """An op vetoed (op.revoke) while it waits in its lane never runs: op status says REVOKED, exit 1."""
     add_vm(fakepve, 110)

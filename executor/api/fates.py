@@ -110,7 +110,7 @@ def _waiting(op: WaitingOp, trace: _Trace | None, depth: int) -> pb.OpStatus:
     locked = trace is not None and trace.refusal is not None and trace.refusal.reason == "LOCKED"
     if op.locked or locked:
         held = trace.refusal.detail if trace is not None and trace.refusal is not None else "the guest is locked"
-        why = f"{held}: retried each tick until it expires"
+        why = held if "retried" in held else f"{held}: retried each tick until it expires"
     else:
         ahead = max(0, depth - 1)  # the lane's depth counts this op's own job
         why = f"queued in guest {op.vmid}'s lane behind {ahead} other job(s)"
