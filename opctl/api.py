@@ -173,6 +173,14 @@ def _decision(op_id: str, decision: str, refusal: pb.Refusal, done: str) -> int:
     return 1
 
 
+def _own_id(envelope: signedop.Envelope) -> str:
+    """The op_id the envelope's payload names ("" when it does not parse: the executor said why)."""
+    try:
+        return parse_payload(envelope.payload).op_id
+    except Refused:
+        return ""
+
+
 def submit(args: argparse.Namespace) -> int:
     """``op submit``: SubmitOp; exit 0 when the gate accepted it for the guest's lane, 1 when refused.
 
@@ -182,8 +190,8 @@ def submit(args: argparse.Namespace) -> int:
     envelope = read_envelope(args.envelope)
     with stub(args) as api:
         response = api.SubmitOp(pb.SubmitOpRequest(op=to_proto(envelope)), timeout=args.timeout)
-        if response.decision != "accepted":
-            return _decision(response.op_id, response.decision, response.refusal, "accepted")
+        if response.decision != "accepted":  # the executor names the op only once a signature held: say it anyway
+            return _decision(response.op_id or _own_id(envelope), response.decision, response.refusal, "accepted")
         op_id = response.op_id
         if not args.wait:
             print(f"accepted: {op_id} (queued; see `{args.prog} op status {op_id} --wait`)")

@@ -241,6 +241,12 @@ def test_submit_sends_the_bytes_as_signed(api: Api, capsys: pytest.CaptureFixtur
     code, out, err = run(capsys, "op", "submit", *api.flags, str(path))
     assert (code, out) == (1, f"refused op {OP_ID}: NONCE_SPENT: this signed op was already used\n")
     assert "what to do: this signed op was already used: an op runs once" in err
+    api.servicer.answers["SubmitOp"] = pb.SubmitOpResponse(decision="refused", refusal=pb.Refusal(
+        reason=pb.REFUSAL_REASON_THRESHOLD_NOT_MET, detail="role destroyer needs 2 distinct keys holding it"))
+    code, out, err = run(capsys, "op", "submit", *api.flags, str(path))  # refused before a signature held
+    assert (code, out) == (1, f"refused op {OP_ID}: THRESHOLD_NOT_MET: role destroyer needs 2 distinct keys "
+                              "holding it\n")
+    assert "what to do: more distinct keys holding the role must sign: op cosign with another key" in err
     sent = api.sent("SubmitOp")[0].op
     assert (sent.payload_type, sent.payload) == (signedop.PAYLOAD_TYPE, payload)
     assert [s.keyid for s in sent.signatures] == [signedop.sign(payload, private(n)).keyid for n in ("alice", "bob")]
