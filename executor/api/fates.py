@@ -107,9 +107,9 @@ def _journaled(trace: _Trace) -> pb.OpStatus:
 
 
 def _waiting(op: WaitingOp, trace: _Trace | None, depth: int) -> pb.OpStatus:
-    locked = trace is not None and trace.refusal is not None and trace.refusal.reason == "LOCKED"
-    if op.locked or locked:
-        held = trace.refusal.detail if trace is not None and trace.refusal is not None else "the guest is locked"
+    if op.locked:  # the desk's word: a lock held it back and it waits for the next tick's retry
+        last = trace.refusal if trace is not None else None
+        held = last.detail if last is not None and last.reason == "LOCKED" else f"guest {op.vmid} is locked"
         why = held if "retried" in held else f"{held}: retried each tick until it expires"
     else:
         ahead = max(0, depth - 1)  # the lane's depth counts this op's own job
