@@ -23,6 +23,7 @@ from journal.errors import (
     JournalInUseError,
     JournalOpenError,
     JournalWriteError,
+    KeyInFlightError,
 )
 from journal.records import (
     BEGUN_PAYLOAD,
@@ -111,8 +112,8 @@ class Journal:
         frame = encode_body(body)
         with self._cond:
             self._check_open()
-            if op_id in self._state.ops:
-                raise JournalError(f"operation {op_id} is already in flight")
+            if op_id in self._state.ops:  # a caller's own id (a signed op's) may collide: refused like its key
+                raise KeyInFlightError(f"operation {op_id} is already in flight")
             if key is not None:
                 canonical_payload = body[FIELDS][BEGUN_PAYLOAD]
                 assert canonical_payload is not None

@@ -20,7 +20,8 @@ import grpc
 from common.grpcserver import ClientTls, channel_credentials
 from executor.v1 import executor_pb2 as pb
 from executor.v1 import executor_pb2_grpc as pb_grpc
-from opctl.cli import DEFAULT_TTL, api_target
+from opctl.cli import DEFAULT_TTL
+from opctl.connect import connection
 from opctl.doc import (
     PARAM_WORDS,
     OpError,
@@ -34,6 +35,7 @@ from opctl.doc import (
 )
 from opctl.keys import load_private
 from opctl.sign import build_payload, parse_ttl, read_envelope
+from opctl.status import advice, report
 from safety import signedop
 from safety.opschema import APPROVAL, canonical_params, plain
 from safety.payload import parse_payload
@@ -45,12 +47,12 @@ ZERO_DIGEST = "0" * 40
 @contextmanager
 def stub(args: argparse.Namespace) -> Iterator[pb_grpc.ExecutorServiceStub]:
     """A stub on a channel to the API the flags (or PVE_EXECUTOR_API) name, closed afterwards."""
-    target = api_target(args)
-    if args.api_ca or args.api_cert or args.api_key:
-        tls = ClientTls(ca=args.api_ca, cert=args.api_cert, key=args.api_key)
-        channel = grpc.secure_channel(target, channel_credentials(tls))
+    where = connection(args)
+    if where.tls:
+        tls = ClientTls(ca=where.ca, cert=where.cert, key=where.key)
+        channel = grpc.secure_channel(where.target, channel_credentials(tls))
     else:
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(where.target)
     with channel:
         yield pb_grpc.ExecutorServiceStub(channel)
 
@@ -221,16 +223,37 @@ def _decision(op_id: str, decision: str, refusal: pb.Refusal, done: str) -> int:
         print(f"{decision} op {op_id}")
         return 0
     named = op_id or refusal.op_id  # empty when refused before a signature held
-    print(f"{decision or 'refused'}{f' op {named}' if named else ''}: {reason_name(refusal.reason)}: {refusal.detail}")
+    reason = reason_name(refusal.reason)
+    print(f"{decision or 'refused'}{f' op {named}' if named else ''}: {reason}: {refusal.detail}")
+    print(f"what to do: {advice(reason, refusal.vmid)}", file=sys.stderr)
     return 1
 
 
+def _own_id(envelope: signedop.Envelope) -> str:
+    """The op_id the envelope's payload names ("" when it does not parse: the executor said why)."""
+    try:
+        return parse_payload(envelope.payload).op_id
+    except Refused:
+        return ""
+
+
 def submit(args: argparse.Namespace) -> int:
-    """``op submit``: SubmitOp; exit 0 when the gate accepted it for the guest's lane, 1 when refused."""
+    """``op submit``: SubmitOp; exit 0 when the gate accepted it for the guest's lane, 1 when refused.
+
+    Accepted is not ran: the lane checks the op again when its turn comes. ``--wait`` then reports its
+    fate as ``op status OP_ID --wait`` does (and exits as it does).
+    """
     envelope = read_envelope(args.envelope)
     with stub(args) as api:
         response = api.SubmitOp(pb.SubmitOpRequest(op=to_proto(envelope)), timeout=args.timeout)
-    return _decision(response.op_id, response.decision, response.refusal, "accepted")
+        if response.decision != "accepted":  # the executor names the op only once a signature held: say it anyway
+            return _decision(response.op_id or _own_id(envelope), response.decision, response.refusal, "accepted")
+        op_id = response.op_id
+        if not args.wait:
+            print(f"accepted: {op_id} (queued; see `{args.prog} op status {op_id} --wait`)")
+            return 0
+        print(f"accepted: {op_id} (queued; waiting for its fate)", file=sys.stderr)
+        return report(args, api, op_id)
 
 
 def _revoke_proposal(args: argparse.Namespace) -> Proposal:

@@ -3,17 +3,22 @@
 None of them talks to Proxmox: the offline ones (``keys generate``, ``trust check``, ``op sign``,
 ``op cosign``, ``op verify``) read and write files; the others call the executor API. Exit status:
 0 done, 1 refused (by the executor, the gate, or the signer who typed another vmid) or the API failed,
-2 bad input or an op that does not verify.
+2 bad input or an op that does not verify; ``op status`` (and ``op submit --wait``) 3 when the op is
+still waiting or running. A reader that closes the pipe early (``| head -1``) ends the command quietly
+with 141, as SIGPIPE ends a shell tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import cast
+
+from common.version import add_version
 
 COMMANDS = frozenset({"keys", "trust", "pending", "op"})
 # The daemon's default socket (executor.config.DEFAULT_LISTEN; a test keeps the two equal, opctl never imports it).
@@ -29,10 +34,17 @@ HANDLERS: Mapping[tuple[str, str | None], str] = {
     ("op", "cosign"): "sign:cosign",
     ("op", "verify"): "sign:verify",
     ("op", "submit"): "api:submit",
+    ("op", "status"): "status:status",
     ("op", "revoke"): "api:revoke",
     ("op", "undo"): "undo:undo",
 }
 DEFAULT_TTL = "15m"
+CALL_TIMEOUT, WAIT_TIMEOUT = 30.0, 300.0
+EXIT_CODES = "exit codes: 0 ok; 1 refused (by the executor, the gate or the signer) or the API failed; " \
+             "2 usage or configuration error (bad flag, bad file, an op that does not verify)"
+STATUS_EXIT_CODES = "exit codes: 0 the op ran ok; 1 refused, revoked, failed, or no trace of it; 3 still waiting " \
+                    "or running (with --wait: after --timeout); 2 usage or configuration error"
+BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE: the reader (head -1) went away
 
 
 def api_target(args: argparse.Namespace) -> str:
@@ -41,13 +53,21 @@ def api_target(args: argparse.Namespace) -> str:
 
 
 def add_api_flags(parser: argparse.ArgumentParser) -> None:
-    """Where the executor API is and how to reach it."""
+    """Where the executor API is and how to reach it (client TLS flags ``--api-ca/--api-client-cert/-key``)."""
     parser.add_argument("--api", metavar="unix:PATH|HOST:PORT",
-                        help=f"executor API [{API_ENV}] (default {DEFAULT_API})")
+                        help=f"executor API [{API_ENV}] (default: listen in --config, else {DEFAULT_API})")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the executor's TOML settings (executor.toml): the API address (listen) and its TLS "
+                             "[PVE_EXECUTOR_CONFIG]")
     parser.add_argument("--api-ca", metavar="PEM", help="CA of the API's certificate (turns TLS on)")
-    parser.add_argument("--api-cert", metavar="PEM", help="client certificate for mutual TLS")
-    parser.add_argument("--api-key", metavar="PEM", help="client key for mutual TLS")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument("--api-client-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--api-client-key", metavar="PEM", help="client key for mutual TLS")
+    # The spellings before the shared vocabulary: still accepted, no longer shown.
+    parser.add_argument("--api-cert", dest="api_client_cert", help=argparse.SUPPRESS)
+    parser.add_argument("--api-key", dest="api_client_key", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help=f"seconds per API call (default {CALL_TIMEOUT:g}); with --wait, how long to wait for "
+                             f"the op's fate (default {WAIT_TIMEOUT:g})")
 
 
 def _keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,7 +79,10 @@ def _keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     generate.add_argument("--not-after", metavar="DATE", help="expiry, e.g. 2027-06-30 (default: in a year)")
     trust = sub.add_parser("trust", help="the trust store").add_subparsers(dest="subcommand", required=True)
     check = trust.add_parser("check", help="load it as the executor would; list roles and keys; exit 2 if bad")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", help="the trust store (TOML), e.g. /etc/pve-reconcile/trust.toml")
+    check.add_argument("--state-dir", metavar="DIR",
+                       help="the executor's state directory: also refuse what it would (a version below the floor "
+                            "it recorded, or that version with other content)")
 
 
 def _signing(parser: argparse.ArgumentParser, *, role: bool) -> None:
@@ -69,6 +92,13 @@ def _signing(parser: argparse.ArgumentParser, *, role: bool) -> None:
         parser.add_argument("--role", required=True, help="the trust store role you sign as")
         parser.add_argument("--ttl", metavar="DURATION", help=f"how long it stays valid (default {DEFAULT_TTL})")
         parser.add_argument("--reason", help="why (a ticket, a sentence); kept in the journal")
+
+
+def _count(text: str) -> int:
+    """``--limit``: 1 to 200."""
+    if not text.isdigit() or not 1 <= int(text) <= 200:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number from 1 to 200")
+    return int(text)
 
 
 def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,25 +121,36 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _signing(cosign, role=False)
     cosign.add_argument("--yes", action="store_true", help="do not ask for the vmid")
     cosign.add_argument("--out", metavar="FILE", help="write here instead of back to ENVELOPE (- for stdout)")
-    cosign.add_argument("envelope", metavar="ENVELOPE")
+    cosign.add_argument("envelope", metavar="ENVELOPE", help="the envelope op sign wrote (- for stdin)")
     verify = ops.add_parser("verify", help="check an envelope offline (steps 1-11); exit 2 with the refusal")
     verify.add_argument("--trust", required=True, metavar="FILE", help="a copy of the node's trust store")
     verify.add_argument("--audience", metavar="NODE@CLUSTER", help="the executor it is for (default: the op's)")
     verify.add_argument("--at", type=float, metavar="UNIX", help="check as of this time (default now)")
     verify.add_argument("--gate-secret", metavar="FILE", help="the executor's state_dir/gate.secret (checks the "
                                                               "challenge too)")
-    verify.add_argument("envelope", metavar="ENVELOPE")
-    submit = ops.add_parser("submit", help="SubmitOp: exit 0 accepted, 1 refused")
-    submit.add_argument("envelope", metavar="ENVELOPE")
+    verify.add_argument("envelope", metavar="ENVELOPE", help="the signed op to check (- for stdin)")
+    submit = ops.add_parser("submit", help="SubmitOp: exit 0 accepted (queued), 1 refused; --wait: its fate",
+                            epilog=f"without --wait: {EXIT_CODES}; with --wait: {STATUS_EXIT_CODES}")
+    submit.add_argument("envelope", metavar="ENVELOPE", help="the signed op (op sign/cosign output; - for stdin)")
+    submit.add_argument("--wait", action="store_true", help="then wait for its fate, as op status OP_ID --wait")
+    submit.add_argument("--json", action="store_true", help="with --wait: the fate as JSON")
+    status = ops.add_parser("status", help="what became of a signed op: WAITING, RUNNING, RAN, REFUSED or REVOKED",
+                            epilog=STATUS_EXIT_CODES)
+    status.add_argument("op_id", metavar="OP_ID", nargs="?",
+                        help="the op's id (op sign and op submit print it); none: the most recent signed ops")
+    status.add_argument("--wait", action="store_true", help="wait until it ran or was refused (see --timeout)")
+    status.add_argument("--json", action="store_true", help="as JSON")
+    status.add_argument("--limit", type=_count, default=20, metavar="N",
+                        help="without OP_ID: how many, 1-200 (default 20)")
     revoke = ops.add_parser("revoke", help="RevokeOp: a signed op.revoke; the op can then never run")
-    revoke.add_argument("op_id", metavar="OP_ID")
+    revoke.add_argument("op_id", metavar="OP_ID", help="the id of the signed op to veto")
     _signing(revoke, role=True)
     revoke.add_argument("--vmid", type=int, required=True, help="the guest the op is for")
     revoke.add_argument("--audience", metavar="NODE@CLUSTER", help="default: asked of the executor (ProposeOp)")
     revoke.add_argument("--guest-type", choices=("qemu", "lxc"), default="qemu", help="with --audience")
     undo = ops.add_parser("undo", help="propose the inverse of an op that ran, from its before-image")
-    undo.add_argument("op_id", metavar="OP_ID")
-    for parser in (propose, submit, revoke, undo):
+    undo.add_argument("op_id", metavar="OP_ID", help="the id of a signed op that ran")
+    for parser in (propose, submit, status, revoke, undo):
         add_api_flags(parser)
 
 
@@ -120,6 +161,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     pending.add_argument("--json", action="store_true", help="entries op sign accepts")
     add_api_flags(pending)
     _op(sub)
+    _epilogs(sub)
+
+
+def _epilogs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Each command's --help ends with its exit codes (EXIT_CODES unless it set its own)."""
+    for parser in sub.choices.values():
+        parser.epilog = parser.epilog or EXIT_CODES
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _epilogs(action)
 
 
 def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
@@ -130,9 +181,25 @@ def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opctl``: the same commands as ``pve-executor keys|trust|pending|op``."""
-    top = argparse.ArgumentParser(prog="opctl", description="pve-reconcile operator's tool: signed operations")
+    top = argparse.ArgumentParser(prog="opctl", description="pve-reconcile operator's tool: signed operations",
+                                  epilog=EXIT_CODES)
+    add_version(top, "opctl")
     add_parsers(top.add_subparsers(dest="command", required=True))
     return main(top.parse_args(argv), prog="opctl")
+
+
+def _timeouts(args: argparse.Namespace) -> None:
+    """``--timeout``: per call (default 30 s); with --wait, the whole wait (default 300 s)."""
+    given = getattr(args, "timeout", None)
+    args.wait_timeout = WAIT_TIMEOUT if given is None else given
+    args.timeout = CALL_TIMEOUT if given is None else given
+
+
+def _quiet_stdout() -> None:
+    """The reader of standard output went away (``| head -1``): nothing more to say, and no traceback at exit."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
@@ -144,8 +211,15 @@ def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
     from safety.refusal import Refused  # noqa: PLC0415
 
     name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
+    args.prog = prog
+    _timeouts(args)
     try:
-        return _handler(args)(args)
+        code = _handler(args)(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then one more case below
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE
     except OpError as exc:
         print(f"{prog} {name}: {exc}", file=sys.stderr)
         return exc.code

@@ -161,14 +161,34 @@ def describe(store: truststore.TrustStore, *, now: float) -> tuple[list[str], li
     return lines, warnings
 
 
+def _load(path: str, state_dir: str | None) -> truststore.TrustStore:
+    """The store as the executor would load it; with ``state_dir``, under the floor that executor recorded."""
+    if state_dir is None:
+        return truststore.load(path, check_owner=True)
+    if not Path(state_dir).is_dir():
+        raise OpError(f"--state-dir {state_dir}: not a directory")
+    version, sha256 = truststore.read_floor(state_dir)
+    holder = truststore.TrustStoreHolder(path, min_version=version, min_sha256=sha256, check_owner=True)
+    error = holder.reload()
+    if error is not None:
+        raise error
+    assert holder.current is not None
+    return holder.current
+
+
 def check(args: argparse.Namespace) -> int:
-    """``trust check FILE``: load it as the executor would (ownership included), list roles and keys."""
+    """``trust check FILE [--state-dir DIR]``: load it as the executor would (ownership and, with DIR, the
+    rollback floor included), list roles and keys."""
     try:
-        store = truststore.load(args.file, check_owner=True)
+        store = _load(args.file, args.state_dir)
     except truststore.TrustStoreError as exc:
-        print(f"pve-executor: trust check: INVALID: {exc}", file=sys.stderr)
+        print(f"{args.prog}: trust check: INVALID: {exc}", file=sys.stderr)
         return 2
     lines, warnings = describe(store, now=time.time())
+    if args.state_dir is not None:
+        version, _ = truststore.read_floor(args.state_dir)
+        lines.insert(1, f"the executor with state dir {args.state_dir} would accept it (its floor: "
+                        f"{f'version {version}' if version else 'none recorded'})")
     print("\n".join(lines))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -297,6 +297,18 @@ def load(path: str | Path, *, min_version: int = 0, check_owner: bool = True) ->
     return dataclasses.replace(store, path=str(path), sha256=hashlib.sha256(data).hexdigest())
 
 
+FLOOR_FILE = "trust.version"  # in the executor's state_dir: "VERSION SHA256" of the last store accepted
+
+
+def read_floor(state_dir: str | Path) -> tuple[int, str | None]:
+    """The last trust store the executor with ``state_dir`` accepted: (version, sha256); (0, None) if none."""
+    try:
+        words = (Path(state_dir) / FLOOR_FILE).read_text(encoding="utf-8").split()
+        return int(words[0]), words[1] if len(words) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return 0, None
+
+
 class TrustStoreHolder:
     """The store in force: a reload that fails keeps the last good one; a first load that fails leaves none.
 

@@ -74,6 +74,10 @@ class StandIn(pb_grpc.ExecutorServiceServicer):
         """Canned."""
         return self._answer("ListOperations", request, context)
 
+    def GetOpStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Canned."""
+        return self._answer("GetOpStatus", request, context)
+
 
 @dataclass(frozen=True, slots=True)
 class Api:
@@ -297,9 +301,17 @@ def test_submit_sends_the_bytes_as_signed(api: Api, capsys: pytest.CaptureFixtur
 
     api.servicer.answers["SubmitOp"] = decide
     path, payload = _envelope(tmp_path)
-    assert run(capsys, "op", "submit", *api.flags, str(path)) == (0, f"accepted op {OP_ID}\n", "")
-    code, out, _ = run(capsys, "op", "submit", *api.flags, str(path))
+    assert run(capsys, "op", "submit", *api.flags, str(path)) == (
+        0, f"accepted: {OP_ID} (queued; see `pve-executor op status {OP_ID} --wait`)\n", "")
+    code, out, err = run(capsys, "op", "submit", *api.flags, str(path))
     assert (code, out) == (1, f"refused op {OP_ID}: NONCE_SPENT: this signed op was already used\n")
+    assert "what to do: this signed op was already used: an op runs once" in err
+    api.servicer.answers["SubmitOp"] = pb.SubmitOpResponse(decision="refused", refusal=pb.Refusal(
+        reason=pb.REFUSAL_REASON_THRESHOLD_NOT_MET, detail="role destroyer needs 2 distinct keys holding it"))
+    code, out, err = run(capsys, "op", "submit", *api.flags, str(path))  # refused before a signature held
+    assert (code, out) == (1, f"refused op {OP_ID}: THRESHOLD_NOT_MET: role destroyer needs 2 distinct keys "
+                              "holding it\n")
+    assert "what to do: more distinct keys holding the role must sign: op cosign with another key" in err
     sent = api.sent("SubmitOp")[0].op
     assert (sent.payload_type, sent.payload) == (signedop.PAYLOAD_TYPE, payload)
     assert [s.keyid for s in sent.signatures] == [signedop.sign(payload, private(n)).keyid for n in ("alice", "bob")]
@@ -398,16 +410,61 @@ def test_unreachable_api_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--api-ca/--api-cert/--api-key reach an API that requires client certificates; without them it fails."""
+    """--api-ca/--api-client-cert/--api-client-key reach an API that requires client certificates (so do the old
+    --api-cert/--api-key); without them it fails."""
     pki = make_pki(tmp_path)
     servicer = StandIn(answers={"ListPending": pb.ListPendingResponse()})
     running = _serve(servicer, grpcserver.ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca))
     try:
         target = ("--api", f"127.0.0.1:{running.port}", "--timeout", "5")
-        assert run(capsys, "pending", *target, "--api-ca", pki.ca, "--api-cert", pki.client_cert,
-                   "--api-key", pki.client_key)[:2] == (0, "nothing pending\n")
+        for cert, key in (("--api-client-cert", "--api-client-key"), ("--api-cert", "--api-key")):
+            assert run(capsys, "pending", *target, "--api-ca", pki.ca, cert, pki.client_cert,
+                       key, pki.client_key)[:2] == (0, "nothing pending\n")
         code, _, err = run(capsys, "pending", *target, "--api-ca", pki.ca)
         assert code == 1 and "executor API: UNAVAILABLE" in err
+    finally:
+        running.stop(0)
+
+
+def test_config_names_the_api_as_the_daemon_reads_it(api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config FILE (the daemon's executor.toml) gives the address: listen (a wildcard host dialled on
+    loopback); the daemon's other keys are left alone; --api and PVE_EXECUTOR_API still win over it."""
+    monkeypatch.delenv("PVE_EXECUTOR_API", raising=False)
+    api.servicer.answers["ListPending"] = pb.ListPendingResponse()
+    port = api.flags[1].rsplit(":", 1)[1]
+    config = tmp_path / "executor.toml"
+    for host in ("127.0.0.1", "0.0.0.0"):
+        config.write_text(f'node = "pve1"\nlisten = "{host}:{port}"\ninterval = 5.0\n', encoding="utf-8")
+        assert run(capsys, "pending", "--config", str(config), "--timeout", "5")[:2] == (0, "nothing pending\n")
+    assert len(api.sent("ListPending")) == 2
+    code, _, err = run(capsys, "pending", "--config", str(config), "--api", "unix:/nonexistent/x.sock",
+                       "--timeout", "3")
+    assert code == 1 and len(api.sent("ListPending")) == 2
+    config.write_text("listen = 50052\n", encoding="utf-8")
+    code, _, err = run(capsys, "op", "status", "--config", str(config))
+    assert code == 2 and "config: listen: must be str, got 50052" in err and str(config) in err
+    code, _, err = run(capsys, "op", "undo", "ab" * 16, "--config", str(tmp_path / "absent.toml"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_config_with_tls_needs_the_client_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An executor.toml whose API requires client certificates (tls_client_ca): without --api-client-cert the
+    command says which flags to give (exit 2); with them (and --api-ca) it reaches the API at listen."""
+    monkeypatch.delenv("PVE_EXECUTOR_API", raising=False)
+    pki = make_pki(tmp_path)
+    running = _serve(StandIn(answers={"ListPending": pb.ListPendingResponse()}),
+                     grpcserver.ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca))
+    try:
+        config = tmp_path / "executor.toml"
+        config.write_text(f'listen = "127.0.0.1:{running.port}"\ntls_cert = "{pki.server_cert}"\n'
+                          f'tls_key = "{pki.server_key}"\ntls_client_ca = "{pki.ca}"\n', encoding="utf-8")
+        code, _, err = run(capsys, "pending", "--config", str(config))
+        assert code == 2 and "give --api-client-cert and --api-client-key" in err
+        assert run(capsys, "pending", "--config", str(config), "--api-ca", pki.ca, "--api-client-cert",
+                   pki.client_cert, "--api-client-key", pki.client_key, "--timeout", "5")[:2] == (
+            0, "nothing pending\n")
     finally:
         running.stop(0)
 

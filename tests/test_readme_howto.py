@@ -35,7 +35,7 @@ README = ROOT / "README.md"
 MARK = "<!-- howto:approvals -->"
 BLOCK = re.compile(r"```sh\n(.*?)```", re.DOTALL)
 ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(\S+)$")
-ACCEPTED = re.compile(r"^accepted op ([0-9a-f]{32})$", re.MULTILINE)
+ACCEPTED = re.compile(r"^accepted: ([0-9a-f]{32}) \(queued", re.MULTILINE)
 
 SYSTEMCTL = """#!{python}
 \"\"\"systemctl, as far as the how-to uses it: restart, reload or stop pve-reconcile-executor (a process here).\"\"\"
@@ -161,13 +161,6 @@ def _environment(home: Path, bin_dir: Path, etc: Path, run_dir: Path) -> dict[st
             "PVE_EXECUTOR_API": f"unix:{run_dir / 'executor.sock'}"}
 
 
-def _op_status_exists(env: dict[str, str]) -> bool:
-    """Whether ``pve-executor op status`` exists in this checkout (another part of issue 15 adds it)."""
-    helped = subprocess.run(["pve-executor", "op", "--help"], env=env, capture_output=True, text=True, timeout=60,
-                            check=False)
-    return re.search(r"\bstatus\b", helped.stdout) is not None
-
-
 def _stop_daemon(run_dir: Path) -> None:
     """SIGTERM the executor the systemctl stand-in started (by its recorded PID), and wait for it."""
     pidfile = run_dir / "executor.pid"
@@ -220,7 +213,6 @@ def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile
     _tools(bin_dir, short_dir)
     _settings(etc, fakepve, fakepve_cafile, planner, tmp_path / "state", short_dir)
     env = _environment(home, bin_dir, etc, short_dir)
-    has_status = _op_status_exists(env)
     op_id = ""
     try:
         # The quick start's end state: the service runs, without a trust store (signed ops off).
@@ -230,9 +222,6 @@ def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile
                        .replace("AUDIENCE=pve1@cluster-a", f"AUDIENCE={AUDIENCE}"))
             if "OP_ID" in command:
                 assert op_id, f"{line!r}: no op was accepted before it"
-                if " op status " in command and not has_status:
-                    # TODO(lead): remove once `pve-executor op status` is merged (opfate's part of issue 15).
-                    continue
                 command = command.replace("OP_ID", op_id)
             assigned = ASSIGNMENT.match(command)
             if assigned:

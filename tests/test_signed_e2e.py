@@ -131,7 +131,7 @@ def _detach_and_destroy(fakepve: Any, daemon: Daemon, work: Path) -> None:
     ok(*(operator("op", "cosign", "--key", "bob.key", "--yes", "--out", f"{n}.op", f"{n}1.op", cwd=work)
          for n in "dx"))
     outputs = ok(*(operator("op", "submit", f"{n}.op", cwd=work, api=port) for n in "dx"))
-    assert all(out.startswith("accepted op ") for out in outputs), outputs
+    assert all(out.startswith("accepted: ") for out in outputs), outputs
     wait_for(lambda: fakepve.vm(102) is None and "scsi1" not in fakepve.vm(100).config, "the detach and the destroy")
     replays = done(*(operator("op", "submit", f"{n}.op", cwd=work, api=port) for n in "dx"))
     assert [(r.returncode, "NONCE_SPENT" in r.stdout) for r in replays] == [(1, True), (1, True)], replays
@@ -152,7 +152,7 @@ def _detach_and_destroy(fakepve: Any, daemon: Daemon, work: Path) -> None:
     assert api_submit(daemon.api, y) == ("refused", "DIGEST_STALE")
     assert "scsi1" in fakepve.vm(101).config
 
-    detach_id = outputs[0].split()[2]
+    detach_id = outputs[0].split()[1]
     undo = json.loads(ok(operator("op", "undo", detach_id, cwd=work, api=port))[0])
     assert (undo["action"]["kind"], undo["action"]["params"]["set"]) == (
         "config.disk_attach", {"scsi1": "local-lvm:vm-100-disk-1,size=4G"})
@@ -175,7 +175,7 @@ def _approve_pending(fakepve: Any, daemon: Daemon, work: Path) -> None:
                   f"p{v}.json", cwd=work) for v in (111, 114)))
     before = len(fakepve.requests)
     outputs = ok(*(operator("op", "submit", f"p{v}.op", cwd=work, api=port) for v in (111, 114)))
-    assert all(out.startswith("accepted op ") for out in outputs), outputs
+    assert all(out.startswith("accepted: ") for out in outputs), outputs
     wait_for(lambda: fakepve.vm(111).status == "stopped"
              and fakepve.vm(114).config["net0"].upper().startswith("VIRTIO=BC:24:11:00:00:02"), "both approvals")
     daemon.api.Reconcile(epb.ReconcileRequest(), timeout=30)  # a tick after: the other stops are still refused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import re
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ import structlog
 
 from common import callers, grpcserver
 from common.grpcserver import ServerTls
+from executor.api.fates import fates
 from executor.errors import InvalidInputError, PermanentError, TemporaryError
 from executor.gate.decisions import GateState, PendingApproval, Refusal
 from executor.gate.kinds import StepError
@@ -50,6 +52,9 @@ STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (TemporaryError, grpc.StatusCode.UNAVAILABLE, ""),
     (PermanentError, grpc.StatusCode.FAILED_PRECONDITION, ""),
 )
+OP_ID = re.compile(r"[0-9a-f]{32}")
+OP_STATUS_WINDOW = 1000  # journal records GetOpStatus reads: all the journal keeps in memory (keep_recent)
+OP_STATUS_DEFAULT, OP_STATUS_LIMIT = 20, 200
 INTERNAL = "internal error: the executor's log has it (api_call_failed)"
 R = TypeVar("R")
 C = TypeVar("C", bound=type)
@@ -232,6 +237,24 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         if refusal is not None:
             return op_id, "refused", refusal_to_proto(refusal)
         return op_id, done, None
+
+    def GetOpStatus(self, request: pb.GetOpStatusRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.GetOpStatusResponse:
+        """What became of a signed op (or the most recent ones): read from the journal and the desk; mutates nothing."""
+        if request.op_id and not OP_ID.fullmatch(request.op_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "op_id: must be 32 lowercase hex (the id op sign printed)")
+        if request.limit > OP_STATUS_LIMIT:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: at most {OP_STATUS_LIMIT}")
+        records = self._engine.gate.records.recent(OP_STATUS_WINDOW)
+        waiting = self._desk.waiting() if self._desk is not None else []
+        found = fates(records, waiting, self._engine.status().busy)
+        if request.op_id:
+            found = [status for status in found if status.op_id == request.op_id]
+            if not found:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"op {request.op_id}: no trace on this executor (not "
+                              "submitted here, refused before a signature held, or older than the journal keeps)")
+        return pb.GetOpStatusResponse(ops=found[-(request.limit or OP_STATUS_DEFAULT):] if not request.op_id
+                                      else found)
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:  # noqa: N802
         """The daemon's status."""

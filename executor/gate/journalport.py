@@ -65,8 +65,10 @@ class JournalPort(JournalReads, Protocol):
     def write(self, write: Callable[[Journal], object]) -> bool:
         """Apply ``write`` to the journal (False: there is none); a failed write raises ``JournalError``."""
 
-    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
-        """Journal an intent; its op id (``NoJournalError`` for a keyed intent where there is no journal)."""
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None,
+              op_id: str | None = None) -> str:
+        """Journal an intent; its op id, ``op_id`` when given (``NoJournalError`` for a keyed intent where there is
+        no journal)."""
 
     def check_key(self, key: str) -> None:
         """Raise when ``key`` was spent or is in flight (``NoJournalError``: there is no journal to ask)."""
@@ -116,9 +118,10 @@ class SwitchedJournal:
         """One write (False: no journal)."""
         return self._port.write(write)
 
-    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None,
+              op_id: str | None = None) -> str:
         """One intent (see ``JournalPort.begin``)."""
-        return self._port.begin(vmid=vmid, kind=kind, payload=payload, key=key)
+        return self._port.begin(vmid=vmid, kind=kind, payload=payload, key=key, op_id=op_id)
 
     def check_key(self, key: str) -> None:
         """The journal's answer for ``key``."""
@@ -168,10 +171,11 @@ class LiveJournal:
             write(self._journal)
         return True
 
-    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None,
+              op_id: str | None = None) -> str:
         """One timed, durable intent."""
         with self._timer():
-            return self._journal.begin(vmid=vmid, kind=kind, payload=payload, key=key)
+            return self._journal.begin(vmid=vmid, kind=kind, payload=payload, key=key, op_id=op_id)
 
     def check_key(self, key: str) -> None:
         """The journal's answer for ``key`` (spent, in flight, or free)."""
@@ -210,11 +214,12 @@ class NoJournal:
         """Nothing is written."""
         return False
 
-    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None) -> str:
+    def begin(self, *, vmid: int, kind: str, payload: Mapping[str, Any], key: str | None,
+              op_id: str | None = None) -> str:
         """A benign step runs unjournaled under a fresh id; a keyed (signed) one cannot."""
         if key is not None:
             raise NoJournalError("the journal is not working")
-        return os.urandom(8).hex()
+        return op_id or os.urandom(8).hex()
 
     def check_key(self, key: str) -> None:
         """No journal can say a nonce is unspent."""

@@ -454,8 +454,10 @@ class Lane:
                                "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,
                                "not_after": op.payload.not_after})
         try:
+            # A signed op is journaled under its own op_id: one id in the journal, the log, the API and the CLI.
             return journal.begin(vmid=step.vmid, kind=step.kind, payload=payload,
-                                 key=nonce_key(op) if op is not None else None)
+                                 key=nonce_key(op) if op is not None else None,
+                                 op_id=op.payload.op_id if op is not None else None)
         except NoJournalError:  # journal-less: a benign step runs unjournaled, a signed op does not run
             return self._refuse_op(admitted, "JOURNAL_UNAVAILABLE", "the journal is not working")
         except NonceSpentError:

@@ -39,6 +39,7 @@ from journal import BURN_PREFIX, Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
+from safety.payload import parse_payload
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import MAX_SKEW, SIGNER_BACKDATE, Envelope, VerifiedOp, verify
 from safety.truststore import TrustStore, TrustStoreHolder
@@ -73,6 +74,18 @@ class IssuedProposal:
     rule: str
     reasons: tuple[str, ...]
     before: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitingOp:
+    """A signed op accepted and not yet run; ``locked``: a lock held it back, retried each tick until not_after."""
+
+    op_id: str
+    vmid: int
+    kind: str
+    not_after: int
+    locked: bool
+    signers: tuple[str, ...]
 
 
 class Funnel(Protocol):
@@ -150,6 +163,11 @@ class OpDesk:
         problem = check(step, config) if check is not None else None
         if problem is not None:
             raise Refused(RefusalReason.MALFORMED, problem)
+        absent = sorted(set(step.delete) - set(config))
+        if absent:  # a detach of a disk the guest lacks: nothing to sign, and a typo must not look signed-for
+            verb = "detach" if kind == "config.disk_detach" else "delete"
+            raise Refused(RefusalReason.MALFORMED, f"params.delete: guest {vmid} has no {', '.join(absent)}: "
+                                                   f"nothing to {verb}")
         action = descriptor(step, verdict, facts, gate.audience(), cls)
         challenge = challenges.issue(self._secret(), json.loads(action), now=self.clock.now())
         return IssuedProposal(action=action, challenge=challenge, cls=cls, rule=verdict.rule, reasons=verdict.reasons,
@@ -173,7 +191,7 @@ class OpDesk:
         try:
             op = self._verify(envelope)
         except Refused as exc:
-            return "", self._refusal(0, "", exc)
+            return "", self._refusal(0, "", exc, logged=self._claimed(envelope))
         payload = op.payload
         try:
             self._verifier.check_nonce(op)
@@ -284,6 +302,13 @@ class OpDesk:
         with self._lock:
             return {op.payload.vmid for op in self._accepted.values()}
 
+    def waiting(self) -> list[WaitingOp]:
+        """Signed ops accepted and not yet run (``op status``): queued in their lane, or held back by a lock."""
+        with self._lock:
+            return [WaitingOp(op_id=op.payload.op_id, vmid=op.payload.vmid, kind=op.payload.kind,
+                              not_after=op.payload.not_after, locked=key in self._retry, signers=op.signers)
+                    for key, op in self._accepted.items()]
+
     def accepted(self) -> int:
         """Signed ops accepted and not yet run."""
         with self._lock:
@@ -371,14 +396,34 @@ class OpDesk:
                                                      f"({goal.kind} {goal.class_} on guest {goal.vmid})")
         return covered
 
-    def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "") -> Refusal:
+    def _claimed(self, envelope: Envelope) -> dict[str, object]:
+        """What a refused envelope says of itself, for the log line: its key ids and, when the payload parses,
+        its guest, kind, op id and role, with the role's threshold (need) and the signers holding it (have)."""
+        keyids = sorted({signature.keyid for signature in envelope.signatures})
+        fields: dict[str, object] = {"keyids": keyids}
+        try:
+            payload = parse_payload(envelope.payload)
+        except Refused:
+            return fields
+        fields.update(vmid=payload.vmid, op_kind=payload.kind, op_id=payload.op_id, role=payload.role)
+        store = self._current()
+        role = store.roles.get(payload.role) if store is not None else None
+        if store is not None and role is not None:
+            holders = {k for k in keyids if k in store.keys and role.name in store.keys[k].roles}
+            fields.update(need=role.threshold, have=len(holders))
+        return fields
+
+    def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "",
+                 logged: Mapping[str, object] | None = None) -> Refusal:
         """A Refusal for the API; counted and logged; journaled only once a signature held (``op_id``).
 
         Unauthenticated junk never reaches the journal: a flood of it costs counters and log lines.
+        ``logged``: what the envelope claims (``_claimed``), logged only: nothing unverified is journaled.
         """
         metrics = self._gate.metrics
         metrics.gate_decisions.labels("unknown", "refused", exc.reason.value.lower()).inc()
-        log.warning("op_refused", vmid=vmid, op_kind=kind, op_id=op_id, reason=exc.reason.value, detail=exc.detail)
+        fields: dict[str, object] = {"vmid": vmid, "op_kind": kind, "op_id": op_id, **(logged or {})}
+        log.warning("op_refused", reason=exc.reason.value, detail=exc.detail, **fields)
         if op_id:
             self._gate.journal_write(lambda j: j.refuse_if_new(
                 vmid=vmid, kind=kind, reason=exc.reason.value, detail=exc.detail, op_id=op_id,

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from executor.gate.files import write_private
-from safety.truststore import TrustStore, TrustStoreHolder
+from safety.truststore import FLOOR_FILE, TrustStore, TrustStoreHolder, read_floor
 
 log = structlog.get_logger("executor.optrust")
 
@@ -23,7 +23,7 @@ class TrustKeeper:
     """The trust store holder of one executor (none when ``trust_store`` is unset)."""
 
     def __init__(self, path: str | None, state_dir: str) -> None:
-        self._version_file = Path(state_dir) / "trust.version"
+        self._version_file = Path(state_dir) / FLOOR_FILE
         self._stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()  # a SIGHUP's reload (its own thread) and a tick's may coincide
         self.holder: TrustStoreHolder | None = None
@@ -33,12 +33,8 @@ class TrustKeeper:
             self.reload()
 
     def _floor(self) -> tuple[int, str | None]:
-        """The last trust store accepted here: (version, sha256)."""
-        try:
-            words = self._version_file.read_text(encoding="utf-8").split()
-            return int(words[0]), words[1] if len(words) > 1 else None
-        except (OSError, ValueError, IndexError):
-            return 0, None
+        """The last trust store accepted here: (version, sha256) (``trust check --state-dir`` reads it alike)."""
+        return read_floor(self._version_file.parent)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         assert self.holder is not None

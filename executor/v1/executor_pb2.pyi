@@ -207,6 +207,42 @@ REFUSAL_REASON_TRUST_STORE_INVALID: RefusalReason.ValueType  # 26
 """The trust store did not load: there are no signers."""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
+class _OpFate:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OpFateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OpFate.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OP_FATE_UNSPECIFIED: _OpFate.ValueType  # 0
+    """Not set."""
+    OP_FATE_WAITING: _OpFate.ValueType  # 1
+    """Accepted and not begun: queued in its guest's lane, or held back by a lock and retried each tick."""
+    OP_FATE_RUNNING: _OpFate.ValueType  # 2
+    """Begun: its Proxmox call or task has no definite end yet."""
+    OP_FATE_RAN: _OpFate.ValueType  # 3
+    """It ran: see outcome (ok, failed, unknown) and upid."""
+    OP_FATE_REFUSED: _OpFate.ValueType  # 4
+    """The gate refused it (at admission or in its guest's lane): see reason and detail. It will not run."""
+    OP_FATE_REVOKED: _OpFate.ValueType  # 5
+    """A signed op.revoke vetoed it. It will not run."""
+
+class OpFate(_OpFate, metaclass=_OpFateEnumTypeWrapper):
+    """Where a signed operation is: the fate GetOpStatus reports."""
+
+OP_FATE_UNSPECIFIED: OpFate.ValueType  # 0
+"""Not set."""
+OP_FATE_WAITING: OpFate.ValueType  # 1
+"""Accepted and not begun: queued in its guest's lane, or held back by a lock and retried each tick."""
+OP_FATE_RUNNING: OpFate.ValueType  # 2
+"""Begun: its Proxmox call or task has no definite end yet."""
+OP_FATE_RAN: OpFate.ValueType  # 3
+"""It ran: see outcome (ok, failed, unknown) and upid."""
+OP_FATE_REFUSED: OpFate.ValueType  # 4
+"""The gate refused it (at admission or in its guest's lane): see reason and detail. It will not run."""
+OP_FATE_REVOKED: OpFate.ValueType  # 5
+"""A signed op.revoke vetoed it. It will not run."""
+Global___OpFate: _TypeAlias = OpFate  # noqa: Y015
+
 @_typing.final
 class Refusal(_message.Message):
     """An action the safety gate refused."""
@@ -527,7 +563,7 @@ class Operation(_message.Message):
     SIGNERS_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
-    """Journal id."""
+    """Journal id: for a signed operation, its own op_id (as op sign, op submit and the log name it)."""
     vmid: _builtins.int
     """Guest id."""
     kind: _builtins.str
@@ -1061,3 +1097,117 @@ class RevokeOpResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeOpResponse: _TypeAlias = RevokeOpResponse  # noqa: Y015
+
+@_typing.final
+class GetOpStatusRequest(_message.Message):
+    """Which operation to report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    op_id: _builtins.str
+    """The signed operation's id (32 lowercase hex); empty: the most recent signed operations."""
+    limit: _builtins.int
+    """Without op_id: at most this many, newest last (default 20, at most 200)."""
+    def __init__(
+        self,
+        *,
+        op_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "op_id", b"op_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpStatusRequest: _TypeAlias = GetOpStatusRequest  # noqa: Y015
+
+@_typing.final
+class OpStatus(_message.Message):
+    """One signed operation's fate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_ID_FIELD_NUMBER: _builtins.int
+    VMID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    FATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    UPID_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SIGNERS_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    op_id: _builtins.str
+    """The signed operation's id: the same in the journal, the log (op_id), ListOperations and the CLI."""
+    vmid: _builtins.int
+    """Guest id."""
+    op_kind: _builtins.str
+    """The signed op kind (guest.destroy, config.disk_detach, ...)."""
+    fate: Global___OpFate.ValueType
+    """Where it is."""
+    detail: _builtins.str
+    """Waiting: why; ran and failed: the error; refused or revoked: the refusal's detail."""
+    reason: Global___RefusalReason.ValueType
+    """Refused or revoked: why."""
+    outcome: _builtins.str
+    """Ran: ok, failed or unknown."""
+    upid: _builtins.str
+    """The Proxmox task id, when its call returned one."""
+    at_unix_ms: _builtins.int
+    """When the latest record about it was written (or it was accepted), Unix time in milliseconds."""
+    not_after: _builtins.int
+    """Waiting: when it expires (it is then dropped unrun), Unix seconds."""
+    @_builtins.property
+    def signers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key ids that signed it (once it began)."""
+
+    def __init__(
+        self,
+        *,
+        op_id: _builtins.str = ...,
+        vmid: _builtins.int = ...,
+        op_kind: _builtins.str = ...,
+        fate: Global___OpFate.ValueType = ...,
+        detail: _builtins.str = ...,
+        reason: Global___RefusalReason.ValueType = ...,
+        outcome: _builtins.str = ...,
+        upid: _builtins.str = ...,
+        at_unix_ms: _builtins.int = ...,
+        signers: _abc.Iterable[_builtins.str] | None = ...,
+        not_after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "detail", b"detail", "fate", b"fate", "not_after", b"not_after", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "reason", b"reason", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpStatus: _TypeAlias = OpStatus  # noqa: Y015
+
+@_typing.final
+class GetOpStatusResponse(_message.Message):
+    """Signed operations, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpStatus]:
+        """One entry per operation."""
+
+    def __init__(
+        self,
+        *,
+        ops: _abc.Iterable[Global___OpStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpStatusResponse: _TypeAlias = GetOpStatusResponse  # noqa: Y015

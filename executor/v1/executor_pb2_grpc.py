@@ -70,6 +70,11 @@ class ExecutorServiceStub:
                 request_serializer=executor_dot_v1_dot_executor__pb2.RevokeOpRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_executor__pb2.RevokeOpResponse.FromString,
                 _registered_method=True)
+        self.GetOpStatus = channel.unary_unary(
+                '/executor.v1.ExecutorService/GetOpStatus',
+                request_serializer=executor_dot_v1_dot_executor__pb2.GetOpStatusRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_executor__pb2.GetOpStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -113,7 +118,7 @@ class ExecutorServiceServicer:
 
     def SubmitOp(self, request, context):
         """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +126,14 @@ class ExecutorServiceServicer:
 
     def RevokeOp(self, request, context):
         """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOpStatus(self, request, context):
+        """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+        NOT_FOUND for an op id this executor has no trace of. Reads only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +176,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.RevokeOp,
                     request_deserializer=executor_dot_v1_dot_executor__pb2.RevokeOpRequest.FromString,
                     response_serializer=executor_dot_v1_dot_executor__pb2.RevokeOpResponse.SerializeToString,
+            ),
+            'GetOpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpStatus,
+                    request_deserializer=executor_dot_v1_dot_executor__pb2.GetOpStatusRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_executor__pb2.GetOpStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +373,33 @@ class ExecutorService:
             '/executor.v1.ExecutorService/RevokeOp',
             executor_dot_v1_dot_executor__pb2.RevokeOpRequest.SerializeToString,
             executor_dot_v1_dot_executor__pb2.RevokeOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.ExecutorService/GetOpStatus',
+            executor_dot_v1_dot_executor__pb2.GetOpStatusRequest.SerializeToString,
+            executor_dot_v1_dot_executor__pb2.GetOpStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,10 +45,14 @@ class ExecutorServiceStub:
     """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
     SubmitOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]
     """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
     """
     RevokeOp: _grpc.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+    GetOpStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetOpStatusRequest, _executor_pb2.GetOpStatusResponse]
+    """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+    NOT_FOUND for an op id this executor has no trace of. Reads only.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -67,10 +71,14 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Describe an operation for signing: reads the guest's config and digest, issues a challenge; mutates nothing."""
     SubmitOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.SubmitOpRequest, _executor_pb2.SubmitOpResponse]  # type: ignore[assignment]
     """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-    comes through ListOperations). Rate-limited; junk is refused before any journal write.
+    comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
     """
     RevokeOp: _aio.UnaryUnaryMultiCallable[_executor_pb2.RevokeOpRequest, _executor_pb2.RevokeOpResponse]  # type: ignore[assignment]
     """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+    GetOpStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetOpStatusRequest, _executor_pb2.GetOpStatusResponse]  # type: ignore[assignment]
+    """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+    NOT_FOUND for an op id this executor has no trace of. Reads only.
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The node daemon's control and status API (loopback-only by default: Reconcile mutates)."""
@@ -122,7 +130,7 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.SubmitOpResponse, _abc.Awaitable[_executor_pb2.SubmitOpResponse]]:
         """Submit a signed operation: verified, then queued in the guest's lane (admission only: the result
-        comes through ListOperations). Rate-limited; junk is refused before any journal write.
+        comes through GetOpStatus and ListOperations). Rate-limited; junk is refused before any journal write.
         """
 
     @_abc_1.abstractmethod
@@ -132,5 +140,15 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.RevokeOpResponse, _abc.Awaitable[_executor_pb2.RevokeOpResponse]]:
         """Revoke a signed operation before it runs: a signed op.revoke names it; its nonce is spent for good."""
+
+    @_abc_1.abstractmethod
+    def GetOpStatus(
+        self,
+        request: _executor_pb2.GetOpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.GetOpStatusResponse, _abc.Awaitable[_executor_pb2.GetOpStatusResponse]]:
+        """What became of a signed operation (or of the most recent ones): waiting, running, ran, refused or revoked.
+        NOT_FOUND for an op id this executor has no trace of. Reads only.
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
