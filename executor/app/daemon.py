@@ -25,7 +25,7 @@ from executor.app.selftest import selftest
 from executor.app.wiring import build, open_journal, provider
 from executor.config import ExecutorSettings
 from executor.loop.desired import DesiredStateError, EmptyProvider
-from executor.loop.engine import Engine, TickOutcome
+from executor.loop.engine import Engine, TickOutcome, TickSummary
 from executor.loop.planner_client import PlannerError
 from executor.loop.recovery import RecoveryInterruptedError, recover
 from executor.metrics import ExecutorMetrics
@@ -82,6 +82,8 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
             return 0 if stop.is_set() else 1
         if settings.once:
             summary = engine.tick(wait=True)
+            if summary.outcome is not TickOutcome.OK:
+                print(f"pve-executor: {failed_tick(summary)}", file=sys.stderr)
             return 0 if summary.outcome is TickOutcome.OK else 1
         _loop(engine, stop, settings.interval)
         return 0
@@ -91,6 +93,17 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         parts.close(settings.grace)
         if endpoint is not None:
             endpoint.stop()
+
+
+ONCE_FAILED = {  # what `run --once` prints when its tick failed, by how it ended
+    TickOutcome.PVE_UNAVAILABLE: "Proxmox: {error}",
+    TickOutcome.ACTIONS_FAILED: "{failed} action(s) failed: each `action` log line above says why",
+}
+
+
+def failed_tick(summary: TickSummary) -> str:
+    """The one line `run --once` ends with when its tick failed (the error keeps its cause and the flag to fix)."""
+    return ONCE_FAILED.get(summary.outcome, "{error}").format(error=summary.error, failed=summary.failed)
 
 
 def reload_on_hangup(desk: OpDesk) -> None:

@@ -55,6 +55,8 @@ class TickSummary:
     started: float
     outcome: TickOutcome = TickOutcome.OK
     error: str = ""
+    cause: str | None = None  # a connection failure's stable code (``ExecutorError.cause``)
+    hint: str = ""  # what to do about it, naming the flag
     duration: float = 0.0
     queued: int = 0
     succeeded: int = 0
@@ -156,7 +158,8 @@ class Engine:
                  failed=summary.failed, skipped=summary.skipped, deferred=summary.deferred,
                  elsewhere=summary.elsewhere, refused=summary.refused, approvals_pending=summary.pending,
                  stops_deferred=summary.stops_deferred, duration_s=round(summary.duration, 3),
-                 **({"error": summary.error} if summary.error else {}))
+                 **({"error": summary.error} if summary.error else {}),
+                 **({"cause": summary.cause, "hint": summary.hint} if summary.cause else {}))
         return summary
 
     def _tick(self, summary: TickSummary, wait: bool) -> None:
@@ -178,6 +181,7 @@ class Engine:
             observed = observe(self.pve, [d for d in declared if d.vmid not in held], pool=self._reader)
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
+            summary.cause, summary.hint = exc.cause, exc.hint
             return
         held |= self.funnel.held(since=read_at)  # and a job that ended while we read: that read is stale
         wanted = [d for d in declared if d.vmid not in held]
@@ -190,6 +194,7 @@ class Engine:
             return
         except PlannerUnavailableError as exc:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
+            summary.cause, summary.hint = exc.cause, exc.hint
             return
         unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
         summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
