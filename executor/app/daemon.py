@@ -81,10 +81,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         if not _recover(engine, parts.reader, api, stop):
             return 0 if stop.is_set() else 1
         if settings.once:
-            summary = engine.tick(wait=True)
-            if summary.outcome is not TickOutcome.OK:
-                print(f"pve-executor: {failed_tick(summary)}", file=sys.stderr)
-            return 0 if summary.outcome is TickOutcome.OK else 1
+            return _once(engine)
         _loop(engine, stop, settings.interval)
         return 0
     finally:
@@ -99,6 +96,15 @@ ONCE_FAILED = {  # what `run --once` prints when its tick failed, by how it ende
     TickOutcome.PVE_UNAVAILABLE: "Proxmox: {error}",
     TickOutcome.ACTIONS_FAILED: "{failed} action(s) failed: each `action` log line above says why",
 }
+
+
+def _once(engine: Engine) -> int:
+    """`run --once`'s tick: 0 when it went well, else 1 and one line on stderr that says why."""
+    summary = engine.tick(wait=True)
+    if summary.outcome is TickOutcome.OK:
+        return 0
+    print(f"pve-executor: {failed_tick(summary)}", file=sys.stderr)
+    return 1
 
 
 def failed_tick(summary: TickSummary) -> str:
