@@ -94,7 +94,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
 
 ONCE_FAILED = {  # what `run --once` prints when its tick failed, by how it ended
     TickOutcome.PVE_UNAVAILABLE: "Proxmox: {error}",
-    TickOutcome.ACTIONS_FAILED: "{failed} action(s) failed: each `action` log line above says why",
+    TickOutcome.ACTIONS_FAILED: "{failed} action(s) failed: {error}",
 }
 
 

@@ -213,6 +213,7 @@ class Engine:
             summary.pending = len(self.gate.pending())
             if tracker.failed:
                 summary.outcome = TickOutcome.ACTIONS_FAILED
+                summary.error = "; ".join(tracker.errors)
 
     def close(self) -> None:
         """Stop the config readers."""

@@ -89,7 +89,7 @@ def classify(code: grpc.StatusCode, details: str, target: str, tls: ClientTls | 
         return None
     cause = CAUSES[found]
     what = cause.what.format(cert=tls.cert if tls is not None else "")
-    return PlannerFailure(found, f"planner at {target}: {what}: {cause.hint}", cause.hint)
+    return PlannerFailure(found, f"planner at {target}: {what} ({code.name}): {cause.hint}", cause.hint)
 
 
 def address(target: str) -> tuple[str, int] | None:
