@@ -24,6 +24,7 @@ from executor.app.connect import api_tls
 from executor.app.selftest import selftest
 from executor.app.wiring import build, open_journal, provider
 from executor.config import ExecutorSettings
+from executor.errors import failure_fields
 from executor.loop.desired import DesiredStateError, EmptyProvider
 from executor.loop.engine import Engine, TickOutcome, TickSummary
 from executor.loop.planner_client import PlannerError
@@ -133,7 +134,9 @@ def _recover(engine: Engine, reader: PveReader, api: Running | None, stop: threa
         recover(journal, reader, stop=stop, register_grace=engine.gate.settings.lost_grace)
     except RecoveryInterruptedError as exc:
         event = "shutdown_during_recovery" if stop.is_set() else "recovery_incomplete"
-        log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()))
+        log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()), **failure_fields(exc))
+        if not stop.is_set():
+            print(f"pve-executor: recovery incomplete: {exc}", file=sys.stderr)
         return False
     engine.recovering.clear()
     if api is not None:
