@@ -227,3 +227,15 @@ def test_no_answer_is_counted_by_its_cause(fakepve: Any, fakepve_cafile: str, si
     for cause in ("refused", "timeout"):
         assert metrics.registry.get_sample_value("pve_executor_pve_api_errors_total",
                                                  {"status": "none", "cause": cause}) == 1, cause
+
+
+def test_a_password_account_with_a_second_factor_is_told_to_use_a_token(fakepve: Any, fakepve_cafile: str) -> None:
+    """fakepve answers the ticket with NeedTFA (as PVE does for a TFA account): the way out is an API token."""
+    fakepve.tfa = True
+    metrics = ExecutorMetrics()
+    with pytest.raises(PveError) as caught:
+        ProxmoxNode(Connection(host="127.0.0.1", port=fakepve.port, node="pve1", ca_file=fakepve_cafile,
+                               credentials=Credentials(user="root@pam", password="secret")), on_error=metrics.pve_error)
+    assert caught.value.cause == "auth_tfa" and "--pve-token-id" in str(caught.value), caught.value
+    assert metrics.registry.get_sample_value("pve_executor_pve_api_errors_total",
+                                             {"status": "401", "cause": "auth_tfa"}) == 1

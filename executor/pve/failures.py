@@ -48,6 +48,8 @@ CAUSES = {cause.code: cause for cause in (
     Cause("unreachable", "no route to the host", "check --pve-url and the network between here and the node"),
     Cause("network", "connection failed", "check --pve-url and the network between here and the node"),
     Cause("auth", "credentials refused (401)", "check {credentials}"),
+    Cause("auth_tfa", "this account logs in with a second factor, which an unattended executor cannot give",
+          "use an API token: --pve-token-id and --pve-token-file"),
     Cause("privilege", "permission denied (403)", "{grant}"),
 )}
 
@@ -70,6 +72,7 @@ VERIFY_CODES = {10: "tls_expired", 62: "tls_name", 64: "tls_name"}  # OpenSSL: e
 UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 CREDENTIALS = {True: "--pve-token-id (USER@REALM!ID) and the secret in --pve-token-file",
                False: "--pve-user (USER@REALM) and the password in --pve-password-file"}
+LOGIN_STATUS = re.compile(r"code: (?P<status>\d{3})")  # proxmoxer's login error: "... code: 401"
 PERMISSION = re.compile(r"Permission check failed \((?P<path>[^,()]*), (?P<privilege>[^()]+)\)")
 
 
@@ -112,6 +115,16 @@ def answered(status: int, text: str, user: str) -> Failure | None:
         hint = CAUSES["privilege"].hint.format(grant=grant(text, user))
         return Failure("privilege", f"{text} (403 for {user}): {hint}", hint)
     return None
+
+
+def login_refused(text: str, user: str) -> tuple[int | None, Failure | None]:
+    """proxmoxer's login error (``text``: its words, which hold no password) as (HTTP status, failure)."""
+    if "Two Factor" in text:
+        cause = CAUSES["auth_tfa"]
+        return 401, Failure(cause.code, f"login as {user}: {cause.what}: {cause.hint}", cause.hint)
+    found = LOGIN_STATUS.search(text)
+    status = int(found["status"]) if found else 401
+    return status, answered(status, "authentication failure", user) if status == 401 else None
 
 
 def grant(text: str, user: str) -> str:

@@ -206,7 +206,9 @@ class Session:
         try:
             return ProxmoxAPI(c.host, **kwargs)
         except AuthenticationError as exc:  # proxmoxer's text names the URL and the user, never the password
-            raise self._answered(401, "authentication failure") from exc
+            status, failure = failures.login_refused(str(exc), creds.user)
+            self._on_error(status, failure.code if failure is not None else "http")
+            raise PveError(f"login as {creds.user} failed (HTTP {status})", status, failure=failure) from exc
         except requests.RequestException as exc:
             raise self._unanswered(exc, PveUnavailableError) from exc
 
