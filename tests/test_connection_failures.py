@@ -104,33 +104,46 @@ def events(result: subprocess.CompletedProcess[str], name: str) -> list[dict[str
 CODES = ("tls_untrusted", "refused", "dns", "timeout", "auth")
 
 
-@pytest.mark.parametrize("code", CODES)
-def test_plan_says_why_it_cannot_reach_proxmox_and_which_flag_to_fix(code: str, cases: dict[str, Case],
-                                                                      fakepve_cafile: str, tmp_path: Path) -> None:
-    """`plan`: one line naming the cause and the flag; each cause its own words."""
-    case = cases[code]
-    line = last_line(run(command(case, fakepve_cafile, tmp_path, "127.0.0.1:1", "plan")))
-    assert line.startswith("pve-executor: Proxmox: "), line
-    assert all(word in line for word in case.words), (code, line)
-    others = [word for other in CODES if other != code for word in cases[other].words[:1]]
-    assert not any(word in line for word in others), (code, line)  # distinct: no cause reads as another
+def run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The commands at once (each is mostly start-up and waiting), to their ends."""
+    children = {key: subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for key, argv in commands.items()}
+    results = {}
+    for key, child in children.items():
+        out, err = child.communicate(timeout=60)
+        results[key] = subprocess.CompletedProcess(child.args, child.returncode, out, err)
+    return results
 
 
-@pytest.mark.parametrize("code", CODES)
-def test_run_once_logs_the_cause_and_the_hint_and_ends_with_one_line(code: str, cases: dict[str, Case],
-                                                                     fakepve_cafile: str, tmp_path: Path) -> None:
+def test_plan_says_why_it_cannot_reach_proxmox_and_which_flag_to_fix(cases: dict[str, Case], fakepve_cafile: str,
+                                                                      tmp_path: Path) -> None:
+    """`plan`: for each cause one line naming it and the flag; no cause reads as another."""
+    results = run_all({code: command(cases[code], fakepve_cafile, tmp_path / code, "127.0.0.1:1", "plan")
+                       for code in CODES if (tmp_path / code).mkdir() is None})
+    for code, result in results.items():
+        line = last_line(result)
+        assert line.startswith("pve-executor: Proxmox: "), line
+        assert all(word in line for word in cases[code].words), (code, line)
+        others = [cases[other].words[0] for other in CODES if other != code]
+        assert not any(word in line for word in others), (code, line)
+
+
+def test_run_once_logs_the_cause_and_the_hint_and_ends_with_one_line(cases: dict[str, Case], fakepve_cafile: str,
+                                                                     tmp_path: Path) -> None:
     """`run --once`: the tick event carries cause= (a stable code) and hint= (naming the flag); a last line."""
-    case = cases[code]
     desired = tmp_path / "desired.yaml"
     desired.write_text("guests:\n  - vmid: 100\n    state: running\n")
-    result = run(command(case, fakepve_cafile, tmp_path, "127.0.0.1:1", "run", "--once", "--desired", str(desired),
-                         "--state-dir", str(tmp_path / "state")))
-    line = last_line(result)
-    assert line.startswith("pve-executor: Proxmox: ") and case.words[0] in line, line
-    ticks = events(result, "tick")
-    assert [(t["outcome"], t.get("cause")) for t in ticks] == [("pve_unavailable", code)], ticks
-    flag = next(word for word in case.words if word.startswith("--"))
-    assert flag in ticks[0]["hint"], ticks[0]
+    results = run_all({code: command(cases[code], fakepve_cafile, tmp_path / code, "127.0.0.1:1", "run", "--once",
+                                     "--desired", str(desired), "--state-dir", str(tmp_path / code / "state"))
+                       for code in CODES if (tmp_path / code).mkdir() is None})
+    for code, result in results.items():
+        case = cases[code]
+        line = last_line(result)
+        assert line.startswith("pve-executor: Proxmox: ") and case.words[0] in line, line
+        ticks = events(result, "tick")
+        assert [(t["outcome"], t.get("cause")) for t in ticks] == [("pve_unavailable", code)], ticks
+        flag = next(word for word in case.words if word.startswith("--"))
+        assert flag in ticks[0]["hint"], ticks[0]
 
 
 def test_a_wrong_password_names_the_password_flags(fakepve: Any, fakepve_cafile: str, tmp_path: Path) -> None:
