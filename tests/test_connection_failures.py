@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ def _cases(fakepve: Any, silent: int) -> dict[str, Case]:
 
 def command(case: Case, cafile: str, tmp_path: Path, planner: str, *args: str) -> list[str]:
     """pve-executor ``args`` with the case's URL, token (its secret in a file) and ``cafile`` (or none), JSON logs."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     secret = tmp_path / "token"
     secret.write_text(case.secret + "\n")
     ca = ["--pve-ca-file", cafile] if case.ca else []
@@ -119,7 +121,7 @@ def test_plan_says_why_it_cannot_reach_proxmox_and_which_flag_to_fix(cases: dict
                                                                       tmp_path: Path) -> None:
     """`plan`: for each cause one line naming it and the flag; no cause reads as another."""
     results = run_all({code: command(cases[code], fakepve_cafile, tmp_path / code, "127.0.0.1:1", "plan")
-                       for code in CODES if (tmp_path / code).mkdir() is None})
+                       for code in CODES})
     for code, result in results.items():
         line = last_line(result)
         assert line.startswith("pve-executor: Proxmox: "), line
@@ -135,7 +137,7 @@ def test_run_once_logs_the_cause_and_the_hint_and_ends_with_one_line(cases: dict
     desired.write_text("guests:\n  - vmid: 100\n    state: running\n")
     results = run_all({code: command(cases[code], fakepve_cafile, tmp_path / code, "127.0.0.1:1", "run", "--once",
                                      "--desired", str(desired), "--state-dir", str(tmp_path / code / "state"))
-                       for code in CODES if (tmp_path / code).mkdir() is None})
+                       for code in CODES})
     for code, result in results.items():
         case = cases[code]
         line = last_line(result)
@@ -252,3 +254,31 @@ def test_a_password_account_with_a_second_factor_is_told_to_use_a_token(fakepve:
     assert caught.value.cause == "auth_tfa" and "--pve-token-id" in str(caught.value), caught.value
     assert metrics.registry.get_sample_value("pve_executor_pve_api_errors_total",
                                              {"status": "401", "cause": "auth_tfa"}) == 1
+
+
+@pytest.fixture(name="plain_http")
+def _plain_http() -> Iterator[int]:
+    """A port on 127.0.0.1 that answers plain HTTP (a web server where Proxmox's TLS port was meant)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield int(listener.getsockname()[1])
+    listener.close()
+
+
+def test_a_port_that_does_not_speak_tls_says_so(fakepve_cafile: str, plain_http: int) -> None:
+    """Plain HTTP where TLS was expected: cause tls, OpenSSL's reason, and the port in --pve-url to check."""
+    with pytest.raises(PveError) as caught:
+        ProxmoxNode(Connection(host="127.0.0.1", port=plain_http, node="pve1", ca_file=fakepve_cafile,
+                               credentials=Credentials(user=TOKEN, token_secret=SECRET))).guests()
+    assert caught.value.cause == "tls" and "--pve-url" in str(caught.value), caught.value
+    assert "WRONG_VERSION_NUMBER" in str(caught.value), caught.value

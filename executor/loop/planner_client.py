@@ -10,7 +10,7 @@ import grpc
 from common.grpcserver import ClientTls, channel_credentials
 from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.loop.desired import Declared
-from executor.loop.planner_failures import classify
+from executor.loop.planner_failures import diagnose
 from executor.pve.node import LXC, QEMU, GuestState
 from planner.v1 import planner_pb2 as pb
 from planner.v1 import planner_pb2_grpc as pb_grpc
@@ -99,7 +99,7 @@ class PlannerClient:
 
     def _unavailable(self, code: grpc.StatusCode, details: str) -> PlannerUnavailableError:
         """The error of a call that failed for good: its cause and the flag to fix, when they are known."""
-        failure = classify(code, details, self._target, self._tls)
+        failure = diagnose(code, details, self._target, self._tls)
         if failure is None:
             return PlannerUnavailableError(f"planner: {code.name}: {details}")
         return PlannerUnavailableError(failure.message, failure.code, failure.hint)

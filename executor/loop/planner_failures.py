@@ -78,7 +78,7 @@ class PlannerFailure:
     hint: str
 
 
-def classify(code: grpc.StatusCode, details: str, target: str, tls: ClientTls | None) -> PlannerFailure | None:
+def diagnose(code: grpc.StatusCode, details: str, target: str, tls: ClientTls | None) -> PlannerFailure | None:
     """The cause of a failed call to ``target`` (None: not a connection failure gRPC says enough about)."""
     found = "timeout" if code is grpc.StatusCode.DEADLINE_EXCEEDED else None
     if code is grpc.StatusCode.UNAVAILABLE:

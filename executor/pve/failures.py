@@ -95,6 +95,8 @@ def transport(exc: BaseException, where: str, timeout: float) -> Failure:
             if isinstance(found, ssl.SSLCertVerificationError):
                 code = VERIFY_CODES.get(found.verify_code, row)
                 detail = str(found.verify_message or "").rstrip(".")
+            elif isinstance(found, ssl.SSLError):
+                detail = str(found.reason or "")  # OpenSSL's reason: WRONG_VERSION_NUMBER is not TLS at all
             break
     else:
         oserror = found_in(exc, OSError)
