@@ -26,6 +26,10 @@ NOT_REASONS = {
     "PVE": "proxmoxer's service name",
     "UPID": "a NewType name",
     "FAILED": "the dry run's mark for a step that could not be authorized (never sent as a refusal)",
+    **dict.fromkeys(("KEY_VALUES_MISMATCH", "CERTIFICATE_VERIFY_FAILED", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                     "PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                     "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+                    "OpenSSL's reason for a TLS failure (executor.app.connect, executor.loop.planner_failures)"),
 }
 
 

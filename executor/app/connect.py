@@ -78,7 +78,8 @@ def _loadable(tls: ClientTls) -> None:
         try:
             context.load_cert_chain(tls.cert, tls.key)
         except ssl.SSLError as exc:
-            raise ConfigError("planner_client_key", _pair_problem(tls.cert, tls.key, str(exc.reason or "PEM"))) from exc
+            problem = _pair_problem(tls.cert, tls.key, str(exc.reason or "not PEM"))
+            raise ConfigError("planner_client_key", problem) from exc
 
 
 def _pair_problem(cert: str, key: str, reason: str) -> str:
