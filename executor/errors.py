@@ -16,7 +16,24 @@ from __future__ import annotations
 
 
 class ExecutorError(Exception):
-    """Any error the executor raises on purpose."""
+    """Any error the executor raises on purpose; a connection failure says why (``cause``) and what to do (``hint``).
+
+    ``cause`` is a stable short code (``tls_untrusted``, ``refused``, ``dns``, ``timeout``, ``auth``,
+    ``privilege``, ``planner_tls_required``...; the tables are ``executor.pve.failures`` and
+    ``executor.loop.planner_failures``), None for an error that is not a connection failure.
+    """
+
+    cause: str | None = None
+    hint: str = ""
+
+
+def failure_fields(exc: BaseException) -> dict[str, str]:
+    """The log fields of a failure's cause (``cause=``, ``hint=``): empty for an error without one."""
+    cause = getattr(exc, "cause", None)
+    if not isinstance(cause, str):
+        return {}
+    hint = getattr(exc, "hint", "")
+    return {"cause": cause, **({"hint": hint} if isinstance(hint, str) and hint else {})}
 
 
 class TemporaryError(ExecutorError):

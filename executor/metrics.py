@@ -22,8 +22,9 @@ class ExecutorMetrics:
                                "(ok, failed, unknown).", ["kind", "outcome"], registry=r)
         self.task_wait = Histogram("pve_executor_task_wait_seconds", "Time from a task's UPID to its end.",
                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900), registry=r)
-        self.pve_errors = Counter("pve_executor_pve_api_errors", "Proxmox API errors, by HTTP status "
-                                  "(none: no answer).", ["status"], registry=r)
+        self.pve_errors = Counter("pve_executor_pve_api_errors", "Proxmox API errors, by HTTP status (none: no "
+                                  "answer) and cause (tls_untrusted, refused, dns, timeout, auth, privilege, ...; "
+                                  "http: any other error answer).", ["status", "cause"], registry=r)
         self.journal_append = Histogram("pve_executor_journal_append_seconds", "Latency of a durable journal append.",
                                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
                                         registry=r)
@@ -37,9 +38,9 @@ class ExecutorMetrics:
         self.in_flight = Gauge("pve_executor_in_flight_operations", "Journal operations begun and not ended.",
                                registry=r)
 
-    def pve_error(self, status: int | None) -> None:
-        """Count one Proxmox API error."""
-        self.pve_errors.labels("none" if status is None else str(status)).inc()
+    def pve_error(self, status: int | None, cause: str) -> None:
+        """Count one Proxmox API error by its status and its cause (``executor.pve.failures``)."""
+        self.pve_errors.labels("none" if status is None else str(status), cause).inc()
 
     def watch(self, busy: Callable[[], dict[int, int]], in_flight: Callable[[], int]) -> None:
         """Compute the gauges at scrape time."""

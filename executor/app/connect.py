@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,11 +48,47 @@ def connection(settings: ExecutorSettings) -> Connection:
 
 
 def planner_tls(settings: ExecutorSettings) -> ClientTls | None:
-    """TLS towards the planner, when asked for (a client certificate makes it mutual)."""
+    """TLS towards the planner, when asked for (a client certificate makes it mutual); its files checked now."""
     pair(settings.planner_client_cert, settings.planner_client_key, ("planner_client_cert", "planner_client_key"))
     if not (settings.planner_tls or settings.planner_ca or settings.planner_client_cert):
         return None
-    return ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key)
+    tls = ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key)
+    _loadable(tls)
+    return tls
+
+
+def _loadable(tls: ClientTls) -> None:
+    """ConfigError naming the flag and the file unless every file reads, parses, and the key fits its certificate.
+
+    gRPC would only say "Failed to create security handshaker" at the first call, and naming nothing.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for path, key in ((tls.ca, "planner_ca"), (tls.cert, "planner_client_cert"), (tls.key, "planner_client_key")):
+        if path:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    if tls.ca:
+        try:
+            context.load_verify_locations(tls.ca)
+        except ssl.SSLError as exc:
+            raise ConfigError("planner_ca", f"{tls.ca}: not a PEM CA certificate ({exc.reason or exc})") from exc
+    if tls.cert and tls.key:
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except ssl.SSLError as exc:
+            problem = _pair_problem(tls.cert, tls.key, str(exc.reason or "not PEM"))
+            raise ConfigError("planner_client_key", problem) from exc
+
+
+def _pair_problem(cert: str, key: str, reason: str) -> str:
+    """What is wrong with a client certificate and key that do not load together (both flags, both files)."""
+    if reason == "KEY_VALUES_MISMATCH":
+        return (f"{key} is not the key of {cert}: give --planner-client-cert and --planner-client-key "
+                "from one pair")
+    return (f"{cert} (--planner-client-cert) and {key} (--planner-client-key) do not load as a PEM "
+            f"certificate and its key ({reason})")
 
 
 def api_tls(settings: ExecutorSettings) -> ServerTls | None:

@@ -28,8 +28,9 @@ from executor.app.selftest import selftest
 from executor.app.whoami import roles_naming
 from executor.app.wiring import Parts, build, open_journal, provider
 from executor.config import ExecutorSettings
+from executor.errors import failure_fields
 from executor.loop.desired import DesiredStateError, EmptyProvider
-from executor.loop.engine import Engine, TickOutcome
+from executor.loop.engine import Engine, TickOutcome, TickSummary
 from executor.loop.planner_client import PlannerError
 from executor.loop.recovery import RecoveryInterruptedError, recover
 from executor.metrics import ExecutorMetrics
@@ -111,14 +112,33 @@ def _listen(settings: ExecutorSettings, parts: Parts, metrics: ExecutorMetrics,
     return api, endpoint
 
 
+ONCE_FAILED = {  # what `run --once` prints when its tick failed, by how it ended
+    TickOutcome.PVE_UNAVAILABLE: "Proxmox: {error}",
+    TickOutcome.ACTIONS_FAILED: "{failed} action(s) failed: {error}",
+}
+
+
+def _once(engine: Engine) -> int:
+    """`run --once`'s tick: 0 when it went well, else 1 and one line on stderr that says why."""
+    summary = engine.tick(wait=True)
+    if summary.outcome is TickOutcome.OK:
+        return 0
+    print(f"pve-executor: {failed_tick(summary)}", file=sys.stderr)
+    return 1
+
+
+def failed_tick(summary: TickSummary) -> str:
+    """The one line `run --once` ends with when its tick failed (the error keeps its cause and the flag to fix)."""
+    return ONCE_FAILED.get(summary.outcome, "{error}").format(error=summary.error, failed=summary.failed)
+
+
 def _serve(settings: ExecutorSettings, parts: Parts, api: Running | None, stop: threading.Event) -> int:
     """Recover, then one tick (--once) or a tick every interval until stopped; the exit status."""
     engine = parts.engine
     if not _recover(engine, parts.reader, api, stop):
         return 0 if stop.is_set() else 1
     if settings.once:
-        summary = engine.tick(wait=True)
-        return 0 if summary.outcome is TickOutcome.OK else 1
+        return _once(engine)
     _loop(engine, stop, settings.interval)
     return 0
 
@@ -194,7 +214,9 @@ def _recover(engine: Engine, reader: PveReader, api: Running | None, stop: threa
         recover(journal, reader, stop=stop, register_grace=engine.gate.settings.lost_grace)
     except RecoveryInterruptedError as exc:
         event = "shutdown_during_recovery" if stop.is_set() else "recovery_incomplete"
-        log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()))
+        log.warning(event, error=str(exc), left_in_flight=len(journal.in_flight()), **failure_fields(exc))
+        if not stop.is_set():
+            print(f"pve-executor: recovery incomplete: {exc}", file=sys.stderr)
         return False
     engine.recovering.clear()
     if api is not None:

@@ -44,7 +44,8 @@ def _write(funnel: Funnel, pve: PveReader, vmid: int, values: dict[str, str], de
     if submission.admission.refused:
         raise PveError(f"the gate refused the write: {submission.admission.refused[0].detail}")
     if submission.tracker.failed or submission.tracker.remaining:
-        raise PveError("the description write failed (see the action log line)")
+        why = "; ".join(submission.tracker.errors) or "see the action log line"
+        raise PveError(f"the description write failed: {why}")
 
 
 def selftest(funnel: Funnel, pve: PveReader, planner: PlannerClient, vmid: int) -> SelftestResult:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from executor.errors import failure_fields
 from executor.gate.actions import START, STOP, Step
 from executor.gate.approvals import ApprovalBook
 from executor.gate.decisions import (
@@ -43,7 +44,7 @@ from executor.gate.standing import StandingRefusals
 from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PendingSection, PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
-from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, wait_task
+from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, upid_user, wait_task
 from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
@@ -102,7 +103,13 @@ class Lane:
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
         self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
         self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
+        self._failures: dict[int, str] = {}  # vmid -> why its last failed step failed (PVE's words and the hint)
         self.ahead = ahead  # the next starts' pending sections, read early (None: always read in the lane)
+
+    def failure(self, vmid: int) -> str:
+        """Why guest ``vmid``'s last failed step failed ("" if none did): for a one-shot command's last line."""
+        with self._lock:
+            return self._failures.get(vmid, "")
 
     def counters(self) -> collections.Counter[tuple[str, str]]:
         """Actions run, by (kind, outcome)."""
@@ -286,8 +293,10 @@ class Lane:
         try:
             refusal = self.authorize(admitted)
         except PveError as exc:
-            bound.warning("action", outcome="failed", error=f"cannot authorize: {exc}")
+            bound.warning("action", outcome="failed", error=f"cannot authorize: {exc}", **failure_fields(exc))
             self._count(step.kind, Outcome.FAILED)
+            with self._lock:
+                self._failures[step.vmid] = f"cannot authorize: {exc}"
             return Outcome.FAILED
         if refusal is not None:
             return refusal
@@ -321,8 +330,13 @@ class Lane:
                 detail=f"op {op.payload.op_id} ran it ({outcome.value}): the same action needs a new proposal",
                 key=action_key(op)))
         self._count(step.kind, outcome)
+        failed = outcome is not Outcome.OK
         bound.info("action", outcome=outcome.value, duration_s=round(duration, 3),
-                   **({"error": result.exitstatus} if outcome is not Outcome.OK else {}))
+                   **({"error": result.exitstatus} if failed else {}),
+                   **({"cause": result.cause, "hint": result.hint} if failed and result.cause else {}))
+        if outcome is Outcome.FAILED:
+            with self._lock:
+                self._failures[step.vmid] = result.why
         return outcome
 
     def _call(self, admitted: Admitted, kind: ActionKind, began_at: float, bound: Any,
@@ -355,7 +369,7 @@ class Lane:
         try:
             return kind.call(self._writer, step, self._settings.calls) or ""
         except PveNotSentError as exc:  # no connection was made: a definite "not done", planned again
-            return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {exc}")
+            return TaskOutcome(TaskResult.FAILED, f"{NOT_APPLIED}: {exc}", cause=exc.cause, hint=exc.hint)
         except PveUnavailableError as exc:
             if step.guest_type in kind.untasked:  # nothing to look for; the write's digest guards the next plan
                 return TaskOutcome(TaskResult.UNKNOWN, f"no answer, and this call leaves no task: {exc}")
@@ -366,7 +380,7 @@ class Lane:
                 return found.upid
             return lost if found is None else found  # not found yet, or (no grace) proven absent
         except PveError as exc:
-            return TaskOutcome(TaskResult.FAILED, str(exc))
+            return TaskOutcome(TaskResult.FAILED, str(exc), cause=exc.cause, hint=exc.hint)
 
     def _look_up(self, call: InFlightCall, bound: Any) -> InFlightCall | TaskOutcome | None:
         """Search the guest's task list for a lost call's task.
@@ -408,7 +422,7 @@ class Lane:
             return call
         if status.get("status") != "stopped":
             return call
-        return classify_exit(str(status.get("exitstatus", "")))
+        return classify_exit(str(status.get("exitstatus", "")), upid_user(call.upid))
 
     def unsettled(self) -> set[int]:
         """Guests with a call in flight (answer lost, or task past its deadline): not to be planned.

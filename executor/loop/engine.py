@@ -55,6 +55,8 @@ class TickSummary:
     started: float
     outcome: TickOutcome = TickOutcome.OK
     error: str = ""
+    cause: str | None = None  # a connection failure's stable code (``ExecutorError.cause``)
+    hint: str = ""  # what to do about it, naming the flag
     duration: float = 0.0
     queued: int = 0
     succeeded: int = 0
@@ -161,7 +163,8 @@ class Engine:
                  elsewhere=summary.elsewhere, refused=summary.refused, approvals_pending=summary.pending,
                  stops_deferred=summary.stops_deferred, held=summary.held, staged=summary.staged,
                  duration_s=round(summary.duration, 3),
-                 **({"error": summary.error} if summary.error else {}))
+                 **({"error": summary.error} if summary.error else {}),
+                 **({"cause": summary.cause, "hint": summary.hint} if summary.cause else {}))
         return summary
 
     def _tick(self, summary: TickSummary, wait: bool) -> None:
@@ -184,6 +187,7 @@ class Engine:
                                sections=self.sections)
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
+            summary.cause, summary.hint = exc.cause, exc.hint
             return
         held |= self.funnel.held(since=read_at)  # and a job that ended while we read: that read is stale
         wanted = [d for d in declared if d.vmid not in held]
@@ -196,6 +200,7 @@ class Engine:
             return
         except PlannerUnavailableError as exc:
             summary.outcome, summary.error = TickOutcome.PLANNER_UNAVAILABLE, str(exc)
+            summary.cause, summary.hint = exc.cause, exc.hint
             return
         unreadable = {d.vmid for d in wanted if d.vmid in observed.unreadable}  # not planned: named in the log
         summary.skipped = len({s.vmid for s in plan.skipped} | unreadable)
@@ -219,6 +224,7 @@ class Engine:
             summary.pending = len(self.gate.pending())
             if tracker.failed:
                 summary.outcome = TickOutcome.ACTIONS_FAILED
+                summary.error = "; ".join(tracker.errors)
 
     def close(self) -> None:
         """Stop the config readers."""

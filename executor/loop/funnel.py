@@ -48,6 +48,7 @@ class _Tracker:
     succeeded: int = 0
     failed: int = 0
     refused: list[Refusal] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "guest N kind: why" of each failed step, as it failed
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,6 +58,10 @@ class _Tracker:
                 self.succeeded += 1
             else:
                 self.failed += 1
+
+    def record_error(self, error: str) -> None:
+        with self.lock:
+            self.errors.append(error)
 
     def record_refused(self, refusal: Refusal) -> None:
         with self.lock:
@@ -140,6 +145,8 @@ class Funnel:
                 ok = result is Outcome.OK
                 tracker.record(ok)
                 if not ok:
+                    why = self.gate.lane.failure(vmid) if result is Outcome.FAILED else "no definite answer yet"
+                    tracker.record_error(f"guest {vmid} {admitted.step.kind}: {why}")
                     for _ in steps[index + 1:]:
                         tracker.record(False)
                     self._back_off(vmid)

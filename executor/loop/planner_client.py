@@ -10,6 +10,7 @@ import grpc
 from common.grpcserver import ClientTls, channel_credentials
 from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.loop.desired import Declared
+from executor.loop.planner_failures import diagnose
 from executor.pve.node import LXC, QEMU, GuestState
 from planner.v1 import planner_pb2 as pb
 from planner.v1 import planner_pb2_grpc as pb_grpc
@@ -28,7 +29,11 @@ class PlannerError(ExecutorError, RuntimeError):
 
 
 class PlannerUnavailableError(PlannerError, TemporaryError):
-    """The planner could not be reached (after the retries): the next tick tries again."""
+    """The planner could not be reached (after the retries): the next tick tries again; ``cause`` says why."""
+
+    def __init__(self, message: str, cause: str | None = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.cause, self.hint = cause, hint
 
 
 class PlannerRefusedError(PlannerError, PermanentError):
@@ -73,6 +78,7 @@ class PlannerClient:
         self._channel = (grpc.secure_channel(target, channel_credentials(tls), options=options) if tls
                          else grpc.insecure_channel(target, options=options))
         self._stub = pb_grpc.PlannerServiceStub(self._channel)
+        self._target, self._tls = target, tls
         self._deadline, self._attempts = deadline, attempts
 
     def plan(self, desired: Sequence[pb.DesiredGuest], actual: Sequence[pb.ActualGuest]) -> pb.PlanResponse:
@@ -87,9 +93,16 @@ class PlannerClient:
                 if code in REFUSED:
                     raise PlannerRefusedError(f"planner refused the request: {code.name}: {exc.details()}") from exc
                 if code not in RETRYABLE or attempt == self._attempts:
-                    raise PlannerUnavailableError(f"planner: {code.name}: {exc.details()}") from exc
+                    raise self._unavailable(code, str(exc.details())) from exc
                 time.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
+
+    def _unavailable(self, code: grpc.StatusCode, details: str) -> PlannerUnavailableError:
+        """The error of a call that failed for good: its cause and the flag to fix, when they are known."""
+        failure = diagnose(code, details, self._target, self._tls)
+        if failure is None:
+            return PlannerUnavailableError(f"planner: {code.name}: {details}")
+        return PlannerUnavailableError(failure.message, failure.code, failure.hint)
 
     def close(self) -> None:
         """Close the channel."""

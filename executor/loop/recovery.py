@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import structlog
 
-from executor.errors import TemporaryError
+from executor.errors import TemporaryError, failure_fields
 from executor.gate.kinds import ACTION_KINDS
 from executor.pve.node import PveError, PveReader, PveUnavailableError
 from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, wait_task
@@ -82,8 +82,10 @@ def _retrying(resolve: Callable[[], T], retry_for: float, stop: threading.Event,
             return resolve()
         except PveUnavailableError as exc:
             if time.monotonic() + delay > deadline:
-                raise RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}") from exc
-            bound.warning("recovery_retrying", error=str(exc), retry_in_s=round(delay, 2))
+                interrupted = RecoveryInterruptedError(f"Proxmox unavailable for {retry_for:.0f} s: {exc}")
+                interrupted.cause, interrupted.hint = exc.cause, exc.hint
+                raise interrupted from exc
+            bound.warning("recovery_retrying", error=str(exc), retry_in_s=round(delay, 2), **failure_fields(exc))
             stop.wait(delay)
             delay = min(delay * 2, 10.0)
 

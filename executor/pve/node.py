@@ -8,7 +8,6 @@ never printed (``repr=False``) and never logged.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
 from executor.errors import ExecutorError, PermanentError, TemporaryError
+from executor.pve import failures
 from executor.pve import parse as pveparse
 
 # proxmoxer logs every request with its form data at INFO (config values, cipassword...): never.
@@ -29,22 +29,17 @@ logging.getLogger("proxmoxer").setLevel(logging.WARNING)
 QEMU, LXC = "qemu", "lxc"
 log = structlog.get_logger("executor.pve")
 T = TypeVar("T")
-E = TypeVar("E", bound=BaseException)
-# What to do about a certificate the verifier rejects, by OpenSSL's verify code; any other code: the CA file.
-CA_ADVICE = "give the CA that signed Proxmox's certificate with --pve-ca-file"
-CERT_ADVICE = {
-    10: "renew Proxmox's certificate",  # X509_V_ERR_CERT_HAS_EXPIRED
-    62: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_HOSTNAME_MISMATCH
-    64: "give --pve-url a name the certificate holds, or reissue it for this one",  # X509_V_ERR_IP_ADDRESS_MISMATCH
-}
+ErrorSink = Callable[[int | None, str], None]  # (HTTP status or None: no answer, the cause's code)
 
 
 class PveError(ExecutorError):
-    """A Proxmox call failed; ``status`` is the HTTP status (None: no answer)."""
+    """A Proxmox call failed; ``status``: the HTTP status (None: no answer); ``cause``, ``hint``: why, what to do."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int | None = None, *, failure: failures.Failure | None = None) -> None:
+        super().__init__(failure.message if failure is not None else message)
         self.status = status
+        if failure is not None:
+            self.cause, self.hint = failure.code, failure.hint
 
 
 class PveUnavailableError(PveError, TemporaryError):
@@ -192,10 +187,10 @@ class PveWriter(Protocol):
 class Session:
     """One logged-in proxmoxer API (one HTTPS session) with errors translated once."""
 
-    def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
+    def __init__(self, connection: Connection, on_error: ErrorSink | None = None) -> None:
         self.node = connection.node
         self._connection = connection
-        self._on_error = on_error or (lambda _status: None)
+        self._on_error = on_error or (lambda _status, _cause: None)
         self._login_lock = threading.Lock()
         self._api = self._login()
 
@@ -210,10 +205,12 @@ class Session:
             kwargs.update(user=creds.user, password=creds.password)
         try:
             return ProxmoxAPI(c.host, **kwargs)
-        except AuthenticationError as exc:
-            raise PveError(f"login to {c.host}:{c.port} as {creds.user} refused", 401) from exc
+        except AuthenticationError as exc:  # proxmoxer's text names the URL and the user, never the password
+            status, failure = failures.login_refused(str(exc), creds.user)
+            self._on_error(status, failure.code if failure is not None else "http")
+            raise PveError(f"login as {creds.user} failed (HTTP {status})", status, failure=failure) from exc
         except requests.RequestException as exc:
-            raise PveUnavailableError(f"cannot reach {c.host}:{c.port}: {why(exc)}") from exc
+            raise self._unanswered(exc, PveUnavailableError) from exc
 
     def call(self, request: Callable[[Any], Any]) -> Any:
         """Run one API request; translate errors once; log in again once on a 401 (tickets)."""
@@ -225,17 +222,29 @@ class Session:
                     with self._login_lock:
                         self._api = self._login()
                     continue
-                self._on_error(exc.status_code)
                 message = str(exc.content or exc.status_message).strip()
                 if exc.errors:
                     message = f"{message} {exc.errors}"
-                error = PveUnavailableError if exc.status_code in (502, 503, 504, 595, 596) else PveError
-                raise error(message, exc.status_code) from exc
+                if exc.status_code in (502, 503, 504, 595, 596):
+                    self._on_error(exc.status_code, "http")
+                    raise PveUnavailableError(message, exc.status_code) from exc
+                raise self._answered(exc.status_code, message) from exc
             except requests.RequestException as exc:
-                self._on_error(None)
-                error = PveNotSentError if _never_sent(exc) else PveUnavailableError
-                raise error(f"no answer from {self._connection.host}: {why(exc)}") from exc
+                raise self._unanswered(exc, PveNotSentError if _never_sent(exc) else PveUnavailableError) from exc
         raise AssertionError("unreachable")
+
+    def _answered(self, status: int, message: str) -> PveError:
+        """An error answer: a 401 or a 403 says what to fix (``failures.answered``); counted by its cause."""
+        failure = failures.answered(status, message, self._connection.credentials.user)
+        self._on_error(status, failure.code if failure is not None else "http")
+        return PveError(message, status, failure=failure)
+
+    def _unanswered(self, exc: requests.RequestException, error: type[PveUnavailableError]) -> PveUnavailableError:
+        """No answer: the cause found in the exception's chain (``failures.transport``); counted by it."""
+        c = self._connection
+        failure = failures.transport(exc, f"{c.host}:{c.port}", c.timeout)
+        self._on_error(None, failure.code)
+        return error(failure.message, failure=failure)
 
     def guest(self, api: Any, guest_type: str, vmid: int) -> Any:
         """The proxmoxer path of one guest of this node."""
@@ -268,35 +277,6 @@ class GuestList(list[GuestState]):
         return None
 
 
-def why(exc: requests.RequestException) -> str:
-    """What failed, for a person: a certificate Proxmox's CA file does not trust says so and what to pass.
-
-    Only the verifier's own words and the error's type: never the request (its URL, headers or body).
-    """
-    cert = _found(exc, ssl.SSLCertVerificationError)
-    if cert is not None:
-        advice = CERT_ADVICE.get(cert.verify_code, CA_ADVICE)
-        return f"TLS certificate not trusted ({cert.verify_message.rstrip('.')}): {advice}"
-    if _found(exc, ssl.SSLError) is not None:
-        return f"TLS failed ({type(exc).__name__}); check --pve-url and --pve-ca-file"
-    return type(exc).__name__
-
-
-def _found(exc: BaseException, wanted: type[E]) -> E | None:
-    """The first ``wanted`` among ``exc``, its args, ``reason`` and causes (urllib3 nests the ssl error there)."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, wanted):
-            return item
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        todo.extend((*item.args, getattr(item, "reason", None), item.__cause__, item.__context__))
-    return None
-
-
 def _never_sent(exc: requests.RequestException) -> bool:
     """Whether the request failed before a connection existed (so PVE cannot have taken it).
 
@@ -316,7 +296,7 @@ class ProxmoxNode:
     PveAnswerError naming the guest and what was wrong, never a TypeError deep in a tick.
     """
 
-    def __init__(self, connection: Connection, on_error: Callable[[int | None], None] | None = None) -> None:
+    def __init__(self, connection: Connection, on_error: ErrorSink | None = None) -> None:
         self.session = Session(connection, on_error)
         self.node = connection.node
         self._call = self.session.call

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from executor.pve import failures
 from executor.pve.node import PveError, PveReader, PveUnavailableError
 
 
@@ -24,20 +25,43 @@ NOT_APPLIED = "not applied"
 
 @dataclass(frozen=True, slots=True)
 class TaskOutcome:
-    """A task's result and PVE's exit status text; ``ended`` False: no definite answer yet (still in flight)."""
+    """A task's result and PVE's exit status text; ``ended`` False: no definite answer yet (still in flight).
+
+    ``cause``, ``hint``: a failure's stable code and what to do (``executor.pve.failures``), when known.
+    """
 
     result: TaskResult
     exitstatus: str
     ended: bool = True
+    cause: str | None = None
+    hint: str = ""
+
+    @property
+    def why(self) -> str:
+        """The exit status with the hint, for a person (the hint once: a call's error already ends with it)."""
+        return self.exitstatus if not self.hint or self.hint in self.exitstatus else f"{self.exitstatus}: {self.hint}"
 
 
-def classify_exit(exitstatus: str) -> TaskOutcome:
-    """PVE's exit status: ``OK`` and ``WARNINGS: n`` succeed, "unexpected status" is unknown."""
+def classify_exit(exitstatus: str, user: str = "") -> TaskOutcome:
+    """PVE's exit status: ``OK`` and ``WARNINGS: n`` succeed, "unexpected status" is unknown.
+
+    A task refused for a missing privilege (PVE checks some in the worker) says what to grant to ``user``
+    (the task's, from its UPID).
+    """
     if exitstatus == "OK" or exitstatus.startswith("WARNINGS"):
         return TaskOutcome(TaskResult.OK, exitstatus)
     if "unexpected status" in exitstatus:
         return TaskOutcome(TaskResult.UNKNOWN, exitstatus)
+    if failures.PERMISSION.search(exitstatus):
+        return TaskOutcome(TaskResult.FAILED, exitstatus, cause="privilege",
+                           hint=failures.grant(exitstatus, user or "this executor's token"))
     return TaskOutcome(TaskResult.FAILED, exitstatus)
+
+
+def upid_user(upid: str) -> str:
+    """The user (or token) a UPID names as the task's owner ("" when it does not parse)."""
+    parts = upid.split(":")
+    return parts[7] if len(parts) >= 9 and parts[0] == "UPID" else ""
 
 
 def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[], float] = time.monotonic,
@@ -64,7 +88,7 @@ def wait_task(pve: PveReader, upid: str, *, deadline: float, clock: Callable[[],
                 return TaskOutcome(TaskResult.UNKNOWN, f"task not found: {exc}", ended=False)
             status = {}
         if status.get("status") == "stopped":
-            return classify_exit(str(status.get("exitstatus", "")))
+            return classify_exit(str(status.get("exitstatus", "")), upid_user(upid))
         if clock() >= deadline:
             return TaskOutcome(TaskResult.UNKNOWN, "still running at the deadline", ended=False)
         sleep(delay)
