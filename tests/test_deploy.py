@@ -107,6 +107,7 @@ def test_systemd_units_are_hardened(unit: str) -> None:
     if "executor" in unit:
         assert "StateDirectory=pve-reconcile" in text and "LoadCredential=" in text
         assert "%d/" in text  # the secret is read from the credentials directory, never from the unit
+        assert "ExecReload=/bin/kill -HUP $MAINPID" in text.splitlines()  # systemctl reload: the trust store
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[0].endswith(("pve-planner", "pve-executor"))
 
@@ -126,8 +127,11 @@ def test_systemd_units_verify_cleanly(unit: Path, tmp_path: Path) -> None:
     shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
     (tmp_path / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(unit, tmp_path / "etc/systemd/system" / unit.name)
+    dropins = unit.parent / f"{unit.name}.d"  # install.sh's TLS drop-in: verified with the unit
+    assert dropins.is_dir() and list(dropins.glob("*.conf")), dropins
+    shutil.copytree(dropins, tmp_path / "etc/systemd/system" / dropins.name)
     for line in unit.read_text().splitlines():
-        if line.startswith("ExecStart="):
+        if line.startswith(("ExecStart=", "ExecReload=")):
             command = tmp_path / line.split("=", 1)[1].split()[0].lstrip("/")
             command.parent.mkdir(parents=True, exist_ok=True)
             command.write_text("#!/bin/sh\n")
@@ -180,8 +184,8 @@ def test_units_name_only_documentation_that_exists(target: Path) -> None:
     """Each Documentation= is a page install.sh puts on the host (file:) or the project's own URL: nothing invented."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     urls = set(project.get("urls", {}).values())
-    for role in ("planner", "executor"):
-        assert _install(target, role).returncode == 1  # installed; credentials still missing (another test)
+    assert _install(target, "planner").returncode == 0  # as shipped: plaintext on loopback, needs no key
+    assert _install(target, "executor").returncode == 1  # installed; the token still missing (another test)
     for unit in UNITS:
         documentation = [line.split("=", 1)[1] for line in unit.read_text().splitlines()
                          if line.startswith("Documentation=")]
@@ -229,16 +233,25 @@ def _edited(template: str, **settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+EXECUTOR_TLS = {"planner_tls": "true", "planner_ca": '"/etc/pve-reconcile/tls/ca.pem"',
+                "planner_client_cert": '"/etc/pve-reconcile/tls/executor.pem"',
+                "planner_client_key": '"/etc/pve-reconcile/tls/executor.key"'}  # the shipped file's commented lines
+PLANNER_TLS = {"tls_cert": '"/etc/pve-reconcile/tls/planner.pem"', "tls_key": '"/etc/pve-reconcile/tls/planner.key"',
+               "tls_client_ca": '"/etc/pve-reconcile/tls/ca.pem"'}
+
+
 def _operator_files(tmp_path: Path, fakepve: Any, planner_port: int) -> dict[str, Path]:
-    """What the operator brings: edited configs, the token secret, a desired file, a trust store."""
+    """What the operator brings for mutual TLS: edited configs (the TLS lines uncommented), the token secret, a
+    desired file, a trust store."""
     made = tmp_path / "operator"
     made.mkdir()
     files = {
-        "executor.toml": _edited((ROOT / "deploy/executor.toml").read_text(), pve_url=f'"{_fakepve_url(fakepve)}"',
-                                 planner=f'"127.0.0.1:{planner_port}"', metrics_listen=f'"127.0.0.1:{unused_port()}"',
+        "executor.toml": _edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS,
+                                 pve_url=f'"{_fakepve_url(fakepve)}"', planner=f'"127.0.0.1:{planner_port}"',
+                                 metrics_listen=f'"127.0.0.1:{unused_port()}"',
                                  trust_store='"/etc/pve-reconcile/trust.toml"'),
-        "planner.toml": _edited((ROOT / "deploy/planner.toml").read_text(), listen=f'"127.0.0.1:{planner_port}"',
-                                metrics_listen=f'"127.0.0.1:{unused_port()}"'),
+        "planner.toml": _edited((ROOT / "deploy/planner.toml").read_text(), **PLANNER_TLS,
+                                listen=f'"127.0.0.1:{planner_port}"', metrics_listen=f'"127.0.0.1:{unused_port()}"'),
         "desired.yaml": "guests:\n  - vmid: 100\n    state: running\n",
         "trust.toml": to_toml(default_doc()),
     }
@@ -294,6 +307,8 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
                         "--desired", str(given["desired.yaml"]), "--trust-store", str(given["trust.toml"]),
                         stdin="tok-5e1d-SECRET\n")
     assert executor.returncode == 0, executor.stderr
+    for dropin in ("pve-reconcile-planner.service.d/tls-key.conf", "pve-reconcile-executor.service.d/planner-mtls.conf"):
+        assert (target / "etc/systemd/system" / dropin).is_file(), dropin  # the keys reach the services this way
     serving = unitrun.start(target, "pve-reconcile-planner.service")
     try:
         _wait_listening(serving, port)
@@ -311,6 +326,110 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
     assert "tok-5e1d-SECRET" not in log
 
 
+README_EXECUTOR_TOML = """node = "pve1"
+pve_url = "{url}"
+pve_token_id = "reconcile@pve!executor"
+pve_token_file = "/etc/pve-reconcile/pve-token"
+pve_ca_file = "/etc/pve/pve-root-ca.pem"
+planner = "127.0.0.1:{port}"
+desired = "/etc/pve-reconcile/desired.yaml"
+state_dir = "/var/lib/pve-reconcile"
+trust_store = "/etc/pve-reconcile/trust.toml"
+interval = 0.5
+"""  # README's quick start, step 3 (its planner's port is the test's; the reload below needs a trust store)
+
+
+def _quick_start_files(root: Path, fakepve: Any, port: int) -> None:
+    """What the quick start's steps 1, 3 and 4 leave in /etc/pve-reconcile, as root made them (no group yet)."""
+    etc = root / "etc/pve-reconcile"
+    etc.mkdir(parents=True, mode=0o755)
+    (etc / "pve-token").write_text("tok-5e1d-SECRET\n")
+    (etc / "pve-token").chmod(0o600)
+    (etc / "executor.toml").write_text(README_EXECUTOR_TOML.format(url=_fakepve_url(fakepve), port=port))
+    (etc / "desired.yaml").write_text("guests:\n  - vmid: 100\n    state: running\n")
+    (etc / "trust.toml").write_text(to_toml(default_doc()))
+    (etc / "planner.toml").write_text((ROOT / "deploy/planner.toml").read_text().replace(
+        'listen = "127.0.0.1:50051"', f'listen = "127.0.0.1:{port}"').replace(
+        'metrics_listen = "127.0.0.1:9200"', f'metrics_listen = "127.0.0.1:{unused_port()}"'))
+
+
+def _events(child: subprocess.Popen[str], lines: list[str], wanted: str, count: int, timeout: float = 60.0) -> None:
+    """Read the service's JSON log lines into ``lines`` until ``wanted`` was logged ``count`` times."""
+    assert child.stderr is not None
+    deadline = time.monotonic() + timeout
+    while sum(1 for line in lines if f'"event": "{wanted}"' in line) < count:
+        assert time.monotonic() < deadline, f"no {count}x {wanted}:\n" + "".join(lines)
+        line = child.stderr.readline()
+        assert line, f"the service ended before {count}x {wanted}:\n" + "".join(lines)
+        lines.append(line)
+
+
+@as_root
+def test_installed_without_tls_as_the_quick_start_does_the_services_start_converge_and_reload(
+        target: Path, fakepve: Any, fakepve_cafile: str) -> None:
+    """The quick start's one node: the planner plaintext on loopback, no TLS key anywhere. install.sh takes over
+    what steps 1-4 left in /etc/pve-reconcile and installs no TLS drop-in; both units start (systemd would fail
+    one whose credential file is missing), the executor converges a guest, and `systemctl reload` (ExecReload=,
+    SIGHUP) makes the running daemon load its trust store again."""
+    fakepve.apitokens["reconcile@pve!executor"] = "tok-5e1d-SECRET"
+    guest = fakepve.add_vm(100, "web", status="stopped")
+    _pve_ca(target, fakepve_cafile)
+    port = unused_port()
+    _quick_start_files(target, fakepve, port)
+    for role in ("planner", "executor"):
+        installed = _install(target, role)
+        assert installed.returncode == 0, installed.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()
+    assert not (target / "etc/systemd/system/pve-reconcile-planner.service.d").exists()
+    serving = unitrun.start(target, "pve-reconcile-planner.service")
+    lines: list[str] = []
+    try:
+        _wait_listening(serving, port)
+        daemon = unitrun.start(target, "pve-reconcile-executor.service")
+        try:
+            _events(daemon, lines, "trust_store_loaded", 1)
+            _events(daemon, lines, "tick", 2)
+            assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+            assert unitrun.reload(target, "pve-reconcile-executor.service", daemon) == 0
+            _events(daemon, lines, "trust_store_loaded", 2)
+            assert daemon.poll() is None  # reloaded, not ended (SIGHUP's default action would end it)
+        finally:
+            lines.append(_stop(daemon))
+    finally:
+        planner_log = _stop(serving)
+    assert daemon.returncode == 0, "".join(lines) + planner_log
+    assert "tok-5e1d-SECRET" not in "".join(lines)
+
+
+@as_root
+def test_a_tls_setting_without_its_key_or_a_key_without_its_setting_is_named(target: Path, tmp_path: Path) -> None:
+    """The TLS key and the config's certificate go together: install.sh names the half that is missing (exit 1),
+    where the service would only fail at its start."""
+    config, key = tmp_path / "executor.toml", tmp_path / "executor.key"
+    config.write_text(_edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS))
+    key.write_text("KEY\n")
+    (target / "etc/pve").mkdir(parents=True)
+    (target / "etc/pve/pve-root-ca.pem").write_text("CA\n")
+    (tmp_path / "token").write_text("SECRET\n")
+    no_key = _install(target, "executor", "--config", str(config), "--token", str(tmp_path / "token"))
+    assert no_key.returncode == 1 and "/etc/pve-reconcile/tls/executor.key (executor.toml names planner_client_cert)" \
+        in no_key.stderr, no_key.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()
+    plain = tmp_path / "plain.toml"
+    plain.write_text((ROOT / "deploy/executor.toml").read_text())
+    no_setting = _install(target, "executor", "--config", str(plain), "--tls-key", str(key))
+    assert no_setting.returncode == 1 and "planner_client_cert in /etc/pve-reconcile/executor.toml" in no_setting.stderr
+    both = _install(target, "executor", "--config", str(config))  # the key installed by the run before
+    assert both.returncode == 0, both.stderr
+    assert (target / "etc/systemd/system/pve-reconcile-executor.service.d/planner-mtls.conf").read_bytes() == \
+        (ROOT / "deploy/systemd/pve-reconcile-executor.service.d/planner-mtls.conf").read_bytes()
+    (target / "etc/pve-reconcile/tls/executor.key").unlink()
+    config.write_text((ROOT / "deploy/executor.toml").read_text())
+    plain_again = _install(target, "executor", "--config", str(config))
+    assert plain_again.returncode == 0, plain_again.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()  # no key, no drop-in
+
+
 @as_root
 def test_a_uid_outside_the_group_cannot_read_the_installed_config(target: Path, tmp_path: Path) -> None:
     """The check above can fail: the same layout started as a dynamic uid with its own group (DynamicUser=
@@ -318,7 +437,7 @@ def test_a_uid_outside_the_group_cannot_read_the_installed_config(target: Path, 
     (tmp_path / "token").write_text("SECRET\n")
     (tmp_path / "key").write_text("KEY\n")
     _pve_ca(target, str(tmp_path / "token"))
-    installed = _install(target, "executor", "--token", str(tmp_path / "token"), "--tls-key", str(tmp_path / "key"))
+    installed = _install(target, "executor", "--token", str(tmp_path / "token"))
     assert installed.returncode == 0, installed.stderr
     dynamic = unitrun.Identity(uid=61_234, gid=61_234, groups=(61_234,), name="pve-reconcile-executor")
     run = unitrun.start(target, "pve-reconcile-executor.service", who=dynamic, extra=("--once",))
@@ -342,8 +461,10 @@ def test_install_sets_owners_and_modes_keeps_an_edited_config_and_runs_again(tar
     token.write_text("SECRET\n")
     (target / "etc/pve").mkdir(parents=True)
     (target / "etc/pve/pve-root-ca.pem").write_text("CA\n")
-    args = ("executor", "--token", str(token), "--tls-key", str(key), "--tls-ca", str(key), "--tls-cert", str(key),
-            "--desired", str(token), "--trust-store", str(token))
+    config = tmp_path / "executor.toml"
+    config.write_text(_edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS))
+    args = ("executor", "--config", str(config), "--token", str(token), "--tls-key", str(key), "--tls-ca", str(key),
+            "--tls-cert", str(key), "--desired", str(token), "--trust-store", str(token))
     assert _install(target, *args).returncode == 0
     gid = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-executor.service")).gid
     readable, secret, folder = (0, gid, 0o640), (0, 0, 0o600), (0, gid, 0o750)
@@ -371,7 +492,7 @@ def test_install_takes_over_a_group_made_by_hand(target: Path, tmp_path: Path) -
     (target / "etc").mkdir(parents=True)
     (target / "etc/group").write_text("root:x:0:\npve-reconcile:x:990:\n")
     (target / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    assert _install(target, "planner").returncode == 1  # no TLS key yet: named below
+    assert _install(target, "planner").returncode == 0
     who = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-planner.service"))
     assert who.gid == 990 and who.name == SERVICE_USER
 
@@ -381,8 +502,9 @@ def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target
     """Exit 1 naming each file systemd would fail to hand over; exit 2 for a bad argument or an unreadable file."""
     missing = _install(target, "executor")
     assert missing.returncode == 1
-    for path in ("/etc/pve-reconcile/pve-token", "/etc/pve/pve-root-ca.pem", "/etc/pve-reconcile/tls/executor.key"):
+    for path in ("/etc/pve-reconcile/pve-token", "/etc/pve/pve-root-ca.pem"):
         assert path in missing.stderr
+    assert "executor.key" not in missing.stderr  # as shipped, TLS is off: no key needed
     assert (target / "etc/systemd/system/pve-reconcile-executor.service").is_file()  # the rest is installed
     for args in ((), ("planner", "--token", "-"), ("executor", "--desired"), ("executor", "--bogus"),
                  ("executor", "--desired", str(tmp_path / "absent.yaml"))):
