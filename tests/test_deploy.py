@@ -307,7 +307,8 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
                         "--desired", str(given["desired.yaml"]), "--trust-store", str(given["trust.toml"]),
                         stdin="tok-5e1d-SECRET\n")
     assert executor.returncode == 0, executor.stderr
-    for dropin in ("pve-reconcile-planner.service.d/tls-key.conf", "pve-reconcile-executor.service.d/planner-mtls.conf"):
+    for dropin in ("pve-reconcile-planner.service.d/tls-key.conf",
+                   "pve-reconcile-executor.service.d/planner-mtls.conf"):
         assert (target / "etc/systemd/system" / dropin).is_file(), dropin  # the keys reach the services this way
     serving = unitrun.start(target, "pve-reconcile-planner.service")
     try:

@@ -183,7 +183,7 @@ def start(root: Path, name: str, *, who: Identity | None = None, extra: tuple[st
 
 
 def reload(root: Path, name: str, main: subprocess.Popen[str]) -> int:
-    """``systemctl reload NAME``: the unit's ExecReload= with ``$MAINPID`` (``main``'s pid), as the service; its status."""
+    """``systemctl reload NAME``: ExecReload= with ``$MAINPID`` (``main``'s pid), as the service; its exit status."""
     unit = Unit.read(root, name)
     who = identity_of(root, unit)
     command = unit.one("ExecReload")
