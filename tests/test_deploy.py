@@ -327,17 +327,15 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
     assert "tok-5e1d-SECRET" not in log
 
 
-README_EXECUTOR_TOML = """node = "pve1"
-pve_url = "{url}"
-pve_token_id = "reconcile@pve!executor"
-pve_token_file = "/etc/pve-reconcile/pve-token"
-pve_ca_file = "/etc/pve/pve-root-ca.pem"
-planner = "127.0.0.1:{port}"
-desired = "/etc/pve-reconcile/desired.yaml"
-state_dir = "/var/lib/pve-reconcile"
-trust_store = "/etc/pve-reconcile/trust.toml"
-interval = 0.5
-"""  # README's quick start, step 3 (its planner's port is the test's; the reload below needs a trust store)
+def _readme_executor_toml(url: str, port: int) -> str:
+    """The executor.toml of the README's quick start, step 3, for fakepve and the test's planner port."""
+    text = (ROOT / "README.md").read_text()
+    step = text[text.index("**3. The executor's settings**"):]
+    block = step[step.index("```toml\n") + len("```toml\n"):step.index("```\n", step.index("```toml"))]
+    assert 'pve_url = "https://127.0.0.1:8006"' in block and 'planner = "127.0.0.1:50051"' in block, block
+    block = block.replace("https://127.0.0.1:8006", url).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    # The reload below needs a trust store (README, "Approvals, step by step", adds it so), and short ticks.
+    return block + 'trust_store = "/etc/pve-reconcile/trust.toml"\ninterval = 0.5\n'
 
 
 def _quick_start_files(root: Path, fakepve: Any, port: int) -> None:
@@ -346,7 +344,7 @@ def _quick_start_files(root: Path, fakepve: Any, port: int) -> None:
     etc.mkdir(parents=True, mode=0o755)
     (etc / "pve-token").write_text("tok-5e1d-SECRET\n")
     (etc / "pve-token").chmod(0o600)
-    (etc / "executor.toml").write_text(README_EXECUTOR_TOML.format(url=_fakepve_url(fakepve), port=port))
+    (etc / "executor.toml").write_text(_readme_executor_toml(_fakepve_url(fakepve), port))
     (etc / "desired.yaml").write_text("guests:\n  - vmid: 100\n    state: running\n")
     (etc / "trust.toml").write_text(to_toml(default_doc()))
     (etc / "planner.toml").write_text((ROOT / "deploy/planner.toml").read_text().replace(
