@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from planner import server
-from tests import unitrun
+from tests import dockerrun, unitrun
 from tests.certs import Pki
 from tests.executor_helpers import ROOT, run_module, starts, unused_port
 from tests.signing import default_doc, to_toml
@@ -514,3 +514,67 @@ def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target
     bare = tmp_path / "bare"
     result = _install(bare, "planner")
     assert result.returncode == 1 and "pip install" in result.stderr  # the package comes first
+
+
+def _container_commands() -> str:
+    """The shell block of docs/reference.md's "With the container image"."""
+    text = (ROOT / "docs/reference.md").read_text()
+    section = text[text.index("## With the container image"):]
+    start = section.index("```sh\n") + len("```sh\n")
+    return section[start:section.index("```\n", start)]
+
+
+@as_root
+def test_the_documented_container_commands_read_the_installed_layout(
+        target: Path, tmp_path: Path, fakepve: Any, fakepve_cafile: str, pki: Pki) -> None:
+    """docs/reference.md's container commands, run as written on a host that install.sh set up (docker recorded,
+    then each `docker run` emulated: tests/dockerrun.py): the image's uid reads the host's root:pve-reconcile files
+    through --group-add, never a root-only file; the planner serves mutual TLS with its key's copy, the executor
+    takes the token from the root-only --env-file and converges a guest."""
+    fakepve.apitokens["reconcile@pve!executor"] = "tok-5e1d-SECRET"
+    guest = fakepve.add_vm(100, "web", status="stopped")
+    (target / "etc").mkdir(parents=True)
+    (target / "etc/group").write_text(f"root:x:0:\nwww-data:x:{WWW_DATA}:\n")  # a Debian host's
+    _pve_ca(target, fakepve_cafile)
+    node_planner = server.start("127.0.0.1:0")  # the planner the quick start's executor.toml names
+    try:
+        _quick_start_files(target, fakepve, node_planner.port)
+        (target / "etc/pve-reconcile/planner.toml").write_text(
+            _edited((ROOT / "deploy/planner.toml").read_text(), **PLANNER_TLS))
+        assert _install(target, "executor").returncode == 0
+        installed = _install(target, "planner", "--tls-ca", pki.ca, "--tls-cert", pki.server_cert, "--tls-key",
+                             pki.server_key)
+        assert installed.returncode == 0, installed.stderr
+        calls = target / "var/lib/docker-calls"
+        calls.mkdir(parents=True)
+        docker = target / "usr/local/bin/docker"
+        docker.write_text(dockerrun.RECORDER.format(calls="/var/lib/docker-calls"))
+        docker.chmod(0o755)
+        root = unitrun.Identity(0, 0, (0,), home="/root", shell="/bin/sh", name="root")
+        shell = unitrun.run_as(target, root, ["sh", "-euc", _container_commands()], {"PATH": unitrun.SYSTEMD_PATH},
+                               ("/etc/pve-reconcile", "/var/lib/docker-calls"))
+        _, err = shell.communicate(timeout=60)
+        assert shell.returncode == 0, err
+        runs = [dockerrun.Run.parse(words) for words in dockerrun.recorded(calls) if words[0] == "run"]
+        assert [run.command[:1] for run in runs] == [(), ("pve-executor",)]  # the image's CMD: the planner
+
+        port = unused_port()
+        planner = dockerrun.start(target, tmp_path / "planner-container", runs[0],
+                                  env={"PVE_PLANNER_LISTEN": f"127.0.0.1:{port}"})  # -p's address, the test's
+        try:
+            _wait_listening(planner, port)
+            health = run_module("common.healthcheck", f"127.0.0.1:{port}", "--tls-ca", pki.ca, "--tls-cert",
+                                pki.client_cert, "--tls-key", pki.client_key)
+            assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
+        finally:
+            planner_log = _stop(planner)
+        assert '"mutual_tls": true' in planner_log, planner_log
+
+        executor = dockerrun.start(target, tmp_path / "executor-container", runs[1], extra=("--once",))
+        _, log = executor.communicate(timeout=90)
+    finally:
+        server.stop(node_planner, 0)
+    assert executor.returncode == 0, log
+    assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+    assert "tok-5e1d-SECRET" not in log
+    assert (target / "etc/pve-reconcile/pve-token").stat().st_mode & 0o777 == 0o600  # the host's stays root-only

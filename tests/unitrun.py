@@ -47,7 +47,7 @@ done
 for path in $RW; do mount --bind "$R$path" "$R$path" && mount -o remount,bind,rw "$R$path"; done
 umask "$UMASK"
 unset UMASK
-exec chroot --userspec="$IDS" --groups="$GIDS" "$R" "$@"
+exec /usr/sbin/chroot --userspec="$IDS" --groups="$GIDS" "$R" "$@"
 """
 
 
@@ -191,6 +191,12 @@ def reload(root: Path, name: str, main: subprocess.Popen[str]) -> int:
     argv = shlex.split(command.replace("${MAINPID}", str(main.pid)).replace("$MAINPID", str(main.pid)))
     env = {"PATH": SYSTEMD_PATH, "MAINPID": str(main.pid), "UMASK": unit.one("UMask", "0022")}
     return _launch(root, who, [], argv, env, subprocess.DEVNULL).wait(timeout=30)
+
+
+def run_as(root: Path, who: Identity, argv: list[str], env: dict[str, str], writable: tuple[str, ...] = (),
+           stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``argv`` in the root's sandbox as ``who``, with exactly ``env`` (another runtime's start: a container's)."""
+    return _launch(root, who, list(writable), argv, {**env, "UMASK": "0022"}, stdout)
 
 
 def _launch(root: Path, who: Identity, writable: list[str], argv: list[str], env: dict[str, str],
