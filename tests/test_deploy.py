@@ -327,11 +327,17 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
     assert "tok-5e1d-SECRET" not in log
 
 
+def _readme_block(step: str, fence: str = "```sh\n") -> str:
+    """The first code block of the README after ``step`` (a quick-start step's bold title)."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(step):]
+    start = after.index(fence) + len(fence)
+    return after[start:after.index("```\n", start)]
+
+
 def _readme_executor_toml(url: str, port: int) -> str:
     """The executor.toml of the README's quick start, step 3, for fakepve and the test's planner port."""
-    text = (ROOT / "README.md").read_text()
-    step = text[text.index("**3. The executor's settings**"):]
-    block = step[step.index("```toml\n") + len("```toml\n"):step.index("```\n", step.index("```toml"))]
+    block = _readme_block("**3. The executor's settings**", "```toml\n")
     assert 'pve_url = "https://127.0.0.1:8006"' in block and 'planner = "127.0.0.1:50051"' in block, block
     block = block.replace("https://127.0.0.1:8006", url).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
     # The reload below needs a trust store (README, "Approvals, step by step", adds it so), and short ticks.
@@ -375,6 +381,20 @@ def test_installed_without_tls_as_the_quick_start_does_the_services_start_conver
     _pve_ca(target, fakepve_cafile)
     port = unused_port()
     _quick_start_files(target, fakepve, port)
+    (target / "var/lib").mkdir(parents=True)
+    step2 = server.start(f"127.0.0.1:{port}")  # `pve-planner serve --listen 127.0.0.1:50051 &`
+    try:
+        step5 = _readme_block("**5. Look, then converge.**")  # plan, then run --once: as root, by hand
+        root = unitrun.Identity(0, 0, (0,), home="/root", shell="/bin/sh", name="root")
+        path = f"/opt/pve-reconcile/bin:{unitrun.SYSTEMD_PATH}"  # the README's Install puts them on PATH
+        by_hand = unitrun.run_as(target, root, ["sh", "-uc", step5], {"PATH": path}, ("/var/lib",))
+        _, err = by_hand.communicate(timeout=90)
+    finally:
+        server.stop(step2, 0)  # `kill %1`
+    assert by_hand.returncode == 0, err
+    assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+    assert {p.stat().st_uid for p in (target / "var/lib/pve-reconcile").rglob("*")} == {0}  # root's journal
+    guest.status = "stopped"  # the service has work to do
     for role in ("planner", "executor"):
         installed = _install(target, role)
         assert installed.returncode == 0, installed.stderr
@@ -388,7 +408,7 @@ def test_installed_without_tls_as_the_quick_start_does_the_services_start_conver
         try:
             _events(daemon, lines, "trust_store_loaded", 1)
             _events(daemon, lines, "tick", 2)
-            assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+            assert len(starts(fakepve, 100)) == 2 and guest.status == "running"
             assert unitrun.reload(target, "pve-reconcile-executor.service", daemon) == 0
             _events(daemon, lines, "trust_store_loaded", 2)
             assert daemon.poll() is None  # reloaded, not ended (SIGHUP's default action would end it)

@@ -7,7 +7,8 @@ the last value):
   them), with the user's supplementary groups (systemd calls initgroups);
 - ``LoadCredential=ID:PATH`` read as root and written to /run/credentials/UNIT/ID, 0400 and owned by
   the service's uid in a 0500 directory it owns (systemd's way where the file system has no ACLs);
-- ``StateDirectory=``/``RuntimeDirectory=`` made with their modes, owned by the user and group;
+- ``StateDirectory=``/``RuntimeDirectory=`` made with their modes, owned by the user and group (one there
+  already that another owns, say root's from a run by hand, is handed over with all it holds, as systemd does);
 - ``Environment=`` plus what systemd adds (PATH, HOME, USER, LOGNAME, SHELL, CREDENTIALS_DIRECTORY,
   STATE_DIRECTORY, RUNTIME_DIRECTORY), ``UMask=``;
 - ``ExecStart=`` with ``%d`` expanded, started by root in a private mount namespace, chrooted into the
@@ -143,6 +144,9 @@ def _directory(root: Path, kind: str, base: str, unit: Unit, who: Identity) -> s
     path = root / base.lstrip("/") / name
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(int(unit.one(kind + "Mode", "0755"), 8))
+    if (path.stat().st_uid, path.stat().st_gid) != (who.uid, who.gid):
+        for below in path.rglob("*"):
+            os.chown(below, who.uid, who.gid, follow_symlinks=False)
     os.chown(path, who.uid, who.gid)
     return f"{base}/{name}"
 
