@@ -17,7 +17,8 @@ RUN python -m venv /opt/pve-reconcile \
 
 # Final stage: the virtualenv only, run as an unprivileged user, named as the units' (deploy/sysusers.d).
 # Its uid is the image's, not the host's: to read a host's /etc/pve-reconcile (root:pve-reconcile 0640)
-# run with --group-add "$(getent group pve-reconcile | cut -d: -f3)"; the host's secrets are root-only.
+# run with --group-add "$(getent group pve-reconcile | cut -d: -f3)"; the host's secrets are root-only
+# (docs/reference.md, "With the container image": the token in an --env-file, a key copy for uid 10001).
 FROM python:3.11-slim
 COPY --from=build /opt/pve-reconcile /opt/pve-reconcile
 RUN groupadd --system --gid 10001 pve-reconcile \

@@ -9,6 +9,8 @@
 # (readable files root:pve-reconcile 0640; the token and the TLS key root:root 0600, which systemd
 # hands to the service as credentials; files already there get the same), the config template when
 # there is no config yet, the unit, the README its Documentation= names, and the commands on PATH.
+# TLS is optional (the shipped configs: plaintext on loopback, one node): with the service's key in
+# tls/ (--tls-key, now or earlier) it adds the unit's drop-in that hands the key over, else removes it.
 # The package itself comes first: python3 -m venv /opt/pve-reconcile && /opt/pve-reconcile/bin/pip install .
 # --root DIR installs into DIR instead of / (the tests do); `systemctl daemon-reload` runs only for /.
 # Exit: 0 installed; 1 something the service needs is missing (named); 2 usage error.
@@ -22,8 +24,8 @@ ROLE=
 CONFIG='' TLS_CA='' TLS_CERT='' TLS_KEY='' TOKEN='' DESIRED='' TRUST=''
 
 usage() {  # exit status: 0 asked for (on standard output), 2 after a usage error
-    if [ "$1" = 0 ]; then sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 0; fi
-    sed -n '2,15s/^# \{0,1\}//p' "$0" >&2
+    if [ "$1" = 0 ]; then sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0; fi
+    sed -n '2,17s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
@@ -107,18 +109,38 @@ done
 unit=pve-reconcile-$ROLE.service
 install -d -m 0755 "$ROOT/etc/systemd/system" "$ROOT/usr/local/share/doc/pve-reconcile" "$ROOT/usr/local/bin"
 install -m 0644 "$HERE/systemd/$unit" "$ROOT/etc/systemd/system/$unit"
+# TLS: a drop-in hands the key over (LoadCredential=) when there is one; without it, no drop-in: systemd
+# fails a unit whose credential file is missing, and the plaintext one-node setup has no key.
+case $ROLE in
+    executor) dropin=planner-mtls.conf cert_setting=planner_client_cert ;;
+    planner) dropin=tls-key.conf cert_setting=tls_cert ;;
+esac
+if [ -f "$ETC/tls/$ROLE.key" ]; then
+    install -d -m 0755 "$ROOT/etc/systemd/system/$unit.d"
+    install -m 0644 "$HERE/systemd/$unit.d/$dropin" "$ROOT/etc/systemd/system/$unit.d/$dropin"
+else
+    rm -f "$ROOT/etc/systemd/system/$unit.d/$dropin"
+    rmdir "$ROOT/etc/systemd/system/$unit.d" 2>/dev/null || true
+fi
 install -m 0644 "$REPO/README.md" "$ROOT/usr/local/share/doc/pve-reconcile/README.md"
 for name in pve-executor pve-planner pve-healthcheck; do
     [ ! -e "$ROOT/opt/pve-reconcile/bin/$name" ] || ln -sfn "/opt/pve-reconcile/bin/$name" "$ROOT/usr/local/bin/$name"
 done
 
 # What systemd will read for the service (LoadCredential=): missing, the unit does not start.
-missing=$(sed -n 's/^LoadCredential=[^:]*://p' "$HERE/systemd/$unit" | while read -r source; do
+missing=$(cat "$ROOT/etc/systemd/system/$unit" "$ROOT/etc/systemd/system/$unit.d/"*.conf 2>/dev/null \
+    | sed -n 's/^LoadCredential=[^:]*://p' | while read -r source; do
     [ -f "$ROOT$source" ] || printf ' %s' "$source"
 done)
+# TLS needs the config's certificate and the key together (the service refuses one without the other).
+if grep -Eq "^[[:space:]]*$cert_setting[[:space:]]*=" "$ETC/$ROLE.toml"; then
+    [ -f "$ETC/tls/$ROLE.key" ] || missing="$missing /etc/pve-reconcile/tls/$ROLE.key ($ROLE.toml names $cert_setting)"
+elif [ -f "$ETC/tls/$ROLE.key" ]; then
+    missing="$missing $cert_setting in /etc/pve-reconcile/$ROLE.toml (the key in tls/$ROLE.key goes with it)"
+fi
 if [ "$ROOT" = "" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 [ -z "$missing" ] || fail 1 "installed, but the service will not start without:$missing
-  (the token: --token FILE or - for standard input; the TLS key: --tls-key FILE)"
+  (the token: --token FILE or - for standard input; the TLS key: --tls-key FILE; TLS settings: $ROLE.toml)"
 echo "install.sh: installed $unit; start it with: systemctl enable --now $unit"

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from planner import server
-from tests import unitrun
+from tests import dockerrun, unitrun
 from tests.certs import Pki
 from tests.executor_helpers import ROOT, run_module, starts, unused_port
 from tests.signing import default_doc, to_toml
@@ -107,6 +107,7 @@ def test_systemd_units_are_hardened(unit: str) -> None:
     if "executor" in unit:
         assert "StateDirectory=pve-reconcile" in text and "LoadCredential=" in text
         assert "%d/" in text  # the secret is read from the credentials directory, never from the unit
+        assert "ExecReload=/bin/kill -HUP $MAINPID" in text.splitlines()  # systemctl reload: the trust store
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[0].endswith(("pve-planner", "pve-executor"))
 
@@ -126,8 +127,11 @@ def test_systemd_units_verify_cleanly(unit: Path, tmp_path: Path) -> None:
     shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
     (tmp_path / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(unit, tmp_path / "etc/systemd/system" / unit.name)
+    dropins = unit.parent / f"{unit.name}.d"  # install.sh's TLS drop-in: verified with the unit
+    assert dropins.is_dir() and list(dropins.glob("*.conf")), dropins
+    shutil.copytree(dropins, tmp_path / "etc/systemd/system" / dropins.name)
     for line in unit.read_text().splitlines():
-        if line.startswith("ExecStart="):
+        if line.startswith(("ExecStart=", "ExecReload=")):
             command = tmp_path / line.split("=", 1)[1].split()[0].lstrip("/")
             command.parent.mkdir(parents=True, exist_ok=True)
             command.write_text("#!/bin/sh\n")
@@ -180,8 +184,8 @@ def test_units_name_only_documentation_that_exists(target: Path) -> None:
     """Each Documentation= is a page install.sh puts on the host (file:) or the project's own URL: nothing invented."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     urls = set(project.get("urls", {}).values())
-    for role in ("planner", "executor"):
-        assert _install(target, role).returncode == 1  # installed; credentials still missing (another test)
+    assert _install(target, "planner").returncode == 0  # as shipped: plaintext on loopback, needs no key
+    assert _install(target, "executor").returncode == 1  # installed; the token still missing (another test)
     for unit in UNITS:
         documentation = [line.split("=", 1)[1] for line in unit.read_text().splitlines()
                          if line.startswith("Documentation=")]
@@ -229,16 +233,25 @@ def _edited(template: str, **settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+EXECUTOR_TLS = {"planner_tls": "true", "planner_ca": '"/etc/pve-reconcile/tls/ca.pem"',
+                "planner_client_cert": '"/etc/pve-reconcile/tls/executor.pem"',
+                "planner_client_key": '"/etc/pve-reconcile/tls/executor.key"'}  # the shipped file's commented lines
+PLANNER_TLS = {"tls_cert": '"/etc/pve-reconcile/tls/planner.pem"', "tls_key": '"/etc/pve-reconcile/tls/planner.key"',
+               "tls_client_ca": '"/etc/pve-reconcile/tls/ca.pem"'}
+
+
 def _operator_files(tmp_path: Path, fakepve: Any, planner_port: int) -> dict[str, Path]:
-    """What the operator brings: edited configs, the token secret, a desired file, a trust store."""
+    """What the operator brings for mutual TLS: edited configs (the TLS lines uncommented), the token secret, a
+    desired file, a trust store."""
     made = tmp_path / "operator"
     made.mkdir()
     files = {
-        "executor.toml": _edited((ROOT / "deploy/executor.toml").read_text(), pve_url=f'"{_fakepve_url(fakepve)}"',
-                                 planner=f'"127.0.0.1:{planner_port}"', metrics_listen=f'"127.0.0.1:{unused_port()}"',
+        "executor.toml": _edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS,
+                                 pve_url=f'"{_fakepve_url(fakepve)}"', planner=f'"127.0.0.1:{planner_port}"',
+                                 metrics_listen=f'"127.0.0.1:{unused_port()}"',
                                  trust_store='"/etc/pve-reconcile/trust.toml"'),
-        "planner.toml": _edited((ROOT / "deploy/planner.toml").read_text(), listen=f'"127.0.0.1:{planner_port}"',
-                                metrics_listen=f'"127.0.0.1:{unused_port()}"'),
+        "planner.toml": _edited((ROOT / "deploy/planner.toml").read_text(), **PLANNER_TLS,
+                                listen=f'"127.0.0.1:{planner_port}"', metrics_listen=f'"127.0.0.1:{unused_port()}"'),
         "desired.yaml": "guests:\n  - vmid: 100\n    state: running\n",
         "trust.toml": to_toml(default_doc()),
     }
@@ -294,6 +307,9 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
                         "--desired", str(given["desired.yaml"]), "--trust-store", str(given["trust.toml"]),
                         stdin="tok-5e1d-SECRET\n")
     assert executor.returncode == 0, executor.stderr
+    for dropin in ("pve-reconcile-planner.service.d/tls-key.conf",
+                   "pve-reconcile-executor.service.d/planner-mtls.conf"):
+        assert (target / "etc/systemd/system" / dropin).is_file(), dropin  # the keys reach the services this way
     serving = unitrun.start(target, "pve-reconcile-planner.service")
     try:
         _wait_listening(serving, port)
@@ -311,6 +327,128 @@ def test_installed_as_the_readme_says_both_services_read_their_files_and_converg
     assert "tok-5e1d-SECRET" not in log
 
 
+def _readme_block(step: str, fence: str = "```sh\n") -> str:
+    """The first code block of the README after ``step`` (a quick-start step's bold title)."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(step):]
+    start = after.index(fence) + len(fence)
+    return after[start:after.index("```\n", start)]
+
+
+def _readme_executor_toml(url: str, port: int) -> str:
+    """The executor.toml of the README's quick start, step 3, for fakepve and the test's planner port."""
+    block = _readme_block("**3. The executor's settings**", "```toml\n")
+    assert 'pve_url = "https://127.0.0.1:8006"' in block and 'planner = "127.0.0.1:50051"' in block, block
+    block = block.replace("https://127.0.0.1:8006", url).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    # The reload below needs a trust store (README, "Approvals, step by step", adds it so), and short ticks.
+    return block + 'trust_store = "/etc/pve-reconcile/trust.toml"\ninterval = 0.5\n'
+
+
+def _quick_start_files(root: Path, fakepve: Any, port: int) -> None:
+    """What the quick start's steps 1, 3 and 4 leave in /etc/pve-reconcile, as root made them (no group yet)."""
+    etc = root / "etc/pve-reconcile"
+    etc.mkdir(parents=True, mode=0o755)
+    (etc / "pve-token").write_text("tok-5e1d-SECRET\n")
+    (etc / "pve-token").chmod(0o600)
+    (etc / "executor.toml").write_text(_readme_executor_toml(_fakepve_url(fakepve), port))
+    (etc / "desired.yaml").write_text("guests:\n  - vmid: 100\n    state: running\n")
+    (etc / "trust.toml").write_text(to_toml(default_doc()))
+    (etc / "planner.toml").write_text((ROOT / "deploy/planner.toml").read_text().replace(
+        'listen = "127.0.0.1:50051"', f'listen = "127.0.0.1:{port}"').replace(
+        'metrics_listen = "127.0.0.1:9200"', f'metrics_listen = "127.0.0.1:{unused_port()}"'))
+
+
+def _events(child: subprocess.Popen[str], lines: list[str], wanted: str, count: int, timeout: float = 60.0) -> None:
+    """Read the service's JSON log lines into ``lines`` until ``wanted`` was logged ``count`` times."""
+    assert child.stderr is not None
+    deadline = time.monotonic() + timeout
+    while sum(1 for line in lines if f'"event": "{wanted}"' in line) < count:
+        assert time.monotonic() < deadline, f"no {count}x {wanted}:\n" + "".join(lines)
+        line = child.stderr.readline()
+        assert line, f"the service ended before {count}x {wanted}:\n" + "".join(lines)
+        lines.append(line)
+
+
+@as_root
+def test_installed_without_tls_as_the_quick_start_does_the_services_start_converge_and_reload(
+        target: Path, fakepve: Any, fakepve_cafile: str) -> None:
+    """The quick start's one node: the planner plaintext on loopback, no TLS key anywhere. install.sh takes over
+    what steps 1-4 left in /etc/pve-reconcile and installs no TLS drop-in; both units start (systemd would fail
+    one whose credential file is missing), the executor converges a guest, and `systemctl reload` (ExecReload=,
+    SIGHUP) makes the running daemon load its trust store again."""
+    fakepve.apitokens["reconcile@pve!executor"] = "tok-5e1d-SECRET"
+    guest = fakepve.add_vm(100, "web", status="stopped")
+    _pve_ca(target, fakepve_cafile)
+    port = unused_port()
+    _quick_start_files(target, fakepve, port)
+    (target / "var/lib").mkdir(parents=True)
+    step2 = server.start(f"127.0.0.1:{port}")  # `pve-planner serve --listen 127.0.0.1:50051 &`
+    try:
+        step5 = _readme_block("**5. Look, then converge.**")  # plan, then run --once: as root, by hand
+        root = unitrun.Identity(0, 0, (0,), home="/root", shell="/bin/sh", name="root")
+        path = f"/opt/pve-reconcile/bin:{unitrun.SYSTEMD_PATH}"  # the README's Install puts them on PATH
+        by_hand = unitrun.run_as(target, root, ["sh", "-uc", step5], {"PATH": path}, ("/var/lib",))
+        _, err = by_hand.communicate(timeout=90)
+    finally:
+        server.stop(step2, 0)  # `kill %1`
+    assert by_hand.returncode == 0, err
+    assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+    assert {p.stat().st_uid for p in (target / "var/lib/pve-reconcile").rglob("*")} == {0}  # root's journal
+    guest.status = "stopped"  # the service has work to do
+    for role in ("planner", "executor"):
+        installed = _install(target, role)
+        assert installed.returncode == 0, installed.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()
+    assert not (target / "etc/systemd/system/pve-reconcile-planner.service.d").exists()
+    serving = unitrun.start(target, "pve-reconcile-planner.service")
+    lines: list[str] = []
+    try:
+        _wait_listening(serving, port)
+        daemon = unitrun.start(target, "pve-reconcile-executor.service")
+        try:
+            _events(daemon, lines, "trust_store_loaded", 1)
+            _events(daemon, lines, "tick", 2)
+            assert len(starts(fakepve, 100)) == 2 and guest.status == "running"
+            assert unitrun.reload(target, "pve-reconcile-executor.service", daemon) == 0
+            _events(daemon, lines, "trust_store_loaded", 2)
+            assert daemon.poll() is None  # reloaded, not ended (SIGHUP's default action would end it)
+        finally:
+            lines.append(_stop(daemon))
+    finally:
+        planner_log = _stop(serving)
+    assert daemon.returncode == 0, "".join(lines) + planner_log
+    assert "tok-5e1d-SECRET" not in "".join(lines)
+
+
+@as_root
+def test_a_tls_setting_without_its_key_or_a_key_without_its_setting_is_named(target: Path, tmp_path: Path) -> None:
+    """The TLS key and the config's certificate go together: install.sh names the half that is missing (exit 1),
+    where the service would only fail at its start."""
+    config, key = tmp_path / "executor.toml", tmp_path / "executor.key"
+    config.write_text(_edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS))
+    key.write_text("KEY\n")
+    (target / "etc/pve").mkdir(parents=True)
+    (target / "etc/pve/pve-root-ca.pem").write_text("CA\n")
+    (tmp_path / "token").write_text("SECRET\n")
+    no_key = _install(target, "executor", "--config", str(config), "--token", str(tmp_path / "token"))
+    assert no_key.returncode == 1 and "/etc/pve-reconcile/tls/executor.key (executor.toml names planner_client_cert)" \
+        in no_key.stderr, no_key.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()
+    plain = tmp_path / "plain.toml"
+    plain.write_text((ROOT / "deploy/executor.toml").read_text())
+    no_setting = _install(target, "executor", "--config", str(plain), "--tls-key", str(key))
+    assert no_setting.returncode == 1 and "planner_client_cert in /etc/pve-reconcile/executor.toml" in no_setting.stderr
+    both = _install(target, "executor", "--config", str(config))  # the key installed by the run before
+    assert both.returncode == 0, both.stderr
+    assert (target / "etc/systemd/system/pve-reconcile-executor.service.d/planner-mtls.conf").read_bytes() == \
+        (ROOT / "deploy/systemd/pve-reconcile-executor.service.d/planner-mtls.conf").read_bytes()
+    (target / "etc/pve-reconcile/tls/executor.key").unlink()
+    config.write_text((ROOT / "deploy/executor.toml").read_text())
+    plain_again = _install(target, "executor", "--config", str(config))
+    assert plain_again.returncode == 0, plain_again.stderr
+    assert not (target / "etc/systemd/system/pve-reconcile-executor.service.d").exists()  # no key, no drop-in
+
+
 @as_root
 def test_a_uid_outside_the_group_cannot_read_the_installed_config(target: Path, tmp_path: Path) -> None:
     """The check above can fail: the same layout started as a dynamic uid with its own group (DynamicUser=
@@ -318,7 +456,7 @@ def test_a_uid_outside_the_group_cannot_read_the_installed_config(target: Path, 
     (tmp_path / "token").write_text("SECRET\n")
     (tmp_path / "key").write_text("KEY\n")
     _pve_ca(target, str(tmp_path / "token"))
-    installed = _install(target, "executor", "--token", str(tmp_path / "token"), "--tls-key", str(tmp_path / "key"))
+    installed = _install(target, "executor", "--token", str(tmp_path / "token"))
     assert installed.returncode == 0, installed.stderr
     dynamic = unitrun.Identity(uid=61_234, gid=61_234, groups=(61_234,), name="pve-reconcile-executor")
     run = unitrun.start(target, "pve-reconcile-executor.service", who=dynamic, extra=("--once",))
@@ -342,8 +480,10 @@ def test_install_sets_owners_and_modes_keeps_an_edited_config_and_runs_again(tar
     token.write_text("SECRET\n")
     (target / "etc/pve").mkdir(parents=True)
     (target / "etc/pve/pve-root-ca.pem").write_text("CA\n")
-    args = ("executor", "--token", str(token), "--tls-key", str(key), "--tls-ca", str(key), "--tls-cert", str(key),
-            "--desired", str(token), "--trust-store", str(token))
+    config = tmp_path / "executor.toml"
+    config.write_text(_edited((ROOT / "deploy/executor.toml").read_text(), **EXECUTOR_TLS))
+    args = ("executor", "--config", str(config), "--token", str(token), "--tls-key", str(key), "--tls-ca", str(key),
+            "--tls-cert", str(key), "--desired", str(token), "--trust-store", str(token))
     assert _install(target, *args).returncode == 0
     gid = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-executor.service")).gid
     readable, secret, folder = (0, gid, 0o640), (0, 0, 0o600), (0, gid, 0o750)
@@ -371,7 +511,7 @@ def test_install_takes_over_a_group_made_by_hand(target: Path, tmp_path: Path) -
     (target / "etc").mkdir(parents=True)
     (target / "etc/group").write_text("root:x:0:\npve-reconcile:x:990:\n")
     (target / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    assert _install(target, "planner").returncode == 1  # no TLS key yet: named below
+    assert _install(target, "planner").returncode == 0
     who = unitrun.identity_of(target, unitrun.Unit.read(target, "pve-reconcile-planner.service"))
     assert who.gid == 990 and who.name == SERVICE_USER
 
@@ -381,8 +521,9 @@ def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target
     """Exit 1 naming each file systemd would fail to hand over; exit 2 for a bad argument or an unreadable file."""
     missing = _install(target, "executor")
     assert missing.returncode == 1
-    for path in ("/etc/pve-reconcile/pve-token", "/etc/pve/pve-root-ca.pem", "/etc/pve-reconcile/tls/executor.key"):
+    for path in ("/etc/pve-reconcile/pve-token", "/etc/pve/pve-root-ca.pem"):
         assert path in missing.stderr
+    assert "executor.key" not in missing.stderr  # as shipped, TLS is off: no key needed
     assert (target / "etc/systemd/system/pve-reconcile-executor.service").is_file()  # the rest is installed
     for args in ((), ("planner", "--token", "-"), ("executor", "--desired"), ("executor", "--bogus"),
                  ("executor", "--desired", str(tmp_path / "absent.yaml"))):
@@ -393,3 +534,67 @@ def test_install_names_what_the_service_still_needs_and_refuses_bad_usage(target
     bare = tmp_path / "bare"
     result = _install(bare, "planner")
     assert result.returncode == 1 and "pip install" in result.stderr  # the package comes first
+
+
+def _container_commands() -> str:
+    """The shell block of docs/reference.md's "With the container image"."""
+    text = (ROOT / "docs/reference.md").read_text()
+    section = text[text.index("## With the container image"):]
+    start = section.index("```sh\n") + len("```sh\n")
+    return section[start:section.index("```\n", start)]
+
+
+@as_root
+def test_the_documented_container_commands_read_the_installed_layout(
+        target: Path, tmp_path: Path, fakepve: Any, fakepve_cafile: str, pki: Pki) -> None:
+    """docs/reference.md's container commands, run as written on a host that install.sh set up (docker recorded,
+    then each `docker run` emulated: tests/dockerrun.py): the image's uid reads the host's root:pve-reconcile files
+    through --group-add, never a root-only file; the planner serves mutual TLS with its key's copy, the executor
+    takes the token from the root-only --env-file and converges a guest."""
+    fakepve.apitokens["reconcile@pve!executor"] = "tok-5e1d-SECRET"
+    guest = fakepve.add_vm(100, "web", status="stopped")
+    (target / "etc").mkdir(parents=True)
+    (target / "etc/group").write_text(f"root:x:0:\nwww-data:x:{WWW_DATA}:\n")  # a Debian host's
+    _pve_ca(target, fakepve_cafile)
+    node_planner = server.start("127.0.0.1:0")  # the planner the quick start's executor.toml names
+    try:
+        _quick_start_files(target, fakepve, node_planner.port)
+        (target / "etc/pve-reconcile/planner.toml").write_text(
+            _edited((ROOT / "deploy/planner.toml").read_text(), **PLANNER_TLS))
+        assert _install(target, "executor").returncode == 0
+        installed = _install(target, "planner", "--tls-ca", pki.ca, "--tls-cert", pki.server_cert, "--tls-key",
+                             pki.server_key)
+        assert installed.returncode == 0, installed.stderr
+        calls = target / "var/lib/docker-calls"
+        calls.mkdir(parents=True)
+        docker = target / "usr/local/bin/docker"
+        docker.write_text(dockerrun.RECORDER.format(calls="/var/lib/docker-calls"))
+        docker.chmod(0o755)
+        root = unitrun.Identity(0, 0, (0,), home="/root", shell="/bin/sh", name="root")
+        shell = unitrun.run_as(target, root, ["sh", "-euc", _container_commands()], {"PATH": unitrun.SYSTEMD_PATH},
+                               ("/etc/pve-reconcile", "/var/lib/docker-calls"))
+        _, err = shell.communicate(timeout=60)
+        assert shell.returncode == 0, err
+        runs = [dockerrun.Run.parse(words) for words in dockerrun.recorded(calls) if words[0] == "run"]
+        assert [run.command[:1] for run in runs] == [(), ("pve-executor",)]  # the image's CMD: the planner
+
+        port = unused_port()
+        planner = dockerrun.start(target, tmp_path / "planner-container", runs[0],
+                                  env={"PVE_PLANNER_LISTEN": f"127.0.0.1:{port}"})  # -p's address, the test's
+        try:
+            _wait_listening(planner, port)
+            health = run_module("common.healthcheck", f"127.0.0.1:{port}", "--tls-ca", pki.ca, "--tls-cert",
+                                pki.client_cert, "--tls-key", pki.client_key)
+            assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
+        finally:
+            planner_log = _stop(planner)
+        assert '"mutual_tls": true' in planner_log, planner_log
+
+        executor = dockerrun.start(target, tmp_path / "executor-container", runs[1], extra=("--once",))
+        _, log = executor.communicate(timeout=90)
+    finally:
+        server.stop(node_planner, 0)
+    assert executor.returncode == 0, log
+    assert len(starts(fakepve, 100)) == 1 and guest.status == "running"
+    assert "tok-5e1d-SECRET" not in log
+    assert (target / "etc/pve-reconcile/pve-token").stat().st_mode & 0o777 == 0o600  # the host's stays root-only

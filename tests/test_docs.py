@@ -154,3 +154,33 @@ def test_the_docs_cite_no_document_kept_outside_the_repository() -> None:
             found += [f"{doc.name}:{number}: {m.group(0)}" for m in ELSEWHERE.finditer(text)]
             found += [f"{doc.name}:{number}: {name}" for name in MARKDOWN.findall(text) if not _exists(name)]
     assert not found, "cites a document that is not in the repository:\n" + "\n".join(found)
+
+
+# --- sections cited by name (issue 15): deploy/'s comments point at headings that exist -------------------
+
+CITED_BY_NAME = re.compile(r'(README(?:\.md)?|docs/[\w-]+\.md)[:,]?\s+((?:"[^"\n]+"(?:,\s*)?)+)')
+
+
+def _shipped() -> list[Path]:
+    """What ships to a node or an image and cites the README or docs/ in its comments: deploy/ and the Dockerfile."""
+    return [*sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file()), ROOT / "Dockerfile"]
+
+
+def test_sections_cited_by_name_in_deploy_files_are_headings_of_that_document() -> None:
+    """``(README, "Approvals, step by step")`` in a unit, a config template or the Dockerfile names a heading
+    the README (or the docs/ page named) has: a section renamed or removed leaves no reader at a dead end."""
+    wrong = []
+    for path in _shipped():
+        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for doc, names in CITED_BY_NAME.findall(text):
+                page = ROOT / ("README.md" if doc.startswith("README") else doc)
+                headings = {title.strip() for title in HEADING_LINE.findall(page.read_text(encoding="utf-8"))}
+                wrong += [f"{path.relative_to(ROOT)}:{number}: {doc} has no section {name!r}"
+                          for name in re.findall(r'"([^"]+)"', names) if name not in headings]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_citation_pattern_finds_the_citations_it_checks() -> None:
+    """The check above is not empty: deploy/ cites README sections by name."""
+    found = [m for p in _shipped() for m in CITED_BY_NAME.findall(p.read_text(encoding="utf-8"))]
+    assert len(found) >= 3, found

@@ -1,11 +1,14 @@
 """A systemd service start, done as systemd does it, for an installed root (PID 1 here is not systemd).
 
-From the unit file installed in ``root`` (by deploy/install.sh):
+From the unit file installed in ``root`` (by deploy/install.sh) and its drop-ins (``UNIT.d/*.conf``,
+read after it in name order: list settings add up, an empty assignment empties the list, others take
+the last value):
 - ``User=``/``Group=`` resolved in the root's own /etc/passwd and /etc/group (systemd-sysusers wrote
   them), with the user's supplementary groups (systemd calls initgroups);
 - ``LoadCredential=ID:PATH`` read as root and written to /run/credentials/UNIT/ID, 0400 and owned by
   the service's uid in a 0500 directory it owns (systemd's way where the file system has no ACLs);
-- ``StateDirectory=``/``RuntimeDirectory=`` made with their modes, owned by the user and group;
+- ``StateDirectory=``/``RuntimeDirectory=`` made with their modes, owned by the user and group (one there
+  already that another owns, say root's from a run by hand, is handed over with all it holds, as systemd does);
 - ``Environment=`` plus what systemd adds (PATH, HOME, USER, LOGNAME, SHELL, CREDENTIALS_DIRECTORY,
   STATE_DIRECTORY, RUNTIME_DIRECTORY), ``UMask=``;
 - ``ExecStart=`` with ``%d`` expanded, started by root in a private mount namespace, chrooted into the
@@ -13,7 +16,8 @@ From the unit file installed in ``root`` (by deploy/install.sh):
   the state and runtime directories, a fresh /tmp (``PrivateTmp=``). The host's /usr (but /usr/local,
   where install.sh writes), the Python and
   the code under test are bound in read-only at their own paths; the package's console script
-  (``/opt/pve-reconcile/bin/pve-executor``, which pip makes) is written as pip would write it.
+  (``/opt/pve-reconcile/bin/pve-executor``, which pip makes) is written as pip would write it;
+- ``ExecReload=`` (``systemctl reload``) with ``$MAINPID`` expanded, run in the same sandbox as the service.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ done
 for path in $RW; do mount --bind "$R$path" "$R$path" && mount -o remount,bind,rw "$R$path"; done
 umask "$UMASK"
 unset UMASK
-exec chroot --userspec="$IDS" --groups="$GIDS" "$R" "$@"
+exec /usr/sbin/chroot --userspec="$IDS" --groups="$GIDS" "$R" "$@"
 """
 
 
@@ -69,20 +73,27 @@ class Unit:
 
     @classmethod
     def read(cls, root: Path, name: str) -> Unit:
-        """The unit as installed in ``root``/etc/systemd/system."""
-        section, found = "", []
-        for raw in (root / "etc/systemd/system" / name).read_text().splitlines():
-            line = raw.strip()
-            if line.startswith("["):
-                section = line
-            elif line and not line.startswith("#") and section == "[Service]":
-                key, value = line.split("=", 1)
-                found.append((key, value))
+        """The unit as installed in ``root``/etc/systemd/system, then its drop-ins in name order."""
+        folder = root / "etc/systemd/system"
+        found: list[tuple[str, str]] = []
+        for path in (folder / name, *sorted((folder / f"{name}.d").glob("*.conf"))):
+            section = ""
+            for raw in path.read_text().splitlines():
+                line = raw.strip()
+                if line.startswith("["):
+                    section = line
+                elif line and not line.startswith("#") and section == "[Service]":
+                    key, value = line.split("=", 1)
+                    found.append((key, value))
         return cls(name, tuple(found))
 
     def all(self, key: str) -> list[str]:
-        """Every value of ``key``."""
-        return [value for k, value in self.directives if k == key]
+        """Every value of ``key`` since its last empty assignment (systemd's reset of a list)."""
+        values: list[str] = []
+        for k, value in self.directives:
+            if k == key:
+                values = [*values, value] if value else []
+        return values
 
     def one(self, key: str, default: str = "") -> str:
         """The last value of ``key`` (systemd's rule for single-valued settings)."""
@@ -133,6 +144,9 @@ def _directory(root: Path, kind: str, base: str, unit: Unit, who: Identity) -> s
     path = root / base.lstrip("/") / name
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(int(unit.one(kind + "Mode", "0755"), 8))
+    if (path.stat().st_uid, path.stat().st_gid) != (who.uid, who.gid):
+        for below in path.rglob("*"):
+            os.chown(below, who.uid, who.gid, follow_symlinks=False)
     os.chown(path, who.uid, who.gid)
     return f"{base}/{name}"
 
@@ -153,17 +167,47 @@ def environment(root: Path, unit: Unit, who: Identity) -> dict[str, str]:
     return env
 
 
+def _expand(text: str, env: dict[str, str]) -> str:
+    """``%d`` expanded, the one specifier the units use (systemd expands it in Exec*= and Environment=)."""
+    expanded = text.replace("%d", env["CREDENTIALS_DIRECTORY"])
+    assert "%" not in expanded, text  # a specifier this emulation does not know
+    return expanded
+
+
 def start(root: Path, name: str, *, who: Identity | None = None, extra: tuple[str, ...] = (),
           stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
     """Start the installed unit ``name`` as systemd would (``who`` replaces its User=/Group=); its stderr piped."""
     unit = Unit.read(root, name)
     who = who or identity_of(root, unit)
     env = environment(root, unit, who)
-    argv = shlex.split(unit.one("ExecStart").replace("%d", env["CREDENTIALS_DIRECTORY"]))
-    assert not any("%" in word for word in argv), argv  # a specifier this emulation does not know
+    env = {key: _expand(value, env) for key, value in env.items()}
+    argv = shlex.split(_expand(unit.one("ExecStart"), env))
+    writable = [env[v] for v in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY") if v in env]
+    return _launch(root, who, writable, [*argv, *extra], {**env, "UMASK": unit.one("UMask", "0022")}, stdout)
+
+
+def reload(root: Path, name: str, main: subprocess.Popen[str]) -> int:
+    """``systemctl reload NAME``: ExecReload= with ``$MAINPID`` (``main``'s pid), as the service; its exit status."""
+    unit = Unit.read(root, name)
+    who = identity_of(root, unit)
+    command = unit.one("ExecReload")
+    assert command, f"{name} has no ExecReload=: systemctl reload fails"
+    argv = shlex.split(command.replace("${MAINPID}", str(main.pid)).replace("$MAINPID", str(main.pid)))
+    env = {"PATH": SYSTEMD_PATH, "MAINPID": str(main.pid), "UMASK": unit.one("UMask", "0022")}
+    return _launch(root, who, [], argv, env, subprocess.DEVNULL).wait(timeout=30)
+
+
+def run_as(root: Path, who: Identity, argv: list[str], env: dict[str, str], writable: tuple[str, ...] = (),
+           stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``argv`` in the root's sandbox as ``who``, with exactly ``env`` (another runtime's start: a container's)."""
+    return _launch(root, who, list(writable), argv, {**env, "UMASK": "0022"}, stdout)
+
+
+def _launch(root: Path, who: Identity, writable: list[str], argv: list[str], env: dict[str, str],
+            stdout: int | None) -> subprocess.Popen[str]:
+    """``argv`` started in the root's sandbox as ``who`` (see LAUNCH); its stderr piped."""
     host = [f"/usr/{d}" for d in ("bin", "sbin", "lib", "lib64", "share") if Path("/usr", d).is_dir()]  # not local/
     binds = sorted({*host, sys.prefix, sys.base_prefix, str(CODE)})
-    writable = [env[v] for v in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY") if v in env]
     root.chmod(0o755)  # "/" to the service
     for path in ("dev", "proc", "tmp", *(b.lstrip("/") for b in binds)):
         (root / path).mkdir(parents=True, exist_ok=True)
@@ -172,6 +216,5 @@ def start(root: Path, name: str, *, who: Identity | None = None, extra: tuple[st
             (root / link).symlink_to(os.readlink("/" + link))
     launch = ["unshare", "--mount", "--propagation", "private", "sh", "-c", LAUNCH, "launch", str(root),
               f"{who.uid}:{who.gid}", ",".join(map(str, who.groups)), " ".join(writable), " ".join(binds),
-              *argv, *extra]
-    return subprocess.Popen(launch, env={**env, "UMASK": unit.one("UMask", "0022")}, stdout=stdout,
-                            stderr=subprocess.PIPE, text=True)
+              *argv]
+    return subprocess.Popen(launch, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
