@@ -14,10 +14,12 @@ two guest lists, then per round of --max-parallel starts a start and one task po
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -42,8 +44,17 @@ from executor.pve.node import Connection, Credentials, ProxmoxNode
 from safety.classify import Source
 
 ROOT = Path(__file__).resolve().parent.parent
-TMP = Path(tempfile.mkdtemp(prefix="bench-executor-"))
 LATENCY = 0.05
+_TMP: list[Path] = []  # the run's scratch directory, made at first use (an import makes none)
+
+
+def scratch() -> Path:
+    """The run's scratch directory (fakepve's certificate, the guest lists): made once, removed at exit."""
+    if not _TMP:
+        path = Path(tempfile.mkdtemp(prefix="bench-executor-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _TMP.append(path)
+    return _TMP[0]
 
 
 @contextmanager
@@ -70,8 +81,8 @@ def fake(guests: list[dict[str, object]], latency: float = 0.0, time_scale: floa
     """fakepve in its own process with these guests; yields its port."""
     from fakepve.certs import make_cert  # noqa: PLC0415 (a bench/test dependency only)
 
-    cert, key, _ = make_cert(str(TMP), hosts=("127.0.0.1",))
-    spec = TMP / f"guests-{len(guests)}-{latency}.json"
+    cert, key, _ = make_cert(str(scratch()), hosts=("127.0.0.1",))
+    spec = scratch() / f"guests-{len(guests)}-{latency}.json"
     spec.write_text(json.dumps({"guests": guests}))
     args = ["-m", "fakepve", str(spec), "--host", "127.0.0.1", "--port", "0", "--time-scale", str(time_scale),
             "--latency", str(latency), "--cert", cert, "--key", key]
@@ -89,7 +100,7 @@ def planner() -> Iterator[str]:
 
 def node(port: int, ca_file: str | None = None) -> ProxmoxNode:
     """The real adapter on the fake, its CA verified."""
-    return ProxmoxNode(Connection(host="127.0.0.1", port=port, node="pve1", ca_file=ca_file or str(TMP / "fakepve.crt"),
+    return ProxmoxNode(Connection(host="127.0.0.1", port=port, node="pve1", ca_file=ca_file or str(scratch() / "fakepve.crt"),
                                   credentials=Credentials(user="root@pam", password="secret")))
 
 
@@ -179,7 +190,7 @@ def rss(n: int, address: str) -> float:
               for i in range(n)]
     with fake(guests) as port:
         out = subprocess.run([sys.executable, __file__, "--rss-child", str(port), address, str(n),
-                              str(TMP / "fakepve.crt")], cwd=ROOT,
+                              str(scratch() / "fakepve.crt")], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
     return float(out.split()[-1])
 

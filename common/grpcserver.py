@@ -41,6 +41,11 @@ class ClientTls:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # The settings the three files came from, as the operator spells them: a bad file's error names its flag.
+    names: tuple[str, str, str] = ("tls_ca", "tls_client_cert", "tls_client_key")
+
+
+PLANNER_CLIENT = ("planner_ca", "planner_client_cert", "planner_client_key")  # the executor's, towards the planner
 
 
 def pair(cert: str | None, key: str | None, names: tuple[str, str]) -> None:
@@ -73,11 +78,12 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     """gRPC channel credentials (system CAs unless ``ca``; a client certificate when given)."""
-    pair(tls.cert, tls.key, ("tls_client_cert", "tls_client_key"))
+    ca, cert, key = tls.names
+    pair(tls.cert, tls.key, (cert, key))
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca, "tls_ca") if tls.ca else None,
-        private_key=_read(tls.key, "tls_client_key") if tls.key else None,
-        certificate_chain=_read(tls.cert, "tls_client_cert") if tls.cert else None)
+        root_certificates=_read(tls.ca, ca) if tls.ca else None,
+        private_key=_read(tls.key, key) if tls.key else None,
+        certificate_chain=_read(tls.cert, cert) if tls.cert else None)
 
 
 def socket_path(listen: str) -> str | None:

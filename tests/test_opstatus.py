@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from structlog.testing import capture_logs
 
 from executor.api.server import start_api
+from journal.records import RefusalRecord
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from opctl.doc import read_proposal
@@ -196,6 +197,30 @@ def test_an_op_revoked_while_it_waits_is_revoked(make_engine: Any, fakepve: Any,
         assert "scsi1" in fakepve.vm(110).config
     finally:
         api.stop(0)
+
+
+def test_an_op_revoked_while_it_waits_is_refused_op_revoked_in_the_log_and_the_journal(
+        make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """The lane's refusal of an op vetoed while queued says OP_REVOKED (as op status does), in its log event and
+    its journal record, never TRUST_STORE_INVALID ("the op is not accepted here")."""
+    add_vm(fakepve, 111)
+    desk = open_desk(make_engine, tmp_path)
+    held = hold_lane(desk, 111)
+    envelope = desk.sign(unsigned_of(desk.propose(111, "config.disk_detach", set={}, delete=["scsi1"], force=False)),
+                         "alice", "bob", role="destroyer")
+    op_id, refusal = desk.submit(envelope)
+    assert refusal is None
+    revocation = desk.sign(unsigned_of(desk.propose(111, "op.revoke", op_id=op_id)), "alice", role="operator")
+    assert desk.desk.revoke(revocation) == (op_id, None)
+    with capture_logs() as logs:
+        held.set()
+        desk.settle()
+    refused = [e.get("reason") for e in logs if e.get("op_id") == op_id and e.get("reason")]
+    in_journal = [r.reason for r in desk.records()
+                  if isinstance(r, RefusalRecord) and r.op_id == op_id and r.kind != "op.revoke"]
+    assert refused and set(refused) == {"OP_REVOKED"}, logs
+    assert in_journal == ["OP_REVOKED"]
+    assert "scsi1" in fakepve.vm(111).config
 
 
 def test_a_threshold_refusal_is_logged_with_what_it_lacked(make_engine: Any, fakepve: Any, tmp_path: Path) -> None:

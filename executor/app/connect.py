@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from common.config import ConfigError
-from common.grpcserver import ClientTls, ServerTls, is_loopback, pair, server_tls, socket_path
+from common.grpcserver import PLANNER_CLIENT, ClientTls, ServerTls, is_loopback, pair, server_tls, socket_path
 from common.unixfront import too_long
 from executor.config import ExecutorSettings
 from executor.pve.node import Connection, Credentials
@@ -41,18 +41,57 @@ def connection(settings: ExecutorSettings) -> Connection:
         credentials = Credentials(user=settings.pve_user, password=password)
     else:
         raise ConfigError("pve_token_id", "give pve_token_id (recommended) or pve_user")
-    if settings.pve_ca_file and not Path(settings.pve_ca_file).is_file():
-        raise ConfigError("pve_ca_file", f"{settings.pve_ca_file}: no such file")
+    if settings.pve_ca_file:
+        _ca_loadable(settings.pve_ca_file, "pve_ca_file")
     return Connection(host=url.hostname, port=url.port or 8006, node=settings.node, credentials=credentials,
                       ca_file=settings.pve_ca_file, insecure=settings.pve_insecure, timeout=settings.pve_timeout)
 
 
+def _ca_loadable(path: str, key: str) -> None:
+    """ConfigError naming ``key`` and the file unless it reads and holds a PEM CA certificate.
+
+    Else the first request would fail as "no answer from HOST: SSLError", naming neither.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(key, f"{path}: no such file")
+    try:
+        Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(path)
+    except ssl.SSLError as exc:
+        raise ConfigError(key, f"{path}: not a PEM CA certificate ({exc.reason or exc})") from exc
+
+
+def _server_loadable(tls: ServerTls) -> None:
+    """ConfigError naming the setting and the file unless the API's files read, parse and the key fits."""
+    for path, key in ((tls.cert, "tls_cert"), (tls.key, "tls_key"), (tls.client_ca, "tls_client_ca")):
+        if path:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert, tls.key)
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or "not PEM")
+        problem = (f"{tls.key} is not the key of {tls.cert}: give tls_cert and tls_key from one pair"
+                   if reason == "KEY_VALUES_MISMATCH" else
+                   f"{tls.cert} (tls_cert) and {tls.key} (tls_key) do not load as a PEM certificate and its key "
+                   f"({reason})")
+        raise ConfigError("tls_key", problem) from exc
+    if tls.client_ca:
+        _ca_loadable(tls.client_ca, "tls_client_ca")
+
+
 def planner_tls(settings: ExecutorSettings) -> ClientTls | None:
     """TLS towards the planner, when asked for (a client certificate makes it mutual); its files checked now."""
-    pair(settings.planner_client_cert, settings.planner_client_key, ("planner_client_cert", "planner_client_key"))
+    pair(settings.planner_client_cert, settings.planner_client_key, PLANNER_CLIENT[1:])
     if not (settings.planner_tls or settings.planner_ca or settings.planner_client_cert):
         return None
-    tls = ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key)
+    tls = ClientTls(ca=settings.planner_ca, cert=settings.planner_client_cert, key=settings.planner_client_key,
+                    names=PLANNER_CLIENT)
     _loadable(tls)
     return tls
 
@@ -63,7 +102,7 @@ def _loadable(tls: ClientTls) -> None:
     gRPC would only say "Failed to create security handshaker" at the first call, and naming nothing.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for path, key in ((tls.ca, "planner_ca"), (tls.cert, "planner_client_cert"), (tls.key, "planner_client_key")):
+    for path, key in zip((tls.ca, tls.cert, tls.key), tls.names, strict=True):
         if path:
             try:
                 Path(path).read_bytes()
@@ -94,6 +133,8 @@ def _pair_problem(cert: str, key: str, reason: str) -> str:
 def api_tls(settings: ExecutorSettings) -> ServerTls | None:
     """TLS of the executor API; beyond loopback it must be mutual: Reconcile mutates. A socket is local."""
     tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if tls is not None:
+        _server_loadable(tls)
     path = socket_path(settings.listen)
     if path is not None:
         problem = too_long(path) if path else f"{settings.listen}: give unix:PATH"

@@ -29,7 +29,7 @@ from executor.app.whoami import roles_naming
 from executor.app.wiring import Parts, build, open_journal, provider
 from executor.config import ExecutorSettings
 from executor.errors import failure_fields
-from executor.loop.desired import DesiredStateError, EmptyProvider
+from executor.loop.desired import DesiredStateError, EmptyProvider, mistakes
 from executor.loop.engine import Engine, TickOutcome, TickSummary
 from executor.loop.planner_client import PlannerError
 from executor.loop.recovery import RecoveryInterruptedError, recover
@@ -56,10 +56,12 @@ def _loop(engine: Engine, stop: threading.Event, interval: float) -> None:
 def run(settings: ExecutorSettings, conn: Connection) -> int:
     """``pve-executor run``."""
     stop = stop_on_signals()  # first: a SIGTERM from here on is a clean stop
+    hangup = record_hangup()  # and a SIGHUP (systemctl reload) during start-up is kept for later, never fatal
     try:
         desired = provider(settings)
     except DesiredStateError as exc:
-        print(f"pve-executor: {exc}", file=sys.stderr)
+        for line in mistakes(exc, "not started"):
+            print(f"pve-executor: {line}", file=sys.stderr)
         return 2
     tls = api_tls(settings)
     metrics = ExecutorMetrics()
@@ -73,7 +75,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
     desk = parts.desk
     if desk is not None:  # always, for the daemon: build makes one
         # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).
-        reload_on_hangup(desk, lambda: warn_if_unnamed(desk, parts.engine.gate.audience))
+        reload_on_hangup(desk, lambda: warn_if_unnamed(desk, parts.engine.gate.audience), hangup=hangup)
     if parts.engine.journal is not None:
         parts.engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
     try:
@@ -119,10 +121,15 @@ ONCE_FAILED = {  # what `run --once` prints when its tick failed, by how it ende
 
 
 def _once(engine: Engine) -> int:
-    """`run --once`'s tick: 0 when it went well, else 1 and one line on stderr that says why."""
+    """`run --once`'s tick: 0 when it went well, else 1 and one line on stderr that says why; 2 and a line per
+    mistake (file:line, as `plan` prints them) for a desired file with mistakes the node's read showed."""
     summary = engine.tick(wait=True)
     if summary.outcome is TickOutcome.OK:
         return 0
+    if summary.outcome is TickOutcome.DESIRED_UNAVAILABLE:
+        for line in mistakes(DesiredStateError(summary.error), "nothing done"):
+            print(f"pve-executor: {line}", file=sys.stderr)
+        return 2
     print(f"pve-executor: {failed_tick(summary)}", file=sys.stderr)
     return 1
 
@@ -153,15 +160,29 @@ def journal_or_refuse(state_dir: str) -> Journal | None:
         return open_journal(state_dir)  # logs why, and what runs without it
 
 
-def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> threading.Thread:
+def record_hangup() -> threading.Event:
+    """Install a SIGHUP handler that only records the signal (an event ``reload_on_hangup`` takes over).
+
+    Python's default action for SIGHUP ends the process: ``systemctl reload`` (ExecReload sends SIGHUP)
+    while the daemon is still starting would kill it. So ``run`` calls this first; a SIGHUP recorded before
+    the reload thread exists is acted on as soon as it does. Call from the main thread.
+    """
+    hangup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hangup.set())
+    return hangup
+
+
+def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None,
+                     hangup: threading.Event | None = None) -> threading.Thread:
     """SIGHUP reloads the trust store at once (a bad file keeps the last good store), then calls ``then`` (also
-    once at the start).
+    once at the start); ``hangup``: the event ``record_hangup`` installed (else one is installed now).
 
     The handler only sets an event: I/O or logging inside a signal handler could raise in, or deadlock,
     whatever the main thread was doing. A thread of its own waits for it, so a reload comes at once,
-    not after the interval the main thread sleeps (nor after a long recovery).
+    not after the interval the main thread sleeps (nor after a long recovery); one recorded before the
+    thread started is acted on when it starts.
     """
-    hangup = threading.Event()
+    recorded = hangup if hangup is not None else record_hangup()
 
     def guarded(step: Callable[[], None]) -> None:
         try:
@@ -172,15 +193,14 @@ def reload_on_hangup(desk: OpDesk, then: Callable[[], None] = lambda: None) -> t
     def reloader() -> None:
         guarded(then)
         while True:
-            hangup.wait()
-            hangup.clear()
+            recorded.wait()
+            recorded.clear()
             log.info("trust_store_reload", cause=signal.SIGHUP.name)
             guarded(desk.reload)
             guarded(then)
 
     thread = threading.Thread(target=reloader, name="sighup-reload", daemon=True)
     thread.start()
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: hangup.set())
     return thread
 
 

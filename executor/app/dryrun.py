@@ -28,7 +28,7 @@ from executor.config import ExecutorSettings
 from executor.gate.actions import SET_CONFIG, Step, by_guest
 from executor.gate.decisions import APPROVABLE, Admission, Judged, declaration_of
 from executor.gate.gate import Gate
-from executor.loop.desired import DesiredStateError, check_types, provider_source
+from executor.loop.desired import DesiredStateError, check_types, mistakes, provider_source
 from executor.loop.observe import STAGED_NOTE, Observed, PendingSections, StagedKey, observe, staged
 from executor.loop.planner_client import PlannerError
 from executor.pve.node import PveError
@@ -261,11 +261,8 @@ def show_plan(settings: ExecutorSettings) -> int:
     try:
         result = dry_run(settings)
     except DesiredStateError as exc:
-        problems = str(exc).splitlines()
-        for problem in problems:
-            print(f"pve-executor: {problem}", file=sys.stderr)
-        if len(problems) > 1:
-            print(f"pve-executor: {len(problems)} mistakes in the desired file; nothing planned", file=sys.stderr)
+        for line in mistakes(exc, "nothing planned"):
+            print(f"pve-executor: {line}", file=sys.stderr)
         return EXIT_USAGE
     except PlannerError as exc:
         print(f"pve-executor: {exc}", file=sys.stderr)

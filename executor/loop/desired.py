@@ -66,6 +66,15 @@ class DesiredStateError(InvalidInputError, ValueError):
     """The declared state is invalid or unreadable; the message names the file, line and field."""
 
 
+def mistakes(exc: DesiredStateError, consequence: str) -> list[str]:
+    """The lines a command prints for a desired file with mistakes: one per mistake (file:line: ...), then, when
+    there are several, how many and ``consequence`` (what did not happen)."""
+    problems = str(exc).splitlines()
+    if len(problems) > 1:
+        return [*problems, f"{len(problems)} mistakes in the desired file; {consequence}"]
+    return problems
+
+
 class EmptyProvider:
     """Nothing declared: the daemon runs and mutates nothing."""
 

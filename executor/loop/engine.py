@@ -26,7 +26,7 @@ import structlog
 from executor.gate.actions import by_guest
 from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
-from executor.loop.desired import DesiredProvider, DesiredStateError, provider_source
+from executor.loop.desired import DesiredProvider, DesiredStateError, check_types, provider_source
 from executor.loop.funnel import Funnel, Settings
 from executor.loop.observe import PendingSections, StagedLog, observe, staged
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
@@ -188,6 +188,13 @@ class Engine:
         except PveError as exc:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
             summary.cause, summary.hint = exc.cause, exc.hint
+            return
+        try:  # as `plan` does: a key the guest's type (now known) does not take refuses the whole file
+            check_types(declared, {vmid: guest.type for vmid, guest in observed.guests.items()})
+        except DesiredStateError as exc:
+            log.error("desired_invalid", problems=str(exc).splitlines(),
+                      consequence="nothing planned until the desired file is fixed")
+            summary.outcome, summary.error = TickOutcome.DESIRED_UNAVAILABLE, str(exc)
             return
         held |= self.funnel.held(since=read_at)  # and a job that ended while we read: that read is stale
         wanted = [d for d in declared if d.vmid not in held]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from common.config import ConfigError
 from executor.gate.files import write_private
 from safety.truststore import FLOOR_FILE, TrustStore, TrustStoreHolder, read_floor
 
@@ -30,7 +31,12 @@ class TrustKeeper:
         if path:
             version, sha256 = self._floor()
             self.holder = TrustStoreHolder(path, min_version=version, min_sha256=sha256)
-            self.reload()
+            try:
+                self.reload()
+            except OSError as exc:  # the floor cannot be kept: a restart could then load a rolled-back store
+                raise ConfigError("state_dir", f"{state_dir}: cannot write {FLOOR_FILE} ({exc.strerror}): the "
+                                               "trust store's last accepted version is kept there; give a "
+                                               "writable --state-dir") from exc
 
     def _floor(self) -> tuple[int, str | None]:
         """The last trust store accepted here: (version, sha256) (``trust check --state-dir`` reads it alike)."""

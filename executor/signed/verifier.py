@@ -47,6 +47,11 @@ class OpVerifier:
         """
         store = self.trust.current()
         envelope = self._envelopes.get(nonce_key(op))
+        if store is not None and envelope is None:  # forgotten: a veto (op.revoke) while it waited says why
+            try:
+                self._check_veto(op)
+            except Refused as exc:
+                return exc
         if store is None or envelope is None:
             return Refused(RefusalReason.TRUST_STORE_INVALID, self.trust.state()[3] or "the op is not accepted here")
         try:
@@ -57,14 +62,19 @@ class OpVerifier:
             return exc
         return role_covers_keys(store.roles[op.payload.role], step, facts)  # verify() found the role
 
+    def _check_veto(self, op: VerifiedOp) -> None:
+        """OP_REVOKED when an op.revoke whose signers could sign ``op`` was journaled for its id."""
+        op_id = op.payload.op_id
+        veto = self._journal.last_refusal(revoked_key(op_id))
+        store = self.trust.current()
+        if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
+            raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
+
     def check_nonce(self, op: VerifiedOp) -> None:
         """Step 12, read-only: an op revoked, or whose nonce was spent (ran, failed, was cut short), never runs."""
         journal = self._journal
         op_id = op.payload.op_id
-        veto = journal.last_refusal(revoked_key(op_id))
-        store = self.trust.current()
-        if veto is not None and store is not None and could_sign(store, revokers(veto[1]), op.payload):
-            raise Refused(RefusalReason.OP_REVOKED, f"op {op_id} was revoked")
+        self._check_veto(op)
         try:
             journal.check_key(nonce_key(op))
         except NonceSpentError as exc:  # failed: it ran and failed, or it was refused for the guest's state
