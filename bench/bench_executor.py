@@ -100,7 +100,8 @@ def planner() -> Iterator[str]:
 
 def node(port: int, ca_file: str | None = None) -> ProxmoxNode:
     """The real adapter on the fake, its CA verified."""
-    return ProxmoxNode(Connection(host="127.0.0.1", port=port, node="pve1", ca_file=ca_file or str(scratch() / "fakepve.crt"),
+    ca_file = ca_file or str(scratch() / "fakepve.crt")
+    return ProxmoxNode(Connection(host="127.0.0.1", port=port, node="pve1", ca_file=ca_file,
                                   credentials=Credentials(user="root@pam", password="secret")))
 
 

@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         pair(args.client_cert, args.client_key, ("client_cert", "client_key"))
-        tls = (ClientTls(ca=args.ca, cert=args.client_cert, key=args.client_key, names=("ca", "client_cert", "client_key"))
+        tls = (ClientTls(ca=args.ca, cert=args.client_cert, key=args.client_key,
+                         names=("ca", "client_cert", "client_key"))
                if args.ca or args.client_cert or args.client_key else None)
         channel = (grpc.secure_channel(args.address, channel_credentials(tls)) if tls
                    else grpc.insecure_channel(args.address))

@@ -49,7 +49,8 @@ def stub(args: argparse.Namespace) -> Iterator[pb_grpc.ExecutorServiceStub]:
     """A stub on a channel to the API the flags (or PVE_EXECUTOR_API) name, closed afterwards."""
     where = connection(args)
     if where.tls:
-        tls = ClientTls(ca=where.ca, cert=where.cert, key=where.key, names=("api_ca", "api_client_cert", "api_client_key"))
+        tls = ClientTls(ca=where.ca, cert=where.cert, key=where.key,
+                        names=("api_ca", "api_client_cert", "api_client_key"))
         channel = grpc.secure_channel(where.target, channel_credentials(tls))
     else:
         channel = grpc.insecure_channel(where.target)

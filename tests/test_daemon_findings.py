@@ -31,8 +31,9 @@ from executor.loop.planner_client import PlannerClient
 from planner import server
 from tests.certs import make_pki
 from tests.executor_helpers import ROOT, cli, run_module, unused_port
-from tests.signed_helpers import Daemon, add_vm, run_command, write_store
+from tests.signed_helpers import Daemon, add_vm, run_command
 from tests.signed_helpers import store_doc as trust_doc
+from tests.signing import write_store
 
 
 def _run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

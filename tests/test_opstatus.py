@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from structlog.testing import capture_logs
 
 from executor.api.server import start_api
-from journal.records import RefusalRecord
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
+from journal.records import RefusalRecord
 from opctl.doc import read_proposal
 from planner import server
 from safety import signedop

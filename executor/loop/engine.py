@@ -26,9 +26,9 @@ import structlog
 from executor.gate.actions import by_guest
 from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
-from executor.loop.desired import DesiredProvider, DesiredStateError, check_types, provider_source
+from executor.loop.desired import Declared, DesiredProvider, DesiredStateError, check_types, provider_source
 from executor.loop.funnel import Funnel, Settings
-from executor.loop.observe import PendingSections, StagedLog, observe, staged
+from executor.loop.observe import Observed, PendingSections, StagedLog, observe, staged
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PveError, PveReader
@@ -84,6 +84,19 @@ class EngineStatus:
     in_flight: list[InFlight]
     journal_enabled: bool
     gate: GateState
+
+
+def _mistyped(declared: list[Declared], observed: Observed, summary: TickSummary) -> bool:
+    """True (the tick plans nothing, as ``plan`` refuses the file) when a config key is not one of the guest's
+    type, now that the read says which type each guest is; the file's lines are logged and in the summary."""
+    try:
+        check_types(declared, {vmid: guest.type for vmid, guest in observed.guests.items()})
+    except DesiredStateError as exc:
+        log.error("desired_invalid", problems=str(exc).splitlines(),
+                  consequence="nothing planned until the desired file is fixed")
+        summary.outcome, summary.error = TickOutcome.DESIRED_UNAVAILABLE, str(exc)
+        return True
+    return False
 
 
 class Engine:
@@ -189,12 +202,7 @@ class Engine:
             summary.outcome, summary.error = TickOutcome.PVE_UNAVAILABLE, str(exc)
             summary.cause, summary.hint = exc.cause, exc.hint
             return
-        try:  # as `plan` does: a key the guest's type (now known) does not take refuses the whole file
-            check_types(declared, {vmid: guest.type for vmid, guest in observed.guests.items()})
-        except DesiredStateError as exc:
-            log.error("desired_invalid", problems=str(exc).splitlines(),
-                      consequence="nothing planned until the desired file is fixed")
-            summary.outcome, summary.error = TickOutcome.DESIRED_UNAVAILABLE, str(exc)
+        if _mistyped(declared, observed, summary):  # as `plan` does: the whole file, now the types are known
             return
         held |= self.funnel.held(since=read_at)  # and a job that ended while we read: that read is stale
         wanted = [d for d in declared if d.vmid not in held]
