@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,38 @@ def test_a_pve_ca_file_that_is_not_pem_is_a_config_error_at_start(fakepve: Any, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"pve-executor: config: pve_ca_file: {garbage}: not a PEM CA certificate (" in result.stderr
     assert "Traceback" not in result.stderr and len(fakepve.requests) == before
+
+
+# Python itself is root's (under /root): the child starts as root, imports what it runs, then drops to nobody.
+AS_NOBODY = """
+import os, sys
+import executor.app.connect, executor.app.daemon, executor.cli
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(executor.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to")
+def test_a_pve_ca_file_the_service_user_may_not_read_is_a_config_error_naming_why(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running) -> None:
+    """The CA is root's, 0600, and the daemon runs as another user: exit 2 with "Permission denied", not
+    "no such file" and not an SSLError at tick time."""
+    folder = Path(tempfile.mkdtemp(prefix="pve-ca-test-", dir="/tmp"))  # tmp_path's parents are root's 0700
+    try:
+        folder.chmod(0o755)
+        ca = folder / "pve-ca.pem"
+        shutil.copy(fakepve_cafile, ca)
+        ca.chmod(0o600)
+        command = [sys.executable, "-c", AS_NOBODY, "run", "--once", "--node", "pve1", "--pve-url",
+                   f"https://127.0.0.1:{fakepve.port}", "--pve-user", "root@pam", "--pve-ca-file", str(ca),
+                   "--planner", f"127.0.0.1:{planner.port}", "--state-dir", str(folder / "state")]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PVE_EXECUTOR_")}
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                                env={**env, "PVE_EXECUTOR_PVE_PASSWORD": "secret"})
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"pve-executor: config: pve_ca_file: cannot read {ca}: Permission denied" in result.stderr
 
 
 @pytest.mark.parametrize(("setting", "problem"), [

@@ -52,11 +52,11 @@ def _ca_loadable(path: str, key: str) -> None:
 
     Else the first request would fail as "no answer from HOST: SSLError", naming neither.
     """
-    if not Path(path).is_file():
-        raise ConfigError(key, f"{path}: no such file")
     try:
         Path(path).read_bytes()
-    except OSError as exc:
+    except FileNotFoundError as exc:
+        raise ConfigError(key, f"{path}: no such file") from exc
+    except OSError as exc:  # permission denied (on it or a directory above it), a directory: said as it is
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(path)

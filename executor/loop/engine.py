@@ -87,10 +87,13 @@ class EngineStatus:
 
 
 def _mistyped(declared: list[Declared], observed: Observed, summary: TickSummary) -> bool:
-    """True (the tick plans nothing, as ``plan`` refuses the file) when a config key is not one of the guest's
-    type, now that the read says which type each guest is; the file's lines are logged and in the summary."""
+    """True (the tick plans nothing, as ``plan`` refuses the file) when a desired file gives a guest a config key
+    its type does not take, now that the read says which type each guest is; the file's lines are logged and in
+    the summary. Only guests read from a file (``origin``) are checked: its mistakes have a file:line to fix, and
+    ``parse`` already held its keys to PVE's schema. State from elsewhere (a hub) meets the gate, key by key.
+    """
     try:
-        check_types(declared, {vmid: guest.type for vmid, guest in observed.guests.items()})
+        check_types([d for d in declared if d.origin], {vmid: guest.type for vmid, guest in observed.guests.items()})
     except DesiredStateError as exc:
         log.error("desired_invalid", problems=str(exc).splitlines(),
                   consequence="nothing planned until the desired file is fixed")
