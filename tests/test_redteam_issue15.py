@@ -8,6 +8,7 @@ defence that holds and no other test pins.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,19 @@ import grpc
 import pytest
 
 from executor.api.server import start_api
+from executor.gate.audience import Audience
+from executor.pve.node import ProxmoxNode
 from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
 from opctl.doc import Proposal
+from planner import server
 from safety import truststore
 from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
 from tests.answer_faults import AnswerFaults
-from tests.signed_helpers import AUDIENCE, Desk, add_vm, open_desk, seal, unsigned_of
+from tests.executor_helpers import ROOT, cli
+from tests.signed_helpers import AUDIENCE, Desk, add_vm, open_desk, roles, seal, store_doc, unsigned_of
 from tests.signing import default_roles, key_entry, kid, write_store
 
 
@@ -171,3 +176,20 @@ def test_a_stale_reload_racing_a_newer_one_never_rolls_the_store_back(tmp_path: 
     current = keeper.current()
     assert current is not None and (current.version, kid("bob") in current.revoked_keys) == (2, True)
     assert truststore.read_floor(state)[0] == 2
+
+
+def test_whoami_names_a_standalone_nodes_audience_as_the_daemon_does(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, node: ProxmoxNode, tmp_path: Path) -> None:
+    """A node outside a cluster: /cluster/status lists the node and no cluster. The daemon's audience is then
+    ``pve1`` (``executor.gate.audience``); whoami, the command an operator asks which audience to sign for,
+    must say the same, and match the roles naming it, not print ``pve1@`` and report that no role names it."""
+    AnswerFaults(fakepve).rewrite("GET", "/cluster/status",
+                                  lambda _data: [{"type": "node", "name": "pve1", "local": 1, "online": 1}])
+    assert Audience(node)() == "pve1"
+    write_store(tmp_path, {**store_doc(), "roles": roles("pve1")}, name="trust.toml")
+    shown = subprocess.run(cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}",
+                               tmp_path, "whoami", "--trust-store", str(tmp_path / "trust.toml"), "--state-dir",
+                               str(tmp_path / "state")), cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert "executor_id  pve1 " in shown.stdout, shown.stdout
+    assert shown.returncode == 0 and "role operator: APPROVAL" in shown.stdout, shown.stdout + shown.stderr
