@@ -18,6 +18,7 @@ import pytest
 
 from executor.api.server import start_api
 from executor.gate.audience import Audience
+from executor.loop.desired import Declared, StaticProvider
 from executor.pve.node import ProxmoxNode
 from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
@@ -25,6 +26,7 @@ from executor.v1 import executor_pb2_grpc as epb_grpc
 from opctl.doc import Proposal
 from planner import server
 from safety import truststore
+from safety.classify import Source
 from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
 from tests.answer_faults import AnswerFaults
@@ -193,3 +195,39 @@ def test_whoami_names_a_standalone_nodes_audience_as_the_daemon_does(
                            check=False)
     assert "executor_id  pve1 " in shown.stdout, shown.stdout
     assert shown.returncode == 0 and "role operator: APPROVAL" in shown.stdout, shown.stdout + shown.stderr
+
+
+CHURN_FIX = ("open: GetOpStatus reads only the last 1,000 journal records (OP_STATUS_WINDOW), while the journal "
+             "keeps an op's spent nonce and outcome (its key state) and every op in flight for its whole retention. "
+             "Fix: fall back on the journal's state: in_flight() for RUNNING, and the outcome of the op's nonce key "
+             "(a JournalReads method naming the keys of an op id) for RAN")
+
+
+@pytest.mark.xfail(strict=True, reason=CHURN_FIX)
+def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: Any, fakepve: Any,
+                                                                 tmp_path: Path) -> None:
+    """A destroyer-signed detach of guest 107 ran. A hub then churns the descriptions of 40 guests for a few
+    ticks (benign writes: three journal records each). Minutes later ``op status <id>`` answers NOT_FOUND
+    "no trace on this executor ... older than the journal keeps", while the journal still holds the op's spent
+    nonce and its outcome: a remote desired-state source makes the audit command deny an op that ran."""
+    guests = list(range(120, 160))
+    for vmid in (107, *guests):
+        add_vm(fakepve, vmid)
+    provider = StaticProvider([], source=Source.HUB)
+    desk = open_desk(make_engine, tmp_path, provider=provider)
+    api = start_api(desk.engine, "127.0.0.1:0", desk=desk.desk)
+    try:
+        proposal = unsigned_of(desk.propose(107, "config.disk_detach", set={}, delete=["scsi1"], force=False))
+        op_id, refusal = desk.run(desk.sign(proposal, "alice", "bob", role="destroyer"))
+        assert refusal is None and [epb.OpFate.Name(s.fate) for s in _status(api.port, op_id)] == ["OP_FATE_RAN"]
+        for turn in range(9):
+            provider.guests = [Declared(vmid=v, description=f"churn {turn}") for v in guests]
+            desk.engine.tick(wait=True)
+        assert len(desk.records()) >= 1000
+        try:
+            answer = [epb.OpFate.Name(s.fate) for s in _status(api.port, op_id)]
+        except grpc.RpcError as exc:
+            answer = [f"{exc.code().name}: {exc.details()}"]
+        assert answer == ["OP_FATE_RAN"], answer
+    finally:
+        api.stop(0)
