@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from executor.pve.node import ProxmoxNode
 from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
+from journal import RefusalRecord
 from opctl.doc import Proposal
 from planner import server
 from safety import truststore
@@ -231,3 +234,41 @@ def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: A
         assert answer == ["OP_FATE_RAN"], answer
     finally:
         api.stop(0)
+
+
+def test_an_op_under_the_journal_id_of_a_benign_action_in_flight_is_in_flight_and_the_journal_stays(
+        make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """A benign stop of guest 107 runs (a slow shutdown): its journal id, random, 32 hex like an op id, is in
+    ListOperations. A key holder signs a snapshot of guest 108 under that id. The journal refuses a second
+    begin under an id in flight: refused NONCE_IN_FLIGHT, nothing sent for it, and the journal still works
+    (that refusal once surfaced as a JournalError, which switches the journal off: every signed op
+    JOURNAL_UNAVAILABLE). The stop ends ok under its own id; the same action under a fresh id then runs."""
+    add_vm(fakepve, 107, status="running")
+    add_vm(fakepve, 108)
+    fakepve.time_scale = 1.0
+    fakepve.vm(107).shutdown_secs = 2  # a task of 2 s: the stop is journaled in flight meanwhile
+    desk = open_desk(make_engine, tmp_path, provider=StaticProvider([Declared(vmid=107, state="stopped")]))
+    desk.engine.tick(wait=False)
+    (flight,) = wait_for(desk.engine.gate.records.in_flight)
+    snapshot = desk.sign(unsigned_of(desk.propose(108, "snapshot.create", snapname="s1")), "alice", role="operator")
+    op_id, refusal = desk.submit(_with_op_id(snapshot, flight.op_id, "alice"))
+    desk.settle()
+    assert (op_id, refusal.reason if refusal is not None else _lane_reason(desk, op_id)) == (
+        flight.op_id, "NONCE_IN_FLIGHT")
+    assert "s1" not in fakepve.vm(108).snapshots and desk.engine.gate.journal_port.working
+    assert fakepve.vm(107).status == "stopped" and not desk.engine.gate.records.in_flight()
+    assert desk.run(snapshot)[1] is None and "s1" in fakepve.vm(108).snapshots
+
+
+def _lane_reason(desk: Desk, op_id: str) -> str:
+    """The reason the lane journaled for ``op_id`` last ("" for none)."""
+    found = [r for r in desk.records() if isinstance(r, RefusalRecord) and r.op_id == op_id]
+    return found[-1].reason if found else ""
+
+
+def wait_for(probe: Callable[[], list[Any]], timeout: float = 10.0) -> list[Any]:
+    """``probe()`` once it is not empty."""
+    deadline = time.monotonic() + timeout
+    while not (found := probe()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
