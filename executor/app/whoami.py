@@ -163,7 +163,9 @@ def probe_proxmox(conn: Connection) -> tuple[str, str]:
 def gather(settings: ExecutorSettings, conn: Connection) -> Whoami:
     """Look at everything (one GET to Proxmox); the problems found, each with what it means."""
     proxmox, cluster = probe_proxmox(conn)
-    audience = settings.executor_id or (f"{conn.node}@{cluster}" if proxmox == "reachable" else f"{conn.node}@?")
+    # As the daemon's (``executor.gate.audience``): a node outside a cluster is its own name alone.
+    named = (f"{conn.node}@{cluster}" if cluster else conn.node) if proxmox == "reachable" else f"{conn.node}@?"
+    audience = settings.executor_id or named
     trust = trust_view(settings.trust_store, settings.state_dir, audience)
     journal = journal_view(settings.state_dir)
     problems = []
