@@ -133,7 +133,7 @@ missing=$(cat "$ROOT/etc/systemd/system/$unit" "$ROOT/etc/systemd/system/$unit.d
     [ -f "$ROOT$source" ] || printf ' %s' "$source"
 done)
 # TLS needs the config's certificate and the key together (the service refuses one without the other).
-if grep -Eq "^[[:space:]]*$cert_setting[[:space:]]*=" "$ETC/$ROLE.toml"; then
+if grep -Eq "^[[:space:]]*${cert_setting}[[:space:]]*=" "$ETC/$ROLE.toml"; then
     [ -f "$ETC/tls/$ROLE.key" ] || missing="$missing /etc/pve-reconcile/tls/$ROLE.key ($ROLE.toml names $cert_setting)"
 elif [ -f "$ETC/tls/$ROLE.key" ]; then
     missing="$missing $cert_setting in /etc/pve-reconcile/$ROLE.toml (the key in tls/$ROLE.key goes with it)"

@@ -107,5 +107,6 @@ def test_plan_output_is_coloured_only_on_a_tty() -> None:
                     Observed(guests={}, configs={100: ({"memory": "2048"}, "")}, elsewhere=frozenset()))
     plain = render(result, color=False)
     assert plain == ("guest 100: set config [BENIGN]\n    memory: '2048' -> '4096'\n\n"
-                     "Plan: 1 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere.")
+                     "Plan: 1 to change, 0 needing APPROVAL, 0 refused for other reasons, 0 skipped, "
+                     "0 elsewhere.")
     assert "\033[32m'4096'\033[0m" in render(result, color=True)

@@ -280,3 +280,13 @@ def test_a_listen_address_without_a_port_is_a_config_error_naming_the_flag(flag:
         assert "'127.0.0.1' has no port: give HOST:PORT" in result.stderr and f"(from {flag})" in result.stderr
         assert "Traceback" not in result.stderr
 
+
+
+def test_whoami_on_a_node_without_a_trust_store_is_ok(fakepve: Any, fakepve_cafile: str, tmp_path: Path) -> None:
+    """The quick start leaves a benign-only node (no trust store): whoami says signed operations are off, exit 0."""
+    command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, "127.0.0.1:1", tmp_path, "whoami")
+    command = [c for c in command if c not in ("--planner", "127.0.0.1:1")]
+    result = subprocess.run([*command, "--state-dir", str(tmp_path / "state")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "signed operations are off" in result.stdout and "PROBLEM" not in result.stdout

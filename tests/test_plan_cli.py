@@ -38,16 +38,19 @@ def test_exit_code_says_what_the_plan_holds(fakepve: Any, fakepve_cafile: str, p
     fakepve.add_vm(100, "web", status="running", config={"memory": 512})
     fakepve.add_vm(101, "guarded", status="stopped", config={"protection": 1})
     matches = _plan(fakepve, fakepve_cafile, planner, tmp_path, "  - {vmid: 100, state: running}\n")
-    assert (matches.returncode, matches.stdout) == (0, "Plan: 0 to change, 0 needing APPROVAL, 0 refused, "
-                                                       "0 skipped, 0 elsewhere. The node matches the desired state.\n")
+    assert (matches.returncode, matches.stdout) == (
+        0, "Plan: 0 to change, 0 needing APPROVAL, 0 refused for other reasons, "
+           "0 skipped, 0 elsewhere. The node matches the desired state.\n")
     changes = _plan(fakepve, fakepve_cafile, planner, tmp_path, "  - {vmid: 100, config: {memory: 1024}}\n")
     assert changes.returncode == 3, changes.stderr
-    assert changes.stdout.endswith("\nPlan: 1 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere.\n")
+    assert changes.stdout.endswith("\nPlan: 1 to change, 0 needing APPROVAL, 0 refused for other reasons, "
+                                   "0 skipped, 0 elsewhere.\n")
     held = _plan(fakepve, fakepve_cafile, planner, tmp_path,
                  "  - {vmid: 100, config: {memory: 1024}}\n  - {vmid: 101, config: {protection: 0}}\n"
                  "  - {vmid: 300, state: running}\n")
     assert held.returncode == 4, held.stderr
-    assert held.stdout.endswith("\nPlan: 1 to change, 1 needing APPROVAL, 0 refused, 1 skipped, 0 elsewhere.\n")
+    assert held.stdout.endswith("\nPlan: 1 to change, 1 needing APPROVAL, 0 refused for other reasons, "
+                                "1 skipped, 0 elsewhere.\n")
     assert "guest 101: set config [APPROVAL] REFUSED APPROVAL_REQUIRED: protection_off\n" in held.stdout
     assert "guest 300: SKIPPED NOT_FOUND\n" in held.stdout
     assert "\nSteps needing APPROVAL wait in the running daemon's `pve-executor pending`; " in held.stdout

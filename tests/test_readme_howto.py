@@ -6,7 +6,9 @@ clone"), against a real executor daemon over fakepve over HTTPS and a real plann
 that the quick start makes (executor.toml, the desired file, the service) is the test's: it writes an
 executor.toml for fakepve, and ``systemctl`` on PATH is a stand-in that (re)starts ``pve-executor run``
 as a process, as systemd would. The only substitutions: /etc/pve-reconcile and /run/pve-reconcile are
-directories of the test, the audience is fakepve's, and OP_ID is the id ``op submit`` printed.
+and /var/lib/pve-reconcile are directories of the test, and OP_ID is the id ``op submit`` printed. A
+line that sets a shell variable (``AUDIENCE=$(...)``) is run and the variable kept for the lines after it.
+The operator commands find the API as the README says: through the config's ``listen``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ from typing import Any
 import pytest
 
 from planner import server
-from tests.signed_helpers import AUDIENCE, add_vm
+from tests.signed_helpers import add_vm
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARK = "<!-- howto:approvals -->"
 BLOCK = re.compile(r"```sh\n(.*?)```", re.DOTALL)
-ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(\S+)$")
-ACCEPTED = re.compile(r"^accepted: ([0-9a-f]{32}) \(queued", re.MULTILINE)
+ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.+)$")
+ACCEPTED = re.compile(r"^(?:accepted: |op )([0-9a-f]{32}) \(", re.MULTILINE)
 
 SYSTEMCTL = """#!{python}
 \"\"\"systemctl, as far as the how-to uses it: restart, reload or stop pve-reconcile-executor (a process here).\"\"\"
@@ -98,7 +100,7 @@ def test_the_howto_blocks_are_found() -> None:
     lines = howto_lines(README.read_text(encoding="utf-8"))
     words = " ".join(lines)
     for needed in ("keys generate", "trust check", "systemctl restart", "op propose", "op sign", "op cosign",
-                   "op submit", "op status OP_ID --wait"):
+                   "op submit --wait", "whoami --json"):
         assert needed in words, f"the how-to has no {needed!r}"
 
 
@@ -157,8 +159,7 @@ def _environment(home: Path, bin_dir: Path, etc: Path, run_dir: Path) -> dict[st
     """The operator's shell: a fresh HOME, the tools on PATH, the config and the API named by the environment."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PVE_PLANNER_", "PVE_EXECUTOR_", "PVE_HEALTH"))}
     return {**clean, "HOME": str(home), "PATH": f"{bin_dir}:{clean.get('PATH', '/usr/bin:/bin')}",
-            "PYTHONPATH": str(ROOT), "PVE_EXECUTOR_CONFIG": str(etc / "executor.toml"),
-            "PVE_EXECUTOR_API": f"unix:{run_dir / 'executor.sock'}"}
+            "PYTHONPATH": str(ROOT), "PVE_EXECUTOR_CONFIG": str(etc / "executor.toml")}
 
 
 def _stop_daemon(run_dir: Path) -> None:
@@ -219,16 +220,19 @@ def test_the_readme_approvals_howto_runs_as_written(fakepve: Any, fakepve_cafile
         subprocess.run(["systemctl", "restart", "pve-reconcile-executor"], env=env, check=True, timeout=60)
         for line in howto_lines(README.read_text(encoding="utf-8")):
             command = (line.replace("/etc/pve-reconcile", str(etc)).replace("/run/pve-reconcile", str(short_dir))
-                       .replace("AUDIENCE=pve1@cluster-a", f"AUDIENCE={AUDIENCE}"))
+                       .replace("/var/lib/pve-reconcile", str(tmp_path / "state")))
             if "OP_ID" in command:
                 assert op_id, f"{line!r}: no op was accepted before it"
                 command = command.replace("OP_ID", op_id)
             assigned = ASSIGNMENT.match(command)
-            if assigned:
-                env[assigned.group(1)] = assigned.group(2)
+            if assigned:  # the shell's variable, kept for the next lines
+                command += f'\nprintf %s "${assigned.group(1)}"'
             result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                     capture_output=True, text=True, timeout=120, check=False)
             assert result.returncode == 0, f"README: {line}\nexit {result.returncode}\n{result.stdout}{result.stderr}"
+            if assigned:
+                env[assigned.group(1)] = result.stdout
+                assert result.stdout, f"README: {line}: sets nothing"
             found = ACCEPTED.search(result.stdout)
             op_id = found.group(1) if found else op_id
         assert op_id, "the how-to never got an op accepted"

@@ -131,7 +131,8 @@ def test_plan_marks_the_staged_change_and_counts_it(fakepve: Any, fakepve_cafile
     assert sorted(shown.admission.admitted) == [101]
     text = render(shown, color=False).splitlines()
     assert text[text.index("guest 100: staged, applies at the next restart") + 1] == "    memory: '1024' -> '2048'"
-    assert text[-1] == "Plan: 1 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere, 1 staged."
+    assert text[-1] == ("Plan: 1 to change, 0 needing APPROVAL, 0 refused for other reasons, 0 skipped, "
+                        "0 elsewhere, 1 staged.")
     assert not [line for line in text if line.startswith("guest 100: set config")]
     assert as_json(shown)["staged"] == [{"vmid": 100, "changes": [{"key": "memory", "from": "1024", "to": "2048"}]}]
 
@@ -143,7 +144,7 @@ def test_a_guest_with_nothing_staged_shows_no_marker(fakepve: Any, fakepve_cafil
     shown = dry_run(plan_settings(fakepve, fakepve_cafile, planner, tmp_path,
                                   "  - {vmid: 100, config: {memory: 1024}}\n"))
     assert (shown.staged, render(shown, color=False)) == (
-        {}, "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere. "
+        {}, "Plan: 0 to change, 0 needing APPROVAL, 0 refused for other reasons, 0 skipped, 0 elsewhere. "
             "The node matches the desired state.")
 
 
@@ -179,6 +180,7 @@ def test_the_plan_command_shows_a_change_staged_outside_the_executor(fakepve: An
     assert result.stdout.splitlines() == ["guest 100: staged, applies at the next restart",
                                           "    memory: '1024' -> '2048'",
                                           "",
-                                          "Plan: 0 to change, 0 needing APPROVAL, 0 refused, 0 skipped, 0 elsewhere, "
+                                          "Plan: 0 to change, 0 needing APPROVAL, 0 refused for other reasons, "
+                                          "0 skipped, 0 elsewhere, "
                                           "1 staged."]
     assert config_writes(fakepve, 100) == []

@@ -129,10 +129,11 @@ class Summary:
         return EXIT_CHANGES if self.change or self.deferred else EXIT_NO_CHANGES
 
     def line(self) -> str:
-        """``Plan: 2 to change, 1 needing APPROVAL, 0 refused, 1 skipped, 1 elsewhere.``"""
+        """``Plan: 2 to change, 1 needing APPROVAL, 0 refused for other reasons, 1 skipped, 1 elsewhere.``"""
         deferred = f", {self.deferred} deferred" if self.deferred else ""
         staged = f", {self.staged} staged" if self.staged else ""
-        return (f"Plan: {self.change} to change, {self.approval} needing APPROVAL, {self.refused} refused{deferred}, "
+        return (f"Plan: {self.change} to change, {self.approval} needing APPROVAL, "
+                f"{self.refused} refused for other reasons{deferred}, "
                 f"{self.skipped} skipped, {self.elsewhere} elsewhere{staged}.")
 
 

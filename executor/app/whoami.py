@@ -131,10 +131,13 @@ def _floor(state_dir: str) -> tuple[int, str | None]:
         return 0, None
 
 
+NO_TRUST_STORE = "none configured (trust_store): signed operations are off, every non-benign step waits"
+
+
 def trust_view(path: str | None, state_dir: str, audience: str) -> TrustView:
     """Load the trust store as the daemon would (never writing the floor) and list the roles naming ``audience``."""
     if not path:
-        return TrustView(error="no trust store configured (trust_store): every non-benign step is refused")
+        return TrustView(error=NO_TRUST_STORE)
     floor, sha256 = _floor(state_dir)
     holder = TrustStoreHolder(path, min_version=floor, min_sha256=sha256)
     error: TrustStoreError | None = holder.reload()
@@ -160,13 +163,17 @@ def probe_proxmox(conn: Connection) -> tuple[str, str]:
 def gather(settings: ExecutorSettings, conn: Connection) -> Whoami:
     """Look at everything (one GET to Proxmox); the problems found, each with what it means."""
     proxmox, cluster = probe_proxmox(conn)
-    audience = settings.executor_id or (f"{conn.node}@{cluster}" if proxmox == "reachable" else f"{conn.node}@?")
+    # As the daemon's (``executor.gate.audience``): a node outside a cluster is its own name alone.
+    named = (f"{conn.node}@{cluster}" if cluster else conn.node) if proxmox == "reachable" else f"{conn.node}@?"
+    audience = settings.executor_id or named
     trust = trust_view(settings.trust_store, settings.state_dir, audience)
     journal = journal_view(settings.state_dir)
     problems = []
     if proxmox != "reachable":
         problems.append(f"Proxmox at {settings.pve_url} is {proxmox}")
-    if trust.error:
+    if trust.error == NO_TRUST_STORE:  # a benign-only node, as the quick start leaves it: no problem
+        pass
+    elif trust.error:
         problems.append(f"trust store: {trust.error}")
     elif not trust.roles and (settings.executor_id or proxmox == "reachable"):  # else the audience is unknown
         problems.append(f"no role of the trust store names audience {audience!r}: no signed op can be approved here "

@@ -206,11 +206,19 @@ def resources_answer(answer: object) -> tuple[dict[int, str], list[str]]:
 
 
 def cluster_name_answer(answer: object) -> tuple[str, list[str]]:
-    """GET /cluster/status: the name of the entry of type cluster ("" outside a cluster)."""
+    """GET /cluster/status: the name of the entry of type cluster ("" outside a cluster).
+
+    "Outside a cluster" is read only from a whole answer that lists the node and no cluster: an empty
+    (null) answer, or one with an entry dropped, may have lost the cluster's entry, and taking it for a
+    standalone node would make its audience another machine's (``node`` alone) for the daemon's life.
+    """
     kept, dropped = objects(answer, "cluster status")
     for entry in kept:
         if entry.get("type") == "cluster":
             return _text(entry.get("name"), "the cluster's name"), dropped
+    if dropped or not any(entry.get("type") == "node" for entry in kept):
+        raise MalformedAnswerError("cluster status names no cluster and is not a whole answer (no node entry, "
+                                   f"or {len(dropped)} entry dropped): in a cluster or not is unknown")
     return "", dropped
 
 
