@@ -47,6 +47,8 @@ EXIT_CODES = "exit codes: 0 ok; 1 refused (by the executor, the gate or the sign
              "2 usage or configuration error (bad flag, bad file, an op that does not verify)"
 STATUS_EXIT_CODES = "exit codes: 0 the op ran ok; 1 refused, revoked, failed, or no trace of it; 3 still waiting " \
                     "or running (with --wait: after --timeout); 2 usage or configuration error"
+DESIRED_EXIT_CODES = "exit codes: 0 ok (verify: the document verifies); 2 usage or configuration error, a desired " \
+                     "file the executor's loader refuses, or a document that does not verify (REFUSED REASON: why)"
 BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE: the reader (head -1) went away
 
 
@@ -158,10 +160,11 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _desired(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    docs = sub.add_parser("desired", help="hub documents: a cluster's desired state, signed (offline)")
+    docs = sub.add_parser("desired", help="hub documents: a cluster's desired state, signed (offline)",
+                          epilog=DESIRED_EXIT_CODES)
     commands = docs.add_subparsers(dest="subcommand", required=True)
     sign = commands.add_parser("sign", help="check a desired file with the executor's loader and sign it as a "
-                                            "hub document")
+                                            "hub document", epilog=DESIRED_EXIT_CODES)
     sign.add_argument("file", metavar="FILE", help="the desired file (YAML; - for stdin)")
     sign.add_argument("--cluster", required=True, help="the cluster it is for (the @CLUSTER of its executors)")
     sign.add_argument("--version", type=int, required=True, metavar="N", help="1, then one more than the last")
@@ -172,11 +175,13 @@ def _desired(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sign.add_argument("--message", required=True, metavar="M", help="what changes and why (one line)")
     sign.add_argument("--author", help="who (default user@host)")
     sign.add_argument("--out", metavar="FILE", help="the envelope file (default stdout)")
-    cosign = commands.add_parser("cosign", help="add your signature to a document (a role's threshold of 2 or more)")
+    cosign = commands.add_parser("cosign", help="add your signature to a document (a role's threshold of 2 or more)",
+                                 epilog=DESIRED_EXIT_CODES)
     _signing(cosign, role=False)
     cosign.add_argument("--out", metavar="FILE", help="write here instead of back to ENVELOPE (- for stdout)")
     cosign.add_argument("envelope", metavar="ENVELOPE", help="the document desired sign wrote")
-    verify = commands.add_parser("verify", help="check a document as an executor would; exit 2 with the refusal")
+    verify = commands.add_parser("verify", help="check a document as an executor would; exit 2 with the refusal",
+                                 epilog=DESIRED_EXIT_CODES)
     verify.add_argument("envelope", metavar="ENVELOPE", help="the document (- for stdin)")
     verify.add_argument("--trust", required=True, metavar="FILE", help="a copy of the node's trust store")
     verify.add_argument("--audience", required=True, metavar="NODE@CLUSTER", help="the executor it is checked for")

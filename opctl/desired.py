@@ -26,6 +26,9 @@ from safety.refusal import Refused
 from safety.signedop import Envelope
 
 DesiredParser = Callable[[str, str], int]  # (text, name) -> guests declared; ValueError naming file:line
+# The flag of ``desired sign`` that sets each document field, to name it when the field is refused.
+FLAGS = {"cluster": "--cluster", "version": "--version", "role": "--role", "author": "--author",
+         "message": "--message", "previous_sha256": "--previous-sha256", "desired": "FILE"}
 
 
 def read_limited(path: str, what: str, limit: int) -> bytes:
@@ -64,13 +67,10 @@ def check_desired(parser: DesiredParser | None, text: str, name: str) -> int:
 
 def sign_document(text: str, key: Ed25519PrivateKey, *, cluster: str, version: int, previous_sha256: str, role: str,
                   author: str, message: str, now: float) -> Envelope:
-    """A document envelope over ``text`` with one signature by ``key`` (checked by the verifier's own parser)."""
-    try:
-        payload = desireddoc.build_payload(cluster=cluster, version=version, role=role, author=author,
-                                           message=message, created=int(now), previous_sha256=previous_sha256,
-                                           desired=text)
-    except Refused as exc:
-        raise OpError(f"cannot sign: {exc.detail}") from exc
+    """A document envelope over ``text`` with one signature by ``key``; Refused(MALFORMED) naming the field
+    (``document.version: ...``) when the verifier's own parser would refuse it. The hub's ``apply`` calls it too."""
+    payload = desireddoc.build_payload(cluster=cluster, version=version, role=role, author=author, message=message,
+                                       created=int(now), previous_sha256=previous_sha256, desired=text)
     return desireddoc.seal(payload, key)
 
 
@@ -80,9 +80,13 @@ def sign(args: argparse.Namespace) -> int:
     guests = check_desired(getattr(args, "desired_parser", None), text, args.file)
     key = load_private(args.key, args.passphrase_file)
     author = args.author or f"{getpass.getuser()}@{socket.gethostname()}"
-    envelope = sign_document(text, key, cluster=args.cluster, version=args.version,
-                             previous_sha256=args.previous_sha256 or "", role=args.role, author=author,
-                             message=args.message, now=time.time())
+    try:
+        envelope = sign_document(text, key, cluster=args.cluster, version=args.version,
+                                 previous_sha256=args.previous_sha256 or "", role=args.role, author=author,
+                                 message=args.message, now=time.time())
+    except Refused as exc:
+        field, _, why = exc.detail.partition(": ")
+        raise OpError(f"{FLAGS.get(field.removeprefix('document.'), field)}: {why}; nothing signed") from exc
     write_output(args.out, desireddoc.to_bytes(envelope))
     print(f"signed version {args.version} of cluster {args.cluster} ({guests} guests) as "
           f"{envelope.signatures[0].keyid}; sha256 {desireddoc.payload_sha256(envelope)}", file=sys.stderr)

@@ -392,4 +392,4 @@ def test_desired_sign_refuses_a_file_the_executor_would_refuse(tmp_path: Path) -
     assert not out.exists()
     no_previous = _run("desired", "sign", "-", "--cluster", CLUSTER, "--version", "2", "--role", "publisher",
                        "--key", str(_key_file(tmp_path, "bob")), "--message", "m", stdin=DESIRED)
-    assert no_previous.returncode == 2 and "document.previous_sha256" in no_previous.stderr
+    assert no_previous.returncode == 2 and "--previous-sha256: must be" in no_previous.stderr, no_previous.stderr
