@@ -162,7 +162,7 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _desired(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     docs = sub.add_parser("desired", help="hub documents: a cluster's desired state, signed (offline)",
                           epilog=DESIRED_EXIT_CODES)
-    commands = docs.add_subparsers(dest="subcommand", required=True)
+    commands = docs.add_subparsers(dest="subcommand", required=True, metavar="<command>", help="sign | cosign | verify")
     sign = commands.add_parser("sign", help="check a desired file with the executor's loader and sign it as a "
                                             "hub document", epilog=DESIRED_EXIT_CODES)
     sign.add_argument("file", metavar="FILE", help="the desired file (YAML; - for stdin)")

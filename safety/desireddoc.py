@@ -41,7 +41,8 @@ TIME_MAX = 1 << 40
 CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 FIELDS = ("cluster", "version", "role", "author", "message", "created", "previous_sha256", "desired")
-_TEXT_CONTROLS = frozenset("\t\n\r")
+_ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are a text file's own
+_NON_ASCII = re.compile("[^\x00-\x7f]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +108,16 @@ def _line(path: str, value: object) -> str:
     return value
 
 
+def _first_hidden(text: str) -> int | None:
+    """The index of the first control or format character but tab and line ends, or None (fast on ASCII)."""
+    found = [match.start() for match in (_ASCII_CONTROL.search(text),) if match is not None]
+    if not text.isascii():
+        found += [next((m.start() for m in _NON_ASCII.finditer(text)
+                        if unicodedata.category(m.group()) in ("Cc", "Cf")), len(text))]
+    first = min(found, default=len(text))
+    return first if first < len(text) else None
+
+
 def _desired(path: str, value: object) -> str:
     """The desired file's text: at most MAX_DESIRED bytes; no control or format character but tab and line ends."""
     if not isinstance(value, str):
@@ -114,11 +125,10 @@ def _desired(path: str, value: object) -> str:
     size = len(value.encode("utf-8"))
     if size > MAX_DESIRED:
         raise s.malformed(path, f"{size} bytes, more than {MAX_DESIRED}")
-    if not value.isascii() or not value.isprintable():
-        for number, text in enumerate(value.splitlines(), 1):
-            bad = next((c for c in text if c not in _TEXT_CONTROLS and unicodedata.category(c) in ("Cc", "Cf")), None)
-            if bad is not None:
-                raise s.malformed(path, f"line {number} holds the control or format character U+{ord(bad):04X}")
+    index = _first_hidden(value)
+    if index is not None:
+        line = value.count("\n", 0, index) + 1
+        raise s.malformed(path, f"line {line} holds the control or format character U+{ord(value[index]):04X}")
     return value
 
 
