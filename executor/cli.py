@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pve-executor", description="pve-reconcile node executor", epilog=EXIT_CODES)
     add_version(top, "pve-executor")
     sub = top.add_subparsers(dest="command", required=True, metavar="<command>",
-                             help="run | plan | whoami | selftest | clock-reset | keys | trust | pending | op")
+                             help="run | plan | whoami | selftest | clock-reset | keys | trust | pending | op | "
+                                  "desired")
     run = _command(sub, "run", "converge this node: recover, then tick every --interval (one executor per "
                                "state directory: a second one refuses to start)")
     run.add_argument("--once", action="store_true", help="recover, run one tick, wait for it, exit (1 if it failed)")
@@ -64,11 +65,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def desired_guests(text: str, name: str) -> int:
+    """How many guests a desired document declares, by the loader the daemon uses (DesiredStateError names
+    file and line): ``desired sign`` and ``desired verify`` check a hub document with it."""
+    from executor.loop.desired import parse  # noqa: PLC0415 (keeps `--help` fast)
+
+    return len(parse(text, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit per command and per error
     """Entry point of ``pve-executor``."""
     args = parser().parse_args(argv)
     if args.command in opcli.COMMANDS:  # the operator's commands talk to the executor API, never to Proxmox
-        return opcli.main(args)
+        return opcli.main(args, desired_parser=desired_guests)
     command = ALIASES.get(args.command, args.command)
     from executor.app import daemon  # noqa: PLC0415 (keeps `--help` fast)
 

@@ -20,7 +20,7 @@ from typing import cast
 
 from common.version import add_version
 
-COMMANDS = frozenset({"keys", "trust", "pending", "op"})
+COMMANDS = frozenset({"keys", "trust", "pending", "op", "desired"})
 # The daemon's default socket (executor.config.DEFAULT_LISTEN; a test keeps the two equal, opctl never imports it).
 DEFAULT_API = "unix:/run/pve-reconcile/executor.sock"
 API_ENV = "PVE_EXECUTOR_API"
@@ -37,6 +37,9 @@ HANDLERS: Mapping[tuple[str, str | None], str] = {
     ("op", "status"): "status:status",
     ("op", "revoke"): "api:revoke",
     ("op", "undo"): "undo:undo",
+    ("desired", "sign"): "desired:sign",
+    ("desired", "cosign"): "desired:cosign",
+    ("desired", "verify"): "desired:verify",
 }
 DEFAULT_TTL = "15m"
 CALL_TIMEOUT, WAIT_TIMEOUT = 30.0, 300.0
@@ -44,6 +47,8 @@ EXIT_CODES = "exit codes: 0 ok; 1 refused (by the executor, the gate or the sign
              "2 usage or configuration error (bad flag, bad file, an op that does not verify)"
 STATUS_EXIT_CODES = "exit codes: 0 the op ran ok; 1 refused, revoked, failed, or no trace of it; 3 still waiting " \
                     "or running (with --wait: after --timeout); 2 usage or configuration error"
+DESIRED_EXIT_CODES = "exit codes: 0 ok (verify: the document verifies); 2 usage or configuration error, a desired " \
+                     "file the executor's loader refuses, or a document that does not verify (REFUSED REASON: why)"
 BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE: the reader (head -1) went away
 
 
@@ -154,13 +159,47 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         add_api_flags(parser)
 
 
+def _desired(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    docs = sub.add_parser("desired", help="hub documents: a cluster's desired state, signed (offline)",
+                          epilog=DESIRED_EXIT_CODES)
+    commands = docs.add_subparsers(dest="subcommand", required=True, metavar="<command>", help="sign | cosign | verify")
+    sign = commands.add_parser("sign", help="check a desired file with the executor's loader and sign it as a "
+                                            "hub document", epilog=DESIRED_EXIT_CODES)
+    sign.add_argument("file", metavar="FILE", help="the desired file (YAML; - for stdin)")
+    sign.add_argument("--cluster", required=True, help="the cluster it is for (the @CLUSTER of its executors)")
+    sign.add_argument("--version", type=int, required=True, metavar="N", help="1, then one more than the last")
+    sign.add_argument("--previous-sha256", metavar="H", help="the sha256 of version N-1 (its sign or verify "
+                                                             "printed it); not for version 1")
+    _signing(sign, role=False)
+    sign.add_argument("--role", required=True, help="the trust store role naming desired.apply you sign as")
+    sign.add_argument("--message", required=True, metavar="M", help="what changes and why (one line)")
+    sign.add_argument("--author", help="who (default user@host)")
+    sign.add_argument("--out", metavar="FILE", help="the envelope file (default stdout)")
+    cosign = commands.add_parser("cosign", help="add your signature to a document (a role's threshold of 2 or more)",
+                                 epilog=DESIRED_EXIT_CODES)
+    _signing(cosign, role=False)
+    cosign.add_argument("--out", metavar="FILE", help="write here instead of back to ENVELOPE (- for stdout)")
+    cosign.add_argument("envelope", metavar="ENVELOPE", help="the document desired sign wrote")
+    verify = commands.add_parser("verify", help="check a document as an executor would; exit 2 with the refusal",
+                                 epilog=DESIRED_EXIT_CODES)
+    verify.add_argument("envelope", metavar="ENVELOPE", help="the document (- for stdin)")
+    verify.add_argument("--trust", required=True, metavar="FILE", help="a copy of the node's trust store")
+    verify.add_argument("--audience", required=True, metavar="NODE@CLUSTER", help="the executor it is checked for")
+    verify.add_argument("--cluster", help="default: the @CLUSTER of --audience")
+    verify.add_argument("--held-version", type=int, metavar="N", help="the version the executor holds (refuses "
+                                                                      "a rollback or a fork of it)")
+    verify.add_argument("--held-sha256", metavar="H", help="the sha256 of the version held")
+    verify.add_argument("--at", type=float, metavar="UNIX", help="check key expiry as of this time (default now)")
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add keys, trust, pending and op to ``pve-executor``'s subcommands."""
+    """Add keys, trust, pending, op and desired to ``pve-executor``'s subcommands."""
     _keys(sub)
     pending = sub.add_parser("pending", help="ListPending: refused actions waiting for approval")
     pending.add_argument("--json", action="store_true", help="entries op sign accepts")
     add_api_flags(pending)
     _op(sub)
+    _desired(sub)
     _epilogs(sub)
 
 
@@ -202,8 +241,13 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
-def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
-    """Run one operator command; errors are one line on stderr naming the program and the command."""
+def main(args: argparse.Namespace, *, prog: str = "pve-executor",
+         desired_parser: Callable[[str, str], int] | None = None) -> int:
+    """Run one operator command; errors are one line on stderr naming the program and the command.
+
+    ``desired_parser`` is the executor's desired-file loader, handed in by ``pve-executor`` (opctl may not
+    import it): ``desired sign`` and ``desired verify`` check a document's text with it.
+    """
     import grpc  # noqa: PLC0415 - see HANDLERS
 
     from common.config import ConfigError  # noqa: PLC0415
@@ -212,6 +256,7 @@ def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
 
     name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     args.prog = prog
+    args.desired_parser = desired_parser
     _timeouts(args)
     try:
         code = _handler(args)(args)

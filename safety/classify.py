@@ -128,6 +128,11 @@ KIND_RULES: dict[str, KindRule] = {
                               why="destroys every owned volume, the config, ACLs and firewall rules",
                               flags=_DESTROY_FLAGS),
     "op.revoke": KindRule(cls=_A, op_kind="op.revoke", why="vetoes a signed op before it runs; changes no guest"),
+    # Not a guest action (the gate refuses it as a step, UNKNOWN_KIND): the role kind a hub document is signed
+    # under. The document's own steps are each classed as a remote source's (Source.HUB).
+    "desired.apply": KindRule(cls=_A, op_kind="desired.apply",
+                              why="signs a hub's desired-state document; each step it leads to is classed and "
+                                  "gated as a remote source's (docs/SAFETY.md §6.9)"),
 }
 """Every action kind the classifier knows; any other kind is destructive."""
 

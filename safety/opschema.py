@@ -164,7 +164,10 @@ SCHEMAS: Mapping[str, KindSchema] = MappingProxyType({
     # A veto: names the signed op RevokeOp stops for good (docs/SAFETY.md §6.7).
     "op.revoke": KindSchema(fields={"op_id": (text(OP_ID, "32 lowercase hex (the op to revoke)"), _REQUIRED)}),
 })
-OP_KINDS = frozenset(SCHEMAS)
+DESIRED_APPLY = "desired.apply"  # signs a hub's desired-state document (safety.desireddoc), never an op on a guest
+# Every kind a trust store role may name. desired.apply has no params schema, so an op of that kind is
+# refused UNKNOWN_KIND by canonical_params: a document role can never sign a guest action.
+OP_KINDS = frozenset(SCHEMAS) | {DESIRED_APPLY}
 
 
 def canonical_params(kind: str, raw: object, *, path: str = "params") -> Mapping[str, object]:

@@ -28,9 +28,9 @@ from safety.payload import OpPayload, Precondition, action_of, action_part, chec
 from safety.refusal import RefusalReason, Refused
 from safety.truststore import KEY_ID, Role, TrustKey, TrustStore, key_id
 
-__all__ = ["PAYLOAD_TYPE", "Envelope", "OpPayload", "Precondition", "Signature", "VerifiedOp", "action_of",
-           "action_part", "check_binding", "envelope_to_json", "pae", "parse_envelope_json", "parse_payload",
-           "sign", "to_json", "verify"]
+__all__ = ["OP_CAPS", "PAYLOAD_TYPE", "Caps", "Envelope", "OpPayload", "Precondition", "Signature", "VerifiedOp",
+           "action_of", "action_part", "check_binding", "check_caps", "check_signer_keys", "envelope_to_json",
+           "holders", "pae", "parse_envelope_json", "parse_payload", "sign", "to_json", "verified_keys", "verify"]
 
 PAYLOAD_TYPE = "application/vnd.pve-reconcile.op.v1+json"
 MAX_ENVELOPE = 64 * 1024
@@ -47,6 +47,18 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 pre-authentication encoding: ``DSSEv1 SP len(type) SP type SP len(body) SP body`` (byte lengths)."""
     kind = payload_type.encode("utf-8")
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caps:
+    """Size caps checked before anything is parsed: an envelope profile (ops, hub documents) sets its own."""
+
+    max_envelope: int
+    max_payload: int
+    max_signatures: int = MAX_SIGNATURES
+
+
+OP_CAPS = Caps(max_envelope=MAX_ENVELOPE, max_payload=MAX_PAYLOAD)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,32 +105,32 @@ def b64decode(value: object, field: str) -> bytes:
     return raw
 
 
-def _check_caps(env: Envelope) -> None:
+def check_caps(env: Envelope, caps: Caps = OP_CAPS) -> None:
     """Step 1 (and step 2's keyid form for envelopes that arrive as protobuf)."""
     size = len(env.payload_type) + len(env.payload) + sum(len(s.keyid) + len(s.sig) for s in env.signatures)
-    if size > MAX_ENVELOPE:
-        raise _malformed(f"envelope larger than {MAX_ENVELOPE} bytes")
-    if len(env.payload) > MAX_PAYLOAD:
-        raise _malformed(f"payload of {len(env.payload)} bytes is larger than {MAX_PAYLOAD}")
-    if not 1 <= len(env.signatures) <= MAX_SIGNATURES:
-        raise _malformed(f"{len(env.signatures)} signatures; an envelope carries 1..{MAX_SIGNATURES}")
+    if size > caps.max_envelope:
+        raise _malformed(f"envelope larger than {caps.max_envelope} bytes")
+    if len(env.payload) > caps.max_payload:
+        raise _malformed(f"payload of {len(env.payload)} bytes is larger than {caps.max_payload}")
+    if not 1 <= len(env.signatures) <= caps.max_signatures:
+        raise _malformed(f"{len(env.signatures)} signatures; an envelope carries 1..{caps.max_signatures}")
     for i, signature in enumerate(env.signatures):
         if not KEY_ID.fullmatch(signature.keyid):
             raise _malformed(f"signatures[{i}].keyid: must be sha256:<64 hex>")
 
 
-def parse_envelope_json(data: bytes) -> Envelope:
+def parse_envelope_json(data: bytes, caps: Caps = OP_CAPS) -> Envelope:
     """The JSON file form, strictly: size caps first, no unknown fields (an ``alg`` is MALFORMED), canonical base64."""
-    if len(data) > MAX_ENVELOPE:
-        raise _malformed(f"envelope of {len(data)} bytes is larger than {MAX_ENVELOPE}")
+    if len(data) > caps.max_envelope:
+        raise _malformed(f"envelope of {len(data)} bytes is larger than {caps.max_envelope}")
     raw = strictjson.loads(data, what="envelope")
     if set(raw) != _ENVELOPE_FIELDS:
         extra = sorted(set(raw) - _ENVELOPE_FIELDS) or sorted(_ENVELOPE_FIELDS - set(raw))
         raise _malformed(f"envelope.{extra[0]}: the envelope has exactly payloadType, payload and signatures")
     if not isinstance(raw["payloadType"], str):
         raise _malformed("envelope.payloadType: must be a string")
-    if not isinstance(raw["signatures"], list) or not 1 <= len(raw["signatures"]) <= MAX_SIGNATURES:
-        raise _malformed(f"envelope.signatures: must be a list of 1..{MAX_SIGNATURES} signatures")
+    if not isinstance(raw["signatures"], list) or not 1 <= len(raw["signatures"]) <= caps.max_signatures:
+        raise _malformed(f"envelope.signatures: must be a list of 1..{caps.max_signatures} signatures")
     signatures = []
     for i, item in enumerate(raw["signatures"]):
         if not isinstance(item, dict) or set(item) != _SIGNATURE_FIELDS or not isinstance(item["keyid"], str):
@@ -126,7 +138,7 @@ def parse_envelope_json(data: bytes) -> Envelope:
         signatures.append(Signature(keyid=item["keyid"], sig=b64decode(item["sig"], f"envelope.signatures[{i}].sig")))
     env = Envelope(payload_type=raw["payloadType"], payload=b64decode(raw["payload"], "envelope.payload"),
                    signatures=tuple(signatures))
-    _check_caps(env)
+    check_caps(env, caps)
     return env
 
 
@@ -143,12 +155,12 @@ def public_raw(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def sign(payload: bytes, key: Ed25519PrivateKey) -> Signature:
-    """``key``'s signature over ``PAE(PAYLOAD_TYPE, payload)``, with its key id."""
-    return Signature(keyid=key_id(public_raw(key.public_key())), sig=key.sign(pae(PAYLOAD_TYPE, payload)))
+def sign(payload: bytes, key: Ed25519PrivateKey, payload_type: str = PAYLOAD_TYPE) -> Signature:
+    """``key``'s signature over ``PAE(payload_type, payload)`` (an op's type unless told), with its key id."""
+    return Signature(keyid=key_id(public_raw(key.public_key())), sig=key.sign(pae(payload_type, payload)))
 
 
-def _verified_keys(env: Envelope, store: TrustStore) -> list[TrustKey]:
+def verified_keys(env: Envelope, store: TrustStore) -> list[TrustKey]:
     """Step 4: every signature verifies under the key its keyid names; the distinct keys, in envelope order."""
     message = pae(env.payload_type, env.payload)
     keys: dict[bytes, TrustKey] = {}
@@ -204,15 +216,25 @@ def _check_role(payload: OpPayload, role: Role) -> None:
             raise Refused(RefusalReason.ROLE_DENIES, f"role {role.name} does not allow {what}")
 
 
-def _check_signers(role: Role, keys: list[TrustKey], store: TrustStore, now: float) -> tuple[str, ...]:
-    """Step 9: no signer revoked or expired; distinct keys holding the role meet its threshold."""
+def check_signer_keys(keys: list[TrustKey], store: TrustStore, now: float) -> None:
+    """No signer revoked in ``store`` or past its ``not_after`` at ``now`` (KEY_REVOKED, KEY_EXPIRED)."""
     for key in keys:
         if key.id in store.revoked_keys:
             raise Refused(RefusalReason.KEY_REVOKED, f"key {key.id} ({key.owner}) is revoked")
         if now >= key.not_after:
             raise Refused(RefusalReason.KEY_EXPIRED,
                           f"key {key.id} ({key.owner}) expired at {_iso(key.not_after)}; executor clock {_iso(now)}")
-    counted = tuple(key.id for key in keys if role.name in key.roles)
+
+
+def holders(role: Role, keys: list[TrustKey]) -> tuple[str, ...]:
+    """The ids of the distinct verified keys that hold ``role``: what its threshold counts (rows 32, 33)."""
+    return tuple(key.id for key in keys if role.name in key.roles)
+
+
+def _check_signers(role: Role, keys: list[TrustKey], store: TrustStore, now: float) -> tuple[str, ...]:
+    """Step 9: no signer revoked or expired; distinct keys holding the role meet its threshold."""
+    check_signer_keys(keys, store, now)
+    counted = holders(role, keys)
     if len(counted) < role.threshold:
         raise Refused(RefusalReason.THRESHOLD_NOT_MET, f"role {role.name} needs {role.threshold} distinct keys "
                       f"holding it; {len(counted)} of {len(keys)} verified signers do")
@@ -229,10 +251,10 @@ def verify(env: Envelope, store: TrustStore, *, now: float, audience: str, chall
     """
     if not 0 <= skew <= MAX_SKEW:
         raise ValueError(f"skew must be 0..{MAX_SKEW:.0f} seconds")
-    _check_caps(env)
+    check_caps(env)
     if env.payload_type != PAYLOAD_TYPE:
         raise Refused(RefusalReason.PAYLOAD_TYPE, f"payloadType {env.payload_type[:80]!r} is not {PAYLOAD_TYPE}")
-    keys = _verified_keys(env, store)
+    keys = verified_keys(env, store)
     payload = parse_payload(env.payload)
     if payload.audience != audience:
         raise Refused(RefusalReason.WRONG_AUDIENCE, f"op is for {payload.audience}, this executor is {audience}")

@@ -58,6 +58,8 @@ def describe(name: str, validate: opschema.Validator, default: object) -> str:
 def params(kind: str) -> str:
     """The parameters a signed op of ``kind`` takes, or why it takes none."""
     schema = opschema.SCHEMAS.get(kind)
+    if kind == opschema.DESIRED_APPLY:
+        return "not an op: a role naming it signs a hub document (`pve-executor desired sign`)"
     if schema is None:
         return "not signable (the planner's config write)"
     if not schema.fields:
@@ -81,6 +83,8 @@ def row(kind: str) -> str:
     if kind == "config":
         note += "<br>BENIGN only as far as its keys are: each key is classed ([docs/SAFETY.md](SAFETY.md) §2)"
     runs = "yes" if runs_here(kind) else "no (refused `UNKNOWN_KIND`)"
+    if kind == opschema.DESIRED_APPLY:
+        runs = "no: not an op (an executor applies the document as a hub's desired state)"
     return f"| `{kind}` | {rule.cls.name} | {runs} | {params(kind)} | {note} |"
 
 

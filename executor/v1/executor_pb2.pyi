@@ -147,6 +147,12 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     """The same operation is running now."""
     REFUSAL_REASON_TRUST_STORE_INVALID: _RefusalReason.ValueType  # 26
     """The trust store did not load: there are no signers."""
+    REFUSAL_REASON_ROLLBACK: _RefusalReason.ValueType  # 27
+    """A hub document's version is lower than the one this executor holds."""
+    REFUSAL_REASON_FORK: _RefusalReason.ValueType  # 28
+    """A hub document does not continue the version this executor holds (same version other content, or
+    the next version naming another predecessor).
+    """
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
     """Why the safety gate did not run an action."""
@@ -205,6 +211,12 @@ REFUSAL_REASON_NONCE_IN_FLIGHT: RefusalReason.ValueType  # 25
 """The same operation is running now."""
 REFUSAL_REASON_TRUST_STORE_INVALID: RefusalReason.ValueType  # 26
 """The trust store did not load: there are no signers."""
+REFUSAL_REASON_ROLLBACK: RefusalReason.ValueType  # 27
+"""A hub document's version is lower than the one this executor holds."""
+REFUSAL_REASON_FORK: RefusalReason.ValueType  # 28
+"""A hub document does not continue the version this executor holds (same version other content, or
+the next version naming another predecessor).
+"""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
 class _OpFate:
