@@ -85,9 +85,13 @@ class _Pool:
         self._free = threading.BoundedSemaphore(size)
         self._idle: list[Conn] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     @contextmanager
     def connection(self) -> Iterator[Conn]:
+        """A connection for the block: an idle one, or a new one while fewer than ``size`` are out."""
+        if self._closed:
+            raise StoreError("the store is closed")
         if not self._free.acquire(timeout=POOL_WAIT):
             raise StoreError(f"no database connection free after {POOL_WAIT:.0f} s")
         try:
@@ -98,7 +102,7 @@ class _Pool:
             try:
                 yield conn
             finally:
-                if conn.closed or conn.broken:
+                if conn.closed or conn.broken or self._closed:
                     conn.close()
                 else:
                     with self._lock:
@@ -107,6 +111,8 @@ class _Pool:
             self._free.release()
 
     def close(self) -> None:
+        """Close the idle connections; the ones out are closed when returned."""
+        self._closed = True
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:

@@ -60,6 +60,10 @@ class Store(Protocol):
         """
         ...
 
+    def schema_version(self) -> int:
+        """The schema step the database is at (hub.store.schema's migrations)."""
+        ...
+
     def close(self) -> None:
         """Release connections and wake every waiter (they return False)."""
         ...
