@@ -73,6 +73,16 @@ class Backend:
             for sql, params in statements:
                 pconn.execute(sql.replace("?", "%s"), params)
 
+    def query(self, sql: str, into: list[Any]) -> None:
+        """Raw SQL query on the database; its rows are appended to ``into``."""
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.where)
+            into.extend(conn.execute(sql).fetchall())
+            conn.close()
+            return
+        with psycopg.connect(self.where) as pconn:
+            into.extend(pconn.execute(sql).fetchall())
+
     def close(self) -> None:
         """Close every store opened by the test."""
         for store in self.stores:
@@ -91,7 +101,7 @@ def _backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend
 
 
 def _envelope(n: int) -> bytes:
-    return json.dumps({"payloadType": "application/vnd.pve-reconcile.desired+yaml", "payload": f"doc {n}",
+    return json.dumps({"payloadType": "application/vnd.pve-reconcile.desired.v1+json", "payload": f"doc {n}",
                        "signatures": []}).encode()
 
 
@@ -302,6 +312,28 @@ def _bool(backend: Backend, value: bool) -> object:
     return int(value) if backend.kind == "sqlite" else value
 
 
+def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
+    """Three stores opening a new database at the same moment: each step runs once, every store opens."""
+    barrier, opened, failed = threading.Barrier(3), list[Store](), list[BaseException]()
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            opened.append(backend.open())
+        except BaseException as error:  # counted, then shown by the assert
+            failed.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert failed == [] and len(opened) == 3
+    steps: list[Any] = []
+    backend.query("SELECT version FROM schema_version ORDER BY version", steps)
+    assert steps == [(1,), (2,)]
+
+
 def test_newer_schema_is_refused(backend: Backend) -> None:
     """A database a newer hub migrated is not opened (this code could lose what that step added)."""
     backend.open()
@@ -315,6 +347,8 @@ BAD_INPUT: list[tuple[str, Callable[[Store], object]]] = [
     ("cluster", lambda s: s.append("", 0, b"x", "alice", "")),
     ("cluster", lambda s: s.get("two words")),
     ("cluster", lambda s: s.nodes("-leading-dash")),
+    ("cluster", lambda s: s.latest("c" * 65)),
+    ("node", lambda s: s.record_ack("c", "pve1 ", 1, True)),
     ("expected_version", lambda s: s.append("c", -1, b"x", "alice", "")),
     ("expected_version", lambda s: s.append("c", True, b"x", "alice", "")),
     ("envelope", lambda s: s.append("c", 0, b"", "alice", "")),

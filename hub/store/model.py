@@ -7,12 +7,16 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-# A cluster or node name: what a Proxmox node or cluster name, an executor id or a DSSE audience
-# may be, and nothing that needs quoting in a log line or a NOTIFY payload.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+# A cluster: what a signed desired document may name (the same pattern as safety.desireddoc.CLUSTER).
+CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+# A node: its executor id (default NODE@CLUSTER) or a Proxmox node name; nothing a log line must quote.
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", re.ASCII)
+_NAMES = {"cluster": CLUSTER, "node": NODE}
 MAX_TEXT = 4096  # author, message and reason: a line or a paragraph, never a document
 MAX_HISTORY = 1000  # rows one history() call returns at most
-DEFAULT_MAX_ENVELOPE = 8 * 1024 * 1024  # a 10,000-guest desired file is ~2 MB, ~2.7 MB once base64'd in DSSE
+# Above the largest envelope a signed desired document may be (4 MiB of desired text, JSON-escaped at
+# worst twice, base64'd, four signatures: ~10.8 MiB); a 10,000-guest cluster's is ~2.7 MB.
+DEFAULT_MAX_ENVELOPE = 12 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,14 +103,14 @@ class InvalidArgumentError(ValueError):
 
 
 def check_name(field: str, value: object) -> str:
-    """``value`` if it is a valid cluster or node name, else InvalidArgumentError naming ``field``."""
+    """``value`` if it is a valid ``field`` (cluster or node) name, else InvalidArgumentError naming ``field``."""
     if not isinstance(value, str):
         raise InvalidArgumentError(field, f"must be a string, not {type(value).__name__}")
     if not value:
         raise InvalidArgumentError(field, "must not be empty")
-    if not NAME.fullmatch(value):
-        raise InvalidArgumentError(field, f"{value[:140]!r} is not a name (letters, digits and . _ : @ -, "
-                                     "starting with a letter or digit, at most 128)")
+    pattern = _NAMES[field]
+    if not pattern.fullmatch(value):
+        raise InvalidArgumentError(field, f"{value[:140]!r} does not match {pattern.pattern}")
     return value
 
 
