@@ -32,6 +32,7 @@ from hub.store import (
     SqliteStore,
     Store,
     StoreError,
+    StoreUnavailableError,
     UnknownVersionError,
     VersionConflict,
 )
@@ -378,6 +379,40 @@ def test_bad_input_names_the_field(backend: Backend) -> None:
             call(store)
         assert isinstance(bad.value, InvalidArgumentError) and bad.value.field == field
     assert store.history("c") == [] and store.nodes("c") == []
+
+
+def test_postgres_connections_dropped_under_the_hub(pg_server: Any) -> None:
+    """The server drops every connection (a restart, a failover): a read reconnects, an append in flight
+    is UNAVAILABLE (its outcome unknown, never run twice), the next works, and waiters are still woken."""
+    conninfo = pg_server.create_database(f"hub_drop_{os.getpid()}")
+    watcher, writer = PostgresStore(conninfo), PostgresStore(conninfo)
+    try:
+        writer.append("c", 0, b"one", "alice", "")
+        assert watcher.latest("c") == 1
+
+        def drop_all() -> int:
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                row = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+            return int(row[0]) if row else 0
+
+        assert drop_all() >= 4  # each store's pooled connection and its listener
+        assert watcher.latest("c") == 1  # a read retries once on a fresh connection
+        with pytest.raises(StoreUnavailableError, match="the database failed during the call"):
+            writer.append("c", 1, b"two", "alice", "")
+        assert writer.latest("c") == 1  # the append did not happen (here: its connection was dead)
+        time.sleep(0.5)  # the listeners reconnect (backoff from 0.1 s)
+        woken = _wait_in_thread(watcher, "c", 1, timeout=10)
+        time.sleep(0.2)
+        appended = time.monotonic()
+        writer.append("c", 1, b"two", "alice", "")
+        changed, when = woken()
+        assert changed and when - appended < 1.0, f"woken after {when - appended:.2f} s"
+    finally:
+        watcher.close()
+        writer.close()
+    with pytest.raises(StoreUnavailableError, match="cannot reach the database"):
+        PostgresStore(f"host={pg_server.root / 'nowhere'} user=hub dbname=postgres")
 
 
 def test_sqlite_in_dir_keeps_its_file_private(tmp_path: Path) -> None:

@@ -62,6 +62,13 @@ class StoreError(Exception):
     """Base of the store's refusals (bad input is a ValueError instead)."""
 
 
+class StoreUnavailableError(StoreError):
+    """The database could not be reached, or failed during the call (the hub's API: UNAVAILABLE).
+
+    After an append fails so, its outcome is unknown: read the latest version (and its sha256) to see.
+    """
+
+
 class VersionConflict(StoreError):  # noqa: N818 (the name the hub issue and its API use)
     """An append expected another latest version: someone else appended first."""
 

@@ -6,9 +6,9 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -22,6 +22,7 @@ from hub.store.model import (
     NodeReport,
     SchemaTooNewError,
     StoreError,
+    StoreUnavailableError,
     UnknownVersionError,
     Version,
     VersionConflict,
@@ -32,12 +33,14 @@ log = structlog.get_logger("hub.store")
 
 CHANNEL = "hub_versions"  # NOTIFY'd in each append's transaction, payload the cluster: delivered on commit
 POOL_WAIT = 30.0  # seconds a call waits for a free connection before it gives up
+CONNECT_TIMEOUT = 5  # seconds to reach the server
 
 _DOCUMENT = "SELECT cluster, version, envelope, sha256, author, message, created_at FROM documents"
 _ENTRY = "SELECT cluster, version, sha256, octet_length(envelope), author, message, created_at FROM documents"
 _REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+_T = TypeVar("_T")
 
 
 def migrate(conn: Conn, upto: int | None = None) -> tuple[int, int]:
@@ -98,9 +101,15 @@ class _Pool:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                conn = psycopg.connect(self._conninfo, autocommit=True)
+                try:
+                    conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+                except psycopg.OperationalError as error:
+                    raise StoreUnavailableError(f"cannot reach the database: {error}") from error
             try:
                 yield conn
+            except psycopg.OperationalError as error:
+                # A restarted server, a dropped connection: this one is dropped below, the next call reconnects.
+                raise StoreUnavailableError(f"the database failed during the call: {error}") from error
             finally:
                 if conn.closed or conn.broken or self._closed:
                     conn.close()
@@ -208,12 +217,22 @@ class PostgresStore:
         return Version(cluster, version, data, digest, author, message, stamp[0])
 
     def _one(self, query: str, params: tuple[Any, ...], *, binary: bool = False) -> Any:
-        with self._pool.connection() as conn:
-            return conn.execute(query, params, binary=binary).fetchone()
+        return self._read(lambda conn: conn.execute(query, params, binary=binary).fetchone())
 
     def _all(self, query: str, params: tuple[Any, ...]) -> list[Any]:
-        with self._pool.connection() as conn:
-            return conn.execute(query, params).fetchall()
+        return self._read(lambda conn: conn.execute(query, params).fetchall())
+
+    def _read(self, call: Callable[[Conn], _T]) -> _T:
+        """``call`` on a pooled connection; once more on a fresh one if the first was dead (a restarted server).
+
+        Only reads and idempotent writes come here: an append is never run twice.
+        """
+        try:
+            with self._pool.connection() as conn:
+                return call(conn)
+        except StoreUnavailableError:
+            with self._pool.connection() as conn:
+                return call(conn)
 
     def latest(self, cluster: str) -> int:
         """The cluster's latest version (0: none yet)."""

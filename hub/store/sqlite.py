@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -24,6 +25,7 @@ from hub.store.model import (
     NodeReport,
     SchemaTooNewError,
     StoreError,
+    StoreUnavailableError,
     UnknownVersionError,
     Version,
     VersionConflict,
@@ -66,13 +68,21 @@ def _write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     BEGIN IMMEDIATE is what makes append's read-compare-insert atomic across threads and processes:
     a second writer waits (busy_timeout) for the first to commit, then reads the new head.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:  # another writer held the lock past busy_timeout, a disk error
+        raise StoreUnavailableError(f"cannot write to the database: {error}") from error
     try:
         yield conn
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")  # leave the connection usable: not inside a failed transaction
+        raise StoreUnavailableError(f"the database failed to commit: {error}") from error
 
 
 def _time(seconds: float) -> datetime:
