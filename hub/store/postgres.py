@@ -144,8 +144,12 @@ class PostgresStore:
         self._race_window = race_window
         self._pool = _Pool(conninfo, pool_size)
         self._closed = threading.Event()
-        with self._pool.connection() as conn:
-            before, after = migrate(conn)
+        try:
+            with self._pool.connection() as conn:
+                before, after = migrate(conn)
+        except BaseException:
+            self._pool.close()
+            raise
         if before != after:
             log.info("hub.store.migrated", store="postgres", schema_from=before, schema_to=after)
         self._bell = Bell()
@@ -161,7 +165,7 @@ class PostgresStore:
         backoff = 0.1
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     conn.execute(f"LISTEN {self._stop_channel}")
                     self._bell.ring()  # whatever was appended while nobody listened: look again

@@ -121,17 +121,21 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
+        self._bell = Bell(self._poll, poll_interval)
         if not self.path.exists():
             # The documents are signed, not secret, but the reports and authors are the operator's business.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
-        before, after = migrate(conn)
+        try:
+            conn = self._conn()
+            conn.execute("PRAGMA journal_mode=WAL")
+            before, after = migrate(conn)
+        except BaseException:
+            self.close()
+            raise
         if before != after:
             log.info("hub.store.migrated", store="sqlite", path=str(self.path), schema_from=before, schema_to=after)
         self._poller = self._connect()
         self._data_version = self._read_data_version()
-        self._bell = Bell(self._poll, poll_interval)
 
     @classmethod
     def in_dir(cls, state_dir: Path | str, **options: Any) -> SqliteStore:
