@@ -11,6 +11,7 @@ COPY executor ./executor
 COPY opctl ./opctl
 COPY journal ./journal
 COPY safety ./safety
+COPY hub ./hub
 RUN python -m venv /opt/pve-reconcile \
  && /opt/pve-reconcile/bin/pip install --no-cache-dir --only-binary=:all: . \
  && /opt/pve-reconcile/bin/pip uninstall --yes pip

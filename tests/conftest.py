@@ -156,3 +156,18 @@ def _close(made: list[tuple[Engine, GuestQueue]]) -> None:
         engine.close()
         if engine.journal is not None:
             engine.journal.close()
+
+
+@pytest.fixture(name="pg_server", scope="session")
+def _pg_server() -> Iterator[Any]:
+    """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID."""
+    import shutil  # noqa: PLC0415  (only the hub's tests need PostgreSQL and psycopg)
+
+    from tests import pgserver  # noqa: PLC0415
+    if shutil.which("initdb") is None:
+        pytest.skip("PostgreSQL's initdb is not on PATH")
+    server = pgserver.start()
+    try:
+        yield server
+    finally:
+        pgserver.stop(server)

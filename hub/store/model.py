@@ -1,0 +1,180 @@
+"""What the hub's store holds: versions of a cluster's desired-state document and each node's report."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+# A cluster: what a signed desired document may name (the same pattern as safety.desireddoc.CLUSTER).
+CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+# A node: its executor id (default NODE@CLUSTER) or a Proxmox node name; nothing a log line must quote.
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", re.ASCII)
+_NAMES = {"cluster": CLUSTER, "node": NODE}
+MAX_TEXT = 4096  # author, message and reason: a line or a paragraph, never a document
+MAX_HISTORY = 1000  # rows one history() call returns at most
+# Above the largest envelope a signed desired document may be (4 MiB of desired text, JSON-escaped at
+# worst twice, base64'd, four signatures: ~10.8 MiB); a 10,000-guest cluster's is ~2.7 MB.
+DEFAULT_MAX_ENVELOPE = 12 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Version:
+    """One stored version of a cluster's document: the signed envelope and who appended it, when."""
+
+    cluster: str
+    version: int
+    envelope: bytes
+    sha256: str
+    author: str
+    message: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A history line: a version without its envelope (``size`` is the envelope's length in bytes)."""
+
+    cluster: str
+    version: int
+    sha256: str
+    size: int
+    author: str
+    message: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A node's last report: the version it holds, the version it last ACKed or NACKed and why."""
+
+    cluster: str
+    node: str
+    held: int  # the last version the node ACKed (0: none); a NACK leaves it as it was
+    version: int  # the version of the last report
+    ok: bool  # True: ACK; False: NACK
+    reason: str
+    last_seen: datetime
+
+
+class StoreError(Exception):
+    """Base of the store's refusals (bad input is a ValueError instead)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database could not be reached, or failed during the call (the hub's API: UNAVAILABLE).
+
+    After an append fails so, its outcome is unknown: read the latest version (and its sha256) to see.
+    """
+
+
+class VersionConflict(StoreError):  # noqa: N818 (the name the hub issue and its API use)
+    """An append expected another latest version: someone else appended first."""
+
+    def __init__(self, cluster: str, expected: int, current: int) -> None:
+        super().__init__(f"cluster {cluster}: expected version {expected}, but the latest is {current}")
+        self.cluster, self.expected, self.current = cluster, expected, current
+
+
+class DocumentTooLarge(StoreError):  # noqa: N818 (the name the hub issue and its API use)
+    """An envelope over the store's size limit: refused, not stored."""
+
+    def __init__(self, cluster: str, size: int, limit: int) -> None:
+        super().__init__(f"cluster {cluster}: envelope of {size} bytes is over the limit of {limit} bytes")
+        self.cluster, self.size, self.limit = cluster, size, limit
+
+
+class UnknownVersionError(StoreError):
+    """A version past the cluster's latest (a watcher ahead of this hub: another hub, or a restored database)."""
+
+    def __init__(self, cluster: str, version: int, latest: int) -> None:
+        super().__init__(f"cluster {cluster}: version {version} is past the latest, {latest}")
+        self.cluster, self.version, self.latest = cluster, version, latest
+
+
+class SchemaTooNewError(StoreError):
+    """The database was migrated by a newer hub than this one; writing to it could lose what it added."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(f"database schema version {found} is newer than this hub's {known}: upgrade the hub")
+        self.found, self.known = found, known
+
+
+class InvalidArgumentError(ValueError):
+    """Bad input to the store, naming the field (the hub's API answers INVALID_ARGUMENT with it)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def check_name(field: str, value: object) -> str:
+    """``value`` if it is a valid ``field`` (cluster or node) name, else InvalidArgumentError naming ``field``."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidArgumentError(field, "must not be empty")
+    pattern = _NAMES[field]
+    if not pattern.fullmatch(value):
+        raise InvalidArgumentError(field, f"{value[:140]!r} does not match {pattern.pattern}")
+    return value
+
+
+def check_version(field: str, value: object, *, least: int = 0) -> int:
+    """``value`` if it is an int >= ``least``, else InvalidArgumentError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(field, f"must be an integer, not {type(value).__name__}")
+    if value < least:
+        raise InvalidArgumentError(field, f"must be >= {least}, not {value}")
+    return value
+
+
+def check_text(field: str, value: object, *, required: bool) -> str:
+    """``value`` if it is a string of at most MAX_TEXT characters (non-empty when ``required``)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, f"must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        raise InvalidArgumentError(field, "must not be empty")
+    if len(value) > MAX_TEXT:
+        raise InvalidArgumentError(field, f"is {len(value)} characters, over {MAX_TEXT}")
+    if "\x00" in value:
+        raise InvalidArgumentError(field, "must not contain NUL")
+    return value
+
+
+def check_envelope(value: object) -> bytes:
+    """``value`` as bytes if it is non-empty bytes (the store does not read it: it is opaque)."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidArgumentError("envelope", f"must be bytes, not {type(value).__name__}")
+    data = bytes(value)
+    if not data:
+        raise InvalidArgumentError("envelope", "must not be empty")
+    return data
+
+
+def check_timeout(value: object) -> float:
+    """``value`` as seconds if it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError("timeout", f"must be a finite number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+
+def check_page(limit: object, before: object) -> None:
+    """InvalidArgumentError unless 1 <= limit <= MAX_HISTORY and before is None or >= 1."""
+    check_version("limit", limit, least=1)
+    if isinstance(limit, int) and limit > MAX_HISTORY:
+        raise InvalidArgumentError("limit", f"must be <= {MAX_HISTORY}, not {limit}")
+    if before is not None:
+        check_version("before", before, least=1)
+
+
+def check_report(cluster: object, node: object, version: object, ok: object, reason: object) -> None:
+    """InvalidArgumentError naming the first bad field of an ACK/NACK (a NACK must say why)."""
+    check_name("cluster", cluster)
+    check_name("node", node)
+    check_version("version", version)
+    if not isinstance(ok, bool):
+        raise InvalidArgumentError("ok", f"must be a bool, not {type(ok).__name__}")
+    check_text("reason", reason, required=not ok)

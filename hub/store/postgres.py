@@ -1,0 +1,317 @@
+"""PostgresStore: the store for a hub that must outlive its machine; several replicas share one database."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+
+from hub.store import model
+from hub.store.bell import Bell
+from hub.store.model import (
+    DEFAULT_MAX_ENVELOPE,
+    DocumentTooLarge,
+    Entry,
+    NodeReport,
+    SchemaTooNewError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownVersionError,
+    Version,
+    VersionConflict,
+)
+from hub.store.schema import POSTGRES, POSTGRES_MIGRATION_LOCK, POSTGRES_SCHEMA_VERSION
+
+log = structlog.get_logger("hub.store")
+
+CHANNEL = "hub_versions"  # NOTIFY'd in each append's transaction, payload the cluster: delivered on commit
+POOL_WAIT = 30.0  # seconds a call waits for a free connection before it gives up
+CONNECT_TIMEOUT = 5  # seconds to reach the server
+
+_DOCUMENT = "SELECT cluster, version, envelope, sha256, author, message, created_at FROM documents"
+_ENTRY = "SELECT cluster, version, sha256, octet_length(envelope), author, message, created_at FROM documents"
+_REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+_T = TypeVar("_T")
+
+
+def migrate(conn: Conn, upto: int | None = None) -> tuple[int, int]:
+    """Run the steps the database lacks (up to step ``upto``, None: all) in one transaction.
+
+    An advisory lock held to the end makes replicas that start together migrate one after the other.
+    Returns (version before, version after). ``conn`` must be in autocommit mode.
+    """
+    target = len(POSTGRES) if upto is None else upto
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_MIGRATION_LOCK,))
+        conn.execute(POSTGRES_SCHEMA_VERSION)
+        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+        found = int(row[0]) if row else 0
+        if found > len(POSTGRES):
+            raise SchemaTooNewError(found, len(POSTGRES))
+        for step in POSTGRES[found:target]:
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version, description) VALUES (%s, %s)",
+                         (step.number, step.description))
+    return found, max(found, target)
+
+
+def _version(row: Any) -> Version:
+    return Version(cluster=row[0], version=row[1], envelope=bytes(row[2]), sha256=row[3], author=row[4],
+                   message=row[5], created_at=row[6])
+
+
+def _entry(row: Any) -> Entry:
+    return Entry(cluster=row[0], version=row[1], sha256=row[2], size=row[3], author=row[4], message=row[5],
+                 created_at=row[6])
+
+
+def _report(row: Any) -> NodeReport:
+    return NodeReport(cluster=row[0], node=row[1], held=row[2], version=row[3], ok=row[4], reason=row[5],
+                      last_seen=row[6])
+
+
+class _Pool:
+    """At most ``size`` autocommit connections, made when first needed; a broken one is dropped."""
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        self._conninfo = conninfo
+        self._free = threading.BoundedSemaphore(size)
+        self._idle: list[Conn] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Conn]:
+        """A connection for the block: an idle one, or a new one while fewer than ``size`` are out."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        if not self._free.acquire(timeout=POOL_WAIT):
+            raise StoreError(f"no database connection free after {POOL_WAIT:.0f} s")
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                try:
+                    conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+                except psycopg.OperationalError as error:
+                    raise StoreUnavailableError(f"cannot reach the database: {error}") from error
+            try:
+                yield conn
+            except psycopg.OperationalError as error:
+                # A restarted server, a dropped connection: this one is dropped below, the next call reconnects.
+                raise StoreUnavailableError(f"the database failed during the call: {error}") from error
+            finally:
+                if conn.closed or conn.broken or self._closed:
+                    conn.close()
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+        finally:
+            self._free.release()
+
+    def close(self) -> None:
+        """Close the idle connections; the ones out are closed when returned."""
+        self._closed = True
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class PostgresStore:
+    """The Store on PostgreSQL (psycopg 3): a row lock per cluster orders appends; LISTEN/NOTIFY wakes waiters.
+
+    Every replica's waiters are woken by an append on any replica: each store holds one listening
+    connection (reconnected with backoff if lost, waking every waiter to re-check, since a
+    notification may have been missed). ``race_window`` (tests only) sleeps between reading the
+    head and writing, to widen races.
+    """
+
+    def __init__(self, conninfo: str, *, pool_size: int = 4, max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE,
+                 race_window: float = 0.0) -> None:
+        self.max_envelope_bytes = max_envelope_bytes
+        self._conninfo = conninfo
+        self._race_window = race_window
+        self._pool = _Pool(conninfo, pool_size)
+        self._closed = threading.Event()
+        try:
+            with self._pool.connection() as conn:
+                before, after = migrate(conn)
+        except BaseException:
+            self._pool.close()
+            raise
+        if before != after:
+            log.info("hub.store.migrated", store="postgres", schema_from=before, schema_to=after)
+        self._bell = Bell()
+        self._stop_channel = f"hub_stop_{uuid.uuid4().hex}"
+        self._listening = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="hub-store-listen", daemon=True)
+        self._listener.start()
+        # Waiters that start after the constructor must not miss an append: wait for LISTEN to be in place.
+        self._listening.wait(timeout=10)
+
+    def _listen(self) -> None:
+        """Ring the bell of each cluster NOTIFY'd; reconnect with backoff when the connection is lost."""
+        backoff = 0.1
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {self._stop_channel}")
+                    self._bell.ring()  # whatever was appended while nobody listened: look again
+                    self._listening.set()
+                    backoff = 0.1
+                    self._relay(conn)
+            except psycopg.Error as error:
+                if self._closed.is_set():
+                    return
+                log.warning("hub.store.listen_lost", error=str(error), retry_in=backoff)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _relay(self, conn: Conn) -> None:
+        while not self._closed.is_set():
+            for note in conn.notifies(timeout=5.0):
+                if note.channel == self._stop_channel:
+                    return
+                self._bell.ring(note.payload)
+
+    def append(self, cluster: str, expected_version: int, envelope: bytes, author: str, message: str) -> Version:
+        """Store ``envelope`` as the next version if ``expected_version`` is the latest (see Store.append)."""
+        model.check_name("cluster", cluster)
+        model.check_version("expected_version", expected_version)
+        data = model.check_envelope(envelope)
+        model.check_text("author", author, required=True)
+        model.check_text("message", message, required=False)
+        if len(data) > self.max_envelope_bytes:
+            log.warning("hub.store.too_large", cluster=cluster, size=len(data), limit=self.max_envelope_bytes)
+            raise DocumentTooLarge(cluster, len(data), self.max_envelope_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._pool.connection() as conn, conn.transaction():
+            # The head row is the lock: a concurrent append of this cluster waits here, then reads the new head.
+            conn.execute("INSERT INTO heads (cluster, latest) VALUES (%s, 0) ON CONFLICT (cluster) DO NOTHING",
+                         (cluster,))
+            row = conn.execute("SELECT latest FROM heads WHERE cluster = %s FOR UPDATE", (cluster,)).fetchone()
+            current = int(row[0]) if row else 0
+            if current != expected_version:
+                log.info("hub.store.conflict", cluster=cluster, expected=expected_version, current=current)
+                raise VersionConflict(cluster, expected_version, current)
+            if self._race_window:
+                time.sleep(self._race_window)
+            version = current + 1
+            stamp = conn.execute(
+                "INSERT INTO documents (cluster, version, envelope, sha256, author, message) "
+                "VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at",
+                (cluster, version, data, digest, author, message)).fetchone()
+            conn.execute("UPDATE heads SET latest = %s WHERE cluster = %s", (version, cluster))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, cluster))
+        self._bell.ring(cluster)
+        log.info("hub.store.appended", cluster=cluster, version=version, sha256=digest, size=len(data), author=author)
+        assert stamp is not None  # RETURNING of an INSERT that succeeded
+        return Version(cluster, version, data, digest, author, message, stamp[0])
+
+    def _one(self, query: str, params: tuple[Any, ...], *, binary: bool = False) -> Any:
+        return self._read(lambda conn: conn.execute(query, params, binary=binary).fetchone())
+
+    def _all(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        return self._read(lambda conn: conn.execute(query, params).fetchall())
+
+    def _read(self, call: Callable[[Conn], _T]) -> _T:
+        """``call`` on a pooled connection; once more on a fresh one if the first was dead (a restarted server).
+
+        Only reads and idempotent writes come here: an append is never run twice.
+        """
+        try:
+            with self._pool.connection() as conn:
+                return call(conn)
+        except StoreUnavailableError:
+            with self._pool.connection() as conn:
+                return call(conn)
+
+    def latest(self, cluster: str) -> int:
+        """The cluster's latest version (0: none yet)."""
+        row = self._one("SELECT latest FROM heads WHERE cluster = %s", (model.check_name("cluster", cluster),))
+        return int(row[0]) if row else 0
+
+    def get(self, cluster: str, version: int | None = None) -> Version | None:
+        """A version of the cluster's document (None: the latest), or None if there is none."""
+        model.check_name("cluster", cluster)
+        if version is None:
+            version = self.latest(cluster)
+            if not version:
+                return None
+        model.check_version("version", version, least=1)
+        # Binary results: the envelope comes as its bytes, not twice their size in hex.
+        row = self._one(f"{_DOCUMENT} WHERE cluster = %s AND version = %s", (cluster, version), binary=True)
+        return _version(row) if row else None
+
+    def history(self, cluster: str, limit: int = 20, before: int | None = None) -> list[Entry]:
+        """Up to ``limit`` versions older than ``before``, newest first, without envelopes."""
+        model.check_name("cluster", cluster)
+        model.check_page(limit, before)
+        rows = self._all(f"{_ENTRY} WHERE cluster = %s AND version < %s ORDER BY version DESC LIMIT %s",
+                         (cluster, before if before is not None else 2**62, limit))
+        return [_entry(row) for row in rows]
+
+    def since(self, cluster: str, version: int) -> Version | None:
+        """The latest document if it is newer than ``version``, else None (see Store.since)."""
+        model.check_name("cluster", cluster)
+        model.check_version("version", version)
+        latest = self.latest(cluster)
+        if version > latest:
+            raise UnknownVersionError(cluster, version, latest)
+        return None if version == latest else self.get(cluster, latest)
+
+    def record_ack(self, cluster: str, node: str, version: int, ok: bool, reason: str = "") -> NodeReport:
+        """Record a node's ACK or NACK of ``version`` (a NACK keeps the version the node held)."""
+        model.check_report(cluster, node, version, ok, reason)
+        row = self._one(
+            f"INSERT INTO acks (cluster, node, held, version, ok, reason, last_seen) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (cluster, node) DO UPDATE SET "
+            f"held = CASE WHEN excluded.ok THEN excluded.version ELSE acks.held END, "
+            f"version = excluded.version, ok = excluded.ok, reason = excluded.reason, last_seen = excluded.last_seen "
+            f"RETURNING {_REPORT.removeprefix('SELECT ').removesuffix(' FROM acks')}",
+            (cluster, node, version if ok else 0, version, ok, reason))
+        log.info("hub.store.report", cluster=cluster, node=node, version=version, ok=ok)
+        return _report(row)
+
+    def nodes(self, cluster: str) -> list[NodeReport]:
+        """Every node's last report for the cluster, by node name."""
+        rows = self._all(f"{_REPORT} WHERE cluster = %s ORDER BY node", (model.check_name("cluster", cluster),))
+        return [_report(row) for row in rows]
+
+    def wait_for_change(self, cluster: str, after_version: int, timeout: float) -> bool:
+        """Block until the latest version is past ``after_version`` (True) or ``timeout`` s pass (False)."""
+        model.check_name("cluster", cluster)
+        model.check_version("after_version", after_version)
+        seconds = model.check_timeout(timeout)
+        return self._bell.wait(cluster, lambda: not self._closed.is_set() and self.latest(cluster) > after_version,
+                               seconds)
+
+    def schema_version(self) -> int:
+        """The schema step the database is at."""
+        return int(self._one("SELECT MAX(version) FROM schema_version", ())[0])
+
+    def close(self) -> None:
+        """Stop listening, close every connection and wake every waiter (they return False)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._bell.close()
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SELECT pg_notify(%s, '')", (self._stop_channel,))
+        except (psycopg.Error, StoreError):
+            pass  # the listener then stops at its next 5 s timeout
+        self._listener.join(timeout=6)
+        self._pool.close()

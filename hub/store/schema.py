@@ -1,0 +1,70 @@
+"""The store's schema as numbered migrations, one table per database (SQLite, PostgreSQL), side by side.
+
+A database records each step it ran in ``schema_version``; opening it runs the steps it lacks, in
+one transaction, and refuses a database that ran steps this code does not know (``SchemaTooNewError``).
+Append steps; never edit one that shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: its number (1, 2, ... in order), what it does, and its statements."""
+
+    number: int
+    description: str
+    statements: tuple[str, ...]
+
+
+SQLITE_SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"""
+
+SQLITE: tuple[Migration, ...] = (
+    Migration(1, "documents and node acknowledgements", (
+        """CREATE TABLE documents (
+            cluster TEXT NOT NULL, version INTEGER NOT NULL CHECK (version >= 1), envelope BLOB NOT NULL,
+            sha256 TEXT NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL, created_at REAL NOT NULL,
+            PRIMARY KEY (cluster, version))""",
+        """CREATE TABLE acks (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, version INTEGER NOT NULL, ok INTEGER NOT NULL,
+            reason TEXT NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (cluster, node))""",
+    )),
+    Migration(2, "heads (each cluster's latest version); the version each node holds", (
+        "CREATE TABLE heads (cluster TEXT PRIMARY KEY, latest INTEGER NOT NULL CHECK (latest >= 0))",
+        "INSERT INTO heads (cluster, latest) SELECT cluster, MAX(version) FROM documents GROUP BY cluster",
+        "ALTER TABLE acks ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+        # Before step 2 a NACK did not keep the version held; an ACK's version is the best known.
+        "UPDATE acks SET held = version WHERE ok = 1",
+    )),
+)
+
+POSTGRES_SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
+    version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"""
+
+# Taken for the whole migration transaction, so replicas starting together migrate one at a time.
+POSTGRES_MIGRATION_LOCK = 0x6875625F73746F72  # "hub_stor"
+
+POSTGRES: tuple[Migration, ...] = (
+    Migration(1, "documents and node acknowledgements", (
+        """CREATE TABLE documents (
+            cluster text NOT NULL, version bigint NOT NULL CHECK (version >= 1), envelope bytea NOT NULL,
+            sha256 text NOT NULL, author text NOT NULL, message text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (cluster, version))""",
+        """CREATE TABLE acks (
+            cluster text NOT NULL, node text NOT NULL, version bigint NOT NULL, ok boolean NOT NULL,
+            reason text NOT NULL, last_seen timestamptz NOT NULL, PRIMARY KEY (cluster, node))""",
+    )),
+    Migration(2, "heads (each cluster's latest version, the row an append locks); the version each node holds", (
+        "CREATE TABLE heads (cluster text PRIMARY KEY, latest bigint NOT NULL CHECK (latest >= 0))",
+        "INSERT INTO heads (cluster, latest) SELECT cluster, MAX(version) FROM documents GROUP BY cluster",
+        "ALTER TABLE acks ADD COLUMN held bigint NOT NULL DEFAULT 0",
+        "UPDATE acks SET held = version WHERE ok",
+    )),
+)
+
+LATEST = len(SQLITE)
+assert len(POSTGRES) == LATEST, "both databases run the same steps"
+assert all(m.number == i for i, m in enumerate(SQLITE, 1)) and all(m.number == i for i, m in enumerate(POSTGRES, 1))

@@ -1,0 +1,281 @@
+"""SqliteStore: the embedded store, one SQLite file (WAL) in the hub's state directory."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from hub.store import model
+from hub.store.bell import Bell
+from hub.store.model import (
+    DEFAULT_MAX_ENVELOPE,
+    DocumentTooLarge,
+    Entry,
+    NodeReport,
+    SchemaTooNewError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownVersionError,
+    Version,
+    VersionConflict,
+)
+from hub.store.schema import SQLITE, SQLITE_SCHEMA_VERSION
+
+log = structlog.get_logger("hub.store")
+
+FILENAME = "hub.sqlite3"
+BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another process's write to finish
+
+_DOCUMENT = "SELECT cluster, version, envelope, sha256, author, message, created_at FROM documents"
+_ENTRY = "SELECT cluster, version, sha256, length(envelope), author, message, created_at FROM documents"
+_REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
+
+
+def migrate(conn: sqlite3.Connection, upto: int | None = None) -> tuple[int, int]:
+    """Run the steps the database lacks (up to step ``upto``, None: all) in one write transaction.
+
+    Returns (version before, version after). ``conn`` must be in autocommit mode.
+    """
+    target = len(SQLITE) if upto is None else upto
+    with _write(conn):
+        conn.execute(SQLITE_SCHEMA_VERSION)
+        found = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+        if found > len(SQLITE):
+            raise SchemaTooNewError(found, len(SQLITE))
+        for step in SQLITE[found:target]:
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                         (step.number, step.description, time.time()))
+    return found, max(found, target)
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that holds the database's write lock from its first statement.
+
+    BEGIN IMMEDIATE is what makes append's read-compare-insert atomic across threads and processes:
+    a second writer waits (busy_timeout) for the first to commit, then reads the new head.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:  # another writer held the lock past busy_timeout, a disk error
+        raise StoreUnavailableError(f"cannot write to the database: {error}") from error
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")  # leave the connection usable: not inside a failed transaction
+        raise StoreUnavailableError(f"the database failed to commit: {error}") from error
+
+
+def _time(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _version(row: Any) -> Version:
+    return Version(cluster=row[0], version=row[1], envelope=bytes(row[2]), sha256=row[3], author=row[4],
+                   message=row[5], created_at=_time(row[6]))
+
+
+def _entry(row: Any) -> Entry:
+    return Entry(cluster=row[0], version=row[1], sha256=row[2], size=row[3], author=row[4], message=row[5],
+                 created_at=_time(row[6]))
+
+
+def _report(row: Any) -> NodeReport:
+    return NodeReport(cluster=row[0], node=row[1], held=row[2], version=row[3], ok=bool(row[4]), reason=row[5],
+                      last_seen=_time(row[6]))
+
+
+class SqliteStore:
+    """The Store on one SQLite file: WAL, a connection per thread, full fsync on commit.
+
+    Waiters are woken at once by appends through this object, and within ``poll_interval`` s by
+    appends from other objects or processes (one ``PRAGMA data_version`` per interval, however many
+    wait). ``race_window`` (tests only) sleeps between reading the head and writing, to widen races.
+    """
+
+    def __init__(self, path: Path | str, *, max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE,
+                 poll_interval: float = 0.25, race_window: float = 0.0) -> None:
+        self.path = Path(path)
+        self.max_envelope_bytes = max_envelope_bytes
+        self._race_window = race_window
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._closed = False
+        self._bell = Bell(self._poll, poll_interval)
+        if not self.path.exists():
+            # The documents are signed, not secret, but the reports and authors are the operator's business.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        try:
+            conn = self._conn()
+            conn.execute("PRAGMA journal_mode=WAL")
+            before, after = migrate(conn)
+        except BaseException:
+            self.close()
+            raise
+        if before != after:
+            log.info("hub.store.migrated", store="sqlite", path=str(self.path), schema_from=before, schema_to=after)
+        self._poller = self._connect()
+        self._data_version = self._read_data_version()
+
+    @classmethod
+    def in_dir(cls, state_dir: Path | str, **options: Any) -> SqliteStore:
+        """The store in ``state_dir`` (created 0700 if missing), file ``hub.sqlite3``."""
+        directory = Path(state_dir)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(directory / FILENAME, **options)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous=FULL")  # a committed version survives a power cut
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (SQLite connections are not shared between threads here)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _read_data_version(self) -> int:
+        return int(self._poller.execute("PRAGMA data_version").fetchone()[0])
+
+    def _poll(self) -> bool:
+        """True if another connection committed since the last poll (SQLite's data_version moved)."""
+        if self._closed:
+            return False
+        current = self._read_data_version()
+        moved, self._data_version = current != self._data_version, current
+        return moved
+
+    def _head(self, conn: sqlite3.Connection, cluster: str) -> int:
+        row = conn.execute("SELECT latest FROM heads WHERE cluster = ?", (cluster,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def append(self, cluster: str, expected_version: int, envelope: bytes, author: str, message: str) -> Version:
+        """Store ``envelope`` as the next version if ``expected_version`` is the latest (see Store.append)."""
+        model.check_name("cluster", cluster)
+        model.check_version("expected_version", expected_version)
+        data = model.check_envelope(envelope)
+        model.check_text("author", author, required=True)
+        model.check_text("message", message, required=False)
+        if len(data) > self.max_envelope_bytes:
+            log.warning("hub.store.too_large", cluster=cluster, size=len(data), limit=self.max_envelope_bytes)
+            raise DocumentTooLarge(cluster, len(data), self.max_envelope_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        conn = self._conn()
+        with _write(conn):
+            current = self._head(conn, cluster)
+            if current != expected_version:
+                log.info("hub.store.conflict", cluster=cluster, expected=expected_version, current=current)
+                raise VersionConflict(cluster, expected_version, current)
+            if self._race_window:
+                time.sleep(self._race_window)
+            version, now = current + 1, time.time()
+            conn.execute("INSERT INTO documents (cluster, version, envelope, sha256, author, message, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (cluster, version, data, digest, author, message, now))
+            conn.execute("INSERT INTO heads (cluster, latest) VALUES (?, ?) "
+                         "ON CONFLICT (cluster) DO UPDATE SET latest = excluded.latest", (cluster, version))
+        self._bell.ring(cluster)
+        log.info("hub.store.appended", cluster=cluster, version=version, sha256=digest, size=len(data), author=author)
+        return Version(cluster, version, data, digest, author, message, _time(now))
+
+    def latest(self, cluster: str) -> int:
+        """The cluster's latest version (0: none yet)."""
+        return self._head(self._conn(), model.check_name("cluster", cluster))
+
+    def get(self, cluster: str, version: int | None = None) -> Version | None:
+        """A version of the cluster's document (None: the latest), or None if there is none."""
+        model.check_name("cluster", cluster)
+        conn = self._conn()
+        if version is None:
+            version = self._head(conn, cluster)
+            if not version:
+                return None
+        model.check_version("version", version, least=1)
+        row = conn.execute(f"{_DOCUMENT} WHERE cluster = ? AND version = ?", (cluster, version)).fetchone()
+        return _version(row) if row else None
+
+    def history(self, cluster: str, limit: int = 20, before: int | None = None) -> list[Entry]:
+        """Up to ``limit`` versions older than ``before``, newest first, without envelopes."""
+        model.check_name("cluster", cluster)
+        model.check_page(limit, before)
+        rows = self._conn().execute(f"{_ENTRY} WHERE cluster = ? AND version < ? ORDER BY version DESC LIMIT ?",
+                                    (cluster, before if before is not None else 2**62, limit)).fetchall()
+        return [_entry(row) for row in rows]
+
+    def since(self, cluster: str, version: int) -> Version | None:
+        """The latest document if it is newer than ``version``, else None (see Store.since)."""
+        model.check_name("cluster", cluster)
+        model.check_version("version", version)
+        latest = self.latest(cluster)
+        if version > latest:
+            raise UnknownVersionError(cluster, version, latest)
+        return None if version == latest else self.get(cluster, latest)
+
+    def record_ack(self, cluster: str, node: str, version: int, ok: bool, reason: str = "") -> NodeReport:
+        """Record a node's ACK or NACK of ``version`` (a NACK keeps the version the node held)."""
+        model.check_report(cluster, node, version, ok, reason)
+        conn = self._conn()
+        with _write(conn):
+            conn.execute("INSERT INTO acks (cluster, node, held, version, ok, reason, last_seen) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cluster, node) DO UPDATE SET "
+                         "held = CASE WHEN excluded.ok THEN excluded.version ELSE acks.held END, "
+                         "version = excluded.version, ok = excluded.ok, reason = excluded.reason, "
+                         "last_seen = excluded.last_seen",
+                         (cluster, node, version if ok else 0, version, int(ok), reason, time.time()))
+            row = conn.execute(f"{_REPORT} WHERE cluster = ? AND node = ?", (cluster, node)).fetchone()
+        log.info("hub.store.report", cluster=cluster, node=node, version=version, ok=ok)
+        return _report(row)
+
+    def nodes(self, cluster: str) -> list[NodeReport]:
+        """Every node's last report for the cluster, by node name."""
+        model.check_name("cluster", cluster)
+        rows = self._conn().execute(f"{_REPORT} WHERE cluster = ? ORDER BY node", (cluster,)).fetchall()
+        return [_report(row) for row in rows]
+
+    def wait_for_change(self, cluster: str, after_version: int, timeout: float) -> bool:
+        """Block until the latest version is past ``after_version`` (True) or ``timeout`` s pass (False)."""
+        model.check_name("cluster", cluster)
+        model.check_version("after_version", after_version)
+        seconds = model.check_timeout(timeout)
+        return self._bell.wait(cluster, lambda: not self._closed and self.latest(cluster) > after_version, seconds)
+
+    def schema_version(self) -> int:
+        """The schema step the database is at."""
+        return int(self._conn().execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    def close(self) -> None:
+        """Close every connection and wake every waiter (they return False)."""
+        self._closed = True
+        self._bell.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
