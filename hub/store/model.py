@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-# A cluster: what a signed desired document may name (the same pattern as safety.desireddoc.CLUSTER).
-CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+from safety import desireddoc
+
+CLUSTER = desireddoc.CLUSTER  # a cluster: what a signed desired document may name
 # A node: its executor id (default NODE@CLUSTER) or a Proxmox node name; nothing a log line must quote.
 NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", re.ASCII)
 _NAMES = {"cluster": CLUSTER, "node": NODE}
