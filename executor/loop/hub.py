@@ -125,7 +125,11 @@ class HubProvider:
     # --- the thread ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start watching (a daemon thread)."""
+        """Take the document on disk now when this node's identity is known (so the first tick has it), then
+        start watching (a daemon thread, which takes it later otherwise)."""
+        identity = self._identity()
+        if identity is not None:
+            self._load(*identity)
         self._thread = threading.Thread(target=self._run, name="hub-watch", daemon=True)
         self._thread.start()
 
