@@ -154,6 +154,26 @@ class TestHub(pb_grpc.HubServiceServicer):
             self.reports.append(request)
         return pb.ReportResponse(node=pb.NodeStatus(node=request.node, held_version=request.version))
 
+    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in: documents are pushed")
+        return pb.ApplyResponse()
+
+    def GetDocument(self, request: pb.GetDocumentRequest, context: grpc.ServicerContext) -> pb.GetDocumentResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.GetDocumentResponse()
+
+    def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.HistoryResponse()
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.StatusResponse()
+
     def since(self) -> list[int]:
         """The since_version of every Watch, in order."""
         return [request.since_version for _, request in self.watches]
@@ -465,7 +485,8 @@ def test_kill_9_between_saving_and_the_ack_applies_nothing_twice(
     fakepve.add_vm(100, "vm100", status="stopped", config={"memory": 2048, "cores": 1})
     audience = "pve1@fakecluster"
     store = write_store(tmp_path, store_doc(audience))
-    hub = TestHub(hold=threading.Event())
+    hold = threading.Event()
+    hub = TestHub(hold=hold)
     running = serve(hub)
     v1 = desireddoc.to_bytes(desireddoc.seal(desireddoc.build_payload(
         cluster="fakecluster", version=1, role="publisher", author="alice@example.org", message="v1",
@@ -487,7 +508,7 @@ def test_kill_9_between_saving_and_the_ack_applies_nothing_twice(
             child.kill()
             child.wait()
     assert hub.reports == []  # the hub never answered it
-    hub.hold.set()
+    hold.set()
     first_run = [(m, p) for m, p, _ in fakepve.requests if m in WRITES and "/100/" in p]
     child, log = _daemon(command)
     try:
