@@ -8,6 +8,7 @@ verifying each document against its own trust store (docs/SAFETY.md §6.9).
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import os
@@ -421,9 +422,43 @@ def test_nothing_on_disk_and_no_hub_manages_nothing(trust: TrustKeeper, tmp_path
 
 def test_a_held_document_whose_signer_was_revoked_is_no_longer_applied(
         served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
-    """Restarted under a store that revokes alice: version 1 on disk is not served (nothing managed, the metric
-    says so), its floor is kept (version 1 again is refused as untrusted, not as new), and a version 2 signed by
-    a key the store trusts is taken."""
+    """A store that revokes alice, loaded while version 1 (hers) is held: it is no longer served (nothing managed,
+    the metric says so) and the hub is asked for it again, which is NACKed KEY_REVOKED; the floor stays at 1.
+    A restart under that store does the same at once; a version 2 signed by bob, whom it trusts, is taken."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = write_store(tmp_path, store_doc())
+    keeper, metrics = TrustKeeper(str(path), str(state)), ExecutorMetrics()
+    first = make_provider(providers, served.port, keeper, state, metrics=metrics)
+    v1 = document(1)
+    served.hub.push(v1)
+    wait_for(lambda: len(served.hub.reports) == 1, "the ACK")
+    assert [d.vmid for d in first.desired()] == [100]
+    revoking = store_doc()
+    revoking["version"] = 2
+    revoking["keys"].append(key_entry("bob", ["publisher"]))
+    revoking["revoked"] = {"keys": [revoking["keys"][0]["id"]]}
+    write_store(tmp_path, revoking)
+    keeper.reload()  # as a tick or SIGHUP does
+    assert first.desired() == [] and first.held.version == 1
+    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0
+    wait_for(lambda: served.hub.since()[-1:] == [0], "a Watch asking for version 1 again")
+    wait_for(lambda: reports(served.hub)[-1] == (1, False, "KEY_REVOKED"), "the NACK of version 1")
+    first.close()
+    again = make_provider(providers, served.port, TrustKeeper(str(path), str(state)), state, metrics=metrics)
+    assert again.desired() == [] and again.held.version == 1
+    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0
+    wait_for(lambda: len(served.hub.watches) >= 3 and served.hub.since()[-1] == 0, "the restart's Watch")
+    served.hub.push(document(2, sha(v1), signers=("bob",)))
+    wait_for(lambda: reports(served.hub)[-1] == (2, True, ""), "version 2 by bob")
+    assert [d.vmid for d in again.desired()] == [100]
+    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 1
+
+
+def test_a_key_expired_since_does_not_void_the_document_it_signed(served: Served, tmp_path: Path,
+                                                                   providers: list[HubProvider]) -> None:
+    """Restarted after alice's key expired (rotation, not revocation): version 1, which she signed while it was
+    valid, is still served from disk; a new document signed with her expired key is refused KEY_EXPIRED."""
     state = tmp_path / "state"
     state.mkdir()
     path = write_store(tmp_path, store_doc())
@@ -432,20 +467,16 @@ def test_a_held_document_whose_signer_was_revoked_is_no_longer_applied(
     served.hub.push(v1)
     wait_for(lambda: len(served.hub.reports) == 1, "the ACK")
     first.close()
-    revoking = store_doc()
-    revoking["version"] = 2
-    revoking["keys"].append(key_entry("bob", ["publisher"]))
-    revoking["revoked"] = {"keys": [revoking["keys"][0]["id"]]}
-    write_store(tmp_path, revoking)
-    metrics = ExecutorMetrics()
-    again = make_provider(providers, served.port, TrustKeeper(str(path), str(state)), state, metrics=metrics)
-    assert again.desired() == [] and again.held.version == 1
-    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0
-    wait_for(lambda: served.hub.since()[-1:] == [0], "a Watch asking for version 1 again")
-    wait_for(lambda: reports(served.hub)[-1] == (1, False, "KEY_REVOKED"), "the NACK of version 1")
-    served.hub.push(document(2, sha(v1), signers=("bob",)))
-    wait_for(lambda: reports(served.hub)[-1] == (2, True, ""), "version 2 by bob")
+    expired = store_doc()
+    expired["version"] = 2
+    expired["keys"][0] = key_entry("alice", ["publisher", "operator"],
+                                   not_after=dt.datetime.fromtimestamp(time.time() - 10, dt.UTC))
+    write_store(tmp_path, expired)
+    again = make_provider(providers, served.port, TrustKeeper(str(path), str(state)), state)
     assert [d.vmid for d in again.desired()] == [100]
+    served.hub.push(document(2, sha(v1)))
+    wait_for(lambda: reports(served.hub)[-1] == (2, False, "KEY_EXPIRED"), "the NACK of version 2")
+    assert again.held.version == 1
 
 
 def test_an_unreadable_held_file_refuses_the_hub_source(tmp_path: Path, trust: TrustKeeper) -> None:

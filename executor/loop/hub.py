@@ -74,6 +74,9 @@ class _Taken:
     created: int = 0
     guests: tuple[Declared, ...] = ()
     trusted: bool = False  # the held version's document verified here (False: floor only, nothing managed)
+    store: TrustStore | None = None  # the store it verified against
+    envelope: bytes = b""
+    identity: tuple[str, str] = ("", "")  # (cluster, node) it verified for
 
 
 def backoff(attempt: int, base: float, cap: float, draw: Callable[[float, float], float] = random.uniform) -> float:
@@ -92,8 +95,7 @@ class HubProvider:
         self.settings, self._files, self._trust, self._audience = settings, files, trust, audience
         self._metrics, self._clock = metrics, clock
         on_disk = files.load()
-        self._envelope = on_disk.envelope
-        self._taken = _Taken(held=on_disk.held)
+        self._taken = _Taken(held=on_disk.held, envelope=on_disk.envelope)
         self._loaded = False  # the document on disk verified (or found wanting) against the audience and store
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -110,8 +112,41 @@ class HubProvider:
     # --- the provider -------------------------------------------------------------------------------------------
 
     def desired(self) -> list[Declared]:
-        """The guests of the held version (empty until a trusted one is held); never waits for the hub."""
-        return list(self._taken.guests)
+        """The guests of the held version (empty until a trusted one is held); never waits for the hub.
+
+        When the trust store in force changed since the held document verified (a reload, SIGHUP), it is
+        verified again first, as at a restart: a running node and a restarted one serve the same.
+        """
+        taken = self._taken
+        if taken.trusted and taken.store is not self._trust.current():
+            taken = self._recheck(taken)
+        return list(taken.guests)
+
+    def _recheck(self, taken: _Taken) -> _Taken:
+        """``taken`` against the store in force (its guests kept, not parsed again); untrusted when it fails."""
+        try:
+            if self._verify(taken.envelope, *taken.identity, Held(), at_created=True).held != taken.held:
+                raise Refused(RefusalReason.FORK, f"the document held is not version {taken.held.version}")
+            now = _Taken(held=taken.held, created=taken.created, guests=taken.guests, trusted=True,
+                         store=self._trust.current(), envelope=taken.envelope, identity=taken.identity)
+        except Refused as exc:
+            log.error("hub_held_document_untrusted", version=taken.held.version, sha256=taken.held.sha256,
+                      error=str(exc), consequence="managing nothing until the hub sends a version the trust store "
+                                                  "trusts; the version floor is kept")
+            now = _Taken(held=taken.held, created=taken.created, envelope=taken.envelope, identity=taken.identity)
+        with self._lock:
+            if self._taken is taken:  # the watch thread may have taken a new version meanwhile: that one stands
+                self._taken = now
+            now = self._taken
+        if not now.trusted:
+            self._reconnect()  # watch from the version before, so the hub sends this one again (and it is NACKed)
+        return now
+
+    def _reconnect(self) -> None:
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
 
     @property
     def held(self) -> Held:
@@ -171,7 +206,7 @@ class HubProvider:
 
     def _load(self, cluster: str, node: str) -> None:
         """Verify the document on disk again, against the store in force (see the module's docstring)."""
-        held, envelope = self._taken.held, self._envelope
+        held, envelope = self._taken.held, self._taken.envelope
         self._loaded = True
         if not held.version:
             log.info("hub_nothing_held", consequence="managing nothing until the hub sends a version")
@@ -180,7 +215,8 @@ class HubProvider:
             verified = self._verify(envelope, cluster, node, Held(), at_created=True)
             if verified.held != held:
                 raise Refused(RefusalReason.FORK, f"the document on disk is not version {held.version}")
-            self._install(verified, parse(verified.document.desired, f"hub:{cluster}@{verified.document.version}"))
+            self._install(verified, parse(verified.document.desired, f"hub:{cluster}@{verified.document.version}"),
+                          envelope, (cluster, node))
             log.info("hub_held_document_loaded", version=held.version, sha256=held.sha256,
                      guests=len(self._taken.guests))
             # The ACK may have been lost with the last run (killed between saving and reporting): say it again.
@@ -215,18 +251,20 @@ class HubProvider:
                     self._metrics.hub_connected.set(1)
                     log.info("hub_connected", hub=self.settings.target, cluster=cluster, since_version=since)
                     self._resend(cluster, node)
-                if event.HasField("document"):
-                    self._take(event.document, cluster, node)
+                if event.HasField("document") and not self._take(event.document, cluster, node):
+                    code, reached = "not_saved", False  # try again after a backoff: the hub sends it again
+                    break
         except grpc.RpcError as exc:
             code, detail = exc.code().name if exc.code() else "UNKNOWN", str(exc.details() or "")[:200]
         finally:
             done.set()
+            call.cancel()  # a stream left by a break or a bug must not stay open at the hub
             with self._lock:
                 self._call = None
             self._metrics.hub_connected.set(0)
         if not self._stop.is_set():
-            log.warning("hub_disconnected", hub=self.settings.target, code=code, detail=detail,
-                        held_version=self._taken.held.version)
+            log.warning("hub_disconnected" if reached else "hub_unreachable", hub=self.settings.target, code=code,
+                        detail=detail, held_version=self._taken.held.version)
         return reached
 
     def _watchdog(self, call: grpc.Future, last: list[float], done: threading.Event) -> None:
@@ -252,14 +290,15 @@ class HubProvider:
         return desireddoc.verify_document(envelope, store, cluster=cluster, audience=node, held_version=held.version,
                                           held_sha256=held.sha256, now=now)
 
-    def _take(self, document: pb.Document, cluster: str, node: str) -> None:
-        """Verify, parse, persist, swap, ACK; or NACK with the reason and keep what is held."""
+    def _take(self, document: pb.Document, cluster: str, node: str) -> bool:
+        """Verify, parse, persist, swap, ACK; or NACK with the reason and keep what is held. False when the
+        document could not be saved (nothing applied, nothing reported: the next stream brings it again)."""
         taken = self._taken
         try:
             verified = self._verify(document.envelope, cluster, node, taken.held)
             if verified.unchanged and taken.trusted:
                 self._report(cluster, node, verified.document.version, None)
-                return
+                return True
             name = f"hub:{cluster}@{verified.document.version}"
             try:
                 guests = parse(verified.document.desired, name)
@@ -269,18 +308,25 @@ class HubProvider:
             log.warning("hub_document_refused", version=document.version, reason=exc.reason.value,
                         detail=exc.detail, held_version=taken.held.version)
             self._report(cluster, node, document.version, exc)
-            return
-        self._files.save(document.envelope, verified.held)  # on disk before it is served: a restart keeps it
-        self._install(verified, guests)
-        self._envelope = document.envelope
+            return True
+        try:
+            self._files.save(document.envelope, verified.held)  # on disk before it is served: a restart keeps it
+        except OSError as exc:
+            log.error("hub_document_not_saved", version=verified.document.version, path=str(self._files.state_dir),
+                      error=exc.strerror or str(exc), consequence="not applied; taken again from the next stream")
+            return False
+        self._install(verified, guests, document.envelope, (cluster, node))
         log.info("hub_document_applied", version=verified.document.version, sha256=verified.sha256,
                  author=verified.document.author, message=verified.document.message, guests=len(guests),
                  signers=list(verified.signers))
         self._report(cluster, node, verified.document.version, None)
+        return True
 
-    def _install(self, verified: VerifiedDocument, guests: list[Declared]) -> None:
-        self._taken = _Taken(held=verified.held, created=verified.document.created, guests=tuple(guests),
-                             trusted=True)
+    def _install(self, verified: VerifiedDocument, guests: list[Declared], envelope: bytes,
+                 identity: tuple[str, str]) -> None:
+        with self._lock:
+            self._taken = _Taken(held=verified.held, created=verified.document.created, guests=tuple(guests),
+                                 trusted=True, store=self._trust.current(), envelope=envelope, identity=identity)
 
     # --- reports ------------------------------------------------------------------------------------------------
 
