@@ -255,7 +255,7 @@ class HubProvider:
                     code, reached = "not_saved", False  # try again after a backoff: the hub sends it again
                     break
         except grpc.RpcError as exc:
-            code, detail = exc.code().name if exc.code() else "UNKNOWN", str(exc.details() or "")[:200]
+            code, detail = _code(exc), str(exc.details() or "")[:200]
         finally:
             done.set()
             call.cancel()  # a stream left by a break or a bug must not stay open at the hub
@@ -345,10 +345,15 @@ class HubProvider:
         try:
             self._stub.Report(request, timeout=self.settings.report_timeout)
         except grpc.RpcError as exc:
-            log.warning("hub_report_failed", version=request.version, ok=request.ok, code=exc.code().name
-                        if exc.code() else "UNKNOWN", consequence="sent again on the next stream")
+            log.warning("hub_report_failed", version=request.version, ok=request.ok, code=_code(exc),
+                        consequence="sent again on the next stream")
             return
         self._pending = None
+
+
+def _code(exc: grpc.RpcError) -> str:
+    """The status code's name of a failed call."""
+    return str((exc.code() or grpc.StatusCode.UNKNOWN).name)
 
 
 _OPTIONS = [("grpc.max_receive_message_length", desireddoc.MAX_ENVELOPE + (1 << 20))]
