@@ -384,6 +384,25 @@ def test_a_silent_hub_is_left_after_three_heartbeats(
     assert served.hub.watches[2][0] - started >= 0.6  # 3 x 0.2 s of silence first
 
 
+def test_no_watch_until_the_nodes_cluster_is_known(served: Served, trust: TrustKeeper, tmp_path: Path,
+                                                   providers: list[HubProvider]) -> None:
+    """While Proxmox has not said the cluster (the audience reads NODE@), nothing is watched; then the Watch
+    names the cluster and the node's audience."""
+    audience = ["pve1@"]
+    provider = HubProvider(HubSettings(target=f"127.0.0.1:{served.port}", heartbeat=0.2, backoff_base=0.05,
+                                       backoff_cap=0.2),
+                           files=HeldFiles(tmp_path / "state"), trust=trust, audience=lambda: audience[0],
+                           metrics=ExecutorMetrics())
+    providers.append(provider)
+    provider.start()
+    time.sleep(0.5)
+    assert served.hub.watches == []
+    audience[0] = AUDIENCE
+    wait_for(lambda: len(served.hub.watches) == 1, "the Watch")
+    request = served.hub.watches[0][1]
+    assert (request.cluster, request.node, request.since_version) == (CLUSTER, AUDIENCE, 0)
+
+
 # --- restarts --------------------------------------------------------------------------------------------------
 
 

@@ -184,7 +184,8 @@ class HubProvider:
         audience = self._audience()
         node, _, cluster = audience.partition("@")
         cluster = self.settings.cluster or cluster
-        return (cluster, audience) if node and cluster else None
+        known = node and cluster and not audience.endswith("@")  # NODE@ while Proxmox has not said its cluster
+        return (cluster, audience) if known else None
 
     def _run(self) -> None:
         attempt = 0
@@ -194,6 +195,7 @@ class HubProvider:
                 log.warning("hub_identity_unknown", audience=self._audience(),
                             consequence="not watching until this node's cluster is known (set executor_id "
                                         "or hub_cluster)")
+                attempt += 1
             else:
                 try:
                     if not self._loaded:
