@@ -26,8 +26,12 @@ from typing import Any
 import grpc
 import pytest
 
+from common.config import ConfigError
+from common.grpcserver import ClientTls, ServerTls, server_credentials
+from executor.app.wiring import hub_provider
+from executor.config import ExecutorSettings
 from executor.loop.engine import Engine, TickOutcome
-from executor.loop.hub import HubProvider, HubSettings, backoff
+from executor.loop.hub import HUB_CLIENT, HubProvider, HubSettings, backoff
 from executor.loop.hubheld import HELD_FILE, HeldFileError, HeldFiles
 from executor.metrics import ExecutorMetrics
 from executor.signed.trust import TrustKeeper
@@ -38,6 +42,7 @@ from safety import desireddoc
 from safety.classify import Source
 from safety.desireddoc import Held
 from safety.signedop import Envelope
+from tests.certs import Pki
 from tests.executor_helpers import ROOT, LineReader, cli, unused_port
 from tests.pve_memory import MemoryPve
 from tests.signing import default_roles, key_entry, private, write_store
@@ -193,11 +198,13 @@ class Served:
         self.server.stop(0).wait()
 
 
-def serve(hub: TestHub, port: int = 0) -> Served:
-    """``hub`` on 127.0.0.1 (a free port unless given)."""
+def serve(hub: TestHub, port: int = 0, tls: ServerTls | None = None) -> Served:
+    """``hub`` on 127.0.0.1 (a free port unless given; TLS with ``tls``)."""
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_HubServiceServicer_to_server(hub, grpc_server)
-    bound = grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    bound = (grpc_server.add_secure_port(address, server_credentials(tls)) if tls
+             else grpc_server.add_insecure_port(address))
     grpc_server.start()
     return Served(hub, bound, grpc_server)
 
@@ -403,6 +410,33 @@ def test_no_watch_until_the_nodes_cluster_is_known(served: Served, trust: TrustK
     assert (request.cluster, request.node, request.since_version) == (CLUSTER, AUDIENCE, 0)
 
 
+def test_mutual_tls_towards_the_hub(pki: Pki, trust: TrustKeeper, tmp_path: Path,
+                                    providers: list[HubProvider]) -> None:
+    """A hub that requires a client certificate of its CA: the node's certificate gets the stream and version 1;
+    a certificate of another CA never reaches the servicer."""
+    running = serve(TestHub(), tls=ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca))
+    try:
+        running.hub.push(document(1))
+
+        def node(cert: str, key: str, state: str) -> HubProvider:
+            tls = ClientTls(ca=pki.ca, cert=cert, key=key, names=HUB_CLIENT)
+            made = HubProvider(HubSettings(target=f"127.0.0.1:{running.port}", tls=tls, heartbeat=0.2,
+                                           backoff_base=0.05, backoff_cap=0.2),
+                               files=HeldFiles(tmp_path / state), trust=trust, audience=lambda: AUDIENCE,
+                               metrics=ExecutorMetrics())
+            providers.append(made)
+            (tmp_path / state).mkdir(exist_ok=True)
+            made.start()
+            return made
+
+        rogue = node(pki.rogue_cert, pki.rogue_key, "rogue")
+        good = node(pki.client_cert, pki.client_key, "state")
+        wait_for(lambda: reports(running.hub) == [(1, True, "")], "the ACK over mutual TLS")
+        assert good.held.version == 1 and rogue.held.version == 0 and len(running.hub.watches) == 1
+    finally:
+        running.stop()
+
+
 # --- restarts --------------------------------------------------------------------------------------------------
 
 
@@ -508,6 +542,16 @@ def test_an_unreadable_held_file_refuses_the_hub_source(tmp_path: Path, trust: T
                     audience=lambda: AUDIENCE, metrics=ExecutorMetrics())
 
 
+def test_the_daemon_refuses_to_start_on_an_unreadable_held_file(tmp_path: Path, trust: TrustKeeper,
+                                                                 pve: MemoryPve) -> None:
+    """The wiring turns it into a configuration error (exit 2) naming the file and what to do."""
+    state = tmp_path / "state"
+    (state / HELD_FILE).write_text("3 not-a-sha\n")
+    settings = ExecutorSettings(hub="127.0.0.1:1", trust_store="t.toml", state_dir=str(state))
+    with pytest.raises(ConfigError, match=r"hub-held.*remove it to take the hub's latest version"):
+        hub_provider(settings, pve, trust, ExecutorMetrics())
+
+
 # --- the daemon ------------------------------------------------------------------------------------------------
 
 
@@ -579,7 +623,8 @@ def test_kill_9_between_saving_and_the_ack_applies_nothing_twice(
 
 
 def test_hub_with_desired_is_a_config_error(tmp_path: Path) -> None:
-    """A node takes one source: --hub with --desired exits 2 naming both; --hub without a trust store too."""
+    """A node takes one source: --hub with --desired exits 2 naming both; --hub without a trust store, or with a
+    --hub-ca that cannot be read, too."""
     desired = tmp_path / "desired.yaml"
     desired.write_text(DESIRED)
     password = tmp_path / "password"
@@ -593,3 +638,8 @@ def test_hub_with_desired_is_a_config_error(tmp_path: Path) -> None:
     assert "a node takes one source" in both.stderr and "Traceback" not in both.stderr
     bare = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert bare.returncode == 2 and "needs trust_store" in bare.stderr, bare.stderr
+    store = write_store(tmp_path, store_doc())
+    ca = subprocess.run([*base, "--trust-store", str(store), "--hub-ca", str(tmp_path / "no-ca.pem"),
+                         "--listen", f"127.0.0.1:{unused_port()}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60, check=False)
+    assert ca.returncode == 2 and "hub_ca" in ca.stderr and "no-ca.pem" in ca.stderr, ca.stderr

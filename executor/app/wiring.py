@@ -51,7 +51,8 @@ log = structlog.get_logger("executor.daemon")
 def provider(settings: ExecutorSettings) -> DesiredProvider:
     """FileProvider for --desired, else EmptyProvider (manage nothing; with --hub, ``build`` makes the hub's).
 
-    ConfigError for --hub with --desired (a node takes one source) or without a trust store (nothing verifies).
+    ConfigError for --hub with --desired (a node takes one source), without a trust store (nothing verifies) or
+    with a TLS file that does not load.
     """
     if settings.hub and settings.desired:
         raise ConfigError("hub", f"{settings.hub} and desired {settings.desired} both given: a node takes one "
@@ -59,6 +60,8 @@ def provider(settings: ExecutorSettings) -> DesiredProvider:
     if settings.hub and not settings.trust_store:
         raise ConfigError("hub", "needs trust_store: each hub document is verified against this node's trust "
                                  "store (a role with desired.apply for this node)")
+    if settings.hub:
+        hub_tls(settings)  # its files checked before anything connects (ConfigError naming the flag)
     if not settings.desired:
         return EmptyProvider()
     try:
