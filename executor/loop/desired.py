@@ -32,6 +32,21 @@ log = structlog.get_logger("executor.desired")
 GUEST_KEYS = frozenset({"vmid", "state", "config", "description"})
 STATES = frozenset({"running", "stopped"})
 _KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_DECIMAL = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)  # 0100 is 64 to YAML 1.1, 100 to int()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without aliases: an anchored node aliased M times costs M times its size to check, so a few
+    MiB of text could ask for 10^10 entries (a signed hub document parsed on every node). Each guest is written
+    out."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        """The next node; a ComposerError at an alias."""
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed (write each "
+                                              "guest out)", event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,7 +163,7 @@ def parse(text: str, name: str = "<desired>") -> list[Declared]:
     which a guest is); ``check_types`` checks them again against the type the node reports.
     """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -161,6 +176,8 @@ def parse(text: str, name: str = "<desired>") -> list[Declared]:
     for key, value in root.value:
         if key.value != "guests":
             raise DesiredStateError(f"{name}:{key.start_mark.line + 1}: unknown key {key.value!r} (expected 'guests')")
+        if guests_node is not None:  # YAML takes the last; a reader takes the first: the text must read one way
+            raise DesiredStateError(f"{name}:{key.start_mark.line + 1}: guests: declared twice")
         guests_node = value
     if guests_node is None or (isinstance(guests_node, yaml.ScalarNode) and guests_node.value in ("", "~", "null")):
         return []
@@ -217,6 +234,10 @@ def _guest(node: yaml.Node, name: str, errors: list[str]) -> Declared | None:
             errors.append(f"{_where(name, key, key.value)}: unknown key (expected one of {expected})"
                           + (f"; did you mean `{close[0]}`?" if close else ""))
             continue
+        if key.value in fields:  # one reading only: YAML's last-wins is not what a reviewer reads
+            errors.append(f"{_where(name, key, key.value)}: declared twice (first at line "
+                          f"{fields[key.value].start_mark.line + 1})")
+            continue
         fields[key.value] = value
     vmid = _vmid(node, fields.get("vmid"), name, errors)
     lines = {"vmid": node.start_mark.line + 1}
@@ -243,6 +264,9 @@ def _vmid(node: yaml.Node, vmid_node: yaml.Node | None, name: str, errors: list[
         return None
     if not (isinstance(vmid_node, yaml.ScalarNode) and vmid_node.tag.endswith(":int")):
         errors.append(f"{_where(name, vmid_node, 'vmid')}: must be an integer, got {vmid_node.value!r}")
+        return None
+    if not _DECIMAL.fullmatch(vmid_node.value):  # YAML 1.1 also tags 0x64, 1:40 int, int() refuses them
+        errors.append(f"{_where(name, vmid_node, 'vmid')}: must be a decimal integer, got {vmid_node.value[:20]!r}")
         return None
     vmid = int(vmid_node.value)
     if not 100 <= vmid <= 999_999_999:
