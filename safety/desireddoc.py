@@ -267,6 +267,11 @@ def verify_document(data: bytes, store: TrustStore, *, cluster: str, audience: s
     if len(counted) < role.threshold:
         raise Refused(RefusalReason.THRESHOLD_NOT_MET, f"role {role.name} needs {role.threshold} distinct keys "
                       f"holding it; {len(counted)} of {len(keys)} verified signers do")
+    if document.created > now + signedop.MAX_SKEW:
+        # The node reports the held version's age from ``created``: one signed ahead would read as new for years,
+        # and a hub withholding every later version would go unseen.
+        raise Refused(RefusalReason.NOT_YET_VALID, f"created {document.created} is later than the executor clock "
+                                                   f"{now:.0f} plus {signedop.MAX_SKEW:.0f}s")
     sha256 = payload_sha256(envelope)
     unchanged = _check_version(document, sha256, held)
     return VerifiedDocument(document=document, sha256=sha256, signers=counted, unchanged=unchanged)

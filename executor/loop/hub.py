@@ -71,7 +71,7 @@ class _Taken:
     """What the provider serves: the floor, and the guests of that version when its document is trusted."""
 
     held: Held
-    created: int = 0
+    created: int = -1  # the document's signed time; -1: no document read (0 is a time a signer may give)
     guests: tuple[Declared, ...] = ()
     trusted: bool = False  # the held version's document verified here (False: floor only, nothing managed)
     store: TrustStore | None = None  # the store it verified against
@@ -155,7 +155,7 @@ class HubProvider:
 
     def _age(self) -> float:
         taken = self._taken
-        return max(0.0, self._clock() - taken.created) if taken.created else 0.0
+        return max(0.0, self._clock() - taken.created) if taken.created >= 0 else 0.0
 
     # --- the thread ---------------------------------------------------------------------------------------------
 

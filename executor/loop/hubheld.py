@@ -3,8 +3,9 @@
 Files written atomically (temporary, fsync, rename, fsync of the directory): the envelope of the new version
 (``hub-document.VERSION``) first, then the held line (``hub-held``, ``VERSION SHA256``), which is the commit
 point, then the envelopes of older versions are removed. A crash before the line leaves the old line and the
-old envelope in force (the hub sends the new version again); after it, the new ones. Nothing here verifies a
-signature.
+old envelope in force (the hub sends the new version again); after it, the new ones. With no line at all, the
+highest document file is the floor (a first save cut short, or a line deleted: never a silent version 0).
+Nothing here verifies a signature.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class HeldFiles:
         try:
             text = self.held_path.read_text(encoding="ascii")
         except FileNotFoundError:
-            return OnDisk(held=Held(), envelope=b"")
+            return self._orphan()
         except (OSError, UnicodeDecodeError) as exc:
             raise HeldFileError(f"{self.held_path}: cannot read: {exc}") from exc
         try:
@@ -62,6 +63,28 @@ class HeldFiles:
         except ValueError as exc:
             raise HeldFileError(f"{self.held_path}: {exc}") from exc
         return OnDisk(held=held, envelope=self._envelope(held))
+
+    def _orphan(self) -> OnDisk:
+        """Without the held line, the highest version a document file holds (under its own name) is the floor.
+
+        Either a first save killed before its line (that document was verified before it was written, and is
+        verified again at start) or a line deleted since: starting at 0 would let a hub roll the node back.
+        """
+        found = OnDisk(held=Held(), envelope=b"")
+        for path in self.state_dir.glob(f"{DOCUMENT_PREFIX}*"):
+            try:
+                data = path.read_bytes()
+                envelope = desireddoc.parse_envelope(data)
+                version = desireddoc.parse_payload(envelope.payload).version
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise HeldFileError(f"{path}: cannot read: {exc.strerror}") from exc
+            except Refused:
+                continue  # not a document: it cannot be served, and nothing signed says its version
+            if path.name == self.document_path(version).name and version > found.held.version:
+                found = OnDisk(held=Held(version=version, sha256=desireddoc.payload_sha256(envelope)), envelope=data)
+        return found
 
     def _envelope(self, held: Held) -> bytes:
         """The envelope of ``held``, or b"" (the floor kept, no document) when it is missing or another version's."""

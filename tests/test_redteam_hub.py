@@ -1,0 +1,136 @@
+"""Red team on the hub path: a compromised hub (a test-local HubService over real gRPC on loopback) and a
+malicious key holder against the executor's hub provider, the desired loader it parses documents with, and
+the files it keeps in state_dir (docs/SAFETY.md §6.9, §12.2)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from executor.loop.desired import DesiredStateError, parse
+from executor.loop.hub import HubProvider
+from executor.loop.hubheld import HELD_FILE
+from executor.metrics import ExecutorMetrics
+from executor.signed.trust import TrustKeeper
+from safety import desireddoc
+from tests.signing import private
+from tests.test_hub_provider import (  # noqa: F401  (fixtures)
+    CLUSTER,
+    DESIRED,
+    Served,
+    _providers,
+    _served,
+    _trust,
+    document,
+    make_provider,
+    metric,
+    reports,
+    sha,
+    wait_for,
+)
+
+
+def signed(version: int, previous: str = "", *, desired: str = DESIRED, created: int | None = None) -> bytes:
+    """A document alice signs as publisher, with the ``created`` she chooses."""
+    data = desireddoc.build_payload(cluster=CLUSTER, version=version, role="publisher", author="alice@example.org",
+                                    message=f"version {version}",
+                                    created=int(time.time()) - 60 if created is None else created,
+                                    previous_sha256=previous, desired=desired)
+    return desireddoc.to_bytes(desireddoc.seal(data, private("alice")))
+
+
+# --- the desired text: what the signer read is what the executor applies -------------------------------------
+
+
+@pytest.mark.parametrize("vmid", ["0x64", "0100", "0b1100100", "1:40", "1" * 5000])
+def test_a_vmid_python_cannot_read_is_a_mistake_not_a_crash(vmid: str) -> None:
+    """YAML 1.1 tags these plain scalars int, and Python's int() refuses them (hex, octal, base 60, over 4300
+    digits): the loader must say which line, not raise ValueError (which escaped the hub's verify-parse-NACK)."""
+    with pytest.raises(DesiredStateError, match=r"<desired>:2: vmid"):
+        parse(f"guests:\n  - vmid: {vmid}\n    state: running\n")
+
+
+def test_a_document_with_an_unreadable_vmid_is_nacked(served: Served, trust: TrustKeeper, tmp_path: Path,
+                                                      providers: list[HubProvider]) -> None:
+    """Signed, verified, but its vmid is 0x64: NACKed MALFORMED (before: ValueError, the watch thread crashed and
+    reconnected, the hub never heard why, and every reconnect crashed again)."""
+    provider = make_provider(providers, served.port, trust, tmp_path / "state")
+    v1 = document(1)
+    served.hub.push(v1)
+    wait_for(lambda: reports(served.hub) == [(1, True, "")], "the ACK of version 1")
+    served.hub.push(signed(2, sha(v1), desired="guests:\n  - vmid: 0x64\n    state: stopped\n"))
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "MALFORMED")], "the NACK of version 2", timeout=5)
+    assert provider.held.version == 1 and [d.state for d in provider.desired()] == ["running"]
+
+
+@pytest.mark.parametrize("text", [
+    "guests:\n  - vmid: 100\n    state: running\nguests:\n  - vmid: 100\n    state: stopped\n",
+    "guests:\n  - vmid: 100\n    state: running\n    state: stopped\n",
+    "guests:\n  - vmid: 100\n    vmid: 101\n    state: stopped\n",
+    "guests:\n  - vmid: 100\n    description: a\n    description: b\n",
+    "guests:\n  - vmid: 100\n    config:\n      memory: '4096'\n    config:\n      memory: '512'\n",
+])
+def test_a_key_given_twice_is_refused_not_last_wins(text: str) -> None:
+    """A reviewer (or a co-signer reading a threshold document) sees the first `state: running`; the loader took
+    the last. The desired text must read one way only: a repeated key is a mistake naming its line."""
+    with pytest.raises(DesiredStateError, match="twice"):
+        parse(text)
+
+
+def test_yaml_aliases_cannot_multiply_the_work_of_a_small_document() -> None:
+    """An anchored config of N keys aliased by M guests parses as N*M entries: a 4 MiB signed document (the cap)
+    expands to ~10^10 and exhausts every executor's memory in the parse, before anything is NACKed or saved, on
+    each reconnect. The loader refuses aliases (each guest is written out), naming the line."""
+    keys = "".join(f"      net{i}: 'virtio,bridge=vmbr0'\n" for i in range(30))
+    guests = "".join(f"  - {{vmid: {100 + i}, config: *big}}\n" for i in range(2000))
+    text = f"guests:\n  - vmid: 99999\n    config: &big\n{keys}{guests}"
+    assert len(text) < 100_000
+    with pytest.raises(DesiredStateError, match=r"<desired>:\d+: .*alias"):
+        parse(text)
+
+
+# --- the age of the held version: a withheld update must be seen ---------------------------------------------
+
+
+@pytest.mark.parametrize("created", [0, int(time.time()) + 10 * 365 * 86400])
+def test_the_age_metric_cannot_be_zeroed_by_the_signed_created_time(
+        created: int, served: Served, trust: TrustKeeper, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """A document whose ``created`` is 0 or ten years ahead made pve_executor_hub_held_age_seconds read 0 forever:
+    a hub withholding every later version went unseen. Now a created time ahead of the clock is refused
+    NOT_YET_VALID, and one far in the past reads as old (the version held is that old as far as anyone signed)."""
+    metrics = ExecutorMetrics()
+    provider = make_provider(providers, served.port, trust, tmp_path / "state", metrics=metrics)
+    served.hub.push(signed(1, created=created))
+    wait_for(lambda: len(served.hub.reports) == 1, "the report of version 1")
+    age = metric(metrics, "pve_executor_hub_held_age_seconds")
+    if created > time.time():
+        assert reports(served.hub) == [(1, False, "NOT_YET_VALID")] and provider.held.version == 0
+    else:
+        assert reports(served.hub) == [(1, True, "")] and age > 50 * 365 * 86400
+
+
+# --- the floor on disk -----------------------------------------------------------------------------------------
+
+
+def test_a_deleted_held_line_does_not_reset_the_floor(served: Served, trust: TrustKeeper, tmp_path: Path,
+                                                      providers: list[HubProvider]) -> None:
+    """Version 2 taken; hub-held deleted (a clean-up, a partial restore) while hub-document.2 stays: the restart
+    took version 0 as its floor and the hub could roll the node back to version 1. The document on disk is the
+    floor: version 1 is refused ROLLBACK."""
+    state = tmp_path / "state"
+    first = make_provider(providers, served.port, trust, state)
+    v1 = document(1)
+    v2 = document(2, sha(v1), desired=DESIRED.replace("4096", "8192"))
+    served.hub.push(v2)
+    wait_for(lambda: reports(served.hub) == [(2, True, "")], "the ACK of version 2")
+    first.close()
+    (state / HELD_FILE).unlink()
+    served.hub.docs.clear()
+    again = make_provider(providers, served.port, trust, state)
+    wait_for(lambda: len(served.hub.watches) == 2, "the restart's Watch")
+    served.hub.push(v1)
+    wait_for(lambda: any(version == 1 for version, _, _ in reports(served.hub)), "the report of version 1")
+    assert again.held.version == 2 and (1, False, "ROLLBACK") in reports(served.hub)
+    assert [g.config for g in again.desired()] == [{"memory": "8192"}]
