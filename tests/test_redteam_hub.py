@@ -5,20 +5,25 @@ the files it keeps in state_dir (docs/SAFETY.md §6.9, §12.2)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from executor.loop.desired import DesiredStateError, parse
-from executor.loop.hub import HubProvider
-from executor.loop.hubheld import HELD_FILE
+from executor.loop.hub import HubProvider, HubSettings
+from executor.loop.hubheld import HELD_FILE, HeldFiles
 from executor.metrics import ExecutorMetrics
 from executor.signed.trust import TrustKeeper
 from safety import desireddoc
-from tests.signing import private
+from safety.desireddoc import Held
+from safety.refusal import RefusalReason
+from tests.pve_memory import MemoryPve
+from tests.signing import key_entry, private, write_store
 from tests.test_hub_provider import (  # noqa: F401  (fixtures)
     CLUSTER,
     DESIRED,
+    Make,
     Served,
     _providers,
     _served,
@@ -28,6 +33,7 @@ from tests.test_hub_provider import (  # noqa: F401  (fixtures)
     metric,
     reports,
     sha,
+    store_doc,
     wait_for,
 )
 
@@ -134,3 +140,83 @@ def test_a_deleted_held_line_does_not_reset_the_floor(served: Served, trust: Tru
     wait_for(lambda: any(version == 1 for version, _, _ in reports(served.hub)), "the report of version 1")
     assert again.held.version == 2 and (1, False, "ROLLBACK") in reports(served.hub)
     assert [g.config for g in again.desired()] == [{"memory": "8192"}]
+
+
+# --- what a signed document may do: the gate's remote rules, whoever signed ---------------------------------
+
+
+def test_a_signed_document_declaring_data_bearing_changes_gets_none_of_them_run(
+        served: Served, trust: TrustKeeper, tmp_path: Path, pve: MemoryPve, make_memory_engine: Make,
+        providers: list[HubProvider]) -> None:
+    """A document the threshold signed (a malicious key holder) swaps a disk for another guest's volume, adds a
+    hookscript (root on the node) and detaches a disk: verified and ACKed, it is Source.HUB, so each of those
+    DESTRUCTIVE writes is refused and Proxmox receives no config write at all; the benign memory write of the
+    same document runs."""
+    web = pve.add_vm(100, "web", status="running", config={"memory": 2048, "scsi0": "local-lvm:vm-100-disk-0,size=8G"})
+    db = pve.add_vm(101, "db", status="running", config={"scsi0": "local-lvm:vm-101-disk-0,size=32G"})
+    provider = make_provider(providers, served.port, trust, tmp_path / "state")
+    engine = make_memory_engine([], provider=provider)
+    text = ("guests:\n"
+            "  - vmid: 100\n    config:\n      scsi0: 'local-lvm:vm-101-disk-0,size=32G'\n"
+            "      hookscript: 'local:snippets/own.sh'\n"
+            "  - vmid: 101\n    config:\n      scsi0: ''\n      memory: '1024'\n")
+    served.hub.push(signed(1, desired=text))
+    wait_for(lambda: reports(served.hub) == [(1, True, "")], "the ACK of version 1")
+    before = len(pve.requests)
+    summaries = [engine.tick(wait=True) for _ in range(2)]
+    assert web.config["scsi0"] == "local-lvm:vm-100-disk-0,size=8G" and "hookscript" not in web.config
+    assert db.config["scsi0"] == "local-lvm:vm-101-disk-0,size=32G"
+    assert [(r.vmid, r.cls.name, r.reason) for r in summaries[-1].refusals] == [
+        (100, "DESTRUCTIVE", RefusalReason.APPROVAL_REQUIRED)]
+    sent = [(m, p, body) for m, p, body in pve.requests[before:] if m in ("POST", "PUT", "DELETE")]
+    assert [p for _, p, _ in sent] == ["/api2/json/nodes/pve1/qemu/101/config"]  # the memory write only
+    assert "delete" not in str(sent[0][2]) and "scsi0" not in str(sent[0][2])
+
+
+# --- revocation: a store reloaded while a document is taken -------------------------------------------------
+
+
+class RevokingFiles(HeldFiles):
+    """Real held files; the save of a document also reloads the trust store with alice revoked (a SIGHUP landing
+    between the provider's verification and its install: the window widened on purpose)."""
+
+    def __init__(self, state_dir: Path, revoke: Callable[[], None]) -> None:
+        super().__init__(state_dir)
+        object.__setattr__(self, "revoke", revoke)
+
+    def save(self, envelope: bytes, held: Held) -> None:
+        """Save, then revoke."""
+        super().save(envelope, held)
+        self.revoke()  # type: ignore[attr-defined]
+
+
+def test_a_revocation_loaded_while_a_document_is_taken_is_not_lost(tmp_path: Path, served: Served,
+                                                                      providers: list[HubProvider]) -> None:
+    """Version 1 verified under a store trusting alice; the store revoking her lands before the provider records
+    which store it verified against. It recorded the store in force at install (the revoking one), so the
+    re-check never ran and the node kept applying what a revoked key signed. It must serve nothing."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = write_store(tmp_path, store_doc())
+    keeper = TrustKeeper(str(path), str(state))
+    revoking = store_doc()
+    revoking["version"] = 2
+    revoking["revoked"] = {"keys": [revoking["keys"][0]["id"]]}
+    revoking["keys"].append(key_entry("bob", ["publisher"]))
+
+    def revoke() -> None:
+        write_store(tmp_path, revoking)
+        keeper.reload()
+
+    metrics = ExecutorMetrics()
+    provider = HubProvider(HubSettings(target=f"127.0.0.1:{served.port}", heartbeat=0.2, backoff_base=0.05,
+                                       backoff_cap=0.8),
+                           files=RevokingFiles(state, revoke), trust=keeper, audience=lambda: "pve1@cluster-a",
+                           metrics=metrics)
+    providers.append(provider)
+    provider.start()
+    served.hub.push(document(1))
+    wait_for(lambda: len(served.hub.reports) >= 1, "the report of version 1")
+    assert keeper.current() is not None and keeper.current().version == 2  # type: ignore[union-attr]
+    assert provider.desired() == []
+    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0

@@ -125,10 +125,11 @@ class HubProvider:
     def _recheck(self, taken: _Taken) -> _Taken:
         """``taken`` against the store in force (its guests kept, not parsed again); untrusted when it fails."""
         try:
-            if self._verify(taken.envelope, *taken.identity, Held(), at_created=True).held != taken.held:
+            store = self._trust.current()  # read once: the store recorded is the one that verified
+            if self._verify(taken.envelope, *taken.identity, Held(), store, at_created=True).held != taken.held:
                 raise Refused(RefusalReason.FORK, f"the document held is not version {taken.held.version}")
             now = _Taken(held=taken.held, created=taken.created, guests=taken.guests, trusted=True,
-                         store=self._trust.current(), envelope=taken.envelope, identity=taken.identity)
+                         store=store, envelope=taken.envelope, identity=taken.identity)
         except Refused as exc:
             log.error("hub_held_document_untrusted", version=taken.held.version, sha256=taken.held.sha256,
                       error=str(exc), consequence="managing nothing until the hub sends a version the trust store "
@@ -214,11 +215,12 @@ class HubProvider:
             log.info("hub_nothing_held", consequence="managing nothing until the hub sends a version")
             return
         try:
-            verified = self._verify(envelope, cluster, node, Held(), at_created=True)
+            store = self._trust.current()
+            verified = self._verify(envelope, cluster, node, Held(), store, at_created=True)
             if verified.held != held:
                 raise Refused(RefusalReason.FORK, f"the document on disk is not version {held.version}")
             self._install(verified, parse(verified.document.desired, f"hub:{cluster}@{verified.document.version}"),
-                          envelope, (cluster, node))
+                          envelope, (cluster, node), store)
             log.info("hub_held_document_loaded", version=held.version, sha256=held.sha256,
                      guests=len(self._taken.guests))
             # The ACK may have been lost with the last run (killed between saving and reporting): say it again.
@@ -280,9 +282,8 @@ class HubProvider:
 
     # --- one document -------------------------------------------------------------------------------------------
 
-    def _verify(self, envelope: bytes, cluster: str, node: str, held: Held, *, at_created: bool = False
-                ) -> VerifiedDocument:
-        store = self._trust.current()
+    def _verify(self, envelope: bytes, cluster: str, node: str, held: Held, store: TrustStore | None, *,
+                at_created: bool = False) -> VerifiedDocument:
         if store is None:
             raise Refused(RefusalReason.TRUST_STORE_INVALID, "no trust store in force here (trust_store): "
                                                              "no document can be verified")
@@ -297,7 +298,8 @@ class HubProvider:
         document could not be saved (nothing applied, nothing reported: the next stream brings it again)."""
         taken = self._taken
         try:
-            verified = self._verify(document.envelope, cluster, node, taken.held)
+            store = self._trust.current()  # read once: a reload after this is seen by desired()'s re-check
+            verified = self._verify(document.envelope, cluster, node, taken.held, store)
             if verified.unchanged and taken.trusted:
                 self._report(cluster, node, verified.document.version, None)
                 return True
@@ -317,7 +319,7 @@ class HubProvider:
             log.error("hub_document_not_saved", version=verified.document.version, path=str(self._files.state_dir),
                       error=exc.strerror or str(exc), consequence="not applied; taken again from the next stream")
             return False
-        self._install(verified, guests, document.envelope, (cluster, node))
+        self._install(verified, guests, document.envelope, (cluster, node), store)
         log.info("hub_document_applied", version=verified.document.version, sha256=verified.sha256,
                  author=verified.document.author, message=verified.document.message, guests=len(guests),
                  signers=list(verified.signers))
@@ -325,10 +327,11 @@ class HubProvider:
         return True
 
     def _install(self, verified: VerifiedDocument, guests: list[Declared], envelope: bytes,
-                 identity: tuple[str, str]) -> None:
+                 identity: tuple[str, str], store: TrustStore | None) -> None:
+        """Serve ``verified``, recording the store it verified against (never the one in force by now)."""
         with self._lock:
             self._taken = _Taken(held=verified.held, created=verified.document.created, guests=tuple(guests),
-                                 trusted=True, store=self._trust.current(), envelope=envelope, identity=identity)
+                                 trusted=True, store=store, envelope=envelope, identity=identity)
 
     # --- reports ------------------------------------------------------------------------------------------------
 
