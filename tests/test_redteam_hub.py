@@ -4,6 +4,10 @@ the files it keeps in state_dir (docs/SAFETY.md §6.9, §12.2)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +22,7 @@ from executor.signed.trust import TrustKeeper
 from safety import desireddoc
 from safety.desireddoc import Held
 from safety.refusal import RefusalReason
+from tests.executor_helpers import ROOT
 from tests.pve_memory import MemoryPve
 from tests.signing import key_entry, private, write_store
 from tests.test_hub_provider import (  # noqa: F401  (fixtures)
@@ -82,6 +87,20 @@ def test_a_key_given_twice_is_refused_not_last_wins(text: str) -> None:
     """A reviewer (or a co-signer reading a threshold document) sees the first `state: running`; the loader took
     the last. The desired text must read one way only: a repeated key is a mistake naming its line."""
     with pytest.raises(DesiredStateError, match="twice"):
+        parse(text)
+
+
+@pytest.mark.parametrize("text", [
+    "guests:\n  - vmid: 100\n    config:\n      protection: !!bool y\n",
+    "guests:\n  - vmid: 100\n    state: !!python/object:os.system running\n",
+    "guests: !!seq\n  - vmid: 100\n",
+    "guests:\n  - vmid: 100\n    description: !!binary aGVsbG8=\n",
+])
+def test_an_explicit_yaml_tag_is_refused(text: str) -> None:
+    """``protection: !!bool y`` reads "true" to a reviewer and YAML, "0" (protection off) to the loader, which
+    judged the text and ignored the tag; a !!binary description is its base64. The loader refuses explicit tags,
+    naming the line: the text reads one way."""
+    with pytest.raises(DesiredStateError, match=r"<desired>:\d+: .*tag"):
         parse(text)
 
 
@@ -220,3 +239,61 @@ def test_a_revocation_loaded_while_a_document_is_taken_is_not_lost(tmp_path: Pat
     assert keeper.current() is not None and keeper.current().version == 2  # type: ignore[union-attr]
     assert provider.desired() == []
     assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0
+
+
+# --- kill -9 at each write step of the held files ------------------------------------------------------------
+
+_SAVE_AND_DIE = """
+import os, signal, sys
+from pathlib import Path
+from executor.loop import hubheld
+from safety.desireddoc import Held
+after = int(sys.argv[2])
+done = [0]
+real = hubheld.write_private
+def write(path, data):
+    if done[0] == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, data)
+    done[0] += 1
+    if done[0] == after == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # both files written, the old envelope not yet removed
+hubheld.write_private = write
+envelope = Path(sys.argv[3]).read_bytes()
+hubheld.HeldFiles(Path(sys.argv[1])).save(envelope, Held(version=int(sys.argv[4]), sha256=sys.argv[5]))
+"""
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_kill_9_at_each_write_step_of_the_held_files_applies_each_version_once(
+        after: int, served: Served, trust: TrustKeeper, tmp_path: Path, pve: MemoryPve, make_memory_engine: Make,
+        providers: list[HubProvider]) -> None:
+    """Version 1 held; a process saving version 2 is SIGKILLed before any write, after the document, and after the
+    held line (before the old document is removed). The restart serves version 1 or 2 (never a mix, never 0), the
+    hub's version 2 is taken, and Proxmox receives its one memory write once."""
+    state = tmp_path / "state"
+    vm = pve.add_vm(100, "web", status="running", config={"memory": 4096})
+    first = make_provider(providers, served.port, trust, state)
+    v1 = document(1)
+    v2 = document(2, sha(v1), desired=DESIRED.replace("4096", "8192"))
+    served.hub.push(v1)
+    wait_for(lambda: reports(served.hub) == [(1, True, "")], "the ACK of version 1")
+    first.close()
+    (tmp_path / "v2").write_bytes(v2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.run([sys.executable, "-c", _SAVE_AND_DIE, str(state), str(after), str(tmp_path / "v2"), "2",
+                            sha(v2)], env=env, capture_output=True, timeout=60, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    again = make_provider(providers, served.port, trust, state)
+    assert again.held.version == (2 if after == 2 else 1)
+    assert [g.config for g in again.desired()] == [{"memory": "8192" if after == 2 else "4096"}]
+    served.hub.push(v2)
+    wait_for(lambda: again.held.version == 2 and reports(served.hub)[-1:] == [(2, True, "")], "version 2 taken")
+    engine = make_memory_engine([], provider=again)
+    before = len(pve.requests)
+    for _ in range(3):
+        engine.tick(wait=True)
+    sent = [(m, p, body) for m, p, body in pve.requests[before:] if m in ("POST", "PUT", "DELETE")]
+    assert [(p, body.get("memory")) for _, p, body in sent] == [("/api2/json/nodes/pve1/qemu/100/config", "8192")]
+    assert str(vm.config["memory"]) == "8192" or vm.pending.get("memory") is not None
+    assert {"hub-document.2", "hub-held"} <= {p.name for p in state.glob("hub-*")}  # after=2: .1 until version 3

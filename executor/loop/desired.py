@@ -36,16 +36,23 @@ _DECIMAL = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)  # 0100 is 64 to YAML 1.1, 
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader without aliases: an anchored node aliased M times costs M times its size to check, so a few
-    MiB of text could ask for 10^10 entries (a signed hub document parsed on every node). Each guest is written
-    out."""
+    """SafeLoader without aliases or explicit tags: the text must read one way, and cost what it weighs.
+
+    An anchored node aliased M times costs M times its size to check, so a few MiB of text could ask for 10^10
+    entries (a signed hub document parsed on every node): each guest is written out. The loader judges a
+    scalar's text and its implicit type, so an explicit tag (``protection: !!bool y``, "true" to a reviewer,
+    "0" here; a ``!!binary`` description) would make it read otherwise than the reader does.
+    """
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        """The next node; a ComposerError at an alias."""
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
+        """The next node; a ComposerError at an alias or an explicit tag."""
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed (write each "
                                               "guest out)", event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise yaml.composer.ComposerError(None, None, f"the explicit tag {str(event.tag)[:40]} is not allowed "
+                                              "(write the value plainly)", event.start_mark)
         return super().compose_node(parent, index)  # type: ignore[arg-type]
 
 
