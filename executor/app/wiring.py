@@ -184,9 +184,8 @@ def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeep
                            audience=Audience(reader, settings.executor_id))
     except HeldFileError as exc:
         raise ConfigError("state_dir", f"{exc}: the hub version held here is unknown, so a rollback could not be "
-                                       "refused; restore the file, or remove it to take the newest hub-document file "
-                                       "here as the floor (remove those too to take the hub's latest version as "
-                                       "new)") from exc
+                                       "refused; restore the file, or remove it to take the hub's latest version "
+                                       "as new") from exc
 
 
 def dry_gate(reader: PveReader, settings: ExecutorSettings) -> Gate:

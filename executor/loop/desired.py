@@ -47,12 +47,13 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         """The next node; a ComposerError at an alias or an explicit tag."""
         event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
         if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed (write each "
-                                              "guest out)", event.start_mark)
+                                              "guest out)", mark)
         if getattr(event, "tag", None) is not None:
             raise yaml.composer.ComposerError(None, None, f"the explicit tag {str(event.tag)[:40]} is not allowed "
-                                              "(write the value plainly)", event.start_mark)
+                                              "(write the value plainly)", mark)
         return super().compose_node(parent, index)  # type: ignore[arg-type]
 
 
