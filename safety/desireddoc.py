@@ -42,6 +42,10 @@ SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 FIELDS = ("cluster", "version", "role", "author", "message", "created", "previous_sha256", "desired")
 _ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are a text file's own
 _NON_ASCII = re.compile("[^\x00-\x7f]")
+# Control and format characters, and the line and paragraph separators: YAML breaks a line at U+2028/U+2029
+# where a terminal or a diff shows none, so `vmid: 100  # keep running<U+2028>    state: stopped` reads as a
+# comment to a reviewer and as `state: stopped` to the loader.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,24 +105,25 @@ def _line(path: str, value: object) -> str:
     # Control and format characters (bidi overrides, zero-width) could make a reviewer read another text.
     if not isinstance(value, str) or not 0 < len(value) <= MAX_LINE:
         raise s.malformed(path, f"must be a string of 1..{MAX_LINE} characters")
-    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cf")), None)
+    bad = next((c for c in value if unicodedata.category(c) in _HIDDEN), None)
     if bad is not None:
-        raise s.malformed(path, f"holds the control or format character U+{ord(bad):04X}")
+        raise s.malformed(path, f"holds the control, format or separator character U+{ord(bad):04X}")
     return value
 
 
 def _first_hidden(text: str) -> int | None:
-    """The index of the first control or format character but tab and line ends, or None (fast on ASCII)."""
+    """The index of the first control, format or separator character but tab and line ends, or None (fast on ASCII)."""
     found = [match.start() for match in (_ASCII_CONTROL.search(text),) if match is not None]
     if not text.isascii():
         found += [next((m.start() for m in _NON_ASCII.finditer(text)
-                        if unicodedata.category(m.group()) in ("Cc", "Cf")), len(text))]
+                        if unicodedata.category(m.group()) in _HIDDEN), len(text))]
     first = min(found, default=len(text))
     return first if first < len(text) else None
 
 
 def _desired(path: str, value: object) -> str:
-    """The desired file's text: at most MAX_DESIRED bytes; no control or format character but tab and line ends."""
+    """The desired file's text: at most MAX_DESIRED bytes; no control, format or separator character but tab and line
+    ends."""
     if not isinstance(value, str):
         raise s.malformed(path, "must be the desired file's text")
     size = len(value.encode("utf-8"))
@@ -127,7 +132,8 @@ def _desired(path: str, value: object) -> str:
     index = _first_hidden(value)
     if index is not None:
         line = value.count("\n", 0, index) + 1
-        raise s.malformed(path, f"line {line} holds the control or format character U+{ord(value[index]):04X}")
+        raise s.malformed(path, f"line {line} holds the control, format or separator character "
+                                f"U+{ord(value[index]):04X}")
     return value
 
 

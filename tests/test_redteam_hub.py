@@ -4,6 +4,7 @@ the files it keeps in state_dir (docs/SAFETY.md §6.9, §12.2)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from executor.metrics import ExecutorMetrics
 from executor.signed.trust import TrustKeeper
 from safety import desireddoc
 from safety.desireddoc import Held
-from safety.refusal import RefusalReason
+from safety.refusal import RefusalReason, Refused
 from tests.executor_helpers import ROOT
 from tests.pve_memory import MemoryPve
 from tests.signing import key_entry, private, write_store
@@ -114,6 +115,28 @@ def test_yaml_aliases_cannot_multiply_the_work_of_a_small_document() -> None:
     assert len(text) < 100_000
     with pytest.raises(DesiredStateError, match=r"<desired>:\d+: .*alias"):
         parse(text)
+
+
+def test_a_line_separator_that_yaml_breaks_at_is_nacked(served: Served, trust: TrustKeeper, tmp_path: Path,
+                                                       providers: list[HubProvider]) -> None:
+    """YAML breaks a line at U+2028 where a terminal or a diff shows none: `vmid: 100  # keep it running<U+2028>
+    state: stopped` is a comment to the co-signer who reviewed it and `state: stopped` to the loader. Like the
+    bidi overrides the document already refuses, it is MALFORMED (the signer's build refuses it too)."""
+    text = "guests:\n  - vmid: 100  # keep it running\u2028    state: stopped\n"
+    assert [g.state for g in parse(text)] == ["stopped"]  # what the loader reads
+    with pytest.raises(Refused, match="U\\+2028"):
+        desireddoc.build_payload(cluster=CLUSTER, version=2, role="publisher", author="a", message="m", created=1,
+                                 previous_sha256="0" * 64, desired=text)
+    provider = make_provider(providers, served.port, trust, tmp_path / "state")
+    v1 = document(1)
+    served.hub.push(v1)
+    wait_for(lambda: reports(served.hub) == [(1, True, "")], "the ACK of version 1")
+    fields = {"cluster": CLUSTER, "version": 2, "role": "publisher", "author": "mallory", "message": "keep it",
+              "created": int(time.time()) - 60, "previous_sha256": sha(v1), "desired": text}
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    served.hub.push(desireddoc.to_bytes(desireddoc.seal(payload, private("alice"))))
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "MALFORMED")], "the NACK of version 2")
+    assert provider.held.version == 1 and [g.state for g in provider.desired()] == ["running"]
 
 
 # --- the age of the held version: a withheld update must be seen ---------------------------------------------
