@@ -40,7 +40,8 @@ TIME_MAX = 1 << 40
 CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 FIELDS = ("cluster", "version", "role", "author", "message", "created", "previous_sha256", "desired")
-_ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are a text file's own
+# Tab, LF and CRLF are a text file's own; a CR alone is a YAML line break that `cat` overwrites with what follows.
+_ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 _NON_ASCII = re.compile("[^\x00-\x7f]")
 # Control and format characters, and the line and paragraph separators: YAML breaks a line at U+2028/U+2029
 # where a terminal or a diff shows none, so `vmid: 100  # keep running<U+2028>    state: stopped` reads as a

@@ -117,14 +117,16 @@ def test_yaml_aliases_cannot_multiply_the_work_of_a_small_document() -> None:
         parse(text)
 
 
-def test_a_line_separator_that_yaml_breaks_at_is_nacked(served: Served, trust: TrustKeeper, tmp_path: Path,
-                                                       providers: list[HubProvider]) -> None:
+@pytest.mark.parametrize("brk", ["\u2028", "\u2029", "\r"])
+def test_a_line_separator_that_yaml_breaks_at_is_nacked(brk: str, served: Served, trust: TrustKeeper, tmp_path: Path,
+                                                        providers: list[HubProvider]) -> None:
     """YAML breaks a line at U+2028 where a terminal or a diff shows none: `vmid: 100  # keep it running<U+2028>
     state: stopped` is a comment to the co-signer who reviewed it and `state: stopped` to the loader. Like the
-    bidi overrides the document already refuses, it is MALFORMED (the signer's build refuses it too)."""
-    text = "guests:\n  - vmid: 100  # keep it running\u2028    state: stopped\n"
+    bidi overrides the document already refuses, it is MALFORMED (the signer's build refuses it too); so are
+    U+2029 and a CR not followed by LF (a line break to YAML, which `cat` overwrites with what follows)."""
+    text = f"guests:\n  - vmid: 100  # keep it running{brk}    state: stopped\n"
     assert [g.state for g in parse(text)] == ["stopped"]  # what the loader reads
-    with pytest.raises(Refused, match="U\\+2028"):
+    with pytest.raises(Refused, match=f"U\\+{ord(brk):04X}"):
         desireddoc.build_payload(cluster=CLUSTER, version=2, role="publisher", author="a", message="m", created=1,
                                  previous_sha256="0" * 64, desired=text)
     provider = make_provider(providers, served.port, trust, tmp_path / "state")
