@@ -4,6 +4,7 @@ the files it keeps in state_dir (docs/SAFETY.md §6.9, §12.2)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +23,12 @@ from executor.loop.hubheld import HELD_FILE, HeldFiles
 from executor.metrics import ExecutorMetrics
 from executor.signed.trust import TrustKeeper
 from hub.v1 import hub_pb2 as pb
+from journal import Journal
+from planner import server
 from safety import desireddoc
 from safety.desireddoc import Held
 from safety.refusal import RefusalReason, Refused
-from tests.executor_helpers import ROOT
+from tests.executor_helpers import ROOT, cli, unused_port
 from tests.pve_memory import MemoryPve
 from tests.signing import key_entry, private, write_store
 from tests.test_hub_provider import (  # noqa: F401  (fixtures)
@@ -32,6 +36,7 @@ from tests.test_hub_provider import (  # noqa: F401  (fixtures)
     DESIRED,
     Make,
     Served,
+    TestHub,
     _providers,
     _served,
     _trust,
@@ -273,6 +278,7 @@ def test_a_revocation_loaded_while_a_document_is_taken_is_not_lost(tmp_path: Pat
 _SAVE_AND_DIE = """
 import os, signal, sys
 from pathlib import Path
+from typing import Any
 from executor.loop import hubheld
 from safety.desireddoc import Held
 after = int(sys.argv[2])
@@ -416,3 +422,45 @@ def test_two_nodes_never_hold_two_documents_under_one_version(served: Served, tr
     served.hub.push(document(2, sha(v1), desired=DESIRED.replace("running", "stopped")))
     wait_for(lambda: b.held.version == 2, "B at version 2")
     assert a.held == b.held
+
+
+# --- the clock a document is judged by ----------------------------------------------------------------------------
+
+
+def test_a_clock_set_back_revives_no_expired_key_for_documents(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path) -> None:
+    """The journal has seen a time two years on (the real time: the node's clock was then set back, by hand or by
+    a spoofed NTP). alice's key expired a year on. The daemon judged a document's keys by the wall clock alone, so
+    her expired key signed what it took; the gate's clock (never before the journal's high-water mark, §6.6)
+    makes it KEY_EXPIRED, as it does for an op."""
+    fakepve.add_vm(100, "vm100", status="running", config={"memory": 2048, "cores": 1})
+    state = tmp_path / "state"
+    later = time.time() + 2 * 365 * 86400
+    with Journal.open(state, clock=lambda: later) as journal:
+        journal.refuse(vmid=100, kind="start", reason="APPROVAL_REQUIRED")
+    doc = store_doc("pve1@fakecluster")
+    doc["keys"][0] = key_entry("alice", ["publisher", "operator"],
+                               not_after=dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=365))
+    store = write_store(tmp_path, doc)
+    hub = TestHub()
+    running = serve(hub)
+    hub.push(desireddoc.to_bytes(desireddoc.seal(desireddoc.build_payload(
+        cluster="fakecluster", version=1, role="publisher", author="alice@example.org", message="v1",
+        created=int(time.time()), previous_sha256="", desired=DESIRED), private("alice"))))
+    command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
+                  "run", "--hub", f"127.0.0.1:{running.port}", "--trust-store", str(store), "--state-dir",
+                  str(state), "--interval", "0.2", "--hub-heartbeat", "0.2", "--listen", f"127.0.0.1:{unused_port()}")
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(hub.reports) >= 1, "the report of version 1", timeout=30)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(15)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        running.stop()
+    assert reports(hub)[0] == (1, False, "KEY_EXPIRED")
+    assert str(fakepve.vm(100).config["memory"]) == "2048"

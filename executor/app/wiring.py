@@ -160,7 +160,9 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                                        f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
     trust = TrustKeeper(settings.trust_store, settings.state_dir)  # one keeper: the op desk's and the hub's
-    hub = hub_provider(settings, reader, trust, metrics) if settings.hub else None
+    # The gate's clock, never before the journal's high-water mark: a clock set back revives no expired key (§6.6).
+    hub = hub_provider(settings, reader, trust, metrics, clock=GateClock(journal_port(journal), settings.state_dir).now
+                       ) if settings.hub else None
     gate = GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout, force_stop=settings.force_stop),
                         max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
                         stop_window=settings.interval, lost_grace=settings.lost_grace)
@@ -173,15 +175,18 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
     return dataclasses.replace(parts, hub=hub)
 
 
-def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper,
-                 metrics: ExecutorMetrics) -> HubProvider:
-    """The hub's provider (not started); ConfigError when the held files in state_dir cannot be read."""
+def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper, metrics: ExecutorMetrics,
+                 clock: Callable[[], float] = time.time) -> HubProvider:
+    """The hub's provider (not started); ConfigError when the held files in state_dir cannot be read.
+
+    ``clock`` judges signers' keys and the held version's age: the daemon gives the gate's.
+    """
     assert settings.hub is not None
     hub = HubSettings(target=settings.hub, cluster=settings.hub_cluster, tls=hub_tls(settings),
                       heartbeat=settings.hub_heartbeat)
     try:
         return HubProvider(hub, files=HeldFiles(Path(settings.state_dir)), trust=trust, metrics=metrics,
-                           audience=Audience(reader, settings.executor_id))
+                           audience=Audience(reader, settings.executor_id), clock=clock)
     except HeldFileError as exc:
         raise ConfigError("state_dir", f"{exc}: the hub version held here is unknown, so a rollback could not be "
                                        "refused; restore the file, or remove it to take the hub's latest version "
