@@ -464,3 +464,42 @@ def test_a_clock_set_back_revives_no_expired_key_for_documents(
         running.stop()
     assert reports(hub)[0] == (1, False, "KEY_EXPIRED")
     assert str(fakepve.vm(100).config["memory"]) == "2048"
+
+
+# --- a floor pushed to the end by one signer ----------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: one threshold of signers (a stolen key of a threshold-1 role) can sign version 2**53, the highest a "
+    "document may carry: every node takes it, and when the key is revoked the node manages nothing and refuses "
+    "every later document for good (ROLLBACK below, MALFORMED above); the only way back is deleting hub-held and "
+    "hub-document.* on every node by hand. Fix: refuse a jump of more than a bound (say 1,000,000) over a version "
+    "held, and let the trust store (root's, versioned, on every node) name a cluster's floor reset "
+    "(version, sha256 of the replacement) that a node whose held document's signer is revoked applies"))
+def test_a_floor_pushed_to_the_last_version_by_a_revoked_key_can_be_recovered(
+        served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """alice (then revoked) signs version 2**53; bob, whom the new store trusts, signs the cluster's next document:
+    the node should be able to take one of bob's documents without hand surgery on its state_dir."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = write_store(tmp_path, store_doc())
+    keeper = TrustKeeper(str(path), str(state))
+    provider = make_provider(providers, served.port, keeper, state)
+    v1 = document(1)
+    served.hub.push(v1)
+    wait_for(lambda: provider.held.version == 1, "version 1")
+    last = desireddoc.VERSION_MAX
+    served.hub.push(signed(last, sha(v1), desired=DESIRED.replace("4096", "512")))
+    wait_for(lambda: provider.held.version == last, "the last version")
+    revoking = store_doc()
+    revoking["version"] = 2
+    revoking["revoked"] = {"keys": [revoking["keys"][0]["id"]]}
+    revoking["keys"].append(key_entry("bob", ["publisher"]))
+    write_store(tmp_path, revoking)
+    keeper.reload()
+    assert provider.desired() == []
+    wait_for(lambda: reports(served.hub)[-1:] == [(last, False, "KEY_REVOKED")], "the NACK of the last version")
+    for count, version in enumerate((2, last - 1, last), start=4):
+        served.hub.push(document(version, sha(v1), signers=("bob",)))
+        wait_for(lambda n=count: len(served.hub.reports) >= n, f"bob's version {version} reported")  # type: ignore[misc]
+    assert [g.config for g in provider.desired()] == [{"memory": "4096"}]
