@@ -503,3 +503,28 @@ def test_a_floor_pushed_to_the_last_version_by_a_revoked_key_can_be_recovered(
         served.hub.push(document(version, sha(v1), signers=("bob",)))
         wait_for(lambda n=count: len(served.hub.reports) >= n, f"bob's version {version} reported")  # type: ignore[misc]
     assert [g.config for g in provider.desired()] == [{"memory": "4096"}]
+
+
+def test_a_trust_store_fixed_after_a_start_without_one_brings_the_held_version_back(
+        served: Served, trust: TrustKeeper, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """Version 1 held; the daemon restarts while the store file is broken (no store in force: the held document
+    is not served, the hub's copy NACKed). The operator fixes the file and reloads: the held version must be
+    verified again and served, without waiting for a new version or a hub restart (it stayed unmanaged)."""
+    state = tmp_path / "state"
+    first = make_provider(providers, served.port, trust, state)
+    served.hub.push(document(1))
+    wait_for(lambda: reports(served.hub) == [(1, True, "")], "the ACK of version 1")
+    first.close()
+    store = tmp_path / "trust.toml"
+    good = store.read_text()
+    store.write_text("version = \n")
+    (tmp_path / "fresh").mkdir()
+    keeper = TrustKeeper(str(store), str(tmp_path / "fresh"))
+    assert keeper.current() is None
+    again = make_provider(providers, served.port, keeper, state)
+    wait_for(lambda: reports(served.hub)[-1:] == [(1, False, "TRUST_STORE_INVALID")], "the NACK without a store")
+    assert again.desired() == []
+    store.write_text(good)
+    keeper.reload()
+    assert keeper.current() is not None
+    wait_for(lambda: len(again.desired()) == 1, "version 1 served again", timeout=5)

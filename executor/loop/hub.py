@@ -19,6 +19,7 @@ revoked key signed would ignore it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -74,7 +75,7 @@ class _Taken:
     created: int = -1  # the document's signed time; -1: no document read (0 is a time a signer may give)
     guests: tuple[Declared, ...] = ()
     trusted: bool = False  # the held version's document verified here (False: floor only, nothing managed)
-    store: TrustStore | None = None  # the store it verified against
+    store: TrustStore | None = None  # the store it verified against (untrusted: the store it was last judged by)
     envelope: bytes = b""
     identity: tuple[str, str] = ("", "")  # (cluster, node) it verified for
 
@@ -115,12 +116,27 @@ class HubProvider:
         """The guests of the held version (empty until a trusted one is held); never waits for the hub.
 
         When the trust store in force changed since the held document verified (a reload, SIGHUP), it is
-        verified again first, as at a restart: a running node and a restarted one serve the same.
+        verified again first, as at a restart: a running node and a restarted one serve the same. A held
+        version found wanting is taken from disk again under a store that changed since (one fixed after a start
+        without one): the watch thread loads it, so the node need not wait for a new version.
         """
         taken = self._taken
-        if taken.trusted and taken.store is not self._trust.current():
-            taken = self._recheck(taken)
+        current = self._trust.current()
+        if taken.store is not current:
+            if taken.trusted:
+                taken = self._recheck(taken)
+            elif taken.held.version and self._loaded:
+                self._retry(current)
         return list(taken.guests)
+
+    def _retry(self, store: TrustStore | None) -> None:
+        """Have the watch thread load the held document again (once per store: ``store`` is recorded)."""
+        with self._lock:
+            if self._taken.trusted or self._taken.store is store:
+                return
+            self._taken = dataclasses.replace(self._taken, store=store)
+            self._loaded = False
+        self._reconnect()
 
     def _recheck(self, taken: _Taken) -> _Taken:
         """``taken`` against the store in force (its guests kept, not parsed again); untrusted when it fails."""
@@ -134,7 +150,8 @@ class HubProvider:
             log.error("hub_held_document_untrusted", version=taken.held.version, sha256=taken.held.sha256,
                       error=str(exc), consequence="managing nothing until the hub sends a version the trust store "
                                                   "trusts; the version floor is kept")
-            now = _Taken(held=taken.held, created=taken.created, envelope=taken.envelope, identity=taken.identity)
+            now = _Taken(held=taken.held, created=taken.created, envelope=taken.envelope, identity=taken.identity,
+                         store=store)  # judged under it: not tried again until the store changes
         with self._lock:
             if self._taken is taken:  # the watch thread may have taken a new version meanwhile: that one stands
                 self._taken = now
@@ -214,8 +231,8 @@ class HubProvider:
         if not held.version:
             log.info("hub_nothing_held", consequence="managing nothing until the hub sends a version")
             return
+        store = self._trust.current()
         try:
-            store = self._trust.current()
             verified = self._verify(envelope, cluster, node, Held(), store, at_created=True)
             if verified.held != held:
                 raise Refused(RefusalReason.FORK, f"the document on disk is not version {held.version}")
@@ -229,6 +246,9 @@ class HubProvider:
             log.error("hub_held_document_untrusted", version=held.version, sha256=held.sha256, error=str(exc),
                       consequence="managing nothing until the hub sends a version the trust store trusts; "
                                   "the version floor is kept")
+            with self._lock:
+                if not self._taken.trusted and self._taken.held == held:  # judged under it: desired() retries
+                    self._taken = dataclasses.replace(self._taken, store=store)  # when the store changes
 
     def _since(self) -> int:
         """The version to watch from: the one held, or the one before when its document is not trusted here."""
