@@ -401,7 +401,7 @@ def test_an_enormous_message_ends_the_stream_not_the_node(served: Served, trust:
     "before the hub's --check-version refuses one; or a draft signed for review) are both valid, and a hub "
     "broken into can send one to some nodes and the other to the rest: the version rule is per node. "
     "docs/SAFETY.md §6.9 says a hub cannot show two nodes two documents under one version; it can, when the "
-    "signers signed both. Fix: say so in §6.9 and desireddoc's docstring; export the held sha256 "
+    "signers signed both. Fix: say so in docs/SAFETY.md §6.9 and desireddoc's docstring; export the held sha256 "
     "(pve_executor_hub_held_info{version,sha256}) so a monitor that is not the hub compares nodes; have "
     "`pve-hub apply` reserve the version (check-version) before it signs"))
 def test_two_nodes_never_hold_two_documents_under_one_version(served: Served, trust: TrustKeeper, tmp_path: Path,
@@ -431,8 +431,8 @@ def test_a_clock_set_back_revives_no_expired_key_for_documents(
         fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path) -> None:
     """The journal has seen a time two years on (the real time: the node's clock was then set back, by hand or by
     a spoofed NTP). alice's key expired a year on. The daemon judged a document's keys by the wall clock alone, so
-    her expired key signed what it took; the gate's clock (never before the journal's high-water mark, §6.6)
-    makes it KEY_EXPIRED, as it does for an op."""
+    her expired key signed what it took; the gate's clock (never before the journal's high-water mark,
+    docs/SAFETY.md §6.6) makes it KEY_EXPIRED, as it does for an op."""
     fakepve.add_vm(100, "vm100", status="running", config={"memory": 2048, "cores": 1})
     state = tmp_path / "state"
     later = time.time() + 2 * 365 * 86400
@@ -528,3 +528,28 @@ def test_a_trust_store_fixed_after_a_start_without_one_brings_the_held_version_b
     keeper.reload()
     assert keeper.current() is not None
     wait_for(lambda: len(again.desired()) == 1, "version 1 served again", timeout=5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: a document cannot be revoked, only its signers' keys: version 5 found wrong and replaced by version 6, "
+    "a hub broken into sends a node still at 4 version 5 and withholds 6 (a skip is allowed, and 5 is validly "
+    "signed). Revoking the keys that signed 5 voids every document they signed. Fix: the trust store's "
+    "[revoked] takes documents (payload sha256s), checked by verify_document after the signature "
+    "(a DOCUMENT_REVOKED reason, or OP_REVOKED reused) and by the held-document re-check"))
+def test_a_document_revoked_in_the_trust_store_is_refused(served: Served, tmp_path: Path,
+                                                          providers: list[HubProvider]) -> None:
+    """Version 2 (bad) is revoked by its sha256 in the store; a node at version 1 is sent version 2: refused."""
+    state = tmp_path / "state"
+    state.mkdir()
+    v1 = document(1)
+    v2 = document(2, sha(v1), desired=DESIRED.replace("running", "stopped"))
+    doc = store_doc()
+    doc["revoked"] = {"documents": [sha(v2)]}
+    keeper = TrustKeeper(str(write_store(tmp_path, doc)), str(state))
+    assert keeper.current() is not None  # the store takes revoked documents
+    provider = make_provider(providers, served.port, keeper, state)
+    served.hub.push(v1)
+    wait_for(lambda: provider.held.version == 1, "version 1")
+    served.hub.push(v2)
+    wait_for(lambda: len(served.hub.reports) == 2, "the report of version 2")
+    assert provider.held.version == 1 and reports(served.hub)[-1][1] is False

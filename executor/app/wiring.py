@@ -160,7 +160,8 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                                        f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
     trust = TrustKeeper(settings.trust_store, settings.state_dir)  # one keeper: the op desk's and the hub's
-    # The gate's clock, never before the journal's high-water mark: a clock set back revives no expired key (§6.6).
+    # The gate's clock, never before the journal's high-water mark: a clock set back revives no expired key
+    # (docs/SAFETY.md §6.6).
     hub = hub_provider(settings, reader, trust, metrics, clock=GateClock(journal_port(journal), settings.state_dir).now
                        ) if settings.hub else None
     gate = GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout, force_stop=settings.force_stop),
