@@ -69,8 +69,9 @@ class Hub:
         if expected:
             previous = self.stub.GetDocument(pb.GetDocumentRequest(cluster=cluster, version=expected)).document \
                 .payload_sha256
-        answer: pb.ApplyResponse = self.stub.Apply(pb.ApplyRequest(
-            cluster=cluster, expected_version=expected, envelope=envelope(text, expected + 1, previous, cluster=cluster)))
+        signed = envelope(text, expected + 1, previous, cluster=cluster)
+        answer: pb.ApplyResponse = self.stub.Apply(pb.ApplyRequest(cluster=cluster, expected_version=expected,
+                                                                   envelope=signed))
         return answer
 
 
