@@ -212,17 +212,19 @@ class HubServicer(pb_grpc.HubServiceServicer):
     def _stream(self, watcher: Watcher, node: str, since: int, first: Version | None) -> Iterator[pb.WatchEvent]:
         cluster, held = watcher.cluster, since
         self._touch(cluster, node)
+        # The first event comes at once, a document or a heartbeat: the node knows it is connected and what the
+        # hub holds without waiting a heartbeat interval.
         if first is not None:
             yield self._send(first, node)
             held = first.version
+        else:
+            yield self._beat(cluster, held)
         beat_at = time.monotonic() + self.heartbeat
         while True:
             try:
                 item = watcher.inbox.get(timeout=max(0.0, beat_at - time.monotonic()))
             except queue.Empty:
-                latest = self.feeds.latest(cluster)
-                yield pb.WatchEvent(heartbeat=pb.Heartbeat(latest_version=latest if latest is not None else held,
-                                                           at_unix_ms=int(time.time() * 1000)))
+                yield self._beat(cluster, held)
                 self._touch(cluster, node)
                 beat_at = time.monotonic() + self.heartbeat
                 continue
@@ -231,6 +233,11 @@ class HubServicer(pb_grpc.HubServiceServicer):
             if item.version > held:
                 yield self._send(item, node)
                 held = item.version
+
+    def _beat(self, cluster: str, held: int) -> pb.WatchEvent:
+        latest = self.feeds.latest(cluster)
+        return pb.WatchEvent(heartbeat=pb.Heartbeat(latest_version=latest if latest is not None else held,
+                                                    at_unix_ms=int(time.time() * 1000)))
 
     def _send(self, version: Version, node: str) -> pb.WatchEvent:
         self.metrics.sent.inc()
