@@ -1,42 +1,73 @@
 """One feed per watched cluster: a single thread waits on the store and fans each new version out to every watcher.
 
 A thousand watchers of one cluster cost one thread and one store wait (a LISTEN connection on PostgreSQL), not a
-thousand pollers: each watcher only blocks on its own queue. The feed sends the whole ``Version``; a watcher
-skips any it already holds, so a version seen twice (subscribe races an append) is sent once.
+thousand pollers: each watcher only blocks on its own queue. The feed also keeps the latest version as one
+ready-made ``WatchEvent``, so a thousand nodes reconnecting after a hub restart are answered from memory with one
+shared copy of the document, not a thousand reads of it. Store reads run on a small pool of their own, so the
+many threads that hold Watch streams never each open a database connection. A watcher skips any version it
+already holds, so a version seen twice (a subscribe racing an append) is sent once.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
+from hub import documents
 from hub.store import Store, StoreError, Version
+from hub.v1 import hub_pb2 as pb
 
 log = structlog.get_logger("hub.feeds")
 WAIT_SLICE = 1.0  # seconds per store wait: how soon a feed with no watchers left stops
 RETRY_AFTER = 1.0  # seconds before a feed asks a failing store again
-CLOSED = None  # what a watcher's queue gets when the hub stops
+READERS = 4  # threads (so, database connections) that read the store on behalf of Watch streams
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A version as every watcher receives it: its number and one WatchEvent shared by all streams."""
+
+    version: int
+    event: pb.WatchEvent
+
+    @classmethod
+    def of(cls, version: Version) -> Published:
+        """The event of a stored version."""
+        return cls(version.version, pb.WatchEvent(document=documents.to_document(version)))
+
+
+CLOSED = None  # what a watcher's queue gets when its stream must end (the hub stops, or the call is cancelled)
 
 
 @dataclass(eq=False)
 class Watcher:
-    """A watcher's queue: new versions of its cluster, or CLOSED."""
+    """A watcher's queue (new versions of its cluster, or CLOSED) and the cluster's latest when it subscribed."""
 
     cluster: str
-    inbox: queue.SimpleQueue[Version | None] = field(default_factory=queue.SimpleQueue)
+    current: Published | None = None
+    inbox: queue.SimpleQueue[Published | None] = field(default_factory=queue.SimpleQueue)
 
 
 class _Feed:
     """The thread that waits on one cluster and hands each new version to its watchers."""
 
-    def __init__(self, feeds: Feeds, cluster: str, latest: int) -> None:
-        self.cluster, self.latest = cluster, latest
+    def __init__(self, feeds: Feeds, cluster: str, current: Published | None) -> None:
+        self.cluster, self.current = cluster, current
         self.watchers: set[Watcher] = set()
         self._feeds = feeds
         self._thread = threading.Thread(target=self._run, name=f"hub-feed-{cluster}", daemon=True)
+
+    @property
+    def latest(self) -> int:
+        """The latest version this feed has seen (0: none)."""
+        return self.current.version if self.current is not None else 0
 
     def start(self) -> None:
         self._thread.start()
@@ -53,8 +84,7 @@ class _Feed:
                 self._feeds.stopping.wait(RETRY_AFTER)
                 continue
             if version is not None and version.version > self.latest:
-                self.latest = version.version
-                self._feeds.publish(self, version)
+                self._feeds.publish(self, Published.of(version))
         log.info("hub.feed.stopped", cluster=self.cluster)
 
     def join(self, timeout: float) -> None:
@@ -69,16 +99,28 @@ class Feeds:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._feeds: dict[str, _Feed] = {}
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="hub-read")
+
+    def read(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` on the store's reader threads (their errors raised here)."""
+        return self._readers.submit(call, *args).result()
+
+    def _load(self, cluster: str) -> Published | None:
+        version = self.store.get(cluster)
+        return Published.of(version) if version is not None else None
 
     def subscribe(self, cluster: str) -> Watcher:
-        """A new watcher of ``cluster``; its feed starts if it is the first (StoreError if the store is down)."""
-        watcher = Watcher(cluster)
+        """A new watcher of ``cluster`` with the latest version in ``current``; the feed starts with the first.
+
+        StoreError when the feed must start and the store cannot be read.
+        """
         with self._lock:
             feed = self._feeds.get(cluster)
             if feed is None:
-                feed = _Feed(self, cluster, self.store.latest(cluster))
+                feed = _Feed(self, cluster, self.read(self._load, cluster))
                 self._feeds[cluster] = feed
                 feed.start()
+            watcher = Watcher(cluster, feed.current)
             feed.watchers.add(watcher)
         if self.stopping.is_set():
             watcher.inbox.put(CLOSED)
@@ -112,16 +154,17 @@ class Feeds:
                 return False
             return True
 
-    def publish(self, feed: _Feed, version: Version) -> None:
-        """Hand ``version`` to each of the feed's watchers."""
+    def publish(self, feed: _Feed, published: Published) -> None:
+        """Make ``published`` the feed's current version and hand it to each of its watchers."""
         with self._lock:
+            feed.current = published
             watchers = list(feed.watchers)
         for watcher in watchers:
-            watcher.inbox.put(version)
-        log.info("hub.feed.published", cluster=feed.cluster, version=version.version, watchers=len(watchers))
+            watcher.inbox.put(published)
+        log.info("hub.feed.published", cluster=feed.cluster, version=published.version, watchers=len(watchers))
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop every feed and end every watcher's stream."""
+        """Stop every feed, end every watcher's stream, stop the readers."""
         self.stopping.set()
         with self._lock:
             feeds = list(self._feeds.values())
@@ -130,3 +173,4 @@ class Feeds:
             watcher.inbox.put(CLOSED)
         for feed in feeds:
             feed.join(timeout)
+        self._readers.shutdown(wait=False)

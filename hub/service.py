@@ -18,7 +18,7 @@ import structlog
 
 from hub import documents
 from hub.documents import HubRefusal
-from hub.feeds import CLOSED, Feeds, Watcher
+from hub.feeds import CLOSED, Feeds, Published, Watcher
 from hub.metrics import HubMetrics
 from hub.store import (
     DocumentTooLarge,
@@ -29,7 +29,6 @@ from hub.store import (
     StoreError,
     StoreUnavailableError,
     UnknownVersionError,
-    Version,
     VersionConflict,
 )
 from hub.store.model import check_name
@@ -188,35 +187,26 @@ class HubServicer(pb_grpc.HubServiceServicer):
         self.metrics.watchers.inc()
         log.info("hub.watch_started", cluster=cluster, node=node, since_version=request.since_version)
         try:
-            try:
-                first = self._first(cluster, node, request.since_version)
-            except StoreError as exc:
-                code, message = status_of(exc)
-                context.abort(code, message)
-                raise
-            yield from self._stream(watcher, node, request.since_version, first)
+            yield from self._stream(watcher, node, request.since_version)
         finally:
             self.feeds.unsubscribe(watcher)
             self.metrics.watchers.dec()
             log.info("hub.watch_ended", cluster=cluster, node=node)
 
-    def _first(self, cluster: str, node: str, since: int) -> Version | None:
-        try:
-            return self.store.since(cluster, since)
-        except UnknownVersionError as exc:
-            # The node is ahead of this hub (a restored database, another hub): it keeps its version; newer ones
-            # still reach it, and heartbeats show it the hub's latest.
-            log.warning("hub.watcher_ahead", cluster=cluster, node=node, since_version=since, latest=exc.latest)
-            return None
-
-    def _stream(self, watcher: Watcher, node: str, since: int, first: Version | None) -> Iterator[pb.WatchEvent]:
+    def _stream(self, watcher: Watcher, node: str, since: int) -> Iterator[pb.WatchEvent]:
         cluster, held = watcher.cluster, since
         self._touch(cluster, node)
+        current = watcher.current
+        latest = current.version if current is not None else 0
+        if since > latest:
+            # The node is ahead of this hub (a restored database, another hub): it keeps its version; newer ones
+            # still reach it, and heartbeats show it the hub's latest.
+            log.warning("hub.watcher_ahead", cluster=cluster, node=node, since_version=since, latest=latest)
         # The first event comes at once, a document or a heartbeat: the node knows it is connected and what the
         # hub holds without waiting a heartbeat interval.
-        if first is not None:
-            yield self._send(first, node)
-            held = first.version
+        if current is not None and current.version > since:
+            yield self._send(current, cluster, node)
+            held = current.version
         else:
             yield self._beat(cluster, held)
         beat_at = time.monotonic() + self.heartbeat
@@ -231,7 +221,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
             if item is CLOSED:
                 return
             if item.version > held:
-                yield self._send(item, node)
+                yield self._send(item, cluster, node)
                 held = item.version
 
     def _beat(self, cluster: str, held: int) -> pb.WatchEvent:
@@ -239,10 +229,10 @@ class HubServicer(pb_grpc.HubServiceServicer):
         return pb.WatchEvent(heartbeat=pb.Heartbeat(latest_version=latest if latest is not None else held,
                                                     at_unix_ms=int(time.time() * 1000)))
 
-    def _send(self, version: Version, node: str) -> pb.WatchEvent:
+    def _send(self, published: Published, cluster: str, node: str) -> pb.WatchEvent:
         self.metrics.sent.inc()
-        log.info("hub.document_sent", cluster=version.cluster, node=node, version=version.version)
-        return pb.WatchEvent(document=documents.to_document(version))
+        log.info("hub.document_sent", cluster=cluster, node=node, version=published.version)
+        return published.event
 
     def _touch(self, cluster: str, node: str) -> None:
         with self._seen_lock:

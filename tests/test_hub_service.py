@@ -191,6 +191,39 @@ def test_many_watchers_share_one_feed_thread(hub: Hub) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("hub-feed-")], "the idle feed did not stop"
 
 
+class CountingStore:
+    """A real store whose document reads are counted (get and since: the calls that return an envelope)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store, self.reads = store, 0
+
+    def get(self, cluster: str, version: int | None = None) -> Any:
+        """Counted."""
+        self.reads += 1
+        return self.store.get(cluster, version)
+
+    def since(self, cluster: str, version: int) -> Any:
+        """Counted."""
+        self.reads += 1
+        return self.store.since(cluster, version)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_reconnecting_watchers_are_answered_from_memory(tmp_path: Path) -> None:
+    """Thirty nodes reconnecting at once (a hub restart) get the latest from the feed: the store reads it once."""
+    counting = CountingStore(SqliteStore.in_dir(tmp_path / "state"))
+    with running_hub(counting, heartbeat=HEARTBEAT) as hub:
+        hub.apply(desired(100), 0)
+        before = counting.reads
+        streams = [watch(hub.stub, f"n{i}@lab") for i in range(30)]
+        assert {stream.next_document()[1].version for stream in streams} == {1}
+        assert counting.reads - before <= 1, f"{counting.reads - before} reads of the document for 30 watchers"
+        for stream in streams:
+            stream.cancel()
+
+
 def test_report_and_status(hub: Hub) -> None:
     """ACK moves the held version, NACK keeps it with the reason; a node that only watched is listed too."""
     hub.apply(desired(100), 0)
