@@ -3,9 +3,9 @@
 A thousand watchers of one cluster cost one thread and one store wait (a LISTEN connection on PostgreSQL), not a
 thousand pollers: each watcher only blocks on its own queue. The feed also keeps the latest version as one
 ready-made ``WatchEvent``, so a thousand nodes reconnecting after a hub restart are answered from memory with one
-shared copy of the document, not a thousand reads of it. Store reads run on a small pool of their own, so the
-many threads that hold Watch streams never each open a database connection. A watcher skips any version it
-already holds, so a version seen twice (a subscribe racing an append) is sent once.
+shared copy of the document, not a thousand reads of it. Store calls run on a small pool of their own (``read``,
+the service's calls too), so the many threads that hold Watch streams never each open a database connection.
+A watcher skips any version it already holds, so a version seen twice (a subscribe racing an append) is sent once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hub.v1 import hub_pb2 as pb
 log = structlog.get_logger("hub.feeds")
 WAIT_SLICE = 1.0  # seconds per store wait: how soon a feed with no watchers left stops
 RETRY_AFTER = 1.0  # seconds before a feed asks a failing store again
-READERS = 4  # threads (so, database connections) that read the store on behalf of Watch streams
+READERS = 4  # threads (so, at most this many database connections) that call the store for the service
 T = TypeVar("T")
 
 
@@ -99,7 +99,7 @@ class Feeds:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._feeds: dict[str, _Feed] = {}
-        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="hub-read")
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="hub-store")
 
     def read(self, call: Callable[..., T], *args: object) -> T:
         """``call(*args)`` on the store's reader threads (their errors raised here)."""
@@ -163,8 +163,12 @@ class Feeds:
             watcher.inbox.put(published)
         log.info("hub.feed.published", cluster=feed.cluster, version=published.version, watchers=len(watchers))
 
+    def release(self) -> None:
+        """Stop the store's threads (after the server stopped: no call may need them)."""
+        self._readers.shutdown(wait=True)
+
     def close(self, timeout: float = 2.0) -> None:
-        """Stop every feed, end every watcher's stream, stop the readers."""
+        """Stop every feed and end every watcher's stream."""
         self.stopping.set()
         with self._lock:
             feeds = list(self._feeds.values())
@@ -173,4 +177,3 @@ class Feeds:
             watcher.inbox.put(CLOSED)
         for feed in feeds:
             feed.join(timeout)
-        self._readers.shutdown(wait=False)

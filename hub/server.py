@@ -52,6 +52,7 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
     except OSError:
         servicer.close()
         running.stop(0)
+        servicer.release()
         raise
     host = listen.rsplit(":", 1)[0]
     log.info("hub_listening", address=f"{host}:{running.port}", tls=tls is not None,
@@ -66,6 +67,7 @@ def stop(running: Running, grace: float) -> None:
     running.grpc.health.enter_graceful_shutdown()
     running.servicer.close()
     running.grpc.stop(grace)
+    running.servicer.release()
     if running.metrics_endpoint is not None:
         running.metrics_endpoint.stop()
     log.info("hub_stopped")

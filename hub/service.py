@@ -102,9 +102,18 @@ class HubServicer(pb_grpc.HubServiceServicer):
         self._seen_lock = threading.Lock()
         self._seen: dict[tuple[str, str], float] = {}  # (cluster, node) -> last Watch activity, this replica
 
+    def _db(self, call: Callable[..., T], *args: object) -> T:
+        """A store call on the store's own few threads: the many threads that serve calls and hold Watch streams
+        never each open a database connection (SQLite's are per thread)."""
+        return self.feeds.read(call, *args)
+
     def close(self) -> None:
         """End every Watch stream and stop the feeds."""
         self.feeds.close()
+
+    def release(self) -> None:
+        """Stop the store's threads, once the server has stopped."""
+        self.feeds.release()
 
     # -- Apply ---------------------------------------------------------------------------------------------------
 
@@ -126,13 +135,13 @@ class HubServicer(pb_grpc.HubServiceServicer):
         expected = request.expected_version
         checked = documents.parse(request.envelope, self.store.max_envelope_bytes)
         documents.check_next(checked, cluster=cluster, expected_version=expected)
-        latest = self.store.get(cluster)
+        latest = self._db(self.store.get, cluster)
         current = latest.version if latest is not None else 0
         if current != expected:
             raise VersionConflict(cluster, expected, current)
         documents.check_previous(checked, latest)
         document = checked.document
-        stored = self.store.append(cluster, expected, request.envelope, document.author, document.message)
+        stored = self._db(self.store.append, cluster, expected, request.envelope, document.author, document.message)
         documents.remember(stored, checked.payload_sha256)
         log.info("hub.applied", cluster=cluster, version=stored.version, payload_sha256=checked.payload_sha256,
                  author=document.author, size=len(request.envelope))
@@ -145,7 +154,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
                     context: grpc.ServicerContext) -> pb.GetDocumentResponse:
         """One version (0: the latest); NOT_FOUND when there is none."""
         cluster = check_name("cluster", request.cluster)
-        version = self.store.get(cluster, request.version or None)
+        version = self._db(self.store.get, cluster, request.version or None)
         if version is None:
             which = f"version {request.version}" if request.version else "any version"
             raise HubRefusal(grpc.StatusCode.NOT_FOUND, f"version: cluster {cluster} has no {which}")
@@ -155,7 +164,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
     def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:  # noqa: N802
         """Versions newest first, without their envelopes."""
         cluster = check_name("cluster", request.cluster)
-        entries = self.store.history(cluster, request.limit or DEFAULT_HISTORY, request.before or None)
+        entries = self._db(self.store.history, cluster, request.limit or DEFAULT_HISTORY, request.before or None)
         return pb.HistoryResponse(entries=[documents.to_entry(entry, self._payload_sha(entry.cluster, entry.version,
                                                                                       entry.sha256))
                                            for entry in entries])
@@ -164,7 +173,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
         known = documents.known_sha(cluster, version, envelope_sha)
         if known is not None:
             return known
-        stored = self.store.get(cluster, version)
+        stored = self._db(self.store.get, cluster, version)
         return documents.payload_sha256(stored) if stored is not None else ""
 
     # -- Watch ---------------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
         node = check_name("node", request.node)
         self._check_identity(context, node)
         reason = ": ".join(part for part in (request.reason, request.detail) if part)
-        report = self.store.record_ack(cluster, node, request.version, request.ok, reason)
+        report = self._db(self.store.record_ack, cluster, node, request.version, request.ok, reason)
         self.metrics.reports.labels("ack" if request.ok else "nack").inc()
         log.info("hub.reported", cluster=cluster, node=node, version=request.version, ok=request.ok,
                  reason=request.reason)
@@ -267,8 +276,8 @@ class HubServicer(pb_grpc.HubServiceServicer):
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
         """Per node: the version held, the last ACK/NACK and when it was last seen (reported, or watched here)."""
         cluster = check_name("cluster", request.cluster)
-        latest = self.store.latest(cluster)
-        nodes = {report.node: _report(report) for report in self.store.nodes(cluster)}
+        latest = self._db(self.store.latest, cluster)
+        nodes = {report.node: _report(report) for report in self._db(self.store.nodes, cluster)}
         with self._seen_lock:
             seen = {node: at for (name, node), at in self._seen.items() if name == cluster}
         for node, at in seen.items():

@@ -60,6 +60,9 @@ def test_apply_conflict_history_show(hub: Hub) -> None:
     assert one.envelope == hub.store.get(CLUSTER, 1).envelope  # type: ignore[union-attr]
     missing = refused(hub.stub.GetDocument, pb.GetDocumentRequest(cluster=CLUSTER, version=9))
     assert missing.code() == grpc.StatusCode.NOT_FOUND and "version 9" in missing.details()
+    registry = hub.running.metrics.registry
+    assert registry.get_sample_value("pve_hub_applies_total", {"outcome": "ok"}) == 2
+    assert registry.get_sample_value("pve_hub_applies_total", {"outcome": "conflict"}) == 1
 
 
 def _bad_applies() -> list[tuple[str, pb.ApplyRequest, grpc.StatusCode, str]]:
@@ -420,3 +423,14 @@ def test_the_cli_refuses_a_bad_file_and_an_absent_hub(served: tuple[str, Path], 
     assert pve_hub("show", "x", "--cluster", CLUSTER).returncode == 2
     done = pve_hub("--version")
     assert done.returncode == 0 and done.stdout.startswith("pve-hub ")
+
+
+def test_serve_names_a_bad_store_and_never_prints_the_dsn(tmp_path: Path) -> None:
+    """No DSN file: exit 2 naming the setting; a database that cannot be reached: exit 1, the password unseen."""
+    done = pve_hub("serve", "--listen", "127.0.0.1:0", "--postgres-dsn-file", str(tmp_path / "absent"))
+    assert done.returncode == 2 and "postgres_dsn_file" in done.stderr and "Traceback" not in done.stderr
+    dsn = tmp_path / "dsn"
+    dsn.write_text(f"host={tmp_path / 'nowhere'} user=hub password=sekrit-42 dbname=hub connect_timeout=2\n")
+    done = pve_hub("serve", "--listen", "127.0.0.1:0", "--postgres-dsn-file", str(dsn))
+    assert done.returncode == 1 and "cannot open the PostgreSQL store" in done.stderr, done.stderr
+    assert "sekrit-42" not in done.stderr + done.stdout and "Traceback" not in done.stderr
