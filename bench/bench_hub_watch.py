@@ -5,7 +5,8 @@ Usage: python bench/bench_hub_watch.py [--watchers 50] [--applies 20] [--hold 10
 Starts one ``pve-hub serve`` process (SQLite in a temp dir; with ``--postgres``, a real PostgreSQL started from
 initdb in a temp dir, durable settings, stopped by PID). In this process, ``--watchers`` Watch streams (grpc.aio,
 one channel each, as separate executors would have) watch one cluster; each of ``--applies`` signed applies is
-timed from the Apply call to the moment the last watcher has the new version (p50/p99/max). Then ``--hold``
+timed from the Apply call to the moment the last watcher has the new version (p50/p99/max), and three applies
+of a ``--guests`` document (signed before the clock starts; ~0.5 MB of YAML for 10,000). Then ``--hold``
 watchers are opened and held, one version is applied and the time until all have it is measured; the hub's RSS
 and threads are read from /proc before and after. Prints a Markdown table.
 """
@@ -157,6 +158,10 @@ async def run(args: argparse.Namespace, address: str, hub: subprocess.Popen[byte
         for n in range(args.applies):
             version, started = await apply_next(stub, 1 + n % 10)
             spans.append((await watchers.all_have(version) - started) * 1000)
+        big = []
+        for _ in range(3):
+            version, started = await apply_next(stub, args.guests)
+            big.append((await watchers.all_have(version, timeout=120) - started) * 1000)
         await watchers.close()
         rss0, threads0 = proc_status(hub.pid)
         held = Watchers(address, args.hold, "h")
@@ -169,9 +174,11 @@ async def run(args: argparse.Namespace, address: str, hub: subprocess.Popen[byte
         await held.close()
     store = "PostgreSQL 15 (fsync on)" if args.postgres else "SQLite (WAL, synchronous=FULL)"
     print(f"| store | apply to last of {args.watchers} watchers, ms (p50 / p99 / max over {args.applies}) | "
+          f"{args.guests:,}-guest document to the last of {args.watchers}, ms (median of 3) | "
           f"{args.hold} watchers: open s, apply to last ms | hub RSS MiB (before / holding) | hub threads |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     print(f"| {store} | {statistics.median(spans):.1f} / {pct(spans, 0.99):.1f} / {max(spans):.1f} | "
+          f"{statistics.median(big):.0f} | "
           f"{open_s:.1f}, {fan:.0f} | {rss0:.0f} / {rss1:.0f} | {threads0} / {threads1} |")
 
 
@@ -181,6 +188,7 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=50)
     parser.add_argument("--applies", type=int, default=20)
     parser.add_argument("--hold", type=int, default=1000)
+    parser.add_argument("--guests", type=int, default=10_000, help="guests of the large document applied")
     parser.add_argument("--postgres", action="store_true", help="store in a real PostgreSQL (initdb in a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, ExitStack() as stack:
