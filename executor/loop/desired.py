@@ -21,13 +21,14 @@ from typing import Protocol
 import structlog
 
 import desiredfile
-from desiredfile import GUEST_KEYS, STATES, Declared, DesiredFileError
+from desiredfile import Declared, DesiredFileError
 from executor.errors import InvalidInputError
 from safety.classify import Source
 
 log = structlog.get_logger("executor.desired")
-__all__ = ["GUEST_KEYS", "STATES", "Declared", "DesiredProvider", "DesiredStateError", "EmptyProvider",
-           "FileProvider", "StaticProvider", "check_types", "mistakes", "parse", "provider_source"]
+# Declared moved to desiredfile with the file's parse; re-exported, as every caller imports it from here.
+__all__ = ["Declared", "DesiredProvider", "DesiredStateError", "EmptyProvider", "FileProvider", "StaticProvider",
+           "check_types", "mistakes", "parse", "provider_source"]
 
 
 class DesiredProvider(Protocol):
