@@ -115,9 +115,13 @@ class Feeds:
         StoreError when the feed must start and the store cannot be read.
         """
         with self._lock:
+            running = cluster in self._feeds
+        # Read outside the lock: a slow or unreachable store must not stall the streams of other clusters.
+        loaded = None if running else self.read(self._load, cluster)
+        with self._lock:
             feed = self._feeds.get(cluster)
-            if feed is None:
-                feed = _Feed(self, cluster, self.read(self._load, cluster))
+            if feed is None:  # (another subscriber may have started it meanwhile: then its current is as new)
+                feed = _Feed(self, cluster, loaded)
                 self._feeds[cluster] = feed
                 feed.start()
             watcher = Watcher(cluster, feed.current)

@@ -19,7 +19,16 @@ import pytest
 from cryptography import x509
 
 from common.grpcserver import ClientTls, ServerTls, channel_credentials
-from hub.store import PostgresStore, SqliteStore
+from hub.service import status_of
+from hub.store import (
+    DocumentTooLarge,
+    InvalidArgumentError,
+    PostgresStore,
+    SqliteStore,
+    StoreUnavailableError,
+    UnknownVersionError,
+    VersionConflict,
+)
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests import certs
@@ -434,3 +443,15 @@ def test_serve_names_a_bad_store_and_never_prints_the_dsn(tmp_path: Path) -> Non
     done = pve_hub("serve", "--listen", "127.0.0.1:0", "--postgres-dsn-file", str(dsn))
     assert done.returncode == 1 and "cannot open the PostgreSQL store" in done.stderr, done.stderr
     assert "sekrit-42" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+def test_store_refusals_map_to_their_codes() -> None:
+    """The table of store errors to gRPC codes: each message names what it is about."""
+    cases = [(VersionConflict("lab", 1, 2), grpc.StatusCode.FAILED_PRECONDITION, "expected version 1"),
+             (DocumentTooLarge("lab", 10, 5), grpc.StatusCode.INVALID_ARGUMENT, "envelope: "),
+             (InvalidArgumentError("node", "must not be empty"), grpc.StatusCode.INVALID_ARGUMENT, "node: "),
+             (StoreUnavailableError("cannot reach the database"), grpc.StatusCode.UNAVAILABLE, "cannot reach"),
+             (UnknownVersionError("lab", 9, 3), grpc.StatusCode.OUT_OF_RANGE, "version 9")]
+    for error, code, words in cases:
+        got, message = status_of(error)
+        assert got == code and words in message, (error, got, message)
