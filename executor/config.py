@@ -58,6 +58,16 @@ RUN = (
            help="this executor's audience in signed ops (default NODE@CLUSTER from /cluster/status)"),
     Option(key="op_clock_skew", kind=float, default=120.0, minimum=0, maximum=300,
            help="seconds a signed op's not_before may lie in the future (at most 300)"),
+    Option(key="hub", help="hub HOST:PORT (or a gRPC target) to take this cluster's signed desired state from "
+                           "(not with desired: a node takes one source)"),
+    Option(key="hub_ca", help="CA (PEM) of the hub's certificate (default: system CAs; TLS when any hub_* file is "
+                              "given)"),
+    Option(key="hub_client_cert", help="client certificate (PEM) for mutual TLS with the hub"),
+    Option(key="hub_client_key", help="client key (PEM) for mutual TLS with the hub"),
+    Option(key="hub_cluster", help="the cluster whose document to watch (default: the cluster part of executor_id, "
+                                   "NODE@CLUSTER)"),
+    Option(key="hub_heartbeat", kind=float, default=10.0, minimum=0.05,
+           help="seconds between the hub's heartbeats; a stream silent for 3 of them is reconnected"),
     Option(key="max_stops_per_tick", kind=int, minimum=1,
            help="stops run per interval at most, however many ticks run in it (unset: unlimited for a "
                 "root-owned local desired file, max(2, 10%% of the managed guests) for any other source)"),
@@ -104,6 +114,12 @@ class ExecutorSettings:
     trust_store: str | None = None
     executor_id: str | None = None
     op_clock_skew: float = 120.0
+    hub: str | None = None
+    hub_ca: str | None = None
+    hub_client_cert: str | None = None
+    hub_client_key: str | None = None
+    hub_cluster: str | None = None
+    hub_heartbeat: float = 10.0
     max_stops_per_tick: int | None = None
     once: bool = False
     json: bool = False

@@ -37,6 +37,16 @@ class ExecutorMetrics:
         self.busy_guests = Gauge("pve_executor_busy_guests", "Guests with queued or running work.", registry=r)
         self.in_flight = Gauge("pve_executor_in_flight_operations", "Journal operations begun and not ended.",
                                registry=r)
+        self.hub_held_version = Gauge("pve_executor_hub_held_version", "The hub document version held here (0: "
+                                      "none).", registry=r)
+        self.hub_held_age = Gauge("pve_executor_hub_held_age_seconds", "Seconds since the held version was signed "
+                                  "(its created time): grows while a hub withholds newer versions.", registry=r)
+        self.hub_held_trusted = Gauge("pve_executor_hub_held_document_trusted", "0 when the held version's document "
+                                      "no longer verifies here (signer revoked): nothing is managed.", registry=r)
+        self.hub_connected = Gauge("pve_executor_hub_connected", "1 while a Watch stream to the hub is up.",
+                                   registry=r)
+        self.hub_reports = Counter("pve_executor_hub_reports", "Hub documents ACKed or NACKed, by verdict (ack, "
+                                   "nack) and reason.", ["verdict", "reason"], registry=r)
 
     def pve_error(self, status: int | None, cause: str) -> None:
         """Count one Proxmox API error by its status and its cause (``executor.pve.failures``)."""

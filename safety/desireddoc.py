@@ -19,7 +19,6 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -153,13 +152,7 @@ _VALIDATORS: dict[str, s.Validator] = {
 def parse_payload(data: bytes) -> DesiredDocument:
     """The document in ``data``, strictly; Refused(MALFORMED) names the field at fault."""
     raw = strictjson.loads(data, what="document")
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise s.malformed(f"document.{unknown[0]}", "is not a document field")
-    missing = [name for name in FIELDS if name not in raw]
-    if missing:
-        raise s.malformed(f"document.{missing[0]}", "is required")
-    values: dict[str, Any] = {name: check(f"document.{name}", raw[name]) for name, check in _VALIDATORS.items()}
+    values = s.checked_fields(raw, FIELDS, _VALIDATORS, "document")
     if (values["version"] == 1) != (values["previous_sha256"] == ""):
         raise s.malformed("document.previous_sha256", "must be \"\" for version 1 and only for version 1")
     return DesiredDocument(**values)

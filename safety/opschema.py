@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from safety.keys import API_PARAMETERS
 from safety.refusal import RefusalReason, Refused
@@ -49,6 +50,19 @@ Validator = Callable[[str, object], object]
 def malformed(path: str, reason: str) -> Refused:
     """The refusal for a payload field ``path`` that breaks a rule."""
     return Refused(RefusalReason.MALFORMED, f"{path}: {reason}")
+
+
+def checked_fields(raw: Mapping[str, Any], fields: Sequence[str], validators: Mapping[str, Validator],
+                   where: str) -> dict[str, Any]:
+    """Exactly ``fields`` in ``raw`` (none unknown, none missing), each through its validator; MALFORMED names
+    ``where.field`` at fault. A field without a validator is left to the caller (checked against others)."""
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise malformed(f"{where}.{unknown[0]}", f"is not a {where} field")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise malformed(f"{where}.{missing[0]}", "is required")
+    return {name: check(f"{where}.{name}", raw[name]) for name, check in validators.items()}
 
 
 def boolean(path: str, value: object) -> bool:

@@ -120,13 +120,7 @@ _VALIDATORS: dict[str, s.Validator] = {
 def parse_payload(data: bytes) -> OpPayload:
     """The payload in ``data``, strictly; Refused(MALFORMED or UNKNOWN_KIND) names the field at fault."""
     raw = strictjson.loads(data, what="payload")
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise s.malformed(f"payload.{unknown[0]}", "is not a payload field")
-    missing = [name for name in FIELDS if name not in raw]
-    if missing:
-        raise s.malformed(f"payload.{missing[0]}", "is required")
-    values: dict[str, Any] = {name: check(f"payload.{name}", raw[name]) for name, check in _VALIDATORS.items()}
+    values = s.checked_fields(raw, FIELDS, _VALIDATORS, "payload")
     params = s.canonical_params(values["kind"], raw["params"], path="payload.params")
     if values["not_after"] <= values["not_before"]:
         raise s.malformed("payload.not_after", "must be later than not_before")

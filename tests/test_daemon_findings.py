@@ -10,7 +10,6 @@ directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from tests.executor_helpers import ROOT, cli, run_module, unused_port
 from tests.signed_helpers import Daemon, add_vm, run_command
 from tests.signed_helpers import store_doc as trust_doc
 from tests.signing import write_store
+from tests.tmpfs import tiny_filesystem
 
 
 def _run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -174,27 +173,12 @@ def test_api_tls_files_that_do_not_load_are_a_config_error_at_start(
 
 # --- 3. trust store set, state directory not writable ------------------------------------------------------
 
-@contextlib.contextmanager
-def _read_only_directory(tmp_path: Path) -> Iterator[Path]:
-    """A real read-only file system (root writes anywhere else: permissions do not stop it)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True,
-                          check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_an_unwritable_state_dir_with_a_trust_store_is_a_config_error(fakepve: Any, fakepve_cafile: str,
                                                                       planner: server.Running,
                                                                       tmp_path: Path) -> None:
     """The trust store's floor (trust.version) cannot be kept: exit 2 naming the directory, no traceback."""
     trust = write_store(tmp_path, trust_doc(), name="trust-daemon.toml")
-    with _read_only_directory(tmp_path) as state:
+    with tiny_filesystem(tmp_path, "64k", read_only=True) as state:
         result = _run([*_once(fakepve, fakepve_cafile, planner, tmp_path), "--state-dir", str(state),
                        "--trust-store", str(trust)])
     assert result.returncode == 2, result.stderr[-2000:]

@@ -122,9 +122,18 @@ def test_the_daemon_warns_at_load_when_no_role_names_its_audience(fakepve: Any, 
     with Daemon(run_command(fakepve, fakepve_cafile, planner.port, tmp_path), unused_port()) as daemon:
         daemon.wait_serving()
         (event,) = daemon.events("trust_store_names_no_role_for_audience")
+        # The stderr line follows the event; the reader thread may not have it yet: wait for it, not for stop.
+        deadline = time.monotonic() + 10
+        while not _warned(daemon.log.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert daemon.stop() == 0
     assert event["audience"] == AUDIENCE and event["roles"] == ["destroyer", "operator"]
-    assert any(line.startswith("pve-executor: warning: no role of the trust store") for line in daemon.log.lines)
+    assert _warned(daemon.log.lines)
+
+
+def _warned(lines: list[str]) -> bool:
+    """Whether the daemon printed its no-role warning."""
+    return any(line.startswith("pve-executor: warning: no role of the trust store") for line in lines)
 
 
 def test_sighup_reloads_the_trust_store_at_once_not_at_the_next_tick(fakepve: Any, fakepve_cafile: str,

@@ -10,6 +10,7 @@ from common.config import ConfigError
 from common.grpcserver import PLANNER_CLIENT, ClientTls, ServerTls, is_loopback, pair, server_tls, socket_path
 from common.unixfront import too_long
 from executor.config import ExecutorSettings
+from executor.loop.hub import HUB_CLIENT
 from executor.pve.node import Connection, Credentials
 
 
@@ -112,22 +113,32 @@ def _loadable(tls: ClientTls) -> None:
         try:
             context.load_verify_locations(tls.ca)
         except ssl.SSLError as exc:
-            raise ConfigError("planner_ca", f"{tls.ca}: not a PEM CA certificate ({exc.reason or exc})") from exc
+            raise ConfigError(tls.names[0], f"{tls.ca}: not a PEM CA certificate ({exc.reason or exc})") from exc
     if tls.cert and tls.key:
         try:
             context.load_cert_chain(tls.cert, tls.key)
         except ssl.SSLError as exc:
-            problem = _pair_problem(tls.cert, tls.key, str(exc.reason or "not PEM"))
-            raise ConfigError("planner_client_key", problem) from exc
+            problem = _pair_problem(tls.cert, tls.key, str(exc.reason or "not PEM"), tls.names)
+            raise ConfigError(tls.names[2], problem) from exc
 
 
-def _pair_problem(cert: str, key: str, reason: str) -> str:
+def _pair_problem(cert: str, key: str, reason: str, names: tuple[str, str, str] = PLANNER_CLIENT) -> str:
     """What is wrong with a client certificate and key that do not load together (both flags, both files)."""
+    cert_flag, key_flag = (f"--{name.replace('_', '-')}" for name in names[1:])
     if reason == "KEY_VALUES_MISMATCH":
-        return (f"{key} is not the key of {cert}: give --planner-client-cert and --planner-client-key "
-                "from one pair")
-    return (f"{cert} (--planner-client-cert) and {key} (--planner-client-key) do not load as a PEM "
+        return f"{key} is not the key of {cert}: give {cert_flag} and {key_flag} from one pair"
+    return (f"{cert} ({cert_flag}) and {key} ({key_flag}) do not load as a PEM "
             f"certificate and its key ({reason})")
+
+
+def hub_tls(settings: ExecutorSettings) -> ClientTls | None:
+    """TLS towards the hub when any of its files is given (a client certificate makes it mutual); checked now."""
+    pair(settings.hub_client_cert, settings.hub_client_key, HUB_CLIENT[1:])
+    if not (settings.hub_ca or settings.hub_client_cert):
+        return None
+    tls = ClientTls(ca=settings.hub_ca, cert=settings.hub_client_cert, key=settings.hub_client_key, names=HUB_CLIENT)
+    _loadable(tls)
+    return tls
 
 
 def api_tls(settings: ExecutorSettings) -> ServerTls | None:

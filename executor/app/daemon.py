@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from common.config import ConfigError
 from common.grpcserver import Running, ServerTls
 from common.metrics import MetricsEndpoint, serve_metrics
 from common.signals import stop_on_signals
@@ -71,7 +72,14 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         print(f"pve-executor: {exc}: another pve-executor runs on this state directory ({settings.state_dir}); "
               "stop it first, or give this one its own --state-dir", file=sys.stderr)
         return 1
-    parts = build(settings, conn, desired, journal, metrics)
+    try:
+        parts = build(settings, conn, desired, journal, metrics)
+    except ConfigError:
+        if journal is not None:
+            journal.close()
+        raise
+    if parts.hub is not None:
+        parts.hub.start()  # watching while recovery runs: the first tick has the hub's latest version
     desk = parts.desk
     if desk is not None:  # always, for the daemon: build makes one
         # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from common.config import ConfigError
-from executor.app.connect import connection, planner_tls
+from executor.app.connect import connection, hub_tls, planner_tls
 from executor.config import ExecutorSettings
 from executor.gate.audience import Audience
 from executor.gate.decisions import GateSettings
@@ -31,6 +31,8 @@ from executor.gate.stopledger import StopLedger
 from executor.loop.desired import DesiredProvider, DesiredStateError, EmptyProvider, FileProvider
 from executor.loop.engine import Engine
 from executor.loop.funnel import Funnel, Settings
+from executor.loop.hub import HubProvider, HubSettings
+from executor.loop.hubheld import HeldFileError, HeldFiles
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.loop.readahead import ReadAhead
@@ -47,7 +49,19 @@ log = structlog.get_logger("executor.daemon")
 
 
 def provider(settings: ExecutorSettings) -> DesiredProvider:
-    """FileProvider for --desired, else EmptyProvider (manage nothing)."""
+    """FileProvider for --desired, else EmptyProvider (manage nothing; with --hub, ``build`` makes the hub's).
+
+    ConfigError for --hub with --desired (a node takes one source), without a trust store (nothing verifies) or
+    with a TLS file that does not load.
+    """
+    if settings.hub and settings.desired:
+        raise ConfigError("hub", f"{settings.hub} and desired {settings.desired} both given: a node takes one "
+                                 "source of desired state; give hub or desired, not both")
+    if settings.hub and not settings.trust_store:
+        raise ConfigError("hub", "needs trust_store: each hub document is verified against this node's trust "
+                                 "store (a role with desired.apply for this node)")
+    if settings.hub:
+        hub_tls(settings)  # its files checked before anything connects (ConfigError naming the flag)
     if not settings.desired:
         return EmptyProvider()
     try:
@@ -76,9 +90,12 @@ class Parts:
     engine: Engine
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
     funnel: Funnel  # what selftest submits through
+    hub: HubProvider | None = None  # the provider when desired state comes from a hub (``start`` it)
 
     def close(self, grace: float) -> None:
-        """Drain the queue within ``grace``, then close the planner channel and the journal."""
+        """Stop watching the hub, drain the queue within ``grace``, then close the planner channel and the journal."""
+        if self.hub is not None:
+            self.hub.close()
         unfinished = self.queue.close(grace)
         if unfinished:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
@@ -91,7 +108,7 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
              provider: DesiredProvider, queue: GuestQueue, gate: GateSettings | None = None,
              engine: Settings | None = None, metrics: ExecutorMetrics | None = None,
              ledger: StopLedger | None = None, ops: OpSettings | None = None,
-             holders: Sequence[Callable[[], set[int]]] = ()) -> Parts:
+             holders: Sequence[Callable[[], set[int]]] = (), trust: TrustKeeper | None = None) -> Parts:
     """The parts, built in a straight line; with ``ops`` an op desk, the gate's clock and its challenge secret.
 
     The funnel (the gate's admission and the queue) is built before the desk and the engine, which both
@@ -99,7 +116,8 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     reload the trust store before each tick. The op verifier (the trust store in force, the nonce check)
     and the audience are built before the gate: the gate's lane verifies each op again through it, the
     desk hands it the ops it accepts. Nothing is handed a closure over a part built later.
-    ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's).
+    ``holders``: more guests the engine must not plan (besides the lane's unsettled ones and the desk's);
+    ``trust``: the trust keeper, when another part (the hub provider) verifies against it too.
     """
     gate_settings, engine_settings = gate or GateSettings(), engine or Settings()
     metrics = metrics or ExecutorMetrics()
@@ -109,8 +127,9 @@ def assemble(*, reader: PveReader, writer: PveWriter | None, journal: Journal | 
     port = journal_port(journal, metrics.journal_append.time)  # one port: a failed write switches it for everyone
     clock = GateClock(port, ops.state_dir) if ops is not None else None
     audience = Audience(reader, gate_settings.audience)  # one cache for the gate and the verifier
-    verifier = OpVerifier(trust=TrustKeeper(ops.trust_store, ops.state_dir), clock=clock, journal=port,
-                          audience=audience, skew=ops.skew) if ops is not None and clock is not None else None
+    keeper = trust or (TrustKeeper(ops.trust_store, ops.state_dir) if ops is not None else None)
+    verifier = OpVerifier(trust=keeper, clock=clock, journal=port, audience=audience,
+                          skew=ops.skew) if ops is not None and clock is not None and keeper is not None else None
     reads = ThreadPoolExecutor(max_workers=engine_settings.read_parallel, thread_name_prefix="pve-read")
     # The next starts' pending sections are read while the lanes run, one guest ahead per lane.
     ahead = ReadAhead(reader, reads, window=queue.max_parallel, fresh=engine_settings.read_ahead_fresh)
@@ -140,15 +159,33 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
         raise ConfigError("state_dir", f"the journal keeps nonces {journal.retention:.0f} s: it must outlive the "
                                        f"longest signed op ({OP_TTL_MAX:.0f} s)")
     reader = ProxmoxNode(conn, on_error=metrics.pve_error)
+    trust = TrustKeeper(settings.trust_store, settings.state_dir)  # one keeper: the op desk's and the hub's
+    hub = hub_provider(settings, reader, trust, metrics) if settings.hub else None
     gate = GateSettings(calls=CallSettings(shutdown_timeout=settings.shutdown_timeout, force_stop=settings.force_stop),
                         max_stops_per_tick=settings.max_stops_per_tick, audience=settings.executor_id,
                         stop_window=settings.interval, lost_grace=settings.lost_grace)
-    return assemble(reader=reader, writer=writer_for(reader.session), journal=journal, gate=gate, metrics=metrics,
-                    ledger=StopLedger.in_state_dir(settings.state_dir),
-                    planner=PlannerClient(settings.planner, tls=planner_tls(settings)),
-                    queue=GuestQueue(settings.max_parallel), provider=desired, engine=Settings(),
-                    ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
-                                   skew=settings.op_clock_skew))
+    parts = assemble(reader=reader, writer=writer_for(reader.session), journal=journal, gate=gate, metrics=metrics,
+                     ledger=StopLedger.in_state_dir(settings.state_dir),
+                     planner=PlannerClient(settings.planner, tls=planner_tls(settings)),
+                     queue=GuestQueue(settings.max_parallel), provider=hub or desired, engine=Settings(),
+                     ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
+                                    skew=settings.op_clock_skew), trust=trust)
+    return dataclasses.replace(parts, hub=hub)
+
+
+def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper,
+                 metrics: ExecutorMetrics) -> HubProvider:
+    """The hub's provider (not started); ConfigError when the held files in state_dir cannot be read."""
+    assert settings.hub is not None
+    hub = HubSettings(target=settings.hub, cluster=settings.hub_cluster, tls=hub_tls(settings),
+                      heartbeat=settings.hub_heartbeat)
+    try:
+        return HubProvider(hub, files=HeldFiles(Path(settings.state_dir)), trust=trust, metrics=metrics,
+                           audience=Audience(reader, settings.executor_id))
+    except HeldFileError as exc:
+        raise ConfigError("state_dir", f"{exc}: the hub version held here is unknown, so a rollback could not be "
+                                       "refused; restore the file, or remove it to take the hub's latest version "
+                                       "as new") from exc
 
 
 def dry_gate(reader: PveReader, settings: ExecutorSettings) -> Gate:

@@ -18,35 +18,26 @@ from dataclasses import dataclass
 import grpc
 
 from common.grpcserver import ClientTls
-
-
-@dataclass(frozen=True, slots=True)
-class PlannerCause:
-    """One row: a stable code (logs), what happened and what to do (naming the flag)."""
-
-    code: str
-    what: str
-    hint: str
-
+from executor.pve.failures import Cause
 
 CAUSES = {cause.code: cause for cause in (
-    PlannerCause("refused", "connection refused", "nothing listens there: check --planner and that pve-planner runs"),
-    PlannerCause("dns", "unknown host", "check the host name in --planner"),
-    PlannerCause("timeout", "no answer in time", "check --planner and the network to it"),
-    PlannerCause("tls_required", "the planner speaks TLS, this executor plaintext",
+    Cause("refused", "connection refused", "nothing listens there: check --planner and that pve-planner runs"),
+    Cause("dns", "unknown host", "check the host name in --planner"),
+    Cause("timeout", "no answer in time", "check --planner and the network to it"),
+    Cause("tls_required", "the planner speaks TLS, this executor plaintext",
                  "give --planner-tls (and --planner-ca: the CA of the planner's certificate)"),
-    PlannerCause("tls_not_spoken", "the planner speaks plaintext, this executor TLS",
+    Cause("tls_not_spoken", "the planner speaks plaintext, this executor TLS",
                  "drop --planner-tls/--planner-ca, or serve TLS from the planner (its --tls-cert and --tls-key)"),
-    PlannerCause("tls_untrusted", "the planner's TLS certificate is not trusted",
+    Cause("tls_untrusted", "the planner's TLS certificate is not trusted",
                  "give the CA that signed the planner's certificate with --planner-ca"),
-    PlannerCause("tls_client_cert_required", "the planner requires a client certificate (mutual TLS)",
+    Cause("tls_client_cert_required", "the planner requires a client certificate (mutual TLS)",
                  "give --planner-client-cert and --planner-client-key"),
-    PlannerCause("tls_client_cert_rejected", "the planner does not trust this executor's client certificate {cert}",
+    Cause("tls_client_cert_rejected", "the planner does not trust this executor's client certificate {cert}",
                  "give --planner-client-cert/--planner-client-key a pair signed by the CA of the planner's "
                  "--tls-client-ca"),
-    PlannerCause("tls_client_key", "the client key does not fit its certificate",
+    Cause("tls_client_key", "the client key does not fit its certificate",
                  "give --planner-client-cert and --planner-client-key from one pair"),
-    PlannerCause("closed", "the planner closed the connection", "check that --planner names the planner's port"),
+    Cause("closed", "the planner closed the connection", "check that --planner names the planner's port"),
 )}
 
 # gRPC's status details, first match wins; "closed" is refined by a probe (``probe``).

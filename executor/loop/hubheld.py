@@ -1,0 +1,89 @@
+"""The hub document a node holds, on disk: the last verified envelope and its ``Held`` line, in state_dir.
+
+Files written atomically (temporary, fsync, rename, fsync of the directory): the envelope of the new version
+(``hub-document.VERSION``) first, then the held line (``hub-held``, ``VERSION SHA256``), which is the commit
+point, then the envelopes of older versions are removed. A crash before the line leaves the old line and the
+old envelope in force (the hub sends the new version again); after it, the new ones. Nothing here verifies a
+signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.gate.files import write_private
+from safety import desireddoc
+from safety.desireddoc import Held
+from safety.refusal import Refused
+
+DOCUMENT_PREFIX = "hub-document."
+HELD_FILE = "hub-held"
+
+
+class HeldFileError(Exception):
+    """The held files exist but cannot be read or do not agree: the hub source refuses to start (no silent 0)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OnDisk:
+    """What the state directory holds: the floor (``held``) and the envelope bytes of that version (b"": none)."""
+
+    held: Held
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HeldFiles:
+    """The two files in ``state_dir``."""
+
+    state_dir: Path
+
+    @property
+    def held_path(self) -> Path:
+        """The ``VERSION SHA256`` line."""
+        return self.state_dir / HELD_FILE
+
+    def document_path(self, version: int) -> Path:
+        """The envelope bytes of ``version``, as the hub sent them."""
+        return self.state_dir / f"{DOCUMENT_PREFIX}{version}"
+
+    def load(self) -> OnDisk:
+        """The held version and its envelope; ``Held()`` when none was ever taken; HeldFileError when unreadable."""
+        try:
+            text = self.held_path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return OnDisk(held=Held(), envelope=b"")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HeldFileError(f"{self.held_path}: cannot read: {exc}") from exc
+        try:
+            held = Held.from_text(text)
+        except ValueError as exc:
+            raise HeldFileError(f"{self.held_path}: {exc}") from exc
+        return OnDisk(held=held, envelope=self._envelope(held))
+
+    def _envelope(self, held: Held) -> bytes:
+        """The envelope of ``held``, or b"" (the floor kept, no document) when it is missing or another version's."""
+        path = self.document_path(held.version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise HeldFileError(f"{path}: cannot read: {exc.strerror}") from exc
+        try:
+            sha256 = desireddoc.payload_sha256(desireddoc.parse_envelope(data))
+        except Refused:
+            return b""
+        return data if sha256 == held.sha256 else b""
+
+    def save(self, envelope: bytes, held: Held) -> None:
+        """The envelope, then the held line (the commit point), each atomically and synced."""
+        if hashlib.sha256(desireddoc.parse_envelope(envelope).payload).hexdigest() != held.sha256:
+            raise ValueError("the envelope is not the held version's")
+        write_private(self.document_path(held.version), envelope)
+        write_private(self.held_path, held.to_text().encode("ascii"))
+        for old in self.state_dir.glob(f"{DOCUMENT_PREFIX}*"):
+            if old.name != self.document_path(held.version).name:
+                old.unlink(missing_ok=True)
