@@ -184,6 +184,8 @@ class HubServicer(pb_grpc.HubServiceServicer):
             cluster = check_name("cluster", request.cluster)
             node = check_name("node", request.node)
             self._check_identity(context, node)
+            if self.feeds.stopping.is_set():  # a stream now would end at once: send the node elsewhere, or back later
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the hub is stopping")
             if self.feeds.watching() >= self.max_watchers:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"this hub holds {self.max_watchers} watchers, its most: try another replica")

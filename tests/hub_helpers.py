@@ -76,9 +76,9 @@ class Hub:
 
 
 @contextmanager
-def running_hub(store: Store, **options: object) -> Iterator[Hub]:
-    """A hub on 127.0.0.1 over ``store`` (closed after), and a channel to it."""
-    running = server.start("127.0.0.1:0", store, **options)  # type: ignore[arg-type]
+def running_hub(store: Store, listen: str = "127.0.0.1:0", **options: object) -> Iterator[Hub]:
+    """A hub on ``listen`` (default: a free port on 127.0.0.1) over ``store`` (closed after), and a channel to it."""
+    running = server.start(listen, store, **options)  # type: ignore[arg-type]
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield Hub(running, store, channel, pb_grpc.HubServiceStub(channel))
