@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -99,6 +99,7 @@ class Feeds:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._feeds: dict[str, _Feed] = {}
+        self._loading: dict[str, Future[Published | None]] = {}  # the read that starts a cluster's feed
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="hub-store")
 
     def read(self, call: Callable[..., T], *args: object) -> T:
@@ -115,12 +116,23 @@ class Feeds:
         StoreError when the feed must start and the store cannot be read.
         """
         with self._lock:
-            running = cluster in self._feeds
-        # Read outside the lock: a slow or unreachable store must not stall the streams of other clusters.
-        loaded = None if running else self.read(self._load, cluster)
+            loading = None
+            if cluster not in self._feeds:
+                # One read per starting feed, shared by every watcher that arrives meanwhile.
+                loading = self._loading.get(cluster)
+                if loading is None:
+                    loading = self._loading[cluster] = self._readers.submit(self._load, cluster)
+        # Wait outside the lock: a slow or unreachable store must not stall the streams of other clusters.
+        try:
+            loaded = loading.result() if loading is not None else None
+        except BaseException:
+            self._done_loading(cluster, loading)
+            raise
         with self._lock:
+            if loading is not None and self._loading.get(cluster) is loading:
+                del self._loading[cluster]
             feed = self._feeds.get(cluster)
-            if feed is None:  # (another subscriber may have started it meanwhile: then its current is as new)
+            if feed is None:
                 feed = _Feed(self, cluster, loaded)
                 self._feeds[cluster] = feed
                 feed.start()
@@ -129,6 +141,11 @@ class Feeds:
         if self.stopping.is_set():
             watcher.inbox.put(CLOSED)
         return watcher
+
+    def _done_loading(self, cluster: str, loading: Future[Published | None] | None) -> None:
+        with self._lock:
+            if loading is not None and self._loading.get(cluster) is loading:
+                del self._loading[cluster]
 
     def unsubscribe(self, watcher: Watcher) -> None:
         """The watcher's stream ended; its feed stops within WAIT_SLICE once it has no watchers."""
