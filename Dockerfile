@@ -12,6 +12,7 @@ COPY opctl ./opctl
 COPY journal ./journal
 COPY safety ./safety
 COPY hub ./hub
+COPY desiredfile ./desiredfile
 RUN python -m venv /opt/pve-reconcile \
  && /opt/pve-reconcile/bin/pip install --no-cache-dir --only-binary=:all: . \
  && /opt/pve-reconcile/bin/pip uninstall --yes pip

@@ -65,19 +65,11 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def desired_guests(text: str, name: str) -> int:
-    """How many guests a desired document declares, by the loader the daemon uses (DesiredStateError names
-    file and line): ``desired sign`` and ``desired verify`` check a hub document with it."""
-    from executor.loop.desired import parse  # noqa: PLC0415 (keeps `--help` fast)
-
-    return len(parse(text, name))
-
-
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit per command and per error
     """Entry point of ``pve-executor``."""
     args = parser().parse_args(argv)
     if args.command in opcli.COMMANDS:  # the operator's commands talk to the executor API, never to Proxmox
-        return opcli.main(args, desired_parser=desired_guests)
+        return opcli.main(args)
     command = ALIASES.get(args.command, args.command)
     from executor.app import daemon  # noqa: PLC0415 (keeps `--help` fast)
 

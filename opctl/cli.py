@@ -241,13 +241,8 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
-def main(args: argparse.Namespace, *, prog: str = "pve-executor",
-         desired_parser: Callable[[str, str], int] | None = None) -> int:
-    """Run one operator command; errors are one line on stderr naming the program and the command.
-
-    ``desired_parser`` is the executor's desired-file loader, handed in by ``pve-executor`` (opctl may not
-    import it): ``desired sign`` and ``desired verify`` check a document's text with it.
-    """
+def main(args: argparse.Namespace, *, prog: str = "pve-executor") -> int:
+    """Run one operator command; errors are one line on stderr naming the program and the command."""
     import grpc  # noqa: PLC0415 - see HANDLERS
 
     from common.config import ConfigError  # noqa: PLC0415
@@ -256,7 +251,6 @@ def main(args: argparse.Namespace, *, prog: str = "pve-executor",
 
     name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     args.prog = prog
-    args.desired_parser = desired_parser
     _timeouts(args)
     try:
         code = _handler(args)(args)

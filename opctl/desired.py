@@ -1,9 +1,9 @@
 """Hub documents offline: ``desired sign``, ``desired cosign`` and ``desired verify`` (docs/SAFETY.md §6.9).
 
-``desired sign`` checks the file with the executor's own loader before signing (``pve-executor`` hands it
-in as ``args.desired_parser``: opctl may not import the executor's loop), so a document that every node would
-NACK is never signed. ``sign_document`` is what the hub's ``apply`` calls too. ``desired verify`` runs the
-executor's checks against a copy of its trust store and, optionally, the version it holds.
+``desired sign`` checks the file with the loader every executor uses (``desiredfile``) before signing, so a
+document that every node would NACK is never signed. ``sign_document`` is what the hub's ``apply`` calls too.
+``desired verify`` runs the executor's checks against a copy of its trust store and, optionally, the version
+it holds.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import getpass
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+import desiredfile
 from opctl.doc import OpError, refusal_text, when
 from opctl.keys import load_private
 from opctl.sign import write_output
@@ -25,7 +25,6 @@ from safety import desireddoc, truststore
 from safety.refusal import Refused
 from safety.signedop import Envelope
 
-DesiredParser = Callable[[str, str], int]  # (text, name) -> guests declared; ValueError naming file:line
 # The flag of ``desired sign`` that sets each document field, to name it when the field is refused.
 FLAGS = {"cluster": "--cluster", "version": "--version", "role": "--role", "author": "--author",
          "message": "--message", "previous_sha256": "--previous-sha256", "desired": "FILE"}
@@ -55,13 +54,11 @@ def read_desired(path: str) -> str:
         raise OpError(f"FILE {path}: not UTF-8 at byte {exc.start}") from exc
 
 
-def check_desired(parser: DesiredParser | None, text: str, name: str) -> int:
+def check_desired(text: str, name: str) -> int:
     """The guests ``text`` declares, by the executor's loader; OpError naming file and line when it refuses it."""
-    if parser is None:
-        raise OpError("checking a desired file needs the executor's loader: run pve-executor desired ...")
     try:
-        return parser(text, name)
-    except ValueError as exc:
+        return len(desiredfile.parse(text, name))
+    except desiredfile.DesiredFileError as exc:
         raise OpError(str(exc)) from exc
 
 
@@ -77,7 +74,7 @@ def sign_document(text: str, key: Ed25519PrivateKey, *, cluster: str, version: i
 def sign(args: argparse.Namespace) -> int:
     """``desired sign FILE``: check it, sign it, write the envelope; its sha256 is printed for the next version."""
     text = read_desired(args.file)
-    guests = check_desired(getattr(args, "desired_parser", None), text, args.file)
+    guests = check_desired(text, args.file)
     key = load_private(args.key, args.passphrase_file)
     author = args.author or f"{getpass.getuser()}@{socket.gethostname()}"
     try:
@@ -144,7 +141,7 @@ def verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise OpError(f"--held-version/--held-sha256: {exc}") from exc
     document = verified.document
-    guests = check_desired(getattr(args, "desired_parser", None), document.desired,
+    guests = check_desired(document.desired,
                            f"{args.envelope} (version {document.version})")
     print(f"VERIFIED (trust store v{store.version}){' (the version held: nothing new)' if verified.unchanged else ''}")
     print(f"  cluster {document.cluster}, version {document.version}, {guests} guests, sha256 {verified.sha256}")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from executor.loop.configschema import GUEST_TYPES, key_problem
+from desiredfile.configschema import GUEST_TYPES, key_problem
 from executor.loop.desired import Declared, DesiredStateError, FileProvider, check_types, parse
 from safety.grammar import key_spec
 

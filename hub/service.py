@@ -1,0 +1,288 @@
+"""hub.v1.HubService over a Store: the hub is a courier, so it checks a document's sequence, never its signature.
+
+Errors map to gRPC codes by table (``CODES``): bad input is INVALID_ARGUMENT naming the field, a lost race
+FAILED_PRECONDITION naming both versions, a database that cannot be reached UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from hub import documents
+from hub.documents import HubRefusal
+from hub.feeds import CLOSED, Feeds, Published, Watcher
+from hub.metrics import HubMetrics
+from hub.store import (
+    DocumentTooLarge,
+    InvalidArgumentError,
+    NodeReport,
+    SchemaTooNewError,
+    Store,
+    StoreError,
+    StoreUnavailableError,
+    UnknownVersionError,
+    VersionConflict,
+)
+from hub.store.model import check_name
+from hub.v1 import hub_pb2 as pb
+from hub.v1 import hub_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("hub.service")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HubService"].full_name
+DEFAULT_HEARTBEAT = 10.0  # seconds between heartbeats on a quiet Watch stream
+DEFAULT_HISTORY = 20
+# The store's refusals, as gRPC codes (most specific first: the first class the error is an instance of).
+CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (DocumentTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnknownVersionError, grpc.StatusCode.OUT_OF_RANGE),
+    (SchemaTooNewError, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreError, grpc.StatusCode.INTERNAL),
+)
+OUTCOMES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.FAILED_PRECONDITION: "conflict",
+            grpc.StatusCode.UNAVAILABLE: "unavailable"}
+T = TypeVar("T")
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and message of a refusal (HubRefusal, a store error or bad input)."""
+    if isinstance(exc, HubRefusal):
+        return exc.code, exc.message
+    code = next((code for kind, code in CODES if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    if isinstance(exc, DocumentTooLarge):
+        return code, f"envelope: {exc}; nothing stored"
+    return code, str(exc)
+
+
+def _mapped(method: Callable[..., T]) -> Callable[..., T]:
+    """A unary method whose refusals become the gRPC status CODES says."""
+    @functools.wraps(method)
+    def call(self: HubServicer, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except (HubRefusal, StoreError, InvalidArgumentError) as exc:
+            code, message = status_of(exc)
+            log.info("hub.refused", method=method.__name__, code=code.name, reason=message)
+            context.abort(code, message)
+            raise  # abort raises; this line is for the type checker
+    return call
+
+
+def _report(report: NodeReport) -> pb.NodeStatus:
+    return pb.NodeStatus(node=report.node, held_version=report.held, reported_version=report.version, ok=report.ok,
+                         reason=report.reason, last_seen_unix_ms=int(report.last_seen.timestamp() * 1000))
+
+
+def identities(context: grpc.ServicerContext) -> set[str]:
+    """The client certificate's names (its CN and SANs); empty without mutual TLS."""
+    auth = context.auth_context() or {}
+    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", []),
+             *(context.peer_identities() or [])]
+    return {bytes(name).decode("utf-8", "replace") for name in names}
+
+
+class HubServicer(pb_grpc.HubServiceServicer):
+    """The hub's gRPC surface over one Store; Watch streams share one feed per cluster (hub.feeds)."""
+
+    def __init__(self, store: Store, *, metrics: HubMetrics | None = None, heartbeat: float = DEFAULT_HEARTBEAT,
+                 mutual_tls: bool = False, max_watchers: int = 1024) -> None:
+        self.store, self.metrics = store, metrics or HubMetrics()
+        self.feeds = Feeds(store)
+        self.heartbeat, self.mutual_tls, self.max_watchers = heartbeat, mutual_tls, max_watchers
+        self._seen_lock = threading.Lock()
+        self._seen: dict[tuple[str, str], float] = {}  # (cluster, node) -> last Watch activity, this replica
+
+    def _db(self, call: Callable[..., T], *args: object) -> T:
+        """A store call on the store's own few threads: the many threads that serve calls and hold Watch streams
+        never each open a database connection (SQLite's are per thread)."""
+        return self.feeds.read(call, *args)
+
+    def close(self) -> None:
+        """End every Watch stream and stop the feeds."""
+        self.feeds.close()
+
+    def release(self) -> None:
+        """Stop the store's threads, once the server has stopped."""
+        self.feeds.release()
+
+    # -- Apply ---------------------------------------------------------------------------------------------------
+
+    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        """Store the envelope as the next version, after the courier's checks; the outcome is counted."""
+        try:
+            response = self._apply(request)
+        except (HubRefusal, StoreError, InvalidArgumentError) as exc:
+            code, message = status_of(exc)
+            self.metrics.applies.labels(OUTCOMES.get(code, "error")).inc()
+            log.info("hub.apply_refused", cluster=request.cluster[:64], code=code.name, reason=message)
+            context.abort(code, message)
+            raise
+        self.metrics.applies.labels("ok").inc()
+        return response
+
+    def _apply(self, request: pb.ApplyRequest) -> pb.ApplyResponse:
+        cluster = check_name("cluster", request.cluster)
+        expected = request.expected_version
+        checked = documents.parse(request.envelope, self.store.max_envelope_bytes)
+        documents.check_next(checked, cluster=cluster, expected_version=expected)
+        latest = self._db(self.store.get, cluster)
+        current = latest.version if latest is not None else 0
+        if current != expected:
+            raise VersionConflict(cluster, expected, current)
+        documents.check_previous(checked, latest)
+        document = checked.document
+        stored = self._db(self.store.append, cluster, expected, request.envelope, document.author, document.message)
+        documents.remember(stored, checked.payload_sha256)
+        log.info("hub.applied", cluster=cluster, version=stored.version, payload_sha256=checked.payload_sha256,
+                 author=document.author, size=len(request.envelope))
+        return pb.ApplyResponse(version=stored.version, payload_sha256=checked.payload_sha256)
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    @_mapped
+    def GetDocument(self, request: pb.GetDocumentRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.GetDocumentResponse:
+        """One version (0: the latest); NOT_FOUND when there is none."""
+        cluster = check_name("cluster", request.cluster)
+        version = self._db(self.store.get, cluster, request.version or None)
+        if version is None:
+            which = f"version {request.version}" if request.version else "any version"
+            raise HubRefusal(grpc.StatusCode.NOT_FOUND, f"version: cluster {cluster} has no {which}")
+        return pb.GetDocumentResponse(document=documents.to_document(version))
+
+    @_mapped
+    def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:  # noqa: N802
+        """Versions newest first, without their envelopes."""
+        cluster = check_name("cluster", request.cluster)
+        entries = self._db(self.store.history, cluster, request.limit or DEFAULT_HISTORY, request.before or None)
+        return pb.HistoryResponse(entries=[documents.to_entry(entry, self._payload_sha(entry.cluster, entry.version,
+                                                                                      entry.sha256))
+                                           for entry in entries])
+
+    def _payload_sha(self, cluster: str, version: int, envelope_sha: str) -> str:
+        known = documents.known_sha(cluster, version, envelope_sha)
+        if known is not None:
+            return known
+        stored = self._db(self.store.get, cluster, version)
+        return documents.payload_sha256(stored) if stored is not None else ""
+
+    # -- Watch ---------------------------------------------------------------------------------------------------
+
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchEvent]:  # noqa: N802
+        """The latest document if newer than since_version, then each new one, heartbeats between."""
+        try:
+            cluster = check_name("cluster", request.cluster)
+            node = check_name("node", request.node)
+            self._check_identity(context, node)
+            if self.feeds.stopping.is_set():  # a stream now would end at once: send the node elsewhere, or back later
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the hub is stopping")
+            if self.feeds.watching() >= self.max_watchers:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this hub holds {self.max_watchers} watchers, its most: try another replica")
+            watcher = self.feeds.subscribe(cluster)  # before reading the store: no append falls between
+        except (StoreError, InvalidArgumentError) as exc:
+            code, message = status_of(exc)
+            context.abort(code, message)
+            raise
+        context.add_callback(functools.partial(self.feeds.unsubscribe, watcher))
+        self.metrics.watchers.inc()
+        log.info("hub.watch_started", cluster=cluster, node=node, since_version=request.since_version)
+        try:
+            yield from self._stream(watcher, node, request.since_version)
+        finally:
+            self.feeds.unsubscribe(watcher)
+            self.metrics.watchers.dec()
+            log.info("hub.watch_ended", cluster=cluster, node=node)
+
+    def _stream(self, watcher: Watcher, node: str, since: int) -> Iterator[pb.WatchEvent]:
+        cluster, held = watcher.cluster, since
+        self._touch(cluster, node)
+        current = watcher.current
+        latest = current.version if current is not None else 0
+        if since > latest:
+            # The node is ahead of this hub (a restored database, another hub): it keeps its version; newer ones
+            # still reach it, and heartbeats show it the hub's latest.
+            log.warning("hub.watcher_ahead", cluster=cluster, node=node, since_version=since, latest=latest)
+        # The first event comes at once, a document or a heartbeat: the node knows it is connected and what the
+        # hub holds without waiting a heartbeat interval.
+        if current is not None and current.version > since:
+            yield self._send(current, cluster, node)
+            held = current.version
+        else:
+            yield self._beat(cluster, held)
+        beat_at = time.monotonic() + self.heartbeat
+        while True:
+            try:
+                item = watcher.inbox.get(timeout=max(0.0, beat_at - time.monotonic()))
+            except queue.Empty:
+                yield self._beat(cluster, held)
+                self._touch(cluster, node)
+                beat_at = time.monotonic() + self.heartbeat
+                continue
+            if item is CLOSED:
+                return
+            if item.version > held:
+                yield self._send(item, cluster, node)
+                held = item.version
+
+    def _beat(self, cluster: str, held: int) -> pb.WatchEvent:
+        latest = self.feeds.latest(cluster)
+        return pb.WatchEvent(heartbeat=pb.Heartbeat(latest_version=latest if latest is not None else held,
+                                                    at_unix_ms=int(time.time() * 1000)))
+
+    def _send(self, published: Published, cluster: str, node: str) -> pb.WatchEvent:
+        self.metrics.sent.inc()
+        log.info("hub.document_sent", cluster=cluster, node=node, version=published.version)
+        return published.event
+
+    def _touch(self, cluster: str, node: str) -> None:
+        with self._seen_lock:
+            self._seen[(cluster, node)] = time.time()
+
+    def _check_identity(self, context: grpc.ServicerContext, node: str) -> None:
+        """With mutual TLS, ``node`` must be a name of the client certificate (its CN or a SAN)."""
+        if not self.mutual_tls:
+            return
+        names = identities(context)
+        if node not in names:
+            log.warning("hub.identity_refused", node=node, certificate=sorted(names))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"node: {node} is not a name of the client certificate ({', '.join(sorted(names))})")
+
+    # -- Report and Status ---------------------------------------------------------------------------------------
+
+    @_mapped
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:  # noqa: N802
+        """Record a node's ACK or NACK (a NACK must give its reason)."""
+        cluster = check_name("cluster", request.cluster)
+        node = check_name("node", request.node)
+        self._check_identity(context, node)
+        reason = ": ".join(part for part in (request.reason, request.detail) if part)
+        report = self._db(self.store.record_ack, cluster, node, request.version, request.ok, reason)
+        self.metrics.reports.labels("ack" if request.ok else "nack").inc()
+        log.info("hub.reported", cluster=cluster, node=node, version=request.version, ok=request.ok,
+                 reason=request.reason)
+        return pb.ReportResponse(node=_report(report))
+
+    @_mapped
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
+        """Per node: the version held, the last ACK/NACK and when it was last seen (reported, or watched here)."""
+        cluster = check_name("cluster", request.cluster)
+        latest = self._db(self.store.latest, cluster)
+        nodes = {report.node: _report(report) for report in self._db(self.store.nodes, cluster)}
+        with self._seen_lock:
+            seen = {node: at for (name, node), at in self._seen.items() if name == cluster}
+        for node, at in seen.items():
+            entry = nodes.setdefault(node, pb.NodeStatus(node=node))
+            entry.last_seen_unix_ms = max(entry.last_seen_unix_ms, int(at * 1000))
+        return pb.StatusResponse(latest_version=latest, nodes=[nodes[name] for name in sorted(nodes)])
