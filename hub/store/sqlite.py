@@ -104,6 +104,20 @@ def _report(row: Any) -> NodeReport:
                       last_seen=_time(row[6]))
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL; retried, as SQLite answers "database is locked" at once (no busy handler) while
+    another connection opening the same new file switches it too (replicas starting together)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteStore:
     """The Store on one SQLite file: WAL, a connection per thread, full fsync on commit.
 
@@ -127,7 +141,7 @@ class SqliteStore:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         try:
             conn = self._conn()
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             before, after = migrate(conn)
         except BaseException:
             self.close()
