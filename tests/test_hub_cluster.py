@@ -34,10 +34,10 @@ NODES = ("pve1", "pve2", "pve3", "pve4")
 GUESTS = {"pve1": 100, "pve2": 200, "pve3": 300, "pve4": 400}
 
 
-def desired(tags: dict[int, str] | None = None) -> str:
-    """Every guest running (with ``tags`` for some: applied at once on a running guest, no pending change)."""
+def desired(tags: dict[int, str] | None = None, vmids: tuple[int, ...] = tuple(GUESTS.values())) -> str:
+    """``vmids`` running (with ``tags`` for some: applied at once on a running guest, no pending change)."""
     lines = ["guests:"]
-    for vmid in GUESTS.values():
+    for vmid in vmids:
         lines += [f"  - vmid: {vmid}", "    state: running"]
         if tags and vmid in tags:
             lines += ["    config:", f"      tags: '{tags[vmid]}'"]
