@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck layers protos protos-check bench clean
+.PHONY: demo demo-hub test lint typecheck layers protos protos-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+demo-hub: $(STAMP)
+	$(BIN)/python scripts/demo_hub.py
 
 test: $(STAMP) lint typecheck layers protos-check
 	$(BIN)/python -m pytest
