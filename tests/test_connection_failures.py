@@ -63,7 +63,7 @@ def _cases(fakepve: Any, silent: int) -> dict[str, Case]:
         "dns": Case("https://nonexistent.invalid:8006", ("unknown host", "--pve-url")),
         "timeout": Case(f"https://127.0.0.1:{silent}", ("no answer within 1 s", "--pve-timeout"),
                         extra=("--pve-timeout", "1")),
-        "auth": Case(here, ("401", TOKEN, "--pve-token-id", "--pve-token-file"), secret=WRONG),
+        "auth": Case(here, ("(401", TOKEN, "--pve-token-id", "--pve-token-file"), secret=WRONG),
     }
 
 
