@@ -18,6 +18,7 @@ from executor.gate.kinds import CallSettings
 from executor.loop.desired import Declared, DesiredProvider, StaticProvider
 from executor.loop.engine import Engine
 from executor.loop.funnel import Settings
+from executor.loop.hub import HubProvider
 from executor.loop.planner_client import PlannerClient
 from executor.loop.queue import GuestQueue
 from executor.pve.node import Connection, Credentials, ProxmoxNode
@@ -171,3 +172,12 @@ def _pg_server() -> Iterator[Any]:
         yield server
     finally:
         pgserver.stop(server)
+
+
+@pytest.fixture(name="providers")
+def _providers() -> Iterator[list[HubProvider]]:
+    """The hub providers a test made (append each): closed at its end."""
+    made: list[HubProvider] = []
+    yield made
+    for provider in made:
+        provider.close()

@@ -4,7 +4,7 @@ the node's ACK and NACK show in Status, and a hub restarted on the same state di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,14 +30,6 @@ def _trust(tmp_path: Path) -> TrustKeeper:
     state = tmp_path / "node"
     state.mkdir()
     return TrustKeeper(str(write_store(tmp_path, store_doc())), str(state))
-
-
-@pytest.fixture(name="providers")
-def _providers() -> Iterator[list[HubProvider]]:
-    made: list[HubProvider] = []
-    yield made
-    for provider in made:
-        provider.close()
 
 
 def apply(hub: Hub, envelope: bytes, expected: int) -> pb.ApplyResponse:

@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from executor.loop.engine import Engine
 from executor.loop.hub import HubProvider, HubSettings
@@ -75,14 +74,6 @@ class Node:
 def acks(node: Node) -> float:
     """The ACKs this node's provider sent."""
     return metric(node.metrics, "pve_executor_hub_reports_total", verdict="ack", reason="none")
-
-
-@pytest.fixture(name="providers")
-def _providers() -> Iterator[list[HubProvider]]:
-    made: list[HubProvider] = []
-    yield made
-    for provider in made:
-        provider.close()
 
 
 def apply(port: int, text: str, version: int, previous: str) -> str:

@@ -224,14 +224,6 @@ def _trust(tmp_path: Path) -> TrustKeeper:
     return TrustKeeper(str(write_store(tmp_path, store_doc())), str(state))
 
 
-@pytest.fixture(name="providers")
-def _providers() -> Iterator[list[HubProvider]]:
-    made: list[HubProvider] = []
-    yield made
-    for provider in made:
-        provider.close()
-
-
 def make_provider(made: list[HubProvider], port: int, trust: TrustKeeper, state: Path, *,
                   metrics: ExecutorMetrics | None = None, base: float = 0.05) -> HubProvider:
     """A started provider towards 127.0.0.1:``port`` keeping its files in ``state``: it expects a heartbeat every

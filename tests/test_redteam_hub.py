@@ -37,7 +37,6 @@ from tests.test_hub_provider import (  # noqa: F401  (fixtures)
     Make,
     Served,
     TestHub,
-    _providers,
     _served,
     _trust,
     document,
