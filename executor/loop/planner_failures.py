@@ -25,18 +25,18 @@ CAUSES = {cause.code: cause for cause in (
     Cause("dns", "unknown host", "check the host name in --planner"),
     Cause("timeout", "no answer in time", "check --planner and the network to it"),
     Cause("tls_required", "the planner speaks TLS, this executor plaintext",
-                 "give --planner-tls (and --planner-ca: the CA of the planner's certificate)"),
+          "give --planner-tls (and --planner-ca: the CA of the planner's certificate)"),
     Cause("tls_not_spoken", "the planner speaks plaintext, this executor TLS",
-                 "drop --planner-tls/--planner-ca, or serve TLS from the planner (its --tls-cert and --tls-key)"),
+          "drop --planner-tls/--planner-ca, or serve TLS from the planner (its --tls-cert and --tls-key)"),
     Cause("tls_untrusted", "the planner's TLS certificate is not trusted",
-                 "give the CA that signed the planner's certificate with --planner-ca"),
+          "give the CA that signed the planner's certificate with --planner-ca"),
     Cause("tls_client_cert_required", "the planner requires a client certificate (mutual TLS)",
-                 "give --planner-client-cert and --planner-client-key"),
+          "give --planner-client-cert and --planner-client-key"),
     Cause("tls_client_cert_rejected", "the planner does not trust this executor's client certificate {cert}",
-                 "give --planner-client-cert/--planner-client-key a pair signed by the CA of the planner's "
-                 "--tls-client-ca"),
+          "give --planner-client-cert/--planner-client-key a pair signed by the CA of the planner's "
+          "--tls-client-ca"),
     Cause("tls_client_key", "the client key does not fit its certificate",
-                 "give --planner-client-cert and --planner-client-key from one pair"),
+          "give --planner-client-cert and --planner-client-key from one pair"),
     Cause("closed", "the planner closed the connection", "check that --planner names the planner's port"),
 )}
 
