@@ -76,6 +76,12 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+# gRPC Python shares one subchannel per address across every channel of a process: a channel made after a
+# failed connection to that address (a peer that was down, a port used before) inherits its backoff and fails
+# at once with the stale "Connection refused". Each client keeps its own.
+OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
+
+
 def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     """gRPC channel credentials (system CAs unless ``ca``; a client certificate when given)."""
     ca, cert, key = tls.names

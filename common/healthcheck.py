@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import ConfigError
-from common.grpcserver import ClientTls, channel_credentials, pair
+from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials, pair
 from common.version import add_version
 
 ADDRESS_VARIABLE = "PVE_HEALTH_ADDRESS"
@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = (ClientTls(ca=args.ca, cert=args.client_cert, key=args.client_key,
                          names=("ca", "client_cert", "client_key"))
                if args.ca or args.client_cert or args.client_key else None)
-        channel = (grpc.secure_channel(args.address, channel_credentials(tls)) if tls
-                   else grpc.insecure_channel(args.address))
+        channel = (grpc.secure_channel(args.address, channel_credentials(tls), options=[OWN_SUBCHANNELS]) if tls
+                   else grpc.insecure_channel(args.address, options=[OWN_SUBCHANNELS]))
     except ConfigError as exc:
         print(f"pve-healthcheck: {exc}", file=sys.stderr)
         return 2

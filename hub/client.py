@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 import desiredfile
-from common.grpcserver import ClientTls, channel_credentials
+from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials
 from hub.server import MAX_MESSAGE_BYTES
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
@@ -44,7 +44,7 @@ class Failed(Exception):  # noqa: N818 (what the command exits 1 for)
 @contextmanager
 def _stub(args: argparse.Namespace) -> Iterator[pb_grpc.HubServiceStub]:
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), OWN_SUBCHANNELS]
     if args.hub_ca or args.hub_client_cert:
         tls = ClientTls(ca=args.hub_ca, cert=args.hub_client_cert, key=args.hub_client_key, names=HUB_CLIENT)
         channel = grpc.secure_channel(args.hub, channel_credentials(tls), options=options)

@@ -9,6 +9,7 @@ from executor.loop.planner_client import PlannerClient, PlannerUnavailableError
 from planner import server
 from tests.builders import ONE_GUEST
 from tests.certs import Pki
+from tests.executor_helpers import unused_port
 
 
 def test_mutual_tls_between_executor_and_planner(mtls_planner: server.Running, pki: Pki) -> None:
@@ -55,3 +56,19 @@ def test_two_planners_behind_one_channel_and_one_going_away() -> None:
         assert served(second) == before + 10
     finally:
         server.stop(second, 1)
+
+
+def test_a_planner_started_where_another_client_was_refused_is_reached_at_once() -> None:
+    """gRPC shares a subchannel per address across a process's channels: without a pool of its own, a client made
+    after a refused connection to that address (a planner that was down, a port used before) inherits the stale
+    failure and its backoff, and its first tick reports ``connection refused`` while the planner serves."""
+    port = unused_port()
+    earlier = PlannerClient(f"127.0.0.1:{port}", deadline=2, attempts=1)  # still open, as another test's may be
+    with pytest.raises(PlannerUnavailableError):
+        earlier.plan(*ONE_GUEST)
+    running = server.start(f"127.0.0.1:{port}")
+    try:
+        assert PlannerClient(f"127.0.0.1:{port}", deadline=5, attempts=1).plan(*ONE_GUEST).actions
+    finally:
+        server.stop(running, 1)
+        earlier.close()

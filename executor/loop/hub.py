@@ -30,7 +30,7 @@ from typing import Protocol
 import grpc
 import structlog
 
-from common.grpcserver import ClientTls, channel_credentials
+from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials
 from executor.loop.desired import Declared, DesiredStateError, parse
 from executor.loop.hubheld import HeldFiles
 from executor.metrics import ExecutorMetrics
@@ -381,4 +381,4 @@ def _code(exc: grpc.RpcError) -> str:
     return str((exc.code() or grpc.StatusCode.UNKNOWN).name)
 
 
-_OPTIONS = [("grpc.max_receive_message_length", desireddoc.MAX_ENVELOPE + (1 << 20))]
+_OPTIONS = [("grpc.max_receive_message_length", desireddoc.MAX_ENVELOPE + (1 << 20)), OWN_SUBCHANNELS]

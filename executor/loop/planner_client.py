@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from common.grpcserver import ClientTls, channel_credentials
+from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials
 from executor.errors import ExecutorError, PermanentError, TemporaryError
 from executor.loop.desired import Declared
 from executor.loop.planner_failures import diagnose
@@ -74,7 +74,7 @@ class PlannerClient:
         # round_robin: a DNS name or an ipv4:A,B list of several stateless planners spreads the calls,
         # and a planner that goes away is skipped by the channel.
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.lb_policy_name", "round_robin")]
+                   ("grpc.lb_policy_name", "round_robin"), OWN_SUBCHANNELS]
         self._channel = (grpc.secure_channel(target, channel_credentials(tls), options=options) if tls
                          else grpc.insecure_channel(target, options=options))
         self._stub = pb_grpc.PlannerServiceStub(self._channel)
