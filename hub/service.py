@@ -286,3 +286,32 @@ class HubServicer(pb_grpc.HubServiceServicer):
             entry = nodes.setdefault(node, pb.NodeStatus(node=node))
             entry.last_seen_unix_ms = max(entry.last_seen_unix_ms, int(at * 1000))
         return pb.StatusResponse(latest_version=latest, nodes=[nodes[name] for name in sorted(nodes)])
+
+    # -- the fleet view (issue 17: built by the next commits) ----------------------------------------------------
+
+    def ReportState(self, request: pb.StateReport, context: grpc.ServicerContext) -> pb.StateReportResponse:  # noqa: N802
+        """Not served yet."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReportState: not served by this hub yet")
+        raise AssertionError
+
+    def GetNode(self, request: pb.GetNodeRequest, context: grpc.ServicerContext) -> pb.GetNodeResponse:  # noqa: N802
+        """Not served yet."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetNode: not served by this hub yet")
+        raise AssertionError
+
+    def ListPending(self, request: pb.ListPendingRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.ListPendingResponse:
+        """Not served yet."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListPending: not served by this hub yet")
+        raise AssertionError
+
+    def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:  # noqa: N802
+        """Not served yet."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "SubmitOp: not served by this hub yet")
+        raise AssertionError
+
+    def GetOpStatus(self, request: pb.GetOpStatusRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.GetOpStatusResponse:
+        """Not served yet."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetOpStatus: not served by this hub yet")
+        raise AssertionError

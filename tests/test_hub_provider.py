@@ -180,6 +180,33 @@ class TestHub(pb_grpc.HubServiceServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
         return pb.StatusResponse()
 
+    def ReportState(self, request: pb.StateReport, context: grpc.ServicerContext) -> pb.StateReportResponse:
+        """Not this stand-in's part (a node keeps working when its hub does not take reports)."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.StateReportResponse()
+
+    def GetNode(self, request: pb.GetNodeRequest, context: grpc.ServicerContext) -> pb.GetNodeResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.GetNodeResponse()
+
+    def ListPending(self, request: pb.ListPendingRequest,
+                    context: grpc.ServicerContext) -> pb.ListPendingResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.ListPendingResponse()
+
+    def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.SubmitOpResponse()
+
+    def GetOpStatus(self, request: pb.GetOpStatusRequest,
+                    context: grpc.ServicerContext) -> pb.GetOpStatusResponse:
+        """Not this stand-in's part."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a stand-in")
+        return pb.GetOpStatusResponse()
+
     def since(self) -> list[int]:
         """The since_version of every Watch, in order."""
         return [request.since_version for _, request in self.watches]

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hub/v1/hub.proto\x12\x06hub.v1\"K\n\x0c\x41pplyRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"8\n\rApplyResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"6\n\x12GetDocumentRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8f\x01\n\x08\x44ocument\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x16\n\x0estored_unix_ms\x18\x07 \x01(\x03\"9\n\x13GetDocumentResponse\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.hub.v1.Document\"@\n\x0eHistoryRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x03 \x01(\x04\"~\n\x0cHistoryEntry\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0estored_unix_ms\x18\x06 \x01(\x03\"8\n\x0fHistoryResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.hub.v1.HistoryEntry\"D\n\x0cWatchRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x15\n\rsince_version\x18\x03 \x01(\x04\"c\n\nWatchEvent\x12$\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.hub.v1.DocumentH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.hub.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"7\n\tHeartbeat\x12\x16\n\x0elatest_version\x18\x01 \x01(\x04\x12\x12\n\nat_unix_ms\x18\x02 \x01(\x03\"k\n\rReportRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"2\n\x0eReportResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.hub.v1.NodeStatus\" \n\rStatusRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"\x81\x01\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cheld_version\x18\x02 \x01(\x04\x12\x18\n\x10reported_version\x18\x03 \x01(\x04\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x06 \x01(\x03\"K\n\x0eStatusResponse\x12\x16\n\x0elatest_version\x18\x01 \x01(\x04\x12!\n\x05nodes\x18\x02 \x03(\x0b\x32\x12.hub.v1.NodeStatus2\xed\x02\n\nHubService\x12\x34\n\x05\x41pply\x12\x14.hub.v1.ApplyRequest\x1a\x15.hub.v1.ApplyResponse\x12\x46\n\x0bGetDocument\x12\x1a.hub.v1.GetDocumentRequest\x1a\x1b.hub.v1.GetDocumentResponse\x12:\n\x07History\x12\x16.hub.v1.HistoryRequest\x1a\x17.hub.v1.HistoryResponse\x12\x33\n\x05Watch\x12\x14.hub.v1.WatchRequest\x1a\x12.hub.v1.WatchEvent0\x01\x12\x37\n\x06Report\x12\x15.hub.v1.ReportRequest\x1a\x16.hub.v1.ReportResponse\x12\x37\n\x06Status\x12\x15.hub.v1.StatusRequest\x1a\x16.hub.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hub/v1/hub.proto\x12\x06hub.v1\"K\n\x0c\x41pplyRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"8\n\rApplyResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"6\n\x12GetDocumentRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8f\x01\n\x08\x44ocument\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x16\n\x0estored_unix_ms\x18\x07 \x01(\x03\"9\n\x13GetDocumentResponse\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.hub.v1.Document\"@\n\x0eHistoryRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x03 \x01(\x04\"~\n\x0cHistoryEntry\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0estored_unix_ms\x18\x06 \x01(\x03\"8\n\x0fHistoryResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.hub.v1.HistoryEntry\"D\n\x0cWatchRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x15\n\rsince_version\x18\x03 \x01(\x04\"\x89\x01\n\nWatchEvent\x12$\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.hub.v1.DocumentH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.hub.v1.HeartbeatH\x00\x12$\n\x08\x64\x65livery\x18\x03 \x01(\x0b\x32\x10.hub.v1.DeliveryH\x00\x42\x07\n\x05\x65vent\"L\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x02 \x01(\x0c\x12\x19\n\x11submitted_unix_ms\x18\x03 \x01(\x03\"7\n\tHeartbeat\x12\x16\n\x0elatest_version\x18\x01 \x01(\x04\x12\x12\n\nat_unix_ms\x18\x02 \x01(\x03\"k\n\rReportRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"2\n\x0eReportResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.hub.v1.NodeStatus\" \n\rStatusRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"\xad\x02\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cheld_version\x18\x02 \x01(\x04\x12\x18\n\x10reported_version\x18\x03 \x01(\x04\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x12\x1b\n\x13last_report_unix_ms\x18\x08 \x01(\x03\x12\x1f\n\x17report_interval_seconds\x18\t \x01(\x01\x12\r\n\x05stale\x18\n \x01(\x08\x12!\n\x06guests\x18\x0b \x03(\x0b\x32\x11.hub.v1.SyncCount\x12\x14\n\x0ctick_outcome\x18\x0c \x01(\t\x12\x12\n\ntick_error\x18\r \x01(\t\"<\n\tSyncCount\x12 \n\x05state\x18\x01 \x01(\x0e\x32\x11.hub.v1.SyncState\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"h\n\x07KeyDiff\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tual\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63lared_absent\x18\x04 \x01(\x08\x12\x15\n\ractual_absent\x18\x05 \x01(\x08\"\xe3\x01\n\x0fPendingApproval\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04vmid\x18\x02 \x01(\r\x12\x0f\n\x07op_kind\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63tion_class\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x12\n\ndescriptor\x18\x07 \x01(\x0c\x12\x19\n\x11\x64\x65scriptor_sha256\x18\x08 \x01(\t\x12\x11\n\tchallenge\x18\t \x01(\t\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\n \x01(\x03\x12\x10\n\x08\x61udience\x18\x0b \x01(\t\"\xf8\x01\n\nGuestState\x12\x0c\n\x04vmid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12 \n\x05state\x18\x04 \x01(\x0e\x32\x11.hub.v1.SyncState\x12\x1e\n\x05\x64iffs\x18\x05 \x03(\x0b\x32\x0f.hub.v1.KeyDiff\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12(\n\x07pending\x18\x08 \x03(\x0b\x32\x17.hub.v1.PendingApproval\x12\x1a\n\x12\x64\x65\x63lared_run_state\x18\t \x01(\t\x12\x18\n\x10\x61\x63tual_run_state\x18\n \x01(\t\"\xb2\x01\n\x08OpReport\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04vmid\x18\x02 \x01(\r\x12\x0f\n\x07op_kind\x18\x03 \x01(\t\x12\x0c\n\x04\x66\x61te\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0c\n\x04upid\x18\x07 \x01(\t\x12\x12\n\nat_unix_ms\x18\x08 \x01(\x03\x12\x16\n\x0epayload_sha256\x18\t \x01(\t\x12\x0f\n\x07signers\x18\n \x03(\t\"f\n\x0e\x44\x65liveryResult\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12\r\n\x05op_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\xf0\x02\n\x0bStateReport\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x06 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\"\n\x06guests\x18\x08 \x03(\x0b\x32\x12.hub.v1.GuestState\x12\x15\n\rremoved_vmids\x18\t \x03(\r\x12\x1d\n\x03ops\x18\n \x03(\x0b\x32\x10.hub.v1.OpReport\x12*\n\ndeliveries\x18\x0b \x03(\x0b\x32\x16.hub.v1.DeliveryResult\x12\x12\n\nat_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10interval_seconds\x18\r \x01(\x01\x12\x14\n\x0cheld_version\x18\x0e \x01(\x04\x12\x14\n\x0ctick_outcome\x18\x0f \x01(\t\x12\x12\n\ntick_error\x18\x10 \x01(\t\"?\n\x13StateReportResponse\x12\x12\n\nneeds_full\x18\x01 \x01(\x08\x12\x14\n\x0crecorded_seq\x18\x02 \x01(\x04\"/\n\x0eGetNodeRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"x\n\x0fGetNodeResponse\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.hub.v1.NodeStatus\x12\"\n\x06guests\x18\x02 \x03(\x0b\x32\x12.hub.v1.GuestState\x12\x1d\n\x03ops\x18\x03 \x03(\x0b\x32\x10.hub.v1.OpReport\"%\n\x12ListPendingRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"?\n\x13ListPendingResponse\x12(\n\x07pending\x18\x01 \x03(\x0b\x32\x17.hub.v1.PendingApproval\"4\n\x0fSubmitOpRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x02 \x01(\x0c\"U\n\x10SubmitOpResponse\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\r\n\x05op_id\x18\x03 \x01(\t\x12\x0f\n\x07op_kind\x18\x04 \x01(\t\"@\n\x12GetOpStatusRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"\xb5\x01\n\x08RoutedOp\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\r\n\x05op_id\x18\x03 \x01(\t\x12\x0f\n\x07op_kind\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x19\n\x11submitted_unix_ms\x18\x08 \x01(\x03\x12\x1c\n\x02op\x18\t \x01(\x0b\x32\x10.hub.v1.OpReport\"4\n\x13GetOpStatusResponse\x12\x1d\n\x03ops\x18\x01 \x03(\x0b\x32\x10.hub.v1.RoutedOp\"K\n\x0eStatusResponse\x12\x16\n\x0elatest_version\x18\x01 \x01(\x04\x12!\n\x05nodes\x18\x02 \x03(\x0b\x32\x12.hub.v1.NodeStatus*\xf0\x01\n\tSyncState\x12\x1a\n\x16SYNC_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SYNC_STATE_IN_SYNC\x10\x01\x12\x16\n\x12SYNC_STATE_DRIFTED\x10\x02\x12\x15\n\x11SYNC_STATE_STAGED\x10\x03\x12\x16\n\x12SYNC_STATE_REFUSED\x10\x04\x12\x1f\n\x1bSYNC_STATE_PENDING_APPROVAL\x10\x05\x12\x18\n\x14SYNC_STATE_ELSEWHERE\x10\x06\x12\x16\n\x12SYNC_STATE_SKIPPED\x10\x07\x12\x15\n\x11SYNC_STATE_FAILED\x10\x08\x32\xb9\x05\n\nHubService\x12\x34\n\x05\x41pply\x12\x14.hub.v1.ApplyRequest\x1a\x15.hub.v1.ApplyResponse\x12\x46\n\x0bGetDocument\x12\x1a.hub.v1.GetDocumentRequest\x1a\x1b.hub.v1.GetDocumentResponse\x12:\n\x07History\x12\x16.hub.v1.HistoryRequest\x1a\x17.hub.v1.HistoryResponse\x12\x33\n\x05Watch\x12\x14.hub.v1.WatchRequest\x1a\x12.hub.v1.WatchEvent0\x01\x12\x37\n\x06Report\x12\x15.hub.v1.ReportRequest\x1a\x16.hub.v1.ReportResponse\x12\x37\n\x06Status\x12\x15.hub.v1.StatusRequest\x1a\x16.hub.v1.StatusResponse\x12?\n\x0bReportState\x12\x13.hub.v1.StateReport\x1a\x1b.hub.v1.StateReportResponse\x12:\n\x07GetNode\x12\x16.hub.v1.GetNodeRequest\x1a\x17.hub.v1.GetNodeResponse\x12\x46\n\x0bListPending\x12\x1a.hub.v1.ListPendingRequest\x1a\x1b.hub.v1.ListPendingResponse\x12=\n\x08SubmitOp\x12\x17.hub.v1.SubmitOpRequest\x1a\x18.hub.v1.SubmitOpResponse\x12\x46\n\x0bGetOpStatus\x12\x1a.hub.v1.GetOpStatusRequest\x1a\x1b.hub.v1.GetOpStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hub.v1.hub_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SYNCSTATE']._serialized_start=3688
+  _globals['_SYNCSTATE']._serialized_end=3928
   _globals['_APPLYREQUEST']._serialized_start=28
   _globals['_APPLYREQUEST']._serialized_end=103
   _globals['_APPLYRESPONSE']._serialized_start=105
@@ -49,20 +51,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HISTORYRESPONSE']._serialized_end=674
   _globals['_WATCHREQUEST']._serialized_start=676
   _globals['_WATCHREQUEST']._serialized_end=744
-  _globals['_WATCHEVENT']._serialized_start=746
-  _globals['_WATCHEVENT']._serialized_end=845
-  _globals['_HEARTBEAT']._serialized_start=847
-  _globals['_HEARTBEAT']._serialized_end=902
-  _globals['_REPORTREQUEST']._serialized_start=904
-  _globals['_REPORTREQUEST']._serialized_end=1011
-  _globals['_REPORTRESPONSE']._serialized_start=1013
-  _globals['_REPORTRESPONSE']._serialized_end=1063
-  _globals['_STATUSREQUEST']._serialized_start=1065
-  _globals['_STATUSREQUEST']._serialized_end=1097
-  _globals['_NODESTATUS']._serialized_start=1100
-  _globals['_NODESTATUS']._serialized_end=1229
-  _globals['_STATUSRESPONSE']._serialized_start=1231
-  _globals['_STATUSRESPONSE']._serialized_end=1306
-  _globals['_HUBSERVICE']._serialized_start=1309
-  _globals['_HUBSERVICE']._serialized_end=1674
+  _globals['_WATCHEVENT']._serialized_start=747
+  _globals['_WATCHEVENT']._serialized_end=884
+  _globals['_DELIVERY']._serialized_start=886
+  _globals['_DELIVERY']._serialized_end=962
+  _globals['_HEARTBEAT']._serialized_start=964
+  _globals['_HEARTBEAT']._serialized_end=1019
+  _globals['_REPORTREQUEST']._serialized_start=1021
+  _globals['_REPORTREQUEST']._serialized_end=1128
+  _globals['_REPORTRESPONSE']._serialized_start=1130
+  _globals['_REPORTRESPONSE']._serialized_end=1180
+  _globals['_STATUSREQUEST']._serialized_start=1182
+  _globals['_STATUSREQUEST']._serialized_end=1214
+  _globals['_NODESTATUS']._serialized_start=1217
+  _globals['_NODESTATUS']._serialized_end=1518
+  _globals['_SYNCCOUNT']._serialized_start=1520
+  _globals['_SYNCCOUNT']._serialized_end=1580
+  _globals['_KEYDIFF']._serialized_start=1582
+  _globals['_KEYDIFF']._serialized_end=1686
+  _globals['_PENDINGAPPROVAL']._serialized_start=1689
+  _globals['_PENDINGAPPROVAL']._serialized_end=1916
+  _globals['_GUESTSTATE']._serialized_start=1919
+  _globals['_GUESTSTATE']._serialized_end=2167
+  _globals['_OPREPORT']._serialized_start=2170
+  _globals['_OPREPORT']._serialized_end=2348
+  _globals['_DELIVERYRESULT']._serialized_start=2350
+  _globals['_DELIVERYRESULT']._serialized_end=2452
+  _globals['_STATEREPORT']._serialized_start=2455
+  _globals['_STATEREPORT']._serialized_end=2823
+  _globals['_STATEREPORTRESPONSE']._serialized_start=2825
+  _globals['_STATEREPORTRESPONSE']._serialized_end=2888
+  _globals['_GETNODEREQUEST']._serialized_start=2890
+  _globals['_GETNODEREQUEST']._serialized_end=2937
+  _globals['_GETNODERESPONSE']._serialized_start=2939
+  _globals['_GETNODERESPONSE']._serialized_end=3059
+  _globals['_LISTPENDINGREQUEST']._serialized_start=3061
+  _globals['_LISTPENDINGREQUEST']._serialized_end=3098
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=3100
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=3163
+  _globals['_SUBMITOPREQUEST']._serialized_start=3165
+  _globals['_SUBMITOPREQUEST']._serialized_end=3217
+  _globals['_SUBMITOPRESPONSE']._serialized_start=3219
+  _globals['_SUBMITOPRESPONSE']._serialized_end=3304
+  _globals['_GETOPSTATUSREQUEST']._serialized_start=3306
+  _globals['_GETOPSTATUSREQUEST']._serialized_end=3370
+  _globals['_ROUTEDOP']._serialized_start=3373
+  _globals['_ROUTEDOP']._serialized_end=3554
+  _globals['_GETOPSTATUSRESPONSE']._serialized_start=3556
+  _globals['_GETOPSTATUSRESPONSE']._serialized_end=3608
+  _globals['_STATUSRESPONSE']._serialized_start=3610
+  _globals['_STATUSRESPONSE']._serialized_end=3685
+  _globals['_HUBSERVICE']._serialized_start=3931
+  _globals['_HUBSERVICE']._serialized_end=4628
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,54 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SyncState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SyncStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SyncState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SYNC_STATE_UNSPECIFIED: _SyncState.ValueType  # 0
+    """Not set."""
+    SYNC_STATE_IN_SYNC: _SyncState.ValueType  # 1
+    """Actual equals declared (normalized): nothing to do."""
+    SYNC_STATE_DRIFTED: _SyncState.ValueType  # 2
+    """Actual differs and the executor converges it (benign changes, queued or running)."""
+    SYNC_STATE_STAGED: _SyncState.ValueType  # 3
+    """Written to Proxmox, which holds it pending until the guest restarts."""
+    SYNC_STATE_REFUSED: _SyncState.ValueType  # 4
+    """The gate refused a change for good (out of scope, locked, protected...): see reason."""
+    SYNC_STATE_PENDING_APPROVAL: _SyncState.ValueType  # 5
+    """A change waits for a signed operation: see pending."""
+    SYNC_STATE_ELSEWHERE: _SyncState.ValueType  # 6
+    """Declared, but it lives on another node of the cluster (that node's executor owns it)."""
+    SYNC_STATE_SKIPPED: _SyncState.ValueType  # 7
+    """The planner skipped it (locked, config unreadable, data-bearing keys...): see reason."""
+    SYNC_STATE_FAILED: _SyncState.ValueType  # 8
+    """Its last action failed; retried on the next tick: see detail."""
+
+class SyncState(_SyncState, metaclass=_SyncStateEnumTypeWrapper):
+    """A guest's state on its node, against what the cluster's document declares."""
+
+SYNC_STATE_UNSPECIFIED: SyncState.ValueType  # 0
+"""Not set."""
+SYNC_STATE_IN_SYNC: SyncState.ValueType  # 1
+"""Actual equals declared (normalized): nothing to do."""
+SYNC_STATE_DRIFTED: SyncState.ValueType  # 2
+"""Actual differs and the executor converges it (benign changes, queued or running)."""
+SYNC_STATE_STAGED: SyncState.ValueType  # 3
+"""Written to Proxmox, which holds it pending until the guest restarts."""
+SYNC_STATE_REFUSED: SyncState.ValueType  # 4
+"""The gate refused a change for good (out of scope, locked, protected...): see reason."""
+SYNC_STATE_PENDING_APPROVAL: SyncState.ValueType  # 5
+"""A change waits for a signed operation: see pending."""
+SYNC_STATE_ELSEWHERE: SyncState.ValueType  # 6
+"""Declared, but it lives on another node of the cluster (that node's executor owns it)."""
+SYNC_STATE_SKIPPED: SyncState.ValueType  # 7
+"""The planner skipped it (locked, config unreadable, data-bearing keys...): see reason."""
+SYNC_STATE_FAILED: SyncState.ValueType  # 8
+"""Its last action failed; retried on the next tick: see detail."""
+Global___SyncState: _TypeAlias = SyncState  # noqa: Y015
 
 @_typing.final
 class ApplyRequest(_message.Message):
@@ -307,6 +356,7 @@ class WatchEvent(_message.Message):
 
     DOCUMENT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def document(self) -> Global___Document:
         """A newer version of the cluster's document."""
@@ -315,21 +365,58 @@ class WatchEvent(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Nothing new: the stream is alive (every heartbeat interval)."""
 
+    @_builtins.property
+    def delivery(self) -> Global___Delivery:
+        """A signed operation or revocation submitted through the hub for this node (SubmitOp): the node
+        submits it to its own gate and says what became of it in its next StateReport (deliveries).
+        """
+
     def __init__(
         self,
         *,
         document: Global___Document | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        delivery: Global___Delivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "document", b"document", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "document", b"document", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["document", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["document", "heartbeat", "delivery"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015
+
+@_typing.final
+class Delivery(_message.Message):
+    """A signed envelope on its way to one node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    SUBMITTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The hub's id for this delivery (32 lowercase hex): the node names it in StateReport.deliveries."""
+    envelope: _builtins.bytes
+    """The DSSE envelope exactly as `opctl sign`/`pve-executor op sign` wrote it (JSON bytes)."""
+    submitted_unix_ms: _builtins.int
+    """When the hub took it, Unix milliseconds."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        envelope: _builtins.bytes = ...,
+        submitted_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "envelope", b"envelope", "submitted_unix_ms", b"submitted_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
@@ -457,6 +544,13 @@ class NodeStatus(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    LAST_REPORT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REPORT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    GUESTS_FIELD_NUMBER: _builtins.int
+    TICK_OUTCOME_FIELD_NUMBER: _builtins.int
+    TICK_ERROR_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """The node (its executor id)."""
     held_version: _builtins.int
@@ -469,6 +563,22 @@ class NodeStatus(_message.Message):
     """A NACK's reason and detail."""
     last_seen_unix_ms: _builtins.int
     """When the node last reported or watched, Unix milliseconds."""
+    audience: _builtins.str
+    """The audience its signed operations name (from its StateReports; empty before the first)."""
+    last_report_unix_ms: _builtins.int
+    """When its last StateReport arrived, Unix milliseconds (0: never)."""
+    report_interval_seconds: _builtins.float
+    """Its tick interval, seconds (from its reports)."""
+    stale: _builtins.bool
+    """No StateReport for two report intervals (or, with none, no Watch activity for two heartbeats)."""
+    tick_outcome: _builtins.str
+    """How its last tick ended (ok, planner_unavailable, proxmox_unavailable...) and why."""
+    tick_error: _builtins.str
+    """The last tick's error, when it did nothing."""
+    @_builtins.property
+    def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncCount]:
+        """Its guests by sync state, from its last report: every SyncState it has, with the count."""
+
     def __init__(
         self,
         *,
@@ -478,14 +588,707 @@ class NodeStatus(_message.Message):
         ok: _builtins.bool = ...,
         reason: _builtins.str = ...,
         last_seen_unix_ms: _builtins.int = ...,
+        audience: _builtins.str = ...,
+        last_report_unix_ms: _builtins.int = ...,
+        report_interval_seconds: _builtins.float = ...,
+        stale: _builtins.bool = ...,
+        guests: _abc.Iterable[Global___SyncCount] | None = ...,
+        tick_outcome: _builtins.str = ...,
+        tick_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_version", b"held_version", "last_seen_unix_ms", b"last_seen_unix_ms", "node", b"node", "ok", b"ok", "reason", b"reason", "reported_version", b"reported_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "guests", b"guests", "held_version", b"held_version", "last_report_unix_ms", b"last_report_unix_ms", "last_seen_unix_ms", b"last_seen_unix_ms", "node", b"node", "ok", b"ok", "reason", b"reason", "report_interval_seconds", b"report_interval_seconds", "reported_version", b"reported_version", "stale", b"stale", "tick_error", b"tick_error", "tick_outcome", b"tick_outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class SyncCount(_message.Message):
+    """How many of a node's guests are in one sync state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: Global___SyncState.ValueType
+    """The state."""
+    count: _builtins.int
+    """How many guests."""
+    def __init__(
+        self,
+        *,
+        state: Global___SyncState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCount: _TypeAlias = SyncCount  # noqa: Y015
+
+@_typing.final
+class KeyDiff(_message.Message):
+    """One key where declared and actual differ (normalized values, as the planner compares them)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
+    ACTUAL_FIELD_NUMBER: _builtins.int
+    DECLARED_ABSENT_FIELD_NUMBER: _builtins.int
+    ACTUAL_ABSENT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The config key (description, memory, net0...) or "run_state"."""
+    declared: _builtins.str
+    """The declared value (empty with declared_absent)."""
+    actual: _builtins.str
+    """The actual value (empty with actual_absent)."""
+    declared_absent: _builtins.bool
+    """The document deletes the key."""
+    actual_absent: _builtins.bool
+    """The guest does not have the key."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        declared: _builtins.str = ...,
+        actual: _builtins.str = ...,
+        declared_absent: _builtins.bool = ...,
+        actual_absent: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "actual_absent", b"actual_absent", "declared", b"declared", "declared_absent", b"declared_absent", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyDiff: _TypeAlias = KeyDiff  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """A change refused until operators sign it: what `pve-executor pending` shows, as the node reported it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    VMID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    ACTION_CLASS_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_SHA256_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node that reported it (its executor id)."""
+    vmid: _builtins.int
+    """Guest id."""
+    op_kind: _builtins.str
+    """The classifier's op kind (config.nic_identity, config.disk_detach, ...)."""
+    action_class: _builtins.str
+    """BENIGN, APPROVAL or DESTRUCTIVE."""
+    rule: _builtins.str
+    """The classifier rule that decided the class."""
+    descriptor: _builtins.bytes
+    """The action as canonical JSON (audience, vmid, guest_type, kind, params, class, precondition): what an
+    operator signs, byte for byte.
+    """
+    descriptor_sha256: _builtins.str
+    """sha256 (hex) of descriptor."""
+    challenge: _builtins.str
+    """The node's challenge (a DESTRUCTIVE approval must carry it; valid one hour)."""
+    first_seen_unix_ms: _builtins.int
+    """When the node's gate first saw it, Unix milliseconds."""
+    audience: _builtins.str
+    """The audience the descriptor names."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why, per key where it is a config write."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        vmid: _builtins.int = ...,
+        op_kind: _builtins.str = ...,
+        action_class: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        descriptor: _builtins.bytes = ...,
+        descriptor_sha256: _builtins.str = ...,
+        challenge: _builtins.str = ...,
+        first_seen_unix_ms: _builtins.int = ...,
+        audience: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_class", b"action_class", "audience", b"audience", "challenge", b"challenge", "descriptor", b"descriptor", "descriptor_sha256", b"descriptor_sha256", "first_seen_unix_ms", b"first_seen_unix_ms", "node", b"node", "op_kind", b"op_kind", "reasons", b"reasons", "rule", b"rule", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015
+
+@_typing.final
+class GuestState(_message.Message):
+    """One guest as its node last reported it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DIFFS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    DECLARED_RUN_STATE_FIELD_NUMBER: _builtins.int
+    ACTUAL_RUN_STATE_FIELD_NUMBER: _builtins.int
+    vmid: _builtins.int
+    """Guest id."""
+    name: _builtins.str
+    """Its name (from Proxmox or the document; attacker-controlled text)."""
+    type: _builtins.str
+    """qemu or lxc."""
+    state: Global___SyncState.ValueType
+    """Where it stands."""
+    reason: _builtins.str
+    """Refused or skipped: the reason code (OUT_OF_SCOPE, LOCKED, ...); failed: the cause code."""
+    detail: _builtins.str
+    """The reason or error in words."""
+    declared_run_state: _builtins.str
+    """Declared run state (running, stopped; empty when the document does not say)."""
+    actual_run_state: _builtins.str
+    """Actual run state."""
+    @_builtins.property
+    def diffs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyDiff]:
+        """The keys that differ (drifted, staged, refused, pending approval), declared against actual."""
+
+    @_builtins.property
+    def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """Pending approval: what waits to be signed."""
+
+    def __init__(
+        self,
+        *,
+        vmid: _builtins.int = ...,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        state: Global___SyncState.ValueType = ...,
+        diffs: _abc.Iterable[Global___KeyDiff] | None = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        pending: _abc.Iterable[Global___PendingApproval] | None = ...,
+        declared_run_state: _builtins.str = ...,
+        actual_run_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_run_state", b"actual_run_state", "declared_run_state", b"declared_run_state", "detail", b"detail", "diffs", b"diffs", "name", b"name", "pending", b"pending", "reason", b"reason", "state", b"state", "type", b"type", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestState: _TypeAlias = GuestState  # noqa: Y015
+
+@_typing.final
+class OpReport(_message.Message):
+    """A signed operation on a node, as its journal tells."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_ID_FIELD_NUMBER: _builtins.int
+    VMID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    FATE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    UPID_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
+    SIGNERS_FIELD_NUMBER: _builtins.int
+    op_id: _builtins.str
+    """The op id (its nonce, 32 lowercase hex)."""
+    vmid: _builtins.int
+    """Guest id."""
+    op_kind: _builtins.str
+    """The signed op kind."""
+    fate: _builtins.str
+    """waiting, running, ran, refused or revoked."""
+    outcome: _builtins.str
+    """Ran: ok, failed or unknown."""
+    detail: _builtins.str
+    """Why it waits, the error, or the refusal's detail."""
+    upid: _builtins.str
+    """The Proxmox task id, when there is one."""
+    at_unix_ms: _builtins.int
+    """When the latest record about it was written, Unix milliseconds."""
+    payload_sha256: _builtins.str
+    """sha256 (hex) of its payload: two ops under one id are two reports."""
+    @_builtins.property
+    def signers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key ids that signed it."""
+
+    def __init__(
+        self,
+        *,
+        op_id: _builtins.str = ...,
+        vmid: _builtins.int = ...,
+        op_kind: _builtins.str = ...,
+        fate: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        upid: _builtins.str = ...,
+        at_unix_ms: _builtins.int = ...,
+        payload_sha256: _builtins.str = ...,
+        signers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "detail", b"detail", "fate", b"fate", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "payload_sha256", b"payload_sha256", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpReport: _TypeAlias = OpReport  # noqa: Y015
+
+@_typing.final
+class DeliveryResult(_message.Message):
+    """What a node did with an envelope the hub delivered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    OP_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The Delivery's id."""
+    decision: _builtins.str
+    """accepted, revoked (an op.revoke that took effect) or refused."""
+    op_id: _builtins.str
+    """The op id the envelope carries (or, for an op.revoke, the op it names)."""
+    reason: _builtins.str
+    """The refusal's reason code and detail, when refused."""
+    detail: _builtins.str
+    """In words."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        op_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "delivery_id", b"delivery_id", "detail", b"detail", "op_id", b"op_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryResult: _TypeAlias = DeliveryResult  # noqa: Y015
+
+@_typing.final
+class StateReport(_message.Message):
+    """A node's state after a tick."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    BASE_SEQ_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
+    GUESTS_FIELD_NUMBER: _builtins.int
+    REMOVED_VMIDS_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    HELD_VERSION_FIELD_NUMBER: _builtins.int
+    TICK_OUTCOME_FIELD_NUMBER: _builtins.int
+    TICK_ERROR_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster."""
+    node: _builtins.str
+    """The node (its executor id); with mutual TLS it must match the client certificate."""
+    audience: _builtins.str
+    """The audience its signed operations must name (SubmitOp routes by it)."""
+    session: _builtins.str
+    """A random id per executor process: sequence numbers count within one."""
+    seq: _builtins.int
+    """This report's number in its session, from 1."""
+    base_seq: _builtins.int
+    """A delta's base: the seq of the report it applies to (the last the hub recorded). 0 with full."""
+    full: _builtins.bool
+    """Every guest and every recent op (replaces what the hub holds for the node); else a delta."""
+    at_unix_ms: _builtins.int
+    """When the tick ended, the node's clock, Unix milliseconds."""
+    interval_seconds: _builtins.float
+    """The node's tick interval, seconds (the hub calls a node stale after two without a report)."""
+    held_version: _builtins.int
+    """The document version it holds (0: none)."""
+    tick_outcome: _builtins.str
+    """How its tick ended (ok, planner_unavailable, ...) and why."""
+    tick_error: _builtins.str
+    """The tick's error, when it did nothing."""
+    @_builtins.property
+    def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestState]:
+        """Full: every guest of the node's view; delta: the guests whose state changed."""
+
+    @_builtins.property
+    def removed_vmids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Delta: guests no longer in the node's view."""
+
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpReport]:
+        """Signed ops whose fate changed (full: the recent ones)."""
+
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryResult]:
+        """What the node did with envelopes the hub delivered, since the last report."""
+
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        node: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        session: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        base_seq: _builtins.int = ...,
+        full: _builtins.bool = ...,
+        guests: _abc.Iterable[Global___GuestState] | None = ...,
+        removed_vmids: _abc.Iterable[_builtins.int] | None = ...,
+        ops: _abc.Iterable[Global___OpReport] | None = ...,
+        deliveries: _abc.Iterable[Global___DeliveryResult] | None = ...,
+        at_unix_ms: _builtins.int = ...,
+        interval_seconds: _builtins.float = ...,
+        held_version: _builtins.int = ...,
+        tick_outcome: _builtins.str = ...,
+        tick_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "audience", b"audience", "base_seq", b"base_seq", "cluster", b"cluster", "deliveries", b"deliveries", "full", b"full", "guests", b"guests", "held_version", b"held_version", "interval_seconds", b"interval_seconds", "node", b"node", "ops", b"ops", "removed_vmids", b"removed_vmids", "seq", b"seq", "session", b"session", "tick_error", b"tick_error", "tick_outcome", b"tick_outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateReport: _TypeAlias = StateReport  # noqa: Y015
+
+@_typing.final
+class StateReportResponse(_message.Message):
+    """Whether the hub took the report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEEDS_FULL_FIELD_NUMBER: _builtins.int
+    RECORDED_SEQ_FIELD_NUMBER: _builtins.int
+    needs_full: _builtins.bool
+    """The hub could not apply a delta (another session, a gap, a hub that lost it): send a full report next."""
+    recorded_seq: _builtins.int
+    """The seq the hub holds for the node now (the next delta's base_seq)."""
+    def __init__(
+        self,
+        *,
+        needs_full: _builtins.bool = ...,
+        recorded_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["needs_full", b"needs_full", "recorded_seq", b"recorded_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateReportResponse: _TypeAlias = StateReportResponse  # noqa: Y015
+
+@_typing.final
+class GetNodeRequest(_message.Message):
+    """Which node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster."""
+    node: _builtins.str
+    """The node (its executor id)."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeRequest: _TypeAlias = GetNodeRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeResponse(_message.Message):
+    """One node as last reported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    GUESTS_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___NodeStatus:
+        """Its status line."""
+
+    @_builtins.property
+    def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestState]:
+        """Its guests, by vmid."""
+
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpReport]:
+        """Its recent signed operations, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___NodeStatus | None = ...,
+        guests: _abc.Iterable[Global___GuestState] | None = ...,
+        ops: _abc.Iterable[Global___OpReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guests", b"guests", "ops", b"ops", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeResponse: _TypeAlias = GetNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListPendingRequest(_message.Message):
+    """Which cluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingRequest: _TypeAlias = ListPendingRequest  # noqa: Y015
+
+@_typing.final
+class ListPendingResponse(_message.Message):
+    """Pending approvals, by node then vmid."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """Every node's pending approvals."""
+
+    def __init__(
+        self,
+        *,
+        pending: _abc.Iterable[Global___PendingApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingResponse: _TypeAlias = ListPendingResponse  # noqa: Y015
+
+@_typing.final
+class SubmitOpRequest(_message.Message):
+    """A signed envelope to route."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster."""
+    envelope: _builtins.bytes
+    """The DSSE envelope exactly as signed (JSON bytes)."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "envelope", b"envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOpRequest: _TypeAlias = SubmitOpRequest  # noqa: Y015
+
+@_typing.final
+class SubmitOpResponse(_message.Message):
+    """Where the hub queued it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    OP_ID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery's id."""
+    node: _builtins.str
+    """The node whose audience the payload names."""
+    op_id: _builtins.str
+    """The op id the payload carries (for an op.revoke, the op it names)."""
+    op_kind: _builtins.str
+    """The payload's kind (op.revoke for a revocation)."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        op_id: _builtins.str = ...,
+        op_kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "node", b"node", "op_id", b"op_id", "op_kind", b"op_kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOpResponse: _TypeAlias = SubmitOpResponse  # noqa: Y015
+
+@_typing.final
+class GetOpStatusRequest(_message.Message):
+    """Which routed operations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster."""
+    id: _builtins.str
+    """A delivery id or an op id; empty: the most recent deliveries."""
+    limit: _builtins.int
+    """Without id: at most this many (default 20, at most 200)."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "id", b"id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpStatusRequest: _TypeAlias = GetOpStatusRequest  # noqa: Y015
+
+@_typing.final
+class RoutedOp(_message.Message):
+    """A routed operation: the hub's part and the node's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    OP_ID_FIELD_NUMBER: _builtins.int
+    OP_KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    SUBMITTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery."""
+    node: _builtins.str
+    """The node."""
+    op_id: _builtins.str
+    """The op id."""
+    op_kind: _builtins.str
+    """The op kind."""
+    state: _builtins.str
+    """queued (at the hub), delivered (sent on the node's stream, no verdict yet), or the node's decision
+    (accepted, revoked, refused).
+    """
+    reason: _builtins.str
+    """The node's refusal reason and detail."""
+    detail: _builtins.str
+    """In words."""
+    submitted_unix_ms: _builtins.int
+    """When the hub took it, Unix milliseconds."""
+    @_builtins.property
+    def op(self) -> Global___OpReport:
+        """The op's fate on the node, from its latest report (unset before one names it)."""
+
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        op_id: _builtins.str = ...,
+        op_kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        submitted_unix_ms: _builtins.int = ...,
+        op: Global___OpReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "detail", b"detail", "node", b"node", "op", b"op", "op_id", b"op_id", "op_kind", b"op_kind", "reason", b"reason", "state", b"state", "submitted_unix_ms", b"submitted_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutedOp: _TypeAlias = RoutedOp  # noqa: Y015
+
+@_typing.final
+class GetOpStatusResponse(_message.Message):
+    """Routed operations, newest last."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoutedOp]:
+        """One per delivery."""
+
+    def __init__(
+        self,
+        *,
+        ops: _abc.Iterable[Global___RoutedOp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpStatusResponse: _TypeAlias = GetOpStatusResponse  # noqa: Y015
 
 @_typing.final
 class StatusResponse(_message.Message):

@@ -64,6 +64,31 @@ class HubServiceStub:
                 request_serializer=hub_dot_v1_dot_hub__pb2.StatusRequest.SerializeToString,
                 response_deserializer=hub_dot_v1_dot_hub__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ReportState = channel.unary_unary(
+                '/hub.v1.HubService/ReportState',
+                request_serializer=hub_dot_v1_dot_hub__pb2.StateReport.SerializeToString,
+                response_deserializer=hub_dot_v1_dot_hub__pb2.StateReportResponse.FromString,
+                _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/hub.v1.HubService/GetNode',
+                request_serializer=hub_dot_v1_dot_hub__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=hub_dot_v1_dot_hub__pb2.GetNodeResponse.FromString,
+                _registered_method=True)
+        self.ListPending = channel.unary_unary(
+                '/hub.v1.HubService/ListPending',
+                request_serializer=hub_dot_v1_dot_hub__pb2.ListPendingRequest.SerializeToString,
+                response_deserializer=hub_dot_v1_dot_hub__pb2.ListPendingResponse.FromString,
+                _registered_method=True)
+        self.SubmitOp = channel.unary_unary(
+                '/hub.v1.HubService/SubmitOp',
+                request_serializer=hub_dot_v1_dot_hub__pb2.SubmitOpRequest.SerializeToString,
+                response_deserializer=hub_dot_v1_dot_hub__pb2.SubmitOpResponse.FromString,
+                _registered_method=True)
+        self.GetOpStatus = channel.unary_unary(
+                '/hub.v1.HubService/GetOpStatus',
+                request_serializer=hub_dot_v1_dot_hub__pb2.GetOpStatusRequest.SerializeToString,
+                response_deserializer=hub_dot_v1_dot_hub__pb2.GetOpStatusResponse.FromString,
+                _registered_method=True)
 
 
 class HubServiceServicer:
@@ -109,7 +134,50 @@ class HubServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen.
+        """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen, and (from its
+        reports) its guests counted by sync state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportState(self, request, context):
+        """--- The fleet view (reports, approvals through the hub) ---------------------------------------------------
+        A node's state after a tick: each guest's sync state and its recent signed operations. Small: only what
+        changed since the report the hub last recorded (base_seq); a full one (full = true) when the executor
+        starts, when its hub comes back, or when the hub asks for one (needs_full). Never blocks a tick.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNode(self, request, context):
+        """One node's guests and operations as last reported; NOT_FOUND for a node that never reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPending(self, request, context):
+        """Every node's pending approvals (from their latest reports), by node then vmid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitOp(self, request, context):
+        """Route a signed operation (or an op.revoke) to the node whose audience its payload names. The hub reads
+        the audience and checks nothing else: the node takes the envelope over its own Watch stream and verifies
+        it as its local API does. The hub carries; it cannot approve. NOT_FOUND when no node reported that
+        audience; INVALID_ARGUMENT naming the field for an envelope that does not parse or is over the size limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOpStatus(self, request, context):
+        """What became of operations routed through the hub: queued at the hub, taken by the node, and the node's
+        verdict and the op's fate as its reports tell.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +215,31 @@ def add_HubServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=hub_dot_v1_dot_hub__pb2.StatusRequest.FromString,
                     response_serializer=hub_dot_v1_dot_hub__pb2.StatusResponse.SerializeToString,
+            ),
+            'ReportState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportState,
+                    request_deserializer=hub_dot_v1_dot_hub__pb2.StateReport.FromString,
+                    response_serializer=hub_dot_v1_dot_hub__pb2.StateReportResponse.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=hub_dot_v1_dot_hub__pb2.GetNodeRequest.FromString,
+                    response_serializer=hub_dot_v1_dot_hub__pb2.GetNodeResponse.SerializeToString,
+            ),
+            'ListPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPending,
+                    request_deserializer=hub_dot_v1_dot_hub__pb2.ListPendingRequest.FromString,
+                    response_serializer=hub_dot_v1_dot_hub__pb2.ListPendingResponse.SerializeToString,
+            ),
+            'SubmitOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitOp,
+                    request_deserializer=hub_dot_v1_dot_hub__pb2.SubmitOpRequest.FromString,
+                    response_serializer=hub_dot_v1_dot_hub__pb2.SubmitOpResponse.SerializeToString,
+            ),
+            'GetOpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpStatus,
+                    request_deserializer=hub_dot_v1_dot_hub__pb2.GetOpStatusRequest.FromString,
+                    response_serializer=hub_dot_v1_dot_hub__pb2.GetOpStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +404,141 @@ class HubService:
             '/hub.v1.HubService/Status',
             hub_dot_v1_dot_hub__pb2.StatusRequest.SerializeToString,
             hub_dot_v1_dot_hub__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hub.v1.HubService/ReportState',
+            hub_dot_v1_dot_hub__pb2.StateReport.SerializeToString,
+            hub_dot_v1_dot_hub__pb2.StateReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hub.v1.HubService/GetNode',
+            hub_dot_v1_dot_hub__pb2.GetNodeRequest.SerializeToString,
+            hub_dot_v1_dot_hub__pb2.GetNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hub.v1.HubService/ListPending',
+            hub_dot_v1_dot_hub__pb2.ListPendingRequest.SerializeToString,
+            hub_dot_v1_dot_hub__pb2.ListPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hub.v1.HubService/SubmitOp',
+            hub_dot_v1_dot_hub__pb2.SubmitOpRequest.SerializeToString,
+            hub_dot_v1_dot_hub__pb2.SubmitOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hub.v1.HubService/GetOpStatus',
+            hub_dot_v1_dot_hub__pb2.GetOpStatusRequest.SerializeToString,
+            hub_dot_v1_dot_hub__pb2.GetOpStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

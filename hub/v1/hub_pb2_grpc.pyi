@@ -51,7 +51,29 @@ class HubServiceStub:
     Report: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ReportRequest, _hub_pb2.ReportResponse]
     """A node's ACK (applied) or NACK (refused, with the reason) of a version."""
     Status: _grpc.UnaryUnaryMultiCallable[_hub_pb2.StatusRequest, _hub_pb2.StatusResponse]
-    """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen."""
+    """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen, and (from its
+    reports) its guests counted by sync state.
+    """
+    ReportState: _grpc.UnaryUnaryMultiCallable[_hub_pb2.StateReport, _hub_pb2.StateReportResponse]
+    """--- The fleet view (reports, approvals through the hub) ---------------------------------------------------
+    A node's state after a tick: each guest's sync state and its recent signed operations. Small: only what
+    changed since the report the hub last recorded (base_seq); a full one (full = true) when the executor
+    starts, when its hub comes back, or when the hub asks for one (needs_full). Never blocks a tick.
+    """
+    GetNode: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetNodeRequest, _hub_pb2.GetNodeResponse]
+    """One node's guests and operations as last reported; NOT_FOUND for a node that never reported."""
+    ListPending: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListPendingRequest, _hub_pb2.ListPendingResponse]
+    """Every node's pending approvals (from their latest reports), by node then vmid."""
+    SubmitOp: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitOpRequest, _hub_pb2.SubmitOpResponse]
+    """Route a signed operation (or an op.revoke) to the node whose audience its payload names. The hub reads
+    the audience and checks nothing else: the node takes the envelope over its own Watch stream and verifies
+    it as its local API does. The hub carries; it cannot approve. NOT_FOUND when no node reported that
+    audience; INVALID_ARGUMENT naming the field for an envelope that does not parse or is over the size limit.
+    """
+    GetOpStatus: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetOpStatusRequest, _hub_pb2.GetOpStatusResponse]
+    """What became of operations routed through the hub: queued at the hub, taken by the node, and the node's
+    verdict and the op's fate as its reports tell.
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -73,7 +95,29 @@ class HubServiceAsyncStub(HubServiceStub):
     Report: _aio.UnaryUnaryMultiCallable[_hub_pb2.ReportRequest, _hub_pb2.ReportResponse]  # type: ignore[assignment]
     """A node's ACK (applied) or NACK (refused, with the reason) of a version."""
     Status: _aio.UnaryUnaryMultiCallable[_hub_pb2.StatusRequest, _hub_pb2.StatusResponse]  # type: ignore[assignment]
-    """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen."""
+    """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen, and (from its
+    reports) its guests counted by sync state.
+    """
+    ReportState: _aio.UnaryUnaryMultiCallable[_hub_pb2.StateReport, _hub_pb2.StateReportResponse]  # type: ignore[assignment]
+    """--- The fleet view (reports, approvals through the hub) ---------------------------------------------------
+    A node's state after a tick: each guest's sync state and its recent signed operations. Small: only what
+    changed since the report the hub last recorded (base_seq); a full one (full = true) when the executor
+    starts, when its hub comes back, or when the hub asks for one (needs_full). Never blocks a tick.
+    """
+    GetNode: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetNodeRequest, _hub_pb2.GetNodeResponse]  # type: ignore[assignment]
+    """One node's guests and operations as last reported; NOT_FOUND for a node that never reported."""
+    ListPending: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListPendingRequest, _hub_pb2.ListPendingResponse]  # type: ignore[assignment]
+    """Every node's pending approvals (from their latest reports), by node then vmid."""
+    SubmitOp: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitOpRequest, _hub_pb2.SubmitOpResponse]  # type: ignore[assignment]
+    """Route a signed operation (or an op.revoke) to the node whose audience its payload names. The hub reads
+    the audience and checks nothing else: the node takes the envelope over its own Watch stream and verifies
+    it as its local API does. The hub carries; it cannot approve. NOT_FOUND when no node reported that
+    audience; INVALID_ARGUMENT naming the field for an envelope that does not parse or is over the size limit.
+    """
+    GetOpStatus: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetOpStatusRequest, _hub_pb2.GetOpStatusResponse]  # type: ignore[assignment]
+    """What became of operations routed through the hub: queued at the hub, taken by the node, and the node's
+    verdict and the op's fate as its reports tell.
+    """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -128,6 +172,58 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hub_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hub_pb2.StatusResponse, _abc.Awaitable[_hub_pb2.StatusResponse]]:
-        """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen."""
+        """Per node of a cluster: the version held, the last ACK/NACK and when it was last seen, and (from its
+        reports) its guests counted by sync state.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportState(
+        self,
+        request: _hub_pb2.StateReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.StateReportResponse, _abc.Awaitable[_hub_pb2.StateReportResponse]]:
+        """--- The fleet view (reports, approvals through the hub) ---------------------------------------------------
+        A node's state after a tick: each guest's sync state and its recent signed operations. Small: only what
+        changed since the report the hub last recorded (base_seq); a full one (full = true) when the executor
+        starts, when its hub comes back, or when the hub asks for one (needs_full). Never blocks a tick.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNode(
+        self,
+        request: _hub_pb2.GetNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.GetNodeResponse, _abc.Awaitable[_hub_pb2.GetNodeResponse]]:
+        """One node's guests and operations as last reported; NOT_FOUND for a node that never reported."""
+
+    @_abc_1.abstractmethod
+    def ListPending(
+        self,
+        request: _hub_pb2.ListPendingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.ListPendingResponse, _abc.Awaitable[_hub_pb2.ListPendingResponse]]:
+        """Every node's pending approvals (from their latest reports), by node then vmid."""
+
+    @_abc_1.abstractmethod
+    def SubmitOp(
+        self,
+        request: _hub_pb2.SubmitOpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.SubmitOpResponse, _abc.Awaitable[_hub_pb2.SubmitOpResponse]]:
+        """Route a signed operation (or an op.revoke) to the node whose audience its payload names. The hub reads
+        the audience and checks nothing else: the node takes the envelope over its own Watch stream and verifies
+        it as its local API does. The hub carries; it cannot approve. NOT_FOUND when no node reported that
+        audience; INVALID_ARGUMENT naming the field for an envelope that does not parse or is over the size limit.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOpStatus(
+        self,
+        request: _hub_pb2.GetOpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.GetOpStatusResponse, _abc.Awaitable[_hub_pb2.GetOpStatusResponse]]:
+        """What became of operations routed through the hub: queued at the hub, taken by the node, and the node's
+        verdict and the op's fate as its reports tell.
+        """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
