@@ -186,3 +186,55 @@ def test_a_daemon_killed_while_a_document_arrives_and_its_start_runs_resumes_and
     configs = [body for _, path, body in writes if path.endswith("/config")]
     assert sum("memory" in str(body) for body in configs) == 1, configs
     assert sum("tags" in str(body) for body in configs) == 1, configs
+
+
+def test_a_hub_on_postgresql_sigkilled_under_a_watching_daemon_is_resumed_by_its_successor(
+        fakepve: Any, fakepve_cafile: str, planner: server.Running, tmp_path: Path, daemons: list[Daemon],
+        hubs: list[HubProcess], pg_server: Any) -> None:
+    """`pve-hub serve` on PostgreSQL: v1 converges the daemon's guest. SIGKILL the hub; the daemon keeps v1 (a drift
+    is put right from it). A new hub on the same database and address: the daemon reconnects (backoff, jitter)
+    watching from v1, v2 reaches it, and fakepve received one memory write, one tags write, two starts (the
+    second the drift's)."""
+    fakepve.add_vm(100, "vm100", status="stopped", config={"memory": 2048, "cores": 1})
+    dsn = tmp_path / "dsn"
+    dsn.write_text(pg_server.create_database(f"hub_restart_{os.getpid()}") + "\n", encoding="utf-8")
+    port, log = unused_port(), tmp_path / "hub.log"
+    hubs.append(HubProcess(port, log, "--postgres-dsn-file", str(dsn)))
+    hubs[0].apply(desired(memory="4096"))
+    daemons.append(Daemon(daemon_command(fakepve, fakepve_cafile, planner, tmp_path, port)))
+    daemon = daemons[0]
+    wait_for(lambda: hubs[0].node() == (1, True) and fakepve.vm(100).status == "running", "v1 converged", timeout=30)
+
+    hubs[0].kill()
+    wait_for(lambda: events(daemon, "hub_disconnected"), "the daemon seeing the hub gone", timeout=10)
+    fakepve.vm(100).status = "stopped"  # drift while the hub is down: put right from the v1 on disk
+    wait_for(lambda: fakepve.vm(100).status == "running", "the drift put right without a hub", timeout=10)
+
+    hubs.append(HubProcess(port, log, "--postgres-dsn-file", str(dsn)))
+    wait_for(lambda: len(watches(log)) >= 2, "the daemon back on the new hub", timeout=30)
+    assert set(watches(log)[1:]) == {1}  # resumed from v1 (every try after the kill)
+    hubs[1].apply(desired(memory="4096", tags="web"))
+    wait_for(lambda: hubs[1].node() == (2, True), "the daemon's ACK of v2 at the new hub", timeout=10)
+    wait_for(lambda: fakepve.vm(100).config.get("tags") == "web", "v2 applied", timeout=10)
+    idle = len(idle_ticks(daemon.log))
+    wait_for(lambda: len(idle_ticks(daemon.log)) >= idle + 2, "two ticks with nothing to do", timeout=30)
+    daemon.stop()
+    hubs[1].stop()
+    configs = [body for _, path, body in writes_to_100(fakepve) if path.endswith("/config")]
+    assert len(starts(fakepve, 100)) == 2, writes_to_100(fakepve)
+    assert sum("memory" in str(body) for body in configs) == 1, configs
+    assert sum("tags" in str(body) for body in configs) == 1, configs
+    assert len(events(daemon, "hub_document_applied")) == 2  # v1 and v2, each taken once
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    """The daemon's log events called ``name`` so far."""
+    found = []
+    for line in list(daemon.log.lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == name:
+            found.append(event)
+    return found
