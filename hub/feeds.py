@@ -106,6 +106,14 @@ class Feeds:
         """``call(*args)`` on the store's reader threads (their errors raised here)."""
         return self._readers.submit(call, *args).result()
 
+    def submit(self, call: Callable[..., object], *args: object) -> None:
+        """``call(*args)`` on the store's reader threads, not waited for (``call`` logs its own errors); nothing once
+        the hub has stopped."""
+        try:
+            self._readers.submit(call, *args)
+        except RuntimeError:  # the pool has shut down: the hub is stopping
+            log.info("hub.feeds.write_dropped", call=getattr(call, "__name__", "?"))
+
     def _load(self, cluster: str) -> Published | None:
         version = self.store.get(cluster)
         return Published.of(version) if version is not None else None

@@ -101,6 +101,10 @@ class HubServicer(pb_grpc.HubServiceServicer):
         self.heartbeat, self.mutual_tls, self.max_watchers = heartbeat, mutual_tls, max_watchers
         self._seen_lock = threading.Lock()
         self._seen: dict[tuple[str, str], float] = {}  # (cluster, node) -> last Watch activity, this replica
+        # Watch activity not yet in the store, per cluster, and when each cluster's last batch went to it
+        # (monotonic): one write per cluster per heartbeat, whatever the number of nodes (SQLite fsyncs each).
+        self._unsaved: dict[str, dict[str, float]] = {}
+        self._saved_at: dict[str, float] = {}
 
     def _db(self, call: Callable[..., T], *args: object) -> T:
         """A store call on the store's own few threads: the many threads that serve calls and hold Watch streams
@@ -201,6 +205,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
             yield from self._stream(watcher, node, request.since_version)
         finally:
             self.feeds.unsubscribe(watcher)
+            self._save_pending(cluster, node)
             self.metrics.watchers.dec()
             log.info("hub.watch_ended", cluster=cluster, node=node)
 
@@ -246,8 +251,36 @@ class HubServicer(pb_grpc.HubServiceServicer):
         return published.event
 
     def _touch(self, cluster: str, node: str) -> None:
+        """Note ``node``'s Watch activity here, and in the store (so every replica's Status sees it): a cluster's
+        activity goes there in one batch, at most once per heartbeat, from the store's threads."""
+        now, tick = time.time(), time.monotonic()
         with self._seen_lock:
-            self._seen[(cluster, node)] = time.time()
+            self._seen[(cluster, node)] = now
+            self._unsaved.setdefault(cluster, {})[node] = now
+            if tick - self._saved_at.get(cluster, -self.heartbeat) < self.heartbeat:
+                return
+            self._saved_at[cluster] = tick
+            batch = self._unsaved.pop(cluster)
+        self.feeds.submit(self._save_seen, cluster, batch)
+
+    def _save_pending(self, cluster: str, node: str) -> None:
+        """At a stream's end: ``node``'s activity still waiting for its cluster's next batch goes to the store now
+        (no other heartbeat of this node may come to carry it). Not while the hub stops."""
+        if self.feeds.stopping.is_set():
+            return
+        with self._seen_lock:
+            if node not in self._unsaved.get(cluster, {}):
+                return
+            self._saved_at[cluster] = time.monotonic()
+            batch = self._unsaved.pop(cluster)
+        self.feeds.submit(self._save_seen, cluster, batch)
+
+    def _save_seen(self, cluster: str, batch: dict[str, float]) -> None:
+        try:
+            self.store.record_seen(cluster, batch)
+        except (StoreError, InvalidArgumentError) as exc:
+            # This replica's Status still shows them, and their next heartbeats bring them to the store again.
+            log.warning("hub.seen_not_saved", cluster=cluster, nodes=len(batch), error=str(exc))
 
     def _check_identity(self, context: grpc.ServicerContext, node: str) -> None:
         """With mutual TLS, ``node`` must be a name of the client certificate (its CN or a SAN)."""
@@ -276,7 +309,8 @@ class HubServicer(pb_grpc.HubServiceServicer):
 
     @_mapped
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
-        """Per node: the version held, the last ACK/NACK and when it was last seen (reported, or watched here)."""
+        """Per node: the version held, the last ACK/NACK and when it was last seen (reported, or watched on any replica:
+        the store has each replica's Watch activity within a heartbeat, this replica's own is merged at once)."""
         cluster = check_name("cluster", request.cluster)
         latest = self._db(self.store.latest, cluster)
         nodes = {report.node: _report(report) for report in self._db(self.store.nodes, cluster)}

@@ -24,8 +24,8 @@ from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from planner import server
 from tests.executor_helpers import ROOT, LineReader, cli, starts, unused_port
-from tests.test_hub_provider import WRITES, document, idle_ticks, store_doc, wait_for
 from tests.signing import write_store
+from tests.test_hub_provider import WRITES, document, idle_ticks, store_doc, wait_for
 
 CLUSTER = "fakecluster"  # fakepve's cluster: the daemon's audience is pve1@fakecluster
 NODE = f"pve1@{CLUSTER}"
@@ -206,7 +206,7 @@ def test_a_hub_on_postgresql_sigkilled_under_a_watching_daemon_is_resumed_by_its
     wait_for(lambda: hubs[0].node() == (1, True) and fakepve.vm(100).status == "running", "v1 converged", timeout=30)
 
     hubs[0].kill()
-    wait_for(lambda: events(daemon, "hub_disconnected"), "the daemon seeing the hub gone", timeout=10)
+    wait_for(lambda: bool(events(daemon, "hub_disconnected")), "the daemon seeing the hub gone", timeout=10)
     fakepve.vm(100).status = "stopped"  # drift while the hub is down: put right from the v1 on disk
     wait_for(lambda: fakepve.vm(100).status == "running", "the drift put right without a hub", timeout=10)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -179,3 +180,19 @@ def check_report(cluster: object, node: object, version: object, ok: object, rea
     if not isinstance(ok, bool):
         raise InvalidArgumentError("ok", f"must be a bool, not {type(ok).__name__}")
     check_text("reason", reason, required=not ok)
+
+
+# -- last seen (Watch activity) ------------------------------------------------------------------------------------
+
+def check_seen(cluster: object, seen: object) -> list[tuple[str, float]]:
+    """(node, unix seconds) of a record_seen call, or InvalidArgumentError naming the first bad field."""
+    check_name("cluster", cluster)
+    if not isinstance(seen, Mapping):
+        raise InvalidArgumentError("seen", f"must be a mapping of node to unix seconds, not {type(seen).__name__}")
+    rows = []
+    for node, at in seen.items():
+        check_name("node", node)
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at) or at < 0:
+            raise InvalidArgumentError("seen", f"{node}: must be finite unix seconds >= 0, not {at!r}")
+        rows.append((node, float(at)))
+    return rows

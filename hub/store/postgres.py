@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -301,6 +301,26 @@ class PostgresStore:
     def schema_version(self) -> int:
         """The schema step the database is at."""
         return int(self._one("SELECT MAX(version) FROM schema_version", ())[0])
+
+    # -- last seen (Watch activity) --------------------------------------------------------------------------------
+
+    def record_seen(self, cluster: str, seen: Mapping[str, float]) -> None:
+        """Move each node's last_seen to its time in ``seen`` (never back), in one transaction (see Store).
+
+        Idempotent, so it may be tried again on a fresh connection.
+        """
+        rows = model.check_seen(cluster, seen)
+        if not rows:
+            return
+
+        def write(conn: Conn) -> None:
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO acks (cluster, node, held, version, ok, reason, last_seen) "
+                    "VALUES (%s, %s, 0, 0, false, '', to_timestamp(%s)) ON CONFLICT (cluster, node) DO UPDATE SET "
+                    "last_seen = GREATEST(acks.last_seen, excluded.last_seen)",
+                    [(cluster, node, at) for node, at in rows])
+        self._read(write)
 
     def close(self) -> None:
         """Stop listening, close every connection and wake every waiter (they return False)."""

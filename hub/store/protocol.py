@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from hub.store.model import Entry, NodeReport, Version
@@ -62,6 +63,16 @@ class Store(Protocol):
 
     def schema_version(self) -> int:
         """The schema step the database is at (hub.store.schema's migrations)."""
+        ...
+
+    # -- last seen (Watch activity) --------------------------------------------------------------------------------
+
+    def record_seen(self, cluster: str, seen: Mapping[str, float]) -> None:
+        """Record that each node of ``seen`` was watching ``cluster`` at its time (unix seconds), in one write.
+
+        Only ``last_seen`` moves, and never back; a node with no report yet gets a row holding nothing (version 0,
+        no verdict), so every replica's ``nodes`` lists a node that only watches.
+        """
         ...
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -283,6 +283,20 @@ class SqliteStore:
     def schema_version(self) -> int:
         """The schema step the database is at."""
         return int(self._conn().execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    # -- last seen (Watch activity) --------------------------------------------------------------------------------
+
+    def record_seen(self, cluster: str, seen: Mapping[str, float]) -> None:
+        """Move each node's last_seen to its time in ``seen`` (never back), in one transaction (see Store)."""
+        rows = model.check_seen(cluster, seen)
+        if not rows:
+            return
+        conn = self._conn()
+        with _write(conn):
+            conn.executemany("INSERT INTO acks (cluster, node, held, version, ok, reason, last_seen) "
+                             "VALUES (?, ?, 0, 0, 0, '', ?) ON CONFLICT (cluster, node) DO UPDATE SET "
+                             "last_seen = MAX(acks.last_seen, excluded.last_seen)",
+                             [(cluster, node, at) for node, at in rows])
 
     def close(self) -> None:
         """Close every connection and wake every waiter (they return False)."""
