@@ -16,10 +16,16 @@ from typing import Any
 
 import pytest
 
+from executor.loop.hub import HubProvider
+from executor.metrics import ExecutorMetrics
+from executor.signed.trust import TrustKeeper
 from hub.store import InvalidArgumentError, PostgresStore, SqliteStore, Store
 from hub.v1 import hub_pb2 as pb
 from tests.hub_helpers import CLUSTER, Hub, running_hub, watch
-from tests.test_hub_provider import wait_for
+from tests.signing import write_store
+from tests.test_hub_provider import AUDIENCE, DESIRED, document, make_provider, metric, sha, wait_for
+from tests.test_hub_provider import CLUSTER as PROVIDER_CLUSTER
+from tests.test_hub_provider import store_doc as provider_store_doc
 
 HEARTBEAT = 0.1
 _names = itertools.count()
@@ -125,3 +131,50 @@ def test_record_seen_keeps_reports_and_never_moves_back(store: Store) -> None:
         store.record_seen("", {"n3@lab": now})
     store.record_seen(CLUSTER, {})  # nothing to write
     assert "n3@lab" not in {r.node for r in store.nodes(CLUSTER)}
+
+
+# -- a node ahead of the hub (a restored database) -------------------------------------------------------------------
+
+
+def test_a_node_ahead_of_a_restored_hub_keeps_its_version_and_the_hub_shows_it(tmp_path: Path,
+                                                                             providers: list[HubProvider]) -> None:
+    """The node holds v3. The hub comes back from a backup taken at v2 (its row says the node holds 2), on the
+    same address: the node watches from 3, gets heartbeats only (connected, no NACK, no error), keeps v3, and the
+    restored hub's Status shows it holding 3, ahead of the latest 2, seen just now."""
+    state, node_state = tmp_path / "hub", tmp_path / "node"
+    node_state.mkdir()
+    trust = TrustKeeper(str(write_store(tmp_path, provider_store_doc())), str(node_state))
+    v1 = document(1)
+    v2 = document(2, sha(v1), desired=DESIRED.replace("4096", "5120"))
+    v3 = document(3, sha(v2), desired=DESIRED.replace("4096", "6144"))
+    backup = SqliteStore.in_dir(tmp_path / "backup")
+    for version, envelope in enumerate((v1, v2)):
+        backup.append(PROVIDER_CLUSTER, version, envelope, "alice@example.org", "m")
+    backup.record_ack(PROVIDER_CLUSTER, AUDIENCE, 2, True)
+    backup.close()
+    metrics = ExecutorMetrics()
+    with running_hub(SqliteStore.in_dir(state), heartbeat=HEARTBEAT) as hub:
+        port = hub.running.port
+        provider = make_provider(providers, port, trust, node_state, metrics=metrics)
+        for version, envelope in enumerate((v1, v2, v3)):
+            hub.stub.Apply(pb.ApplyRequest(cluster=PROVIDER_CLUSTER, expected_version=version, envelope=envelope),
+                           timeout=10)
+        wait_for(lambda: provider.held.version == 3, "the node holding v3")
+    reports_before = metric(metrics, "pve_executor_hub_reports_total", verdict="ack", reason="none")
+    with running_hub(SqliteStore.in_dir(tmp_path / "backup"), heartbeat=HEARTBEAT,
+                     listen=f"127.0.0.1:{port}") as restored:
+        started = int(time.time() * 1000)
+        wait_for(lambda: metric(metrics, "pve_executor_hub_connected") == 1, "the node on the restored hub", 20)
+
+        def shown() -> tuple[int, int, bool, bool]:
+            answer = restored.stub.Status(pb.StatusRequest(cluster=PROVIDER_CLUSTER), timeout=10)
+            node = next(n for n in answer.nodes if n.node == AUDIENCE)
+            return answer.latest_version, node.held_version, node.ok, node.last_seen_unix_ms >= started - 1000
+
+        wait_for(lambda: shown() == (2, 3, True, True), "the restored hub showing the node at v3")
+        time.sleep(5 * HEARTBEAT)  # heartbeats pass: nothing moves the node
+        assert provider.held.version == 3 and [dict(g.config or {}) for g in provider.desired()] == [
+            {"memory": "6144"}]
+        assert metric(metrics, "pve_executor_hub_connected") == 1
+        assert metric(metrics, "pve_executor_hub_reports_total", verdict="nack", reason="ROLLBACK") == 0
+        assert metric(metrics, "pve_executor_hub_reports_total", verdict="ack", reason="none") - reports_before <= 1

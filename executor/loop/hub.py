@@ -263,7 +263,7 @@ class HubProvider:
             self._call = call
         if self._stop.is_set():
             call.cancel()
-        last, done, reached = [time.monotonic()], threading.Event(), False
+        last, done, reached, told = [time.monotonic()], threading.Event(), False, False
         watchdog = threading.Thread(target=self._watchdog, args=(call, last, done), name="hub-watchdog", daemon=True)
         watchdog.start()
         code, detail = "ended", ""
@@ -278,6 +278,8 @@ class HubProvider:
                 if event.HasField("document") and not self._take(event.document, cluster, node):
                     code, reached = "not_saved", False  # try again after a backoff: the hub sends it again
                     break
+                if event.HasField("heartbeat") and not told:
+                    told = self._tell_held(cluster, node, event.heartbeat.latest_version)
         except grpc.RpcError as exc:
             code, detail = _code(exc), str(exc.details() or "")[:200]
         finally:
@@ -290,6 +292,20 @@ class HubProvider:
             log.warning("hub_disconnected" if reached else "hub_unreachable", hub=self.settings.target, code=code,
                         detail=detail, held_version=self._taken.held.version)
         return reached
+
+    def _tell_held(self, cluster: str, node: str, latest: int) -> bool:
+        """A hub whose latest version is below the one held here (a restored database, another hub) keeps the node's
+        version (docs/HUB.md) but may not know it: ACK it again, once per stream, so its Status shows it. True when
+        told (or nothing to tell)."""
+        taken = self._taken
+        if latest >= taken.held.version:
+            return True
+        if not taken.trusted or self._pending is not None:  # a report not yet confirmed goes first (next stream)
+            return False
+        log.warning("hub_behind_node", held_version=taken.held.version, hub_latest=latest,
+                    consequence="the version held is kept and ACKed again; newer versions are still taken")
+        self._report(cluster, node, taken.held.version, None)
+        return True
 
     def _watchdog(self, call: grpc.Future, last: list[float], done: threading.Event) -> None:
         """Cancel a stream silent for SILENT_HEARTBEATS heartbeat intervals (a hub that hangs, a dead path)."""
