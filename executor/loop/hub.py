@@ -96,6 +96,7 @@ class HubProvider:
         self.settings, self._files, self._trust, self._audience = settings, files, trust, audience
         self._metrics, self._clock = metrics, clock
         on_disk = files.load()
+        self._shown: Held | None = None  # the held version the info metric shows
         self._taken = _Taken(held=on_disk.held, envelope=on_disk.envelope)
         self._loaded = False  # the document on disk verified (or found wanting) against the audience and store
         self._lock = threading.Lock()
@@ -109,6 +110,20 @@ class HubProvider:
         metrics.hub_held_version.set_function(lambda: float(self._taken.held.version))
         metrics.hub_held_age.set_function(self._age)
         metrics.hub_held_trusted.set_function(lambda: float(self._taken.trusted or not self._taken.held.version))
+
+    @property
+    def _taken(self) -> _Taken:
+        return self._state
+
+    @_taken.setter
+    def _taken(self, value: _Taken) -> None:
+        """Every change of what is held goes through here, so ``pve_executor_hub_held_info`` always shows it."""
+        self._state = value
+        if value.held != self._shown:
+            info = self._metrics.hub_held_info
+            info.clear()  # one series: the version held now
+            info.labels(str(value.held.version), value.held.sha256).set(1)
+            self._shown = value.held
 
     # --- the provider -------------------------------------------------------------------------------------------
 
@@ -152,6 +167,7 @@ class HubProvider:
                                                   "trusts; the version floor is kept")
             now = _Taken(held=taken.held, created=taken.created, envelope=taken.envelope, identity=taken.identity,
                          store=store)  # judged under it: not tried again until the store changes
+            now = self._floor_reset(now, store) or now
         with self._lock:
             if self._taken is taken:  # the watch thread may have taken a new version meanwhile: that one stands
                 self._taken = now
@@ -159,6 +175,33 @@ class HubProvider:
         if not now.trusted:
             self._reconnect()  # watch from the version before, so the hub sends this one again (and it is NACKed)
         return now
+
+    def _floor_reset(self, untrusted: _Taken, store: TrustStore | None) -> _Taken | None:
+        """The floor ``store`` resets this cluster to, saved and in force, for a held document found untrusted.
+
+        The trust store (root's, versioned, on every node) names the replacement of a floor that a revoked key or
+        document pushed up (``[[floor_resets]]``): the node holds its (version, sha256) without a document, and so
+        takes that very document, or a later one, from the hub. None when the store names no reset for this
+        cluster, it is the floor held already, or it is above it (a later version is taken as usual).
+        """
+        cluster = untrusted.identity[0]
+        reset = store.floor_resets.get(cluster) if store is not None and cluster else None
+        held = untrusted.held
+        if reset is None or reset.version > held.version or (reset.version, reset.sha256) == (held.version,
+                                                                                               held.sha256):
+            return None
+        floor = Held(version=reset.version, sha256=reset.sha256)
+        try:
+            self._files.reset(floor)
+        except OSError as exc:
+            log.error("hub_floor_reset_not_saved", version=floor.version, path=str(self._files.state_dir),
+                      error=exc.strerror or str(exc), consequence="the floor is kept; tried again at the next start "
+                                                                  "or trust store reload")
+            return None
+        log.warning("hub_floor_reset", cluster=cluster, from_version=held.version, from_sha256=held.sha256,
+                    version=floor.version, sha256=floor.sha256, trust_store_version=store.version if store else 0,
+                    consequence="managing nothing until the hub sends this version (or a later one)")
+        return _Taken(held=floor, store=store, identity=untrusted.identity)
 
     def _reconnect(self) -> None:
         with self._lock:
@@ -249,6 +292,8 @@ class HubProvider:
             with self._lock:
                 if not self._taken.trusted and self._taken.held == held:  # judged under it: desired() retries
                     self._taken = dataclasses.replace(self._taken, store=store)  # when the store changes
+                    reset = self._floor_reset(dataclasses.replace(self._taken, identity=(cluster, node)), store)
+                    self._taken = reset or self._taken
 
     def _since(self) -> int:
         """The version to watch from: the one held, or the one before when its document is not trusted here."""
