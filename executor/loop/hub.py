@@ -157,7 +157,8 @@ class HubProvider:
         """``taken`` against the store in force (its guests kept, not parsed again); untrusted when it fails."""
         try:
             store = self._trust.current()  # read once: the store recorded is the one that verified
-            if self._verify(taken.envelope, *taken.identity, Held(), store, at_created=True).held != taken.held:
+            # Against its own (version, sha256): the same document again (a jump is judged when it was taken).
+            if self._verify(taken.envelope, *taken.identity, taken.held, store, at_created=True).held != taken.held:
                 raise Refused(RefusalReason.FORK, f"the document held is not version {taken.held.version}")
             now = _Taken(held=taken.held, created=taken.created, guests=taken.guests, trusted=True,
                          store=store, envelope=taken.envelope, identity=taken.identity)
@@ -276,7 +277,7 @@ class HubProvider:
             return
         store = self._trust.current()
         try:
-            verified = self._verify(envelope, cluster, node, Held(), store, at_created=True)
+            verified = self._verify(envelope, cluster, node, held, store, at_created=True)  # as in _recheck
             if verified.held != held:
                 raise Refused(RefusalReason.FORK, f"the document on disk is not version {held.version}")
             self._install(verified, parse(verified.document.desired, f"hub:{cluster}@{verified.document.version}"),
