@@ -1,8 +1,10 @@
 """``pve-hub apply | history | show | status``: the operator's side of the hub, over gRPC.
 
 ``apply`` checks the file with the executor's own loader (``desiredfile``), shows what changes against the
-version it replaces, signs with ``opctl.desired``'s signing code and uploads with the version it expects:
-if another apply came first, the hub refuses it naming both versions, and nothing is stored.
+version it replaces, reads the latest version again once the key is loaded (its passphrase typed) and refuses
+if another apply came first, before it signs, then signs with ``opctl.desired``'s signing code and uploads with
+the version it expects: if another apply came first after all, the hub refuses it naming both versions, and
+nothing is stored.
 """
 
 from __future__ import annotations

@@ -2,8 +2,18 @@
 
 A hub is a courier. The executor trusts a document because keys of its own trust store signed it, never
 because the hub sent it: a hub that is broken into can withhold a new version, but cannot forge one
-(signatures), replay an older one (the version floor the executor holds) or show two nodes two documents
-under one version (each version names the sha256 of the one it replaces).
+(signatures), replay an older one (the version floor the executor holds) or move a node from the document it
+holds to another under the same version (``FORK``; the next version names the sha256 of the one it replaces).
+
+What it can do: when the signers signed two documents under one version (a draft signed for review, the loser
+of a race between two ``pve-hub apply``, which now reads the latest again right before it signs, or signers
+who signed twice), both are valid, and a hub broken into can send one to some nodes and the other to the rest:
+each node checks its own chain and nodes do not talk to each other, so each holds its own. The next version
+names one of them: the nodes holding the other refuse it (``FORK``) and take the version after it (a skip), or,
+sooner, the replacement the trust store names once the other is revoked (``[revoked].documents`` and
+``[[floor_resets]]``). It does not go unseen: each node exports the pair it holds
+(``pve_executor_hub_held_info{version,sha256}``, ``pve-executor whoami``), for a monitor that is not the hub to
+compare. Signing one document per version is the signers' duty.
 
 The envelope is signedop's DSSE profile with its own ``payloadType`` and larger size caps, so an op never
 verifies as a document nor a document as an op: the type is inside every signature. The payload is strict

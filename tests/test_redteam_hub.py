@@ -401,7 +401,8 @@ def test_two_documents_under_one_version_show_in_each_nodes_held_info(
     valid: a hub broken into sends node A one and node B the other, and each takes its own (a node checks its own
     chain; nodes do not talk to each other, by design: docs/SAFETY.md §6.9). What is guaranteed: neither node takes
     the other's afterwards (FORK), and each exports the pair it holds, so a monitor that is not the hub sees the
-    split: pve_executor_hub_held_info{version="2"} carries two sha256s across the cluster."""
+    split: pve_executor_hub_held_info{version="2"} carries two sha256s across the cluster. The trust store ends
+    it: B's document revoked and A's named as the floor reset, B takes A's."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     seen_a, seen_b = ExecutorMetrics(), ExecutorMetrics()
@@ -428,6 +429,13 @@ def test_two_documents_under_one_version_show_in_each_nodes_held_info(
     wait_for(lambda: sorted(reports(served.hub)[before:]) == [(2, False, "FORK"), (2, True, "")],
              "B's NACK of A's version 2, and A's ACK")
     assert b.held.sha256 == sha(v2b) and a.held.sha256 == sha(v2a)
+    # The monitor saw it; the operators end it: B's document revoked, A's named as the floor to reset to.
+    write_store(tmp_path, store_doc() | {"version": 2, "revoked": {"documents": [sha(v2b)]},
+                                         "floor_resets": [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2a)}]})
+    trust.reload()
+    assert b.desired() == [] and len(a.desired()) == 1
+    wait_for(lambda: b.held == a.held and [g.config for g in b.desired()] == [{"memory": "8192"}], "B on A's")
+    assert metric(seen_b, "pve_executor_hub_held_info", version="2", sha256=sha(v2a)) == 1
 
 
 # --- the clock a document is judged by ----------------------------------------------------------------------------

@@ -14,7 +14,11 @@ while valid (keys are rotated on a schedule; the next version replaces the docum
 since, or a role that no longer grants ``desired.apply`` here, does: the node then manages nothing
 (loudly, ``pve_executor_hub_held_document_trusted`` 0) and keeps its version floor, until a version the
 store trusts arrives. Revocation is the operators' emergency brake; a node that kept applying what a
-revoked key signed would ignore it.
+revoked key signed would ignore it. A document revoked by its sha256 (``[revoked].documents``) is refused and
+voided the same way. A floor pushed up by what was revoked is lowered only by the trust store: its
+``[[floor_resets]]`` names the cluster's replacement (version, sha256), which a node whose held document no
+longer verifies takes as its floor (``hub-held``, durably), and then takes that document, or a later one, from
+the hub. Nothing a hub sends lowers a floor.
 """
 
 from __future__ import annotations
