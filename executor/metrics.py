@@ -43,6 +43,10 @@ class ExecutorMetrics:
                                   "(its created time): grows while a hub withholds newer versions.", registry=r)
         self.hub_held_trusted = Gauge("pve_executor_hub_held_document_trusted", "0 when the held version's document "
                                       "no longer verifies here (signer revoked): nothing is managed.", registry=r)
+        self.hub_held_info = Gauge("pve_executor_hub_held_info", "1, labelled with the hub document version held "
+                                   "here and its payload sha256 (0 and \"\": none): two nodes holding two documents "
+                                   "under one version differ here, for a monitor that is not the hub to compare.",
+                                   ["version", "sha256"], registry=r)
         self.hub_connected = Gauge("pve_executor_hub_connected", "1 while a Watch stream to the hub is up.",
                                    registry=r)
         self.hub_reports = Counter("pve_executor_hub_reports", "Hub documents ACKed or NACKed, by verdict (ack, "

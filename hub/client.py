@@ -1,8 +1,10 @@
 """``pve-hub apply | history | show | status``: the operator's side of the hub, over gRPC.
 
 ``apply`` checks the file with the executor's own loader (``desiredfile``), shows what changes against the
-version it replaces, signs with ``opctl.desired``'s signing code and uploads with the version it expects:
-if another apply came first, the hub refuses it naming both versions, and nothing is stored.
+version it replaces, reads the latest version again once the key is loaded (its passphrase typed) and refuses
+if another apply came first, before it signs, then signs with ``opctl.desired``'s signing code and uploads with
+the version it expects: if another apply came first after all, the hub refuses it naming both versions, and
+nothing is stored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import Message
 
 import desiredfile
@@ -96,9 +99,8 @@ def _diff(old: str, new: str, old_name: str, new_name: str) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
-def _sign(args: argparse.Namespace, text: str, version: int, previous_sha256: str) -> bytes:
-    """The envelope of ``text`` as ``version``, signed with --key; OpError naming the field the verifier refuses."""
-    key = load_private(args.key, args.passphrase_file)
+def _sign(args: argparse.Namespace, key: Ed25519PrivateKey, text: str, version: int, previous_sha256: str) -> bytes:
+    """The envelope of ``text`` as ``version``, signed with ``key``; OpError naming the field the verifier refuses."""
     author = args.author or f"{getpass.getuser()}@{socket.gethostname()}"
     try:
         envelope = sign_document(text, key, cluster=args.cluster, version=version, previous_sha256=previous_sha256,
@@ -106,6 +108,21 @@ def _sign(args: argparse.Namespace, text: str, version: int, previous_sha256: st
     except Refused as exc:
         raise OpError(f"{exc.detail}; nothing signed") from exc
     return desireddoc.to_bytes(envelope)
+
+
+def _still_latest(stub: pb_grpc.HubServiceStub, cluster: str, version: int, sha256: str) -> None:
+    """Right before signing: ``version`` (``sha256``) is still the latest, else Failed and nothing is signed.
+
+    Two documents signed under one version are both valid to every node, and a hub broken into could show one
+    to some nodes and the other to the rest (docs/SAFETY.md §6.9): the loser of a race must never be signed.
+    The time an operator takes to read the diff and type a passphrase is the race's window; after this read
+    only the signing and the upload remain.
+    """
+    latest = _latest(stub, cluster)
+    now = (latest.version, latest.payload_sha256) if latest is not None else (0, "")
+    if now != (version, sha256):
+        raise Failed(f"version {now[0]} of cluster {cluster} was applied since the diff above (against version "
+                     f"{version}); nothing signed, nothing applied: run it again to see the diff against it")
 
 
 def apply(args: argparse.Namespace) -> int:
@@ -128,7 +145,10 @@ def apply(args: argparse.Namespace) -> int:
             print(f"dry run: version {current + 1} of cluster {args.cluster} ({guests} guests) not signed, not sent",
                   file=sys.stderr)
             return 0
-        envelope = _sign(args, text, current + 1, latest.payload_sha256 if latest is not None else "")
+        key = load_private(args.key, args.passphrase_file)  # may wait for a passphrase: the hub may move meanwhile
+        previous = latest.payload_sha256 if latest is not None else ""
+        _still_latest(stub, args.cluster, current, previous)
+        envelope = _sign(args, key, text, current + 1, previous)
         answer = _call("apply", stub.Apply, pb.ApplyRequest(cluster=args.cluster, expected_version=current,
                                                             envelope=envelope))
     print(f"applied version {answer.version} of cluster {args.cluster} ({guests} guests); "

@@ -2,8 +2,18 @@
 
 A hub is a courier. The executor trusts a document because keys of its own trust store signed it, never
 because the hub sent it: a hub that is broken into can withhold a new version, but cannot forge one
-(signatures), replay an older one (the version floor the executor holds) or show two nodes two documents
-under one version (each version names the sha256 of the one it replaces).
+(signatures), replay an older one (the version floor the executor holds) or move a node from the document it
+holds to another under the same version (``FORK``; the next version names the sha256 of the one it replaces).
+
+What it can do: when the signers signed two documents under one version (a draft signed for review, the loser
+of a race between two ``pve-hub apply``, which now reads the latest again right before it signs, or signers
+who signed twice), both are valid, and a hub broken into can send one to some nodes and the other to the rest:
+each node checks its own chain and nodes do not talk to each other, so each holds its own. The next version
+names one of them: the nodes holding the other refuse it (``FORK``) and take the version after it (a skip), or,
+sooner, the replacement the trust store names once the other is revoked (``[revoked].documents`` and
+``[[floor_resets]]``). It does not go unseen: each node exports the pair it holds
+(``pve_executor_hub_held_info{version,sha256}``, ``pve-executor whoami``), for a monitor that is not the hub to
+compare. Signing one document per version is the signers' duty.
 
 The envelope is signedop's DSSE profile with its own ``payloadType`` and larger size caps, so an op never
 verifies as a document nor a document as an op: the type is inside every signature. The payload is strict
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from safety import opschema as s
-from safety import signedop, strictjson
+from safety import signedop, strictjson, truststore
 from safety.refusal import RefusalReason, Refused
 from safety.signedop import Envelope
 from safety.truststore import Role, TrustStore
@@ -35,7 +45,12 @@ MAX_LINE = 1024  # author and message
 MAX_PAYLOAD = 2 * MAX_DESIRED + 64 * 1024
 MAX_ENVELOPE = MAX_PAYLOAD * 4 // 3 + 64 * 1024  # base64, then four signatures and the JSON around them
 CAPS = signedop.Caps(max_envelope=MAX_ENVELOPE, max_payload=MAX_PAYLOAD)
-VERSION_MAX = 1 << 53
+VERSION_MAX = truststore.VERSION_MAX  # 2**53: exact in every JSON reader
+# The most a version may rise over the one held (0 included). A hub stores versions gap-free, one per apply, so
+# an honest cluster never comes near; without a bound one threshold of signers (a stolen key) could sign
+# VERSION_MAX and end every later version on every node at once. With it, pushing a floor to the end takes
+# billions of signed steps, and a floor pushed up is reset by the trust store (``FloorReset``).
+MAX_VERSION_JUMP = 1_000_000
 TIME_MAX = 1 << 40
 CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -234,6 +249,10 @@ def _role(document: DesiredDocument, store: TrustStore, audience: str) -> Role:
 def _check_version(document: DesiredDocument, sha256: str, held: Held) -> bool:
     """The version rule against the one held; True when it is that very document again."""
     version = document.version
+    if version > held.version + MAX_VERSION_JUMP:
+        raise Refused(RefusalReason.VERSION_JUMP, f"version {version} is more than {MAX_VERSION_JUMP} above "
+                                                  f"version {held.version}, held here (a hub stores versions one "
+                                                  f"by one)")
     if version < held.version:
         raise Refused(RefusalReason.ROLLBACK, f"version {version} is lower than version {held.version}, held here")
     if version == held.version:
@@ -264,6 +283,10 @@ def verify_document(data: bytes, store: TrustStore, *, cluster: str, audience: s
     if envelope.payload_type != PAYLOAD_TYPE:
         raise Refused(RefusalReason.PAYLOAD_TYPE, f"payloadType {envelope.payload_type[:80]!r} is not {PAYLOAD_TYPE}")
     keys = signedop.verified_keys(envelope, store)
+    sha256 = payload_sha256(envelope)
+    if sha256 in store.revoked_documents:  # after the signature: an unsigned envelope learns nothing of the store
+        raise Refused(RefusalReason.DOCUMENT_REVOKED, f"document sha256 {sha256} is revoked in trust store "
+                                                      f"v{store.version}")
     document = parse_payload(envelope.payload)
     if document.cluster != cluster:
         raise Refused(RefusalReason.WRONG_AUDIENCE, f"document is for cluster {document.cluster}, "
@@ -279,6 +302,5 @@ def verify_document(data: bytes, store: TrustStore, *, cluster: str, audience: s
         # and a hub withholding every later version would go unseen.
         raise Refused(RefusalReason.NOT_YET_VALID, f"created {document.created} is later than the executor clock "
                                                    f"{now:.0f} plus {signedop.MAX_SKEW:.0f}s")
-    sha256 = payload_sha256(envelope)
     unchanged = _check_version(document, sha256, held)
     return VerifiedDocument(document=document, sha256=sha256, signers=counted, unchanged=unchanged)

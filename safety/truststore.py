@@ -5,6 +5,8 @@ Every rule a mistake or an attacker could break is checked at load, and the erro
 the field: ownership and mode (sshd's StrictModes), unknown fields, a duplicate key or id, an id that is
 not sha256(public), a key type other than ``ed25519:``, a small-order key, a version lower than the
 last one accepted (rollback, row 36). Empty lists grant nothing; ``"*"`` audience only when spelled out.
+``[revoked]`` lists keys, op ids and hub documents (payload sha256s); ``[[floor_resets]]`` names, per cluster,
+the hub document that replaces a floor pushed up by a key or a document revoked since (docs/SAFETY.md §6.9).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from safety import opschema
 MAX_FILE = 1 << 20
 KEY_ID = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 OP_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+DOCUMENT_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)  # a hub document's payload sha256 (safety.desireddoc)
+CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)  # as a hub document spells it
+VERSION_MAX = 1 << 53  # a hub document's highest version (safety.desireddoc.VERSION_MAX)
 _TTL = re.compile(r"([0-9]{1,6})([smh])", re.ASCII)
 _VMIDS = re.compile(r"([0-9]{3,9})(?:-([0-9]{3,9}))?", re.ASCII)
 _TTL_UNIT = {"s": 1, "m": 60, "h": 3600}
@@ -98,6 +103,21 @@ class Role:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FloorReset:
+    """A cluster's hub-document floor, reset by root: the replacement document (its version and payload sha256).
+
+    A node whose held document no longer verifies under this store (its signer or the document revoked) takes
+    ``(version, sha256)`` as its floor, so the replacement, and only it or what follows it, can be taken
+    (docs/SAFETY.md §6.9). It lives here because the store is root's, versioned and on every node: a hub alone
+    cannot send one.
+    """
+
+    cluster: str
+    version: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrustStore:
     """A loaded, checked trust store."""
 
@@ -106,6 +126,9 @@ class TrustStore:
     roles: Mapping[str, Role]
     revoked_keys: frozenset[str]
     revoked_ops: frozenset[str]
+    revoked_documents: frozenset[str] = frozenset()  # hub documents' payload sha256s
+    # By cluster: the hub documents that replace floors pushed up by a revoked key or document.
+    floor_resets: Mapping[str, FloorReset] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     path: str = ""
     sha256: str = ""
 
@@ -249,8 +272,31 @@ def _list(doc: dict[str, Any], name: str) -> list[object]:
     return value
 
 
+def _floor_reset(value: object, where: str) -> FloorReset:
+    entry = _table(value, where, required=frozenset({"cluster", "version", "sha256"}), optional=frozenset())
+    if not isinstance(entry["cluster"], str) or not CLUSTER.fullmatch(entry["cluster"]):
+        raise _FieldError(f"{where}.cluster", "must be a cluster name as hub documents spell it")
+    if type(entry["version"]) is not int or not 1 <= entry["version"] <= VERSION_MAX:
+        raise _FieldError(f"{where}.version", f"must be the replacement document's version, 1..{VERSION_MAX}")
+    if not isinstance(entry["sha256"], str) or not DOCUMENT_SHA256.fullmatch(entry["sha256"]):
+        raise _FieldError(f"{where}.sha256", "must be the replacement document's payload sha256 (64 lowercase hex, "
+                                             "as pve-hub history shows it)")
+    return FloorReset(cluster=entry["cluster"], version=entry["version"], sha256=entry["sha256"])
+
+
+def _floor_resets(doc: dict[str, Any]) -> Mapping[str, FloorReset]:
+    resets: dict[str, FloorReset] = {}
+    for i, item in enumerate(_list(doc, "floor_resets")):
+        reset = _floor_reset(item, f"floor_resets[{i}]")
+        if reset.cluster in resets:
+            raise _FieldError(f"floor_resets[{i}].cluster", f"a second reset of cluster {reset.cluster!r}")
+        resets[reset.cluster] = reset
+    return MappingProxyType(resets)
+
+
 def _build(doc: dict[str, Any], min_version: int) -> TrustStore:
-    _table(doc, "", required=frozenset({"version"}), optional=frozenset({"keys", "roles", "revoked"}))
+    _table(doc, "", required=frozenset({"version"}),
+           optional=frozenset({"keys", "roles", "revoked", "floor_resets"}))
     version = doc["version"]
     if type(version) is not int or version < 1:
         raise _FieldError("version", "must be a positive integer")
@@ -270,10 +316,13 @@ def _build(doc: dict[str, Any], min_version: int) -> TrustStore:
             raise _FieldError(f"keys[{i}]", f"the same public key as keys[{publics[key.public_raw]}]")
         keys[key.id] = key
         publics[key.public_raw] = i
-    revoked = _table(doc.get("revoked", {}), "revoked", required=frozenset(), optional=frozenset({"keys", "ops"}))
+    revoked = _table(doc.get("revoked", {}), "revoked", required=frozenset(),
+                     optional=frozenset({"keys", "ops", "documents"}))
     return TrustStore(version=version, keys=MappingProxyType(keys), roles=MappingProxyType(roles),
                       revoked_keys=_strings(revoked.get("keys", []), "revoked.keys", KEY_ID),
-                      revoked_ops=_strings(revoked.get("ops", []), "revoked.ops", OP_ID))
+                      revoked_ops=_strings(revoked.get("ops", []), "revoked.ops", OP_ID),
+                      revoked_documents=_strings(revoked.get("documents", []), "revoked.documents", DOCUMENT_SHA256),
+                      floor_resets=_floor_resets(doc))
 
 
 def load(path: str | Path, *, min_version: int = 0, check_owner: bool = True) -> TrustStore:

@@ -82,9 +82,11 @@ def _value(value: Any) -> str:
 
 
 def to_toml(doc: dict[str, Any]) -> str:
-    """A trust store document as TOML: scalars, then [[roles]], [[keys]] and [revoked] tables."""
+    """A trust store document as TOML: scalars, then [[roles]], [[keys]] (and any other array of tables, such as
+    [[floor_resets]]) and [revoked] tables."""
     lines = [f"{k} = {_value(v)}" for k, v in doc.items() if not isinstance(v, list | dict)]
-    for table in ("roles", "keys"):
+    arrays = [k for k, v in doc.items() if isinstance(v, list) and k not in ("roles", "keys")]
+    for table in ("roles", "keys", *arrays):
         for entry in doc.get(table, []):
             lines += ["", f"[[{table}]]"] + [f"{k} = {_value(v)}" for k, v in entry.items()]
     for name, table_value in doc.items():

@@ -274,6 +274,38 @@ def test_doc_expired_or_revoked_key(store: TrustStore) -> None:
     refused(R.KEY_REVOKED, lambda: check(document(payload(), "frank"), store))
 
 
+def test_doc_revoked_in_the_trust_store(store: TrustStore, tmp_path: Path) -> None:
+    """A document whose payload sha256 is in ``[revoked].documents``: DOCUMENT_REVOKED, validly signed as it is, held
+    or not; checked after the signature (the same payload under a forged signature says SIGNATURE_INVALID)."""
+    envelope = document(payload(), "alice")
+    sha256 = desireddoc.payload_sha256(desireddoc.parse_envelope(envelope))
+    doc = store_doc() | {"version": 4, "revoked": {"keys": [kid("frank")], "documents": [sha256]}}
+    revoking = load(write_store(tmp_path, doc))
+    assert check(envelope, store).sha256 == sha256  # valid before
+    error = refused(R.DOCUMENT_REVOKED, lambda: check(envelope, revoking))
+    assert sha256 in error.detail and "v4" in error.detail
+    refused(R.DOCUMENT_REVOKED, lambda: check(envelope, revoking, held=Held(version=1, sha256=sha256)))
+    other = desireddoc.seal(payload(message="OPS-8 other"), private("alice"))
+    forged = signedop.Envelope(payload_type=other.payload_type, payload=payload(), signatures=other.signatures)
+    refused(R.SIGNATURE_INVALID, lambda: check(desireddoc.to_bytes(forged), revoking))
+
+
+def test_doc_a_version_jump_past_the_bound(store: TrustStore) -> None:
+    """A version more than MAX_VERSION_JUMP above the one held (0 included): VERSION_JUMP, naming both; exactly the
+    bound is a skip like any other. One threshold of signers can no longer sign the last version at once."""
+    bound = desireddoc.MAX_VERSION_JUMP
+    skip = "0" * 64  # a version after 1 names a predecessor; one not held here is a skip
+    first = check(document(payload(version=bound, previous_sha256=skip), "alice"), store).held
+    assert first.version == bound
+    error = refused(R.VERSION_JUMP, lambda: check(document(payload(version=bound + 1, previous_sha256=skip),
+                                                           "alice"), store))
+    assert f"version {bound + 1}" in error.detail and "version 0" in error.detail
+    later = payload(version=2 * bound, previous_sha256=skip)
+    assert check(document(later, "alice"), store, held=first).held.version == 2 * bound
+    last = payload(version=desireddoc.VERSION_MAX, previous_sha256=skip)
+    refused(R.VERSION_JUMP, lambda: check(document(last, "alice"), store, held=first))
+
+
 def test_doc_trailing_data_or_duplicate_keys(store: TrustStore) -> None:
     """Validly signed payloads with trailing data or a duplicate key (``"version":1,"version":9``): MALFORMED; so is
     an envelope with a byte after it, or re-spelled (other indentation): one document, one spelling."""

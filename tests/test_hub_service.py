@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from common.grpcserver import ClientTls, ServerTls, channel_credentials
 from hub.service import status_of
@@ -32,7 +33,7 @@ from hub.store import (
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests import certs
-from tests.hub_helpers import CLUSTER, Hub, desired, envelope, running_hub, watch, write_key
+from tests.hub_helpers import CLUSTER, KEY, Hub, desired, envelope, running_hub, watch, write_key
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT = 0.2
@@ -415,6 +416,40 @@ def test_the_cli_apply_history_show_status(served: tuple[str, Path], tmp_path: P
     assert "NACK v2" in row and "ROLLBACK: held 3" in row and "(behind)" in row
     done = pve_hub("show", "9", *common)
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr
+
+
+def test_the_loser_of_an_apply_race_is_refused_before_it_signs(hub: Hub, tmp_path: Path) -> None:
+    """An operator reads the diff against version 1 and types the key's passphrase (here: a FIFO the test writes
+    once another apply stored version 2, the window widened on purpose). Two documents signed under one version
+    are both valid to every node (docs/SAFETY.md §6.9), so apply reads the latest again after the passphrase and
+    refuses, exit 1, before it signs: before, it signed a version 2 and the hub (a courier that could keep it)
+    refused only the upload."""
+    hub.apply(desired(100), 0)
+    key = tmp_path / "k.pem"
+    key.write_bytes(KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.BestAvailableEncryption(b"secret")))
+    key.chmod(0o600)
+    fifo = tmp_path / "passphrase"
+    os.mkfifo(fifo)
+    path = tmp_path / "d.yaml"
+    path.write_text(desired(100, 101), encoding="utf-8")
+    child = subprocess.Popen([*PVE_HUB, "apply", str(path), "--hub", hub.address, "--cluster", CLUSTER, "--key",
+                              str(key), "--passphrase-file", str(fifo), "--role", "desired", "--message", "late"],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "--- version 1\n"  # the diff: then the key
+        hub.apply(desired(100, 102))  # another operator's apply lands meanwhile
+        with open(fifo, "w", encoding="utf-8") as passphrase:
+            passphrase.write("secret\n")
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 1, err
+    assert "version 2 of cluster lab was applied since the diff above" in err and "nothing signed" in err, err
+    assert [entry.version for entry in hub.store.history(CLUSTER)] == [2, 1]
 
 
 def test_the_cli_refuses_a_bad_file_and_an_absent_hub(served: tuple[str, Path], tmp_path: Path) -> None:

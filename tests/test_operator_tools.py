@@ -21,8 +21,10 @@ import pytest
 from common import healthcheck
 from common.version import version
 from executor import cli as executor_cli
+from executor.loop.hubheld import HeldFiles
 from planner import cli as planner_cli
 from planner import server
+from safety import desireddoc
 from tests.certs import Pki
 from tests.executor_helpers import ROOT, cli, run_module, unused_port
 from tests.signed_helpers import (
@@ -36,7 +38,7 @@ from tests.signed_helpers import (
     signed_by,
     store_doc,
 )
-from tests.signing import key_entry, write_store
+from tests.signing import key_entry, private, write_store
 
 
 def _run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -89,6 +91,24 @@ def test_whoami_names_the_audience_the_roles_naming_it_and_the_journal_a_daemon_
     assert report["journal"]["locked"] is True and sorted(report["trust"]["roles"]) == ["destroyer", "operator"]
     assert report["trust"]["roles"]["operator"]["signers"] == ["alice@example.org"]
     assert alias.returncode == 0 and f"executor_id  {AUDIENCE}" in alias.stdout
+
+
+def test_whoami_shows_the_hub_document_held(fakepve: Any, fakepve_cafile: str, planner: server.Running,
+                                            tmp_path: Path) -> None:
+    """With a hub document held in the state dir, whoami prints its version and full sha256 (the pair
+    pve_executor_hub_held_info exports): a monitor that is not the hub compares nodes by it; --json too."""
+    data = desireddoc.build_payload(cluster="cluster-a", version=2, role="publisher", author="alice@example.org",
+                                    message="v2", created=int(time.time()), previous_sha256="ab" * 32,
+                                    desired="guests: []\n")
+    envelope = desireddoc.seal(data, private("alice"))
+    held = desireddoc.Held(version=2, sha256=desireddoc.payload_sha256(envelope))
+    (tmp_path / "state").mkdir()
+    HeldFiles(tmp_path / "state").save(desireddoc.to_bytes(envelope), held)
+    text = _whoami(fakepve, fakepve_cafile, planner.port, tmp_path)
+    as_json = _whoami(fakepve, fakepve_cafile, planner.port, tmp_path, "--json")
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert f"hub document version 2, sha256 {held.sha256} (held in state dir)" in text.stdout
+    assert json.loads(as_json.stdout)["hub"] == {"version": 2, "sha256": held.sha256, "error": ""}
 
 
 def test_whoami_exits_1_and_says_what_is_wrong(fakepve: Any, fakepve_cafile: str, planner: server.Running,

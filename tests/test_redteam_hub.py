@@ -395,32 +395,47 @@ def test_an_enormous_message_ends_the_stream_not_the_node(served: Served, trust:
     wait_for(lambda: provider.held.version == 2, "version 2")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: two documents signed under one version (the loser of a concurrent `pve-hub apply`: both are signed "
-    "before the hub's --check-version refuses one; or a draft signed for review) are both valid, and a hub "
-    "broken into can send one to some nodes and the other to the rest: the version rule is per node. "
-    "docs/SAFETY.md §6.9 says a hub cannot show two nodes two documents under one version; it can, when the "
-    "signers signed both. Fix: say so in docs/SAFETY.md §6.9 and desireddoc's docstring; export the held sha256 "
-    "(pve_executor_hub_held_info{version,sha256}) so a monitor that is not the hub compares nodes; have "
-    "`pve-hub apply` reserve the version (check-version) before it signs"))
-def test_two_nodes_never_hold_two_documents_under_one_version(served: Served, trust: TrustKeeper, tmp_path: Path,
-                                                              providers: list[HubProvider]) -> None:
-    """Nodes A and B hold version 1; the hub sends A one signed version 2 and B another: both are ACKed."""
+def test_two_documents_under_one_version_show_in_each_nodes_held_info(
+        served: Served, trust: TrustKeeper, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """Two documents signed under one version (a draft, or the loser of a race the signers signed anyway) are both
+    valid: a hub broken into sends node A one and node B the other, and each takes its own (a node checks its own
+    chain; nodes do not talk to each other, by design: docs/SAFETY.md §6.9). What is guaranteed: neither node takes
+    the other's afterwards (FORK), and each exports the pair it holds, so a monitor that is not the hub sees the
+    split: pve_executor_hub_held_info{version="2"} carries two sha256s across the cluster. The trust store ends
+    it: B's document revoked and A's named as the floor reset, B takes A's."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = make_provider(providers, served.port, trust, tmp_path / "a")
+    seen_a, seen_b = ExecutorMetrics(), ExecutorMetrics()
+    a = make_provider(providers, served.port, trust, tmp_path / "a", metrics=seen_a)
     v1 = document(1)
     served.hub.push(v1)
     wait_for(lambda: a.held.version == 1, "A at version 1")
+    assert metric(seen_a, "pve_executor_hub_held_info", version="1", sha256=sha(v1)) == 1
     v2a = document(2, sha(v1), desired=DESIRED.replace("4096", "8192"))
     served.hub.push(v2a)
     wait_for(lambda: a.held.version == 2, "A at version 2")
     served.hub.docs[:] = served.hub.docs[:1]
-    b = make_provider(providers, served.port, trust, tmp_path / "b")
+    b = make_provider(providers, served.port, trust, tmp_path / "b", metrics=seen_b)
     wait_for(lambda: b.held.version == 1, "B at version 1")
-    served.hub.push(document(2, sha(v1), desired=DESIRED.replace("running", "stopped")))
+    v2b = document(2, sha(v1), desired=DESIRED.replace("running", "stopped"))
+    served.hub.push(v2b)
     wait_for(lambda: b.held.version == 2, "B at version 2")
-    assert a.held == b.held
+    assert a.held != b.held  # the residual risk: the nodes disagree under one version
+    assert metric(seen_a, "pve_executor_hub_held_info", version="2", sha256=sha(v2a)) == 1
+    assert metric(seen_b, "pve_executor_hub_held_info", version="2", sha256=sha(v2b)) == 1
+    assert metric(seen_a, "pve_executor_hub_held_info", version="1", sha256=sha(v1)) == 0  # one series: now's
+    before = len(served.hub.reports)
+    served.hub.push(v2a)  # and B never takes A's afterwards (A takes it again: unchanged)
+    wait_for(lambda: sorted(reports(served.hub)[before:]) == [(2, False, "FORK"), (2, True, "")],
+             "B's NACK of A's version 2, and A's ACK")
+    assert b.held.sha256 == sha(v2b) and a.held.sha256 == sha(v2a)
+    # The monitor saw it; the operators end it: B's document revoked, A's named as the floor to reset to.
+    write_store(tmp_path, store_doc() | {"version": 2, "revoked": {"documents": [sha(v2b)]},
+                                         "floor_resets": [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2a)}]})
+    trust.reload()
+    assert b.desired() == [] and len(a.desired()) == 1
+    wait_for(lambda: b.held == a.held and [g.config for g in b.desired()] == [{"memory": "8192"}], "B on A's")
+    assert metric(seen_b, "pve_executor_hub_held_info", version="2", sha256=sha(v2a)) == 1
 
 
 # --- the clock a document is judged by ----------------------------------------------------------------------------
@@ -468,40 +483,95 @@ def test_a_clock_set_back_revives_no_expired_key_for_documents(
 # --- a floor pushed to the end by one signer ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: one threshold of signers (a stolen key of a threshold-1 role) can sign version 2**53, the highest a "
-    "document may carry: every node takes it, and when the key is revoked the node manages nothing and refuses "
-    "every later document for good (ROLLBACK below, MALFORMED above); the only way back is deleting hub-held and "
-    "hub-document.* on every node by hand. Fix: refuse a jump of more than a bound (say 1,000,000) over a version "
-    "held, and let the trust store (root's, versioned, on every node) name a cluster's floor reset "
-    "(version, sha256 of the replacement) that a node whose held document's signer is revoked applies"))
-def test_a_floor_pushed_to_the_last_version_by_a_revoked_key_can_be_recovered(
+def revoking_alice(version: int, **extra: Any) -> dict[str, Any]:
+    """A store that revokes alice's key and adds bob as publisher, with ``extra`` fields (a floor reset)."""
+    doc = store_doc()
+    doc["version"] = version
+    doc["revoked"] = {"keys": [doc["keys"][0]["id"]]}
+    doc["keys"].append(key_entry("bob", ["publisher"]))
+    return doc | extra
+
+
+def reset_to(envelope: bytes) -> list[dict[str, Any]]:
+    """A [[floor_resets]] naming ``envelope`` as cluster-a's replacement."""
+    return [{"cluster": CLUSTER, "version": desireddoc.parse_payload(desireddoc.parse_envelope(envelope).payload)
+             .version, "sha256": sha(envelope)}]
+
+
+def test_a_floor_pushed_up_by_a_revoked_key_is_reset_by_the_trust_store(
         served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
-    """alice (then revoked) signs version 2**53; bob, whom the new store trusts, signs the cluster's next document:
-    the node should be able to take one of bob's documents without hand surgery on its state_dir."""
+    """alice (a stolen key, threshold 1) signs the last version: refused, VERSION_JUMP (it was taken, and once
+    her key was revoked the node refused every later version for good). She signs the highest one step allows:
+    taken. The operators revoke her key and name bob's version 2 as the cluster's floor reset in the trust store
+    (root's, versioned): the node stops managing from her document, holds (2, sha256) as its floor, durably (a
+    restart keeps it), and takes bob's version 2 when the hub sends it; no hand surgery on state_dir."""
     state = tmp_path / "state"
     state.mkdir()
-    path = write_store(tmp_path, store_doc())
-    keeper = TrustKeeper(str(path), str(state))
+    keeper = TrustKeeper(str(write_store(tmp_path, store_doc())), str(state))
     provider = make_provider(providers, served.port, keeper, state)
     v1 = document(1)
     served.hub.push(v1)
     wait_for(lambda: provider.held.version == 1, "version 1")
-    last = desireddoc.VERSION_MAX
-    served.hub.push(signed(last, sha(v1), desired=DESIRED.replace("4096", "512")))
-    wait_for(lambda: provider.held.version == last, "the last version")
-    revoking = store_doc()
-    revoking["version"] = 2
-    revoking["revoked"] = {"keys": [revoking["keys"][0]["id"]]}
-    revoking["keys"].append(key_entry("bob", ["publisher"]))
-    write_store(tmp_path, revoking)
+    served.hub.push(signed(desireddoc.VERSION_MAX, sha(v1), desired=DESIRED.replace("4096", "512")))
+    wait_for(lambda: reports(served.hub)[-1:] == [(desireddoc.VERSION_MAX, False, "VERSION_JUMP")], "the jump NACK")
+    high = 1 + desireddoc.MAX_VERSION_JUMP
+    served.hub.push(signed(high, sha(v1), desired=DESIRED.replace("4096", "512")))
+    wait_for(lambda: provider.held.version == high, "the highest version one step allows")
+    bobs = document(2, sha(v1), signers=("bob",))
+    write_store(tmp_path, revoking_alice(2, floor_resets=reset_to(bobs)))
     keeper.reload()
     assert provider.desired() == []
-    wait_for(lambda: reports(served.hub)[-1:] == [(last, False, "KEY_REVOKED")], "the NACK of the last version")
-    for count, version in enumerate((2, last - 1, last), start=4):
-        served.hub.push(document(version, sha(v1), signers=("bob",)))
-        wait_for(lambda n=count: len(served.hub.reports) >= n, f"bob's version {version} reported")  # type: ignore[misc]
-    assert [g.config for g in provider.desired()] == [{"memory": "4096"}]
+    assert provider.held == Held(version=2, sha256=sha(bobs))
+    assert (state / HELD_FILE).read_text() == f"2 {sha(bobs)}\n" and not list(state.glob("hub-document.*"))
+    wait_for(lambda: reports(served.hub)[-1:] == [(high, False, "KEY_REVOKED")], "the NACK of alice's version")
+    provider.close()
+    again = make_provider(providers, served.port, keeper, state)
+    assert again.held == Held(version=2, sha256=sha(bobs)) and again.desired() == []
+    served.hub.push(bobs)
+    wait_for(lambda: [g.config for g in again.desired()] == [{"memory": "4096"}], "bob's version 2 served")
+    assert reports(served.hub)[-1] == (2, True, "") and again.held == Held(version=2, sha256=sha(bobs))
+    served.hub.push(document(3, sha(bobs), signers=("bob",), desired=DESIRED.replace("4096", "2048")))
+    wait_for(lambda: again.held.version == 3, "version 3 links to bob's version 2")
+
+
+def test_a_hub_alone_cannot_lower_a_floor(served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """The reset is the trust store's, and only for a held document that no longer verifies: a store naming a
+    reset while alice's document still verifies changes nothing (bob's version 2 is a ROLLBACK); revoking alice
+    without a reset keeps the floor (ROLLBACK); a reset naming another document than the hub sends: FORK."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keeper = TrustKeeper(str(write_store(tmp_path, store_doc())), str(state))
+    provider = make_provider(providers, served.port, keeper, state)
+    v1 = document(1)
+    served.hub.push(v1)
+    wait_for(lambda: provider.held.version == 1, "version 1")
+    high = 1 + desireddoc.MAX_VERSION_JUMP
+    served.hub.push(signed(high, sha(v1)))
+    wait_for(lambda: provider.held.version == high, "alice's high version")
+    bobs = document(2, sha(v1), signers=("bob",))
+    trusting = store_doc() | {"version": 2, "floor_resets": reset_to(bobs)}
+    trusting["keys"].append(key_entry("bob", ["publisher"]))
+    write_store(tmp_path, trusting)
+    keeper.reload()
+    assert len(provider.desired()) == 1 and provider.held.version == high
+    served.hub.push(bobs)
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "ROLLBACK")], "bob's version 2 refused")
+    write_store(tmp_path, revoking_alice(3))
+    keeper.reload()
+    assert provider.desired() == [] and provider.held.version == high
+    wait_for(lambda: served.hub.watches[-1][1].since_version == high - 1, "the watch from before alice's version")
+    served.hub.push(bobs)
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "ROLLBACK")] and len(served.hub.reports) >= 4,
+             "bob's version 2 refused again")
+    other = document(2, sha(v1), signers=("bob",), desired=DESIRED.replace("running", "stopped"))
+    write_store(tmp_path, revoking_alice(4, floor_resets=reset_to(other)))
+    keeper.reload()
+    assert provider.desired() == []  # untrusted already: the watch thread judges it again under the new store
+    wait_for(lambda: provider.held == Held(version=2, sha256=sha(other)), "the floor reset to the other version 2")
+    wait_for(lambda: served.hub.watches[-1][1].since_version == 1, "the watch from before the reset's version")
+    served.hub.push(bobs)
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "FORK")], "bob's other version 2 refused")
+    assert provider.desired() == []
 
 
 def test_a_trust_store_fixed_after_a_start_without_one_brings_the_held_version_back(
@@ -529,12 +599,6 @@ def test_a_trust_store_fixed_after_a_start_without_one_brings_the_held_version_b
     wait_for(lambda: len(again.desired()) == 1, "version 1 served again", timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a document cannot be revoked, only its signers' keys: version 5 found wrong and replaced by version 6, "
-    "a hub broken into sends a node still at 4 version 5 and withholds 6 (a skip is allowed, and 5 is validly "
-    "signed). Revoking the keys that signed 5 voids every document they signed. Fix: the trust store's "
-    "[revoked] takes documents (payload sha256s), checked by verify_document after the signature "
-    "(a DOCUMENT_REVOKED reason, or OP_REVOKED reused) and by the held-document re-check"))
 def test_a_document_revoked_in_the_trust_store_is_refused(served: Served, tmp_path: Path,
                                                           providers: list[HubProvider]) -> None:
     """Version 2 (bad) is revoked by its sha256 in the store; a node at version 1 is sent version 2: refused."""
@@ -551,4 +615,32 @@ def test_a_document_revoked_in_the_trust_store_is_refused(served: Served, tmp_pa
     wait_for(lambda: provider.held.version == 1, "version 1")
     served.hub.push(v2)
     wait_for(lambda: len(served.hub.reports) == 2, "the report of version 2")
-    assert provider.held.version == 1 and reports(served.hub)[-1][1] is False
+    assert provider.held.version == 1 and reports(served.hub)[-1] == (2, False, "DOCUMENT_REVOKED")
+
+
+def test_a_held_document_revoked_later_is_no_longer_managed(served: Served, tmp_path: Path,
+                                                           providers: list[HubProvider]) -> None:
+    """Version 2 held and served; the store (v2) revokes it by its sha256: the node manages nothing from it (as when
+    its signer's key is revoked), NACKs it DOCUMENT_REVOKED, keeps its floor, and takes version 3 (which replaces
+    it); a restart under that store does not serve version 2 either."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keeper = TrustKeeper(str(write_store(tmp_path, store_doc())), str(state))
+    metrics = ExecutorMetrics()
+    provider = make_provider(providers, served.port, keeper, state, metrics=metrics)
+    v1 = document(1)
+    v2 = document(2, sha(v1), desired=DESIRED.replace("running", "stopped"))
+    served.hub.push(v1)
+    served.hub.push(v2)
+    wait_for(lambda: [g.state for g in provider.desired()] == ["stopped"], "version 2 served")
+    revoking = store_doc() | {"version": 2, "revoked": {"documents": [sha(v2)]}}
+    write_store(tmp_path, revoking)
+    keeper.reload()
+    assert provider.desired() == [] and provider.held.version == 2
+    assert metric(metrics, "pve_executor_hub_held_document_trusted") == 0
+    wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "DOCUMENT_REVOKED")], "the NACK of version 2")
+    provider.close()
+    again = make_provider(providers, served.port, keeper, state)
+    assert again.held.version == 2 and again.desired() == []
+    served.hub.push(document(3, sha(v2)))
+    wait_for(lambda: [g.state for g in again.desired()] == ["running"], "version 3 served")

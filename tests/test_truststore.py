@@ -10,6 +10,8 @@ import base64
 import copy
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from tests.signing import (
     write_store,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 P = 2**255 - 19
 D = -121665 * pow(121666, -1, P) % P  # edwards25519: -x^2 + y^2 = 1 + d x^2 y^2
 BASE_POINT = bytes.fromhex("5866666666666666666666666666666666666666666666666666666666666666")
@@ -347,6 +350,16 @@ def _drop(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
     (_set(("revoked",), {"keys": ["alice"]}), ("revoked.keys[0]",)),
     (_set(("revoked",), {"ops": ["xyz"]}), ("revoked.ops[0]",)),
     (_set(("revoked",), {"nonces": []}), ("revoked.nonces", "not a known field")),
+    (_set(("revoked",), {"documents": ["AB" * 32]}), ("revoked.documents[0]",)),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2}]), ("floor_resets[0].sha256", "required")),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 0, "sha256": "ab" * 32}]),
+     ("floor_resets[0].version",)),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2, "sha256": "ab" * 31}]),
+     ("floor_resets[0].sha256",)),
+    (_set(("floor_resets",), [{"cluster": "a b", "version": 2, "sha256": "ab" * 32}]), ("floor_resets[0].cluster",)),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32},
+                              {"cluster": "c", "version": 3, "sha256": "cd" * 32}]),
+     ("floor_resets[1].cluster", "second reset")),
 ], ids=lambda v: v[0] if isinstance(v, tuple) else None)
 def test_a_bad_field_refuses_the_store_and_is_named(write: Callable[..., Path],
                                                     mutate: Callable[[dict[str, Any]], None],
@@ -372,3 +385,25 @@ def test_a_fifo_at_the_path_is_refused_not_waited_on(tmp_path: Path) -> None:
     path = tmp_path / "trust.toml"
     os.mkfifo(path)
     refused_at_load(path, "file", "not a regular file")
+
+
+def test_revoked_documents_and_floor_resets_load_and_trust_check_lists_them(write: Callable[..., Path]) -> None:
+    """[revoked].documents (hub documents' payload sha256s) and [[floor_resets]] (per cluster, the replacement's
+    version and sha256) load; `trust check` lists both, and warns that a reset left in place applies again."""
+    doc = default_doc()
+    doc["revoked"] = {"keys": [], "documents": ["ab" * 32]}
+    doc["floor_resets"] = [{"cluster": "cluster-a", "version": 7, "sha256": "cd" * 32}]
+    path = write(doc)
+    store = load(path)
+    assert store.revoked_documents == frozenset({"ab" * 32})
+    reset = store.floor_resets["cluster-a"]
+    assert (reset.cluster, reset.version, reset.sha256) == ("cluster-a", 7, "cd" * 32)
+    assert load(write(default_doc())).floor_resets == {}
+    path = write(doc)
+    done = subprocess.run([sys.executable, "-m", "executor", "trust", "check", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"revoked hub document sha256 {'ab' * 32}" in done.stdout
+    assert f"floor reset of cluster cluster-a: a node whose held hub document no longer verifies takes version 7, " \
+           f"sha256 {'cd' * 32}" in done.stdout
+    assert "warning: floor reset of cluster cluster-a (version 7): remove it" in done.stderr

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.version import version
 from executor.config import ExecutorSettings
+from executor.loop.hubheld import HeldFileError, HeldFiles
 from executor.pve.node import Connection, ProxmoxNode, PveError
 from journal import Applied, Begun, Ended, RefusalRecord, is_burn_key, segments
 from journal.records import record_of, scan
@@ -54,6 +55,15 @@ class TrustView:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HubView:
+    """The hub document this node holds (state_dir/hub-held): a monitor that is not the hub compares nodes by it."""
+
+    version: int = 0  # 0: none held
+    sha256: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Whoami:
     """Everything ``whoami`` prints; ``problems`` empty means all is well (exit 0)."""
 
@@ -65,6 +75,7 @@ class Whoami:
     trust: TrustView
     journal: JournalView
     problems: tuple[str, ...]
+    hub: HubView = field(default_factory=HubView)
 
 
 def roles_naming(store: TrustStore, audience: str) -> dict[str, Role]:
@@ -151,6 +162,17 @@ def trust_view(path: str | None, state_dir: str, audience: str) -> TrustView:
                      roles=roles)
 
 
+def hub_view(state_dir: str) -> HubView:
+    """The hub version and sha256 held in ``state_dir``, read as the daemon reads them at start (read-only)."""
+    if not Path(state_dir).is_dir():
+        return HubView()
+    try:
+        held = HeldFiles(Path(state_dir)).load().held
+    except HeldFileError as exc:
+        return HubView(error=str(exc))
+    return HubView(version=held.version, sha256=held.sha256)
+
+
 def probe_proxmox(conn: Connection) -> tuple[str, str]:
     """One GET (/cluster/status): ("reachable" or the error, the cluster's name or "")."""
     try:
@@ -168,6 +190,7 @@ def gather(settings: ExecutorSettings, conn: Connection) -> Whoami:
     audience = settings.executor_id or named
     trust = trust_view(settings.trust_store, settings.state_dir, audience)
     journal = journal_view(settings.state_dir)
+    hub = hub_view(settings.state_dir)
     problems = []
     if proxmox != "reachable":
         problems.append(f"Proxmox at {settings.pve_url} is {proxmox}")
@@ -178,13 +201,15 @@ def gather(settings: ExecutorSettings, conn: Connection) -> Whoami:
     elif not trust.roles and (settings.executor_id or proxmox == "reachable"):  # else the audience is unknown
         problems.append(f"no role of the trust store names audience {audience!r}: no signed op can be approved here "
                         f"(add it to a role's audiences)")
+    if hub.error:
+        problems.append(f"hub document: {hub.error} (the daemon refuses to start)")
     if journal.exists and not journal.readable:  # one not made yet is no problem: the daemon makes it
         problems.append(f"state directory {settings.state_dir}: {journal.error}")
     if journal.in_flight:
         problems.append(f"{journal.in_flight} operation(s) in flight in the journal (the daemon resolves them at "
                         "start)" + ("" if journal.locked else "; no daemon holds the journal now"))
     return Whoami(executor_id=audience, version=version(), node=conn.node, pve_url=settings.pve_url, proxmox=proxmox,
-                  trust=trust, journal=journal, problems=tuple(problems))
+                  trust=trust, journal=journal, problems=tuple(problems), hub=hub)
 
 
 def render(who: Whoami) -> str:
@@ -213,6 +238,8 @@ def render(who: Whoami) -> str:
                      "start; or is --state-dir mistyped?)")
     else:
         lines.append(f"state dir    {journal.state_dir}: {journal.error}")
+    if who.hub.version:  # the same pair as pve_executor_hub_held_info: compare it across nodes
+        lines.append(f"hub document version {who.hub.version}, sha256 {who.hub.sha256} (held in state dir)")
     lines.extend(f"PROBLEM: {p}" for p in who.problems)
     lines.append("status: ok" if not who.problems else f"status: {len(who.problems)} problem(s)")
     return "\n".join(lines)

@@ -14,7 +14,11 @@ while valid (keys are rotated on a schedule; the next version replaces the docum
 since, or a role that no longer grants ``desired.apply`` here, does: the node then manages nothing
 (loudly, ``pve_executor_hub_held_document_trusted`` 0) and keeps its version floor, until a version the
 store trusts arrives. Revocation is the operators' emergency brake; a node that kept applying what a
-revoked key signed would ignore it.
+revoked key signed would ignore it. A document revoked by its sha256 (``[revoked].documents``) is refused and
+voided the same way. A floor pushed up by what was revoked is lowered only by the trust store: its
+``[[floor_resets]]`` names the cluster's replacement (version, sha256), which a node whose held document no
+longer verifies takes as its floor (``hub-held``, durably), and then takes that document, or a later one, from
+the hub. Nothing a hub sends lowers a floor.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class HubProvider:
         self.settings, self._files, self._trust, self._audience = settings, files, trust, audience
         self._metrics, self._clock = metrics, clock
         on_disk = files.load()
+        self._shown: Held | None = None  # the held version the info metric shows
         self._taken = _Taken(held=on_disk.held, envelope=on_disk.envelope)
         self._loaded = False  # the document on disk verified (or found wanting) against the audience and store
         self._lock = threading.Lock()
@@ -109,6 +114,20 @@ class HubProvider:
         metrics.hub_held_version.set_function(lambda: float(self._taken.held.version))
         metrics.hub_held_age.set_function(self._age)
         metrics.hub_held_trusted.set_function(lambda: float(self._taken.trusted or not self._taken.held.version))
+
+    @property
+    def _taken(self) -> _Taken:
+        return self._state
+
+    @_taken.setter
+    def _taken(self, value: _Taken) -> None:
+        """Every change of what is held goes through here, so ``pve_executor_hub_held_info`` always shows it."""
+        self._state = value
+        if value.held != self._shown:
+            info = self._metrics.hub_held_info
+            info.clear()  # one series: the version held now
+            info.labels(str(value.held.version), value.held.sha256).set(1)
+            self._shown = value.held
 
     # --- the provider -------------------------------------------------------------------------------------------
 
@@ -142,7 +161,8 @@ class HubProvider:
         """``taken`` against the store in force (its guests kept, not parsed again); untrusted when it fails."""
         try:
             store = self._trust.current()  # read once: the store recorded is the one that verified
-            if self._verify(taken.envelope, *taken.identity, Held(), store, at_created=True).held != taken.held:
+            # Against its own (version, sha256): the same document again (a jump is judged when it was taken).
+            if self._verify(taken.envelope, *taken.identity, taken.held, store, at_created=True).held != taken.held:
                 raise Refused(RefusalReason.FORK, f"the document held is not version {taken.held.version}")
             now = _Taken(held=taken.held, created=taken.created, guests=taken.guests, trusted=True,
                          store=store, envelope=taken.envelope, identity=taken.identity)
@@ -152,6 +172,7 @@ class HubProvider:
                                                   "trusts; the version floor is kept")
             now = _Taken(held=taken.held, created=taken.created, envelope=taken.envelope, identity=taken.identity,
                          store=store)  # judged under it: not tried again until the store changes
+            now = self._floor_reset(now, store) or now
         with self._lock:
             if self._taken is taken:  # the watch thread may have taken a new version meanwhile: that one stands
                 self._taken = now
@@ -159,6 +180,33 @@ class HubProvider:
         if not now.trusted:
             self._reconnect()  # watch from the version before, so the hub sends this one again (and it is NACKed)
         return now
+
+    def _floor_reset(self, untrusted: _Taken, store: TrustStore | None) -> _Taken | None:
+        """The floor ``store`` resets this cluster to, saved and in force, for a held document found untrusted.
+
+        The trust store (root's, versioned, on every node) names the replacement of a floor that a revoked key or
+        document pushed up (``[[floor_resets]]``): the node holds its (version, sha256) without a document, and so
+        takes that very document, or a later one, from the hub. None when the store names no reset for this
+        cluster, it is the floor held already, or it is above it (a later version is taken as usual).
+        """
+        cluster = untrusted.identity[0]
+        reset = store.floor_resets.get(cluster) if store is not None and cluster else None
+        held = untrusted.held
+        if reset is None or reset.version > held.version or (reset.version, reset.sha256) == (held.version,
+                                                                                               held.sha256):
+            return None
+        floor = Held(version=reset.version, sha256=reset.sha256)
+        try:
+            self._files.reset(floor)
+        except OSError as exc:
+            log.error("hub_floor_reset_not_saved", version=floor.version, path=str(self._files.state_dir),
+                      error=exc.strerror or str(exc), consequence="the floor is kept; tried again at the next start "
+                                                                  "or trust store reload")
+            return None
+        log.warning("hub_floor_reset", cluster=cluster, from_version=held.version, from_sha256=held.sha256,
+                    version=floor.version, sha256=floor.sha256, trust_store_version=store.version if store else 0,
+                    consequence="managing nothing until the hub sends this version (or a later one)")
+        return _Taken(held=floor, store=store, identity=untrusted.identity)
 
     def _reconnect(self) -> None:
         with self._lock:
@@ -233,7 +281,7 @@ class HubProvider:
             return
         store = self._trust.current()
         try:
-            verified = self._verify(envelope, cluster, node, Held(), store, at_created=True)
+            verified = self._verify(envelope, cluster, node, held, store, at_created=True)  # as in _recheck
             if verified.held != held:
                 raise Refused(RefusalReason.FORK, f"the document on disk is not version {held.version}")
             self._install(verified, parse(verified.document.desired, f"hub:{cluster}@{verified.document.version}"),
@@ -249,6 +297,8 @@ class HubProvider:
             with self._lock:
                 if not self._taken.trusted and self._taken.held == held:  # judged under it: desired() retries
                     self._taken = dataclasses.replace(self._taken, store=store)  # when the store changes
+                    reset = self._floor_reset(dataclasses.replace(self._taken, identity=(cluster, node)), store)
+                    self._taken = reset or self._taken
 
     def _since(self) -> int:
         """The version to watch from: the one held, or the one before when its document is not trusted here."""

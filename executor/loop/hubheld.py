@@ -101,6 +101,16 @@ class HeldFiles:
             return b""
         return data if sha256 == held.sha256 else b""
 
+    def reset(self, held: Held) -> None:
+        """A floor reset by the trust store: the held line alone (the commit point), then the old envelopes removed.
+
+        The line names a version whose document is not here: the node holds the floor, manages nothing, and takes
+        that document (or a later one) from the hub, as after a restart with the envelope missing.
+        """
+        write_private(self.held_path, held.to_text().encode("ascii"))
+        for old in self.state_dir.glob(f"{DOCUMENT_PREFIX}*"):
+            old.unlink(missing_ok=True)
+
     def save(self, envelope: bytes, held: Held) -> None:
         """The envelope, then the held line (the commit point), each atomically and synced."""
         if hashlib.sha256(desireddoc.parse_envelope(envelope).payload).hexdigest() != held.sha256:

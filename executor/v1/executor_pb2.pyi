@@ -153,6 +153,10 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     """A hub document does not continue the version this executor holds (same version other content, or
     the next version naming another predecessor).
     """
+    REFUSAL_REASON_DOCUMENT_REVOKED: _RefusalReason.ValueType  # 29
+    """A hub document revoked in the trust store ([revoked].documents names its payload sha256)."""
+    REFUSAL_REASON_VERSION_JUMP: _RefusalReason.ValueType  # 30
+    """A hub document's version is further above the one this executor holds than a version may jump."""
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
     """Why the safety gate did not run an action."""
@@ -217,6 +221,10 @@ REFUSAL_REASON_FORK: RefusalReason.ValueType  # 28
 """A hub document does not continue the version this executor holds (same version other content, or
 the next version naming another predecessor).
 """
+REFUSAL_REASON_DOCUMENT_REVOKED: RefusalReason.ValueType  # 29
+"""A hub document revoked in the trust store ([revoked].documents names its payload sha256)."""
+REFUSAL_REASON_VERSION_JUMP: RefusalReason.ValueType  # 30
+"""A hub document's version is further above the one this executor holds than a version may jump."""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
 class _OpFate:
