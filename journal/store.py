@@ -263,6 +263,19 @@ class Journal:
             last = self._live_refusal(key)
         return None if last is None else (last[0], last[1])
 
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """The burn keys (nonces) operation ``op_id`` holds in flight or spent within the retention window, by key,
+        oldest first: how a signed op's end is found once its records left ``recent`` (no scan: an index)."""
+        with self._cond:
+            return {key: state for key in self._state.burns_of(op_id) if (state := self._live_key(key)) is not None}
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """The last refusal under each key whose refusal names operation ``op_id``, within the retention window,
+        oldest first (no scan: an index)."""
+        with self._cond:
+            bodies = [body for key, body in self._state.refusals_of(op_id) if self._live_refusal(key) is not None]
+        return [record for body in bodies if isinstance(record := record_of(body), RefusalRecord)]
+
     def recent(self, limit: int = 100) -> list[Record]:
         """The last ``limit`` records, oldest first."""
         with self._cond:

@@ -61,14 +61,6 @@ def _waiting_detach(desk: Desk, fakepve: Any, vmid: int) -> str:
     return op_id
 
 
-OP_ID_FIX = ("open: op status names an op by its op id, which the signer chooses, and a second op under that id "
-             "(another payload, so another nonce key) is accepted by design: test_signed_attacks.py::"
-             "test_an_op_reusing_another_ops_id_does_not_block_it. Fix: key op status by (op_id, payload sha256) and "
-             "answer every op under an id (executor/api/fates.py traces; WaitingOp and the lane's refusal records "
-             "need the sha), and key the lane's before-images by the nonce key (lane.py _before)")
-
-
-@pytest.mark.xfail(strict=True, reason=OP_ID_FIX)
 def test_a_second_op_under_a_waiting_ops_id_makes_op_status_report_the_waiting_op_as_ran(
         make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """A DESTRUCTIVE detach of guest 107 waits for a backup lock. A key holder with only the operator role,
@@ -92,7 +84,6 @@ def test_a_second_op_under_a_waiting_ops_id_makes_op_status_report_the_waiting_o
         api.stop(0)
 
 
-@pytest.mark.xfail(strict=True, reason=OP_ID_FIX)
 def test_an_op_run_under_the_id_of_an_op_that_already_ran_takes_over_its_op_status(
         make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """The detach of guest 107 ran. A key holder signs a snapshot of 108 under the detach's op id: accepted
@@ -200,13 +191,6 @@ def test_whoami_names_a_standalone_nodes_audience_as_the_daemon_does(
     assert shown.returncode == 0 and "role operator: APPROVAL" in shown.stdout, shown.stdout + shown.stderr
 
 
-CHURN_FIX = ("open: GetOpStatus reads only the last 1,000 journal records (OP_STATUS_WINDOW), while the journal "
-             "keeps an op's spent nonce and outcome (its key state) and every op in flight for its whole retention. "
-             "Fix: fall back on the journal's state: in_flight() for RUNNING, and the outcome of the op's nonce key "
-             "(a JournalReads method naming the keys of an op id) for RAN")
-
-
-@pytest.mark.xfail(strict=True, reason=CHURN_FIX)
 def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: Any, fakepve: Any,
                                                                  tmp_path: Path) -> None:
     """A destroyer-signed detach of guest 107 ran. A hub then churns the descriptions of 40 guests for a few
