@@ -62,6 +62,7 @@ class Journal:
         # A lambda, not the bound method: compaction replaces the segment.
         self._group = GroupCommit(self._cond, lambda data: self._segment.append(data), self._publish)  # noqa: PLW0108
         self._closed = False
+        self._beginning: set[str] = set()  # op ids whose begun record is being written (the lock is released then)
         self._snapshot_bytes = 0  # the last compaction's snapshot: compact again only once it has doubled
 
     # --- opening --------------------------------------------------------------------------
@@ -112,18 +113,24 @@ class Journal:
         frame = encode_body(body)
         with self._cond:
             self._check_open()
-            if op_id in self._state.ops:  # a caller's own id (a signed op's) may collide: refused like its key
+            # A caller's own id (a signed op's) may collide: refused like its key. Reserved until its record is
+            # folded, as keys are: the commit releases the lock while it writes, and a second begun record under
+            # an id in flight would make the first's end that of the second (and the second's end fail).
+            if op_id in self._state.ops or op_id in self._beginning:
                 raise KeyInFlightError(f"operation {op_id} is already in flight")
             if key is not None:
                 canonical_payload = body[FIELDS][BEGUN_PAYLOAD]
                 assert canonical_payload is not None
                 self._reserve(key, payload_hash(canonical_payload), op_id, at)
+            self._beginning.add(op_id)
             try:
                 self._commit(frame, body)
             except BaseException:
                 if key is not None and op_id not in self._state.ops:
                     self._state.keys.pop(key, None)  # release the reservation: nothing was recorded
                 raise
+            finally:
+                self._beginning.discard(op_id)
         return op_id
 
     def task(self, op_id: str, upid: str) -> None:

@@ -144,7 +144,10 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status.add_argument("op_id", metavar="OP_ID", nargs="?",
                         help="the op's id (op sign and op submit print it); none: the most recent signed ops")
     status.add_argument("--wait", action="store_true", help="wait until it ran or was refused (see --timeout)")
-    status.add_argument("--json", action="store_true", help="as JSON")
+    status.add_argument("--json", action="store_true", help="as JSON (an array when OP_ID names several ops)")
+    status.add_argument("--sha256", metavar="HEX", default="",
+                        help="with OP_ID: only the op whose payload sha256 starts with HEX (8-64 hex digits; op "
+                             "status prints each op's when OP_ID names several)")
     status.add_argument("--limit", type=_count, default=20, metavar="N",
                         help="without OP_ID: how many, 1-200 (default 20)")
     revoke = ops.add_parser("revoke", help="RevokeOp: a signed op.revoke; the op can then never run")
