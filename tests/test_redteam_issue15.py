@@ -18,14 +18,17 @@ from typing import Any
 import grpc
 import pytest
 
+from executor.api.fates import fates, remembered
 from executor.api.server import start_api
 from executor.gate.audience import Audience
+from executor.gate.journalport import journal_port
+from executor.gate.steps import refused_key
 from executor.loop.desired import Declared, StaticProvider
 from executor.pve.node import ProxmoxNode
 from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import Begun, RefusalRecord
+from journal import Begun, Journal, Outcome, RefusalRecord
 from opctl.doc import Proposal
 from planner import server
 from safety import truststore
@@ -276,6 +279,31 @@ def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: A
         assert answer == ["OP_FATE_RAN"], answer
     finally:
         api.stop(0)
+
+
+def test_past_the_window_op_status_tells_a_run_from_a_burned_nonce_and_answers_each_op_under_the_id(
+        tmp_path: Path) -> None:
+    """The journal's memory of one op id, with no recent record of it (a real journal; records as the lane and
+    the desk write them): three ops under one id. One ran (its nonce spent by its begin, ended ok), one was
+    refused DIGEST_STALE (its nonce burned with no operation: FAILED, like a run that failed, told apart by
+    the refusal journaled with it), one is in flight. Each is answered with its fate and payload hash."""
+    op_id, (ran, burned, running) = "c" * 32, (hashlib.sha256(bytes([n])).hexdigest() for n in range(3))
+    with Journal.open(tmp_path / "journal") as journal:
+        def begin(sha: str) -> str:
+            return journal.begin(vmid=107, kind="set_config", key=f"op:{op_id}:{sha[:32]}", op_id=op_id,
+                                 payload={"op": {"id": op_id, "sha256": sha, "kind": "config.disk_detach"}})
+        journal.refuse(vmid=107, kind="config.disk_detach", reason="LOCKED", detail="backup", op_id=op_id,
+                       key=refused_key(op_id, ran, "LOCKED"))
+        journal.end(begin(ran), Outcome.OK)
+        journal.burn(f"op:{op_id}:{burned[:32]}", op_id=op_id, why="DIGEST_STALE: moved")
+        journal.refuse(vmid=108, kind="guest.destroy", reason="DIGEST_STALE", detail="moved", op_id=op_id,
+                       key=refused_key(op_id, burned, "DIGEST_STALE"))
+        begin(running)
+        reads = journal_port(journal)
+        answer = {(s.payload_sha256, s.vmid, epb.OpFate.Name(s.fate), s.outcome or epb.RefusalReason.Name(s.reason))
+                  for s in fates([], [], {}, remembered(op_id, reads))}
+    assert answer == {(ran, 107, "OP_FATE_RAN", "ok"), (burned, 108, "OP_FATE_REFUSED", "REFUSAL_REASON_DIGEST_STALE"),
+                      (running, 107, "OP_FATE_RUNNING", "REFUSAL_REASON_UNSPECIFIED")}, answer
 
 
 def test_an_op_under_the_journal_id_of_a_benign_action_in_flight_is_in_flight_and_the_journal_stays(
