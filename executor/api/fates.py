@@ -69,8 +69,7 @@ def _refused(found: dict[TraceKey, _Trace], record: RefusalRecord) -> _Trace | N
     """Fold a refusal naming a signed op into its trace (None: nothing to fold)."""
     op_id = record.op_id or ""
     if record.reason == OP_REVOKED and record.kind == REVOKE:  # a veto names the op id, not the hash
-        vetoed = [t for (op, _), t in found.items() if op == op_id and not t.begun
-                  and (t.refusal is None or t.refusal.reason == "LOCKED")]  # the ops it could have stopped
+        vetoed = [t for (op, _), t in found.items() if op == op_id and not t.begun]  # none of them runs after
         for trace in vetoed or [_open(found, (op_id, ""))]:
             trace.vmid, trace.veto, trace.refusal, trace.at = trace.vmid or record.vmid, record, record, record.at
         return None
