@@ -110,8 +110,7 @@ class State:
         elif kind == REFUSED:
             raw_op, _, _, _, key = fields
             if key is not None:
-                self.refusals[name := key.decode()] = body
-                self.refusals_by_op.setdefault(raw_op.decode() if raw_op is not None else "", set()).add(name)
+                self._refusal(key.decode(), raw_op, body)
         else:
             return  # MARK only carries the high-water mark; a type from a newer version is not ours to read
         self.recent.append(body)
@@ -121,6 +120,12 @@ class State:
         self.keys[key] = state
         if is_burn_key(key):
             self.burns_by_op.setdefault(state.op_id, set()).add(key)
+
+    def _refusal(self, key: str, op: bytes | None, body: Body) -> None:
+        """A key's last refusal as folded; indexed by the operation it names, if any (``refusals_of``)."""
+        self.refusals[key] = body
+        if op is not None:
+            self.refusals_by_op.setdefault(op.decode(), set()).add(key)
 
     def _end(self, op: str, outcome: Outcome, at: float) -> None:
         begun = self.ops.pop(op, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from executor.gate.decisions import SPENDING
 from executor.gate.journalport import JournalReads
 from executor.gate.steps import refused_op
 from executor.signed.auth import revokers
@@ -126,9 +127,10 @@ def remembered(op_id: str, journal: JournalReads) -> list[Record]:
 
     The recent records are a window a busy node pushes an op out of within minutes; the journal keeps, by an
     index, every op in flight, each op's spent nonce with its outcome, and the last refusal per key. A nonce
-    spent with no operation (FAILED, and the op's own refusal journaled at or after it) is a refusal, not a
-    run. What no longer exists: the task's UPID and the error of an op that ended, and the guest and kind of
-    one that ran with no refusal before; a nonce names only the first 32 hex digits of the payload hash.
+    spent with no operation (FAILED, and the op's own last refusal journaled at or after it, or for the guest's
+    state) is a refusal, not a run. What no longer exists: the task's UPID and the error of an op that ended,
+    and the guest and kind of one that ran with no refusal before; a nonce names only the first 32 hex digits
+    of the payload hash.
     """
     refusals = journal.refusals_of(op_id)
     flights = [f for f in journal.in_flight() if isinstance(op := f.payload.get("op"), dict) and op.get("id") == op_id]
@@ -143,12 +145,12 @@ def remembered(op_id: str, journal: JournalReads) -> list[Record]:
         if state.outcome is None:
             continue  # in flight: read above, with its payload
         prefix = key.rpartition(":")[2]
-        own = [r for r in refusals if (parsed := refused_op(r.key or "", op_id)) is not None
+        own = [(r, parsed[0]) for r in refusals if (parsed := refused_op(r.key or "", op_id)) is not None
                and parsed[0].startswith(prefix) and not parsed[1]]
-        if state.outcome is Outcome.FAILED and any(r.at >= state.at for r in own):
-            continue  # burned: the refusal that spent it tells its fate
-        full = own[-1].key.split(":")[2] if own and own[-1].key else prefix
-        facts = own[-1] if own else None
+        if state.outcome is Outcome.FAILED and own and (own[-1][0].reason in SPENDING
+                                                        or own[-1][0].at >= state.at):
+            continue  # burned: its refusal (journaled right after, or one for the guest's state) tells its fate
+        facts, full = own[-1] if own else (None, prefix)
         begun = Begun(op_id=op_id, vmid=facts.vmid if facts else 0, kind=facts.kind if facts else "", key=key,
                       payload={"op": {"id": op_id, "sha256": full, "kind": facts.kind if facts else ""}},
                       at=state.at)
