@@ -46,7 +46,8 @@ CALL_TIMEOUT, WAIT_TIMEOUT = 30.0, 300.0
 EXIT_CODES = "exit codes: 0 ok; 1 refused (by the executor, the gate or the signer) or the API failed; " \
              "2 usage or configuration error (bad flag, bad file, an op that does not verify)"
 STATUS_EXIT_CODES = "exit codes: 0 the op ran ok; 1 refused, revoked, failed, or no trace of it; 3 still waiting " \
-                    "or running (with --wait: after --timeout); 2 usage or configuration error"
+                    "or running (with --wait: after --timeout); 2 usage or configuration error. An OP_ID naming " \
+                    "several ops (see --sha256): 3 while one waits or runs, 0 only when every one ran ok, else 1"
 DESIRED_EXIT_CODES = "exit codes: 0 ok (verify: the document verifies); 2 usage or configuration error, a desired " \
                      "file the executor's loader refuses, or a document that does not verify (REFUSED REASON: why)"
 BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE: the reader (head -1) went away
