@@ -24,12 +24,13 @@ from journal.errors import (
     OutcomeUnknownError,
 )
 from journal.records import Applied, Begun, Ended, Outcome, Record, RefusalRecord, TaskStarted
-from journal.state import BURN_PREFIX, InFlight, is_burn_key
+from journal.state import BURN_PREFIX, InFlight, KeyState, is_burn_key
 from journal.store import Journal
 
 __all__ = [
     "BURN_PREFIX", "AlreadyAppliedError", "Applied", "Begun", "Ended", "IdempotencyConflictError", "IdempotencyError",
     "InFlight", "Journal", "JournalClosedError", "JournalCorruptError", "JournalError", "JournalInUseError",
-    "JournalOpenError", "JournalWriteError", "KeyInFlightError", "NonceSpentError", "Outcome", "OutcomeUnknownError",
+    "JournalOpenError", "JournalWriteError", "KeyInFlightError", "KeyState", "NonceSpentError", "Outcome",
+    "OutcomeUnknownError",
     "Record", "RefusalRecord", "TaskStarted", "is_burn_key",
 ]

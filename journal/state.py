@@ -16,6 +16,7 @@ from journal.records import (
     BEGUN_KEY,
     ENDED,
     FIELDS,
+    OP,
     OUTCOMES,
     REFUSED,
     REFUSED_DETAIL,
@@ -73,6 +74,10 @@ class State:
         self.upids: dict[str, str] = {}
         self.keys: dict[str, KeyState] = {}
         self.refusals: dict[str, Body] = {}
+        # Which burn keys and refusal keys name an operation (``of_op``): added as records fold, rebuilt by
+        # compaction; an entry may be stale (the key since dropped or taken over), so each is checked when read.
+        self.burns_by_op: dict[str, set[str]] = {}
+        self.refusals_by_op: dict[str, set[str]] = {}
         self.recent: collections.deque[Body] = collections.deque(maxlen=keep_recent)
         self.high_water = 0.0
 
@@ -88,7 +93,7 @@ class State:
             op = raw_op.decode() if raw_op is not None else ""
             self.ops[op] = body
             if key is not None and payload is not None:
-                self.keys[key.decode()] = KeyState(hashlib.sha256(payload).digest(), op, None, at)
+                self._key(key.decode(), KeyState(hashlib.sha256(payload).digest(), op, None, at))
         elif kind == TASK:
             raw_op, upid = fields
             op = raw_op.decode() if raw_op is not None else ""
@@ -100,15 +105,27 @@ class State:
         elif kind == APPLIED:
             raw_op, key, digest = fields
             if key is not None and digest is not None:
-                self.keys[key.decode()] = KeyState(digest, raw_op.decode() if raw_op is not None else "",
-                                                   OUTCOMES[number], at)
+                op = raw_op.decode() if raw_op is not None else ""
+                self._key(key.decode(), KeyState(digest, op, OUTCOMES[number], at))
         elif kind == REFUSED:
-            _, _, _, _, key = fields
+            raw_op, _, _, _, key = fields
             if key is not None:
-                self.refusals[key.decode()] = body
+                self._refusal(key.decode(), raw_op, body)
         else:
             return  # MARK only carries the high-water mark; a type from a newer version is not ours to read
         self.recent.append(body)
+
+    def _key(self, key: str, state: KeyState) -> None:
+        """A key's state as folded; a burn key indexed by its operation (``burns_of``)."""
+        self.keys[key] = state
+        if is_burn_key(key):
+            self.burns_by_op.setdefault(state.op_id, set()).add(key)
+
+    def _refusal(self, key: str, op: bytes | None, body: Body) -> None:
+        """A key's last refusal as folded; indexed by the operation it names, if any (``refusals_of``)."""
+        self.refusals[key] = body
+        if op is not None:
+            self.refusals_by_op.setdefault(op.decode(), set()).add(key)
 
     def _end(self, op: str, outcome: Outcome, at: float) -> None:
         begun = self.ops.pop(op, None)
@@ -130,6 +147,19 @@ class State:
         reason, detail = fields[REFUSED_REASON], fields[REFUSED_DETAIL]
         return (reason.decode() if reason is not None else "", detail.decode() if detail is not None else "",
                 body[AT])
+
+    def burns_of(self, op: str) -> dict[str, KeyState]:
+        """The burn keys operation ``op`` holds (in flight) or spent, by key (expired ones included: the caller
+        filters by its clock)."""
+        found = {key: state for key in self.burns_by_op.get(op, ()) if (state := self.keys.get(key)) is not None
+                 and state.op_id == op}
+        return dict(sorted(found.items(), key=lambda item: item[1].at))
+
+    def refusals_of(self, op: str) -> list[tuple[str, Body]]:
+        """The last refusal under each key that names operation ``op`` (key, body), oldest first."""
+        found = [(key, body) for key in self.refusals_by_op.get(op, ())
+                 if (body := self.refusals.get(key)) is not None and body[FIELDS][OP] == op.encode()]
+        return sorted(found, key=lambda item: item[1][AT])
 
     def in_flight(self) -> list[InFlight]:
         """Operations in flight, oldest first, decoded."""
@@ -166,4 +196,15 @@ class State:
                 del self.refusals[key]
             else:
                 bodies.append(body)
+        self._reindex()
         return bodies
+
+    def _reindex(self) -> None:
+        """Rebuild the by-operation indexes from the keys and refusals kept (compaction drops the rest)."""
+        self.burns_by_op, self.refusals_by_op = {}, {}
+        for key, state in self.keys.items():
+            if is_burn_key(key):
+                self.burns_by_op.setdefault(state.op_id, set()).add(key)
+        for key, body in self.refusals.items():
+            if (raw_op := body[FIELDS][OP]) is not None:
+                self.refusals_by_op.setdefault(raw_op.decode(), set()).add(key)

@@ -62,6 +62,7 @@ class Journal:
         # A lambda, not the bound method: compaction replaces the segment.
         self._group = GroupCommit(self._cond, lambda data: self._segment.append(data), self._publish)  # noqa: PLW0108
         self._closed = False
+        self._beginning: set[str] = set()  # op ids whose begun record is being written (the lock is released then)
         self._snapshot_bytes = 0  # the last compaction's snapshot: compact again only once it has doubled
 
     # --- opening --------------------------------------------------------------------------
@@ -112,18 +113,24 @@ class Journal:
         frame = encode_body(body)
         with self._cond:
             self._check_open()
-            if op_id in self._state.ops:  # a caller's own id (a signed op's) may collide: refused like its key
+            # A caller's own id (a signed op's) may collide: refused like its key. Reserved until its record is
+            # folded, as keys are: the commit releases the lock while it writes, and a second begun record under
+            # an id in flight would make the first's end that of the second (and the second's end fail).
+            if op_id in self._state.ops or op_id in self._beginning:
                 raise KeyInFlightError(f"operation {op_id} is already in flight")
             if key is not None:
                 canonical_payload = body[FIELDS][BEGUN_PAYLOAD]
                 assert canonical_payload is not None
                 self._reserve(key, payload_hash(canonical_payload), op_id, at)
+            self._beginning.add(op_id)
             try:
                 self._commit(frame, body)
             except BaseException:
                 if key is not None and op_id not in self._state.ops:
                     self._state.keys.pop(key, None)  # release the reservation: nothing was recorded
                 raise
+            finally:
+                self._beginning.discard(op_id)
         return op_id
 
     def task(self, op_id: str, upid: str) -> None:
@@ -262,6 +269,19 @@ class Journal:
         with self._cond:
             last = self._live_refusal(key)
         return None if last is None else (last[0], last[1])
+
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """The burn keys (nonces) operation ``op_id`` holds in flight or spent within the retention window, by key,
+        oldest first: how a signed op's end is found once its records left ``recent`` (no scan: an index)."""
+        with self._cond:
+            return {key: state for key in self._state.burns_of(op_id) if (state := self._live_key(key)) is not None}
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """The last refusal under each key whose refusal names operation ``op_id``, within the retention window,
+        oldest first (no scan: an index)."""
+        with self._cond:
+            bodies = [body for key, body in self._state.refusals_of(op_id) if self._live_refusal(key) is not None]
+        return [record for body in bodies if isinstance(record := record_of(body), RefusalRecord)]
 
     def recent(self, limit: int = 100) -> list[Record]:
         """The last ``limit`` records, oldest first."""

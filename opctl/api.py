@@ -9,6 +9,7 @@ unix:PATH`` or HOST:PORT for another); beyond loopback the executor API requires
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -254,7 +255,8 @@ def submit(args: argparse.Namespace) -> int:
             print(f"accepted: {op_id} (queued; see `{args.prog} op status {op_id} --wait`)")
             return 0
         print(f"accepted: {op_id} (queued; waiting for its fate)", file=sys.stderr)
-        return report(args, api, op_id)
+        # The op id is the signers' choice: another op may share it; this waits on the one submitted.
+        return report(args, api, op_id, hashlib.sha256(envelope.payload).hexdigest())
 
 
 def _revoke_proposal(args: argparse.Namespace) -> Proposal:

@@ -46,7 +46,8 @@ CALL_TIMEOUT, WAIT_TIMEOUT = 30.0, 300.0
 EXIT_CODES = "exit codes: 0 ok; 1 refused (by the executor, the gate or the signer) or the API failed; " \
              "2 usage or configuration error (bad flag, bad file, an op that does not verify)"
 STATUS_EXIT_CODES = "exit codes: 0 the op ran ok; 1 refused, revoked, failed, or no trace of it; 3 still waiting " \
-                    "or running (with --wait: after --timeout); 2 usage or configuration error"
+                    "or running (with --wait: after --timeout); 2 usage or configuration error. An OP_ID naming " \
+                    "several ops (see --sha256): 3 while one waits or runs, 0 only when every one ran ok, else 1"
 DESIRED_EXIT_CODES = "exit codes: 0 ok (verify: the document verifies); 2 usage or configuration error, a desired " \
                      "file the executor's loader refuses, or a document that does not verify (REFUSED REASON: why)"
 BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE: the reader (head -1) went away
@@ -144,7 +145,10 @@ def _op(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status.add_argument("op_id", metavar="OP_ID", nargs="?",
                         help="the op's id (op sign and op submit print it); none: the most recent signed ops")
     status.add_argument("--wait", action="store_true", help="wait until it ran or was refused (see --timeout)")
-    status.add_argument("--json", action="store_true", help="as JSON")
+    status.add_argument("--json", action="store_true", help="as JSON (an array when OP_ID names several ops)")
+    status.add_argument("--sha256", metavar="HEX", default="",
+                        help="with OP_ID: only the op whose payload sha256 starts with HEX (8-64 hex digits; op "
+                             "status prints each op's when OP_ID names several)")
     status.add_argument("--limit", type=_count, default=20, metavar="N",
                         help="without OP_ID: how many, 1-200 (default 20)")
     revoke = ops.add_parser("revoke", help="RevokeOp: a signed op.revoke; the op can then never run")

@@ -151,6 +151,12 @@ def hold_lane(desk: Desk, vmid: int) -> threading.Event:
 
 # --- the journal on disk ----------------------------------------------------------------------------
 
+def op_refusal(journal: Any, op_id: str) -> tuple[str, str] | None:
+    """(reason, detail) of the last refusal of a signed op under ``op_id`` (its own, not a replay's), if any."""
+    own = [r for r in journal.refusals_of(op_id) if (r.key or "").endswith(":refused")]
+    return (own[-1].reason, own[-1].detail) if own else None
+
+
 def records_on_disk(directory: Path) -> list[Record]:
     """Every record in the journal's segment files as they are on disk now (no lock taken: a daemon may hold it)."""
     found: list[Record] = []

@@ -31,6 +31,7 @@ from journal import (
     Record,
     RefusalRecord,
     TaskStarted,
+    segments,
 )
 from journal.records import encode
 from journal.segments import name, sequences
@@ -318,6 +319,45 @@ def test_a_nonce_in_flight_is_refused_as_in_flight_then_spent(path: Path) -> Non
         journal.end(op, Outcome.FAILED, "not applied")  # what recovery writes after a crash before the call
         with pytest.raises(NonceSpentError):
             journal.begin(vmid=100, kind="detach", payload={"key": "scsi1"}, key="op:n2")
+
+
+def test_two_begins_under_one_op_id_at_once_refuse_the_second_and_the_journal_stays(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two signed ops under one op id (each its own nonce) begin at once: the second checked the id while the
+    first's record was being written (the lock released; the window widened on purpose). It must be refused in
+    flight, its nonce left unspent: two begun records under one id made the first's end pop the second's, and
+    the second's end then failed the journal (benign-only from then on)."""
+    writing, go = threading.Event(), threading.Event()
+    real = segments.ActiveSegment.append
+
+    def slow_first_write(self: segments.ActiveSegment, data: bytes) -> None:
+        if not writing.is_set():
+            writing.set()
+            go.wait(10)
+        real(self, data)
+
+    monkeypatch.setattr(segments.ActiveSegment, "append", slow_first_write)
+    results: dict[str, object] = {}
+
+    def begin(key: str) -> None:
+        try:
+            results[key] = journal.begin(vmid=100, kind="detach", payload={"key": key}, key=key, op_id="a" * 32)
+        except KeyInFlightError as exc:
+            results[key] = exc
+
+    with Journal.open(path) as journal:
+        first, second = (threading.Thread(target=begin, args=(key,)) for key in ("op:a:1", "op:a:2"))
+        first.start()
+        assert writing.wait(10)
+        second.start()
+        second.join(1)  # refused at once; without the reservation it queues behind the first's write
+        go.set()
+        first.join(10)
+        second.join(10)
+        assert results["op:a:1"] == "a" * 32 and isinstance(results["op:a:2"], KeyInFlightError), results
+        journal.end("a" * 32, Outcome.OK)
+        assert not journal.failed and journal.in_flight() == []
+        journal.check_key("op:a:2")  # unspent: the op may be submitted again
 
 
 def test_a_burned_nonce_is_spent_with_no_operation_across_reopen_and_compaction(path: Path) -> None:

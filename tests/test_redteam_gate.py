@@ -35,7 +35,7 @@ from opctl.api import to_proto
 from safety.classify import Source
 from safety.signedop import parse_payload
 from tests.executor_helpers import HeldReads
-from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, roles, spent
+from tests.signed_helpers import AUDIENCE, add_vm, mutations, op_refusal, open_desk, roles, spent
 from tests.signing import key_entry
 from tests.test_api_socket import _sock_dir  # noqa: F401  (the sock_dir fixture)
 from tests.test_blast_drain import NODE, instalment, stopped, write_hub
@@ -410,7 +410,7 @@ def test_an_op_refused_protected_never_runs_whatever_the_flag_does_next(fakepve:
     before = len(fakepve.requests)
     assert _reason(desk.run(destroy)) == "accepted"  # admitted; its lane refuses it
     assert desk.engine.journal is not None
-    refused = desk.engine.journal.last_refusal(f"op:{op_id}:refused")
+    refused = op_refusal(desk.engine.journal, op_id)
     assert refused is not None and refused[0] == "PROTECTED" and not spent(desk, op_id)
     off = desk.sign(desk.propose(150, "config.protection_off", delete=["protection"]), "alice", role="operator")
     assert desk.run(off)[1] is None

@@ -1,13 +1,13 @@
 """Red team (issue 15): held steps, one op id everywhere, staged config, the config's lock line, trust reloads.
 
 Each test attacks one of the day's changes through real parts (fakepve over HTTPS, the in-process desk with
-its real journal and gRPC API). A hole not fixed here is a strict xfail naming the fix; the others pin a
-defence that holds and no other test pins.
+its real journal and gRPC API). Each pins a defence that holds (or a hole since fixed) and no other test pins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import subprocess
 import threading
 import time
@@ -18,14 +18,17 @@ from typing import Any
 import grpc
 import pytest
 
+from executor.api.fates import fates, remembered
 from executor.api.server import start_api
 from executor.gate.audience import Audience
+from executor.gate.journalport import journal_port
+from executor.gate.steps import refused_key
 from executor.loop.desired import Declared, StaticProvider
 from executor.pve.node import ProxmoxNode
 from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
 from executor.v1 import executor_pb2_grpc as epb_grpc
-from journal import RefusalRecord
+from journal import Begun, Journal, Outcome, RefusalRecord
 from opctl.doc import Proposal
 from planner import server
 from safety import truststore
@@ -34,7 +37,18 @@ from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
 from tests.answer_faults import AnswerFaults
 from tests.executor_helpers import ROOT, cli
-from tests.signed_helpers import AUDIENCE, Desk, add_vm, open_desk, roles, seal, store_doc, unsigned_of
+from tests.signed_helpers import (
+    AUDIENCE,
+    Desk,
+    add_vm,
+    done,
+    open_desk,
+    operator,
+    roles,
+    seal,
+    store_doc,
+    unsigned_of,
+)
 from tests.signing import default_roles, key_entry, kid, write_store
 
 
@@ -61,22 +75,15 @@ def _waiting_detach(desk: Desk, fakepve: Any, vmid: int) -> str:
     return op_id
 
 
-OP_ID_FIX = ("open: op status names an op by its op id, which the signer chooses, and a second op under that id "
-             "(another payload, so another nonce key) is accepted by design: test_signed_attacks.py::"
-             "test_an_op_reusing_another_ops_id_does_not_block_it. Fix: key op status by (op_id, payload sha256) and "
-             "answer every op under an id (executor/api/fates.py traces; WaitingOp and the lane's refusal records "
-             "need the sha), and key the lane's before-images by the nonce key (lane.py _before)")
-
-
-@pytest.mark.xfail(strict=True, reason=OP_ID_FIX)
 def test_a_second_op_under_a_waiting_ops_id_makes_op_status_report_the_waiting_op_as_ran(
         make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """A DESTRUCTIVE detach of guest 107 waits for a backup lock. A key holder with only the operator role,
     who learned its op id (ListOperations, a log line, the co-signing round), signs a snapshot of guest 108
     under that same id. Its nonce key differs (the payload is bound in), so it is accepted and runs (which
-    is by design: reusing an id must not block the op it names). But ``op status <id>`` then answers RAN ok
-    for 108's snapshot, and the detach, still waiting and due to run when the backup ends, is nowhere in the
-    answer: an operator waiting on it is told it is over."""
+    is by design: reusing an id must not block the op it names). ``op status <id>`` once answered RAN ok for
+    108's snapshot alone, the detach (still waiting, due to run when the backup ends) nowhere: an operator
+    waiting on it was told it was over. Each op is now told apart by its payload sha256: both are answered,
+    and the command exits 3 (one still waits) unless ``--sha256`` picks the snapshot (exit 0)."""
     add_vm(fakepve, 107)
     add_vm(fakepve, 108)
     desk = open_desk(make_engine, tmp_path)
@@ -88,16 +95,60 @@ def test_a_second_op_under_a_waiting_ops_id_makes_op_status_report_the_waiting_o
         assert desk.run(_with_op_id(snapshot, victim, "alice"))[1] is None and "s1" in fakepve.vm(108).snapshots
         answer = [(s.vmid, s.op_kind, epb.OpFate.Name(s.fate)) for s in _status(api.port, victim)]
         assert (107, "config.disk_detach", "OP_FATE_WAITING") in answer, answer
+        shas = {s.vmid: s.payload_sha256 for s in _status(api.port, victim)}
+        assert shas[108] == hashlib.sha256(_with_op_id(snapshot, victim, "alice").payload).hexdigest(), shas
+        both, mine = done(operator("op", "status", victim, cwd=tmp_path, api=api.port),
+                          operator("op", "status", victim, "--sha256", shas[108][:12], cwd=tmp_path, api=api.port))
+        assert both.returncode == 3 and f"payload sha256 {shas[107]}" in both.stdout, both
+        assert "config.disk_detach on guest 107): WAITING" in both.stdout, both.stdout
+        assert mine.returncode == 0 and "RAN ok" in mine.stdout and "guest 107" not in mine.stdout, mine
     finally:
         api.stop(0)
 
 
-@pytest.mark.xfail(strict=True, reason=OP_ID_FIX)
+def test_two_ops_under_one_id_in_two_lanes_each_journal_their_own_before_image(
+        make_engine: Any, fakepve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane reads an op's before-image (what an undo writes back) when it authorizes the op and journals it
+    with the op's begin. Kept by op id, a detach of guest 107 and a snapshot of guest 108 signed under the same
+    id, authorized in their two lanes before either began (the window held open on purpose), took one
+    another's image or none: the detach journaled 108's whole config, or nothing to undo with. Kept by nonce
+    key, each journals its own."""
+    add_vm(fakepve, 107)
+    add_vm(fakepve, 108)
+    desk = open_desk(make_engine, tmp_path)
+    scsi1 = str(fakepve.vm(107).config["scsi1"])
+    detach = desk.sign(unsigned_of(desk.propose(107, "config.disk_detach", set={}, delete=["scsi1"], force=False)),
+                       "alice", "bob", role="destroyer")
+    op_id = parse_payload(detach.payload).op_id
+    snapshot = _with_op_id(desk.sign(unsigned_of(desk.propose(108, "snapshot.create", snapname="s1")), "alice",
+                                     role="operator"), op_id, "alice")
+    both_authorized = threading.Barrier(2)
+    standing = desk.engine.gate.standing  # its lane clears what stood for a step right after authorizing it
+    clear = standing.clear
+
+    def begin_once_both_are_authorized(vmid: int, kinds: Any) -> None:
+        if vmid in (107, 108):
+            both_authorized.wait(10)
+            if vmid == 108:  # then one after the other: the journal refuses an id in flight twice
+                wait_for(lambda: [] if desk.engine.gate.records.in_flight() or "scsi1" in fakepve.vm(107).config
+                         else [True])
+        clear(vmid, kinds)
+
+    monkeypatch.setattr(standing, "clear", begin_once_both_are_authorized)
+    assert desk.submit(detach)[1] is None and desk.submit(snapshot)[1] is None
+    desk.settle()
+    assert not both_authorized.broken and "scsi1" not in fakepve.vm(107).config and "s1" in fakepve.vm(108).snapshots
+    assert desk.engine.gate.journal_port.working
+    before = {r.vmid: r.payload["before"] for r in desk.records() if isinstance(r, Begun) and "op" in r.payload}
+    assert before[107] == {"scsi1": scsi1}, before
+    assert before[108] and "scsi1" in before[108] and before[108] != before[107], before
+
+
 def test_an_op_run_under_the_id_of_an_op_that_already_ran_takes_over_its_op_status(
         make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
     """The detach of guest 107 ran. A key holder signs a snapshot of 108 under the detach's op id: accepted
-    and run (another nonce key). ``op status <id>`` now answers only 108's snapshot: the destructive op that
-    ran under that id is gone from the answer of the command an operator audits it with."""
+    and run (another nonce key). ``op status <id>`` once answered only 108's snapshot: the destructive op that
+    ran under that id was gone from the answer of the command an operator audits it with. Both are answered."""
     add_vm(fakepve, 107)
     add_vm(fakepve, 108)
     desk = open_desk(make_engine, tmp_path)
@@ -200,19 +251,13 @@ def test_whoami_names_a_standalone_nodes_audience_as_the_daemon_does(
     assert shown.returncode == 0 and "role operator: APPROVAL" in shown.stdout, shown.stdout + shown.stderr
 
 
-CHURN_FIX = ("open: GetOpStatus reads only the last 1,000 journal records (OP_STATUS_WINDOW), while the journal "
-             "keeps an op's spent nonce and outcome (its key state) and every op in flight for its whole retention. "
-             "Fix: fall back on the journal's state: in_flight() for RUNNING, and the outcome of the op's nonce key "
-             "(a JournalReads method naming the keys of an op id) for RAN")
-
-
-@pytest.mark.xfail(strict=True, reason=CHURN_FIX)
 def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: Any, fakepve: Any,
                                                                  tmp_path: Path) -> None:
     """A destroyer-signed detach of guest 107 ran. A hub then churns the descriptions of 40 guests for a few
-    ticks (benign writes: three journal records each). Minutes later ``op status <id>`` answers NOT_FOUND
-    "no trace on this executor ... older than the journal keeps", while the journal still holds the op's spent
-    nonce and its outcome: a remote desired-state source makes the audit command deny an op that ran."""
+    ticks (benign writes: three journal records each). ``op status <id>`` once answered NOT_FOUND "no trace on
+    this executor ... older than the journal keeps" minutes later, while the journal still held the op's spent
+    nonce and its outcome: a remote desired-state source made the audit command deny an op that ran. It now
+    reads the journal's memory of that op id (its nonce and outcome, by an index) past the recent window."""
     guests = list(range(120, 160))
     for vmid in (107, *guests):
         add_vm(fakepve, vmid)
@@ -234,6 +279,31 @@ def test_a_hubs_churn_pushes_an_op_that_just_ran_out_of_op_status(make_engine: A
         assert answer == ["OP_FATE_RAN"], answer
     finally:
         api.stop(0)
+
+
+def test_past_the_window_op_status_tells_a_run_from_a_burned_nonce_and_answers_each_op_under_the_id(
+        tmp_path: Path) -> None:
+    """The journal's memory of one op id, with no recent record of it (a real journal; records as the lane and
+    the desk write them): three ops under one id. One ran (its nonce spent by its begin, ended ok), one was
+    refused DIGEST_STALE (its nonce burned with no operation: FAILED, like a run that failed, told apart by
+    the refusal journaled with it), one is in flight. Each is answered with its fate and payload hash."""
+    op_id, (ran, burned, running) = "c" * 32, (hashlib.sha256(bytes([n])).hexdigest() for n in range(3))
+    with Journal.open(tmp_path / "journal") as journal:
+        def begin(sha: str) -> str:
+            return journal.begin(vmid=107, kind="set_config", key=f"op:{op_id}:{sha[:32]}", op_id=op_id,
+                                 payload={"op": {"id": op_id, "sha256": sha, "kind": "config.disk_detach"}})
+        journal.refuse(vmid=107, kind="config.disk_detach", reason="LOCKED", detail="backup", op_id=op_id,
+                       key=refused_key(op_id, ran, "LOCKED"))
+        journal.end(begin(ran), Outcome.OK)
+        journal.burn(f"op:{op_id}:{burned[:32]}", op_id=op_id, why="DIGEST_STALE: moved")
+        journal.refuse(vmid=108, kind="guest.destroy", reason="DIGEST_STALE", detail="moved", op_id=op_id,
+                       key=refused_key(op_id, burned, "DIGEST_STALE"))
+        begin(running)
+        reads = journal_port(journal)
+        answer = {(s.payload_sha256, s.vmid, epb.OpFate.Name(s.fate), s.outcome or epb.RefusalReason.Name(s.reason))
+                  for s in fates([], [], {}, remembered(op_id, reads))}
+    assert answer == {(ran, 107, "OP_FATE_RAN", "ok"), (burned, 108, "OP_FATE_REFUSED", "REFUSAL_REASON_DIGEST_STALE"),
+                      (running, 107, "OP_FATE_RUNNING", "REFUSAL_REASON_UNSPECIFIED")}, answer
 
 
 def test_an_op_under_the_journal_id_of_a_benign_action_in_flight_is_in_flight_and_the_journal_stays(

@@ -34,6 +34,7 @@ from tests.signed_helpers import (
     hold_lane,
     journal_files,
     mutations,
+    op_refusal,
     open_desk,
     roles,
     seal,
@@ -448,7 +449,7 @@ def test_hole_h_a_digest_that_comes_back_never_revives_a_stale_op(where: str, fa
         gate.set()
         desk.settle()
         assert desk.engine.journal is not None
-        assert desk.engine.journal.last_refusal(f"op:{op_id}:refused") is not None
+        assert op_refusal(desk.engine.journal, op_id) is not None
     assert spent(desk, op_id)
     off = desk.sign(desk.propose(150, "config.protection_off", delete=["protection"]), "carol", role="operator")
     assert desk.run(off)[1] is None and "protection" not in fakepve.vm(150).config

@@ -50,6 +50,7 @@ from tests.signed_helpers import (
     hold_lane,
     journal_files,
     mutations,
+    op_refusal,
     open_desk,
     records_on_disk,
     run_command,
@@ -701,10 +702,10 @@ def _reason(result: tuple[str, Refusal | None]) -> str:
 
 
 def _lane_refusal(desk: Any, op_id: str) -> str:
-    """The reason the lane refused the signed op ``op_id`` with (journaled under ``op:<op_id>:refused``)."""
+    """The reason the lane refused the signed op ``op_id`` with (journaled under ``op:<op_id>:<sha256>:refused``)."""
     journal = desk.engine.journal
     assert journal is not None
-    last = journal.last_refusal(f"op:{op_id}:refused")
+    last = op_refusal(journal, op_id)
     assert last is not None, f"the lane did not refuse op {op_id}"
     return str(last[0])
 

@@ -15,7 +15,7 @@ import structlog
 
 from common import callers, grpcserver
 from common.grpcserver import ServerTls
-from executor.api.fates import fates
+from executor.api.fates import fates, remembered
 from executor.errors import InvalidInputError, PermanentError, TemporaryError
 from executor.gate.decisions import GateState, PendingApproval, Refusal
 from executor.gate.kinds import StepError
@@ -245,9 +245,13 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "op_id: must be 32 lowercase hex (the id op sign printed)")
         if request.limit > OP_STATUS_LIMIT:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: at most {OP_STATUS_LIMIT}")
-        records = self._engine.gate.records.recent(OP_STATUS_WINDOW)
+        journal = self._engine.gate.records
+        records = journal.recent(OP_STATUS_WINDOW)
         waiting = self._desk.waiting() if self._desk is not None else []
-        found = fates(records, waiting, self._engine.status().busy)
+        # One op id: the journal's own memory of it too (its in-flight ops, nonces and refusals, kept for the
+        # whole retention), since a busy node pushes an op out of the recent window within minutes.
+        older = remembered(request.op_id, journal) if request.op_id else []
+        found = fates(records, waiting, self._engine.status().busy, older)
         if request.op_id:
             found = [status for status in found if status.op_id == request.op_id]
             if not found:

@@ -54,6 +54,7 @@ class Refusal:
     reason: str
     detail: str
     op_id: str = ""
+    payload_sha256: str = ""  # a signed op's: with op_id, which op (another op may reuse an op id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -177,7 +177,8 @@ class Gate:
                 blocker = blocker or judged[-1]  # the first refused step is the one the later ones wait for
                 refused_steps.append(step)
                 refused.append(Refusal(vmid=vmid, op_kind=verdict.op_kind, cls=verdict.cls, reason=reason,
-                                       detail=detail, op_id=op.payload.op_id if op is not None else ""))
+                                       detail=detail, op_id=op.payload.op_id if op is not None else "",
+                                       payload_sha256=op.payload_sha256 if op is not None else ""))
                 if reason in APPROVABLE and facts is not None and op is None:
                     pending.append(self._pending_of(step, verdict, facts, source, reason))
         deferred = self._limit_stops(admitted, refused, pending, judged, observed=observed, planned=declared,

@@ -22,8 +22,8 @@ import structlog
 
 from executor.gate.decisions import Refusal, spends
 from executor.gate.files import INTACT_MARK
-from executor.gate.steps import nonce_key
-from journal import InFlight, Journal, JournalError, Record
+from executor.gate.steps import nonce_key, refused_key
+from journal import InFlight, Journal, JournalError, KeyState, Record, RefusalRecord
 from safety.classify import GuestFacts
 from safety.signedop import VerifiedOp
 
@@ -45,6 +45,12 @@ class JournalReads(Protocol):
 
     def last_refusal(self, key: str) -> tuple[str, str] | None:
         """The last refusal recorded under ``key`` (reason, detail), if any."""
+
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """The nonces operation ``op_id`` holds in flight or spent, by key (``Journal.keys_of``)."""
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """The last refusal under each key whose refusal names ``op_id`` (``Journal.refusals_of``)."""
 
 
 class NoJournalError(Exception):
@@ -114,6 +120,14 @@ class SwitchedJournal:
         """The last refusal under ``key``."""
         return self._port.last_refusal(key)
 
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """The nonces of ``op_id``."""
+        return self._port.keys_of(op_id)
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """The refusals naming ``op_id``."""
+        return self._port.refusals_of(op_id)
+
     def write(self, write: Callable[[Journal], object]) -> bool:
         """One write (False: no journal)."""
         return self._port.write(write)
@@ -165,6 +179,14 @@ class LiveJournal:
         """The last refusal under ``key``."""
         return self._journal.last_refusal(key)
 
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """The nonces of ``op_id``."""
+        return self._journal.keys_of(op_id)
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """The refusals naming ``op_id``."""
+        return self._journal.refusals_of(op_id)
+
     def write(self, write: Callable[[Journal], object]) -> bool:
         """One timed write; a ``JournalError`` goes to the caller (the gate loses the journal)."""
         with self._timer():
@@ -209,6 +231,14 @@ class NoJournal:
     def last_refusal(self, key: str) -> tuple[str, str] | None:
         """No refusal was recorded."""
         return None
+
+    def keys_of(self, op_id: str) -> dict[str, KeyState]:
+        """No nonce was spent."""
+        return {}
+
+    def refusals_of(self, op_id: str) -> list[RefusalRecord]:
+        """No refusal was recorded."""
+        return []
 
     def write(self, write: Callable[[Journal], object]) -> bool:
         """Nothing is written."""
@@ -263,8 +293,11 @@ class JournalWrites:
         self._port.lost()
 
     def refusal(self, refusal: Refusal) -> None:
-        """Journal ``refusal`` unless its guest and kind were last refused for the same reason (across restarts)."""
-        key = f"{refusal.vmid}:{refusal.op_kind}"
+        """Journal ``refusal`` unless its guest and kind (a signed op's: the op) were last refused for the same reason
+        (across restarts)."""
+        # A signed op's refusal is keyed by the op (op status reads it), a step's by its guest and kind.
+        key = (refused_key(refusal.op_id, refusal.payload_sha256, refusal.reason)
+               if refusal.op_id and refusal.payload_sha256 else f"{refusal.vmid}:{refusal.op_kind}")
         self.write(lambda j: j.refuse_if_new(vmid=refusal.vmid, kind=refusal.op_kind, reason=refusal.reason,
                                              detail=refusal.detail, key=key, op_id=refusal.op_id or None))
 

@@ -41,11 +41,19 @@ from executor.gate.decisions import (
 from executor.gate.journalport import JournalPort, JournalWrites, NoJournalError
 from executor.gate.kinds import ACTION_KINDS, ActionKind
 from executor.gate.standing import StandingRefusals
-from executor.gate.steps import ACTION_MARKED, PROTECTION_BLOCKS, action_key, before_image, bound_action, nonce_key
+from executor.gate.steps import (
+    ACTION_MARKED,
+    PROTECTION_BLOCKS,
+    action_key,
+    before_image,
+    bound_action,
+    nonce_key,
+    refused_key,
+)
 from executor.metrics import ExecutorMetrics
 from executor.pve.node import PendingSection, PveError, PveNotSentError, PveReader, PveUnavailableError, PveWriter
 from executor.pve.tasks import NOT_APPLIED, TaskOutcome, TaskResult, classify_exit, find_task, upid_user, wait_task
-from journal import BURN_PREFIX, JournalError, KeyInFlightError, NonceSpentError, Outcome
+from journal import JournalError, KeyInFlightError, NonceSpentError, Outcome
 from safety.classify import TRUSTED_FOR_PROTECTED_POWER, Action, Class, GuestFacts, Source, Verdict, classify
 from safety.payload import check_binding
 from safety.refusal import Refused
@@ -101,7 +109,8 @@ class Lane:
         self._wall, self._audience, self._reverify = wall, audience, reverify
         self._lock = threading.Lock()
         self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._before: dict[str, dict[str, str | None]] = {}  # op_id -> before-image, from the lane's read
+        # nonce key -> before-image, from the lane's read: by the nonce key, not the op id, which another op may share
+        self._before: dict[str, dict[str, str | None]] = {}
         self._unsettled: dict[str, InFlightCall] = {}  # op_id -> a call with no definite answer yet
         self._failures: dict[int, str] = {}  # vmid -> why its last failed step failed (PVE's words and the hint)
         self.ahead = ahead  # the next starts' pending sections, read early (None: always read in the lane)
@@ -203,7 +212,7 @@ class Lane:
         if problem is not None:
             return self._refuse_op(admitted, *problem, guest_type=guest.type, facts=facts)
         with self._lock:
-            self._before[op.payload.op_id] = before_image(config, step)
+            self._before[nonce_key(op)] = before_image(config, step)
         return None
 
     def _op_problem(self, admitted: Admitted, facts: GuestFacts) -> tuple[str, str] | None:
@@ -243,13 +252,13 @@ class Lane:
         if not self._writes.spend(op, reason, detail, guest_type=guest_type, facts=facts):
             reason, detail = "JOURNAL_UNAVAILABLE", f"{reason} ({detail}), and spending the op failed"
         refusal = Refusal(vmid=admitted.step.vmid, op_kind=op.payload.kind, cls=Class[op.payload.class_],
-                          reason=reason, detail=detail, op_id=op.payload.op_id)
+                          reason=reason, detail=detail, op_id=op.payload.op_id, payload_sha256=op.payload_sha256)
         self._metrics.gate_decisions.labels(refusal.cls.name.lower(), "refused", reason.lower()).inc()
         self._standing.note(refusal, admitted.step, where="lane")
         self._book.count_refused()
         self._writes.write(lambda j: j.refuse(vmid=refusal.vmid, kind=refusal.op_kind, reason=reason,
                                               detail=detail, op_id=refusal.op_id,
-                                              key=f"{BURN_PREFIX}{refusal.op_id}:refused"))
+                                              key=refused_key(refusal.op_id, op.payload_sha256, reason)))
         return refusal
 
     def _refuse_locked(self, admitted: Admitted, lock: str) -> Refusal:
@@ -462,7 +471,7 @@ class Lane:
                                       "source": admitted.source.value}
         if op is not None:
             with self._lock:
-                before = self._before.pop(op.payload.op_id, {})
+                before = self._before.pop(nonce_key(op), {})
             payload.update(digest=op.payload.precondition.digest, before=before,
                            op={"id": op.payload.op_id, "kind": op.payload.kind, "class": op.payload.class_,
                                "role": op.payload.role, "signers": list(op.signers), "sha256": op.payload_sha256,

@@ -45,6 +45,27 @@ def action_key(op: VerifiedOp) -> str:
     return f"act:{hashlib.sha256(part).hexdigest()}"
 
 
+# Refusals of a second submission of an op (a replay), not of the op: kept under their own key, so the op's own
+# refusal (what spent it, say) is not overwritten by a replay's and stays what ``op status`` reads.
+REPLAYED = frozenset({"NONCE_SPENT", "NONCE_IN_FLIGHT"})
+
+
+def refused_key(op_id: str, payload_sha256: str, reason: str = "") -> str:
+    """The journal's refusal key of one signed op: its op id and payload hash (another op under that id is another
+    key), ``...:refused``, or ``...:replayed`` for a replay's refusal (``REPLAYED``)."""
+    return f"{BURN_PREFIX}{op_id}:{payload_sha256}:{'replayed' if reason in REPLAYED else 'refused'}"
+
+
+def refused_op(key: str, op_id: str) -> tuple[str, bool] | None:
+    """(payload hash, a replay's) of a refusal key ``refused_key`` made for ``op_id``; None for any other key
+    (a journal written before the key named the hash: ``op:<op_id>:refused``, a veto, a guest's refusal)."""
+    head = f"{BURN_PREFIX}{op_id}:"
+    sha, _, tail = key.removeprefix(head).rpartition(":")
+    if not key.startswith(head) or len(sha) != 64 or tail not in ("refused", "replayed"):
+        return None
+    return sha, tail == "replayed"
+
+
 def revoked_key(op_id: str) -> str:
     """The journal's refusal key that marks ``op_id`` revoked (a veto outlives restarts)."""
     return f"{BURN_PREFIX}{op_id}:revoked"

@@ -26,7 +26,15 @@ from executor.gate.actions import Step
 from executor.gate.decisions import Refusal, descriptor, to_action
 from executor.gate.gate import Gate
 from executor.gate.kinds import ACTION_KINDS
-from executor.gate.steps import ACTION_MARKED, action_key, nonce_key, proposal_before, revoked_key, step_from
+from executor.gate.steps import (
+    ACTION_MARKED,
+    action_key,
+    nonce_key,
+    proposal_before,
+    refused_key,
+    revoked_key,
+    step_from,
+)
 from executor.loop.desired import Declared
 from executor.loop.funnel import Submission
 from executor.loop.observe import Observed
@@ -35,7 +43,7 @@ from executor.signed.auth import could_sign, revokers, role_covers_keys
 from executor.signed.clock import GateClock, mark_nonces
 from executor.signed.rates import RateBuckets
 from executor.signed.verifier import OpVerifier
-from journal import BURN_PREFIX, Outcome
+from journal import Outcome
 from safety import challenge as challenges
 from safety.classify import Class, GuestFacts, Source, classify
 from safety.opschema import SIGNABLE_CLASSES, canonical_params
@@ -86,6 +94,7 @@ class WaitingOp:
     not_after: int
     locked: bool
     signers: tuple[str, ...]
+    payload_sha256: str = ""  # with op_id, which op: another op may reuse an op id (its nonce key differs)
 
 
 class Funnel(Protocol):
@@ -196,12 +205,12 @@ class OpDesk:
         try:
             self._verifier.check_nonce(op)
         except Refused as exc:
-            return payload.op_id, self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
+            return payload.op_id, self._op_refusal(op, exc)
         key = nonce_key(op)  # keyed as the journal keys it: another payload under this op_id is another op
         with self._lock:
             if key in self._accepted:
                 twice = Refused(RefusalReason.NONCE_IN_FLIGHT, "this signed op is already accepted and queued")
-                return payload.op_id, self._refusal(payload.vmid, payload.kind, twice, payload.op_id)
+                return payload.op_id, self._op_refusal(op, twice)
             self._accepted[key] = op
             self._verifier.hold(key, envelope)  # verified again in the lane
         try:
@@ -209,8 +218,8 @@ class OpDesk:
         except OSError as exc:  # the journal's own directory: its next write would fail the same way
             self._gate.lose_journal(exc)
             self._forget(key)
-            return payload.op_id, self._refusal(payload.vmid, payload.kind, Refused(
-                RefusalReason.JOURNAL_UNAVAILABLE, f"state_dir not writable: {exc.strerror}"), payload.op_id)
+            return payload.op_id, self._op_refusal(op, Refused(
+                RefusalReason.JOURNAL_UNAVAILABLE, f"state_dir not writable: {exc.strerror}"))
         try:
             refusal = self._queue(op)
         except Exception:  # never leave an accepted op holding its guest out of planning
@@ -249,12 +258,11 @@ class OpDesk:
                 raise Refused(RefusalReason.DIGEST_STALE, f"guest {payload.vmid} is not on node {reader.node}")
             config = reader.config(guest.type, payload.vmid)
         except PveError as exc:
-            return self._refusal(payload.vmid, payload.kind,
-                                 Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"), payload.op_id)
+            return self._op_refusal(op, Refused(RefusalReason.LOCKED, f"cannot read the guest now: {exc}"))
         except Refused as exc:  # the guest is gone: not the guest signed for
             if not self._gate.spend(op, exc.reason.value, exc.detail, guest_type=None, facts=None):
                 exc = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{exc.detail}, and spending the op failed")
-            return self._refusal(payload.vmid, payload.kind, exc, payload.op_id)
+            return self._op_refusal(op, exc)
         step = step_from(kind=payload.kind, vmid=payload.vmid, guest_type=payload.guest_type, params=payload.params,
                          digest=payload.precondition.digest)
         ran = self._gate.records.last_refusal(action_key(op)) if payload.kind in ACTION_MARKED else None
@@ -262,14 +270,14 @@ class OpDesk:
             stale = Refused(RefusalReason.DIGEST_STALE, ran[1])
             if not self._gate.spend(op, stale.reason.value, ran[1], guest_type=guest.type, facts=None):
                 stale = Refused(RefusalReason.JOURNAL_UNAVAILABLE, f"{ran[1]}, and spending the op failed")
-            return self._refusal(payload.vmid, payload.kind, stale, payload.op_id)
+            return self._op_refusal(op, stale)
         store = self._current()
         role = store.roles.get(payload.role) if store is not None else None
         facts = GuestFacts(config=config[0], digest=config[1], run_state=guest.status, lock=guest.lock)
         denied = (role_covers_keys(role, step, facts) if role is not None
                   else Refused(RefusalReason.ROLE_DENIES, f"role {payload.role} is not in the trust store in force"))
         if denied is not None:
-            return self._refusal(payload.vmid, payload.kind, denied, payload.op_id)
+            return self._op_refusal(op, denied)
         observed = Observed(guests={guest.vmid: guest}, configs={guest.vmid: config}, elsewhere=frozenset())
         submission = self._funnel.submit({payload.vmid: [step]}, source=Source.OPERATOR_OP, observed=observed,
                                          declared=[], op=op, on_done=self._done)
@@ -306,7 +314,8 @@ class OpDesk:
         """Signed ops accepted and not yet run (``op status``): queued in their lane, or held back by a lock."""
         with self._lock:
             return [WaitingOp(op_id=op.payload.op_id, vmid=op.payload.vmid, kind=op.payload.kind,
-                              not_after=op.payload.not_after, locked=key in self._retry, signers=op.signers)
+                              not_after=op.payload.not_after, locked=key in self._retry, signers=op.signers,
+                              payload_sha256=op.payload_sha256)
                     for key, op in self._accepted.items()]
 
     def accepted(self) -> int:
@@ -413,8 +422,13 @@ class OpDesk:
             fields.update(need=role.threshold, have=len(holders))
         return fields
 
+    def _op_refusal(self, op: VerifiedOp, exc: Refused) -> Refusal:
+        """``_refusal`` of a verified op: journaled under the op (its id and payload hash)."""
+        payload = op.payload
+        return self._refusal(payload.vmid, payload.kind, exc, payload.op_id, sha256=op.payload_sha256)
+
     def _refusal(self, vmid: int, kind: str, exc: Refused, op_id: str = "",
-                 logged: Mapping[str, object] | None = None) -> Refusal:
+                 logged: Mapping[str, object] | None = None, *, sha256: str = "") -> Refusal:
         """A Refusal for the API; counted and logged; journaled only once a signature held (``op_id``).
 
         Unauthenticated junk never reaches the journal: a flood of it costs counters and log lines.
@@ -427,6 +441,6 @@ class OpDesk:
         if op_id:
             self._gate.journal_write(lambda j: j.refuse_if_new(
                 vmid=vmid, kind=kind, reason=exc.reason.value, detail=exc.detail, op_id=op_id,
-                key=f"{BURN_PREFIX}{op_id}:refused"))
+                key=refused_key(op_id, sha256, exc.reason.value)))
         return Refusal(vmid=vmid, op_kind=kind, cls=Class.DESTRUCTIVE, reason=exc.reason.value, detail=exc.detail,
-                       op_id=op_id)
+                       op_id=op_id, payload_sha256=sha256)

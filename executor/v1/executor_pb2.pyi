@@ -1161,6 +1161,7 @@ class OpStatus(_message.Message):
     AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     SIGNERS_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """The signed operation's id: the same in the journal, the log (op_id), ListOperations and the CLI."""
     vmid: _builtins.int
@@ -1181,6 +1182,11 @@ class OpStatus(_message.Message):
     """When the latest record about it was written (or it was accepted), Unix time in milliseconds."""
     not_after: _builtins.int
     """Waiting: when it expires (it is then dropped unrun), Unix seconds."""
+    payload_sha256: _builtins.str
+    """SHA-256 of its signed payload (hex): with op_id, which operation this is (the op id is the signer's choice,
+    and another op may be signed under it). Empty when the journal does not name it (a veto alone, a journal
+    written before); the first 32 hex digits only when all the journal still keeps of it is its spent nonce.
+    """
     @_builtins.property
     def signers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Key ids that signed it (once it began)."""
@@ -1199,10 +1205,11 @@ class OpStatus(_message.Message):
         at_unix_ms: _builtins.int = ...,
         signers: _abc.Iterable[_builtins.str] | None = ...,
         not_after: _builtins.int = ...,
+        payload_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "detail", b"detail", "fate", b"fate", "not_after", b"not_after", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "reason", b"reason", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "detail", b"detail", "fate", b"fate", "not_after", b"not_after", "op_id", b"op_id", "op_kind", b"op_kind", "outcome", b"outcome", "payload_sha256", b"payload_sha256", "reason", b"reason", "signers", b"signers", "upid", b"upid", "vmid", b"vmid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1210,7 +1217,7 @@ Global___OpStatus: _TypeAlias = OpStatus  # noqa: Y015
 
 @_typing.final
 class GetOpStatusResponse(_message.Message):
-    """Signed operations, oldest first."""
+    """Signed operations, oldest first: with op_id, every operation under that id."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
