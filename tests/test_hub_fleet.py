@@ -19,7 +19,7 @@ from hub.store import SqliteStore
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests.hub_helpers import CLUSTER, Hub, running_hub
-from tests.test_hub_service import _node_pki, refused
+from tests.test_hub_service import _node_pki, pve_hub, refused
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "n1@lab"
@@ -185,3 +185,35 @@ def test_the_grafana_dashboard_queries_only_metrics_the_hub_serves(hub: Hub) -> 
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     names = {name for expr in queries for name in re.findall(r"\b(pve_hub_[a-z_]+)", expr)}
     assert queries and names and names <= served, names - served
+
+
+def test_pve_hub_status_exit_codes_and_json(hub: Hub, tmp_path: Path) -> None:
+    """The real CLI: 0 all in sync (--json, the same words); 3 drift being converged; 1 the hub unreachable; 2 usage,
+    and --help's epilog names the codes."""
+    common = ["--hub", hub.address, "--cluster", CLUSTER]
+    hub.stub.ReportState(report(1, pb.GuestState(vmid=100, state=pb.SYNC_STATE_IN_SYNC),
+                                pb.GuestState(vmid=200, state=pb.SYNC_STATE_ELSEWHERE)), timeout=10)
+    done = pve_hub("status", *common, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["exit_code"] == 0 and shown["nodes"][0]["guests"] == {"in_sync": 1, "elsewhere": 1}
+    assert (shown["nodes"][0]["node"], shown["nodes"][0]["stale"], shown["nodes"][0]["report"]) == (NODE, False, None)
+    hub.stub.ReportState(report(2, drifted(), full=False, base=1), timeout=10)
+    done = pve_hub("status", *common, "--node", NODE, "--json")
+    assert done.returncode == 3, done.stdout + done.stderr
+    [guest] = [g for g in json.loads(done.stdout)["guests"] if g["vmid"] == 101]
+    assert (guest["state"], guest["diffs"]) == ("drifted", [{"key": "memory", "declared": "4096", "actual": "2048"}])
+    done = pve_hub("status", "--hub", "127.0.0.1:1", "--cluster", CLUSTER)
+    assert done.returncode == 1 and "unavailable" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = pve_hub("status", "--cluster", CLUSTER, "--no-such-flag")
+    assert done.returncode == 2
+    assert "4 an operator is needed" in " ".join(parser_help("status").split())
+
+
+def parser_help(command: str) -> str:
+    """``pve-hub COMMAND --help``'s text."""
+    from hub.cli import parser  # noqa: PLC0415
+
+    top = parser()
+    sub = next(a for a in top._actions if a.dest == "command")
+    return str(sub.choices[command].format_help())  # type: ignore[attr-defined]
