@@ -3,6 +3,8 @@ new fields and staleness, the fleet's metrics on a real /metrics, and `pve-hub s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from common.grpcserver import ClientTls, ServerTls, channel_credentials
 from hub import fleet
+from hub.cli import parser
 from hub.store import SqliteStore
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
@@ -211,9 +214,9 @@ def test_pve_hub_status_exit_codes_and_json(hub: Hub, tmp_path: Path) -> None:
 
 
 def parser_help(command: str) -> str:
-    """``pve-hub COMMAND --help``'s text."""
-    from hub.cli import parser  # noqa: PLC0415
-
-    top = parser()
-    sub = next(a for a in top._actions if a.dest == "command")
-    return str(sub.choices[command].format_help())  # type: ignore[attr-defined]
+    """``pve-hub COMMAND --help``'s text (argparse prints it and exits 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        parser().parse_args([command, "--help"])
+    assert done.value.code == 0
+    return out.getvalue()
