@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from common.grpcserver import ClientTls, ServerTls, channel_credentials
 from hub import fleet
 from hub.cli import parser
-from hub.store import SqliteStore
+from hub.store import PostgresStore, SqliteStore
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests.hub_helpers import CLUSTER, Hub, running_hub
@@ -220,3 +222,19 @@ def parser_help(command: str) -> str:
         parser().parse_args([command, "--help"])
     assert done.value.code == 0
     return out.getvalue()
+
+
+def test_two_replicas_on_postgresql_agree_on_the_fleet(pg_server: Any) -> None:
+    """A report to replica A is B's too: B's GetNode, Status and /metrics show it (the gauges come from the database);
+    B applies the node's next delta on top of what A recorded."""
+    conninfo = pg_server.create_database(f"hub_fleet_{os.getpid()}")
+    with running_hub(PostgresStore(conninfo), metrics_listen="127.0.0.1:0") as a, \
+            running_hub(PostgresStore(conninfo), metrics_listen="127.0.0.1:0") as b:
+        assert not a.stub.ReportState(report(1, drifted(), waiting()), timeout=10).needs_full
+        assert not b.stub.ReportState(report(2, full=False, base=1, removed_vmids=[102]), timeout=10).needs_full
+        node = b.stub.GetNode(pb.GetNodeRequest(cluster=CLUSTER, node=NODE), timeout=10)
+        assert [g.vmid for g in node.guests] == [101] and node.status.report_interval_seconds == 10.0
+        for hub in (a, b):
+            text = scrape(hub)
+            assert sample(text, "pve_hub_guests", state="drifted") == 1
+            assert sample(text, "pve_hub_pending_approvals") == 0 and sample(text, "pve_hub_nodes", state="ok") == 1

@@ -6,6 +6,7 @@ is stale within two of its intervals; `pve-hub status` says so, with its exit co
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from common.grpcserver import OWN_SUBCHANNELS
 from executor.app.report import ReporterSettings, StateReporter, op_reports
 from executor.app.wiring import Parts, state_reporter
 from executor.loop.desired import Declared
-from executor.loop.engine import Engine
+from executor.loop.engine import Engine, TickSummary
+from executor.loop.fleet import TickView
 from executor.loop.hub import HubProvider, HubSettings
 from executor.loop.hubheld import HeldFiles
 from executor.metrics import ExecutorMetrics
@@ -212,3 +214,36 @@ def test_op_fates_become_op_reports() -> None:
     reports = op_reports(statuses)
     assert len(reports) == 99 and reports[-1].fate == "waiting" and reports[0].fate == "ran"
     assert (reports[-2].op_id, reports[-2].outcome, list(reports[-2].signers)) == (f"{129:032x}", "ok", ["alice"])
+
+
+def test_deltas_carry_only_what_changed_and_a_hub_that_lost_the_node_gets_a_full_report(
+        tmp_path: Path, reporters: list[StateReporter]) -> None:
+    """Ticks with the same guests send deltas carrying only the ops whose fate moved and the guests that changed; when
+    the hub no longer holds the node (a database restored from a backup), it answers needs_full and the reporter
+    sends everything at once, without waiting for a tick."""
+    ops = [pb.OpReport(op_id=f"{n:032x}", vmid=100, op_kind="stop", fate="waiting", at_unix_ms=n) for n in (1, 2)]
+    with running_hub(SqliteStore.in_dir(tmp_path / "hub")) as hub:
+        channel = grpc.insecure_channel(hub.address, options=[OWN_SUBCHANNELS])
+        reporter = StateReporter(channel, ReporterSettings(interval=30), identity=lambda: (CLUSTER, NODE),
+                                 held_version=lambda: 1, ops=lambda: list(ops))
+        reporters.append(reporter)
+        reporter.start()
+        view = TickView(declared=(Declared(vmid=100), Declared(vmid=101)))
+        reporter.offer(TickSummary(started=time.time(), view=view))
+        wait_for(lambda: len(reporter.sent) == 1, "the first report")
+        ops[1] = pb.OpReport(op_id=f"{2:032x}", vmid=100, op_kind="stop", fate="ran", outcome="ok", at_unix_ms=3)
+        reporter.offer(TickSummary(started=time.time(), view=TickView(declared=(Declared(vmid=100),))))
+        wait_for(lambda: len(reporter.sent) == 2, "the second report")
+        delta = reporter.sent[1]
+        assert (delta.full, list(delta.removed_vmids), [o.op_id[-1] for o in delta.ops], list(delta.guests)) == (
+            False, [101], ["2"], [])
+        node = hub.stub.GetNode(pb.GetNodeRequest(cluster=CLUSTER, node=NODE), timeout=10)
+        assert [g.vmid for g in node.guests] == [100] and [o.fate for o in node.ops] == ["waiting", "ran"]
+        with sqlite3.connect(tmp_path / "hub" / "hub.sqlite3") as db:  # the hub forgets the node
+            db.execute("DELETE FROM node_states")
+            db.execute("DELETE FROM node_guests")
+        reporter.offer(TickSummary(started=time.time(), view=TickView(declared=(Declared(vmid=100),))))
+        wait_for(lambda: len(reporter.sent) == 3, "the full report the hub asked for")
+        assert reporter.sent[2].full and [g.vmid for g in reporter.sent[2].guests] == [100] and reporter.failed == []
+        assert [g.vmid for g in hub.store.guests(CLUSTER)] == [100]
+        channel.close()
