@@ -137,7 +137,7 @@ def blackhole() -> tuple[socket.socket, int]:
 
 def test_a_hub_that_hangs_or_is_gone_never_slows_a_tick_and_gets_a_full_report_back(
         fakepve: Any, make_engine: Make, tmp_path: Path, reporters: list[StateReporter]) -> None:
-    """The hub accepts connections and never answers (each call runs to its 1 s deadline): ten ticks take no longer
+    """The hub accepts connections and never answers (each call runs to its 1 s deadline): six ticks take no longer
     than without a hub. A real hub on that address then gets the latest state, in full, without another tick."""
     fakepve.add_vm(100, "web", status="running", config={"memory": 1024})
     engine = make_engine([Declared(vmid=100, state="running", config={"memory": "1024"})], source=Source.HUB)
@@ -151,7 +151,7 @@ def test_a_hub_that_hangs_or_is_gone_never_slows_a_tick_and_gets_a_full_report_b
     engine.after_tick.append(reporter.offer)
     reporter.start()
     took = []
-    for _ in range(10):
+    for _ in range(6):
         took.append(_timed(engine))
         time.sleep(0.25)
     assert max(took) < alone + 0.25, (alone, took)  # a call hangs 1 s at a time meanwhile
@@ -160,7 +160,7 @@ def test_a_hub_that_hangs_or_is_gone_never_slows_a_tick_and_gets_a_full_report_b
     with running_hub(SqliteStore.in_dir(tmp_path / "hub"), listen=f"127.0.0.1:{port}") as hub:
         wait_for(lambda: bool(hub.store.node_states(CLUSTER)), "a report once the hub is back", timeout=30)
         [node] = hub.store.node_states(CLUSTER)
-        assert reporter.sent[0].full and node.held_version == 7 and node.interval == 0.5
+        assert reporter.sent[0].full and node.held_version == 7 and 0.5 <= node.interval < 1.5  # + a tick
         assert [(g.vmid, g.state) for g in hub.store.guests(CLUSTER)] == [(100, "in_sync")]
     channel.close()
 

@@ -179,7 +179,8 @@ class StateReporter:
             removed_vmids=[] if full else sorted(set(held.guests) - set(guests)),
             ops=[o for k, o in ops.items() if full or held.ops.get(k) != o.SerializeToString(deterministic=True)],
             deliveries=self._unsent, at_unix_ms=int((summary.started + summary.duration) * 1000),
-            interval_seconds=self.settings.interval, held_version=self._held_version(),
+            # The daemon waits its interval after each tick: a report comes every interval plus a tick's length.
+            interval_seconds=self.settings.interval + summary.duration, held_version=self._held_version(),
             tick_outcome=summary.outcome.name.lower(), tick_error=summary.error[:2000])
         self._pending = (guests, {k: o.SerializeToString(deterministic=True) for k, o in ops.items()})
         return request
