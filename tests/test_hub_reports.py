@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from executor.signed.trust import TrustKeeper
 from executor.v1 import executor_pb2 as epb
 from hub.store import SqliteStore
 from hub.v1 import hub_pb2 as pb
+from hub.v1 import hub_pb2_grpc as pb_grpc
 from safety.classify import Source
 from tests.hub_helpers import running_hub
 from tests.signing import write_store
@@ -88,14 +90,14 @@ def test_a_node_reports_drift_and_an_approval_then_deltas(fakepve: Any, make_eng
         try:
             parts: list[Parts] = []
             engine = make_engine([], pve=ProxmoxNode(connect(node="pve1")), provider=provider, parts=parts)
-            reporter = state_reporter(parts[0], provider, interval=30.0)
+            reporter = state_reporter(parts[0], provider, interval=30.0, metrics=parts[0].engine.metrics)
             reporters.append(reporter)
             reporter.start()
             hub.stub.Apply(pb.ApplyRequest(cluster=CLUSTER, expected_version=0,
                                            envelope=document(1, desired=DESIRED, cluster=CLUSTER)), timeout=10)
             wait_for(lambda: provider.held.version == 1, "the node holding v1")
             engine.tick(wait=True)
-            wait_for(lambda: set(guests(hub.stub)) == {100, 101}, "the node's first report")
+            wait_for(lambda: bool(reporter.sent), "the node's first report")  # confirmed: the hub holds it
             found = guests(hub.stub)
             assert found[100].state == pb.SYNC_STATE_DRIFTED and [(d.key, d.declared, d.actual) for d in
                                                                    found[100].diffs] == [("memory", "2048", "1024")]
@@ -106,6 +108,8 @@ def test_a_node_reports_drift_and_an_approval_then_deltas(fakepve: Any, make_eng
                     waiting.audience) == (entry.descriptor, entry.descriptor_sha256, "config.protection_off",
                                           "APPROVAL", NODE)
             assert reporter.sent[-1].full and reporter.sent[-1].held_version == 1
+            assert parts[0].engine.metrics.registry.get_sample_value(
+                "pve_executor_hub_state_reports_total", {"kind": "full", "outcome": "ok"}) == 1
 
             done = pve_hub("status", "--hub", hub.address, "--cluster", CLUSTER)
             assert done.returncode == 4, done.stdout + done.stderr
@@ -118,7 +122,8 @@ def test_a_node_reports_drift_and_an_approval_then_deltas(fakepve: Any, make_eng
 
             first = reporter.sent[-1].seq
             engine.tick(wait=True)
-            wait_for(lambda: guests(hub.stub)[100].state == pb.SYNC_STATE_IN_SYNC, "100 in sync at the hub")
+            wait_for(lambda: reporter.sent[-1].seq > first, "the next report")
+            assert guests(hub.stub)[100].state == pb.SYNC_STATE_IN_SYNC
             delta = reporter.sent[-1]
             assert (delta.full, delta.base_seq, [g.vmid for g in delta.guests]) == (False, first, [100])
             assert guests(hub.stub)[101] == found[101]
@@ -158,7 +163,7 @@ def test_a_hub_that_hangs_or_is_gone_never_slows_a_tick_and_gets_a_full_report_b
     assert reporter.sent == [] and "DEADLINE_EXCEEDED" in reporter.failed, reporter.failed
     listener.close()
     with running_hub(SqliteStore.in_dir(tmp_path / "hub"), listen=f"127.0.0.1:{port}") as hub:
-        wait_for(lambda: bool(hub.store.node_states(CLUSTER)), "a report once the hub is back", timeout=30)
+        wait_for(lambda: bool(reporter.sent), "a report once the hub is back", timeout=30)
         [node] = hub.store.node_states(CLUSTER)
         assert reporter.sent[0].full and node.held_version == 7 and 0.5 <= node.interval < 1.5  # + a tick
         assert [(g.vmid, g.state) for g in hub.store.guests(CLUSTER)] == [(100, "in_sync")]
@@ -247,3 +252,26 @@ def test_deltas_carry_only_what_changed_and_a_hub_that_lost_the_node_gets_a_full
         assert reporter.sent[2].full and [g.vmid for g in reporter.sent[2].guests] == [100] and reporter.failed == []
         assert [g.vmid for g in hub.store.guests(CLUSTER)] == [100]
         channel.close()
+
+
+def test_a_hub_without_reports_is_asked_again_at_each_tick_only(reporters: list[StateReporter]) -> None:
+    """An older hub answers UNIMPLEMENTED: the reporter does not retry it on its timer, only when a tick ends."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_HubServiceServicer_to_server(pb_grpc.HubServiceServicer(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[OWN_SUBCHANNELS])
+    try:
+        reporter = StateReporter(channel, ReporterSettings(interval=30, retry=0.05), identity=lambda: (CLUSTER, NODE),
+                                 held_version=lambda: 0)
+        reporters.append(reporter)
+        reporter.start()
+        reporter.offer(TickSummary(started=time.time(), view=TickView(declared=())))
+        wait_for(lambda: reporter.failed == ["UNIMPLEMENTED"], "the first refusal")
+        time.sleep(0.5)  # ten retry periods
+        assert reporter.failed == ["UNIMPLEMENTED"]
+        reporter.offer(TickSummary(started=time.time(), view=TickView(declared=())))
+        wait_for(lambda: len(reporter.failed) == 2, "the next tick's report")
+    finally:
+        channel.close()
+        server.stop(0)

@@ -22,6 +22,7 @@ import structlog
 from executor.api.fates import fates
 from executor.loop.engine import TickSummary
 from executor.loop.fleet import guest_states
+from executor.metrics import ExecutorMetrics
 from executor.signed.desk import WaitingOp
 from executor.v1 import executor_pb2 as epb
 from hub.v1 import hub_pb2 as pb
@@ -79,12 +80,14 @@ class StateReporter:
     def __init__(self, channel: grpc.Channel, settings: ReporterSettings, *,
                  identity: Callable[[], tuple[str, str] | None], held_version: Callable[[], int],
                  ops: Callable[[], list[pb.OpReport]] = list,
-                 deliveries: Callable[[], list[pb.DeliveryResult]] | None = None) -> None:
+                 deliveries: Callable[[], list[pb.DeliveryResult]] | None = None,
+                 metrics: ExecutorMetrics | None = None) -> None:
         """``identity``: (cluster, node) or None while unknown; ``deliveries``: drained at each report (kept until one
         the hub confirmed carried them)."""
         self._stub = pb_grpc.HubServiceStub(channel)
         self.settings = settings
         self._identity, self._held_version, self._ops, self._deliveries = identity, held_version, ops, deliveries
+        self._metrics = metrics
         self.session = uuid.uuid4().hex
         self._seq = 0
         self._lock = threading.Lock()
@@ -96,6 +99,7 @@ class StateReporter:
         self._last: TickSummary | None = None
         self._unsent: list[pb.DeliveryResult] = []
         self._failing = False
+        self._soon = True  # retry a failed report after settings.retry (False: at the next tick: a hub without it)
         self._pending: tuple[dict[int, bytes], dict[tuple[str, str], bytes]] = ({}, {})  # what the call out carries
         self.sent: list[pb.StateReport] = []  # the last few reports the hub confirmed (for tests and debugging)
         self.failed: list[str] = []  # the status codes of the last few calls that failed
@@ -120,7 +124,7 @@ class StateReporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.settings.retry if self._failing else None)
+            self._wake.wait(self.settings.retry if self._failing and self._soon else None)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -152,16 +156,22 @@ class StateReporter:
             try:
                 answer = self._stub.ReportState(request, timeout=self.settings.timeout)
             except grpc.RpcError as exc:
+                self._count(request, (exc.code() or grpc.StatusCode.UNKNOWN).name.lower())
                 self._failed(request, exc)
                 return
+            self._count(request, "needs_full" if answer.needs_full else "ok")
             if self._failing:
                 log.info("hub_state_report_resumed", seq=request.seq, full=request.full)
-            self._failing = False
+            self._failing, self._soon = False, True
             if not answer.needs_full:
                 self._confirmed(request)
                 return
             log.info("hub_state_report_needs_full", seq=request.seq, hub_seq=answer.recorded_seq)
             self._held = _Held()
+
+    def _count(self, request: pb.StateReport, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.hub_state_reports.labels("full" if request.full else "delta", outcome).inc()
 
     def _request(self, cluster: str, node: str) -> pb.StateReport:
         assert self._last is not None
@@ -204,3 +214,4 @@ class StateReporter:
                                     "until the hub answers")
         self._failing, self._held = True, _Held()
 
+        self._soon = status is not grpc.StatusCode.UNIMPLEMENTED  # an older hub: asked again at each tick only

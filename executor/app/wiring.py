@@ -184,17 +184,19 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                      queue=GuestQueue(settings.max_parallel), provider=hub or desired, engine=Settings(),
                      ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
                                     skew=settings.op_clock_skew), trust=trust)
-    return dataclasses.replace(parts, hub=hub, reporter=state_reporter(parts, hub, settings.interval) if hub else None)
+    reporter = state_reporter(parts, hub, settings.interval, metrics) if hub else None
+    return dataclasses.replace(parts, hub=hub, reporter=reporter)
 
 
-def state_reporter(parts: Parts, hub: HubProvider, interval: float) -> StateReporter:
+def state_reporter(parts: Parts, hub: HubProvider, interval: float,
+                   metrics: ExecutorMetrics | None = None) -> StateReporter:
     """The reporter of the node's state to ``hub`` (over its channel), told each tick's summary (not started)."""
     desk = parts.desk
     records = parts.engine.gate.records
     reporter = StateReporter(hub.channel, ReporterSettings(interval=interval), identity=hub.identity,
                              held_version=lambda: hub.held.version,
                              ops=ops_of(records.recent, desk.waiting if desk is not None else list,
-                                        parts.queue.busy))
+                                        parts.queue.busy), metrics=metrics)
     parts.engine.after_tick.append(reporter.offer)
     return reporter
 
