@@ -51,6 +51,9 @@ class ExecutorMetrics:
                                    registry=r)
         self.hub_reports = Counter("pve_executor_hub_reports", "Hub documents ACKed or NACKed, by verdict (ack, "
                                    "nack) and reason.", ["verdict", "reason"], registry=r)
+        self.hub_state_reports = Counter("pve_executor_hub_state_reports", "State reports sent to the hub, by kind "
+                                         "(full, delta) and outcome (ok, needs_full, or the failed call's status "
+                                         "code).", ["kind", "outcome"], registry=r)
 
     def pve_error(self, status: int | None, cause: str) -> None:
         """Count one Proxmox API error by its status and its cause (``executor.pve.failures``)."""

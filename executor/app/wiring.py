@@ -21,6 +21,7 @@ import structlog
 
 from common.config import ConfigError
 from executor.app.connect import connection, hub_tls, planner_tls
+from executor.app.report import ReporterSettings, StateReporter, ops_of
 from executor.config import ExecutorSettings
 from executor.gate.audience import Audience
 from executor.gate.decisions import GateSettings
@@ -91,9 +92,19 @@ class Parts:
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
     funnel: Funnel  # what selftest submits through
     hub: HubProvider | None = None  # the provider when desired state comes from a hub (``start`` it)
+    reporter: StateReporter | None = None  # with a hub: the node's state sent after each tick (``start`` it)
+
+    def start_hub(self) -> None:
+        """Start watching the hub and reporting to it (nothing without a hub)."""
+        if self.hub is not None:
+            self.hub.start()
+        if self.reporter is not None:
+            self.reporter.start()
 
     def close(self, grace: float) -> None:
         """Stop watching the hub, drain the queue within ``grace``, then close the planner channel and the journal."""
+        if self.reporter is not None:
+            self.reporter.close()
         if self.hub is not None:
             self.hub.close()
         unfinished = self.queue.close(grace)
@@ -173,7 +184,21 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                      queue=GuestQueue(settings.max_parallel), provider=hub or desired, engine=Settings(),
                      ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
                                     skew=settings.op_clock_skew), trust=trust)
-    return dataclasses.replace(parts, hub=hub)
+    reporter = state_reporter(parts, hub, settings.interval, metrics) if hub else None
+    return dataclasses.replace(parts, hub=hub, reporter=reporter)
+
+
+def state_reporter(parts: Parts, hub: HubProvider, interval: float,
+                   metrics: ExecutorMetrics | None = None) -> StateReporter:
+    """The reporter of the node's state to ``hub`` (over its channel), told each tick's summary (not started)."""
+    desk = parts.desk
+    records = parts.engine.gate.records
+    reporter = StateReporter(hub.channel, ReporterSettings(interval=interval), identity=hub.identity,
+                             held_version=lambda: hub.held.version,
+                             ops=ops_of(records.recent, desk.waiting if desk is not None else list,
+                                        parts.queue.busy), metrics=metrics)
+    parts.engine.after_tick.append(reporter.offer)
+    return reporter
 
 
 def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper, metrics: ExecutorMetrics,
