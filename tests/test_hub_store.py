@@ -37,6 +37,7 @@ from hub.store import (
     VersionConflict,
 )
 from hub.store import postgres as pg_module
+from hub.store import schema
 from hub.store import sqlite as sqlite_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,7 +294,7 @@ def test_old_database_opens_and_keeps_its_rows(backend: Backend) -> None:
          ("c", "pve2", 2, _bool(backend, False), "rollback", _stamp(backend, 1_700_000_100))),
     ], upto=1)
     store = backend.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == schema.LATEST
     assert store.latest("c") == 2
     old = store.get("c", 1)
     assert old is not None and (old.envelope, old.message) == (b"old 1", "v1")
@@ -332,15 +333,16 @@ def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
     assert failed == [] and len(opened) == 3
     steps: list[Any] = []
     backend.query("SELECT version FROM schema_version ORDER BY version", steps)
-    assert steps == [(1,), (2,)]
+    assert steps == [(n,) for n in range(1, schema.LATEST + 1)]
 
 
 def test_newer_schema_is_refused(backend: Backend) -> None:
     """A database a newer hub migrated is not opened (this code could lose what that step added)."""
     backend.open()
     backend.execute([("INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                      (3, "from the future", _stamp(backend, 1_800_000_000)))])
-    with pytest.raises(SchemaTooNewError, match=r"schema version 3 is newer than this hub's 2"):
+                      (schema.LATEST + 1, "from the future", _stamp(backend, 1_800_000_000)))])
+    with pytest.raises(SchemaTooNewError, match=rf"schema version {schema.LATEST + 1} is newer than this hub's "
+                                                rf"{schema.LATEST}"):
         backend.open()
 
 

@@ -39,6 +39,22 @@ SQLITE: tuple[Migration, ...] = (
         # Before step 2 a NACK did not keep the version held; an ACK's version is the best known.
         "UPDATE acks SET held = version WHERE ok = 1",
     )),
+    # Step 3 is the reports engineer's (node state from StateReports); until that branch is merged it is a
+    # placeholder here, replaced by theirs at the merge (no database outside tests ran this one).
+    Migration(3, "reserved: node reports", ()),
+    Migration(4, "deliveries: signed ops routed through the hub to the node their audience names", (
+        """CREATE TABLE deliveries (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, delivery_id TEXT NOT NULL UNIQUE, cluster TEXT NOT NULL,
+            node TEXT NOT NULL, envelope BLOB NOT NULL, op_id TEXT NOT NULL, kind TEXT NOT NULL,
+            state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
+            submitted_at REAL NOT NULL, decided_at REAL, op_report BLOB NOT NULL DEFAULT x'')""",
+        "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
+        "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        """CREATE TABLE audiences (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, audience TEXT NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (cluster, node))""",
+        "CREATE INDEX audiences_by_audience ON audiences (cluster, audience)",
+    )),
 )
 
 POSTGRES_SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -62,6 +78,21 @@ POSTGRES: tuple[Migration, ...] = (
         "INSERT INTO heads (cluster, latest) SELECT cluster, MAX(version) FROM documents GROUP BY cluster",
         "ALTER TABLE acks ADD COLUMN held bigint NOT NULL DEFAULT 0",
         "UPDATE acks SET held = version WHERE ok",
+    )),
+    Migration(3, "reserved: node reports", ()),  # the reports engineer's step (see SQLITE)
+    Migration(4, "deliveries: signed ops routed through the hub to the node their audience names", (
+        """CREATE TABLE deliveries (
+            seq bigserial PRIMARY KEY, delivery_id text NOT NULL UNIQUE, cluster text NOT NULL, node text NOT NULL,
+            envelope bytea NOT NULL, op_id text NOT NULL, kind text NOT NULL, state text NOT NULL,
+            reason text NOT NULL DEFAULT '', detail text NOT NULL DEFAULT '',
+            submitted_at timestamptz NOT NULL DEFAULT now(), decided_at timestamptz,
+            op_report bytea NOT NULL DEFAULT '')""",
+        "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
+        "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        """CREATE TABLE audiences (
+            cluster text NOT NULL, node text NOT NULL, audience text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (cluster, node))""",
+        "CREATE INDEX audiences_by_audience ON audiences (cluster, audience)",
     )),
 )
 
