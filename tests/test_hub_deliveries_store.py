@@ -41,15 +41,17 @@ def test_routing_queue_and_the_first_verdict(backend: Backend) -> None:
     assert (got.state, got.envelope, got.node, got.kind) == ("delivered", b'{"envelope": 1}', "node-a",
                                                              "config.disk_detach")
 
-    assert not store.record_verdict("c", "pve2@c", first.delivery_id, "refused", OP, "WRONG_AUDIENCE", "not mine")
-    assert store.record_verdict("c", "node-a", first.delivery_id, "accepted", OP, "", "")
-    assert not store.record_verdict("c", "node-a", first.delivery_id, "refused", OP, "NONCE_SPENT", "again")
+    assert not store.record_verdict("c", "pve2@c", first.delivery_id, "refused", op_id=OP, reason="WRONG_AUDIENCE",
+                                    detail="not mine")
+    assert store.record_verdict("c", "node-a", first.delivery_id, "accepted", op_id=OP)
+    assert not store.record_verdict("c", "node-a", first.delivery_id, "refused", op_id=OP, reason="NONCE_SPENT",
+                                    detail="again")
     store.mark_delivered(first.delivery_id)  # a redelivery keeps the verdict
     (got,) = store.deliveries("c", OP)
     assert (got.state, got.reason) == ("accepted", "")
     assert [d.delivery_id for d in store.open_deliveries("c", "node-a")] == [second.delivery_id]
 
-    assert store.record_verdict("c", "node-a", second.delivery_id, "revoked", OP, "", "")
+    assert store.record_verdict("c", "node-a", second.delivery_id, "revoked", op_id=OP)
     assert [d.delivery_id for d in store.deliveries("c", OP)] == [first.delivery_id, second.delivery_id]
     assert store.record_op_report("c", "node-a", OP, b"ran ok") == 2
     assert {d.op_report for d in store.deliveries("c", OP)} == {b"ran ok"}
@@ -71,8 +73,8 @@ BAD: list[tuple[str, Callable[[Store], object]]] = [
     ("envelope", lambda s: s.add_delivery("c", "n", b"", OP, "stop")),
     ("op_id", lambda s: s.add_delivery("c", "n", b"x", "NOT-HEX", "stop")),
     ("delivery_id", lambda s: s.mark_delivered("x")),
-    ("decision", lambda s: s.record_verdict("c", "n", OP, "maybe", OP, "", "")),
-    ("reason", lambda s: s.record_verdict("c", "n", OP, "refused", OP, "", "")),
+    ("decision", lambda s: s.record_verdict("c", "n", OP, "maybe", op_id=OP)),
+    ("reason", lambda s: s.record_verdict("c", "n", OP, "refused", op_id=OP)),
     ("id", lambda s: s.deliveries("c", "short")),
     ("after_seq", lambda s: s.wait_for_deliveries("c", -1, 1)),
 ]

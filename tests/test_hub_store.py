@@ -35,9 +35,9 @@ from hub.store import (
     StoreUnavailableError,
     UnknownVersionError,
     VersionConflict,
+    schema,
 )
 from hub.store import postgres as pg_module
-from hub.store import schema
 from hub.store import sqlite as sqlite_module
 
 ROOT = Path(__file__).resolve().parent.parent

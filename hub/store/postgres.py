@@ -376,8 +376,8 @@ class PostgresStore:
         self._read(lambda conn: conn.execute(
             "UPDATE deliveries SET state = 'delivered' WHERE delivery_id = %s AND state = 'queued'", (delivery_id,)))
 
-    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, op_id: str, reason: str,
-                       detail: str) -> bool:
+    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, *, op_id: str = "",
+                       reason: str = "", detail: str = "") -> bool:
         """The node's first verdict on its delivery (see Store.record_verdict); idempotent, so retried once."""
         model.check_name("cluster", cluster)
         model.check_name("node", node)

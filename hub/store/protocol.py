@@ -96,8 +96,8 @@ class Store(Protocol):
         """A queued delivery was sent on its node's stream (a decided one keeps its verdict)."""
         ...
 
-    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, op_id: str, reason: str,
-                       detail: str) -> bool:
+    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, *, op_id: str = "",
+                       reason: str = "", detail: str = "") -> bool:
         """The node's verdict on its delivery; True if recorded. The first verdict stands: a redelivery's (a nonce
         already spent, in flight) never overwrites it; a delivery of another node is not touched."""
         ...
