@@ -53,7 +53,7 @@ def test_routing_queue_and_the_first_verdict(backend: Backend) -> None:
 
     assert store.record_verdict("c", "node-a", second.delivery_id, "revoked", op_id=OP)
     assert [d.delivery_id for d in store.deliveries("c", OP)] == [first.delivery_id, second.delivery_id]
-    assert store.record_op_report("c", "node-a", OP, b"ran ok") == 2
+    assert store.record_op_reports("c", "node-a", [(OP, b"ran ok"), (OTHER, b"not routed to node-a")]) == 2
     assert {d.op_report for d in store.deliveries("c", OP)} == {b"ran ok"}
     assert [d.delivery_id for d in store.deliveries("c", limit=2)] == [second.delivery_id, elsewhere.delivery_id]
     assert backend.open().deliveries("c", elsewhere.delivery_id)[0].state == "queued"  # another replica sees it

@@ -13,15 +13,20 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 
-from hub.store import model
+from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
     Delivery,
     DocumentTooLarge,
     Entry,
+    GuestRow,
     NodeReport,
+    NodeState,
+    OpRow,
+    Recorded,
     SchemaTooNewError,
+    StateIn,
     StoreError,
     StoreUnavailableError,
     UnknownVersionError,
@@ -43,6 +48,8 @@ _DELIVERY = ("SELECT seq, delivery_id, cluster, node, envelope, op_id, kind, sta
              "op_report FROM deliveries")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+# The database's clock stamps reports, so replicas agree on a node's age; the node's row is locked for the delta.
+DIALECT = states.Dialect("%s", lambda: ("now()", ()), lambda value: value, lock=" FOR UPDATE")
 _T = TypeVar("_T")
 
 
@@ -392,14 +399,24 @@ class PostgresStore:
                  recorded=count == 1)
         return count == 1
 
-    def record_op_report(self, cluster: str, node: str, op_id: str, op_report: bytes) -> int:
-        """The op's latest fate on every delivery of ``op_id`` to ``node``."""
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each op's latest fate on every delivery of it to ``node``, in one transaction (see Store)."""
         model.check_name("cluster", cluster)
         model.check_name("node", node)
-        model.check_delivery_id(op_id, "op_id")
-        return int(self._read(lambda conn: conn.execute(
-            "UPDATE deliveries SET op_report = %s WHERE cluster = %s AND node = %s AND op_id = %s",
-            (bytes(op_report), cluster, node, op_id)).rowcount))
+        for op_id, _ in reports:
+            model.check_delivery_id(op_id, "op_id")
+        routed = {row[0] for row in self._all("SELECT DISTINCT op_id FROM deliveries WHERE cluster = %s AND node = %s",
+                                              (cluster, node))}
+        wanted = [(op_id, body) for op_id, body in reports if op_id in routed]
+        if not wanted:
+            return 0
+
+        def write(conn: Conn) -> int:
+            with conn.transaction():
+                return sum(int(conn.execute("UPDATE deliveries SET op_report = %s WHERE cluster = %s AND node = %s "
+                                            "AND op_id = %s", (bytes(body), cluster, node, op_id)).rowcount)
+                           for op_id, body in wanted)
+        return self._read(write)  # idempotent: the same fates again
 
     def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
         """Deliveries by delivery id or op id, or the ``limit`` most recent; oldest first."""
@@ -439,3 +456,25 @@ class PostgresStore:
             pass  # the listener then stops at its next 5 s timeout
         self._listener.join(timeout=6)
         self._pool.close()
+
+    # --- the fleet view (hub.store.states) ----------------------------------------------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport (see Store.record_state) in one transaction that locks the node's row."""
+        with self._pool.connection() as conn, conn.transaction():
+            recorded = states.record(conn, DIALECT, report)
+        log.debug("hub.store.state", cluster=report.cluster, node=report.node, seq=report.seq, full=report.full,
+                  applied=recorded.applied)
+        return recorded
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport with its guests counted by state."""
+        return self._read(lambda conn: states.node_states(conn, DIALECT, cluster))
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported, by node then vmid."""
+        return self._read(lambda conn: states.guests(conn, DIALECT, cluster, node, pending_only))
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops, oldest first."""
+        return self._read(lambda conn: states.ops(conn, DIALECT, cluster, node))

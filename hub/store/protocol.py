@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from hub.store.model import Delivery, Entry, NodeReport, Version
+from hub.store.model import Delivery, Entry, GuestRow, NodeReport, NodeState, OpRow, Recorded, StateIn, Version
 
 
 class Store(Protocol):
@@ -102,8 +102,9 @@ class Store(Protocol):
         already spent, in flight) never overwrites it; a delivery of another node is not touched."""
         ...
 
-    def record_op_report(self, cluster: str, node: str, op_id: str, op_report: bytes) -> int:
-        """The op's latest fate (a serialized OpReport) on every delivery of ``op_id`` to ``node``; how many."""
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each (op_id, serialized OpReport): the op's latest fate on every delivery of it to ``node``, in one
+        transaction; how many deliveries it touched (an op the hub never routed touches none)."""
         ...
 
     def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
@@ -120,4 +121,23 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections and wake every waiter (they return False)."""
+        ...
+
+    # --- the fleet view: each node's state after its ticks (hub.store.states) -----------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport: a full one replaces its guests and ops; a delta applies only on top of the
+        report held (same session, ``base_seq`` the seq held), else nothing changes and ``applied`` is False."""
+        ...
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport (of ``cluster``; None: every cluster) with its guests counted by state."""
+        ...
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported (by ``node``; None: every node), by node then vmid."""
+        ...
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops (at most model.MAX_OPS_KEPT), oldest first."""
         ...

@@ -17,15 +17,20 @@ from typing import Any
 
 import structlog
 
-from hub.store import model
+from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
     Delivery,
     DocumentTooLarge,
     Entry,
+    GuestRow,
     NodeReport,
+    NodeState,
+    OpRow,
+    Recorded,
     SchemaTooNewError,
+    StateIn,
     StoreError,
     StoreUnavailableError,
     UnknownVersionError,
@@ -112,6 +117,9 @@ def _delivery(row: Any) -> Delivery:
     return Delivery(seq=row[0], delivery_id=row[1], cluster=row[2], node=row[3], envelope=bytes(row[4]), op_id=row[5],
                     kind=row[6], state=row[7], reason=row[8], detail=row[9], submitted_at=_time(row[10]),
                     op_report=bytes(row[11]))
+
+
+DIALECT = states.Dialect("?", lambda: ("?", (time.time(),)), lambda value: _time(float(value)))
 
 
 def _wal(conn: sqlite3.Connection) -> None:
@@ -380,15 +388,22 @@ class SqliteStore:
                  recorded=recorded)
         return recorded
 
-    def record_op_report(self, cluster: str, node: str, op_id: str, op_report: bytes) -> int:
-        """The op's latest fate on every delivery of ``op_id`` to ``node``."""
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each op's latest fate on every delivery of it to ``node``, in one transaction (see Store)."""
         model.check_name("cluster", cluster)
         model.check_name("node", node)
-        model.check_delivery_id(op_id, "op_id")
-        with _write(self._conn()) as conn:
-            cursor = conn.execute("UPDATE deliveries SET op_report = ? WHERE cluster = ? AND node = ? AND op_id = ?",
-                                  (bytes(op_report), cluster, node, op_id))
-            return int(cursor.rowcount)
+        for op_id, _ in reports:
+            model.check_delivery_id(op_id, "op_id")
+        conn = self._conn()
+        routed = {row[0] for row in conn.execute("SELECT DISTINCT op_id FROM deliveries WHERE cluster = ? AND node = ?",
+                                                 (cluster, node)).fetchall()}
+        wanted = [(op_id, body) for op_id, body in reports if op_id in routed]
+        if not wanted:  # a full report names many ops: no write (and no fsync) for those the hub never routed
+            return 0
+        with _write(conn):
+            return sum(int(conn.execute("UPDATE deliveries SET op_report = ? WHERE cluster = ? AND node = ? AND "
+                                        "op_id = ?", (bytes(body), cluster, node, op_id)).rowcount)
+                       for op_id, body in wanted)
 
     def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
         """Deliveries by delivery id or op id, or the ``limit`` most recent; oldest first."""
@@ -423,3 +438,26 @@ class SqliteStore:
         for conn in conns:
             conn.close()
 
+
+    # --- the fleet view (hub.store.states) ----------------------------------------------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport (see Store.record_state), under the database's write lock."""
+        conn = self._conn()
+        with _write(conn):
+            recorded = states.record(conn, DIALECT, report)
+        log.debug("hub.store.state", cluster=report.cluster, node=report.node, seq=report.seq, full=report.full,
+                  applied=recorded.applied)
+        return recorded
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport with its guests counted by state."""
+        return states.node_states(self._conn(), DIALECT, cluster)
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported, by node then vmid."""
+        return states.guests(self._conn(), DIALECT, cluster, node, pending_only)
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops, oldest first."""
+        return states.ops(self._conn(), DIALECT, cluster, node)
