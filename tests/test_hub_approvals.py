@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from executor.api.deliveries import HubDeliveries
@@ -39,6 +40,7 @@ from safety.signedop import Envelope
 from tests.executor_helpers import ROOT
 from tests.hub_helpers import Hub, running_hub
 from tests.signed_helpers import AUDIENCE, Desk, HeldRequest, add_vm, hold_lane, mutations, open_desk
+from tests.signing import private
 
 Make = Callable[..., Engine]
 CLUSTER = "fakecluster"
@@ -115,6 +117,31 @@ def pending_mac(desk: Desk) -> Proposal:
     return Proposal(action=json.loads(entry.descriptor), challenge=entry.challenge or None)
 
 
+def report_pending(hub: Hub, desk: Desk) -> None:
+    """The node's full StateReport of its pending approvals, as the reports branch's sender builds it from the gate
+    (sent here: that sender is not on this branch), over the hub's real ReportState."""
+    pending = [pb.PendingApproval(node=AUDIENCE, vmid=p.vmid, op_kind=p.op_kind, action_class=p.cls.name, rule=p.rule,
+                                  reasons=list(p.reasons), descriptor=p.descriptor,
+                                  descriptor_sha256=p.descriptor_sha256, challenge=p.challenge,
+                                  first_seen_unix_ms=int(p.first_seen * 1000), audience=AUDIENCE)
+               for p in desk.engine.gate.pending()]
+    guests = [pb.GuestState(vmid=100, name="vm100", type="qemu", state=pb.SYNC_STATE_PENDING_APPROVAL,
+                            pending=pending)]
+    answer = hub.stub.ReportState(pb.StateReport(cluster=CLUSTER, node=AUDIENCE, audience=AUDIENCE, session="s1",
+                                                 seq=1, full=True, guests=guests, at_unix_ms=int(time.time() * 1000),
+                                                 interval_seconds=30.0), timeout=10)
+    assert not answer.needs_full
+
+
+def key_file(tmp_path: Path, name: str) -> str:
+    """The test key ``name`` as the PEM file ``op sign --key`` reads."""
+    path = tmp_path / f"{name}.key"
+    path.write_bytes(private(name).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    path.chmod(0o600)
+    return str(path)
+
+
 def write(path: Path, envelope: Envelope | bytes) -> str:
     """The envelope file ``op sign`` writes."""
     path.write_bytes(envelope if isinstance(envelope, bytes) else signedop.envelope_to_json(envelope))
@@ -128,12 +155,34 @@ def routed(hub: Hub, ident: str) -> list[pb.RoutedOp]:
 
 def test_a_pending_change_signed_and_submitted_through_the_hub_runs_once(node: Node, hub: Hub, fakepve: Any,
                                                                          tmp_path: Path) -> None:
-    """The MAC change waits on pve1; signed by alice (operator) and submitted with ``pve-hub
-    submit --wait``, it reaches the node over its own Watch stream, runs once, and the command exits 0 with the
-    op RAN ok. Before it, the same envelope with one byte changed is refused by the node as SIGNATURE_INVALID,
-    exactly as the local desk refuses it, and Proxmox receives nothing."""
+    """The MAC change waits on pve1 and ``pve-hub pending`` shows it (node, guest, kind, class, the commands that
+    sign it); run as printed with alice's key (``pve-hub pending --descriptor --json``, ``pve-executor op sign``),
+    ``pve-hub submit --wait`` routes it over the node's own Watch stream: it runs once, and the command exits 0
+    with the op RAN ok. Before it, the same envelope with one byte changed is refused by the node as
+    SIGNATURE_INVALID, exactly as the local desk refuses it, and Proxmox receives nothing."""
     desk = node.desk
-    envelope = desk.sign(pending_mac(desk), "alice", role="operator")
+    pending_mac(desk)
+    report_pending(hub, desk)
+    listed = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = desk.engine.gate.pending()
+    short = entry.descriptor_sha256[:12]
+    assert listed.stdout.startswith(f"[1] node {AUDIENCE}: ") and "APPROVAL" in listed.stdout
+    assert f"kind config.nic_identity; rule {entry.rule}; descriptor {short}" in listed.stdout
+    command = (f"sign it: pve-hub pending --cluster {CLUSTER} --descriptor {short} --json > pending-{short}.json && "
+               f"pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
+               f"pve-hub submit op-{short}.json --cluster {CLUSTER} --wait")
+    assert command in listed.stdout
+    one = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address, "--descriptor", short, "--json")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["node"] == AUDIENCE
+    (tmp_path / "pending.json").write_text(one.stdout, encoding="utf-8")
+    sign = subprocess.run([sys.executable, "-m", "executor", "op", "sign", "--key", key_file(tmp_path, "alice"),
+                           "--role", "operator", "--yes", "--out", str(tmp_path / "op.json"),
+                           str(tmp_path / "pending.json")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert sign.returncode == 0, sign.stderr
+    envelope = signedop.parse_envelope_json((tmp_path / "op.json").read_bytes())
     good = signedop.envelope_to_json(envelope)
     position = good.index(b'"sig": "') + 20  # a byte inside the first signature: the envelope still parses
     tampered = good[:position] + (b"B" if good[position:position + 1] == b"A" else b"A") + good[position + 1:]
@@ -148,8 +197,8 @@ def test_a_pending_change_signed_and_submitted_through_the_hub_runs_once(node: N
     assert (outcome["state"], outcome["reason"], outcome["detail"]) == ("refused", local.reason, local.detail)
     assert outcome["reason"] == "SIGNATURE_INVALID" and mutations(fakepve, before) == []
 
-    ran = pve_hub("submit", write(tmp_path / "detach.json", envelope), "--cluster", CLUSTER, "--hub", hub.address,
-                  "--wait", "--timeout", "60")
+    ran = pve_hub("submit", str(tmp_path / "op.json"), "--cluster", CLUSTER, "--hub", hub.address, "--wait",
+                  "--timeout", "60")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "RAN ok" in ran.stdout and "queued: delivery" in ran.stderr
     assert [path for _, path in mutations(fakepve, before)] == [CONFIG_PATH]
