@@ -243,6 +243,22 @@ def test_a_redelivery_after_a_hub_restart_runs_nothing_twice(node: Node, hub: Hu
     writes = [m for m in mutations(fakepve, before) if m[1] == CONFIG_PATH]
     assert len(writes) == 1, writes
 
+    # The executor restarted too (nothing remembered): its desk refuses the copy (the nonce is spent) and the node
+    # answers with the acceptance it was; nothing reaches Proxmox.
+    sent: list[pb.StateReport] = []
+    fresh = HubDeliveries(desk.desk, desk.engine, lambda report: sent.append(report) is None, lambda: AUDIENCE)
+    fresh.take(pb.Delivery(delivery_id=answer.delivery_id, envelope=signedop.envelope_to_json(envelope)), CLUSTER,
+               AUDIENCE)
+    fresh.start()
+    try:
+        wait_for(lambda: any(report.deliveries for report in sent), "the restarted node's verdict")
+    finally:
+        fresh.close()
+    (verdict,) = [result for report in sent for result in report.deliveries]
+    assert (verdict.decision, verdict.reason) == ("accepted", "")
+    assert verdict.detail.startswith("accepted before (a redelivery): ")
+    assert [m for m in mutations(fakepve, before) if m[1] == CONFIG_PATH] == writes
+
 
 def test_a_revocation_through_the_hub_vetoes_a_waiting_op(node: Node, hub: Hub, fakepve: Any,
                                                           tmp_path: Path) -> None:
@@ -269,6 +285,40 @@ def test_a_revocation_through_the_hub_vetoes_a_waiting_op(node: Node, hub: Hub, 
     assert [r.op_kind for r in routed(hub, op_id)] == ["config.nic_identity", "op.revoke"]
 
 
+def test_a_delivery_queued_on_one_replica_reaches_the_node_watching_another(pg_server: Any) -> None:
+    """Two hubs on one PostgreSQL: a node watching B (saying its audience) gets, within a second, an envelope
+    submitted to A; on a new stream it gets it again, until it answers."""
+    conninfo = pg_server.create_database(f"hub_deliveries_{os.getpid()}")
+    from hub.store import PostgresStore  # noqa: PLC0415
+
+    with running_hub(PostgresStore(conninfo), heartbeat=0.2) as a, running_hub(PostgresStore(conninfo),
+                                                                                  heartbeat=0.2) as b:
+        watching = b.stub.Watch(pb.WatchRequest(cluster=CLUSTER, node="n1", audience=AUDIENCE))
+        next(iter(watching))  # the first event: the stream is up and the audience recorded
+        from tests.signed_helpers import seal  # noqa: PLC0415
+
+        envelope = signedop.envelope_to_json(seal(json.dumps(_payload(AUDIENCE)).encode(), "alice"))
+        submitted = time.monotonic()
+        answer = a.stub.SubmitOp(pb.SubmitOpRequest(cluster=CLUSTER, envelope=envelope), timeout=10)
+        assert answer.node == "n1"
+        event = next(e for e in watching if e.HasField("delivery"))
+        arrived = time.monotonic()
+        watching.cancel()
+        assert (event.delivery.delivery_id, event.delivery.envelope) == (answer.delivery_id, envelope)
+        assert arrived - submitted < 1.0, f"{arrived - submitted:.3f}s"
+        again = b.stub.Watch(pb.WatchRequest(cluster=CLUSTER, node="n1", audience=AUDIENCE))
+        first, second = next(again), next(again)  # a new stream: a heartbeat, then the delivery again (no verdict)
+        again.cancel()
+        assert first.HasField("heartbeat") and second.delivery.delivery_id == answer.delivery_id
+
+
+def _payload(audience: str) -> dict[str, object]:
+    """A stop's payload for ``audience`` (the hub reads it, never verifies it)."""
+    return {"v": 1, "op_id": "ab" * 16, "audience": audience, "vmid": 100, "guest_type": "qemu", "kind": "stop",
+            "params": {}, "class": "APPROVAL", "precondition": {"digest": "0" * 40, "run_state": "running"},
+            "challenge": None, "role": "operator", "not_before": 1, "not_after": 2, "reason": "x"}
+
+
 def test_bad_submissions_are_refused_naming_the_field(hub: Hub) -> None:
     """Not an envelope, over the size limit, no node with the audience: INVALID_ARGUMENT naming the field, or
     NOT_FOUND; nothing queued. An unknown id is NOT_FOUND; a bad one INVALID_ARGUMENT."""
@@ -284,11 +334,7 @@ def test_bad_submissions_are_refused_naming_the_field(hub: Hub) -> None:
                                "nothing stored")
     from tests.signed_helpers import seal  # noqa: PLC0415
 
-    payload = {"v": 1, "op_id": "ab" * 16, "audience": "pve9@fakecluster", "vmid": 100, "guest_type": "qemu",
-               "kind": "stop", "params": {}, "class": "APPROVAL",
-               "precondition": {"digest": "0" * 40, "run_state": "running"}, "challenge": None, "role": "operator",
-               "not_before": 1, "not_after": 2, "reason": "x"}
-    nobody = signedop.envelope_to_json(seal(json.dumps(payload).encode(), "alice"))
+    nobody = signedop.envelope_to_json(seal(json.dumps(_payload("pve9@fakecluster")).encode(), "alice"))
     assert refused(nobody) == (grpc.StatusCode.NOT_FOUND, "payload.audience: no node of cluster fakecluster has "
                                                           "reported audience pve9@fakecluster")
     assert hub.store.deliveries(CLUSTER) == []
