@@ -173,10 +173,10 @@ def test_a_pending_change_signed_and_submitted_through_the_hub_runs_once(node: N
                f"pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
                f"pve-hub submit op-{short}.json --cluster {CLUSTER} --wait")
     assert command in listed.stdout
-    one = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address, "--descriptor", short, "--json")
-    assert one.returncode == 0, one.stderr
-    assert json.loads(one.stdout)["node"] == AUDIENCE
-    (tmp_path / "pending.json").write_text(one.stdout, encoding="utf-8")
+    chosen = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address, "--descriptor", short, "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["node"] == AUDIENCE
+    (tmp_path / "pending.json").write_text(chosen.stdout, encoding="utf-8")
     sign = subprocess.run([sys.executable, "-m", "executor", "op", "sign", "--key", key_file(tmp_path, "alice"),
                            "--role", "operator", "--yes", "--out", str(tmp_path / "op.json"),
                            str(tmp_path / "pending.json")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -246,7 +246,12 @@ def test_a_redelivery_after_a_hub_restart_runs_nothing_twice(node: Node, hub: Hu
     # The executor restarted too (nothing remembered): its desk refuses the copy (the nonce is spent) and the node
     # answers with the acceptance it was; nothing reaches Proxmox.
     sent: list[pb.StateReport] = []
-    fresh = HubDeliveries(desk.desk, desk.engine, lambda report: sent.append(report) is None, lambda: AUDIENCE)
+
+    def send(report: pb.StateReport) -> bool:
+        sent.append(report)
+        return True
+
+    fresh = HubDeliveries(desk.desk, desk.engine, send, lambda: AUDIENCE)
     fresh.take(pb.Delivery(delivery_id=answer.delivery_id, envelope=signedop.envelope_to_json(envelope)), CLUSTER,
                AUDIENCE)
     fresh.start()
