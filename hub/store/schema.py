@@ -61,6 +61,7 @@ SQLITE: tuple[Migration, ...] = (
             submitted_at REAL NOT NULL, decided_at REAL, op_report BLOB NOT NULL DEFAULT x'')""",
         "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
         "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        "CREATE INDEX deliveries_seq ON deliveries (cluster, seq)",  # a feed's MAX(seq) and "past seq" reads
         """CREATE TABLE audiences (
             cluster TEXT NOT NULL, node TEXT NOT NULL, audience TEXT NOT NULL, updated_at REAL NOT NULL,
             PRIMARY KEY (cluster, node))""",
@@ -113,6 +114,7 @@ POSTGRES: tuple[Migration, ...] = (
             op_report bytea NOT NULL DEFAULT '')""",
         "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
         "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        "CREATE INDEX deliveries_seq ON deliveries (cluster, seq)",  # a feed's MAX(seq) and "past seq" reads
         """CREATE TABLE audiences (
             cluster text NOT NULL, node text NOT NULL, audience text NOT NULL,
             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (cluster, node))""",
