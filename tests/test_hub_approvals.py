@@ -347,3 +347,16 @@ def test_bad_submissions_are_refused_naming_the_field(hub: Hub) -> None:
         with pytest.raises(grpc.RpcError) as error:
             routed(hub, ident)
         assert error.value.code() == code
+
+
+def test_pve_hub_submit_names_a_bad_file_and_an_unreachable_hub(tmp_path: Path) -> None:
+    """A file that is not an envelope: exit 2 naming it (nothing sent); a hub that cannot be reached: exit 1."""
+    bad = tmp_path / "op.json"
+    bad.write_text('{"payloadType": "x"}\n', encoding="utf-8")
+    usage = pve_hub("submit", str(bad), "--cluster", CLUSTER, "--hub", "127.0.0.1:9")
+    assert usage.returncode == 2 and usage.stderr.startswith(f"pve-hub submit: ENVELOPE {bad}: MALFORMED: "), usage
+    from tests.signed_helpers import seal  # noqa: PLC0415
+
+    write(bad, seal(json.dumps(_payload(AUDIENCE)).encode(), "alice"))
+    down = pve_hub("submit", str(bad), "--cluster", CLUSTER, "--hub", "127.0.0.1:9")
+    assert down.returncode == 1 and "the hub is unavailable" in down.stderr, down
