@@ -355,3 +355,41 @@ def test_pve_hub_submit_names_a_bad_file_and_an_unreachable_hub(tmp_path: Path) 
     write(bad, seal(json.dumps(_payload(AUDIENCE)).encode(), "alice"))
     down = pve_hub("submit", str(bad), "--cluster", CLUSTER, "--hub", "127.0.0.1:9")
     assert down.returncode == 1 and "the hub is unavailable" in down.stderr, down
+
+
+def test_a_daemon_watching_the_hub_takes_an_approval_through_it(fakepve: Any, fakepve_cafile: str, planner: Any,
+                                                                  tmp_path: Path) -> None:
+    """``pve-executor run --hub``: the daemon's own wiring. It takes the cluster's document from the hub, refuses
+    the MAC change it declares for approval and reports it; the entry listed by ListPending, signed by alice and
+    submitted with ``pve-hub submit --wait``, runs once (exit 0, RAN ok)."""
+    from tests.executor_helpers import cli, unused_port  # noqa: PLC0415
+    from tests.signed_helpers import Daemon, roles, signed_by  # noqa: PLC0415
+    from tests.signing import key_entry, write_store  # noqa: PLC0415
+    from tests.test_hub_provider import document  # noqa: PLC0415
+
+    add_vm(fakepve, 100, net0=f"virtio={MAC_OLD},bridge=vmbr0")
+    publisher = {"name": "publisher", "kinds": ["desired.apply"], "classes": ["APPROVAL"], "max_ttl": "1h",
+                 "audiences": [AUDIENCE], "threshold": 1}
+    trust = write_store(tmp_path, {"version": 1, "roles": [*roles(), publisher],
+                                   "keys": [key_entry("alice", ["destroyer", "operator", "publisher"])]})
+    desired = f"guests:\n  - vmid: 100\n    config:\n      net0: 'virtio={MAC_NEW},bridge=vmbr0'\n"
+    with running_hub(SqliteStore.in_dir(tmp_path / "hub"), heartbeat=0.5) as hub:
+        hub.stub.Apply(pb.ApplyRequest(cluster=CLUSTER, expected_version=0,
+                                       envelope=document(1, desired=desired, cluster=CLUSTER)), timeout=10)
+        command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
+                      "run", "--trust-store", str(trust), "--state-dir", str(tmp_path / "state"), "--hub",
+                      hub.address, "--interval", "1")
+        with Daemon(command, unused_port()) as daemon:
+            daemon.wait_serving()
+            wait_for(lambda: bool(hub.stub.ListPending(pb.ListPendingRequest(cluster=CLUSTER), timeout=10).pending),
+                     "the daemon's report of its pending approval", 30)
+            (item,) = hub.stub.ListPending(pb.ListPendingRequest(cluster=CLUSTER), timeout=10).pending
+            assert (item.node, item.vmid, item.op_kind) == (AUDIENCE, 100, "config.nic_identity")
+            proposal = Proposal(action=json.loads(item.descriptor), challenge=item.challenge or None)
+            before = len(fakepve.requests)
+            ran = pve_hub("submit", write(tmp_path / "op.json", signed_by(proposal, "alice", role="operator")),
+                          "--cluster", CLUSTER, "--hub", hub.address, "--wait", "--timeout", "60")
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            assert "RAN ok" in ran.stdout
+            assert [path for _, path in mutations(fakepve, before) if path == CONFIG_PATH] == [CONFIG_PATH]
+            assert daemon.stop() == 0
