@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from common.config import ConfigError
+from executor.api.deliveries import HubDeliveries
 from executor.app.connect import connection, hub_tls, planner_tls
 from executor.app.report import ReporterSettings, StateReporter, ops_of
 from executor.config import ExecutorSettings
@@ -92,6 +93,7 @@ class Parts:
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
     funnel: Funnel  # what selftest submits through
     hub: HubProvider | None = None  # the provider when desired state comes from a hub (``start`` it)
+    deliveries: HubDeliveries | None = None  # signed ops the hub delivers, to the desk (``start`` it after recovery)
     reporter: StateReporter | None = None  # with a hub: the node's state sent after each tick (``start`` it)
 
     def start_hub(self) -> None:
@@ -107,6 +109,8 @@ class Parts:
             self.reporter.close()
         if self.hub is not None:
             self.hub.close()
+        if self.deliveries is not None:
+            self.deliveries.close()
         unfinished = self.queue.close(grace)
         if unfinished:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
@@ -184,19 +188,26 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                      queue=GuestQueue(settings.max_parallel), provider=hub or desired, engine=Settings(),
                      ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
                                     skew=settings.op_clock_skew), trust=trust)
-    reporter = state_reporter(parts, hub, settings.interval, metrics) if hub else None
-    return dataclasses.replace(parts, hub=hub, reporter=reporter)
+    deliveries = None
+    if hub is not None and parts.desk is not None:
+        # The hub carries signed ops to this node's own desk: verified, rate-limited and journaled as the local API's.
+        deliveries = HubDeliveries(parts.desk, parts.engine, hub.report_state, parts.engine.gate.audience)
+        hub.deliveries = deliveries
+    reporter = state_reporter(parts, hub, settings.interval, deliveries, metrics) if hub else None
+    return dataclasses.replace(parts, hub=hub, reporter=reporter, deliveries=deliveries)
 
 
-def state_reporter(parts: Parts, hub: HubProvider, interval: float,
+def state_reporter(parts: Parts, hub: HubProvider, interval: float, deliveries: HubDeliveries | None = None,
                    metrics: ExecutorMetrics | None = None) -> StateReporter:
-    """The reporter of the node's state to ``hub`` (over its channel), told each tick's summary (not started)."""
+    """The reporter of the node's state to ``hub`` (over its channel), told each tick's summary (not started); it
+    also carries the verdicts on the hub's deliveries that ``deliveries`` has not sent itself yet."""
     desk = parts.desk
     records = parts.engine.gate.records
     reporter = StateReporter(hub.channel, ReporterSettings(interval=interval), identity=hub.identity,
                              held_version=lambda: hub.held.version,
                              ops=ops_of(records.recent, desk.waiting if desk is not None else list,
-                                        parts.queue.busy), metrics=metrics)
+                                        parts.queue.busy), metrics=metrics,
+                             deliveries=deliveries.drain if deliveries is not None else None)
     parts.engine.after_tick.append(reporter.offer)
     return reporter
 
