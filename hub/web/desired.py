@@ -1,0 +1,77 @@
+"""The desired guests of two document versions, compared guest by guest and key by key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from desiredfile.parse import Declared, DesiredFileError, parse
+from safety import desireddoc
+from safety.refusal import Refused
+
+ABSENT = None  # a key the version does not declare: shown as <absent>
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One key of one guest: its value before and after (None: not declared)."""
+
+    key: str
+    old: str | None
+    new: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestChange:
+    """One guest whose declaration changed: added, removed or changed, with its keys."""
+
+    vmid: int
+    kind: str  # added | removed | changed
+    keys: tuple[KeyChange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """A version's desired guests by vmid (key -> value), or why its text does not parse."""
+
+    text: str
+    guests: Mapping[int, Mapping[str, str]]
+    problem: str = ""
+
+
+def flatten(guest: Declared) -> dict[str, str]:
+    """A declared guest as key -> value: ``state``, ``description`` and each config key (unmanaged: left out)."""
+    keys: dict[str, str] = dict(guest.config or {})
+    if guest.state is not None:
+        keys["state"] = guest.state
+    if guest.description is not None:
+        keys["description"] = guest.description
+    return keys
+
+
+def declaration(envelope: bytes, name: str) -> Declaration:
+    """The desired guests inside a stored envelope (read, not verified: the nodes verify)."""
+    try:
+        text = desireddoc.parse_payload(desireddoc.parse_envelope(envelope).payload).desired
+    except Refused as exc:
+        return Declaration(text="", guests={}, problem=f"the envelope does not parse: {exc.detail}")
+    try:
+        return Declaration(text=text, guests={g.vmid: flatten(g) for g in parse(text, name)})
+    except DesiredFileError as exc:
+        return Declaration(text=text, guests={}, problem=str(exc))
+
+
+def _keys(old: Mapping[str, str], new: Mapping[str, str]) -> tuple[KeyChange, ...]:
+    return tuple(KeyChange(key, old.get(key), new.get(key)) for key in sorted({*old, *new})
+                 if old.get(key) != new.get(key))
+
+
+def compare(old: Mapping[int, Mapping[str, str]], new: Mapping[int, Mapping[str, str]]) -> list[GuestChange]:
+    """Every guest whose declaration differs between ``old`` and ``new``, by vmid."""
+    changes = []
+    for vmid in sorted({*old, *new}):
+        kind = "added" if vmid not in old else "removed" if vmid not in new else "changed"
+        keys = _keys(old.get(vmid, {}), new.get(vmid, {}))
+        if keys or kind != "changed":
+            changes.append(GuestChange(vmid, kind, keys))
+    return changes
