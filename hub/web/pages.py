@@ -105,13 +105,14 @@ def guest(fleet: Fleet, cluster: str, name: str, vmid_text: str) -> Page:
         "ops": [(name, op) for op in reversed(found.ops) if op.vmid == vmid]})
 
 
-def commands(pending: list[pb.PendingApproval]) -> dict[tuple[str, int, str], str]:
-    """The command that signs each pending approval, as ``pve-executor pending`` prints it on its node."""
+def commands(pending: list[pb.PendingApproval]) -> dict[tuple[str, int, str, str], str]:
+    """The command that signs each pending approval, as ``pve-executor pending`` prints it on its node (which
+    numbers its entries from 1 by vmid, then op kind)."""
     numbered: Counter[str] = Counter()
     found = {}
-    for item in pending:
+    for item in sorted(pending, key=lambda p: (p.node, p.vmid, p.op_kind)):
         numbered[item.node] += 1
-        found[(item.node, item.vmid, item.descriptor_sha256)] = (
+        found[(item.node, item.vmid, item.op_kind, item.descriptor_sha256)] = (
             f"pve-executor op sign --pending {numbered[item.node]} --key KEYFILE --role ROLE")
     return found
 
