@@ -46,6 +46,7 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
     metrics = HubMetrics()
     servicer = HubServicer(store, metrics=metrics, heartbeat=heartbeat, mutual_tls=bool(tls and tls.client_ca),
                            max_watchers=max_watchers)
+    metrics.watch_fleet(servicer.fleet)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     running = grpcserver.start(listen, lambda server: pb_grpc.add_HubServiceServicer_to_server(servicer, server),

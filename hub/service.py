@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from hub import documents
+from hub import documents, fleet
 from hub.documents import HubRefusal
 from hub.feeds import CLOSED, Feeds, Published, Watcher
 from hub.metrics import HubMetrics
@@ -24,6 +24,7 @@ from hub.store import (
     DocumentTooLarge,
     InvalidArgumentError,
     NodeReport,
+    NodeState,
     SchemaTooNewError,
     Store,
     StoreError,
@@ -79,8 +80,7 @@ def _mapped(method: Callable[..., T]) -> Callable[..., T]:
 
 
 def _report(report: NodeReport) -> pb.NodeStatus:
-    return pb.NodeStatus(node=report.node, held_version=report.held, reported_version=report.version, ok=report.ok,
-                         reason=report.reason, last_seen_unix_ms=int(report.last_seen.timestamp() * 1000))
+    return fleet.node_status(report.node, report, None, None, heartbeat=float("inf"))
 
 
 def identities(context: grpc.ServicerContext) -> set[str]:
@@ -95,8 +95,10 @@ class HubServicer(pb_grpc.HubServiceServicer):
     """The hub's gRPC surface over one Store; Watch streams share one feed per cluster (hub.feeds)."""
 
     def __init__(self, store: Store, *, metrics: HubMetrics | None = None, heartbeat: float = DEFAULT_HEARTBEAT,
-                 mutual_tls: bool = False, max_watchers: int = 1024) -> None:
+                 mutual_tls: bool = False, max_watchers: int = 1024,
+                 max_report_bytes: int = fleet.DEFAULT_MAX_REPORT_BYTES) -> None:
         self.store, self.metrics = store, metrics or HubMetrics()
+        self.max_report_bytes = max_report_bytes
         self.feeds = Feeds(store)
         self.heartbeat, self.mutual_tls, self.max_watchers = heartbeat, mutual_tls, max_watchers
         self._seen_lock = threading.Lock()
@@ -276,28 +278,67 @@ class HubServicer(pb_grpc.HubServiceServicer):
 
     @_mapped
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
-        """Per node: the version held, the last ACK/NACK and when it was last seen (reported, or watched here)."""
+        """Per node: the version held, the last ACK/NACK, when it was last seen (reported, or watched here), and from
+        its StateReports its guests by sync state, its tick's outcome and whether it is stale."""
         cluster = check_name("cluster", request.cluster)
         latest = self._db(self.store.latest, cluster)
-        nodes = {report.node: _report(report) for report in self._db(self.store.nodes, cluster)}
-        with self._seen_lock:
-            seen = {node: at for (name, node), at in self._seen.items() if name == cluster}
-        for node, at in seen.items():
-            entry = nodes.setdefault(node, pb.NodeStatus(node=node))
-            entry.last_seen_unix_ms = max(entry.last_seen_unix_ms, int(at * 1000))
-        return pb.StatusResponse(latest_version=latest, nodes=[nodes[name] for name in sorted(nodes)])
+        acks = {report.node: report for report in self._db(self.store.nodes, cluster)}
+        states = {state.node: state for state in self._db(self.store.node_states, cluster)}
+        seen = self._watched(cluster)
+        now = time.time()
+        nodes = [fleet.node_status(node, acks.get(node), states.get(node), seen.get(node), heartbeat=self.heartbeat,
+                                   now=now) for node in sorted({*acks, *states, *seen})]
+        return pb.StatusResponse(latest_version=latest, nodes=nodes)
 
-    # -- the fleet view (issue 17: built by the next commits) ----------------------------------------------------
+    # -- the fleet view: StateReports (hub.fleet) ---------------------------------------------------------------
 
-    def ReportState(self, request: pb.StateReport, context: grpc.ServicerContext) -> pb.StateReportResponse:  # noqa: N802
-        """Not served yet."""
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReportState: not served by this hub yet")
-        raise AssertionError
+    @_mapped
+    def ReportState(self, request: pb.StateReport,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.StateReportResponse:
+        """Record a node's state after a tick: a full report, or a delta on top of the one held (else needs_full)."""
+        size = request.ByteSize()
+        if size > self.max_report_bytes:
+            self.metrics.state_reports.labels("full" if request.full else "delta", "invalid").inc()
+            raise InvalidArgumentError("report", f"{size} bytes, over the limit of {self.max_report_bytes}; "
+                                                 "nothing recorded")
+        cluster = check_name("cluster", request.cluster)
+        node = check_name("node", request.node)
+        self._check_identity(context, node)
+        kind = "full" if request.full else "delta"
+        try:
+            recorded = self._db(self.store.record_state, fleet.to_state_in(request))
+        except InvalidArgumentError:
+            self.metrics.state_reports.labels(kind, "invalid").inc()
+            raise
+        self.metrics.state_reports.labels(kind, "applied" if recorded.applied else "needs_full").inc()
+        log.info("hub.state_reported", cluster=cluster, node=node, seq=request.seq, full=request.full,
+                 guests=len(request.guests), ops=len(request.ops), applied=recorded.applied)
+        return pb.StateReportResponse(needs_full=not recorded.applied, recorded_seq=recorded.seq)
 
+    @_mapped
     def GetNode(self, request: pb.GetNodeRequest, context: grpc.ServicerContext) -> pb.GetNodeResponse:  # noqa: N802
-        """Not served yet."""
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetNode: not served by this hub yet")
-        raise AssertionError
+        """One node's status, guests and recent ops as last reported; NOT_FOUND for a node that never reported."""
+        cluster = check_name("cluster", request.cluster)
+        node = check_name("node", request.node)
+        state = next((s for s in self._db(self.store.node_states, cluster) if s.node == node), None)
+        if state is None:
+            raise HubRefusal(grpc.StatusCode.NOT_FOUND, f"node: {node} has sent no state report for cluster {cluster}")
+        ack = next((r for r in self._db(self.store.nodes, cluster) if r.node == node), None)
+        status = fleet.node_status(node, ack, state, self._watched(cluster).get(node), heartbeat=self.heartbeat)
+        guests = [fleet.guest_of(row) for row in self._db(self.store.guests, cluster, node)]
+        ops = [fleet.op_of(row) for row in self._db(self.store.ops, cluster, node)]
+        return pb.GetNodeResponse(status=status, guests=guests, ops=ops)
+
+    def fleet(self) -> tuple[list[NodeState], list[NodeReport]]:
+        """Every node's last StateReport, and the ACK/NACKs of the clusters they are in (for the metrics)."""
+        states = self._db(self.store.node_states, None)
+        acks = [ack for cluster in sorted({s.cluster for s in states}) for ack in self._db(self.store.nodes, cluster)]
+        return states, acks
+
+    def _watched(self, cluster: str) -> dict[str, float]:
+        """Each node's last Watch activity on this replica."""
+        with self._seen_lock:
+            return {node: at for (name, node), at in self._seen.items() if name == cluster}
 
     def ListPending(self, request: pb.ListPendingRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> pb.ListPendingResponse:

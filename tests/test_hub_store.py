@@ -11,12 +11,14 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,14 @@ import pytest
 
 from hub.store import (
     DocumentTooLarge,
+    GuestRow,
     InvalidArgumentError,
+    OpRow,
     PostgresStore,
+    Recorded,
     SchemaTooNewError,
     SqliteStore,
+    StateIn,
     Store,
     StoreError,
     StoreUnavailableError,
@@ -38,6 +44,8 @@ from hub.store import (
 )
 from hub.store import postgres as pg_module
 from hub.store import sqlite as sqlite_module
+from hub.store.model import MAX_OPS_KEPT
+from hub.store.schema import LATEST
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 0.3  # seconds each racer sleeps holding what it read: without the lock, both would write version 2
@@ -295,7 +303,7 @@ def test_old_database_opens_and_keeps_its_rows(backend: Backend) -> None:
          ("c", "pve2", 2, _bool(backend, False), "rollback", _stamp(backend, 1_700_000_100))),
     ], upto=1)
     store = backend.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == LATEST
     assert store.latest("c") == 2
     old = store.get("c", 1)
     assert old is not None and (old.envelope, old.message) == (b"old 1", "v1")
@@ -334,15 +342,15 @@ def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
     assert failed == [] and len(opened) == 3
     steps: list[Any] = []
     backend.query("SELECT version FROM schema_version ORDER BY version", steps)
-    assert steps == [(1,), (2,)]
+    assert steps == [(n,) for n in range(1, LATEST + 1)]
 
 
 def test_newer_schema_is_refused(backend: Backend) -> None:
     """A database a newer hub migrated is not opened (this code could lose what that step added)."""
     backend.open()
     backend.execute([("INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                      (3, "from the future", _stamp(backend, 1_800_000_000)))])
-    with pytest.raises(SchemaTooNewError, match=r"schema version 3 is newer than this hub's 2"):
+                      (LATEST + 1, "from the future", _stamp(backend, 1_800_000_000)))])
+    with pytest.raises(SchemaTooNewError, match=rf"schema version {LATEST + 1} is newer than this hub's {LATEST}"):
         backend.open()
 
 
@@ -452,3 +460,117 @@ def test_sqlite_replicas_opening_a_new_file_at_once_never_see_database_is_locked
         for store in stores:
             store.close()
     assert failed == []
+
+
+# --- the fleet view: StateReports (record_state, node_states, guests, ops) -------------------------------------------
+
+def _guest(vmid: int, state: str = "in_sync", pending: int = 0) -> GuestRow:
+    return GuestRow(vmid=vmid, state=state, pending=pending, body=f"guest {vmid} {state}".encode())
+
+
+def _op(n: int, fate: str = "waiting", at: int = 0) -> OpRow:
+    return OpRow(op_id=f"{n:032x}", payload_sha256="", fate=fate, at_ms=at or 1_000 + n, body=f"op {n} {fate}".encode())
+
+
+def _state(seq: int, *, full: bool = False, base: int = 0, session: str = "s1", node: str = "pve1@c",
+           **parts: Any) -> StateIn:
+    return StateIn(cluster="c", node=node, audience=node, session=session, seq=seq, base_seq=base, full=full,
+                   interval=10.0, held_version=3, tick_outcome="ok", at_ms=1_700_000_000_000, **parts)
+
+
+def _seen(store: Store, node: str = "pve1@c") -> tuple[list[tuple[int, str, int, bytes]], list[tuple[str, str]]]:
+    return ([(g.vmid, g.state, g.pending, g.body) for g in store.guests("c", node)],
+            [(o.op_id[-2:], o.fate) for o in store.ops("c", node)])
+
+
+def test_state_reports_full_then_deltas_on_top(backend: Backend) -> None:
+    """A full report replaces a node's guests and ops; a delta on top of it changes, adds and removes guests and moves
+    op fates; another replica reads the same, with the guests counted by state."""
+    store = backend.open()
+    first = store.record_state(_state(1, full=True, guests=(_guest(100), _guest(101, "drifted"),
+                                                             _guest(102, "pending_approval", 2)), ops=(_op(1),)))
+    assert first == Recorded(applied=True, seq=1)
+    delta = _state(2, base=1, guests=(_guest(101), _guest(103, "refused")), removed=(102,),
+                   ops=(_op(1, "ran"), _op(2)))
+    assert store.record_state(delta) == Recorded(applied=True, seq=2)
+    replica = backend.open()
+    assert _seen(replica) == ([(100, "in_sync", 0, b"guest 100 in_sync"), (101, "in_sync", 0, b"guest 101 in_sync"),
+                               (103, "refused", 0, b"guest 103 refused")], [("01", "ran"), ("02", "waiting")])
+    [node] = replica.node_states("c")
+    assert (node.node, node.session, node.seq, node.counts, node.pending, node.interval, node.held_version,
+            node.tick_outcome) == ("pve1@c", "s1", 2, {"in_sync": 2, "refused": 1}, 0, 10.0, 3, "ok")
+    assert abs(node.received - datetime.now(UTC)) < timedelta(seconds=30)
+    again = store.record_state(_state(1, full=True, session="s2", guests=(_guest(200, "staged"),)))
+    assert again.applied and _seen(store) == ([(200, "staged", 0, b"guest 200 staged")], [])
+
+
+def test_a_delta_not_on_top_of_what_is_held_changes_nothing(backend: Backend) -> None:
+    """A delta from another session, on another base, or for a node never heard from is not applied: the node is told
+    the seq held (0: none) and nothing changes, so a delta never lands on a state it was not computed against."""
+    store = backend.open()
+    assert store.record_state(_state(5, base=4, guests=(_guest(100),))) == Recorded(applied=False, seq=0)
+    assert store.guests("c") == [] and store.node_states("c") == []
+    store.record_state(_state(3, full=True, guests=(_guest(100, "drifted"),)))
+    held = _seen(store)
+    for stray in (_state(5, base=4, guests=(_guest(100),)), _state(4, base=3, session="s9", guests=(_guest(100),)),
+                  _state(4, base=2, removed=(100,))):
+        assert store.record_state(stray) == Recorded(applied=False, seq=3)
+    assert _seen(store) == held and store.node_states("c")[0].seq == 3
+
+
+def test_state_reports_keep_recent_ops_and_list_pending(backend: Backend) -> None:
+    """Each node keeps its most recent signed ops (older ones dropped); guests with approvals waiting are listed by
+    node across the cluster; node_states(None) spans every cluster."""
+    store = backend.open()
+    ops = tuple(_op(n, "ran", at=10_000 + n) for n in range(1, MAX_OPS_KEPT + 6))
+    store.record_state(_state(1, full=True, ops=ops, guests=(_guest(100, "pending_approval", 1),)))
+    kept = store.ops("c", "pve1@c")
+    assert len(kept) == MAX_OPS_KEPT and kept[0].op_id == f"{6:032x}" and kept[-1].at_ms == 10_000 + MAX_OPS_KEPT + 5
+    store.record_state(_state(1, full=True, node="pve2@c", guests=(_guest(300), _guest(200, "pending_approval", 2))))
+    assert [(g.node, g.vmid, g.pending) for g in store.guests("c", pending_only=True)] == [
+        ("pve1@c", 100, 1), ("pve2@c", 200, 2)]
+    store.record_state(StateIn(cluster="d", node="pve9@d", audience="pve9@d", session="x", seq=1, base_seq=0,
+                               full=True, interval=5.0, guests=(_guest(900, "failed"),)))
+    assert [(n.cluster, n.node, n.counts, n.pending) for n in store.node_states()] == [
+        ("c", "pve1@c", {"pending_approval": 1}, 1), ("c", "pve2@c", {"in_sync": 1, "pending_approval": 1}, 2),
+        ("d", "pve9@d", {"failed": 1}, 0)]
+
+
+STATE_BAD_INPUT: list[tuple[str, Callable[[Store], object]]] = [
+    ("cluster", lambda s: s.record_state(replace(_state(1, full=True), cluster=""))),
+    ("node", lambda s: s.record_state(_state(1, full=True, node="pve 1"))),
+    ("session", lambda s: s.record_state(_state(1, full=True, session=""))),
+    ("seq", lambda s: s.record_state(_state(0, full=True))),
+    ("base_seq", lambda s: s.record_state(_state(2, full=True, base=1))),
+    ("base_seq", lambda s: s.record_state(_state(2, base=2))),
+    ("interval_seconds", lambda s: s.record_state(replace(_state(1, full=True), interval=float("inf")))),
+    ("guests[1].vmid", lambda s: s.record_state(_state(1, full=True, guests=(_guest(100), _guest(100))))),
+    ("guests[0].vmid", lambda s: s.record_state(_state(1, full=True, guests=(_guest(0),)))),
+    ("guests[0].state", lambda s: s.record_state(_state(1, full=True, guests=(_guest(100, "sunny"),)))),
+    ("removed_vmids", lambda s: s.record_state(_state(1, full=True, removed=(100,)))),
+    ("ops[0].op_id", lambda s: s.record_state(_state(1, full=True, ops=(replace(_op(1), op_id="XYZ"),)))),
+    ("ops[0].payload_sha256", lambda s: s.record_state(_state(1, full=True,
+                                                               ops=(replace(_op(1), payload_sha256="ab"),)))),
+    ("tick_error", lambda s: s.record_state(replace(_state(1, full=True), tick_error="e" * 5000))),
+    ("node", lambda s: s.guests("c", "")),
+    ("cluster", lambda s: s.node_states("two words")),
+]
+
+
+def test_state_report_bad_input_names_the_field(backend: Backend) -> None:
+    """A bad StateReport raises a ValueError naming its field, and records nothing."""
+    store = backend.open()
+    for field, call in STATE_BAD_INPUT:
+        with pytest.raises(InvalidArgumentError, match=rf"^{re.escape(field)}: "):
+            call(store)
+    assert store.node_states() == []
+
+
+def test_step_2_database_migrates_to_the_fleet_view(backend: Backend) -> None:
+    """A database at schema step 2 (before the fleet view) opens: its documents and acks kept, reports recorded."""
+    backend.execute([("INSERT INTO acks (cluster, node, held, version, ok, reason, last_seen) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      ("c", "pve1@c", 2, 2, _bool(backend, True), "", _stamp(backend, 1_700_000_100)))], upto=2)
+    store = backend.open()
+    assert store.schema_version() == LATEST and [r.held for r in store.nodes("c")] == [2]
+    assert store.record_state(_state(1, full=True, guests=(_guest(100),))).applied

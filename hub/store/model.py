@@ -179,3 +179,160 @@ def check_report(cluster: object, node: object, version: object, ok: object, rea
     if not isinstance(ok, bool):
         raise InvalidArgumentError("ok", f"must be a bool, not {type(ok).__name__}")
     check_text("reason", reason, required=not ok)
+
+
+# --- the fleet view: each node's state after its ticks (StateReport) -----------------------------------------------
+
+# Where a guest stands against the document: hub.v1's SyncState names, lower-case (as the CLI and metrics show them).
+SYNC_STATES = ("in_sync", "drifted", "staged", "refused", "pending_approval", "elsewhere", "skipped", "failed")
+SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+MAX_GUESTS = 100_000  # guests one report may carry (a 10,000-guest cluster's node holds far fewer)
+MAX_OPS_KEPT = 200  # each node's most recent signed ops the hub keeps; older ones are dropped
+MAX_OPS = 1000  # ops one report may carry
+MAX_BODY = 1 << 20  # one guest's or op's body: its diffs and descriptors, never a document
+OP_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+SHA256 = re.compile(r"(?:[0-9a-f]{64})?", re.ASCII)
+VMID_MAX = 999_999_999
+
+
+@dataclass(frozen=True)
+class GuestRow:
+    """One guest as its node last reported it: its sync state, how many approvals wait on it, and ``body``, the node's
+    whole record of it (hub.v1 ``GuestState``, serialized; the store never reads it)."""
+
+    vmid: int
+    state: str  # one of SYNC_STATES
+    body: bytes
+    pending: int = 0  # approvals waiting on this guest
+    node: str = ""  # filled when read from the store
+
+
+@dataclass(frozen=True)
+class OpRow:
+    """One signed op on a node as its journal told: ``body`` is hub.v1 ``OpReport``, serialized (opaque here)."""
+
+    op_id: str
+    payload_sha256: str  # "" until the node reports it; two ops under one id are two rows
+    fate: str
+    at_ms: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class StateIn:
+    """A node's StateReport as the store records it: a full one replaces what is held, a delta applies on top of
+    ``base_seq``."""
+
+    cluster: str
+    node: str
+    audience: str
+    session: str  # one per executor process: seq counts within it
+    seq: int
+    base_seq: int  # a delta's base (the seq the hub holds); 0 with full
+    full: bool
+    guests: tuple[GuestRow, ...] = ()
+    removed: tuple[int, ...] = ()
+    ops: tuple[OpRow, ...] = ()
+    at_ms: int = 0  # when the tick ended, the node's clock
+    interval: float = 0.0  # the node's tick interval, seconds
+    held_version: int = 0
+    tick_outcome: str = ""
+    tick_error: str = ""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record_state`` did: ``applied`` False when a delta's base is not what the store holds (send a full one);
+    ``seq`` the seq the store holds for the node now (0: none)."""
+
+    applied: bool
+    seq: int
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node's last StateReport (without its guests and ops), with its guests counted by sync state."""
+
+    cluster: str
+    node: str
+    audience: str
+    session: str
+    seq: int
+    received: datetime  # when the store recorded it: the hub's clock (the database's, on PostgreSQL)
+    at_ms: int
+    interval: float
+    held_version: int
+    tick_outcome: str
+    tick_error: str
+    counts: dict[str, int]  # sync state -> guests (only states with guests)
+    pending: int  # approvals waiting, over all its guests
+
+
+def check_state(report: StateIn) -> StateIn:
+    """``report`` if every field is well formed, else InvalidArgumentError naming the first bad one."""
+    check_name("cluster", report.cluster)
+    check_name("node", report.node)
+    check_text("audience", report.audience, required=False)
+    if len(report.audience) > 256:
+        raise InvalidArgumentError("audience", f"is {len(report.audience)} characters, over 256")
+    if not isinstance(report.session, str) or not SESSION.fullmatch(report.session):
+        raise InvalidArgumentError("session", f"{str(report.session)[:80]!r} does not match {SESSION.pattern}")
+    check_version("seq", report.seq, least=1)
+    check_version("base_seq", report.base_seq)
+    if report.full and report.base_seq:
+        raise InvalidArgumentError("base_seq", f"must be 0 in a full report, not {report.base_seq}")
+    if not report.full and report.base_seq >= report.seq:
+        raise InvalidArgumentError("base_seq", f"must be below seq ({report.seq}), not {report.base_seq}")
+    if not isinstance(report.interval, int | float) or not math.isfinite(report.interval) or report.interval <= 0:
+        raise InvalidArgumentError("interval_seconds",
+                                   f"must be a finite number of seconds > 0, not {report.interval!r}")
+    check_version("held_version", report.held_version)
+    check_text("tick_outcome", report.tick_outcome, required=False)
+    check_text("tick_error", report.tick_error, required=False)
+    _check_guests(report)
+    _check_ops(report.ops)
+    return report
+
+
+def _check_guests(report: StateIn) -> None:
+    if len(report.guests) > MAX_GUESTS:
+        raise InvalidArgumentError("guests", f"{len(report.guests)} guests, over {MAX_GUESTS}")
+    seen: set[int] = set()
+    for index, guest in enumerate(report.guests):
+        where = f"guests[{index}]"
+        if isinstance(guest.vmid, bool) or not isinstance(guest.vmid, int) or not 1 <= guest.vmid <= VMID_MAX:
+            raise InvalidArgumentError(f"{where}.vmid", f"must be 1..{VMID_MAX}, not {guest.vmid!r}")
+        if guest.vmid in seen:
+            raise InvalidArgumentError(f"{where}.vmid", f"{guest.vmid} is given twice")
+        seen.add(guest.vmid)
+        if guest.state not in SYNC_STATES:
+            raise InvalidArgumentError(f"{where}.state",
+                                       f"must be one of {', '.join(SYNC_STATES)}, not {guest.state!r}")
+        check_version(f"{where}.pending", guest.pending)
+        _check_body(f"{where}", guest.body)
+    for index, vmid in enumerate(report.removed):
+        if isinstance(vmid, bool) or not isinstance(vmid, int) or not 1 <= vmid <= VMID_MAX:
+            raise InvalidArgumentError(f"removed_vmids[{index}]", f"must be 1..{VMID_MAX}, not {vmid!r}")
+    if report.full and report.removed:
+        raise InvalidArgumentError("removed_vmids", "must be empty in a full report (it names every guest)")
+
+
+def _check_ops(ops: tuple[OpRow, ...]) -> None:
+    if len(ops) > MAX_OPS:
+        raise InvalidArgumentError("ops", f"{len(ops)} ops, over {MAX_OPS}")
+    for index, op in enumerate(ops):
+        where = f"ops[{index}]"
+        if not isinstance(op.op_id, str) or not OP_ID.fullmatch(op.op_id):
+            raise InvalidArgumentError(f"{where}.op_id", "must be 32 lowercase hex")
+        if not isinstance(op.payload_sha256, str) or not SHA256.fullmatch(op.payload_sha256):
+            raise InvalidArgumentError(f"{where}.payload_sha256", "must be empty or 64 lowercase hex")
+        check_text(f"{where}.fate", op.fate, required=True)
+        check_version(f"{where}.at_unix_ms", op.at_ms)
+        _check_body(where, op.body)
+
+
+def _check_body(where: str, body: object) -> None:
+    if not isinstance(body, bytes):
+        raise InvalidArgumentError(where, f"must be bytes, not {type(body).__name__}")
+    if len(body) > MAX_BODY:
+        raise InvalidArgumentError(where, f"is {len(body)} bytes, over {MAX_BODY}")

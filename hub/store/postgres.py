@@ -13,14 +13,19 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 
-from hub.store import model
+from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
     DocumentTooLarge,
     Entry,
+    GuestRow,
     NodeReport,
+    NodeState,
+    OpRow,
+    Recorded,
     SchemaTooNewError,
+    StateIn,
     StoreError,
     StoreUnavailableError,
     UnknownVersionError,
@@ -40,6 +45,8 @@ _ENTRY = "SELECT cluster, version, sha256, octet_length(envelope), author, messa
 _REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+# The database's clock stamps reports, so replicas agree on a node's age; the node's row is locked for the delta.
+DIALECT = states.Dialect("%s", lambda: ("now()", ()), lambda value: value, lock=" FOR UPDATE")
 _T = TypeVar("_T")
 
 
@@ -320,3 +327,25 @@ class PostgresStore:
             pass  # the listener then stops at its next 5 s timeout
         self._listener.join(timeout=6)
         self._pool.close()
+
+    # --- the fleet view (hub.store.states) ----------------------------------------------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport (see Store.record_state) in one transaction that locks the node's row."""
+        with self._pool.connection() as conn, conn.transaction():
+            recorded = states.record(conn, DIALECT, report)
+        log.debug("hub.store.state", cluster=report.cluster, node=report.node, seq=report.seq, full=report.full,
+                  applied=recorded.applied)
+        return recorded
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport with its guests counted by state."""
+        return self._read(lambda conn: states.node_states(conn, DIALECT, cluster))
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported, by node then vmid."""
+        return self._read(lambda conn: states.guests(conn, DIALECT, cluster, node, pending_only))
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops, oldest first."""
+        return self._read(lambda conn: states.ops(conn, DIALECT, cluster, node))

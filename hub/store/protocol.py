@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from hub.store.model import Entry, NodeReport, Version
+from hub.store.model import Entry, GuestRow, NodeReport, NodeState, OpRow, Recorded, StateIn, Version
 
 
 class Store(Protocol):
@@ -70,4 +70,23 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections and wake every waiter (they return False)."""
+        ...
+
+    # --- the fleet view: each node's state after its ticks (hub.store.states) -----------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport: a full one replaces its guests and ops; a delta applies only on top of the
+        report held (same session, ``base_seq`` the seq held), else nothing changes and ``applied`` is False."""
+        ...
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport (of ``cluster``; None: every cluster) with its guests counted by state."""
+        ...
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported (by ``node``; None: every node), by node then vmid."""
+        ...
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops (at most model.MAX_OPS_KEPT), oldest first."""
         ...

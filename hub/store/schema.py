@@ -39,6 +39,20 @@ SQLITE: tuple[Migration, ...] = (
         # Before step 2 a NACK did not keep the version held; an ACK's version is the best known.
         "UPDATE acks SET held = version WHERE ok = 1",
     )),
+    Migration(3, "the fleet view: each node's last state report, its guests and its recent signed ops", (
+        """CREATE TABLE node_states (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, audience TEXT NOT NULL, session TEXT NOT NULL,
+            seq INTEGER NOT NULL, received REAL NOT NULL, at_ms INTEGER NOT NULL, interval_s REAL NOT NULL,
+            held_version INTEGER NOT NULL, tick_outcome TEXT NOT NULL, tick_error TEXT NOT NULL,
+            PRIMARY KEY (cluster, node))""",
+        """CREATE TABLE node_guests (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, vmid INTEGER NOT NULL, state TEXT NOT NULL,
+            pending INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (cluster, node, vmid))""",
+        """CREATE TABLE node_ops (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, op_id TEXT NOT NULL, payload_sha256 TEXT NOT NULL,
+            fate TEXT NOT NULL, at_ms INTEGER NOT NULL, body BLOB NOT NULL,
+            PRIMARY KEY (cluster, node, op_id, payload_sha256))""",
+    )),
 )
 
 POSTGRES_SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -62,6 +76,20 @@ POSTGRES: tuple[Migration, ...] = (
         "INSERT INTO heads (cluster, latest) SELECT cluster, MAX(version) FROM documents GROUP BY cluster",
         "ALTER TABLE acks ADD COLUMN held bigint NOT NULL DEFAULT 0",
         "UPDATE acks SET held = version WHERE ok",
+    )),
+    Migration(3, "the fleet view: each node's last state report, its guests and its recent signed ops", (
+        """CREATE TABLE node_states (
+            cluster text NOT NULL, node text NOT NULL, audience text NOT NULL, session text NOT NULL,
+            seq bigint NOT NULL, received timestamptz NOT NULL DEFAULT now(), at_ms bigint NOT NULL,
+            interval_s double precision NOT NULL, held_version bigint NOT NULL, tick_outcome text NOT NULL,
+            tick_error text NOT NULL, PRIMARY KEY (cluster, node))""",
+        """CREATE TABLE node_guests (
+            cluster text NOT NULL, node text NOT NULL, vmid bigint NOT NULL, state text NOT NULL,
+            pending integer NOT NULL, body bytea NOT NULL, PRIMARY KEY (cluster, node, vmid))""",
+        """CREATE TABLE node_ops (
+            cluster text NOT NULL, node text NOT NULL, op_id text NOT NULL, payload_sha256 text NOT NULL,
+            fate text NOT NULL, at_ms bigint NOT NULL, body bytea NOT NULL,
+            PRIMARY KEY (cluster, node, op_id, payload_sha256))""",
     )),
 )
 

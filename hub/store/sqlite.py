@@ -16,14 +16,19 @@ from typing import Any
 
 import structlog
 
-from hub.store import model
+from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
     DocumentTooLarge,
     Entry,
+    GuestRow,
     NodeReport,
+    NodeState,
+    OpRow,
+    Recorded,
     SchemaTooNewError,
+    StateIn,
     StoreError,
     StoreUnavailableError,
     UnknownVersionError,
@@ -102,6 +107,9 @@ def _entry(row: Any) -> Entry:
 def _report(row: Any) -> NodeReport:
     return NodeReport(cluster=row[0], node=row[1], held=row[2], version=row[3], ok=bool(row[4]), reason=row[5],
                       last_seen=_time(row[6]))
+
+
+DIALECT = states.Dialect("?", lambda: ("?", (time.time(),)), lambda value: _time(float(value)))
 
 
 def _wal(conn: sqlite3.Connection) -> None:
@@ -298,3 +306,26 @@ class SqliteStore:
         for conn in conns:
             conn.close()
 
+
+    # --- the fleet view (hub.store.states) ----------------------------------------------------------------------
+
+    def record_state(self, report: StateIn) -> Recorded:
+        """Record a node's StateReport (see Store.record_state), under the database's write lock."""
+        conn = self._conn()
+        with _write(conn):
+            recorded = states.record(conn, DIALECT, report)
+        log.debug("hub.store.state", cluster=report.cluster, node=report.node, seq=report.seq, full=report.full,
+                  applied=recorded.applied)
+        return recorded
+
+    def node_states(self, cluster: str | None = None) -> list[NodeState]:
+        """Every node's last StateReport with its guests counted by state."""
+        return states.node_states(self._conn(), DIALECT, cluster)
+
+    def guests(self, cluster: str, node: str | None = None, *, pending_only: bool = False) -> list[GuestRow]:
+        """The guests as last reported, by node then vmid."""
+        return states.guests(self._conn(), DIALECT, cluster, node, pending_only)
+
+    def ops(self, cluster: str, node: str) -> list[OpRow]:
+        """The node's recent signed ops, oldest first."""
+        return states.ops(self._conn(), DIALECT, cluster, node)

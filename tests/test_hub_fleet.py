@@ -1,0 +1,187 @@
+"""The fleet view at the hub over real gRPC: ReportState (full, delta, needs_full, limits, identity), GetNode, Status's
+new fields and staleness, the fleet's metrics on a real /metrics, and `pve-hub status` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.grpcserver import ClientTls, ServerTls, channel_credentials
+from hub import fleet
+from hub.store import SqliteStore
+from hub.v1 import hub_pb2 as pb
+from hub.v1 import hub_pb2_grpc as pb_grpc
+from tests.hub_helpers import CLUSTER, Hub, running_hub
+from tests.test_hub_service import _node_pki, refused
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = "n1@lab"
+DESCRIPTOR = b'{"audience":"n1@lab","class":"DESTRUCTIVE","kind":"config.disk_detach","vmid":102}'
+
+
+@pytest.fixture(name="hub")
+def _hub(tmp_path: Path) -> Iterator[Hub]:
+    with running_hub(SqliteStore.in_dir(tmp_path / "state"), heartbeat=0.2, metrics_listen="127.0.0.1:0",
+                     ) as hub:
+        yield hub
+
+
+def drifted(vmid: int = 101) -> pb.GuestState:
+    """A guest whose memory differs: declared 4096, actual 2048."""
+    return pb.GuestState(vmid=vmid, name="db", type="qemu", state=pb.SYNC_STATE_DRIFTED,
+                         diffs=[pb.KeyDiff(key="memory", declared="4096", actual="2048")])
+
+
+def waiting(vmid: int = 102, node: str = NODE) -> pb.GuestState:
+    """A guest with a change waiting for a signed op."""
+    return pb.GuestState(vmid=vmid, name="<script>alert(1)</script>", type="qemu",
+                         state=pb.SYNC_STATE_PENDING_APPROVAL,
+                         diffs=[pb.KeyDiff(key="scsi1", declared="", declared_absent=True, actual="local:1")],
+                         pending=[pb.PendingApproval(node=node, vmid=vmid, op_kind="config.disk_detach",
+                                                     action_class="DESTRUCTIVE", rule="disk_detach",
+                                                     descriptor=DESCRIPTOR, descriptor_sha256="ab" * 32,
+                                                     audience=node)])
+
+
+def report(seq: int, *guests: pb.GuestState, full: bool = True, base: int = 0, node: str = NODE,
+           session: str = "s1", interval: float = 10.0, **more: object) -> pb.StateReport:
+    """A StateReport from ``node``."""
+    return pb.StateReport(cluster=CLUSTER, node=node, audience=node, session=session, seq=seq, base_seq=base,
+                          full=full, guests=list(guests), interval_seconds=interval, held_version=1,
+                          tick_outcome="ok", at_unix_ms=int(time.time() * 1000), **more)  # type: ignore[arg-type]
+
+
+def counts(status: pb.NodeStatus) -> dict[str, int]:
+    """A status line's guests by state name."""
+    return {pb.SyncState.Name(c.state).removeprefix("SYNC_STATE_").lower(): c.count for c in status.guests}
+
+
+def test_reports_full_then_delta_then_get_node_and_status(hub: Hub) -> None:
+    """A full report, a delta on top (guest changed, one removed, an op's fate moved); GetNode returns the guests as
+    sent and the ops; Status counts guests by state; a delta on another base is answered needs_full."""
+    op = pb.OpReport(op_id="a" * 32, vmid=101, op_kind="config.disk_detach", fate="waiting", at_unix_ms=5)
+    first = hub.stub.ReportState(report(1, pb.GuestState(vmid=100, state=pb.SYNC_STATE_IN_SYNC), drifted(),
+                                        waiting(), ops=[op]), timeout=10)
+    assert (first.needs_full, first.recorded_seq) == (False, 1)
+    ran = pb.OpReport(op_id="a" * 32, vmid=101, op_kind="config.disk_detach", fate="ran", outcome="ok", at_unix_ms=9)
+    second = hub.stub.ReportState(report(2, pb.GuestState(vmid=101, state=pb.SYNC_STATE_IN_SYNC), full=False, base=1,
+                                         removed_vmids=[100], ops=[ran]), timeout=10)
+    assert (second.needs_full, second.recorded_seq) == (False, 2)
+    stray = hub.stub.ReportState(report(4, drifted(), full=False, base=3), timeout=10)
+    assert (stray.needs_full, stray.recorded_seq) == (True, 2)
+    node = hub.stub.GetNode(pb.GetNodeRequest(cluster=CLUSTER, node=NODE), timeout=10)
+    assert [(g.vmid, g.state) for g in node.guests] == [(101, pb.SYNC_STATE_IN_SYNC),
+                                                         (102, pb.SYNC_STATE_PENDING_APPROVAL)]
+    assert node.guests[1] == waiting() and [(o.op_id, o.fate, o.outcome) for o in node.ops] == [("a" * 32, "ran", "ok")]
+    assert (node.status.audience, node.status.report_interval_seconds, node.status.stale) == (NODE, 10.0, False)
+    [line] = hub.stub.Status(pb.StatusRequest(cluster=CLUSTER), timeout=10).nodes
+    assert counts(line) == {"in_sync": 1, "pending_approval": 1} and line.tick_outcome == "ok"
+    assert line.last_report_unix_ms > (time.time() - 60) * 1000
+    error = refused(hub.stub.GetNode, pb.GetNodeRequest(cluster=CLUSTER, node="n9@lab"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (report(1, full=True, base=3), "base_seq"),
+    (report(0), "seq"),
+    (report(1, session=""), "session"),
+    (report(1, interval=0), "interval_seconds"),
+    (report(1, pb.GuestState(vmid=100)), "guests[0].state"),
+    (report(1, pb.GuestState(vmid=0, state=pb.SYNC_STATE_IN_SYNC)), "guests[0].vmid"),
+    (report(1, ops=[pb.OpReport(op_id="nope", fate="ran")]), "ops[0].op_id"),
+    (report(1, node="bad node"), "node"),
+])
+def test_a_bad_report_names_the_field(hub: Hub, request_: pb.StateReport, field: str) -> None:
+    """INVALID_ARGUMENT naming the field; nothing recorded."""
+    error = refused(hub.stub.ReportState, request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(f"{field}: ")
+    assert hub.store.node_states() == []
+
+
+def test_a_report_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    """Over the hub's limit: INVALID_ARGUMENT naming the report's size; nothing recorded."""
+    with running_hub(SqliteStore.in_dir(tmp_path / "state")) as hub:
+        hub.running.servicer.max_report_bytes = 1024
+        big = report(1, *(drifted(vmid) for vmid in range(100, 200)))
+        error = refused(hub.stub.ReportState, big)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.match(r"report: \d+ bytes, over the limit of 1024", error.details())
+        assert hub.store.node_states() == []
+
+
+def test_with_mutual_tls_a_node_reports_only_for_itself(tmp_path: Path) -> None:
+    """ReportState for the certificate's node passes; for another: PERMISSION_DENIED, nothing recorded."""
+    pki, both, where = _node_pki(tmp_path / "pki")
+    tls = ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=both)
+    with running_hub(SqliteStore.in_dir(tmp_path / "state"), tls=tls) as hub:
+        credentials = channel_credentials(ClientTls(ca=pki.ca, cert=f"{where}/n1.pem", key=f"{where}/n1.key"))
+        with grpc.secure_channel(f"127.0.0.1:{hub.running.port}", credentials) as channel:
+            stub = pb_grpc.HubServiceStub(channel)
+            assert not stub.ReportState(report(1, drifted()), timeout=10).needs_full
+            error = refused(stub.ReportState, report(1, drifted(), node="n2@lab"))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "n1@lab" in error.details()
+        assert [s.node for s in hub.store.node_states()] == [NODE]
+
+
+def test_a_node_silent_for_two_intervals_is_stale(hub: Hub) -> None:
+    """No report for two of its intervals: Status says stale; the next report clears it."""
+    hub.stub.ReportState(report(1, drifted(), interval=0.2), timeout=10)
+    assert not hub.stub.Status(pb.StatusRequest(cluster=CLUSTER), timeout=10).nodes[0].stale
+    time.sleep(0.5)
+    assert hub.stub.Status(pb.StatusRequest(cluster=CLUSTER), timeout=10).nodes[0].stale
+    hub.stub.ReportState(report(1, drifted(), interval=0.2, session="s2"), timeout=10)
+    assert not hub.stub.Status(pb.StatusRequest(cluster=CLUSTER), timeout=10).nodes[0].stale
+
+
+def scrape(hub: Hub) -> str:
+    """The hub's /metrics text."""
+    assert hub.running.metrics_endpoint is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{hub.running.metrics_endpoint.port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a /metrics text (fails when absent)."""
+    want = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        base, _, rest = metric.partition("{")
+        if base == name and ",".join(sorted(rest.rstrip("}").split(","))) == want:
+            return float(value)
+    raise AssertionError(f"{name}{{{want}}} not in /metrics")
+
+
+def test_fleet_metrics_are_read_from_the_store(hub: Hub) -> None:
+    """Nodes by state, guests by sync state, approvals waiting, report age and reports received, read from the store at
+    scrape time (a report recorded by another replica counts as well)."""
+    hub.stub.ReportState(report(1, drifted(), waiting()), timeout=10)
+    hub.stub.Report(pb.ReportRequest(cluster=CLUSTER, node="n2@lab", version=1, ok=False, reason="ROLLBACK"),
+                    timeout=10)
+    hub.store.record_state(fleet.to_state_in(  # as another replica would: straight into the database
+        report(1, pb.GuestState(vmid=300, state=pb.SYNC_STATE_IN_SYNC), node="n3@lab", interval=0.01)))
+    time.sleep(0.05)
+    text = scrape(hub)
+    assert sample(text, "pve_hub_nodes", state="ok") == 1 and sample(text, "pve_hub_nodes", state="stale") == 1
+    assert sample(text, "pve_hub_nodes", state="nack") == 1
+    assert sample(text, "pve_hub_guests", state="drifted") == 1 and sample(text, "pve_hub_guests", state="in_sync") == 1
+    assert sample(text, "pve_hub_guests", state="refused") == 0
+    assert sample(text, "pve_hub_pending_approvals") == 1
+    assert 0 <= sample(text, "pve_hub_report_age_seconds", cluster=CLUSTER, node=NODE) < 30
+    assert sample(text, "pve_hub_state_reports_total", kind="full", outcome="applied") == 1
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_hub_serves(hub: Hub) -> None:
+    """Every metric name in deploy/grafana-fleet.json's panel queries is on a real hub's /metrics."""
+    hub.stub.ReportState(report(1, drifted()), timeout=10)
+    served = {line.split("{")[0].split(" ")[0] for line in scrape(hub).splitlines() if line and line[0] != "#"}
+    dashboard = json.loads((ROOT / "deploy" / "grafana-fleet.json").read_text(encoding="utf-8"))
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    names = {name for expr in queries for name in re.findall(r"\b(pve_hub_[a-z_]+)", expr)}
+    assert queries and names and names <= served, names - served
