@@ -54,7 +54,9 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
     endpoint: MetricsEndpoint | None = None
     try:
         endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
-        web = serve_web(web_listen, Fleet(store, servicer.feeds.read)) if web_listen else None
+        # The page reads as Status does: the store on the servicer's store threads, and its Watch activity.
+        fleet = Fleet(store, servicer.feeds.read, servicer._watched, heartbeat)
+        web = serve_web(web_listen, fleet) if web_listen else None
     except OSError:
         if endpoint is not None:
             endpoint.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -129,3 +131,87 @@ def test_every_answer_carries_a_strict_policy_and_the_page_is_read_only(hub: Hub
     status, _, body = get(hub, f"/clusters/{CLUSTER}", method="HEAD")
     assert (status, body) == (200, "")
     assert get(hub, f"/clusters/{CLUSTER}", method="POST")[0] == 405
+
+
+def report(hub: Hub, node: str, guests: list[pb.GuestState], *, interval: float = 3600, seq: int = 1) -> None:
+    """``node``'s full StateReport, as its executor sends it after a tick."""
+    answer = hub.stub.ReportState(pb.StateReport(cluster=CLUSTER, node=node, audience=node, session="s1", seq=seq,
+                                                 full=True, guests=guests, interval_seconds=interval,
+                                                 held_version=1, tick_outcome="ok"))
+    assert answer.recorded_seq == seq
+
+
+def waiting(node: str, vmid: int, kind: str) -> pb.PendingApproval:
+    """An approval ``node`` reports waiting on ``vmid``."""
+    sha = hashlib.sha256(f"{vmid}{kind}".encode()).hexdigest()
+    return pb.PendingApproval(node=node, vmid=vmid, op_kind=kind, action_class="DESTRUCTIVE", rule="r",
+                              reasons=[EVIL], descriptor=b"{}", descriptor_sha256=sha, audience=node)
+
+
+def test_node_and_guest_pages_show_declared_against_actual_with_the_reason(hub: Hub) -> None:
+    """Each guest's sync state and differing keys (a delete is <absent>), the refusal's reason; attacker text is
+    text; an unknown guest of a known node is 404."""
+    apply(hub, "guests:\n  - vmid: 100\n    config: {memory: 2048, tags: web}\n  - vmid: 101\n    state: running\n",
+          "v1")
+    report(hub, "pve1@lab", [
+        pb.GuestState(vmid=100, name=EVIL, type="qemu", state=pb.SYNC_STATE_DRIFTED,
+                      diffs=[pb.KeyDiff(key="memory", declared="2048", actual="4096"),
+                             pb.KeyDiff(key="description", declared_absent=True, actual=EVIL)]),
+        pb.GuestState(vmid=101, name="db", type="lxc", state=pb.SYNC_STATE_REFUSED, reason="OUT_OF_SCOPE",
+                      detail=f"pool {EVIL} is not managed", declared_run_state="running", actual_run_state="stopped")])
+    status, _, node = get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab"))
+    seen = text_of(node)
+    assert status == 200 and "<script" not in node
+    assert f"100 {EVIL} qemu drifted memory: 2048 → 4096 description: <absent> → {EVIL}" in seen
+    assert f"101 db lxc refused OUT_OF_SCOPE: pool {EVIL} is not managed" in seen
+    status, _, guest = get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab", "guests", 100))
+    seen = text_of(guest)
+    assert status == 200 and "<script" not in guest
+    assert "memory 2048 4096 differs" in seen and f"description <absent> {EVIL} differs" in seen
+    assert "tags web" in seen  # declared, not reported as differing
+    _, _, refused = get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab", "guests", 101))
+    assert "run state running stopped" in text_of(refused)
+    assert f"reason OUT_OF_SCOPE: pool {EVIL} is not managed" in text_of(refused)
+    assert get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab", "guests", 102))[0] == 404
+
+
+def test_pending_approvals_each_show_the_command_that_signs_it_on_its_node(hub: Hub) -> None:
+    """Numbered as ``pve-executor pending`` numbers them on each node: by vmid, then op kind."""
+    apply(hub, "guests:\n  - vmid: 100\n    state: running\n", "v1")
+    report(hub, "pve1@lab", [
+        pb.GuestState(vmid=300, name="b", state=pb.SYNC_STATE_PENDING_APPROVAL,
+                      pending=[waiting("pve1@lab", 300, "x")]),
+        pb.GuestState(vmid=200, name="a", state=pb.SYNC_STATE_PENDING_APPROVAL,
+                      pending=[waiting("pve1@lab", 200, "z"), waiting("pve1@lab", 200, "config.disk_detach")])])
+    report(hub, "pve2@lab", [pb.GuestState(vmid=400, name="c", state=pb.SYNC_STATE_PENDING_APPROVAL,
+                                           pending=[waiting("pve2@lab", 400, "y")])])
+    status, _, page = get(hub, url("clusters", CLUSTER, "pending"))
+    seen = text_of(page)
+    assert status == 200 and "<script" not in page
+    order = [(m.group(1), m.group(2)) for m in re.finditer(r"(pve\d@lab) · guest \d+ · (\S+) DESTRUCTIVE", seen)]
+    assert order == [("pve1@lab", "config.disk_detach"), ("pve1@lab", "z"), ("pve1@lab", "x"), ("pve2@lab", "y")]
+    commands = re.findall(r"Sign it on (\S+): pve-executor op sign --pending (\d) --key KEYFILE --role ROLE", seen)
+    assert commands == [("pve1@lab", "1"), ("pve1@lab", "2"), ("pve1@lab", "3"), ("pve2@lab", "1")]
+    assert "4 pending approvals" in text_of(get(hub, url("clusters", CLUSTER))[2])
+
+
+def test_a_stale_node_stands_out(hub: Hub) -> None:
+    """A node silent for two report intervals is marked STALE on the overview and its page."""
+    apply(hub, "guests:\n  - vmid: 100\n    state: running\n", "v1")
+    report(hub, "pve1@lab", [pb.GuestState(vmid=100, name="a", state=pb.SYNC_STATE_IN_SYNC)], interval=0.1)
+    report(hub, "pve2@lab", [pb.GuestState(vmid=200, name="b", state=pb.SYNC_STATE_IN_SYNC)])
+    time.sleep(0.3)
+    _, _, page = get(hub, url("clusters", CLUSTER))
+    assert re.search(r'<tr class="stale">\s*<td><a href="/clusters/lab/nodes/pve1%40lab">pve1@lab</a> '
+                     r'<strong class="stale-mark">STALE</strong>', page)
+    assert "pve2@lab</a> <strong" not in page
+    assert "STALE" in text_of(get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab"))[2])
+
+
+def test_a_cluster_known_only_from_state_reports_is_listed(hub: Hub) -> None:
+    """Nodes that report before any version is applied still show: the index lists their cluster."""
+    skipped = pb.GuestState(vmid=7, state=pb.SYNC_STATE_SKIPPED)
+    hub.stub.ReportState(pb.StateReport(cluster="edge", node="e1@edge", session="s", seq=1, full=True,
+                                        interval_seconds=60, guests=[skipped]))
+    assert 'href="/clusters/edge"' in get(hub, "/")[2]
+    assert "e1@edge v0 none yet skipped 1" in text_of(get(hub, "/clusters/edge")[2])

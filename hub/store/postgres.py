@@ -271,8 +271,9 @@ class PostgresStore:
         return [_entry(row) for row in rows]
 
     def clusters(self) -> list[str]:
-        """Every cluster with a version or a node's report, by name."""
-        rows = self._all("SELECT cluster FROM heads UNION SELECT cluster FROM acks ORDER BY cluster", ())
+        """Every cluster with a version, an ACK/NACK or a StateReport, by name."""
+        rows = self._all("SELECT cluster FROM heads UNION SELECT cluster FROM acks UNION "
+                                    "SELECT cluster FROM node_states ORDER BY cluster", ())
         return [str(row[0]) for row in rows]
 
     def since(self, cluster: str, version: int) -> Version | None:

@@ -38,7 +38,7 @@ class Store(Protocol):
         ...
 
     def clusters(self) -> list[str]:
-        """Every cluster with a version or a node's report, by name (the web page's index)."""
+        """Every cluster with a version, an ACK/NACK or a StateReport, by name (the web page's index)."""
         ...
 
     def since(self, cluster: str, version: int) -> Version | None:
