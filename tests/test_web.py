@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
+import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +20,7 @@ from hub.store import SqliteStore
 from hub.v1 import hub_pb2 as pb
 from hub.web.server import url
 from tests.hub_helpers import CLUSTER, Hub, envelope, running_hub
+from tests.test_hub_service import PVE_HUB, ROOT, _free_port, pve_hub
 
 EVIL = "<script>alert(1)</script>"
 BLOCKS = r"</?(?:td|th|tr|div|p|li|h\d|dt|dd|pre|table|thead|tbody|nav|header|main|title|br)\b[^>]*>"  # cell edges
@@ -215,3 +220,34 @@ def test_a_cluster_known_only_from_state_reports_is_listed(hub: Hub) -> None:
                                         interval_seconds=60, guests=[skipped]))
     assert 'href="/clusters/edge"' in get(hub, "/")[2]
     assert "e1@edge v0 none yet skipped 1" in text_of(get(hub, "/clusters/edge")[2])
+
+
+def test_pve_hub_serve_web_listen(tmp_path: Path) -> None:
+    """``pve-hub serve --web-listen``: a bad address is exit 2 naming the setting, a taken port exit 1 in one line;
+    a free one serves the page until SIGTERM."""
+    done = pve_hub("serve", "--listen", "127.0.0.1:0", "--web-listen", "nowhere", "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 2 and "web_listen" in done.stderr and "Traceback" not in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = pve_hub("serve", "--listen", "127.0.0.1:0", "--web-listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                       "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 1 and "cannot listen on" in done.stderr and "Traceback" not in done.stderr
+    port = _free_port()
+    child = subprocess.Popen([*PVE_HUB, "serve", "--listen", "127.0.0.1:0", "--web-listen", f"127.0.0.1:{port}",
+                              "--state-dir", str(tmp_path / "s"), "--log-format", "json"], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    assert response.status == 200 and b"This hub holds no cluster yet" in response.read()
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the web page never answered"
+                time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30) == 0
