@@ -138,10 +138,11 @@ def test_every_answer_carries_a_strict_policy_and_the_page_is_read_only(hub: Hub
     assert get(hub, f"/clusters/{CLUSTER}", method="POST")[0] == 405
 
 
-def report(hub: Hub, node: str, guests: list[pb.GuestState], *, interval: float = 3600, seq: int = 1) -> None:
+def report(hub: Hub, node: str, guests: list[pb.GuestState], *, interval: float = 3600, seq: int = 1,
+           ops: tuple[pb.OpReport, ...] = ()) -> None:
     """``node``'s full StateReport, as its executor sends it after a tick."""
     answer = hub.stub.ReportState(pb.StateReport(cluster=CLUSTER, node=node, audience=node, session="s1", seq=seq,
-                                                 full=True, guests=guests, interval_seconds=interval,
+                                                 full=True, guests=guests, interval_seconds=interval, ops=ops,
                                                  held_version=1, tick_outcome="ok"))
     assert answer.recorded_seq == seq
 
@@ -163,7 +164,10 @@ def test_node_and_guest_pages_show_declared_against_actual_with_the_reason(hub: 
                       diffs=[pb.KeyDiff(key="memory", declared="2048", actual="4096"),
                              pb.KeyDiff(key="description", declared_absent=True, actual=EVIL)]),
         pb.GuestState(vmid=101, name="db", type="lxc", state=pb.SYNC_STATE_REFUSED, reason="OUT_OF_SCOPE",
-                      detail=f"pool {EVIL} is not managed", declared_run_state="running", actual_run_state="stopped")])
+                      detail=f"pool {EVIL} is not managed", declared_run_state="running", actual_run_state="stopped")],
+           ops=(pb.OpReport(op_id="a" * 32, vmid=100, op_kind="config.set", fate="ran", outcome="failed",
+                            detail=f"PVE said {EVIL}", at_unix_ms=int(time.time() * 1000), signers=["alice"]),
+                pb.OpReport(op_id="b" * 32, vmid=101, op_kind="guest.stop", fate="waiting", at_unix_ms=1)))
     status, _, node = get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab"))
     seen = text_of(node)
     assert status == 200 and "<script" not in node
@@ -178,6 +182,12 @@ def test_node_and_guest_pages_show_declared_against_actual_with_the_reason(hub: 
     assert "run state running stopped" in text_of(refused)
     assert f"reason OUT_OF_SCOPE: pool {EVIL} is not managed" in text_of(refused)
     assert get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab", "guests", 102))[0] == 404
+    for path in (url("clusters", CLUSTER, "ops"), url("clusters", CLUSTER)):
+        ops = text_of(get(hub, path)[2])
+        assert f"100 config.set ran failed PVE said {EVIL} aaaaaaaaaaaa alice" in ops
+        assert ops.index("config.set") < ops.index("101 guest.stop waiting")  # newest first
+    assert "101 guest.stop waiting" not in seen  # guest 100's page shows guest 100's ops only
+    assert f"100 config.set ran failed PVE said {EVIL}" in seen
 
 
 def test_pending_approvals_each_show_the_command_that_signs_it_on_its_node(hub: Hub) -> None:
