@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from desiredfile.parse import Declared, DesiredFileError, parse
+from hub.store import Version
 from safety import desireddoc
 from safety.refusal import Refused
 
@@ -59,6 +62,28 @@ def declaration(envelope: bytes, name: str) -> Declaration:
         return Declaration(text=text, guests={g.vmid: flatten(g) for g in parse(text, name)})
     except DesiredFileError as exc:
         return Declaration(text=text, guests={}, problem=str(exc))
+
+
+# Stored versions never change: a parsed one is kept (a 10,000-guest document takes a while to parse, and every
+# open page asks again at each refresh). A few versions: the latest and the ones being compared.
+_PARSED: OrderedDict[tuple[str, int, str], Declaration] = OrderedDict()
+_PARSED_MAX = 8
+_PARSED_LOCK = threading.Lock()
+
+
+def of_version(version: Version) -> Declaration:
+    """``declaration`` of a stored version, parsed once per process."""
+    key = (version.cluster, version.version, version.sha256)
+    with _PARSED_LOCK:
+        if key in _PARSED:
+            _PARSED.move_to_end(key)
+            return _PARSED[key]
+    found = declaration(version.envelope, f"version {version.version}")
+    with _PARSED_LOCK:
+        _PARSED[key] = found
+        while len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return found
 
 
 def _keys(old: Mapping[str, str], new: Mapping[str, str]) -> tuple[KeyChange, ...]:

@@ -65,8 +65,11 @@ class Fleet:
         if not found:
             return None
         guests = [fleet.guest_of(row) for row in self.read(self.store.guests, cluster, node)]
-        ops = [fleet.op_of(row) for row in self.read(self.store.ops, cluster, node)]
-        return pb.GetNodeResponse(status=found[0], guests=guests, ops=ops)
+        return pb.GetNodeResponse(status=found[0], guests=guests, ops=self.ops(cluster, node))
+
+    def ops(self, cluster: str, node: str) -> list[pb.OpReport]:
+        """The node's recent signed ops, oldest first."""
+        return [fleet.op_of(row) for row in self.read(self.store.ops, cluster, node)]
 
     def pending(self, cluster: str) -> list[pb.PendingApproval]:
         """Every node's pending approvals, by node, then as the node lists them (vmid, then op kind)."""

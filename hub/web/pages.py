@@ -57,18 +57,13 @@ def overview(fleet: Fleet, cluster: str) -> Page:
     totals: Counter[str] = Counter()
     for status in statuses:
         totals.update(counts(status))
-    ops = [(s.node, op) for s in statuses for op in _ops(fleet, cluster, s.node)]
+    ops = [(s.node, op) for s in statuses for op in fleet.ops(cluster, s.node)]
     ops.sort(key=lambda pair: pair[1].at_unix_ms, reverse=True)
     return Page("overview.html", {
         "cluster": cluster, "latest": fleet.latest(cluster), "nodes": statuses,
         "totals": [(name, totals[name]) for name in STATE_ORDER if totals[name]],
         "pending": fleet.pending(cluster), "history": fleet.read(fleet.store.history, cluster, 5),
         "ops": ops[:RECENT_OPS]})
-
-
-def _ops(fleet: Fleet, cluster: str, node: str) -> list[pb.OpReport]:
-    found = fleet.node(cluster, node)
-    return list(found.ops) if found is not None else []
 
 
 def _node(fleet: Fleet, cluster: str, node: str) -> pb.GetNodeResponse:
@@ -94,7 +89,7 @@ def guest(fleet: Fleet, cluster: str, name: str, vmid_text: str) -> Page:
     if not guests:
         raise NotFound(f"no guest {vmid_text[:20]!r} on node {name}")
     latest = fleet.read(fleet.store.get, cluster)
-    declared = desired.declaration(latest.envelope, f"version {latest.version}") if latest else None
+    declared = desired.of_version(latest) if latest else None
     keys = declared.guests.get(vmid, {}) if declared else {}
     differing = {d.key for d in guests[0].diffs}
     return Page("guest.html", {
@@ -139,8 +134,8 @@ def version(fleet: Fleet, cluster: str, version_text: str) -> Page:
     if found is None:
         raise NotFound(f"no version {version_text[:20]!r} of cluster {cluster}")
     before = fleet.read(fleet.store.get, cluster, number - 1) if number > 1 else None
-    new = desired.declaration(found.envelope, f"version {number}")
-    old = desired.declaration(before.envelope, f"version {number - 1}") if before else desired.Declaration("", {})
+    new = desired.of_version(found)
+    old = desired.of_version(before) if before else desired.Declaration("", {})
     return Page("version.html", {"cluster": cluster, "entry": found, "latest": fleet.latest(cluster),
                                  "changes": desired.compare(old.guests, new.guests), "problem": new.problem,
                                  "text": new.text})
@@ -149,7 +144,7 @@ def version(fleet: Fleet, cluster: str, version_text: str) -> Page:
 def ops(fleet: Fleet, cluster: str) -> Page:
     """Every node's recent operations, newest first."""
     _cluster(fleet, cluster)
-    found = [(s.node, op) for s in fleet.statuses(cluster) for op in _ops(fleet, cluster, s.node)]
+    found = [(s.node, op) for s in fleet.statuses(cluster) for op in fleet.ops(cluster, s.node)]
     found.sort(key=lambda pair: pair[1].at_unix_ms, reverse=True)
     return Page("ops.html", {"cluster": cluster, "ops": found})
 
