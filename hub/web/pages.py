@@ -14,6 +14,7 @@ from hub.web.fleet import Fleet, now_ms, state_name
 
 HISTORY_PAGE = 50  # versions on the history page
 RECENT_OPS = 20  # operations on the overview
+MAX_CHANGES = 1000  # guests listed in a version's diff (a first 10,000-guest version adds every one)
 STATE_ORDER = tuple(state_name(v) for v in pb.SyncState.values() if v)  # in_sync, drifted, ... as the enum
 NEEDS_OPERATOR = frozenset({"refused", "pending_approval", "failed", "skipped"})
 
@@ -136,9 +137,10 @@ def version(fleet: Fleet, cluster: str, version_text: str) -> Page:
     before = fleet.read(fleet.store.get, cluster, number - 1) if number > 1 else None
     new = desired.of_version(found)
     old = desired.of_version(before) if before else desired.Declaration("", {})
+    changes = desired.compare(old.guests, new.guests)
     return Page("version.html", {"cluster": cluster, "entry": found, "latest": fleet.latest(cluster),
-                                 "changes": desired.compare(old.guests, new.guests), "problem": new.problem,
-                                 "text": new.text})
+                                 "changes": changes[:MAX_CHANGES], "more": max(0, len(changes) - MAX_CHANGES),
+                                 "problem": new.problem, "text": new.text})
 
 
 def ops(fleet: Fleet, cluster: str) -> Page:
