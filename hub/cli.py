@@ -17,6 +17,11 @@ EXIT_CODES = ("exit codes: 0 ok; 1 refused or failed (another apply came first, 
               "the hub is unavailable, no such version, port in use); 2 usage or configuration error (bad flag, a "
               "desired file with mistakes, an unreadable key or file)")
 MAX_DSN = 4096
+WAIT_TIMEOUT = 300.0  # pve-hub submit --wait: how long to wait by default
+SUBMIT_EXIT_CODES = ("exit codes: 0 queued (with --wait: it ran ok; an op.revoke: it took effect); 1 refused, "
+                     "revoked or failed (by the node; or by the hub: no node has its audience, the hub unavailable); "
+                     "3 with --wait, still waiting after --timeout; 2 usage or configuration error (a bad flag, an "
+                     "unreadable or malformed envelope file)")
 
 
 def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str,
@@ -37,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                                   "cluster, versioned, streamed to every node", epilog=EXIT_CODES)
     add_version(top, "pve-hub")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                             help="serve | apply | history | show | status")
+                             help="serve | apply | history | show | status | pending | submit")
     serve = sub.add_parser("serve", help="serve hub.v1.HubService over gRPC", epilog=EXIT_CODES,
                            description="serve hub.v1.HubService over gRPC until SIGTERM or SIGINT")
     add_flags(serve, OPTIONS, ENV_PREFIX)
@@ -57,7 +62,25 @@ def parser() -> argparse.ArgumentParser:
     show = _client(sub, "show", "print a version's desired text (stdout) and who applied it, when, why (stderr)")
     show.add_argument("version", type=int, metavar="VERSION", help="the version (0: the latest)")
     _client(sub, "status", "per node: the version it holds, its last ACK or NACK and reason, when it was last seen")
+    _approvals(sub)
     return top
+
+
+def _approvals(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``pending`` and ``submit``: approvals through the hub (hub.approvals)."""
+    pending = _client(sub, "pending", "every node's changes waiting for a signed op, with the commands that sign "
+                                      "each (offline, your own keys)")
+    pending.add_argument("--json", action="store_true", help="as JSON: entries pve-executor op sign takes")
+    pending.add_argument("--descriptor", metavar="SHA256", help="only the entry whose descriptor sha256 starts so "
+                                                                "(with --json: that entry alone, for op sign)")
+    submit = _client(sub, "submit", "route a signed op (or op.revoke) to the node its audience names; the node "
+                                    "verifies it as its own API does (the hub carries, it cannot approve)")
+    submit.epilog = SUBMIT_EXIT_CODES
+    submit.add_argument("envelope", metavar="ENVELOPE", help="the signed op (op sign/cosign output; - for stdin)")
+    submit.add_argument("--wait", action="store_true", help="then wait for the node's verdict and the op's fate")
+    submit.add_argument("--timeout", type=float, default=WAIT_TIMEOUT, metavar="S",
+                        help=f"with --wait: how long to wait (default {WAIT_TIMEOUT:g} s)")
+    submit.add_argument("--json", action="store_true", help="with --wait: the outcome as JSON")
 
 
 def _read_dsn(path: str) -> str:
@@ -111,11 +134,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _operator(args: argparse.Namespace) -> int:
     from common.config import ConfigError  # noqa: PLC0415
-    from hub import client  # noqa: PLC0415
+    from hub import approvals, client  # noqa: PLC0415
     from opctl.doc import OpError  # noqa: PLC0415
 
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "apply": client.apply, "history": client.history, "show": client.show, "status": client.status}
+        "apply": client.apply, "history": client.history, "show": client.show, "status": client.status,
+        "pending": approvals.pending, "submit": approvals.submit}
     try:
         return commands[args.command](args)
     except (OpError, ConfigError) as exc:

@@ -6,6 +6,11 @@ ready-made ``WatchEvent``, so a thousand nodes reconnecting after a hub restart 
 shared copy of the document, not a thousand reads of it. Store calls run on a small pool of their own (``read``,
 the service's calls too), so the many threads that hold Watch streams never each open a database connection.
 A watcher skips any version it already holds, so a version seen twice (a subscribe racing an append) is sent once.
+
+Deliveries (signed ops routed through the hub) travel the same way: a second thread per feed waits on the store's
+deliveries (``wait_for_deliveries``: LISTEN/NOTIFY on PostgreSQL, so a delivery queued on any replica reaches the
+replica its node watches) and hands each to the watchers of its node. A stream that starts reads its node's open
+deliveries itself, after subscribing, so none falls between (it skips one it already sent).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TypeVar
 import structlog
 
 from hub import documents
-from hub.store import Store, StoreError, Version
+from hub.store import Delivery, Store, StoreError, Version
 from hub.v1 import hub_pb2 as pb
 
 log = structlog.get_logger("hub.feeds")
@@ -52,17 +57,20 @@ class Watcher:
 
     cluster: str
     current: Published | None = None
-    inbox: queue.SimpleQueue[Published | None] = field(default_factory=queue.SimpleQueue)
+    node: str = ""  # the node it watches for: deliveries for it come in its inbox
+    inbox: queue.SimpleQueue[Published | Delivery | None] = field(default_factory=queue.SimpleQueue)
 
 
 class _Feed:
     """The thread that waits on one cluster and hands each new version to its watchers."""
 
-    def __init__(self, feeds: Feeds, cluster: str, current: Published | None) -> None:
+    def __init__(self, feeds: Feeds, cluster: str, current: Published | None, delivered: int = 0) -> None:
         self.cluster, self.current = cluster, current
+        self.delivered = delivered  # the last delivery number routed (read before the first watcher subscribed)
         self.watchers: set[Watcher] = set()
         self._feeds = feeds
         self._thread = threading.Thread(target=self._run, name=f"hub-feed-{cluster}", daemon=True)
+        self._router = threading.Thread(target=self._route, name=f"hub-deliver-{cluster}", daemon=True)
 
     @property
     def latest(self) -> int:
@@ -71,6 +79,7 @@ class _Feed:
 
     def start(self) -> None:
         self._thread.start()
+        self._router.start()
 
     def _run(self) -> None:
         log.info("hub.feed.started", cluster=self.cluster, latest=self.latest)
@@ -87,8 +96,24 @@ class _Feed:
                 self._feeds.publish(self, Published.of(version))
         log.info("hub.feed.stopped", cluster=self.cluster)
 
+    def _route(self) -> None:
+        """Hand each new delivery of the cluster to the watchers of its node."""
+        while self._feeds.keep(self):
+            try:
+                if not self._feeds.store.wait_for_deliveries(self.cluster, self.delivered, WAIT_SLICE):
+                    continue
+                found = self._feeds.store.deliveries_after(self.cluster, self.delivered)
+            except StoreError as exc:
+                log.warning("hub.feed.store_failed", cluster=self.cluster, error=str(exc))
+                self._feeds.stopping.wait(RETRY_AFTER)
+                continue
+            for delivery in found:
+                self._feeds.route(self, delivery)
+                self.delivered = max(self.delivered, delivery.seq)
+
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+        self._router.join(timeout)
 
 
 class Feeds:
@@ -99,18 +124,19 @@ class Feeds:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._feeds: dict[str, _Feed] = {}
-        self._loading: dict[str, Future[Published | None]] = {}  # the read that starts a cluster's feed
+        self._loading: dict[str, Future[tuple[Published | None, int]]] = {}  # the read that starts a cluster's feed
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="hub-store")
 
     def read(self, call: Callable[..., T], *args: object) -> T:
         """``call(*args)`` on the store's reader threads (their errors raised here)."""
         return self._readers.submit(call, *args).result()
 
-    def _load(self, cluster: str) -> Published | None:
+    def _load(self, cluster: str) -> tuple[Published | None, int]:
+        delivered = self.store.delivery_head(cluster)  # before any watcher reads its open deliveries
         version = self.store.get(cluster)
-        return Published.of(version) if version is not None else None
+        return (Published.of(version) if version is not None else None), delivered
 
-    def subscribe(self, cluster: str) -> Watcher:
+    def subscribe(self, cluster: str, node: str = "") -> Watcher:
         """A new watcher of ``cluster`` with the latest version in ``current``; the feed starts with the first.
 
         StoreError when the feed must start and the store cannot be read.
@@ -124,7 +150,7 @@ class Feeds:
                     loading = self._loading[cluster] = self._readers.submit(self._load, cluster)
         # Wait outside the lock: a slow or unreachable store must not stall the streams of other clusters.
         try:
-            loaded = loading.result() if loading is not None else None
+            loaded, delivered = loading.result() if loading is not None else (None, 0)
         except BaseException:
             self._done_loading(cluster, loading)
             raise
@@ -133,16 +159,16 @@ class Feeds:
                 del self._loading[cluster]
             feed = self._feeds.get(cluster)
             if feed is None:
-                feed = _Feed(self, cluster, loaded)
+                feed = _Feed(self, cluster, loaded, delivered)
                 self._feeds[cluster] = feed
                 feed.start()
-            watcher = Watcher(cluster, feed.current)
+            watcher = Watcher(cluster, feed.current, node)
             feed.watchers.add(watcher)
         if self.stopping.is_set():
             watcher.inbox.put(CLOSED)
         return watcher
 
-    def _done_loading(self, cluster: str, loading: Future[Published | None] | None) -> None:
+    def _done_loading(self, cluster: str, loading: Future[tuple[Published | None, int]] | None) -> None:
         with self._lock:
             if loading is not None and self._loading.get(cluster) is loading:
                 del self._loading[cluster]
@@ -183,6 +209,16 @@ class Feeds:
         for watcher in watchers:
             watcher.inbox.put(published)
         log.info("hub.feed.published", cluster=feed.cluster, version=published.version, watchers=len(watchers))
+
+    def route(self, feed: _Feed, delivery: Delivery) -> None:
+        """Hand ``delivery`` to each watcher of its node on this replica (none: it waits for the node's next
+        stream, which reads it)."""
+        with self._lock:
+            watchers = [watcher for watcher in feed.watchers if watcher.node == delivery.node]
+        for watcher in watchers:
+            watcher.inbox.put(delivery)
+        log.info("hub.feed.delivery_routed", cluster=feed.cluster, node=delivery.node,
+                 delivery_id=delivery.delivery_id, watchers=len(watchers))
 
     def release(self) -> None:
         """Stop the store's threads (after the server stopped: no call may need them)."""

@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from hub import documents, fleet
+from hub import documents, fleet, routing
 from hub.documents import HubRefusal
 from hub.feeds import CLOSED, Feeds, Published, Watcher
 from hub.metrics import HubMetrics
 from hub.store import (
+    Delivery,
     DocumentTooLarge,
     InvalidArgumentError,
     NodeReport,
@@ -32,7 +33,7 @@ from hub.store import (
     UnknownVersionError,
     VersionConflict,
 )
-from hub.store.model import check_name
+from hub.store.model import DELIVERY_ID, MAX_DELIVERIES, check_name
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 
@@ -191,7 +192,10 @@ class HubServicer(pb_grpc.HubServiceServicer):
             if self.feeds.watching() >= self.max_watchers:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"this hub holds {self.max_watchers} watchers, its most: try another replica")
-            watcher = self.feeds.subscribe(cluster)  # before reading the store: no append falls between
+            if request.audience:
+                self._db(self.store.record_audience, cluster, node, request.audience)
+            # Before reading the store: no append, and no delivery, falls between.
+            watcher = self.feeds.subscribe(cluster, node)
         except (StoreError, InvalidArgumentError) as exc:
             code, message = status_of(exc)
             context.abort(code, message)
@@ -222,6 +226,11 @@ class HubServicer(pb_grpc.HubServiceServicer):
             held = current.version
         else:
             yield self._beat(cluster, held)
+        # Deliveries without a verdict go again on each new stream (at-least-once: the node's gate refuses a nonce
+        # spent or in flight, and the node answers a delivery it already decided with its first verdict).
+        sent: set[str] = set()
+        for delivery in self._open(cluster, node):
+            yield self._deliver(delivery, sent)
         beat_at = time.monotonic() + self.heartbeat
         while True:
             try:
@@ -233,9 +242,33 @@ class HubServicer(pb_grpc.HubServiceServicer):
                 continue
             if item is CLOSED:
                 return
+            if isinstance(item, Delivery):
+                if item.delivery_id not in sent:
+                    yield self._deliver(item, sent)
+                continue
             if item.version > held:
                 yield self._send(item, cluster, node)
                 held = item.version
+
+    def _open(self, cluster: str, node: str) -> list[Delivery]:
+        """The node's deliveries without a verdict (none when the store cannot say now: the next stream reads them)."""
+        try:
+            return self._db(self.store.open_deliveries, cluster, node)
+        except StoreError as exc:
+            log.warning("hub.deliveries_unread", cluster=cluster, node=node, error=str(exc))
+            return []
+
+    def _deliver(self, delivery: Delivery, sent: set[str]) -> pb.WatchEvent:
+        """The delivery's event; marked delivered (a failure to mark it changes nothing the node sees)."""
+        sent.add(delivery.delivery_id)
+        if delivery.state == "queued":
+            try:
+                self._db(self.store.mark_delivered, delivery.delivery_id)
+            except StoreError as exc:
+                log.warning("hub.delivery_unmarked", delivery_id=delivery.delivery_id, error=str(exc))
+        log.info("hub.delivery_sent", cluster=delivery.cluster, node=delivery.node, delivery_id=delivery.delivery_id,
+                 op_id=delivery.op_id, op_kind=delivery.kind)
+        return pb.WatchEvent(delivery=routing.to_delivery(delivery))
 
     def _beat(self, cluster: str, held: int) -> pb.WatchEvent:
         latest = self.feeds.latest(cluster)
@@ -295,7 +328,9 @@ class HubServicer(pb_grpc.HubServiceServicer):
     @_mapped
     def ReportState(self, request: pb.StateReport,  # noqa: N802
                     context: grpc.ServicerContext) -> pb.StateReportResponse:
-        """Record a node's state after a tick: a full report, or a delta on top of the one held (else needs_full)."""
+        """Record a node's state after a tick: a full report, or a delta on top of the one held (else needs_full);
+        and what it says of ops routed through the hub (``take_routed``). A report with seq 0 carries only that (the
+        executor sends one as soon as it has a verdict, not waiting for its tick): the node's state is left as is."""
         size = request.ByteSize()
         if size > self.max_report_bytes:
             self.metrics.state_reports.labels("full" if request.full else "delta", "invalid").inc()
@@ -304,6 +339,9 @@ class HubServicer(pb_grpc.HubServiceServicer):
         cluster = check_name("cluster", request.cluster)
         node = check_name("node", request.node)
         self._check_identity(context, node)
+        if not request.seq and not request.full:
+            self.take_routed(cluster, node, request)
+            return pb.StateReportResponse(needs_full=False, recorded_seq=0)
         kind = "full" if request.full else "delta"
         try:
             recorded = self._db(self.store.record_state, fleet.to_state_in(request))
@@ -311,9 +349,33 @@ class HubServicer(pb_grpc.HubServiceServicer):
             self.metrics.state_reports.labels(kind, "invalid").inc()
             raise
         self.metrics.state_reports.labels(kind, "applied" if recorded.applied else "needs_full").inc()
+        self.take_routed(cluster, node, request)
         log.info("hub.state_reported", cluster=cluster, node=node, seq=request.seq, full=request.full,
                  guests=len(request.guests), ops=len(request.ops), applied=recorded.applied)
         return pb.StateReportResponse(needs_full=not recorded.applied, recorded_seq=recorded.seq)
+
+    def take_routed(self, cluster: str, node: str, report: pb.StateReport) -> None:
+        """What a StateReport says of routed ops: the node's audience, its verdicts on deliveries (the first stands)
+        and the fate of ops the hub delivered (kept on their deliveries for GetOpStatus). A bad entry is logged and
+        skipped: it must not cost the rest of the report."""
+        if report.audience:
+            try:
+                self._db(self.store.record_audience, cluster, node, report.audience)
+            except InvalidArgumentError as exc:
+                log.warning("hub.audience_refused", cluster=cluster, node=node, error=str(exc))
+        for result in report.deliveries:
+            verdict = functools.partial(self.store.record_verdict, op_id=result.op_id, reason=result.reason,
+                                        detail=result.detail[:2000])
+            try:
+                recorded = self._db(verdict, cluster, node, result.delivery_id, result.decision)
+            except InvalidArgumentError as exc:
+                log.warning("hub.delivery_result_refused", cluster=cluster, node=node, error=str(exc))
+                continue
+            log.info("hub.delivery_answered", cluster=cluster, node=node, delivery_id=result.delivery_id,
+                     decision=result.decision, op_id=result.op_id, reason=result.reason, recorded=recorded)
+        fates = [(op.op_id, op.SerializeToString()) for op in report.ops if DELIVERY_ID.fullmatch(op.op_id)]
+        if fates:
+            self._db(self.store.record_op_reports, cluster, node, fates)
 
     @_mapped
     def GetNode(self, request: pb.GetNodeRequest, context: grpc.ServicerContext) -> pb.GetNodeResponse:  # noqa: N802
@@ -340,19 +402,44 @@ class HubServicer(pb_grpc.HubServiceServicer):
         with self._seen_lock:
             return {node: at for (name, node), at in self._seen.items() if name == cluster}
 
+    @_mapped
     def ListPending(self, request: pb.ListPendingRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> pb.ListPendingResponse:
-        """Not served yet."""
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListPending: not served by this hub yet")
-        raise AssertionError
+        """Every node's pending approvals from their latest reports, by node then vmid (each names its node)."""
+        cluster = check_name("cluster", request.cluster)
+        pending = []
+        for row in self._db(functools.partial(self.store.guests, pending_only=True), cluster):
+            for item in fleet.guest_of(row).pending:
+                item.node = row.node  # the node the hub heard it from, whatever the entry says
+                pending.append(item)
+        return pb.ListPendingResponse(pending=pending)
 
+    @_mapped
     def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:  # noqa: N802
-        """Not served yet."""
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "SubmitOp: not served by this hub yet")
-        raise AssertionError
+        """Queue a signed op (or op.revoke) for the node its payload's audience names; it goes on that node's
+        Watch stream at once if it watches (any replica), else when it next connects. The hub verifies nothing."""
+        cluster = check_name("cluster", request.cluster)
+        route = routing.read(request.envelope)
+        node = self._db(self.store.node_for_audience, cluster, route.audience)
+        if node is None:
+            raise HubRefusal(grpc.StatusCode.NOT_FOUND, f"payload.audience: no node of cluster {cluster} has "
+                                                        f"reported audience {route.audience}")
+        delivery = self._db(self.store.add_delivery, cluster, node, request.envelope, route.op_id, route.kind)
+        log.info("hub.op_submitted", cluster=cluster, node=node, delivery_id=delivery.delivery_id, op_id=route.op_id,
+                 op_kind=route.kind, vmid=route.vmid)
+        return pb.SubmitOpResponse(delivery_id=delivery.delivery_id, node=node, op_id=route.op_id,
+                                   op_kind=route.kind)
 
+    @_mapped
     def GetOpStatus(self, request: pb.GetOpStatusRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> pb.GetOpStatusResponse:
-        """Not served yet."""
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetOpStatus: not served by this hub yet")
-        raise AssertionError
+        """Routed ops by delivery id or op id (every delivery of that op), or the most recent; NOT_FOUND for an id
+        the hub never routed."""
+        cluster = check_name("cluster", request.cluster)
+        if request.limit > MAX_DELIVERIES:
+            raise InvalidArgumentError("limit", f"must be <= {MAX_DELIVERIES}, not {request.limit}")
+        found = self._db(self.store.deliveries, cluster, request.id or None, request.limit or DEFAULT_HISTORY)
+        if request.id and not found:
+            raise HubRefusal(grpc.StatusCode.NOT_FOUND, f"id: no delivery or op {request.id} was routed through "
+                                                        f"this hub for cluster {cluster}")
+        return pb.GetOpStatusResponse(ops=[routing.to_routed(delivery) for delivery in found])

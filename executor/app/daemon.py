@@ -54,6 +54,14 @@ def _loop(engine: Engine, stop: threading.Event, interval: float) -> None:
         stop.wait(interval)
 
 
+def _hold_for_recovery(parts: Parts) -> None:
+    """Hold signed ops until recovery ends, then take the hub's deliveries (they wait for it as a local SubmitOp)."""
+    if parts.engine.journal is not None:
+        parts.engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
+    if parts.deliveries is not None:
+        parts.deliveries.start()  # after recovering is set: no delivery reaches the desk before recovery ends
+
+
 def run(settings: ExecutorSettings, conn: Connection) -> int:
     """``pve-executor run``."""
     stop = stop_on_signals()  # first: a SIGTERM from here on is a clean stop
@@ -84,8 +92,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
     if desk is not None:  # always, for the daemon: build makes one
         # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).
         reload_on_hangup(desk, lambda: warn_if_unnamed(desk, parts.engine.gate.audience), hangup=hangup)
-    if parts.engine.journal is not None:
-        parts.engine.recovering.set()  # before the API serves: no tick and no op against an unresolved journal
+    _hold_for_recovery(parts)
     try:
         api, endpoint = _listen(settings, parts, metrics, tls)
     except OSError as exc:  # a live daemon on the socket, a port taken: one line, no traceback

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from common.config import ConfigError
+from executor.api.deliveries import HubDeliveries
 from executor.app.connect import connection, hub_tls, planner_tls
 from executor.config import ExecutorSettings
 from executor.gate.audience import Audience
@@ -91,11 +92,14 @@ class Parts:
     desk: OpDesk | None  # None: built without OpSettings (a test's engine, a benchmark)
     funnel: Funnel  # what selftest submits through
     hub: HubProvider | None = None  # the provider when desired state comes from a hub (``start`` it)
+    deliveries: HubDeliveries | None = None  # signed ops the hub delivers, to the desk (``start`` it after recovery)
 
     def close(self, grace: float) -> None:
         """Stop watching the hub, drain the queue within ``grace``, then close the planner channel and the journal."""
         if self.hub is not None:
             self.hub.close()
+        if self.deliveries is not None:
+            self.deliveries.close()
         unfinished = self.queue.close(grace)
         if unfinished:
             log.warning("shutdown_unfinished", jobs=[f"{j.vmid}:{j.label}" for j in unfinished])
@@ -173,7 +177,12 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
                      queue=GuestQueue(settings.max_parallel), provider=hub or desired, engine=Settings(),
                      ops=OpSettings(state_dir=settings.state_dir, trust_store=settings.trust_store,
                                     skew=settings.op_clock_skew), trust=trust)
-    return dataclasses.replace(parts, hub=hub)
+    deliveries = None
+    if hub is not None and parts.desk is not None:
+        # The hub carries signed ops to this node's own desk: verified, rate-limited and journaled as the local API's.
+        deliveries = HubDeliveries(parts.desk, parts.engine, hub.report_state, parts.engine.gate.audience)
+        hub.deliveries = deliveries
+    return dataclasses.replace(parts, hub=hub, deliveries=deliveries)
 
 
 def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper, metrics: ExecutorMetrics,

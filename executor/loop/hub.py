@@ -47,6 +47,13 @@ HUB_CLIENT = ("hub_ca", "hub_client_cert", "hub_client_key")  # the settings a b
 SILENT_HEARTBEATS = 3  # a stream without an event for this many heartbeat intervals is dead: reconnect
 
 
+class DeliveryHandler(Protocol):
+    """Where signed ops the hub delivers go (``executor.api.deliveries.HubDeliveries``: this node's own gate)."""
+
+    def take(self, delivery: pb.Delivery, cluster: str, node: str) -> None:
+        """Queue ``delivery`` (from the stream of ``cluster`` as ``node``); never blocks the stream."""
+
+
 class TrustSource(Protocol):
     """The trust store in force (the executor's ``TrustKeeper``)."""
 
@@ -103,6 +110,8 @@ class HubProvider:
         self._call: grpc.Future | None = None
         self._thread: threading.Thread | None = None
         self._pending: pb.ReportRequest | None = None  # the last report the hub has not confirmed
+        # Signed ops the hub delivers (the wiring sets it once the op desk exists); None: left for the next stream.
+        self.deliveries: DeliveryHandler | None = None
         self._channel = (grpc.secure_channel(settings.target, channel_credentials(settings.tls), options=_OPTIONS)
                          if settings.tls else grpc.insecure_channel(settings.target, options=_OPTIONS))
         self._stub = pb_grpc.HubServiceStub(self._channel)
@@ -258,7 +267,8 @@ class HubProvider:
     def _watch(self, cluster: str, node: str) -> bool:
         """One Watch stream until it ends; True when it carried at least one event (the hub was reached)."""
         since = self._since()
-        call = self._stub.Watch(pb.WatchRequest(cluster=cluster, node=node, since_version=since))
+        # node is this executor's audience (``_identity``): said so, the hub routes envelopes naming it here.
+        call = self._stub.Watch(pb.WatchRequest(cluster=cluster, node=node, since_version=since, audience=node))
         with self._lock:
             self._call = call
         if self._stop.is_set():
@@ -275,7 +285,9 @@ class HubProvider:
                     self._metrics.hub_connected.set(1)
                     log.info("hub_connected", hub=self.settings.target, cluster=cluster, since_version=since)
                     self._resend(cluster, node)
-                if event.HasField("document") and not self._take(event.document, cluster, node):
+                if event.HasField("delivery"):
+                    self._deliver(event.delivery, cluster, node)
+                elif event.HasField("document") and not self._take(event.document, cluster, node):
                     code, reached = "not_saved", False  # try again after a backoff: the hub sends it again
                     break
         except grpc.RpcError as exc:
@@ -352,6 +364,26 @@ class HubProvider:
         with self._lock:
             self._taken = _Taken(held=verified.held, created=verified.document.created, guests=tuple(guests),
                                  trusted=True, store=store, envelope=envelope, identity=identity)
+
+    # --- deliveries ---------------------------------------------------------------------------------------------
+
+    def _deliver(self, delivery: pb.Delivery, cluster: str, node: str) -> None:
+        handler = self.deliveries
+        if handler is None:
+            log.warning("hub_delivery_ignored", delivery_id=delivery.delivery_id,
+                        consequence="signed operations are not set up here; the hub keeps it for the next stream")
+            return
+        handler.take(delivery, cluster, node)
+
+    def report_state(self, report: pb.StateReport) -> bool:
+        """Send one StateReport; True when the hub took it (False: logged, the caller keeps what it carried)."""
+        try:
+            self._stub.ReportState(report, timeout=self.settings.report_timeout)
+        except grpc.RpcError as exc:
+            log.warning("hub_state_report_failed", code=_code(exc), deliveries=len(report.deliveries),
+                        consequence="sent again with the next")
+            return False
+        return True
 
     # --- reports ------------------------------------------------------------------------------------------------
 

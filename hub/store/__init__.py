@@ -6,6 +6,7 @@ replicas on one database) implement it and pass the same tests (tests/test_hub_s
 
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
+    Delivery,
     DocumentTooLarge,
     Entry,
     GuestRow,
@@ -28,6 +29,7 @@ from hub.store.sqlite import SqliteStore
 
 __all__ = [
     "DEFAULT_MAX_ENVELOPE",
+    "Delivery",
     "DocumentTooLarge",
     "Entry",
     "GuestRow",

@@ -18,6 +18,15 @@ MAX_HISTORY = 1000  # rows one history() call returns at most
 # Above the largest envelope a signed desired document may be (4 MiB of desired text, JSON-escaped at
 # worst twice, base64'd, four signatures: ~10.8 MiB); a 10,000-guest cluster's is ~2.7 MB.
 DEFAULT_MAX_ENVELOPE = 12 * 1024 * 1024
+# --- deliveries (approvals through the hub) ---
+# A signed op's envelope: safety.signedop.MAX_ENVELOPE (64 KiB) is the most a node's gate takes; the hub keeps none
+# larger (refused, not stored).
+MAX_OP_ENVELOPE = 64 * 1024
+DECISIONS = frozenset({"accepted", "revoked", "refused"})  # a node's verdict on a delivery (DeliveryResult.decision)
+OPEN_STATES = ("queued", "delivered")  # no verdict yet: re-sent on the node's next Watch stream
+DELIVERY_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+MAX_AUDIENCE = 128
+MAX_DELIVERIES = 200  # rows one deliveries() call returns at most
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,30 @@ class NodeReport:
     ok: bool  # True: ACK; False: NACK
     reason: str
     last_seen: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A signed envelope routed to one node: what the hub took, and what the node said of it.
+
+    ``state``: queued (at the hub), delivered (sent on the node's stream, no verdict yet), or the node's first
+    verdict (accepted, revoked, refused: never overwritten by a redelivery's). ``op_report``: the op's latest
+    fate as the node reported it (a serialized hub.v1 OpReport; the store does not read it), empty before one.
+    ``seq`` orders a cluster's deliveries (the feeds route those past the last they saw).
+    """
+
+    seq: int
+    delivery_id: str
+    cluster: str
+    node: str
+    envelope: bytes
+    op_id: str
+    kind: str
+    state: str
+    reason: str
+    detail: str
+    submitted_at: datetime
+    op_report: bytes = b""
 
 
 class StoreError(Exception):
@@ -160,6 +193,40 @@ def check_timeout(value: object) -> float:
         raise InvalidArgumentError("timeout", f"must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
 
+
+
+def check_delivery_id(value: object, field: str = "delivery_id") -> str:
+    """``value`` if it is 32 lowercase hex (a delivery or op id)."""
+    if not isinstance(value, str) or not DELIVERY_ID.fullmatch(value):
+        raise InvalidArgumentError(field, f"must be 32 lowercase hex, not {str(value)[:40]!r}")
+    return value
+
+
+def check_audience(value: object) -> str:
+    """``value`` if it is an audience (NODE@CLUSTER): 1-128 characters a node name may hold."""
+    if not isinstance(value, str) or not value or len(value) > MAX_AUDIENCE or not NODE.fullmatch(value):
+        raise InvalidArgumentError("audience", f"{str(value)[:140]!r} does not match {NODE.pattern}")
+    return value
+
+
+def check_op_envelope(value: object) -> bytes:
+    """``value`` as bytes if it is a non-empty envelope of at most MAX_OP_ENVELOPE bytes."""
+    data = check_envelope(value)
+    if len(data) > MAX_OP_ENVELOPE:
+        raise InvalidArgumentError("envelope", f"{len(data)} bytes, over the limit of {MAX_OP_ENVELOPE}; "
+                                               "nothing stored")
+    return data
+
+
+def check_verdict(decision: object, op_id: object, reason: object, detail: object) -> None:
+    """InvalidArgumentError naming the first bad field of a node's verdict on a delivery."""
+    if decision not in DECISIONS:
+        raise InvalidArgumentError("decision", f"must be one of {', '.join(sorted(DECISIONS))}, not "
+                                               f"{str(decision)[:40]!r}")
+    if op_id:
+        check_delivery_id(op_id, "op_id")
+    check_text("reason", reason, required=decision == "refused")
+    check_text("detail", detail, required=False)
 
 
 def check_page(limit: object, before: object) -> None:

@@ -17,6 +17,7 @@ from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
+    Delivery,
     DocumentTooLarge,
     Entry,
     GuestRow,
@@ -43,6 +44,8 @@ CONNECT_TIMEOUT = 5  # seconds to reach the server
 _DOCUMENT = "SELECT cluster, version, envelope, sha256, author, message, created_at FROM documents"
 _ENTRY = "SELECT cluster, version, sha256, octet_length(envelope), author, message, created_at FROM documents"
 _REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
+_DELIVERY = ("SELECT seq, delivery_id, cluster, node, envelope, op_id, kind, state, reason, detail, submitted_at, "
+             "op_report FROM deliveries")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 # The database's clock stamps reports, so replicas agree on a node's age; the node's row is locked for the delta.
@@ -85,6 +88,12 @@ def _entry(row: Any) -> Entry:
 def _report(row: Any) -> NodeReport:
     return NodeReport(cluster=row[0], node=row[1], held=row[2], version=row[3], ok=row[4], reason=row[5],
                       last_seen=row[6])
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(seq=row[0], delivery_id=row[1], cluster=row[2], node=row[3], envelope=bytes(row[4]), op_id=row[5],
+                    kind=row[6], state=row[7], reason=row[8], detail=row[9], submitted_at=row[10],
+                    op_report=bytes(row[11]))
 
 
 class _Pool:
@@ -309,6 +318,131 @@ class PostgresStore:
         model.check_version("after_version", after_version)
         seconds = model.check_timeout(timeout)
         return self._bell.wait(cluster, lambda: not self._closed.is_set() and self.latest(cluster) > after_version,
+                               seconds)
+
+    # --- deliveries: approvals through the hub (migration 4) -------------------------------------------------------
+
+    def record_audience(self, cluster: str, node: str, audience: str) -> None:
+        """Record the audience ``node`` says its signed ops name."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        model.check_audience(audience)
+        self._read(lambda conn: conn.execute(
+            "INSERT INTO audiences (cluster, node, audience) VALUES (%s, %s, %s) ON CONFLICT (cluster, node) "
+            "DO UPDATE SET audience = excluded.audience, updated_at = now()", (cluster, node, audience)))
+
+    def node_for_audience(self, cluster: str, audience: str) -> str | None:
+        """The node that last said it answers to ``audience``, else a node of that name that reported; or None."""
+        model.check_name("cluster", cluster)
+        model.check_audience(audience)
+        row = self._one("SELECT node FROM audiences WHERE cluster = %s AND audience = %s "
+                        "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience))
+        if row is None:
+            row = self._one("SELECT node FROM acks WHERE cluster = %s AND node = %s", (cluster, audience))
+        return str(row[0]) if row else None
+
+    def add_delivery(self, cluster: str, node: str, envelope: bytes, op_id: str, kind: str) -> Delivery:
+        """Queue ``envelope`` for ``node`` under a new delivery id; NOTIFY wakes every replica's feed."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        data = model.check_op_envelope(envelope)
+        if op_id:
+            model.check_delivery_id(op_id, "op_id")
+        model.check_text("kind", kind, required=True)
+        delivery_id = uuid.uuid4().hex
+        with self._pool.connection() as conn, conn.transaction():  # never retried: it is not idempotent
+            row = conn.execute("INSERT INTO deliveries (delivery_id, cluster, node, envelope, op_id, kind, state) "
+                               "VALUES (%s, %s, %s, %s, %s, %s, 'queued') RETURNING seq, submitted_at",
+                               (delivery_id, cluster, node, data, op_id, kind)).fetchone()
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, cluster))  # a ring means "look again"
+        self._bell.ring(cluster)
+        assert row is not None
+        log.info("hub.store.delivery_queued", cluster=cluster, node=node, delivery_id=delivery_id, op_id=op_id,
+                 op_kind=kind)
+        return Delivery(int(row[0]), delivery_id, cluster, node, data, op_id, kind, "queued", "", "", row[1])
+
+    def open_deliveries(self, cluster: str, node: str) -> list[Delivery]:
+        """The node's deliveries without a verdict, oldest first."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        rows = self._all(f"{_DELIVERY} WHERE cluster = %s AND node = %s AND state IN (%s, %s) ORDER BY seq",
+                         (cluster, node, *model.OPEN_STATES))
+        return [_delivery(row) for row in rows]
+
+    def deliveries_after(self, cluster: str, seq: int) -> list[Delivery]:
+        """The cluster's deliveries numbered past ``seq``, oldest first."""
+        model.check_name("cluster", cluster)
+        model.check_version("seq", seq)
+        rows = self._all(f"{_DELIVERY} WHERE cluster = %s AND seq > %s ORDER BY seq LIMIT %s",
+                         (cluster, seq, model.MAX_DELIVERIES))
+        return [_delivery(row) for row in rows]
+
+    def delivery_head(self, cluster: str) -> int:
+        """The cluster's last delivery number (0: none)."""
+        row = self._one("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE cluster = %s",
+                        (model.check_name("cluster", cluster),))
+        return int(row[0])
+
+    def mark_delivered(self, delivery_id: str) -> None:
+        """A queued delivery was sent on its node's stream."""
+        model.check_delivery_id(delivery_id)
+        self._read(lambda conn: conn.execute(
+            "UPDATE deliveries SET state = 'delivered' WHERE delivery_id = %s AND state = 'queued'", (delivery_id,)))
+
+    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, *, op_id: str = "",
+                       reason: str = "", detail: str = "") -> bool:
+        """The node's first verdict on its delivery (see Store.record_verdict); idempotent, so retried once."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        model.check_delivery_id(delivery_id)
+        model.check_verdict(decision, op_id, reason, detail)
+        count = self._read(lambda conn: conn.execute(
+            "UPDATE deliveries SET state = %s, reason = %s, detail = %s, decided_at = now(), "
+            "op_id = CASE WHEN %s <> '' THEN %s ELSE op_id END "
+            "WHERE delivery_id = %s AND cluster = %s AND node = %s AND state IN (%s, %s)",
+            (decision, reason, detail, op_id, op_id, delivery_id, cluster, node, *model.OPEN_STATES)).rowcount)
+        log.info("hub.store.verdict", cluster=cluster, node=node, delivery_id=delivery_id, decision=decision,
+                 recorded=count == 1)
+        return count == 1
+
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each op's latest fate on every delivery of it to ``node``, in one transaction (see Store)."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        for op_id, _ in reports:
+            model.check_delivery_id(op_id, "op_id")
+        routed = {row[0] for row in self._all("SELECT DISTINCT op_id FROM deliveries WHERE cluster = %s AND node = %s",
+                                              (cluster, node))}
+        wanted = [(op_id, body) for op_id, body in reports if op_id in routed]
+        if not wanted:
+            return 0
+
+        def write(conn: Conn) -> int:
+            with conn.transaction():
+                return sum(int(conn.execute("UPDATE deliveries SET op_report = %s WHERE cluster = %s AND node = %s "
+                                            "AND op_id = %s", (bytes(body), cluster, node, op_id)).rowcount)
+                           for op_id, body in wanted)
+        return self._read(write)  # idempotent: the same fates again
+
+    def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
+        """Deliveries by delivery id or op id, or the ``limit`` most recent; oldest first."""
+        model.check_name("cluster", cluster)
+        if ident is not None:
+            model.check_delivery_id(ident, "id")
+            rows = self._all(f"{_DELIVERY} WHERE cluster = %s AND (delivery_id = %s OR op_id = %s) ORDER BY seq "
+                             "LIMIT %s", (cluster, ident, ident, model.MAX_DELIVERIES))
+            return [_delivery(row) for row in rows]
+        model.check_version("limit", limit, least=1)
+        rows = self._all(f"{_DELIVERY} WHERE cluster = %s ORDER BY seq DESC LIMIT %s",
+                         (cluster, min(limit, model.MAX_DELIVERIES)))
+        return [_delivery(row) for row in reversed(rows)]
+
+    def wait_for_deliveries(self, cluster: str, after_seq: int, timeout: float) -> bool:
+        """Block until the cluster has a delivery past ``after_seq`` (True) or ``timeout`` s pass (False)."""
+        model.check_name("cluster", cluster)
+        model.check_version("after_seq", after_seq)
+        seconds = model.check_timeout(timeout)
+        return self._bell.wait(cluster, lambda: not self._closed.is_set() and self.delivery_head(cluster) > after_seq,
                                seconds)
 
     def schema_version(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from hub.store.model import Entry, GuestRow, NodeReport, NodeState, OpRow, Recorded, StateIn, Version
+from hub.store.model import Delivery, Entry, GuestRow, NodeReport, NodeState, OpRow, Recorded, StateIn, Version
 
 
 class Store(Protocol):
@@ -62,6 +62,61 @@ class Store(Protocol):
 
         Woken by appends through any store on the same database, this process's or another's.
         """
+        ...
+
+    # --- deliveries: approvals through the hub (migration 4) -------------------------------------------------------
+    # The hub carries signed envelopes to the node their audience names; it never reads more of them than the
+    # audience, kind and op id, and it never approves: the node's gate verifies each as its local API does.
+
+    def record_audience(self, cluster: str, node: str, audience: str) -> None:
+        """Record the audience ``node`` says its signed ops name (at Watch; from its StateReports)."""
+        ...
+
+    def node_for_audience(self, cluster: str, audience: str) -> str | None:
+        """The node that last said it answers to ``audience``; else a node named ``audience`` (an executor's id is
+        its audience, NODE@CLUSTER) that reported; None when there is none."""
+        ...
+
+    def add_delivery(self, cluster: str, node: str, envelope: bytes, op_id: str, kind: str) -> Delivery:
+        """Queue ``envelope`` for ``node`` (a new delivery id); InvalidArgumentError over MAX_OP_ENVELOPE bytes.
+
+        Wakes the cluster's delivery waiters on every replica (``wait_for_deliveries``).
+        """
+        ...
+
+    def open_deliveries(self, cluster: str, node: str) -> list[Delivery]:
+        """The node's deliveries without a verdict (queued, or delivered and unanswered), oldest first."""
+        ...
+
+    def deliveries_after(self, cluster: str, seq: int) -> list[Delivery]:
+        """The cluster's deliveries numbered past ``seq``, oldest first (what a feed has not routed yet)."""
+        ...
+
+    def delivery_head(self, cluster: str) -> int:
+        """The cluster's last delivery number (0: none)."""
+        ...
+
+    def mark_delivered(self, delivery_id: str) -> None:
+        """A queued delivery was sent on its node's stream (a decided one keeps its verdict)."""
+        ...
+
+    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, *, op_id: str = "",
+                       reason: str = "", detail: str = "") -> bool:
+        """The node's verdict on its delivery; True if recorded. The first verdict stands: a redelivery's (a nonce
+        already spent, in flight) never overwrites it; a delivery of another node is not touched."""
+        ...
+
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each (op_id, serialized OpReport): the op's latest fate on every delivery of it to ``node``, in one
+        transaction; how many deliveries it touched (an op the hub never routed touches none)."""
+        ...
+
+    def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
+        """Deliveries whose delivery id or op id is ``ident``, or (None) the ``limit`` most recent; oldest first."""
+        ...
+
+    def wait_for_deliveries(self, cluster: str, after_seq: int, timeout: float) -> bool:
+        """Block until the cluster has a delivery past ``after_seq`` (True) or ``timeout`` s pass (False)."""
         ...
 
     def schema_version(self) -> int:

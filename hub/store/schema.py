@@ -53,6 +53,20 @@ SQLITE: tuple[Migration, ...] = (
             fate TEXT NOT NULL, at_ms INTEGER NOT NULL, body BLOB NOT NULL,
             PRIMARY KEY (cluster, node, op_id, payload_sha256))""",
     )),
+    Migration(4, "deliveries: signed ops routed through the hub to the node their audience names", (
+        """CREATE TABLE deliveries (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, delivery_id TEXT NOT NULL UNIQUE, cluster TEXT NOT NULL,
+            node TEXT NOT NULL, envelope BLOB NOT NULL, op_id TEXT NOT NULL, kind TEXT NOT NULL,
+            state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
+            submitted_at REAL NOT NULL, decided_at REAL, op_report BLOB NOT NULL DEFAULT x'')""",
+        "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
+        "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        "CREATE INDEX deliveries_seq ON deliveries (cluster, seq)",  # a feed's MAX(seq) and "past seq" reads
+        """CREATE TABLE audiences (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, audience TEXT NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (cluster, node))""",
+        "CREATE INDEX audiences_by_audience ON audiences (cluster, audience)",
+    )),
 )
 
 POSTGRES_SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -90,6 +104,21 @@ POSTGRES: tuple[Migration, ...] = (
             cluster text NOT NULL, node text NOT NULL, op_id text NOT NULL, payload_sha256 text NOT NULL,
             fate text NOT NULL, at_ms bigint NOT NULL, body bytea NOT NULL,
             PRIMARY KEY (cluster, node, op_id, payload_sha256))""",
+    )),
+    Migration(4, "deliveries: signed ops routed through the hub to the node their audience names", (
+        """CREATE TABLE deliveries (
+            seq bigserial PRIMARY KEY, delivery_id text NOT NULL UNIQUE, cluster text NOT NULL, node text NOT NULL,
+            envelope bytea NOT NULL, op_id text NOT NULL, kind text NOT NULL, state text NOT NULL,
+            reason text NOT NULL DEFAULT '', detail text NOT NULL DEFAULT '',
+            submitted_at timestamptz NOT NULL DEFAULT now(), decided_at timestamptz,
+            op_report bytea NOT NULL DEFAULT '')""",
+        "CREATE INDEX deliveries_open ON deliveries (cluster, node, state)",
+        "CREATE INDEX deliveries_op ON deliveries (cluster, op_id)",
+        "CREATE INDEX deliveries_seq ON deliveries (cluster, seq)",  # a feed's MAX(seq) and "past seq" reads
+        """CREATE TABLE audiences (
+            cluster text NOT NULL, node text NOT NULL, audience text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (cluster, node))""",
+        "CREATE INDEX audiences_by_audience ON audiences (cluster, audience)",
     )),
 )
 

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from hub.store import model, states
 from hub.store.bell import Bell
 from hub.store.model import (
     DEFAULT_MAX_ENVELOPE,
+    Delivery,
     DocumentTooLarge,
     Entry,
     GuestRow,
@@ -45,6 +47,8 @@ BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another process's write
 _DOCUMENT = "SELECT cluster, version, envelope, sha256, author, message, created_at FROM documents"
 _ENTRY = "SELECT cluster, version, sha256, length(envelope), author, message, created_at FROM documents"
 _REPORT = "SELECT cluster, node, held, version, ok, reason, last_seen FROM acks"
+_DELIVERY = ("SELECT seq, delivery_id, cluster, node, envelope, op_id, kind, state, reason, detail, submitted_at, "
+             "op_report FROM deliveries")
 
 
 def migrate(conn: sqlite3.Connection, upto: int | None = None) -> tuple[int, int]:
@@ -107,6 +111,12 @@ def _entry(row: Any) -> Entry:
 def _report(row: Any) -> NodeReport:
     return NodeReport(cluster=row[0], node=row[1], held=row[2], version=row[3], ok=bool(row[4]), reason=row[5],
                       last_seen=_time(row[6]))
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(seq=row[0], delivery_id=row[1], cluster=row[2], node=row[3], envelope=bytes(row[4]), op_id=row[5],
+                    kind=row[6], state=row[7], reason=row[8], detail=row[9], submitted_at=_time(row[10]),
+                    op_report=bytes(row[11]))
 
 
 DIALECT = states.Dialect("?", lambda: ("?", (time.time(),)), lambda value: _time(float(value)))
@@ -293,6 +303,133 @@ class SqliteStore:
         model.check_version("after_version", after_version)
         seconds = model.check_timeout(timeout)
         return self._bell.wait(cluster, lambda: not self._closed and self.latest(cluster) > after_version, seconds)
+
+    # --- deliveries: approvals through the hub (migration 4) -------------------------------------------------------
+
+    def record_audience(self, cluster: str, node: str, audience: str) -> None:
+        """Record the audience ``node`` says its signed ops name."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        model.check_audience(audience)
+        with _write(self._conn()) as conn:
+            conn.execute("INSERT INTO audiences (cluster, node, audience, updated_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (cluster, node) DO UPDATE SET audience = excluded.audience, "
+                         "updated_at = excluded.updated_at", (cluster, node, audience, time.time()))
+
+    def node_for_audience(self, cluster: str, audience: str) -> str | None:
+        """The node that last said it answers to ``audience``, else a node of that name that reported; or None."""
+        model.check_name("cluster", cluster)
+        model.check_audience(audience)
+        conn = self._conn()
+        row = conn.execute("SELECT node FROM audiences WHERE cluster = ? AND audience = ? "
+                           "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience)).fetchone()
+        if row is None:
+            row = conn.execute("SELECT node FROM acks WHERE cluster = ? AND node = ?", (cluster, audience)).fetchone()
+        return str(row[0]) if row else None
+
+    def add_delivery(self, cluster: str, node: str, envelope: bytes, op_id: str, kind: str) -> Delivery:
+        """Queue ``envelope`` for ``node`` under a new delivery id (see Store.add_delivery)."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        data = model.check_op_envelope(envelope)
+        if op_id:
+            model.check_delivery_id(op_id, "op_id")
+        model.check_text("kind", kind, required=True)
+        delivery_id, now = uuid.uuid4().hex, time.time()
+        with _write(self._conn()) as conn:
+            cursor = conn.execute("INSERT INTO deliveries (delivery_id, cluster, node, envelope, op_id, kind, state, "
+                                  "submitted_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+                                  (delivery_id, cluster, node, data, op_id, kind, now))
+            seq = int(cursor.lastrowid or 0)
+        self._bell.ring(cluster)
+        log.info("hub.store.delivery_queued", cluster=cluster, node=node, delivery_id=delivery_id, op_id=op_id,
+                 op_kind=kind)
+        return Delivery(seq, delivery_id, cluster, node, data, op_id, kind, "queued", "", "", _time(now))
+
+    def open_deliveries(self, cluster: str, node: str) -> list[Delivery]:
+        """The node's deliveries without a verdict, oldest first."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        rows = self._conn().execute(f"{_DELIVERY} WHERE cluster = ? AND node = ? AND state IN (?, ?) ORDER BY seq",
+                                    (cluster, node, *model.OPEN_STATES)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def deliveries_after(self, cluster: str, seq: int) -> list[Delivery]:
+        """The cluster's deliveries numbered past ``seq``, oldest first."""
+        model.check_name("cluster", cluster)
+        model.check_version("seq", seq)
+        rows = self._conn().execute(f"{_DELIVERY} WHERE cluster = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                    (cluster, seq, model.MAX_DELIVERIES)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def delivery_head(self, cluster: str) -> int:
+        """The cluster's last delivery number (0: none)."""
+        model.check_name("cluster", cluster)
+        row = self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE cluster = ?",
+                                   (cluster,)).fetchone()
+        return int(row[0])
+
+    def mark_delivered(self, delivery_id: str) -> None:
+        """A queued delivery was sent on its node's stream."""
+        model.check_delivery_id(delivery_id)
+        with _write(self._conn()) as conn:
+            conn.execute("UPDATE deliveries SET state = 'delivered' WHERE delivery_id = ? AND state = 'queued'",
+                         (delivery_id,))
+
+    def record_verdict(self, cluster: str, node: str, delivery_id: str, decision: str, *, op_id: str = "",
+                       reason: str = "", detail: str = "") -> bool:
+        """The node's first verdict on its delivery (see Store.record_verdict)."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        model.check_delivery_id(delivery_id)
+        model.check_verdict(decision, op_id, reason, detail)
+        with _write(self._conn()) as conn:
+            cursor = conn.execute(
+                "UPDATE deliveries SET state = ?, reason = ?, detail = ?, decided_at = ?, "
+                "op_id = CASE WHEN ? <> '' THEN ? ELSE op_id END "
+                "WHERE delivery_id = ? AND cluster = ? AND node = ? AND state IN (?, ?)",
+                (decision, reason, detail, time.time(), op_id, op_id, delivery_id, cluster, node, *model.OPEN_STATES))
+            recorded = cursor.rowcount == 1
+        log.info("hub.store.verdict", cluster=cluster, node=node, delivery_id=delivery_id, decision=decision,
+                 recorded=recorded)
+        return recorded
+
+    def record_op_reports(self, cluster: str, node: str, reports: list[tuple[str, bytes]]) -> int:
+        """Each op's latest fate on every delivery of it to ``node``, in one transaction (see Store)."""
+        model.check_name("cluster", cluster)
+        model.check_name("node", node)
+        for op_id, _ in reports:
+            model.check_delivery_id(op_id, "op_id")
+        conn = self._conn()
+        routed = {row[0] for row in conn.execute("SELECT DISTINCT op_id FROM deliveries WHERE cluster = ? AND node = ?",
+                                                 (cluster, node)).fetchall()}
+        wanted = [(op_id, body) for op_id, body in reports if op_id in routed]
+        if not wanted:  # a full report names many ops: no write (and no fsync) for those the hub never routed
+            return 0
+        with _write(conn):
+            return sum(int(conn.execute("UPDATE deliveries SET op_report = ? WHERE cluster = ? AND node = ? AND "
+                                        "op_id = ?", (bytes(body), cluster, node, op_id)).rowcount)
+                       for op_id, body in wanted)
+
+    def deliveries(self, cluster: str, ident: str | None = None, limit: int = 20) -> list[Delivery]:
+        """Deliveries by delivery id or op id, or the ``limit`` most recent; oldest first."""
+        model.check_name("cluster", cluster)
+        if ident is not None:
+            model.check_delivery_id(ident, "id")
+            rows = self._conn().execute(f"{_DELIVERY} WHERE cluster = ? AND (delivery_id = ? OR op_id = ?) "
+                                        "ORDER BY seq LIMIT ?", (cluster, ident, ident, model.MAX_DELIVERIES))
+            return [_delivery(row) for row in rows.fetchall()]
+        model.check_version("limit", limit, least=1)
+        rows = self._conn().execute(f"{_DELIVERY} WHERE cluster = ? ORDER BY seq DESC LIMIT ?",
+                                    (cluster, min(limit, model.MAX_DELIVERIES)))
+        return [_delivery(row) for row in reversed(rows.fetchall())]
+
+    def wait_for_deliveries(self, cluster: str, after_seq: int, timeout: float) -> bool:
+        """Block until the cluster has a delivery past ``after_seq`` (True) or ``timeout`` s pass (False)."""
+        model.check_name("cluster", cluster)
+        model.check_version("after_seq", after_seq)
+        seconds = model.check_timeout(timeout)
+        return self._bell.wait(cluster, lambda: not self._closed and self.delivery_head(cluster) > after_seq, seconds)
 
     def schema_version(self) -> int:
         """The schema step the database is at."""

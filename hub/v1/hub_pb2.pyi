@@ -327,22 +327,28 @@ class WatchRequest(_message.Message):
     CLUSTER_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     SINCE_VERSION_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     """The cluster."""
     node: _builtins.str
     """The node (its executor id, NODE@CLUSTER); with mutual TLS it must match the client certificate."""
     since_version: _builtins.int
     """The version the node holds (0: none): the hub sends only newer ones."""
+    audience: _builtins.str
+    """The audience its signed operations name (optional): SubmitOp routes envelopes naming it to this node's
+    stream. Its StateReports say it too; an executor whose id is its audience needs neither.
+    """
     def __init__(
         self,
         *,
         cluster: _builtins.str = ...,
         node: _builtins.str = ...,
         since_version: _builtins.int = ...,
+        audience: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node", "since_version", b"since_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "cluster", b"cluster", "node", b"node", "since_version", b"since_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
