@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -14,9 +15,10 @@ from hub.metrics import HubMetrics
 from hub.service import DEFAULT_HEARTBEAT, SERVICE_NAME, HubServicer
 from hub.store import Store
 from hub.v1 import hub_pb2_grpc as pb_grpc
-from hub.web.fleet import Fleet
-from hub.web.server import WebEndpoint, serve_web
 from safety import desireddoc
+
+if TYPE_CHECKING:
+    from hub.web.server import WebEndpoint
 
 log = structlog.get_logger("hub.server")
 # Above the largest signed document envelope (desireddoc.MAX_ENVELOPE), with room for the message around it.
@@ -54,9 +56,7 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
     endpoint: MetricsEndpoint | None = None
     try:
         endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
-        # The page reads as Status does: the store on the servicer's store threads, and its Watch activity.
-        fleet = Fleet(store, servicer.feeds.read, servicer._watched, heartbeat)
-        web = serve_web(web_listen, fleet) if web_listen else None
+        web = _serve_web(web_listen, store, servicer, heartbeat) if web_listen else None
     except OSError:
         if endpoint is not None:
             endpoint.stop()
@@ -71,6 +71,15 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
                 else {}),
              **({"web": f"http://{web_listen.rsplit(':', 1)[0]}:{web.port}/"} if web and web_listen else {}))
     return Running(grpc=running, servicer=servicer, metrics=metrics, metrics_endpoint=endpoint, web_endpoint=web)
+
+
+def _serve_web(listen: str, store: Store, servicer: HubServicer, heartbeat: float) -> WebEndpoint:
+    """The web page (imported here: it needs the operator's modules, which import this one)."""
+    from hub.web.fleet import Fleet  # noqa: PLC0415
+    from hub.web.server import serve_web  # noqa: PLC0415
+
+    # The page reads as Status does: the store on the servicer's store threads, and its Watch activity.
+    return serve_web(listen, Fleet(store, servicer.feeds.read, servicer._watched, heartbeat))
 
 
 def stop(running: Running, grace: float) -> None:

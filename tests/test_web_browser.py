@@ -144,8 +144,13 @@ def test_a_pending_approval_shows_the_command_that_signs_it(hub: Hub, browser: A
     item = browser.find_element(By.CSS_SELECTOR, "article.pending")
     assert "pve2@fakecluster · guest 200 · config.nic_identity APPROVAL" in item.text
     assert f"net0: the MAC address changes ({EVIL})" in item.text
-    command = item.find_element(By.CSS_SELECTOR, "pre.command").text
-    assert command == "pve-executor op sign --pending 1 --key KEYFILE --role ROLE"
+    short = "ab" * 6
+    assert item.find_element(By.CSS_SELECTOR, "pre.command.hub").text == (
+        f"pve-hub pending --cluster {CLUSTER} --descriptor {short} --json > pending-{short}.json && "
+        f"pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
+        f"pve-hub submit op-{short}.json --cluster {CLUSTER} --wait")
+    assert item.find_element(By.CSS_SELECTOR, "pre.command.node").text == (
+        "pve-executor op sign --pending 1 --key KEYFILE --role ROLE")
 
 
 def test_a_guest_named_script_is_shown_as_text_and_never_runs(hub: Hub, browser: Any) -> None:
@@ -172,8 +177,7 @@ def test_the_pages_work_with_javascript_disabled(hub: Hub) -> None:
         follow(driver, "200")
         assert "net0 virtio=BC:24:11:00:00:02,bridge=vmbr0 virtio=BC:24:11:00:00:09,bridge=vmbr0 differs" in rows(
             driver, "table.keys")
-        assert "pve-executor op sign --pending 1 --key KEYFILE --role ROLE" in driver.find_element(
-            By.CSS_SELECTOR, "pre.command").text
+        assert "pve-hub submit op-abababababab.json" in driver.find_element(By.CSS_SELECTOR, "pre.command.hub").text
         follow(driver, "history")
         follow(driver, "v1")
         assert "101 added memory <absent> 2048" in rows(driver, "table.changes")

@@ -76,10 +76,8 @@ class Fleet:
         found = []
         for row in self.read(lambda: self.store.guests(cluster, pending_only=True)):
             for item in fleet.guest_of(row).pending:
-                copy = pb.PendingApproval()
-                copy.CopyFrom(item)
-                copy.node = copy.node or row.node
-                found.append(copy)
+                item.node = row.node  # the node the hub heard it from, whatever the entry says (as ListPending)
+                found.append(item)
         return sorted(found, key=lambda p: (p.node, p.vmid, p.op_kind))
 
     def clusters(self) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hub.approvals import sign_command
 from hub.store.model import MAX_HISTORY, check_name
 from hub.v1 import hub_pb2 as pb
 from hub.web import desired
@@ -16,7 +18,7 @@ HISTORY_PAGE = 50  # versions on the history page
 RECENT_OPS = 20  # operations on the overview
 MAX_CHANGES = 1000  # guests listed in a version's diff (a first 10,000-guest version adds every one)
 STATE_ORDER = tuple(state_name(v) for v in pb.SyncState.values() if v)  # in_sync, drifted, ... as the enum
-NEEDS_OPERATOR = frozenset({"refused", "pending_approval", "failed", "skipped"})
+SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
 class NotFound(Exception):  # noqa: N818 (the HTTP status it becomes)
@@ -93,23 +95,35 @@ def guest(fleet: Fleet, cluster: str, name: str, vmid_text: str) -> Page:
     declared = desired.of_version(latest) if latest else None
     keys = declared.guests.get(vmid, {}) if declared else {}
     differing = {d.key for d in guests[0].diffs}
+    waiting = fleet.pending(cluster)
     return Page("guest.html", {
         "cluster": cluster, "node": found.status, "guest": guests[0],
         "declared": [(k, v) for k, v in sorted(keys.items()) if k not in differing],
         "version": latest.version if latest else 0,
-        "commands": commands(fleet.pending(cluster)),
+        "pending": [p for p in waiting if p.node == name and p.vmid == vmid], "commands": commands(cluster, waiting),
         "ops": [(name, op) for op in reversed(found.ops) if op.vmid == vmid]})
 
 
-def commands(pending: list[pb.PendingApproval]) -> dict[tuple[str, int, str, str], str]:
-    """The command that signs each pending approval, as ``pve-executor pending`` prints it on its node (which
-    numbers its entries from 1 by vmid, then op kind)."""
+@dataclass(frozen=True, slots=True)
+class Commands:
+    """How to sign one pending approval: through the hub (as ``pve-hub pending`` prints it; empty when the node
+    reported a descriptor sha256 that is not one, so nothing it sent reaches a shell) and on the node itself (as
+    ``pve-executor pending`` prints it there)."""
+
+    hub: str
+    node: str
+
+
+def commands(cluster: str, pending: list[pb.PendingApproval]) -> dict[tuple[str, int, str, str], Commands]:
+    """The commands that sign each pending approval. ``pve-executor pending`` numbers a node's entries from 1 by
+    vmid, then op kind."""
     numbered: Counter[str] = Counter()
     found = {}
     for item in sorted(pending, key=lambda p: (p.node, p.vmid, p.op_kind)):
         numbered[item.node] += 1
-        found[(item.node, item.vmid, item.op_kind, item.descriptor_sha256)] = (
-            f"pve-executor op sign --pending {numbered[item.node]} --key KEYFILE --role ROLE")
+        hub = sign_command(cluster, item) if SHA256.fullmatch(item.descriptor_sha256) else ""
+        found[(item.node, item.vmid, item.op_kind, item.descriptor_sha256)] = Commands(
+            hub=hub, node=f"pve-executor op sign --pending {numbered[item.node]} --key KEYFILE --role ROLE")
     return found
 
 
@@ -117,7 +131,7 @@ def pending(fleet: Fleet, cluster: str) -> Page:
     """Every node's pending approvals, each with the command that signs it."""
     _cluster(fleet, cluster)
     items = fleet.pending(cluster)
-    return Page("pending.html", {"cluster": cluster, "pending": items, "commands": commands(items)})
+    return Page("pending.html", {"cluster": cluster, "pending": items, "commands": commands(cluster, items)})
 
 
 def history(fleet: Fleet, cluster: str) -> Page:
