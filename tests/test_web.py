@@ -139,6 +139,16 @@ def test_every_answer_carries_a_strict_policy_and_the_page_is_read_only(hub: Hub
     status, _, body = get(hub, f"/clusters/{CLUSTER}", method="HEAD")
     assert (status, body) == (200, "")
     assert get(hub, f"/clusters/{CLUSTER}", method="POST")[0] == 405
+    endpoint = hub.running.web_endpoint
+    assert endpoint is not None
+    for host, status in (("evil.example", 421), (f"evil.example:{endpoint.port}", 421),
+                         (f"localhost:{endpoint.port}", 200)):  # a DNS-rebinding page sends its own name
+        request = urllib.request.Request(f"http://127.0.0.1:{endpoint.port}/", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == status
+        except urllib.error.HTTPError as exc:
+            assert exc.code == status, host
 
 
 def report(hub: Hub, node: str, guests: list[pb.GuestState], *, interval: float = 3600, seq: int = 1,

@@ -96,8 +96,19 @@ class Site:
         return self.render(page.template, **page.context)
 
 
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
+    """The Host headers a loopback listener answers (a DNS-rebinding page names its own host); None: any."""
+    if host not in LOOPBACK:
+        return None  # reached by its address or through a proxy: the operator decides who reaches it
+    return frozenset({f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"})
+
+
 class _Handler(BaseHTTPRequestHandler):
     site: Site  # set on the subclass each server makes
+    hosts: frozenset[str] | None = None  # set once the port is known (see allowed_hosts)
     server_version = "pve-hub"
     sys_version = ""
 
@@ -112,6 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(response.body)
 
     def _answer(self, *, body: bool) -> None:
+        if self.hosts is not None and self.headers.get("Host", "").lower() not in self.hosts:
+            response = self.site.render("error.html", HTTPStatus.MISDIRECTED_REQUEST, title="Wrong host",
+                                        message="this page answers only its loopback address")
+            self._send(response, body=body)
+            return
         try:
             response = self.site.get(self.path)
         except UnicodeDecodeError:
@@ -159,15 +175,19 @@ class WebEndpoint:
 def serve_web(listen: str, fleet: Fleet) -> WebEndpoint:
     """Serve the pages at http://HOST:PORT/ (port 0 picks one) on a thread; OSError "cannot listen on ..." if taken."""
     host, _, port = listen.rpartition(":")
-    handler = type("Handler", (_Handler,), {"site": Site(fleet)})
+
+    class Handler(_Handler):
+        site = Site(fleet)
+
     host = host.strip("[]") or "127.0.0.1"
     kind = type("Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6 if ":" in host
                                                    else socket.AF_INET})
     try:
-        server = kind((host, int(port)), handler)
+        server = kind((host, int(port)), Handler)
     except OSError as exc:
         raise bind_error(listen, exc) from exc
     server.daemon_threads = True
+    Handler.hosts = allowed_hosts(host, int(server.server_port))
     thread = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
     thread.start()
     return WebEndpoint(server, thread, int(server.server_port))
