@@ -16,6 +16,10 @@ from hub.config import DEFAULT_ADDRESS, ENV_PREFIX, OPTIONS
 EXIT_CODES = ("exit codes: 0 ok; 1 refused or failed (another apply came first, --check-version is not the latest, "
               "the hub is unavailable, no such version, port in use); 2 usage or configuration error (bad flag, a "
               "desired file with mistakes, an unreadable key or file)")
+STATUS_EXIT_CODES = ("exit codes (Terraform-like, as pve-executor plan): 0 every node in sync; 3 drift the executors "
+                     "are converging (drifted, staged, failed and retried); 4 an operator is needed (an approval "
+                     "waiting, a refused or skipped guest, a NACK, a stale node, a tick that fails); 1 the hub could "
+                     "not be reached or failed (no such node); 2 usage")
 MAX_DSN = 4096
 WAIT_TIMEOUT = 300.0  # pve-hub submit --wait: how long to wait by default
 SUBMIT_EXIT_CODES = ("exit codes: 0 queued (with --wait: it ran ok; an op.revoke: it took effect); 1 refused, "
@@ -25,8 +29,8 @@ SUBMIT_EXIT_CODES = ("exit codes: 0 queued (with --wait: it ran ok; an op.revoke
 
 
 def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str,
-            ) -> argparse.ArgumentParser:
-    command = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES)
+            epilog: str = EXIT_CODES) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
     command.add_argument("--hub", default=DEFAULT_ADDRESS, metavar="ADDRESS",
                          help=f"the hub's HOST:PORT (default {DEFAULT_ADDRESS})")
     command.add_argument("--hub-ca", metavar="FILE", help="CA (PEM) of the hub's certificate: use TLS")
@@ -61,7 +65,12 @@ def parser() -> argparse.ArgumentParser:
     history.add_argument("--limit", type=int, default=20, metavar="N", help="at most N versions (default 20)")
     show = _client(sub, "show", "print a version's desired text (stdout) and who applied it, when, why (stderr)")
     show.add_argument("version", type=int, metavar="VERSION", help="the version (0: the latest)")
-    _client(sub, "status", "per node: the version it holds, its last ACK or NACK and reason, when it was last seen")
+    status = _client(sub, "status", "the cluster at a glance: per node the version it holds, its last ACK or NACK, "
+                                    "its guests by sync state and when it last reported (a stale node stands out)",
+                     epilog=STATUS_EXIT_CODES)
+    status.add_argument("--node", metavar="NODE", help="one node's guests: drifted keys (declared against actual), "
+                                                      "reasons, approvals waiting, recent signed ops")
+    status.add_argument("--json", action="store_true", help="print JSON (the same words as the text)")
     _approvals(sub)
     return top
 

@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import difflib
 import getpass
+import json
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 
 import desiredfile
 from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials
+from hub import status as status_view
 from hub.server import MAX_MESSAGE_BYTES
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
@@ -171,18 +173,20 @@ def show(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    """Per node: the version held, its last ACK/NACK and reason, when last seen."""
+    """The cluster at a glance (or one node's guests with --node); the exit code says whether all is in sync."""
+    now = time.time()
     with _stub(args) as stub:
+        if args.node:
+            try:
+                node = stub.GetNode(pb.GetNodeRequest(cluster=args.cluster, node=args.node), timeout=TIMEOUT)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise Failed(f"--node {args.node}: {exc.details()}") from exc
+                raise _failure("status", exc) from exc
+            print(json.dumps(status_view.node_detail_json(args.cluster, node, now), indent=2) if args.json
+                  else "\n".join(status_view.render_node(args.cluster, node, now)))
+            return status_view.exit_code([node.status])
         answer = _call("status", stub.Status, pb.StatusRequest(cluster=args.cluster))
-    latest, nodes = answer.latest_version, answer.nodes
-    print(f"cluster {args.cluster}: latest version {latest or 'none'}")
-    if not nodes:
-        print("no node has watched or reported yet")
-        return 0
-    print(f"{'NODE':32}  {'HELD':>5}  {'REPORT':10}  {'LAST SEEN':20}  REASON")
-    for node in nodes:
-        verdict = "-" if not node.reported_version else f"{'ACK' if node.ok else 'NACK'} v{node.reported_version}"
-        behind = "" if node.held_version >= latest else " (behind)"
-        print(f"{node.node[:32]:32}  {node.held_version:>5}  {verdict:10}  {_when(node.last_seen_unix_ms):20}  "
-              f"{node.reason}{behind}")
-    return 0
+    print(json.dumps(status_view.cluster_json(args.cluster, answer, now), indent=2) if args.json
+          else "\n".join(status_view.render_cluster(args.cluster, answer, now)))
+    return status_view.exit_code(answer.nodes)

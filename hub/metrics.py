@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hub.fleet import STALE_AFTER
 from hub.store import NodeReport, NodeState, StoreError
 from hub.store.model import SYNC_STATES
 
 log = structlog.get_logger("hub.metrics")
 NODE_STATES = ("ok", "nack", "stale")  # a node's one state: stale first, then its last verdict on a version
-STALE_AFTER = 2  # report intervals without a StateReport (hub.fleet.STALE_AFTER)
 
 
 @dataclass

@@ -156,7 +156,7 @@ class MemoryPve:
         with self._lock:
             for kind in (QEMU, LXC):
                 self._count("GET", f"/nodes/{self.node}/{kind}", {"full": 1} if kind == QEMU else {})
-            return GuestList([GuestState(vmid=g.vmid, type=g.type, status=g.status, lock=g.lock or "")
+            return GuestList([GuestState(vmid=g.vmid, type=g.type, status=g.status, lock=g.lock or "", name=g.name)
                               for g in self.vms if g.node == self.node])
 
     def cluster_guests(self) -> dict[int, str]:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from executor.api.deliveries import HubDeliveries
+from executor.app.report import ReporterSettings, StateReporter, ops_of
 from executor.loop.desired import Declared
 from executor.loop.engine import Engine
 from executor.loop.hub import HubProvider, HubSettings
@@ -65,21 +66,23 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) ->
 
 @dataclass
 class Node:
-    """The executor of pve1: its desk, and its hub provider with the deliveries it hands to that desk."""
+    """The executor of pve1: its desk, its hub provider with the deliveries it hands to that desk, its reporter."""
 
     desk: Desk
     provider: HubProvider
     deliveries: HubDeliveries
+    reporter: StateReporter
 
     def close(self) -> None:
-        """Stop watching and the deliveries' thread."""
+        """Stop reporting, watching and the deliveries' thread."""
+        self.reporter.close()
         self.provider.close()
         self.deliveries.close()
 
 
 def start_node(desk: Desk, address: str, tmp_path: Path) -> Node:
-    """pve1's hub provider over ``address`` (not its desired source: the engine keeps its static one), wired to
-    the desk as the daemon wires it (``executor.app.wiring.build``)."""
+    """pve1's hub provider over ``address`` (not its desired source: the engine keeps its static one) and its state
+    reporter, wired to the desk and the engine as the daemon wires them (``executor.app.wiring.build``)."""
     state = tmp_path / "node-hub"
     state.mkdir(exist_ok=True)
     provider = HubProvider(HubSettings(target=address, cluster=CLUSTER, heartbeat=0.2, backoff_base=0.05,
@@ -88,9 +91,16 @@ def start_node(desk: Desk, address: str, tmp_path: Path) -> Node:
                            metrics=ExecutorMetrics())
     deliveries = HubDeliveries(desk.desk, desk.engine, provider.report_state, desk.engine.gate.audience)
     provider.deliveries = deliveries
+    records = desk.engine.gate.records
+    reporter = StateReporter(provider.channel, ReporterSettings(interval=30.0), identity=provider.identity,
+                             held_version=lambda: provider.held.version,
+                             ops=ops_of(records.recent, desk.desk.waiting, desk.engine.queue.busy),
+                             deliveries=deliveries.drain)
+    desk.engine.after_tick.append(reporter.offer)
     deliveries.start()
     provider.start()
-    return Node(desk, provider, deliveries)
+    reporter.start()
+    return Node(desk, provider, deliveries, reporter)
 
 
 @pytest.fixture(name="hub")
@@ -115,22 +125,6 @@ def pending_mac(desk: Desk) -> Proposal:
     (entry,) = desk.engine.gate.pending()
     assert (entry.vmid, entry.op_kind, entry.cls.name) == (100, "config.nic_identity", "APPROVAL")
     return Proposal(action=json.loads(entry.descriptor), challenge=entry.challenge or None)
-
-
-def report_pending(hub: Hub, desk: Desk) -> None:
-    """The node's full StateReport of its pending approvals, as the reports branch's sender builds it from the gate
-    (sent here: that sender is not on this branch), over the hub's real ReportState."""
-    pending = [pb.PendingApproval(node=AUDIENCE, vmid=p.vmid, op_kind=p.op_kind, action_class=p.cls.name, rule=p.rule,
-                                  reasons=list(p.reasons), descriptor=p.descriptor,
-                                  descriptor_sha256=p.descriptor_sha256, challenge=p.challenge,
-                                  first_seen_unix_ms=int(p.first_seen * 1000), audience=AUDIENCE)
-               for p in desk.engine.gate.pending()]
-    guests = [pb.GuestState(vmid=100, name="vm100", type="qemu", state=pb.SYNC_STATE_PENDING_APPROVAL,
-                            pending=pending)]
-    answer = hub.stub.ReportState(pb.StateReport(cluster=CLUSTER, node=AUDIENCE, audience=AUDIENCE, session="s1",
-                                                 seq=1, full=True, guests=guests, at_unix_ms=int(time.time() * 1000),
-                                                 interval_seconds=30.0), timeout=10)
-    assert not answer.needs_full
 
 
 def key_file(tmp_path: Path, name: str) -> str:
@@ -161,8 +155,9 @@ def test_a_pending_change_signed_and_submitted_through_the_hub_runs_once(node: N
     with the op RAN ok. Before it, the same envelope with one byte changed is refused by the node as
     SIGNATURE_INVALID, exactly as the local desk refuses it, and Proxmox receives nothing."""
     desk = node.desk
-    pending_mac(desk)
-    report_pending(hub, desk)
+    pending_mac(desk)  # the tick's summary goes to the node's StateReporter, which reports it to the hub
+    wait_for(lambda: bool(hub.stub.ListPending(pb.ListPendingRequest(cluster=CLUSTER), timeout=10).pending),
+             "the node's report of its pending approval")
     listed = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address)
     assert listed.returncode == 0, listed.stderr
     (entry,) = desk.engine.gate.pending()
@@ -347,3 +342,54 @@ def test_bad_submissions_are_refused_naming_the_field(hub: Hub) -> None:
         with pytest.raises(grpc.RpcError) as error:
             routed(hub, ident)
         assert error.value.code() == code
+
+
+def test_pve_hub_submit_names_a_bad_file_and_an_unreachable_hub(tmp_path: Path) -> None:
+    """A file that is not an envelope: exit 2 naming it (nothing sent); a hub that cannot be reached: exit 1."""
+    bad = tmp_path / "op.json"
+    bad.write_text('{"payloadType": "x"}\n', encoding="utf-8")
+    usage = pve_hub("submit", str(bad), "--cluster", CLUSTER, "--hub", "127.0.0.1:9")
+    assert usage.returncode == 2 and usage.stderr.startswith(f"pve-hub submit: ENVELOPE {bad}: MALFORMED: "), usage
+    from tests.signed_helpers import seal  # noqa: PLC0415
+
+    write(bad, seal(json.dumps(_payload(AUDIENCE)).encode(), "alice"))
+    down = pve_hub("submit", str(bad), "--cluster", CLUSTER, "--hub", "127.0.0.1:9")
+    assert down.returncode == 1 and "the hub is unavailable" in down.stderr, down
+
+
+def test_a_daemon_watching_the_hub_takes_an_approval_through_it(fakepve: Any, fakepve_cafile: str, planner: Any,
+                                                                  tmp_path: Path) -> None:
+    """``pve-executor run --hub``: the daemon's own wiring. It takes the cluster's document from the hub, refuses
+    the MAC change it declares for approval and reports it; the entry listed by ListPending, signed by alice and
+    submitted with ``pve-hub submit --wait``, runs once (exit 0, RAN ok)."""
+    from tests.executor_helpers import cli, unused_port  # noqa: PLC0415
+    from tests.signed_helpers import Daemon, roles, signed_by  # noqa: PLC0415
+    from tests.signing import key_entry, write_store  # noqa: PLC0415
+    from tests.test_hub_provider import document  # noqa: PLC0415
+
+    add_vm(fakepve, 100, net0=f"virtio={MAC_OLD},bridge=vmbr0")
+    publisher = {"name": "publisher", "kinds": ["desired.apply"], "classes": ["APPROVAL"], "max_ttl": "1h",
+                 "audiences": [AUDIENCE], "threshold": 1}
+    trust = write_store(tmp_path, {"version": 1, "roles": [*roles(), publisher],
+                                   "keys": [key_entry("alice", ["destroyer", "operator", "publisher"])]})
+    desired = f"guests:\n  - vmid: 100\n    config:\n      net0: 'virtio={MAC_NEW},bridge=vmbr0'\n"
+    with running_hub(SqliteStore.in_dir(tmp_path / "hub"), heartbeat=0.5) as hub:
+        hub.stub.Apply(pb.ApplyRequest(cluster=CLUSTER, expected_version=0,
+                                       envelope=document(1, desired=desired, cluster=CLUSTER)), timeout=10)
+        command = cli(f"https://127.0.0.1:{fakepve.port}", fakepve_cafile, f"127.0.0.1:{planner.port}", tmp_path,
+                      "run", "--trust-store", str(trust), "--state-dir", str(tmp_path / "state"), "--hub",
+                      hub.address, "--interval", "1")
+        with Daemon(command, unused_port()) as daemon:
+            daemon.wait_serving()
+            wait_for(lambda: bool(hub.stub.ListPending(pb.ListPendingRequest(cluster=CLUSTER), timeout=10).pending),
+                     "the daemon's report of its pending approval", 30)
+            (item,) = hub.stub.ListPending(pb.ListPendingRequest(cluster=CLUSTER), timeout=10).pending
+            assert (item.node, item.vmid, item.op_kind) == (AUDIENCE, 100, "config.nic_identity")
+            proposal = Proposal(action=json.loads(item.descriptor), challenge=item.challenge or None)
+            before = len(fakepve.requests)
+            ran = pve_hub("submit", write(tmp_path / "op.json", signed_by(proposal, "alice", role="operator")),
+                          "--cluster", CLUSTER, "--hub", hub.address, "--wait", "--timeout", "60")
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            assert "RAN ok" in ran.stdout
+            assert [path for _, path in mutations(fakepve, before) if path == CONFIG_PATH] == [CONFIG_PATH]
+            assert daemon.stop() == 0

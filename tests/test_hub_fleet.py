@@ -3,23 +3,28 @@ new fields and staleness, the fleet's metrics on a real /metrics, and `pve-hub s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from common.grpcserver import ClientTls, ServerTls, channel_credentials
 from hub import fleet
-from hub.store import SqliteStore
+from hub.cli import main, parser
+from hub.store import PostgresStore, SqliteStore
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests.hub_helpers import CLUSTER, Hub, running_hub
-from tests.test_hub_service import _node_pki, refused
+from tests.test_hub_service import _node_pki, pve_hub, refused
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "n1@lab"
@@ -185,3 +190,52 @@ def test_the_grafana_dashboard_queries_only_metrics_the_hub_serves(hub: Hub) -> 
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     names = {name for expr in queries for name in re.findall(r"\b(pve_hub_[a-z_]+)", expr)}
     assert queries and names and names <= served, names - served
+
+
+def test_pve_hub_status_exit_codes_and_json(hub: Hub, tmp_path: Path) -> None:
+    """The real CLI: 0 all in sync (--json, the same words); 3 drift being converged; 1 the hub unreachable; 2 usage,
+    and --help's epilog names the codes."""
+    common = ["--hub", hub.address, "--cluster", CLUSTER]
+    hub.stub.ReportState(report(1, pb.GuestState(vmid=100, state=pb.SYNC_STATE_IN_SYNC),
+                                pb.GuestState(vmid=200, state=pb.SYNC_STATE_ELSEWHERE)), timeout=10)
+    done = pve_hub("status", *common, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["exit_code"] == 0 and shown["nodes"][0]["guests"] == {"in_sync": 1, "elsewhere": 1}
+    assert (shown["nodes"][0]["node"], shown["nodes"][0]["stale"], shown["nodes"][0]["report"]) == (NODE, False, None)
+    hub.stub.ReportState(report(2, drifted(), full=False, base=1), timeout=10)
+    done = pve_hub("status", *common, "--node", NODE, "--json")
+    assert done.returncode == 3, done.stdout + done.stderr
+    [guest] = [g for g in json.loads(done.stdout)["guests"] if g["vmid"] == 101]
+    assert (guest["state"], guest["diffs"]) == ("drifted", [{"key": "memory", "declared": "4096", "actual": "2048"}])
+    done = pve_hub("status", "--hub", "127.0.0.1:1", "--cluster", CLUSTER)
+    assert done.returncode == 1 and "unavailable" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with pytest.raises(SystemExit) as usage:  # argparse's own exit, in-process: a subprocess would add a second
+        main(["status", "--cluster", CLUSTER, "--no-such-flag"])
+    assert usage.value.code == 2
+    assert "4 an operator is needed" in " ".join(parser_help("status").split())
+
+
+def parser_help(command: str) -> str:
+    """``pve-hub COMMAND --help``'s text (argparse prints it and exits 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        parser().parse_args([command, "--help"])
+    assert done.value.code == 0
+    return out.getvalue()
+
+
+def test_two_replicas_on_postgresql_agree_on_the_fleet(pg_server: Any) -> None:
+    """A report to replica A is B's too: B's GetNode, Status and /metrics show it (the gauges come from the database);
+    B applies the node's next delta on top of what A recorded."""
+    conninfo = pg_server.create_database(f"hub_fleet_{os.getpid()}")
+    with running_hub(PostgresStore(conninfo), metrics_listen="127.0.0.1:0") as a, \
+            running_hub(PostgresStore(conninfo), metrics_listen="127.0.0.1:0") as b:
+        assert not a.stub.ReportState(report(1, drifted(), waiting()), timeout=10).needs_full
+        assert not b.stub.ReportState(report(2, full=False, base=1, removed_vmids=[102]), timeout=10).needs_full
+        node = b.stub.GetNode(pb.GetNodeRequest(cluster=CLUSTER, node=NODE), timeout=10)
+        assert [g.vmid for g in node.guests] == [101] and node.status.report_interval_seconds == 10.0
+        for hub in (a, b):
+            text = scrape(hub)
+            assert sample(text, "pve_hub_guests", state="drifted") == 1
+            assert sample(text, "pve_hub_pending_approvals") == 0 and sample(text, "pve_hub_nodes", state="ok") == 1

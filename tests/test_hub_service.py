@@ -409,7 +409,7 @@ def test_the_cli_apply_history_show_status(served: tuple[str, Path], tmp_path: P
         pb_grpc.HubServiceStub(channel).Report(pb.ReportRequest(cluster=CLUSTER, node="n1@lab", version=2, ok=False,
                                                                 reason="ROLLBACK", detail="held 3"))
     done = pve_hub("status", *common)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 4, done.stderr  # a NACK: an operator is needed
     assert "latest version 2" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("n1@lab"))
     assert "NACK v2" in row and "ROLLBACK: held 3" in row and "(behind)" in row

@@ -39,6 +39,7 @@ log = structlog.get_logger("executor.hub")
 CALLER = "hub"  # the rate bucket deliveries pay from (the local API's callers have their own)
 FOLLOW = 0.5  # seconds between looks at the fate of the ops accepted from the hub, while one is unsettled
 RATE_RETRY = 1.0  # seconds before a rate-limited delivery is tried again
+SEND_RETRY = 5.0  # seconds before a report the hub did not take is sent again (a hub down: one warning per retry)
 REMEMBERED = 1024  # decided deliveries remembered (answered again without reaching the desk)
 INBOX = 256  # deliveries waiting for the desk; more are dropped (the hub sends them again on the next stream)
 OP_WINDOW = 1000  # journal records read for fates (all the journal keeps in memory)
@@ -69,6 +70,7 @@ class HubDeliveries:
         self._results: list[pb.DeliveryResult] = []  # verdicts the hub has not confirmed
         self._followed: dict[str, str] = {}  # op_id -> the fate last reported ("" none yet)
         self._where: tuple[str, str] | None = None  # (cluster, node) of the last stream
+        self._retry_at = 0.0  # monotonic: no report before this after one failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-deliveries", daemon=True)
 
@@ -179,7 +181,7 @@ class HubDeliveries:
     def _report(self) -> None:
         """Send the verdicts not sent and the fates of followed ops that changed, in one seq-0 StateReport."""
         where = self._where
-        if where is None:
+        if where is None or time.monotonic() < self._retry_at:
             return
         ops = self._changed_fates()
         results = self.drain()
@@ -188,6 +190,7 @@ class HubDeliveries:
         report = pb.StateReport(cluster=where[0], node=where[1], audience=self._audience(), deliveries=results,
                                 ops=[op for op, _ in ops], at_unix_ms=int(time.time() * 1000))
         if self._send(report):
+            self._retry_at = 0.0
             with self._lock:
                 for op, fate in ops:
                     if fate in SETTLED.values():
@@ -195,6 +198,7 @@ class HubDeliveries:
                     elif op.op_id in self._followed:
                         self._followed[op.op_id] = fate
             return
+        self._retry_at = time.monotonic() + SEND_RETRY
         self.requeue(results)
 
     def _changed_fates(self) -> list[tuple[pb.OpReport, str]]:

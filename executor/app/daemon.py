@@ -86,8 +86,7 @@ def run(settings: ExecutorSettings, conn: Connection) -> int:
         if journal is not None:
             journal.close()
         raise
-    if parts.hub is not None:
-        parts.hub.start()  # watching while recovery runs: the first tick has the hub's latest version
+    parts.start_hub()  # watching while recovery runs: the first tick has the hub's latest version
     desk = parts.desk
     if desk is not None:  # always, for the daemon: build makes one
         # Its thread also warns once now if no role names the audience (it may read Proxmox: not on the start's path).

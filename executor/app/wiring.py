@@ -22,6 +22,7 @@ import structlog
 from common.config import ConfigError
 from executor.api.deliveries import HubDeliveries
 from executor.app.connect import connection, hub_tls, planner_tls
+from executor.app.report import ReporterSettings, StateReporter, ops_of
 from executor.config import ExecutorSettings
 from executor.gate.audience import Audience
 from executor.gate.decisions import GateSettings
@@ -93,9 +94,19 @@ class Parts:
     funnel: Funnel  # what selftest submits through
     hub: HubProvider | None = None  # the provider when desired state comes from a hub (``start`` it)
     deliveries: HubDeliveries | None = None  # signed ops the hub delivers, to the desk (``start`` it after recovery)
+    reporter: StateReporter | None = None  # with a hub: the node's state sent after each tick (``start`` it)
+
+    def start_hub(self) -> None:
+        """Start watching the hub and reporting to it (nothing without a hub)."""
+        if self.hub is not None:
+            self.hub.start()
+        if self.reporter is not None:
+            self.reporter.start()
 
     def close(self, grace: float) -> None:
         """Stop watching the hub, drain the queue within ``grace``, then close the planner channel and the journal."""
+        if self.reporter is not None:
+            self.reporter.close()
         if self.hub is not None:
             self.hub.close()
         if self.deliveries is not None:
@@ -182,7 +193,23 @@ def build(settings: ExecutorSettings, conn: Connection, desired: DesiredProvider
         # The hub carries signed ops to this node's own desk: verified, rate-limited and journaled as the local API's.
         deliveries = HubDeliveries(parts.desk, parts.engine, hub.report_state, parts.engine.gate.audience)
         hub.deliveries = deliveries
-    return dataclasses.replace(parts, hub=hub, deliveries=deliveries)
+    reporter = state_reporter(parts, hub, settings.interval, deliveries) if hub else None
+    return dataclasses.replace(parts, hub=hub, reporter=reporter, deliveries=deliveries)
+
+
+def state_reporter(parts: Parts, hub: HubProvider, interval: float,
+                   deliveries: HubDeliveries | None = None) -> StateReporter:
+    """The reporter of the node's state to ``hub`` (over its channel), told each tick's summary (not started); it
+    also carries the verdicts on the hub's deliveries that ``deliveries`` has not sent itself yet."""
+    desk = parts.desk
+    records = parts.engine.gate.records
+    reporter = StateReporter(hub.channel, ReporterSettings(interval=interval), identity=hub.identity,
+                             held_version=lambda: hub.held.version,
+                             ops=ops_of(records.recent, desk.waiting if desk is not None else list,
+                                        parts.queue.busy),
+                             deliveries=deliveries.drain if deliveries is not None else None)
+    parts.engine.after_tick.append(reporter.offer)
+    return reporter
 
 
 def hub_provider(settings: ExecutorSettings, reader: PveReader, trust: TrustKeeper, metrics: ExecutorMetrics,

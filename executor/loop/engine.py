@@ -27,7 +27,8 @@ from executor.gate.actions import by_guest
 from executor.gate.decisions import GateState, Refusal
 from executor.gate.gate import Gate
 from executor.loop.desired import Declared, DesiredProvider, DesiredStateError, check_types, provider_source
-from executor.loop.funnel import Funnel, Settings
+from executor.loop.fleet import TickView
+from executor.loop.funnel import Funnel, Settings, Tracker
 from executor.loop.observe import Observed, PendingSections, StagedLog, observe, staged
 from executor.loop.planner_client import PlannerClient, PlannerRefusedError, PlannerUnavailableError
 from executor.metrics import ExecutorMetrics
@@ -71,6 +72,7 @@ class TickSummary:
     staged: int = 0  # guests with a declared change PVE holds for the next restart (not planned again)
     waited: bool = False
     refusals: tuple[Refusal, ...] = ()
+    view: TickView | None = None  # what it knew of each guest (None: it ended before it planned; the fleet view)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +125,8 @@ class Engine:
         # More guests not to plan: a task still running past its deadline; later, a signed op queued.
         self.holders: tuple[Callable[[], set[int]], ...] = (gate.lane.unsettled, *holders)
         self.before_tick = tuple(before_tick)
+        # Told each tick's summary once it ended (the hub's state reporter): each must return at once, never raise.
+        self.after_tick: list[Callable[[TickSummary], None]] = []
         self.ticks = 0
         self.last: TickSummary | None = None
         self.metrics = metrics or gate.metrics
@@ -181,6 +185,11 @@ class Engine:
                  duration_s=round(summary.duration, 3),
                  **({"error": summary.error} if summary.error else {}),
                  **({"cause": summary.cause, "hint": summary.hint} if summary.cause else {}))
+        for hook in self.after_tick:
+            try:
+                hook(summary)
+            except Exception:  # a listener's bug must not become the tick's
+                log.exception("after_tick_failed")
         return summary
 
     def _tick(self, summary: TickSummary, wait: bool) -> None:
@@ -193,6 +202,7 @@ class Engine:
             summary.outcome, summary.error = TickOutcome.DESIRED_UNAVAILABLE, str(exc)
             return
         if not declared:
+            summary.view = TickView(declared=())
             return  # nothing declared: nothing to read, nothing to do
         read_at = self._clock()
         held = self.funnel.held(since=read_at)  # taken before the read: a busy guest's state is in motion
@@ -236,13 +246,22 @@ class Engine:
         summary.held = len(admission.held)
         summary.pending = len(self.gate.pending())
         if wait and admission.admitted:
-            summary.succeeded, summary.failed = tracker.succeeded, tracker.failed
-            summary.refused += len(tracker.refused)
-            summary.refusals += tuple(tracker.refused)
-            summary.pending = len(self.gate.pending())
-            if tracker.failed:
-                summary.outcome = TickOutcome.ACTIONS_FAILED
-                summary.error = "; ".join(tracker.errors)
+            self._count_results(summary, tracker)
+        pending = tuple(self.gate.pending())
+        summary.view = TickView(declared=tuple(declared), observed=observed, skipped=tuple(plan.skipped),
+                                planned=planned, admission=admission, refusals=summary.refusals,
+                                held=frozenset(held), staged=held_back, pending=pending,
+                                failing={vmid: self.gate.lane.failure(vmid) for vmid in self.funnel.failing()})
+
+    def _count_results(self, summary: TickSummary, tracker: Tracker) -> None:
+        """A tick that waited: its jobs' results in the summary."""
+        summary.succeeded, summary.failed = tracker.succeeded, tracker.failed
+        summary.refused += len(tracker.refused)
+        summary.refusals += tuple(tracker.refused)
+        summary.pending = len(self.gate.pending())
+        if tracker.failed:
+            summary.outcome = TickOutcome.ACTIONS_FAILED
+            summary.error = "; ".join(tracker.errors)
 
     def close(self) -> None:
         """Stop the config readers."""

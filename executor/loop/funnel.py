@@ -82,6 +82,9 @@ class Submission:
     tracker: _Tracker
 
 
+Tracker = _Tracker  # what the engine reads of a batch's results
+
+
 class Funnel:
     """The single entry of every mutation; keeps each guest's backoff and when its last job ended."""
 
@@ -127,6 +130,12 @@ class Funnel:
             held = {vmid for vmid, (_, until) in self.backoff.items() if until > now}
             held |= {vmid for vmid, ended in self._finished.items() if ended >= since}
         return held | set(self.queue.busy())
+
+    def failing(self) -> set[int]:
+        """Guests whose last step failed and that have not succeeded since (backing off, or retried now)."""
+        with self._lock:
+            return set(self.backoff)
+
     def _run_guest(self, steps: list[Admitted], tracker: _Tracker,
                    on_done: Callable[[VerifiedOp, Outcome | Refusal | None], None] | None = None) -> None:
         """One guest's steps in order; the first failure leaves the rest for a later tick."""

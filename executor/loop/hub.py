@@ -206,6 +206,15 @@ class HubProvider:
             self._thread.join(timeout)
         self._channel.close()
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel to the hub (its TLS and client certificate): the state reporter calls over it too."""
+        return self._channel
+
+    def identity(self) -> tuple[str, str] | None:
+        """(cluster, node) this executor watches and reports as; None while its audience is unknown."""
+        return self._identity()
+
     def _identity(self) -> tuple[str, str] | None:
         """(cluster, node): the hub's cluster and this executor's audience; None while the audience is unknown."""
         audience = self._audience()

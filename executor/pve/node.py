@@ -95,6 +95,7 @@ class GuestState:
     type: str  # qemu or lxc
     status: str  # running, stopped or paused
     lock: str
+    name: str = ""  # as the list gives it (attacker-controlled text: shown escaped, never parsed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,6 +290,9 @@ def _never_sent(exc: requests.RequestException) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
+MAX_NAME = 128  # of a guest's name kept from the list (PVE allows far less): a report carries no novel
+
+
 class ProxmoxNode:
     """``PveReader`` over proxmoxer; ``session`` is shared with the gate's writer.
 
@@ -323,7 +327,9 @@ class ProxmoxNode:
                     else:
                         unreadable[named] = f"{kind} guest-list entry: {exc}"
                     continue
-                found.append(GuestState(vmid=vmid, type=kind, status=status, lock=lock))
+                name = entry.get("name")
+                found.append(GuestState(vmid=vmid, type=kind, status=status, lock=lock,
+                                        name=name[:MAX_NAME] if isinstance(name, str) else ""))
         for note in dropped:
             log.warning("pve_entry_dropped", node=self.node, error=note)
         return GuestList(found, unreadable=unreadable, dropped=dropped)
