@@ -190,7 +190,7 @@ def test_node_and_guest_pages_show_declared_against_actual_with_the_reason(hub: 
     seen = text_of(guest)
     assert status == 200 and "<script" not in guest
     assert "memory 2048 4096 differs" in seen and f"description <absent> {EVIL} differs" in seen
-    assert "tags web" in seen  # declared, not reported as differing
+    assert "tags web web same" in seen  # declared, not reported as differing: as declared
     _, _, refused = get(hub, url("clusters", CLUSTER, "nodes", "pve1@lab", "guests", 101))
     assert "run state running stopped" in text_of(refused)
     assert f"reason OUT_OF_SCOPE: pool {EVIL} is not managed" in text_of(refused)

@@ -18,6 +18,8 @@ HISTORY_PAGE = 50  # versions on the history page
 RECENT_OPS = 20  # operations on the overview
 MAX_CHANGES = 1000  # guests listed in a version's diff (a first 10,000-guest version adds every one)
 STATE_ORDER = tuple(state_name(v) for v in pb.SyncState.values() if v)  # in_sync, drifted, ... as the enum
+# States whose report lists every key that differs: a declared key it does not list is as declared.
+COMPARED = frozenset({"in_sync", "drifted", "staged", "refused", "pending_approval"})
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -58,8 +60,8 @@ def overview(fleet: Fleet, cluster: str) -> Page:
     _cluster(fleet, cluster)
     statuses = fleet.statuses(cluster)
     totals: Counter[str] = Counter()
-    for status in statuses:
-        totals.update(counts(status))
+    for status in statuses:  # a guest is elsewhere on every node but its own: counted there only
+        totals.update({name: count for name, count in counts(status).items() if name != "elsewhere"})
     ops = [(s.node, op) for s in statuses for op in fleet.ops(cluster, s.node)]
     ops.sort(key=lambda pair: pair[1].at_unix_ms, reverse=True)
     return Page("overview.html", {
@@ -98,7 +100,8 @@ def guest(fleet: Fleet, cluster: str, name: str, vmid_text: str) -> Page:
     waiting = fleet.pending(cluster)
     return Page("guest.html", {
         "cluster": cluster, "node": found.status, "guest": guests[0],
-        "declared": [(k, v) for k, v in sorted(keys.items()) if k not in differing],
+        "declared": [(k, v) for k, v in sorted(keys.items()) if k not in differing and k != "state"],
+        "compared": state_name(guests[0].state) in COMPARED,
         "version": latest.version if latest else 0,
         "pending": [p for p in waiting if p.node == name and p.vmid == vmid], "commands": commands(cluster, waiting),
         "ops": [(name, op) for op in reversed(found.ops) if op.vmid == vmid]})
