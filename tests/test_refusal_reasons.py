@@ -31,6 +31,8 @@ NOT_REASONS = {
     "SKIPPED": "plan's word for a guest the planner left alone",
     "UNREADABLE": "plan's skip reason for a guest whose list entry did not parse",
     "NO_COLOR": "the environment variable that turns colour off",
+    "ACTION_FAILED": "the fleet view's reason for a guest whose last step failed (hub.v1 GuestState.reason)",
+    "IN_PROGRESS": "the fleet view's reason for a guest with a job queued or running (hub.v1 GuestState.reason)",
     **dict.fromkeys(("KEY_VALUES_MISMATCH", "CERTIFICATE_VERIFY_FAILED", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
                      "PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
                      "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_HANDSHAKE_FAILURE"),

@@ -195,9 +195,10 @@ class StateReporter:
 
     def _failed(self, request: pb.StateReport, exc: grpc.RpcError) -> None:
         """The hub may or may not have recorded it: the next report is full."""
-        code = (exc.code() or grpc.StatusCode.UNKNOWN).name
+        status = exc.code() or grpc.StatusCode.UNKNOWN
+        code = status.name
         self.failed = [*self.failed[-9:], code]
-        if not self._failing or code == "INVALID_ARGUMENT":
+        if not self._failing or status is grpc.StatusCode.INVALID_ARGUMENT:  # a bug here: said every time
             log.warning("hub_state_report_failed", seq=request.seq, code=code, detail=str(exc.details() or "")[:200],
                         consequence=f"the node works on; its state is sent in full every {self.settings.retry:g} s "
                                     "until the hub answers")

@@ -327,6 +327,9 @@ class PostgresStore:
         model.check_name("cluster", cluster)
         model.check_name("node", node)
         model.check_audience(audience)
+        row = self._one("SELECT audience FROM audiences WHERE cluster = %s AND node = %s", (cluster, node))
+        if row is not None and row[0] == audience:
+            return  # said again on every report and stream: no write when it has not changed
         self._read(lambda conn: conn.execute(
             "INSERT INTO audiences (cluster, node, audience) VALUES (%s, %s, %s) ON CONFLICT (cluster, node) "
             "DO UPDATE SET audience = excluded.audience, updated_at = now()", (cluster, node, audience)))

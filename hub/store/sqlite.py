@@ -311,7 +311,11 @@ class SqliteStore:
         model.check_name("cluster", cluster)
         model.check_name("node", node)
         model.check_audience(audience)
-        with _write(self._conn()) as conn:
+        conn = self._conn()
+        row = conn.execute("SELECT audience FROM audiences WHERE cluster = ? AND node = ?", (cluster, node)).fetchone()
+        if row is not None and row[0] == audience:
+            return  # said again on every report and stream: no write (no fsync) when it has not changed
+        with _write(conn):
             conn.execute("INSERT INTO audiences (cluster, node, audience, updated_at) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (cluster, node) DO UPDATE SET audience = excluded.audience, "
                          "updated_at = excluded.updated_at", (cluster, node, audience, time.time()))
