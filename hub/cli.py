@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = resolve(OPTIONS, args, ENV_PREFIX)
-        check_listen(config, ("listen", "metrics_listen"))
+        check_listen(config, ("listen", "metrics_listen", "web_listen"))
         settings = config.namespace()
         tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         dsn = _read_dsn(settings.postgres_dsn_file) if settings.postgres_dsn_file else None
@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     try:
         server.serve(settings.listen, store, grace=settings.grace, tls=tls, metrics_listen=settings.metrics_listen,
-                     heartbeat=settings.heartbeat, max_watchers=settings.max_watchers)
+                     heartbeat=settings.heartbeat, max_watchers=settings.max_watchers, web_listen=settings.web_listen)
     except ConfigError as exc:
         print(f"pve-hub: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ OPTIONS = (
     Option(key="log_format", default="auto", choices=("auto", "json", "console"),
            help="auto: console on a TTY, JSON lines otherwise"),
     Option(key="metrics_listen", help="HOST:PORT for Prometheus /metrics (off when unset)"),
+    Option(key="web_listen", help="HOST:PORT for the read-only web page (off when unset; plain HTTP: keep it on "
+                                  "loopback or behind a TLS proxy)"),
     Option(key="tls_cert", help="server certificate (PEM): serve TLS"),
     Option(key="tls_key", help="server private key (PEM)"),
     Option(key="tls_client_ca", help="CA (PEM) whose client certificates are required: mutual TLS (a node's "

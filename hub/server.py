@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -15,6 +16,9 @@ from hub.service import DEFAULT_HEARTBEAT, SERVICE_NAME, HubServicer
 from hub.store import Store
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from safety import desireddoc
+
+if TYPE_CHECKING:
+    from hub.web.server import WebEndpoint
 
 log = structlog.get_logger("hub.server")
 # Above the largest signed document envelope (desireddoc.MAX_ENVELOPE), with room for the message around it.
@@ -30,6 +34,7 @@ class Running:
     servicer: HubServicer
     metrics: HubMetrics
     metrics_endpoint: MetricsEndpoint | None
+    web_endpoint: WebEndpoint | None = None
 
     @property
     def port(self) -> int:
@@ -38,7 +43,7 @@ class Running:
 
 
 def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_listen: str | None = None,
-          heartbeat: float = DEFAULT_HEARTBEAT, max_watchers: int = 1024) -> Running:
+          heartbeat: float = DEFAULT_HEARTBEAT, max_watchers: int = 1024, web_listen: str | None = None) -> Running:
     """Bind ``listen`` (port 0 picks one), start, and mark SERVING; the caller closes ``store`` after ``stop``."""
     metrics = HubMetrics()
     servicer = HubServicer(store, metrics=metrics, heartbeat=heartbeat, mutual_tls=bool(tls and tls.client_ca),
@@ -48,9 +53,13 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     running = grpcserver.start(listen, lambda server: pb_grpc.add_HubServiceServicer_to_server(servicer, server),
                                (SERVICE_NAME,), tls=tls, workers=max_watchers + SPARE_WORKERS, options=options)
+    endpoint: MetricsEndpoint | None = None
     try:
         endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics_listen else None
+        web = _serve_web(web_listen, store, servicer, heartbeat) if web_listen else None
     except OSError:
+        if endpoint is not None:
+            endpoint.stop()
         servicer.close()
         running.stop(0)
         servicer.release()
@@ -59,13 +68,25 @@ def start(listen: str, store: Store, *, tls: ServerTls | None = None, metrics_li
     log.info("hub_listening", address=f"{host}:{running.port}", tls=tls is not None,
              mutual_tls=bool(tls and tls.client_ca), heartbeat=heartbeat, max_watchers=max_watchers,
              **({"metrics": f"{metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}"} if endpoint and metrics_listen
-                else {}))
-    return Running(grpc=running, servicer=servicer, metrics=metrics, metrics_endpoint=endpoint)
+                else {}),
+             **({"web": f"http://{web_listen.rsplit(':', 1)[0]}:{web.port}/"} if web and web_listen else {}))
+    return Running(grpc=running, servicer=servicer, metrics=metrics, metrics_endpoint=endpoint, web_endpoint=web)
+
+
+def _serve_web(listen: str, store: Store, servicer: HubServicer, heartbeat: float) -> WebEndpoint:
+    """The web page (imported here: it needs the operator's modules, which import this one)."""
+    from hub.web.fleet import Fleet  # noqa: PLC0415
+    from hub.web.server import serve_web  # noqa: PLC0415
+
+    # The page reads as Status does: the store on the servicer's store threads, and its Watch activity.
+    return serve_web(listen, Fleet(store, servicer.feeds.read, servicer._watched, heartbeat))
 
 
 def stop(running: Running, grace: float) -> None:
     """NOT_SERVING, end the Watch streams, let unary calls finish within ``grace``."""
     running.grpc.health.enter_graceful_shutdown()
+    if running.web_endpoint is not None:  # before the store threads it reads through stop
+        running.web_endpoint.stop()
     running.servicer.close()
     running.grpc.stop(grace)
     running.servicer.release()

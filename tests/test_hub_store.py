@@ -286,6 +286,8 @@ def test_acks_and_nacks_per_node(backend: Backend) -> None:
     assert (again.held, again.ok, again.reason) == (3, True, "")
     assert backend.open().nodes("c")[1] == again
     assert store.nodes("nobody") == []
+    store.append("docs-only", 0, b"{}", "alice", "m")
+    assert store.clusters() == ["c", "docs-only", "other"]  # with a version or a node's report, once each
 
 
 def test_old_database_opens_and_keeps_its_rows(backend: Backend) -> None:

@@ -279,6 +279,12 @@ class PostgresStore:
                          (cluster, before if before is not None else 2**62, limit))
         return [_entry(row) for row in rows]
 
+    def clusters(self) -> list[str]:
+        """Every cluster with a version, an ACK/NACK or a StateReport, by name."""
+        rows = self._all("SELECT cluster FROM heads UNION SELECT cluster FROM acks UNION "
+                                    "SELECT cluster FROM node_states ORDER BY cluster", ())
+        return [str(row[0]) for row in rows]
+
     def since(self, cluster: str, version: int) -> Version | None:
         """The latest document if it is newer than ``version``, else None (see Store.since)."""
         model.check_name("cluster", cluster)

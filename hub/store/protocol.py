@@ -38,6 +38,10 @@ class Store(Protocol):
         """Up to ``limit`` versions older than ``before`` (None: all), newest first, without envelopes."""
         ...
 
+    def clusters(self) -> list[str]:
+        """Every cluster with a version, an ACK/NACK or a StateReport, by name (the web page's index)."""
+        ...
+
     def since(self, cluster: str, version: int) -> Version | None:
         """What a watcher holding ``version`` needs: the latest document if it is newer, else None.
 
