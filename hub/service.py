@@ -197,6 +197,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"this hub holds {self.max_watchers} watchers, its most: try another replica")
             if request.audience:
+                self._check_identity(context, request.audience, "audience")
                 self._db(self.store.record_audience, cluster, node, request.audience)
             # Before reading the store: no append, and no delivery, falls between.
             watcher = self.feeds.subscribe(cluster, node)
@@ -317,15 +318,16 @@ class HubServicer(pb_grpc.HubServiceServicer):
             # This replica's Status still shows them, and their next heartbeats bring them to the store again.
             log.warning("hub.seen_not_saved", cluster=cluster, nodes=len(batch), error=str(exc))
 
-    def _check_identity(self, context: grpc.ServicerContext, node: str) -> None:
-        """With mutual TLS, ``node`` must be a name of the client certificate (its CN or a SAN)."""
-        if not self.mutual_tls:
+    def _check_identity(self, context: grpc.ServicerContext, name: str, field: str = "node") -> None:
+        """With mutual TLS, ``name`` (a node, or the audience it answers to: SubmitOp routes signed ops by it) must be
+        a name of the client certificate (its CN or a SAN): no node takes another's envelopes."""
+        if not self.mutual_tls or (field != "node" and not name):
             return
         names = identities(context)
-        if node not in names:
-            log.warning("hub.identity_refused", node=node, certificate=sorted(names))
+        if name not in names:
+            log.warning("hub.identity_refused", field=field, name=name[:256], certificate=sorted(names))
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"node: {node} is not a name of the client certificate ({', '.join(sorted(names))})")
+                          f"{field}: {name} is not a name of the client certificate ({', '.join(sorted(names))})")
 
     # -- Report and Status ---------------------------------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
         cluster = check_name("cluster", request.cluster)
         node = check_name("node", request.node)
         self._check_identity(context, node)
+        self._check_identity(context, request.audience, "audience")
         if not request.seq and not request.full:
             self.take_routed(cluster, node, request)
             return pb.StateReportResponse(needs_full=False, recorded_seq=0)

@@ -26,6 +26,8 @@ def test_routing_queue_and_the_first_verdict(backend: Backend) -> None:
     assert store.node_for_audience("c", "pve2@c") == "pve2@c"
     store.record_audience("c", "node-a", "pve1@c")
     assert store.node_for_audience("c", "pve1@c") == "node-a" and store.node_for_audience("other", "pve1@c") is None
+    store.record_audience("c", "rogue@c", "pve2@c")  # a later claim on a node's own name never takes its envelopes
+    assert store.node_for_audience("c", "pve2@c") == "pve2@c"
 
     first = store.add_delivery("c", "node-a", b'{"envelope": 1}', OP, "config.disk_detach")
     second = store.add_delivery("c", "node-a", b'{"envelope": 2}', "", "op.revoke")

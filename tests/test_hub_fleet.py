@@ -138,7 +138,8 @@ def test_a_report_over_the_size_limit_is_refused(tmp_path: Path) -> None:
 
 
 def test_with_mutual_tls_a_node_reports_only_for_itself(tmp_path: Path) -> None:
-    """ReportState for the certificate's node passes; for another: PERMISSION_DENIED, nothing recorded."""
+    """ReportState for the certificate's node passes; for another node, or another node's audience:
+    PERMISSION_DENIED, nothing recorded."""
     pki, both, where = _node_pki(tmp_path / "pki")
     tls = ServerTls(cert=pki.server_cert, key=pki.server_key, client_ca=both)
     with running_hub(SqliteStore.in_dir(tmp_path / "state"), tls=tls) as hub:
@@ -148,7 +149,13 @@ def test_with_mutual_tls_a_node_reports_only_for_itself(tmp_path: Path) -> None:
             assert not stub.ReportState(report(1, drifted()), timeout=10).needs_full
             error = refused(stub.ReportState, report(1, drifted(), node="n2@lab"))
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "n1@lab" in error.details()
+            # Its own node, another's audience: signed ops for n2 are routed by audience, so it would take them.
+            claim = report(2, drifted(), base=1, full=False)
+            claim.audience = "n2@lab"
+            error = refused(stub.ReportState, claim)
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED and error.details().startswith("audience: n2@lab")
         assert [s.node for s in hub.store.node_states()] == [NODE]
+        assert hub.store.node_for_audience(CLUSTER, "n2@lab") is None
 
 
 def test_a_node_silent_for_two_intervals_is_stale(hub: Hub) -> None:

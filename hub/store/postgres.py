@@ -335,13 +335,17 @@ class PostgresStore:
             "DO UPDATE SET audience = excluded.audience, updated_at = now()", (cluster, node, audience)))
 
     def node_for_audience(self, cluster: str, audience: str) -> str | None:
-        """The node that last said it answers to ``audience``, else a node of that name that reported; or None."""
+        """The node named ``audience`` if it reported; else the node that last said it answers to it; or None.
+
+        The name comes first: another node claiming that audience (without mutual TLS, claims are unchecked) never
+        takes a node's own envelopes."""
         model.check_name("cluster", cluster)
         model.check_audience(audience)
-        row = self._one("SELECT node FROM audiences WHERE cluster = %s AND audience = %s "
-                        "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience))
+        row = self._one("SELECT node FROM acks WHERE cluster = %s AND node = %s UNION SELECT node FROM audiences "
+                        "WHERE cluster = %s AND node = %s", (cluster, audience, cluster, audience))
         if row is None:
-            row = self._one("SELECT node FROM acks WHERE cluster = %s AND node = %s", (cluster, audience))
+            row = self._one("SELECT node FROM audiences WHERE cluster = %s AND audience = %s "
+                            "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience))
         return str(row[0]) if row else None
 
     def add_delivery(self, cluster: str, node: str, envelope: bytes, op_id: str, kind: str) -> Delivery:

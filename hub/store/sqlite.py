@@ -321,14 +321,18 @@ class SqliteStore:
                          "updated_at = excluded.updated_at", (cluster, node, audience, time.time()))
 
     def node_for_audience(self, cluster: str, audience: str) -> str | None:
-        """The node that last said it answers to ``audience``, else a node of that name that reported; or None."""
+        """The node named ``audience`` if it reported; else the node that last said it answers to it; or None.
+
+        The name comes first: another node claiming that audience (without mutual TLS, claims are unchecked) never
+        takes a node's own envelopes."""
         model.check_name("cluster", cluster)
         model.check_audience(audience)
         conn = self._conn()
-        row = conn.execute("SELECT node FROM audiences WHERE cluster = ? AND audience = ? "
-                           "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience)).fetchone()
+        row = conn.execute("SELECT node FROM acks WHERE cluster = ? AND node = ? UNION SELECT node FROM audiences "
+                           "WHERE cluster = ? AND node = ?", (cluster, audience, cluster, audience)).fetchone()
         if row is None:
-            row = conn.execute("SELECT node FROM acks WHERE cluster = ? AND node = ?", (cluster, audience)).fetchone()
+            row = conn.execute("SELECT node FROM audiences WHERE cluster = ? AND audience = ? "
+                               "ORDER BY updated_at DESC, node LIMIT 1", (cluster, audience)).fetchone()
         return str(row[0]) if row else None
 
     def add_delivery(self, cluster: str, node: str, envelope: bytes, op_id: str, kind: str) -> Delivery:
