@@ -18,8 +18,13 @@ demo: $(STAMP)
 demo-hub: $(STAMP)
 	$(BIN)/python scripts/demo_hub.py
 
+# pytest-xdist workers for `make test`. The suite mostly waits on subprocesses and sockets, so on 2 cores more
+# workers than cores pay (measured: see the commit). `make test PYTEST_WORKERS=0` runs it serially, as plain
+# `pytest` does. loadgroup: the tests on PostgreSQL share one worker (tests/conftest.py), the rest go to any.
+PYTEST_WORKERS ?= 4
+
 test: $(STAMP) lint typecheck layers protos-check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

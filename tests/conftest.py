@@ -159,9 +159,21 @@ def _close(made: list[tuple[Engine, GuestQueue]]) -> None:
             engine.journal.close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (make test) the tests on PostgreSQL share one worker, so one server
+    is started per run and not one per worker (a session fixture is per worker process)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
+        if on_postgres or "pg_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+
+
 @pytest.fixture(name="pg_server", scope="session")
 def _pg_server() -> Iterator[Any]:
-    """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID."""
+    """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID.
+
+    Under pytest-xdist each worker that needs one starts its own (its own dir, socket and PID, nothing shared)."""
     import shutil  # noqa: PLC0415  (only the hub's tests need PostgreSQL and psycopg)
 
     from tests import pgserver  # noqa: PLC0415
