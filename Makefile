@@ -18,13 +18,14 @@ demo: $(STAMP)
 demo-hub: $(STAMP)
 	$(BIN)/python scripts/demo_hub.py
 
-# pytest-xdist workers for `make test`. The suite mostly waits on subprocesses and sockets, so on 2 cores more
-# workers than cores pay (measured: see the commit). `make test PYTEST_WORKERS=0` runs it serially, as plain
-# `pytest` does. loadgroup: the tests on PostgreSQL share one worker (tests/conftest.py), the rest go to any.
+# pytest-xdist workers for `make test`. The suite mostly waits on subprocesses and sockets (serial, pytest uses
+# about half of one core), so on 2 cores more workers than cores pay: -n 4 beat -n 2 and -n 3 on the 2-core dev box.
+# `make test PYTEST_WORKERS=0` runs it serially, as plain `pytest` does. --dist load: any test to any worker
+# (not loadgroup: pytest 9.2 silently ignores xdist_group, pytest-dev/pytest-xdist#1386).
 PYTEST_WORKERS ?= 4
 
 test: $(STAMP) lint typecheck layers protos-check
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

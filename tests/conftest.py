@@ -159,21 +159,12 @@ def _close(made: list[tuple[Engine, GuestQueue]]) -> None:
             engine.journal.close()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n N --dist loadgroup`` (make test) the tests on PostgreSQL share one worker, so one server
-    is started per run and not one per worker (a session fixture is per worker process)."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
-        if on_postgres or "pg_server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("postgres"))
-
-
 @pytest.fixture(name="pg_server", scope="session")
 def _pg_server() -> Iterator[Any]:
     """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID.
 
-    Under pytest-xdist each worker that needs one starts its own (its own dir, socket and PID, nothing shared)."""
+    Under pytest-xdist (make test) each worker that runs a PostgreSQL test starts its own: its own temp dir and
+    unix socket there (no TCP port), its own PID to stop; nothing is shared between workers."""
     import shutil  # noqa: PLC0415  (only the hub's tests need PostgreSQL and psycopg)
 
     from tests import pgserver  # noqa: PLC0415
