@@ -161,7 +161,10 @@ def _close(made: list[tuple[Engine, GuestQueue]]) -> None:
 
 @pytest.fixture(name="pg_server", scope="session")
 def _pg_server() -> Iterator[Any]:
-    """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID."""
+    """A real PostgreSQL server (initdb in a temp dir, a unix socket there) for the session; stopped by PID.
+
+    Under pytest-xdist (make test) each worker that runs a PostgreSQL test starts its own: its own temp dir and
+    unix socket there (no TCP port), its own PID to stop; nothing is shared between workers."""
     import shutil  # noqa: PLC0415  (only the hub's tests need PostgreSQL and psycopg)
 
     from tests import pgserver  # noqa: PLC0415

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,11 +45,71 @@ def mutations(fakepve: Any, since: int = 0) -> list[tuple[str, str, Any]]:
     return [r for r in fakepve.requests[since:] if r[0] in ("POST", "PUT", "DELETE") and "/access/" not in r[1]]
 
 
-def unused_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+# unused_port() hands out ports below the kernel's ephemeral range: bind(0) (every in-process server, fakepve)
+# and outgoing connections take theirs from that range, so they never land on a port handed out here between its
+# release and the daemon binding it. Each pytest-xdist worker gets its own slice (two workers never hand out the
+# same port) and starts at a random offset in it (two serial runs on one machine rarely meet; the probe catches it).
+_SLICE = 1000
+_SLICES = 8
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def worker_slice() -> range:
+    """The ports this pytest process may hand out: its xdist worker's slice (worker gw0's when serial)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = max(1024, _ephemeral_low() - _SLICE * _SLICES) + _SLICE * (index % _SLICES)
+    return range(start, start + _SLICE)
+
+
+class _Ports:
+    """Walks this process's slice from a random offset, each port once (a port handed out stays ours)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: int | None = None
+
+    def take(self) -> int:
+        """The next port of the slice that nothing holds on loopback."""
+        ports = worker_slice()
+        with self._lock:
+            if self._next is None:
+                self._next = random.randrange(len(ports))
+            for _ in range(len(ports)):
+                port = ports[self._next % len(ports)]
+                self._next += 1
+                if _free(port):
+                    return port
+        raise RuntimeError(f"no free port left in {ports.start}-{ports.stop - 1}")
+
+
+def _free(port: int) -> bool:
+    """Whether nothing holds ``port`` on loopback (no SO_REUSEADDR: a listener or TIME_WAIT there refuses us)."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+_PORTS = _Ports()
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on, not handed out before in this run (see ``worker_slice``).
+
+    Nothing else of this run takes it after its release: a daemon told to ``--listen`` there gets it, and a
+    client sent there meets "connection refused".
+    """
+    return _PORTS.take()
 
 
 def start_task(fakepve: Any, cafile: str, vmid: int, node: str = "pve1") -> str:

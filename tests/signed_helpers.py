@@ -304,9 +304,13 @@ class Daemon:
         self.child.wait(10)
 
     def stop(self) -> int:
-        """SIGTERM; its exit status."""
+        """SIGTERM; its exit status (within 15 s, else a failure that shows its last log lines)."""
         self.child.send_signal(signal.SIGTERM)
-        return self.child.wait(15)
+        try:
+            return self.child.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the daemon did not exit within 15 s of SIGTERM; its last log lines:\n"
+                                 + "".join(self.log.lines[-20:])) from None
 
     def close(self) -> None:
         """Kill it if it still runs; close the channel."""

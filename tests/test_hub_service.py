@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from hub.store import (
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
 from tests import certs
+from tests.executor_helpers import unused_port
 from tests.hub_helpers import CLUSTER, KEY, Hub, desired, envelope, running_hub, watch, write_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -326,9 +326,8 @@ def pve_hub(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port for a hub child to listen on (no other test of this run takes it)."""
+    return unused_port()
 
 
 def _serve(state: Path, port: int) -> subprocess.Popen[str]:

@@ -7,7 +7,6 @@ The end-to-end run against the real gate is the lead's test; this one pins the C
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from executor.v1 import executor_pb2_grpc as pb_grpc
 from safety import challenge, signedop
 from safety.payload import action_of, parse_payload
 from tests.certs import make_pki
+from tests.executor_helpers import unused_port
 from tests.signing import AUDIENCE, DIGEST, SECRET, private
 
 OP_ID = "00112233445566778899aabbccddeeff"
@@ -402,9 +402,7 @@ def test_undo_of_an_unknown_op(api: Api, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_unreachable_api_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     """No executor listening: the gRPC status is printed and the exit status is 1."""
-    with socket.socket() as probe:  # a port that was free a moment ago and has no listener
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()  # no listener, and no other test of this run takes it
     code, _, err = run(capsys, "pending", "--api", f"127.0.0.1:{port}", "--timeout", "3")
     assert code == 1 and "executor API: UNAVAILABLE" in err
 

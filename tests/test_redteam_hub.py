@@ -150,7 +150,7 @@ def test_a_line_separator_that_yaml_breaks_at_is_nacked(brk: str, served: Served
 # --- the age of the held version: a withheld update must be seen ---------------------------------------------
 
 
-@pytest.mark.parametrize("created", [0, int(time.time()) + 10 * 365 * 86400])
+@pytest.mark.parametrize("created", [0, int(time.time()) + 10 * 365 * 86400], ids=["epoch", "in_ten_years"])
 def test_the_age_metric_cannot_be_zeroed_by_the_signed_created_time(
         created: int, served: Served, trust: TrustKeeper, tmp_path: Path, providers: list[HubProvider]) -> None:
     """A document whose ``created`` is 0 or ten years ahead made pve_executor_hub_held_age_seconds read 0 forever:
