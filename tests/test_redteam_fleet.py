@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,58 @@ def test_nothing_a_hub_sends_as_a_delivery_runs_and_a_signed_op_runs_once(fakepv
     assert {v.delivery_id for v in accepted} <= {"d1", "d2"} and all(v.op_id == accepted[0].op_id for v in accepted)
     assert local[1] is None or local[1].reason in ("NONCE_SPENT", "NONCE_IN_FLIGHT"), local
     assert [path for _, path in mutations(fakepve, before)] == [CONFIG_PATH]
+
+
+# --- the web page ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="web")
+def _web(tmp_path: Path) -> Iterator[Hub]:
+    with running_hub(SqliteStore.in_dir(tmp_path / "web"), web_listen="127.0.0.1:0") as hub:
+        yield hub
+
+
+def raw_http(port: int, request: bytes) -> bytes:
+    """``request`` as sent on one connection, the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_web_page_serves_no_file_and_answers_no_other_host_or_forged_header(web: Hub) -> None:
+    """Held: the only file served is the built-in style sheet (no traversal to anything else, however spelled); a
+    DNS-rebinding Host is 421; a CR/LF in the path reaches no header; every answer carries the CSP."""
+    assert web.running.web_endpoint is not None
+    port = web.running.web_endpoint.port
+    host = f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+    for path in (b"/../../../../etc/passwd", b"/%2e%2e/%2e%2e/etc/passwd", b"/style.css/../../../etc/passwd",
+                 b"/..%2f..%2fetc%2fpasswd", b"/static/style.css/..%2f..%2f__init__.py", b"//etc/passwd",
+                 b"/clusters/x%0d%0aSet-Cookie:%20a=b"):
+        answer = raw_http(port, b"GET " + path + b" HTTP/1.1\r\n" + host)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"root:" not in body and b"import" not in body, path
+        assert b"Set-Cookie" not in head and b"Content-Security-Policy: default-src 'none'" in head, head
+    answer = raw_http(port, b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 421") or answer.startswith(b"HTTP/1.1 421"), answer[:80]
+
+
+def test_an_idle_connection_does_not_hold_a_web_thread_for_ever(web: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connects and sends nothing (or half a request) is cut off after the web's request timeout:
+    many such clients cannot pin one thread each in the hub's process for ever. Failed before the fix (the handler
+    had no timeout: the connection stayed open)."""
+    assert web.running.web_endpoint is not None
+    handler = web.running.web_endpoint.server.RequestHandlerClass
+    assert handler.timeout is not None and 0 < handler.timeout <= 60, handler.timeout
+    monkeypatch.setattr(handler, "timeout", 0.5)  # shorter than shipped (web.server.REQUEST_TIMEOUT), for the test
+    with socket.create_connection(("127.0.0.1", web.running.web_endpoint.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n")  # half a request, then nothing
+        started = time.monotonic()
+        sock.settimeout(5)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+    assert closed and time.monotonic() - started < 5
