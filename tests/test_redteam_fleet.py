@@ -9,7 +9,7 @@ import hashlib
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,14 @@ def report(node: str, *guests: pb.GuestState, **fields: Any) -> pb.StateReport:
     """A full StateReport from ``node`` (its audience: its name)."""
     return pb.StateReport(cluster=CLUSTER, node=node, audience=node, session="s1", seq=1, full=True,
                           interval_seconds=30, at_unix_ms=int(time.time() * 1000), guests=guests, **fields)
+
+
+def collect(sent: list[pb.StateReport]) -> Callable[[pb.StateReport], bool]:
+    """A node's report sender that keeps what it sends (the hub always takes it)."""
+    def send(report: pb.StateReport) -> bool:
+        sent.append(report)
+        return True
+    return send
 
 
 # --- what a hostile node's report prints ---------------------------------------------------------------------------
@@ -139,7 +147,7 @@ def test_nothing_a_hub_sends_as_a_delivery_runs_and_a_signed_op_runs_once(fakepv
     at = good.index(b'"sig": "') + 20
     tampered = good[:at] + (b"B" if good[at:at + 1] == b"A" else b"A") + good[at + 1:]
     sent: list[pb.StateReport] = []
-    deliveries = HubDeliveries(desk.desk, desk.engine, lambda r: bool(sent.append(r)) or True, lambda: AUDIENCE)
+    deliveries = HubDeliveries(desk.desk, desk.engine, collect(sent), lambda: AUDIENCE)
     hostile = {"doc": desired_envelope("guests: []\n", 1), "junk": b"\xff\x00not json", "empty": b"",
                "huge": b'{"payload": "' + b"A" * (1 << 20) + b'", "signatures": []}', "tampered": tampered}
     before = len(fakepve.requests)
@@ -205,7 +213,7 @@ def test_an_idle_connection_does_not_hold_a_web_thread_for_ever(web: Hub, monkey
     many such clients cannot pin one thread each in the hub's process for ever. Failed before the fix (the handler
     had no timeout: the connection stayed open)."""
     assert web.running.web_endpoint is not None
-    handler = web.running.web_endpoint.server.RequestHandlerClass
+    handler: Any = web.running.web_endpoint.server.RequestHandlerClass
     assert handler.timeout is not None and 0 < handler.timeout <= 60, handler.timeout
     monkeypatch.setattr(handler, "timeout", 0.5)  # shorter than shipped (web.server.REQUEST_TIMEOUT), for the test
     with socket.create_connection(("127.0.0.1", web.running.web_endpoint.port), timeout=10) as sock:
@@ -229,7 +237,7 @@ def test_a_revocation_delivered_before_its_op_still_vetoes_it(fakepve: Any, make
     op_id = json.loads(envelope.payload)["op_id"]
     revocation = desk.sign(desk.propose(100, "op.revoke", op_id=op_id), "alice", role="operator")
     sent: list[pb.StateReport] = []
-    deliveries = HubDeliveries(desk.desk, desk.engine, lambda r: bool(sent.append(r)) or True, lambda: AUDIENCE)
+    deliveries = HubDeliveries(desk.desk, desk.engine, collect(sent), lambda: AUDIENCE)
     before = len(fakepve.requests)
     for ident, body in (("r", revocation), ("o1", envelope), ("o2", envelope)):
         deliveries.take(pb.Delivery(delivery_id=ident, envelope=signedop.envelope_to_json(body)), CLUSTER, AUDIENCE)
