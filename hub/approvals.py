@@ -59,7 +59,7 @@ def pending(args: argparse.Namespace) -> int:
         if len(items) != 1:
             raise Failed(f"--descriptor {args.descriptor}: {len(items)} pending entries match (see pve-hub pending "
                          f"--cluster {args.cluster})")
-    entries = [_entry(item) for item in items]
+    entries, items = _readable(items, strict=bool(args.descriptor))
     if args.json:
         print(json.dumps(entries[0] if args.descriptor else entries, indent=2, sort_keys=True))
         return 0
@@ -68,6 +68,24 @@ def pending(args: argparse.Namespace) -> int:
     for index, (entry, item) in enumerate(zip(entries, items, strict=True), start=1):
         print("\n".join(_lines(index, entry, item, args.cluster)))
     return 0
+
+
+def _readable(items: list[pb.PendingApproval], *, strict: bool) -> tuple[list[dict[str, object]],
+                                                                         list[pb.PendingApproval]]:
+    """Each item with its entry; one whose descriptor cannot be read (a node sends it) is named on stderr and left
+    out, so it never hides the other nodes' approvals (``strict``: the operator chose it, its error stands)."""
+    entries, kept = [], []
+    for item in items:
+        try:
+            entries.append(_entry(item))
+        except OpError as exc:
+            if strict:
+                raise
+            print(f"pve-hub pending: left out node {visible(item.node)} guest {item.vmid} {visible(item.op_kind)}: "
+                  f"{visible(str(exc))} (it cannot be signed)", file=sys.stderr)
+            continue
+        kept.append(item)
+    return entries, kept
 
 
 def _lines(index: int, entry: Mapping[str, object], item: pb.PendingApproval, cluster: str) -> list[str]:
@@ -158,21 +176,21 @@ def document(routed: pb.RoutedOp) -> dict[str, object]:
 
 def lines(routed: pb.RoutedOp) -> list[str]:
     """The outcome in words."""
-    head = f"{routed.op_kind} op {routed.op_id} on node {routed.node}"
+    head = f"{visible(routed.op_kind)} op {visible(routed.op_id)} on node {visible(routed.node)}"
     if routed.state in OPEN:
         return [f"{head}: {routed.state.upper()} (the node has not answered yet)"]
     if routed.state == "refused":
-        return [f"{head}: REFUSED by the node: {routed.reason}: {routed.detail}",
+        return [f"{head}: REFUSED by the node: {visible(routed.reason)}: {visible(routed.detail)}",
                 f"what to do: {advice(routed.reason)}"]
     if routed.state == "revoked":
         return [f"{head}: REVOKED: the op it names can never run"]
     op = routed.op
     if not op.fate:
         return [f"{head}: ACCEPTED by the node (its fate not reported yet)"]
-    out = [f"{head}: {op.fate.upper()}" + (f" {op.outcome}" if op.outcome else "") + (f": {op.detail}" if op.detail
-                                                                                          else "")]
+    out = [f"{head}: {visible(op.fate.upper())}" + (f" {visible(op.outcome)}" if op.outcome else "")
+           + (f": {visible(op.detail)}" if op.detail else "")]
     if op.upid:
-        out.append(f"  Proxmox task {op.upid}")
+        out.append(f"  Proxmox task {visible(op.upid)}")
     return out
 
 

@@ -7,6 +7,7 @@ The store keeps each guest and op as the node sent it (hub.v1 bytes) beside the 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -43,7 +44,7 @@ def to_state_in(request: pb.StateReport) -> StateIn:
         if not name:
             raise InvalidArgumentError(f"guests[{index}].state", f"must be a SyncState, not {guest.state}")
         for number, item in enumerate(guest.pending):
-            check_pending(f"guests[{index}].pending[{number}]", item)
+            check_pending(f"guests[{index}].pending[{number}]", item, request.audience)
         guests.append(GuestRow(vmid=guest.vmid, state=name, pending=len(guest.pending),
                                body=guest.SerializeToString(deterministic=True)))
     ops = tuple(OpRow(op_id=op.op_id, payload_sha256=op.payload_sha256, fate=op.fate, at_ms=max(0, op.at_unix_ms),
@@ -55,8 +56,10 @@ def to_state_in(request: pb.StateReport) -> StateIn:
                    tick_outcome=request.tick_outcome, tick_error=request.tick_error)
 
 
-def check_pending(field: str, item: pb.PendingApproval) -> None:
-    """InvalidArgumentError naming the field of a pending approval a command could not carry as it stands."""
+def check_pending(field: str, item: pb.PendingApproval, audience: str) -> None:
+    """InvalidArgumentError naming the field of a pending approval a command could not carry as it stands, or whose
+    action is not the reporting node's own (``audience``): listed under this node, its sign command would make the
+    operator sign an op the hub routes to another node."""
     if item.descriptor_sha256 != hashlib.sha256(item.descriptor).hexdigest():
         raise InvalidArgumentError(f"{field}.descriptor_sha256", "must be the sha256 (lowercase hex) of descriptor")
     if item.action_class not in _CLASSES:
@@ -66,6 +69,20 @@ def check_pending(field: str, item: pb.PendingApproval) -> None:
             raise InvalidArgumentError(f"{field}.{name}", "must be 1 to 128 of A-Z a-z 0-9 _ . : @ -")
     if item.audience and not _TOKEN.fullmatch(item.audience):
         raise InvalidArgumentError(f"{field}.audience", "must be 1 to 128 of A-Z a-z 0-9 _ . : @ -")
+    if item.audience and item.audience != audience:
+        raise InvalidArgumentError(f"{field}.audience", "names another audience than the report's")
+    if _audience_of(item.descriptor, audience) != audience:
+        raise InvalidArgumentError(f"{field}.descriptor", "names another audience than the report's")
+
+
+def _audience_of(descriptor: bytes, default: str) -> object:
+    """The audience a descriptor names; ``default`` when it names none (then no command can sign it: `pve-hub
+    pending` reads it strictly, and strictly it has no action)."""
+    try:
+        parsed = json.loads(descriptor)
+    except ValueError:
+        return default
+    return parsed.get("audience", default) if isinstance(parsed, dict) else default
 
 
 def guest_of(row: GuestRow) -> pb.GuestState:

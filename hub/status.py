@@ -73,7 +73,7 @@ def _notes(node: pb.NodeStatus, latest: int, now: float) -> list[str]:
     if node.stale:
         notes.insert(0, f"STALE: no report for {age(node.last_report_unix_ms or node.last_seen_unix_ms, now)}")
     if node.tick_outcome not in CONVERGING_TICKS:
-        notes.append(f"tick {node.tick_outcome}: {printable(node.tick_error)[:120]}")
+        notes.append(f"tick {printable(node.tick_outcome)}: {printable(node.tick_error)[:120]}")
     if node.reason:
         notes.append(printable(node.reason))
     if node.held_version < latest:
@@ -109,7 +109,7 @@ def _value(text: str, absent: bool) -> str:
 def render_guest(guest: pb.GuestState) -> list[str]:
     """A guest's head line and one line per key that differs (declared against actual), approvals waiting."""
     state = fleet.state_name(guest.state).upper()
-    why = ": ".join(part for part in (guest.reason, printable(guest.detail)) if part)
+    why = ": ".join(part for part in (printable(guest.reason), printable(guest.detail)) if part)
     name = f" {printable(guest.name)}" if guest.name else ""
     lines = [f"  guest {guest.vmid}{name}: {state}{f' {why}' if why else ''}"]
     lines += [f"      {printable(d.key)}: declared {_value(d.declared, d.declared_absent)}, "
@@ -126,7 +126,7 @@ def render_node(cluster: str, answer: pb.GetNodeResponse, now: float) -> list[st
         f"{'ACK' if node.ok else 'NACK'} v{node.reported_version}"
     lines = [f"node {printable(node.node)} (cluster {printable(cluster)}): holds version {node.held_version}, "
              f"{verdict}; last report {when(node.last_report_unix_ms)} ({age(node.last_report_unix_ms, now)} ago), "
-             f"every {node.report_interval_seconds:g}s; tick {node.tick_outcome or '-'}"]
+             f"every {node.report_interval_seconds:g}s; tick {printable(node.tick_outcome) or '-'}"]
     lines += [f"  {note}" for note in _notes(node, 0, now) if note != "(behind)"]
     quiet = [g for g in answer.guests if fleet.state_name(g.state) in QUIET]
     for guest in answer.guests:
@@ -136,9 +136,9 @@ def render_node(cluster: str, answer: pb.GetNodeResponse, now: float) -> list[st
     lines.append("  " + ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in by_state.items()))
     if answer.ops:
         lines.append("  recent signed ops:")
-        lines += [f"    {op.op_id}  guest {op.vmid}  {printable(op.op_kind)}  {op.fate}"
-                  f"{f' ({op.outcome})' if op.outcome else ''}  {when(op.at_unix_ms)}  {printable(op.detail)[:100]}"
-                  for op in answer.ops]
+        lines += [f"    {op.op_id}  guest {op.vmid}  {printable(op.op_kind)}  {printable(op.fate)}"
+                  f"{f' ({printable(op.outcome)})' if op.outcome else ''}  {when(op.at_unix_ms)}  "
+                  f"{printable(op.detail)[:100]}" for op in answer.ops]
     return lines
 
 

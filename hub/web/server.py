@@ -96,6 +96,7 @@ class Site:
         return self.render(page.template, **page.context)
 
 
+REQUEST_TIMEOUT = 10.0  # seconds a connection may idle (reading a request, or between keep-alive requests)
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -108,6 +109,7 @@ def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
 
 class _Handler(BaseHTTPRequestHandler):
     site: Site  # set on the subclass each server makes
+    timeout = REQUEST_TIMEOUT  # a client that sends nothing is cut off: idle sockets never pin a thread each
     hosts: frozenset[str] | None = None  # set once the port is known (see allowed_hosts)
     server_version = "pve-hub"
     sys_version = ""
