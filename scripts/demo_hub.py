@@ -190,7 +190,8 @@ def run(tmp: Path, nodes: tuple[str, ...], *, keep: bool = False) -> int:
         trust = tmp / "trust.toml"
         trust.write_text(role(nodes) + "\n" + keys(tmp))
         trust.chmod(0o644)
-        print("\n== the trust store every node holds (alice and bob publish, alice approves; mallory is nobody)\n" + trust.read_text())
+        print("\n== the trust store every node holds (alice and bob publish, alice approves; mallory is nobody)\n"
+              + trust.read_text())
         hub_log = procs.start("pve-hub", [*PVE_HUB, "serve", "--listen", "127.0.0.1:0", "--state-dir",
                                           str(tmp / "hub"), "--heartbeat", "1", "--web-listen", "127.0.0.1:0",
                                           "--log-format", "json"])
@@ -206,7 +207,8 @@ def run(tmp: Path, nodes: tuple[str, ...], *, keep: bool = False) -> int:
                                "--pve-user", "root@pam", "--pve-password-file", str(password), "--pve-ca-file",
                                certfile, "--planner", planner, "--hub", address, "--hub-heartbeat", "1",
                                "--trust-store", str(trust), "--state-dir", str(tmp / f"state-{node}"),
-                               "--listen", f"unix:{tmp / f'run-{node}' / 'executor.sock'}", "--interval", f"{INTERVAL:g}",
+                               "--listen", f"unix:{tmp / f'run-{node}' / 'executor.sock'}",
+                               "--interval", f"{INTERVAL:g}",
                                "--log-format", "json"])
         print(f"== pve-executor run --hub {address}, on {', '.join(nodes)}")
         channel = grpc.insecure_channel(address)
@@ -214,7 +216,7 @@ def run(tmp: Path, nodes: tuple[str, ...], *, keep: bool = False) -> int:
         try:
             code = converge_then_forge(tmp, fake.pve, nodes, hub, address)
             if code == 0:
-                code = FleetView(tmp, fake.pve, nodes, hub, address, web, procs).run()
+                code = FleetView(tmp, fake.pve, nodes, hub, address=address, web=web, procs=procs).run()
             if keep:
                 print(f"\n== --keep: everything runs until Ctrl-C; browse {web}")
                 hold()
@@ -307,7 +309,7 @@ class FleetView:
     """Issue 17 on the demo cluster: drift and an approval at the hub and on its page, the signed op submitted
     through the hub and applied once, a killed node stale within two report intervals."""
 
-    def __init__(self, tmp: Path, pve: Any, nodes: tuple[str, ...], hub: pb_grpc.HubServiceStub, address: str,
+    def __init__(self, tmp: Path, pve: Any, nodes: tuple[str, ...], hub: pb_grpc.HubServiceStub, *, address: str,
                  web: str, procs: Processes) -> None:
         self.tmp, self.pve, self.nodes, self.hub, self.web, self.procs = tmp, pve, nodes, hub, web, procs
         self.common = ["--hub", address, "--cluster", CLUSTER]
@@ -372,7 +374,7 @@ class FleetView:
 
     def page_rows(self, page: str) -> list[list[str]]:
         """The rows of the keys table (key, declared, actual, differs) of ``page``."""
-        with urllib.request.urlopen(page, timeout=10) as answer:  # noqa: S310 (our own hub, on loopback)
+        with urllib.request.urlopen(page, timeout=10) as answer:
             cells = Cells()
             cells.feed(answer.read().decode())
         return [row for row in cells.rows if row]
@@ -408,7 +410,7 @@ class FleetView:
               f"{mac}")
         code, _ = self.pve_hub("status")
         page = f"{self.web}clusters/{CLUSTER}/nodes/pve1%40{CLUSTER}/guests/{MAC_GUEST}"
-        with urllib.request.urlopen(page, timeout=10) as answer:  # noqa: S310 (our own hub, on loopback)
+        with urllib.request.urlopen(page, timeout=10) as answer:
             html = answer.read().decode()
         synced = "in_sync" in html and not any(len(row) > 3 and row[3] == "differs" for row in self.page_rows(page))
         print(f"\n$ GET {page}\n  guest {MAC_GUEST}: {'in_sync, no key differs' if synced else 'NOT in sync'}")
