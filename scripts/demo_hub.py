@@ -235,7 +235,8 @@ def run(tmp: Path, nodes: tuple[str, ...], *, keep: bool = False) -> int:
 
 def hold() -> None:
     """Until Ctrl-C (SIGINT) or SIGTERM."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for number in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts a background job ignoring it
+        signal.signal(number, signal.default_int_handler)
     try:
         while True:
             signal.pause()
@@ -258,6 +259,8 @@ def converge_then_forge(tmp: Path, pve: Any, nodes: tuple[str, ...], hub: pb_grp
     wait(lambda: {n: (s.held_version, s.ok) for n, s in status(hub).items()} == {n: (1, True) for n in nodes},
          "every node's ACK of version 1")
     wait(lambda: all(converged(pve, number) for number, _ in enumerate(nodes, start=1)), "every node converged")
+    # and reported so (a report describes what its tick saw before acting): status then shows the nodes in sync
+    wait(lambda: status_view.exit_code(status(hub).values()) == 0, "every node's report: in sync")
     show(pve, nodes, "the cluster after (each node converged its own guests)")
     print("\n== pve-hub status")
     subprocess.run([*PVE_HUB, "status", *common], cwd=ROOT, check=False)
