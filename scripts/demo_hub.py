@@ -6,8 +6,8 @@ trust store whose `publisher` role grants `desired.apply` to the three nodes). a
 with `pve-hub apply`; every node verifies the signature, ACKs and converges; `pve-hub status` shows each node's
 version and ACK. Then mallory, whose key no trust store holds, applies a forged version: the hub stores it (it
 is a courier), every node NACKs it (UNKNOWN_KEY) and nothing changes. Then the fleet view (issue 17), with the
-hub's web page on: alice applies a version that changes guest 100's NIC MAC (APPROVAL: config.nic_identity) and
-another guest's memory (BENIGN: converged at once); `pve-hub status` exits 4 (an approval waiting), `status --node`,
+hub's web page on: alice applies a version that changes guest 102's NIC MAC (APPROVAL: config.nic_identity) and
+another guest's onboot (BENIGN: converged at once); `pve-hub status` exits 4 (an approval waiting), `status --node`,
 `pending` and the guest's web page show the key declared against actual; alice signs it as `pending` says (the
 trust store's `operator` role, threshold 1) and `pve-hub submit --wait` routes it to pve1: RAN ok, Proxmox gets the
 MAC once and `pve-hub status` exits 0; then one executor is SIGKILLed and `pve-hub status` shows it STALE (exit 4)
@@ -360,6 +360,8 @@ class FleetView:
         wait(lambda: self.states().get("pve1", {}).get("pending_approval") == 1
              and str(self.pve.guest(self.drifted).config.get("onboot")) == "1"
              and self.states().get(last, {}).get("drifted", 0) == 0, "v3: pve1's approval waiting, onboot set")
+        print(f"\n== {last} set guest {self.drifted}'s onboot to 1 at once (BENIGN); guest {MAC_GUEST}'s MAC waits "
+              "for an operator")
         return 0
 
     def shown(self) -> int:
