@@ -31,7 +31,10 @@ def running_with(marker: str) -> list[int]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the demo's trust store must be owned by root")
 def test_the_hub_demo_converges_three_nodes_refuses_the_forgery_and_stops_everything() -> None:
     """Exit 0; `pve-hub status` shows ACK v1 for each of the three nodes, then NACK v2 UNKNOWN_KEY holding v1;
-    the cluster is unchanged by the forgery; every process it started is gone when it returns."""
+    the cluster is unchanged by the forgery; then the fleet view: status exits 4 with the approval pending (shown by
+    `pending` with its sign command, and on the guest's web page with both values), the signed op submitted through
+    the hub RAN ok, fakepve got the MAC write once, status exits 0, and the killed executor is STALE (exit 4); every
+    process it started is gone when it returns."""
     # The demo makes its dir under TMPDIR: one of this test's own, so that "nothing left" looks only at what this
     # run started (another run of the demo on this machine, e.g. another pytest-xdist session, is not ours).
     # Short, under /tmp: the demo's unix sockets live in it.
@@ -46,8 +49,19 @@ def test_the_hub_demo_converges_three_nodes_refuses_the_forgery_and_stops_everyt
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("pve") and "@fakecluster" in line]
     assert [row[:4] for row in rows[:3]] == [[f"pve{n}@fakecluster", "1", "ACK", "v1"] for n in (1, 2, 3)]
-    assert [row[:4] for row in rows[3:]] == [[f"pve{n}@fakecluster", "1", "NACK", "v2"] for n in (1, 2, 3)]
-    assert all(any(cell.startswith("UNKNOWN_KEY") for cell in row[4:]) for row in rows[3:]), rows  # its NOTES
+    assert [row[:4] for row in rows[3:6]] == [[f"pve{n}@fakecluster", "1", "NACK", "v2"] for n in (1, 2, 3)]
+    assert all(any(cell.startswith("UNKNOWN_KEY") for cell in row[4:]) for row in rows[3:6]), rows  # its NOTES
     assert "the cluster after the forgery (unchanged)" in done.stdout
-    assert "stopped 5 processes (by PID)" in done.stdout and "killed" not in done.stdout
+    out = done.stdout[done.stdout.index("== fleet view"):]
+    waiting, after, killed = out.split("\n$ pve-hub status\n")[1:4]
+    assert [row.split()[6] for row in waiting.splitlines() if row.startswith("pve1@")] == ["1"]  # PENDING
+    assert "(exit 4)" in waiting.split("$ ")[0]
+    assert "net0: declared 'virtio=BC:24:11:00:01:99,bridge=vmbr0', actual 'virtio=BC:24:11:00:01:02" in out
+    assert "sign it: pve-hub pending --cluster fakecluster --descriptor " in out
+    assert "  net0  virtio=BC:24:11:00:01:99,bridge=vmbr0  virtio=BC:24:11:00:01:02,bridge=vmbr0  differs" in out
+    assert "on node pve1@fakecluster: RAN ok" in out
+    assert "fakepve received 1 config write(s) for guest 102 since v3; its net0 is now virtio=BC:24:11:00:01:99" in out
+    assert "(exit 0)" in after.split("$ ")[0] and "guest 102: in_sync, no key differs" in after
+    assert "STALE: no report for" in killed and "(exit 4)" in killed and "== pve3 STALE " in killed
+    assert "stopped 5 processes (by PID)" in done.stdout and "done in" in done.stdout and "killed" not in done.stdout
     assert left == []
