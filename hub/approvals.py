@@ -60,6 +60,9 @@ def pending(args: argparse.Namespace) -> int:
             raise Failed(f"--descriptor {args.descriptor}: {len(items)} pending entries match (see pve-hub pending "
                          f"--cluster {args.cluster})")
     entries, items = _readable(items, strict=bool(args.descriptor))
+    if answer.omitted:
+        print(f"pve-hub pending: {answer.omitted} more left out (the answer reached its size limit; taken in turn "
+              f"from each node): see pve-hub status --node NODE", file=sys.stderr)
     if args.json:
         print(json.dumps(entries[0] if args.descriptor else entries, indent=2, sort_keys=True))
         return 0

@@ -22,6 +22,10 @@ _PREFIX = "SYNC_STATE_"
 # them, so each must be a plain token, and the descriptor's sha256 must be the descriptor's.
 _TOKEN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}", re.ASCII)
 _CLASSES = frozenset({"BENIGN", "APPROVAL", "DESTRUCTIVE"})
+# A descriptor is signed into an op envelope of at most MAX_OP_ENVELOPE bytes (64 KiB) with its signatures and
+# fields: a larger one can never be approved, and only fills the hub's answers.
+MAX_DESCRIPTOR = 48 * 1024
+PENDING_BUDGET = 6 << 20  # bytes of pending approvals one ListPending answer carries (under the 11.8 MiB message cap)
 
 
 def state_name(value: int) -> str:
@@ -60,6 +64,9 @@ def check_pending(field: str, item: pb.PendingApproval, audience: str) -> None:
     """InvalidArgumentError naming the field of a pending approval a command could not carry as it stands, or whose
     action is not the reporting node's own (``audience``): listed under this node, its sign command would make the
     operator sign an op the hub routes to another node."""
+    if len(item.descriptor) > MAX_DESCRIPTOR:
+        raise InvalidArgumentError(f"{field}.descriptor", f"{len(item.descriptor)} bytes, over the limit of "
+                                                          f"{MAX_DESCRIPTOR}: no signed op could carry it")
     if item.descriptor_sha256 != hashlib.sha256(item.descriptor).hexdigest():
         raise InvalidArgumentError(f"{field}.descriptor_sha256", "must be the sha256 (lowercase hex) of descriptor")
     if item.action_class not in _CLASSES:
@@ -83,6 +90,27 @@ def _audience_of(descriptor: bytes, default: str) -> object:
     except ValueError:
         return default
     return parsed.get("audience", default) if isinstance(parsed, dict) else default
+
+
+def fair_share(by_node: Mapping[str, list[pb.PendingApproval]],
+               budget: int = PENDING_BUDGET) -> tuple[list[pb.PendingApproval], int]:
+    """Pending approvals taken one per node in turn until ``budget`` bytes, then sorted by node (each node's in its
+    order): one node's flood never hides another's. Returns them and how many were left out."""
+    taken: dict[str, list[pb.PendingApproval]] = {node: [] for node in by_node}
+    queues = {node: list(items) for node, items in by_node.items() if items}
+    used, omitted = 0, 0
+    while queues:
+        for node in sorted(queues):
+            item = queues[node].pop(0)
+            size = item.ByteSize()
+            if used + size > budget:
+                omitted += 1
+            else:
+                used += size
+                taken[node].append(item)
+            if not queues[node]:
+                del queues[node]
+    return [item for node in sorted(taken) for item in taken[node]], omitted
 
 
 def guest_of(row: GuestRow) -> pb.GuestState:

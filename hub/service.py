@@ -444,12 +444,15 @@ class HubServicer(pb_grpc.HubServiceServicer):
                     context: grpc.ServicerContext) -> pb.ListPendingResponse:
         """Every node's pending approvals from their latest reports, by node then vmid (each names its node)."""
         cluster = check_name("cluster", request.cluster)
-        pending = []
+        by_node: dict[str, list[pb.PendingApproval]] = {}
         for row in self._db(functools.partial(self.store.guests, pending_only=True), cluster):
             for item in fleet.guest_of(row).pending:
                 item.node = row.node  # the node the hub heard it from, whatever the entry says
-                pending.append(item)
-        return pb.ListPendingResponse(pending=pending)
+                by_node.setdefault(row.node, []).append(item)
+        pending, omitted = fleet.fair_share(by_node)
+        if omitted:
+            log.warning("hub.pending_omitted", cluster=cluster, omitted=omitted)
+        return pb.ListPendingResponse(pending=pending, omitted=omitted)
 
     @_mapped
     def SubmitOp(self, request: pb.SubmitOpRequest, context: grpc.ServicerContext) -> pb.SubmitOpResponse:  # noqa: N802

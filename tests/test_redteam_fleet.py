@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from executor.api.deliveries import HubDeliveries
@@ -252,21 +253,23 @@ def test_a_revocation_delivered_before_its_op_still_vetoes_it(fakepve: Any, make
     assert [m for m in mutations(fakepve, before) if m[1] == CONFIG_PATH] == []
 
 
-@pytest.mark.xfail(strict=True, reason="open: ListPending answers every node's pending approvals in one message; two "
-                   "nodes' reports (each under the 8 MiB report limit, each guest under 1 MiB) add up to more than "
-                   "the 11.8 MiB gRPC limit, so `pve-hub pending` fails for the whole cluster. Fix: refuse at "
-                   "ReportState a descriptor no envelope could carry (> 48 KiB: MAX_OP_ENVELOPE) and cap a report's "
-                   "pending bytes; have ListPending stop at a byte budget and say so (an additive `truncated` field), "
-                   "or page it")
 def test_two_nodes_pending_floods_do_not_hide_every_approval_from_pve_hub_pending(hub: Hub) -> None:
     """A hostile node (or two) fills its report with pending approvals under every limit the hub has; the cluster's
-    other approvals must still be listed by `pve-hub pending`."""
+    other approvals must still be listed by `pve-hub pending` (taken in turn from each node, the rest counted), and a
+    descriptor no signed op could carry is refused at ReportState."""
     good = pb.GuestState(vmid=105, state=pb.SYNC_STATE_PENDING_APPROVAL, pending=[pending(descriptor(GOOD), GOOD)])
     hub.stub.ReportState(report(GOOD, good), timeout=10)
+    huge = json.dumps({"audience": "pve2@fakecluster", "pad": "A" * (64 << 10)}).encode()
+    with pytest.raises(grpc.RpcError) as refused:
+        hub.stub.ReportState(report("pve2@fakecluster", pb.GuestState(
+            vmid=200, state=pb.SYNC_STATE_PENDING_APPROVAL, pending=[pending(huge, "pve2@fakecluster")])), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "guests[0].pending[0].descriptor: " in str(refused.value.details())
     for name in ("pve2@fakecluster", "pve3@fakecluster"):
-        pad = json.dumps({"audience": name, "pad": "A" * (1000 << 10)}).encode()
+        pad = json.dumps({"audience": name, "pad": "A" * (47 << 10)}).encode()
         flood = [pb.GuestState(vmid=200 + i, state=pb.SYNC_STATE_PENDING_APPROVAL, pending=[pending(pad, name)])
-                 for i in range(7)]
+                 for i in range(160)]
         hub.stub.ReportState(report(name, *flood), timeout=30)
     listed = pve_hub("pending", "--hub", hub.address, "--cluster", CLUSTER)
     assert "TAKE A SNAPSHOT of guest 105 (qemu) on pve1@fakecluster" in listed.stdout, listed.stderr[-300:]
+    assert "more left out (the answer reached its size limit" in listed.stderr

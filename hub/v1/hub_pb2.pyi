@@ -1107,18 +1107,22 @@ class ListPendingResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PENDING_FIELD_NUMBER: _builtins.int
+    OMITTED_FIELD_NUMBER: _builtins.int
+    omitted: _builtins.int
+    """How many were left out because the answer reached its size budget (see each node with GetNode)."""
     @_builtins.property
     def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
-        """Every node's pending approvals."""
+        """Every node's pending approvals (taken in turn from each node, up to the answer's size budget)."""
 
     def __init__(
         self,
         *,
         pending: _abc.Iterable[Global___PendingApproval] | None = ...,
+        omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["omitted", b"omitted", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
