@@ -126,7 +126,7 @@ def render_node(cluster: str, answer: pb.GetNodeResponse, now: float) -> list[st
         f"{'ACK' if node.ok else 'NACK'} v{node.reported_version}"
     lines = [f"node {printable(node.node)} (cluster {printable(cluster)}): holds version {node.held_version}, "
              f"{verdict}; last report {when(node.last_report_unix_ms)} ({age(node.last_report_unix_ms, now)} ago), "
-             f"every {node.report_interval_seconds:g}s; tick {printable(node.tick_outcome) or '-'}"]
+             f"every {round(node.report_interval_seconds, 1):g}s; tick {printable(node.tick_outcome) or '-'}"]
     lines += [f"  {note}" for note in _notes(node, 0, now) if note != "(behind)"]
     quiet = [g for g in answer.guests if fleet.state_name(g.state) in QUIET]
     for guest in answer.guests:
