@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 import grpc
 
 from hub.client import Failed, _call, _failure, _stub
+from hub.config import DEFAULT_ADDRESS
 from hub.v1 import hub_pb2 as pb
 from opctl.advice import advice
 from opctl.doc import OpError, action_words, parse_action_json, proposal_document, visible
@@ -41,12 +43,23 @@ def _entry(item: pb.PendingApproval) -> dict[str, object]:
                                 first_seen_unix_ms=item.first_seen_unix_ms), "node": item.node}
 
 
-def sign_command(cluster: str, item: pb.PendingApproval) -> str:
-    """The exact commands that sign ``item`` offline and route it through the hub."""
+def hub_flags(args: argparse.Namespace) -> str:
+    """The flags that reached this hub (``--hub`` unless the default, the client TLS files), shell-quoted: the
+    commands ``pending`` prints must reach the same hub when pasted."""
+    flags = [] if args.hub == DEFAULT_ADDRESS else ["--hub", args.hub]
+    for name in ("hub_ca", "hub_client_cert", "hub_client_key"):
+        if getattr(args, name, None):
+            flags += ["--" + name.replace("_", "-"), getattr(args, name)]
+    return "".join(f" {shlex.quote(flag)}" for flag in flags)
+
+
+def sign_command(cluster: str, item: pb.PendingApproval, flags: str = "") -> str:
+    """The exact commands that sign ``item`` offline and route it through the hub (``flags``: how to reach it)."""
     short = item.descriptor_sha256[:12]
-    return (f"pve-hub pending --cluster {cluster} --descriptor {short} --json > pending-{short}.json && "
+    cluster = shlex.quote(cluster)
+    return (f"pve-hub pending --cluster {cluster}{flags} --descriptor {short} --json > pending-{short}.json && "
             f"pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
-            f"pve-hub submit op-{short}.json --cluster {cluster} --wait")
+            f"pve-hub submit op-{short}.json --cluster {cluster}{flags} --wait")
 
 
 def pending(args: argparse.Namespace) -> int:
@@ -69,7 +82,7 @@ def pending(args: argparse.Namespace) -> int:
     if not entries:
         print(f"nothing pending in cluster {args.cluster}")
     for index, (entry, item) in enumerate(zip(entries, items, strict=True), start=1):
-        print("\n".join(_lines(index, entry, item, args.cluster)))
+        print("\n".join(_lines(index, entry, item, args.cluster, hub_flags(args))))
     return 0
 
 
@@ -91,13 +104,14 @@ def _readable(items: list[pb.PendingApproval], *, strict: bool) -> tuple[list[di
     return entries, kept
 
 
-def _lines(index: int, entry: Mapping[str, object], item: pb.PendingApproval, cluster: str) -> list[str]:
+def _lines(index: int, entry: Mapping[str, object], item: pb.PendingApproval, cluster: str,
+           flags: str = "") -> list[str]:
     action = entry["action"]
     assert isinstance(action, dict)
     lines = [f"[{index}] node {visible(item.node)}: {action_words(action)}  {item.action_class}",
              f"    kind {item.op_kind}; rule {item.rule}; descriptor {item.descriptor_sha256[:12]}"]
     lines += [f"    - {visible(reason)}" for reason in item.reasons]
-    lines.append(f"    sign it: {sign_command(cluster, item)}")
+    lines.append(f"    sign it: {sign_command(cluster, item, flags)}")
     return lines
 
 

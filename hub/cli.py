@@ -79,6 +79,8 @@ def _approvals(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """``pending`` and ``submit``: approvals through the hub (hub.approvals)."""
     pending = _client(sub, "pending", "every node's changes waiting for a signed op, with the commands that sign "
                                       "each (offline, your own keys)")
+    pending.epilog = ("exit codes: 0 ok (nothing pending too); 1 the hub could not be reached, or --descriptor "
+                      "matches no entry or several; 2 usage")
     pending.add_argument("--json", action="store_true", help="as JSON: entries pve-executor op sign takes")
     pending.add_argument("--descriptor", metavar="SHA256", help="only the entry whose descriptor sha256 starts so "
                                                                 "(with --json: that entry alone, for op sign)")

@@ -164,9 +164,10 @@ def test_a_pending_change_signed_and_submitted_through_the_hub_runs_once(node: N
     short = entry.descriptor_sha256[:12]
     assert listed.stdout.startswith(f"[1] node {AUDIENCE}: ") and "APPROVAL" in listed.stdout
     assert f"kind config.nic_identity; rule {entry.rule}; descriptor {short}" in listed.stdout
-    command = (f"sign it: pve-hub pending --cluster {CLUSTER} --descriptor {short} --json > pending-{short}.json && "
-               f"pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json pending-{short}.json && "
-               f"pve-hub submit op-{short}.json --cluster {CLUSTER} --wait")
+    # The printed commands reach the hub `pending` was asked (its --hub, not the default address).
+    command = (f"sign it: pve-hub pending --cluster {CLUSTER} --hub {hub.address} --descriptor {short} --json > "
+               f"pending-{short}.json && pve-executor op sign --key KEYFILE --role ROLE --out op-{short}.json "
+               f"pending-{short}.json && pve-hub submit op-{short}.json --cluster {CLUSTER} --hub {hub.address} --wait")
     assert command in listed.stdout
     chosen = pve_hub("pending", "--cluster", CLUSTER, "--hub", hub.address, "--descriptor", short, "--json")
     assert chosen.returncode == 0, chosen.stderr
