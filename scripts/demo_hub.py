@@ -7,8 +7,9 @@ with `pve-hub apply`; every node verifies the signature, ACKs and converges; `pv
 version and ACK. Then mallory, whose key no trust store holds, applies a forged version: the hub stores it (it
 is a courier), every node NACKs it (UNKNOWN_KEY) and nothing changes. Then the fleet view (issue 17), with the
 hub's web page on: alice applies a version that changes guest 102's NIC MAC (APPROVAL: config.nic_identity) and
-another guest's onboot (BENIGN: converged at once); `pve-hub status` exits 4 (an approval waiting), `status --node`,
-`pending` and the guest's web page show the key declared against actual; alice signs it as `pending` says (the
+starts a stopped guest on the last node whose start task fakepve makes last ~6 s (BENIGN: drifted, being converged,
+while it runs); `pve-hub status` exits 4 (an approval waiting, a guest drifted), `status --node`, `pending` and the
+guests' web pages show each key declared against actual (the start: run_state); alice signs it as `pending` says (the
 trust store's `operator` role, threshold 1) and `pve-hub submit --wait` routes it to pve1: RAN ok, Proxmox gets the
 MAC once and `pve-hub status` exits 0; then one executor is SIGKILLed and `pve-hub status` shows it STALE (exit 4)
 within two report intervals. Then it stops every process it started, by PID (`--keep`: only at Ctrl-C, to browse
@@ -50,6 +51,7 @@ TIMEOUT = 40.0
 INTERVAL = 1.0  # the executors' --interval: a report each, so a node is stale ~2 s after its last one
 MAC_GUEST = 102  # pve1's guest whose NIC MAC changes in v3 (stopped, as in v1)
 MAC_OLD, MAC_NEW = "BC:24:11:00:01:02", "BC:24:11:00:01:99"  # its NIC, before and as declared in v3
+START_SECS = 3000  # the slow guest's start task in PVE seconds: ~6 real s at the fake's time_scale 0.002
 
 
 def role(nodes: tuple[str, ...]) -> str:
@@ -80,6 +82,10 @@ def guests(pve: Any, nodes: tuple[str, ...]) -> None:
         pve.add_vm(number * 100 + 1, f"db{number}", node=node, status="running", config={"memory": 4096})
     pve.add_vm(MAC_GUEST, "app1", node="pve1", status="stopped",  # stopped: PVE sets its NIC at once
                config={"memory": 512, "net0": f"virtio={MAC_OLD},bridge=vmbr0"})
+    slow = pve.add_vm(len(nodes) * 100 + 3, f"batch{len(nodes)}", node=nodes[-1], status="stopped",
+                      config={"memory": 256})
+    # v3 starts it: a start task of several seconds keeps it drifted (being converged) long enough to be seen
+    slow.start_secs = START_SECS
 
 
 def show(pve: Any, nodes: tuple[str, ...], title: str) -> None:
@@ -316,7 +322,7 @@ class FleetView:
                  web: str, procs: Processes) -> None:
         self.tmp, self.pve, self.nodes, self.hub, self.web, self.procs = tmp, pve, nodes, hub, web, procs
         self.common = ["--hub", address, "--cluster", CLUSTER]
-        self.drifted = len(nodes) * 100 + 1  # the last node's N01: v3 sets its onboot
+        self.drifted = len(nodes) * 100 + 3  # the last node's slow guest: v3 starts it
         self.writes = 0  # fakepve's requests before v3
 
     def run(self) -> int:
@@ -324,13 +330,16 @@ class FleetView:
         steps = (self.apply_v3, self.shown, self.sign_and_submit, self.in_sync, self.kill)
         return next((code for step in steps if (code := step()) != 0), 0)
 
-    def pve_hub(self, *args: str, shown: str = "", last: int = 0) -> tuple[int, str]:
+    def pve_hub(self, *args: str, shown: str = "", last: int = 0, only: tuple[str, ...] = ()) -> tuple[int, str]:
         """``pve-hub ARGS`` (this cluster, this hub) as a user runs it, the command and its output (``last``: its
-        last lines only; -1: none) printed."""
+        last lines only; -1: none; ``only``: the lines starting so) printed."""
         print(f"\n$ pve-hub {shown or ' '.join(args)}")
         done = subprocess.run([*PVE_HUB, *args, *self.common], cwd=ROOT, capture_output=True, text=True, check=False)
-        if last >= 0:  # -1: nothing (its output goes to a file)
-            print("\n".join((done.stdout + done.stderr).rstrip().splitlines()[-last:]))
+        lines = (done.stdout + done.stderr).rstrip().splitlines()
+        if only:
+            print("\n".join(line for line in lines if line.startswith(only)))
+        elif last >= 0:  # -1: nothing (its output goes to a file)
+            print("\n".join(lines[-last:]))
         print(f"(exit {done.returncode})")
         return done.returncode, done.stdout
 
@@ -339,43 +348,53 @@ class FleetView:
         return {name: status_view.counts(node) for name, node in status(self.hub).items()}
 
     def apply_v3(self) -> int:
-        """alice's v3: guest 102's MAC (waits for approval on pve1), the last node's N01 onboot (converged)."""
+        """alice's v3: guest 102's MAC (waits for approval on pve1), the last node's slow guest started (drifted
+        while its start task runs)."""
         text = desired(self.nodes).replace(
             f"  - vmid: {MAC_GUEST}\n    state: stopped",
             f"  - vmid: {MAC_GUEST}\n    state: stopped\n    config: {{net0: 'virtio={MAC_NEW},bridge=vmbr0'}}")
-        text = text.replace(f"  - vmid: {self.drifted}\n    config: {{tags: demo}}",
-                            f"  - vmid: {self.drifted}\n    config: {{tags: demo, onboot: 1}}")
+        text += f"  - vmid: {self.drifted}\n    state: running\n"
         path = self.tmp / "desired-v3.yaml"
         path.write_text(text)
         print(f"\n== fleet view: alice applies v3: guest {MAC_GUEST}'s NIC MAC {MAC_OLD} -> {MAC_NEW} (APPROVAL), "
-              f"guest {self.drifted}'s onboot 1 (BENIGN)")
+              f"guest {self.drifted} running (BENIGN; its start task takes ~{START_SECS * 0.002:g} s)")
         self.writes = len(self.pve.requests)
         code, _ = self.pve_hub("apply", str(path), "--key", str(self.tmp / "alice.key"), "--role", "publisher",
-                               "--author", "alice@example.org", "--message", "new MAC for app1, db boots",
+                               "--author", "alice@example.org", "--message", "new MAC for app1, batch up",
                                "--check-version", "2", shown="apply desired-v3.yaml --key alice.key --role publisher "
                                                          "--message ... --check-version 2 (its diff not shown)", last=1)
         if code != 0:
             return 1
-        last = self.nodes[-1]
         wait(lambda: self.states().get("pve1", {}).get("pending_approval") == 1
-             and str(self.pve.guest(self.drifted).config.get("onboot")) == "1"
-             and self.states().get(last, {}).get("drifted", 0) == 0, "v3: pve1's approval waiting, onboot set")
-        print(f"\n== {last} set guest {self.drifted}'s onboot to 1 at once (BENIGN); guest {MAC_GUEST}'s MAC waits "
-              "for an operator")
+             and self.states().get(self.nodes[-1], {}).get("drifted") == 1, "v3: pve1's approval, a guest drifted")
         return 0
 
     def shown(self) -> int:
-        """`pve-hub status` (exit 4), `status --node pve1`, `pending`, and the guest's web page."""
+        """`pve-hub status` (exit 4), `status --node` of both nodes, `pending`, and both guests' web pages."""
+        last = self.nodes[-1]
         code, _ = self.pve_hub("status")
         node, _ = self.pve_hub("status", "--node", f"pve1@{CLUSTER}")
+        converging, detail = self.pve_hub("status", "--node", f"{last}@{CLUSTER}", only=("  guest ", "      "),
+                                          shown=f"status --node {last}@{CLUSTER} (its guests not in sync)")
         _, listed = self.pve_hub("pending")
-        page = f"{self.web}clusters/{CLUSTER}/nodes/pve1%40{CLUSTER}/guests/{MAC_GUEST}"
+        rows = self.guest_page("pve1", MAC_GUEST, "net0")
+        differs = any(row[0] == "net0" and MAC_NEW in row[1] and MAC_OLD in row[2] for row in rows if len(row) > 2)
+        started = [row for row in self.guest_page(last, self.drifted, "run_state") if len(row) > 2
+                   and row[:3] == ["run_state", "running", "stopped"]]
+        drifted = "run_state: declared 'running', actual 'stopped'" in detail
+        alone = 4 if last == "pve1" else 3  # a node drifted only: 3 (converging); pve1 holds the approval: 4
+        return 0 if (code, node, converging) == (4, 4, alone) and "sign it: " in listed and differs and started \
+            and drifted and self.pve.guest(self.drifted).status == "stopped" else 1
+
+    def guest_page(self, node: str, vmid: int, key: str) -> list[list[str]]:
+        """GET a guest's web page; print the row of ``key``; the page's key rows."""
+        page = f"{self.web}clusters/{CLUSTER}/nodes/{node}%40{CLUSTER}/guests/{vmid}"
         print(f"\n$ GET {page}")
         rows = self.page_rows(page)
         for row in rows:
-            print("  " + "  ".join(cell or "-" for cell in row))
-        differs = any(row[0] == "net0" and MAC_NEW in row[1] and MAC_OLD in row[2] for row in rows if len(row) > 2)
-        return 0 if (code, node) == (4, 4) and "sign it: " in listed and differs else 1
+            if row and row[0] == key:
+                print("  " + "  ".join(cell or "-" for cell in row))
+        return rows
 
     def page_rows(self, page: str) -> list[list[str]]:
         """The rows of the keys table (key, declared, actual, differs) of ``page``."""
@@ -405,8 +424,10 @@ class FleetView:
         return 0 if code == 0 and "RAN ok" in out else 1
 
     def in_sync(self) -> int:
-        """Proxmox got the MAC once; `pve-hub status` exits 0 and the page shows the guest in sync."""
+        """Proxmox got the MAC once, the slow guest runs; `pve-hub status` exits 0 and the page shows the guest in
+        sync."""
         wait(lambda: status_view.exit_code(status(self.hub).values()) == 0, "every node in sync")
+        print(f"\n== guest {self.drifted}'s start task ended: it is {self.pve.guest(self.drifted).status}")
         path = f"/api2/json/nodes/pve1/qemu/{MAC_GUEST}/config"
         writes = [body for method, where, body in self.pve.requests[self.writes:]
                   if where == path and method in ("POST", "PUT")]
@@ -419,7 +440,8 @@ class FleetView:
             html = answer.read().decode()
         synced = "in_sync" in html and not any(len(row) > 3 and row[3] == "differs" for row in self.page_rows(page))
         print(f"\n$ GET {page}\n  guest {MAC_GUEST}: {'in_sync, no key differs' if synced else 'NOT in sync'}")
-        return 0 if len(writes) == 1 and MAC_NEW in mac.upper() and code == 0 and synced else 1
+        running = self.pve.guest(self.drifted).status == "running"
+        return 0 if len(writes) == 1 and MAC_NEW in mac.upper() and code == 0 and synced and running else 1
 
     def kill(self) -> int:
         """SIGKILL the last node's executor: `pve-hub status` shows it STALE (exit 4) within two report intervals."""

@@ -32,7 +32,8 @@ def running_with(marker: str) -> list[int]:
 def test_the_hub_demo_converges_three_nodes_refuses_the_forgery_and_stops_everything() -> None:
     """Exit 0; `pve-hub status` shows ACK v1 for each of the three nodes, then NACK v2 UNKNOWN_KEY holding v1;
     the cluster is unchanged by the forgery; then the fleet view: status exits 4 with the approval pending (shown by
-    `pending` with its sign command, and on the guest's web page with both values), the signed op submitted through
+    `pending` with its sign command, and on the guest's web page with both values) and pve3's slow-starting guest
+    drifted (its run state declared against actual in `status --node` and on its page), the signed op submitted through
     the hub RAN ok, fakepve got the MAC write once, status exits 0, and the killed executor is STALE (exit 4); every
     process it started is gone when it returns."""
     # The demo makes its dir under TMPDIR: one of this test's own, so that "nothing left" looks only at what this
@@ -55,7 +56,15 @@ def test_the_hub_demo_converges_three_nodes_refuses_the_forgery_and_stops_everyt
     out = done.stdout[done.stdout.index("== fleet view"):]
     waiting, after, killed = out.split("\n$ pve-hub status\n")[1:4]
     assert [row.split()[6] for row in waiting.splitlines() if row.startswith("pve1@")] == ["1"]  # PENDING
+    assert [row.split()[5] for row in waiting.splitlines() if row.startswith("pve3@")] == ["1"]  # DRIFTED: 303
     assert "(exit 4)" in waiting.split("$ ")[0]
+    # the slow start (fakepve's start task of ~6 s) keeps guest 303 drifted, being converged, while it is shown
+    node3 = out[out.index("$ pve-hub status --node pve3@fakecluster"):].split("\n$ ")[0].splitlines()
+    assert node3[1].startswith("  guest 303 batch3: DRIFTED"), node3
+    assert node3[2:] == ["      run_state: declared 'running', actual 'stopped'", "(exit 3)"], node3
+    assert "/nodes/pve3%40fakecluster/guests/303\n  run_state  running  stopped  differs\n" in out
+    assert "== guest 303's start task ended: it is running" in out
+    assert [row.split()[4:6] for row in after.splitlines() if row.startswith("pve3@")] == [["3", "0"]]  # in sync
     assert "net0: declared 'virtio=BC:24:11:00:01:99,bridge=vmbr0', actual 'virtio=BC:24:11:00:01:02" in out
     assert "sign it: pve-hub pending --cluster fakecluster --descriptor " in out
     assert "  net0  virtio=BC:24:11:00:01:99,bridge=vmbr0  virtio=BC:24:11:00:01:02,bridge=vmbr0  differs" in out
