@@ -224,7 +224,8 @@ def run(tmp: Path, nodes: tuple[str, ...], *, keep: bool = False) -> int:
             if code == 0:
                 code = FleetView(tmp, fake.pve, nodes, hub, address=address, web=web, procs=procs).run()
             if keep:
-                print(f"\n== --keep: everything runs until Ctrl-C; browse {web}")
+                print(f"\n== --keep: everything runs until Ctrl-C (or kill {os.getpid()}); browse {web} or try: "
+                      f"pve-hub status --cluster {CLUSTER} --hub {address}", flush=True)
                 hold()
             return code
         except TimeoutError as exc:
@@ -328,6 +329,7 @@ class FleetView:
     def run(self) -> int:
         """Each step in turn; 0 when all happened as they should."""
         steps = (self.apply_v3, self.shown, self.sign_and_submit, self.in_sync, self.kill)
+        print(f"\n(every `pve-hub` command below also gets {' '.join(self.common)}, as you would type it)")
         return next((code for step in steps if (code := step()) != 0), 0)
 
     def pve_hub(self, *args: str, shown: str = "", last: int = 0, only: tuple[str, ...] = ()) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_the_hub_demo_converges_three_nodes_refuses_the_forgery_and_stops_everyt
     assert "== guest 303's start task ended: it is running" in out
     assert [row.split()[4:6] for row in after.splitlines() if row.startswith("pve3@")] == [["3", "0"]]  # in sync
     assert "net0: declared 'virtio=BC:24:11:00:01:99,bridge=vmbr0', actual 'virtio=BC:24:11:00:01:02" in out
-    assert "sign it: pve-hub pending --cluster fakecluster --descriptor " in out
+    assert re.search(r"sign it: pve-hub pending --cluster fakecluster --hub 127\.0\.0\.1:\d+ --descriptor ", out)
     assert "  net0  virtio=BC:24:11:00:01:99,bridge=vmbr0  virtio=BC:24:11:00:01:02,bridge=vmbr0  differs" in out
     assert "on node pve1@fakecluster: RAN ok" in out
     assert "fakepve received 1 config write(s) for guest 102 since v3; its net0 is now virtio=BC:24:11:00:01:99" in out
