@@ -7,6 +7,7 @@ The store keeps each guest and op as the node sent it (hub.v1 bytes) beside the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -96,21 +97,20 @@ def fair_share(by_node: Mapping[str, list[pb.PendingApproval]],
                budget: int = PENDING_BUDGET) -> tuple[list[pb.PendingApproval], int]:
     """Pending approvals taken one per node in turn until ``budget`` bytes, then sorted by node (each node's in its
     order): one node's flood never hides another's. Returns them and how many were left out."""
-    taken: dict[str, list[pb.PendingApproval]] = {node: [] for node in by_node}
-    queues = {node: list(items) for node, items in by_node.items() if items}
+    nodes = sorted(by_node)
+    taken: dict[str, list[pb.PendingApproval]] = {node: [] for node in nodes}
     used, omitted = 0, 0
-    while queues:
-        for node in sorted(queues):
-            item = queues[node].pop(0)
+    for turn in itertools.zip_longest(*(by_node[node] for node in nodes)):
+        for node, item in zip(nodes, turn, strict=True):
+            if item is None:
+                continue
             size = item.ByteSize()
             if used + size > budget:
                 omitted += 1
             else:
                 used += size
                 taken[node].append(item)
-            if not queues[node]:
-                del queues[node]
-    return [item for node in sorted(taken) for item in taken[node]], omitted
+    return [item for node in nodes for item in taken[node]], omitted
 
 
 def guest_of(row: GuestRow) -> pb.GuestState:

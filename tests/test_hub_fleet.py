@@ -262,3 +262,15 @@ def test_two_replicas_on_postgresql_agree_on_the_fleet(pg_server: Any) -> None:
             text = scrape(hub)
             assert sample(text, "pve_hub_guests", state="drifted") == 1
             assert sample(text, "pve_hub_pending_approvals") == 0 and sample(text, "pve_hub_nodes", state="ok") == 1
+
+
+def test_pending_approvals_are_taken_in_turn_from_each_node_up_to_the_budget() -> None:
+    """A node with many approvals takes the budget only after every other node had its turn; the rest is counted."""
+    def item(node: str, vmid: int) -> pb.PendingApproval:
+        return pb.PendingApproval(node=node, vmid=vmid, descriptor=b"x" * 100)
+
+    flood = [item("a", vmid) for vmid in range(100, 150)]
+    size = flood[0].ByteSize()
+    taken, omitted = fleet.fair_share({"a": flood, "b": [item("b", 7)]}, budget=3 * size)
+    assert [(entry.node, entry.vmid) for entry in taken] == [("a", 100), ("a", 101), ("b", 7)]
+    assert omitted == 48
