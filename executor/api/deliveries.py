@@ -18,6 +18,7 @@ carries only deliveries and ops (the hub records those and leaves the node's rep
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
 import threading
 import time
@@ -161,15 +162,16 @@ class HubDeliveries:
         answer.op_id = op_id or _claimed_id(envelope, revoke)
         if refusal is None:
             answer.decision = done
-        elif not revoke and refusal.reason in ALREADY and self._known(answer.op_id):
+        elif not revoke and refusal.reason in ALREADY and self._known(answer.op_id, _sha256(envelope)):
             answer.decision, answer.detail = "accepted", f"accepted before (a redelivery): {refusal.detail}"
         else:
             answer.decision, answer.reason, answer.detail = "refused", refusal.reason, refusal.detail
         return answer
 
-    def _known(self, op_id: str) -> bool:
-        """The journal or the desk has the op waiting, running or ran (accepted before this redelivery)."""
-        return any(status.op_id == op_id and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING,
+    def _known(self, op_id: str, payload_sha256: str) -> bool:
+        """The journal or the desk has this op (its id and payload) waiting, running or ran (accepted before this
+        redelivery); another op under its id, which may have run, is not it."""
+        return any(status.op_id == op_id and status.payload_sha256 == payload_sha256 and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING,
                                                               epb.OP_FATE_RAN) for status in self._fates())
 
     def _fates(self) -> list[epb.OpStatus]:
@@ -221,6 +223,11 @@ def _kind(envelope: signedop.Envelope) -> str:
         return parse_payload(envelope.payload).kind
     except Refused:
         return ""
+
+
+def _sha256(envelope: signedop.Envelope) -> str:
+    """The payload sha256 that tells this op from another under its op id (as the journal and op status key it)."""
+    return hashlib.sha256(envelope.payload).hexdigest()
 
 
 def _claimed_id(envelope: signedop.Envelope, revoke: bool) -> str:
