@@ -13,18 +13,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from executor.api.deliveries import HubDeliveries
-from executor.gate.steps import refused_key
+from executor.loop.hub import HubProvider
+from executor.signed.trust import TrustKeeper
 from hub.v1 import hub_pb2 as pb
-from journal import Journal, JournalError, KeyInFlightError
 from safety import signedop
 from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
 from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, seal, unsigned_of
-
-CLUSTER = "fakecluster"
+from tests.signing import key_entry, kid, write_store
+from tests.test_hub_provider import (  # noqa: F401  (fixtures)
+    CLUSTER,
+    DESIRED,
+    Served,
+    _served,
+    document,
+    make_provider,
+    reports,
+    sha,
+    wait_for,
+)
+from tests.test_hub_provider import store_doc as hub_store_doc
 
 
 def _with_op_id(envelope: Envelope, op_id: str, *signers: str) -> Envelope:
@@ -78,3 +87,55 @@ def test_a_refused_op_redelivered_is_not_reported_accepted_because_another_op_sh
     assert (verdict.decision, verdict.reason) == ("refused", "NONCE_SPENT"), verdict
     assert mutations(fakepve, before) == []
     assert "sb" not in fakepve.vm(107).snapshots
+
+
+# --- a floor reset left in the trust store from an earlier incident ----------------------------------------------
+
+def _publishers_store(version: int, *, revoked: list[str], resets: list[dict[str, Any]]) -> dict[str, Any]:
+    """alice, bob and carol publish (threshold 1); ``revoked`` names whose keys are revoked."""
+    doc = hub_store_doc()
+    doc["version"] = version
+    doc["keys"] = [key_entry("alice", ["publisher", "operator"]), key_entry("carol", ["publisher", "operator"]),
+                   key_entry("bob", ["publisher"])]
+    doc["revoked"] = {"keys": [kid(name) for name in revoked]}
+    doc["floor_resets"] = resets
+    return doc
+
+
+def test_a_stale_floor_reset_lets_a_broken_hub_roll_a_node_back_after_a_later_revocation(
+        served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """Incident 1: alice's key revoked, bob's version 2 named as cluster-a's floor reset. Life goes on: carol signs
+    version 3, bob version 4; the node holds 4. Incident 2: bob's key is revoked (trust store v3), the operators
+    meaning the node to keep its floor (4) until carol signs version 5; the incident-1 reset is still in the store
+    (nothing says to remove it). The node's version 4 no longer verifies, so the stale reset lowered its floor to
+    2, and a broken hub replaying carol's version 3 (old, still validly signed) had the node take it and manage
+    from it, a rollback the version floor exists to stop (§6.9: "nothing a hub sends lowers a floor"). Fixed: a
+    reset is recorded passed (durably) before a version above it is saved, and never applied again."""
+    state = tmp_path / "state"
+    state.mkdir()
+    v2 = document(2, sha(document(1)), signers=("bob",))  # version 1 was alice's (revoked)
+    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2)}]
+    keeper = TrustKeeper(str(write_store(tmp_path, _publishers_store(2, revoked=["alice"], resets=reset))),
+                         str(state))
+    provider = make_provider(providers, served.port, keeper, state)
+    served.hub.push(v2)
+    wait_for(lambda: provider.held.version == 2, "bob's version 2")
+    v3 = document(3, sha(v2), signers=("carol",), desired=DESIRED.replace("4096", "2048"))
+    served.hub.push(v3)
+    wait_for(lambda: provider.held.version == 3, "carol's version 3")
+    v4 = document(4, sha(v3), signers=("bob",), desired=DESIRED.replace("4096", "1024"))
+    served.hub.push(v4)
+    wait_for(lambda: provider.held.version == 4, "bob's version 4")
+    write_store(tmp_path, _publishers_store(3, revoked=["alice", "bob"], resets=reset))
+    keeper.reload()
+    assert provider.desired() == []  # bob's version 4 no longer verifies: nothing managed from it
+    assert provider.held.version == 4, provider.held  # the stale reset once lowered it to 2 here
+    provider.close()  # a restart under the same store: the reset stays passed (state_dir/hub-resets-passed)
+    again = make_provider(providers, served.port, keeper, state)
+    wait_for(lambda: len(served.hub.watches) >= 2, "the restarted node watching")
+    assert again.desired() == [] and again.held.version == 4, again.held
+    seen = len(served.hub.reports)
+    served.hub.push(v3)  # the broken hub replays carol's older version
+    served.hub.push(document(5, sha(v4), signers=("carol",), desired=DESIRED.replace("4096", "512")))
+    wait_for(lambda: [g.config for g in again.desired()] == [{"memory": "512"}], "carol's version 5")
+    assert (3, True, "") not in reports(served.hub)[seen:], reports(served.hub)

@@ -171,8 +171,9 @@ class HubDeliveries:
     def _known(self, op_id: str, payload_sha256: str) -> bool:
         """The journal or the desk has this op (its id and payload) waiting, running or ran (accepted before this
         redelivery); another op under its id, which may have run, is not it."""
-        return any(status.op_id == op_id and status.payload_sha256 == payload_sha256 and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING,
-                                                              epb.OP_FATE_RAN) for status in self._fates())
+        return any(status.op_id == op_id and status.payload_sha256 == payload_sha256
+                   and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING, epb.OP_FATE_RAN)
+                   for status in self._fates())
 
     def _fates(self) -> list[epb.OpStatus]:
         records = self._engine.gate.records.recent(OP_WINDOW)
