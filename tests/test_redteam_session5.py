@@ -139,3 +139,45 @@ def test_a_stale_floor_reset_lets_a_broken_hub_roll_a_node_back_after_a_later_re
     served.hub.push(document(5, sha(v4), signers=("carol",), desired=DESIRED.replace("4096", "512")))
     wait_for(lambda: [g.config for g in again.desired()] == [{"memory": "512"}], "carol's version 5")
     assert (3, True, "") not in reports(served.hub)[seen:], reports(served.hub)
+
+
+def _verdicts(desk: Any, delivery: pb.Delivery) -> list[pb.DeliveryResult]:
+    """The verdict a freshly started HubDeliveries (an executor just restarted: nothing remembered) sends."""
+    sent: list[pb.StateReport] = []
+
+    def send(report: pb.StateReport) -> bool:
+        sent.append(report)
+        return True
+
+    deliveries = HubDeliveries(desk.desk, desk.engine, send, lambda: AUDIENCE)
+    deliveries.take(delivery, CLUSTER, AUDIENCE)
+    deliveries.start()
+    try:
+        _wait_for(lambda: any(report.deliveries for report in sent), "the node's verdict")
+    finally:
+        deliveries.close()
+    return [result for report in sent for result in report.deliveries]
+
+
+def test_a_revocation_redelivered_after_a_restart_is_reported_revoked_not_refused(
+        make_engine: Any, fakepve: Any, tmp_path: Path) -> None:
+    """The hub delivers alice's op.revoke of a snapshot waiting for its guest's lock; the node journals the veto
+    and is killed before its verdict reached the hub. Restarted, it is sent the same delivery again: the desk
+    refuses it (OP_REVOKED, "already revoked by these keys"), and the node told the hub the revocation was
+    refused, while it stands: an operator reading ``pve-hub submit --wait`` (exit 1) would think the op may still
+    run. As a redelivered op is "accepted", a redelivered revocation the journal holds is "revoked"."""
+    add_vm(fakepve, 107)
+    desk = open_desk(make_engine, tmp_path)
+    fakepve.vm(107).lock = "backup"
+    op_id, refusal = desk.run(desk.sign(unsigned_of(desk.propose(107, "snapshot.create", snapname="s1")), "alice",
+                                        role="operator"))
+    assert refusal is None, refusal
+    revocation = desk.sign(desk.propose(107, "op.revoke", op_id=op_id), "alice", role="operator")
+    delivery = pb.Delivery(delivery_id="d-revoke", envelope=signedop.envelope_to_json(revocation))
+    (first,) = _verdicts(desk, delivery)
+    assert (first.decision, first.op_id) == ("revoked", op_id), first
+    (again,) = _verdicts(desk, delivery)  # the restarted node's answer to the same delivery
+    assert (again.decision, again.op_id) == ("revoked", op_id), again
+    fakepve.vm(107).lock = None
+    desk.settle()
+    assert "s1" not in fakepve.vm(107).snapshots
