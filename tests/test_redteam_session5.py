@@ -8,18 +8,26 @@ Each test pins a defence that holds or a hole (fixed, or open as a strict xfail)
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from executor.api.deliveries import HubDeliveries
 from executor.loop.hub import HubProvider
 from executor.signed.trust import TrustKeeper
 from hub.v1 import hub_pb2 as pb
+from journal import Journal, KeyInFlightError, NonceSpentError, Outcome
 from safety import signedop
 from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
+from tests.executor_helpers import ROOT
 from tests.signed_helpers import AUDIENCE, add_vm, mutations, open_desk, seal, unsigned_of
 from tests.signing import key_entry, kid, write_store
 from tests.test_hub_provider import (  # noqa: F401  (fixtures)
@@ -181,3 +189,53 @@ def test_a_revocation_redelivered_after_a_restart_is_reported_revoked_not_refuse
     fakepve.vm(107).lock = None
     desk.settle()
     assert "s1" not in fakepve.vm(107).snapshots
+
+
+# --- the journal's op-id reservation under kill -9 -----------------------------------------------------------------
+
+_TORN = """
+import os, sys, time
+from journal import Journal, segments
+
+def torn(self, data):
+    end = self.size + len(data)
+    if end > self.capacity:
+        self._extend(end)
+    segments._pwrite_all(self.fd, data[: len(data) // 2], self.size)
+    os.fdatasync(self.fd)
+    print("torn", flush=True)
+    time.sleep(60)
+
+journal = Journal.open(sys.argv[1])
+journal.begin(vmid=100, kind="detach", payload={"k": 1}, key="op:a:1", op_id="a" * 32)
+segments.ActiveSegment.append = torn
+journal.begin(vmid=101, kind="detach", payload={"k": 2}, key="op:b:2", op_id="b" * 32)
+"""
+
+
+def test_kill_9_while_an_op_id_is_reserved_leaves_it_free_and_the_journal_whole(tmp_path: Path) -> None:
+    """A process reserves op id b (and its nonce) and is SIGKILLed with half of b's begun record on disk. Reopened:
+    a is in flight (its record was durable), b is not and its id and nonce are free (begin takes them), a second
+    begin under a's id is refused in flight; records written after the torn tail survive the next reopen."""
+    path = tmp_path / "journal"
+    child = subprocess.Popen([sys.executable, "-c", _TORN, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "torn"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    with Journal.open(path) as journal:
+        assert [f.op_id for f in journal.in_flight()] == ["a" * 32]
+        with pytest.raises(KeyInFlightError):
+            journal.begin(vmid=102, kind="detach", payload={"k": 3}, key="op:a:3", op_id="a" * 32)
+        journal.check_key("op:a:3")  # the refused begin reserved nothing
+        assert journal.begin(vmid=101, kind="detach", payload={"k": 2}, key="op:b:2", op_id="b" * 32) == "b" * 32
+        journal.end("b" * 32, Outcome.OK)
+        journal.end("a" * 32, Outcome.FAILED)
+    with Journal.open(path) as journal:
+        assert journal.in_flight() == [] and sorted(journal.keys_of("b" * 32)) == ["op:b:2"]
+        with pytest.raises(NonceSpentError):
+            journal.check_key("op:b:2")
+        with pytest.raises(NonceSpentError):
+            journal.check_key("op:a:1")
