@@ -239,3 +239,37 @@ def test_kill_9_while_an_op_id_is_reserved_leaves_it_free_and_the_journal_whole(
             journal.check_key("op:b:2")
         with pytest.raises(NonceSpentError):
             journal.check_key("op:a:1")
+
+
+def test_a_floor_reset_for_another_cluster_or_naming_no_signed_document_lowers_nothing_a_hub_can_use(
+        served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """bob's version 3 is held; bob's key is revoked. A reset of cluster-b (another cluster) leaves the floor at 3: a
+    broken hub's replay of carol's version 2 is refused. Then a reset of cluster-a whose sha256 names a document
+    nobody signed: the floor is (2, that sha256), and carol's real version 2 is a FORK, her version 3 (linked to her
+    2, not to the floor) too; only a version two above the floor (a skip) is taken."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keeper = TrustKeeper(str(write_store(tmp_path, _publishers_store(1, revoked=[], resets=[]))), str(state))
+    provider = make_provider(providers, served.port, keeper, state)
+    v1 = document(1, signers=("carol",))
+    v2 = document(2, sha(v1), signers=("carol",), desired=DESIRED.replace("4096", "2048"))
+    v3 = document(3, sha(v2), signers=("bob",), desired=DESIRED.replace("4096", "1024"))
+    for envelope in (v1, v2, v3):
+        served.hub.push(envelope)
+    wait_for(lambda: provider.held.version == 3, "bob's version 3")
+    other = [{"cluster": "cluster-b", "version": 2, "sha256": sha(v2)}]
+    write_store(tmp_path, _publishers_store(2, revoked=["bob"], resets=other))
+    keeper.reload()
+    assert provider.desired() == [] and provider.held.version == 3
+    bogus = [{"cluster": CLUSTER, "version": 2, "sha256": "0" * 64}]
+    write_store(tmp_path, _publishers_store(3, revoked=["bob"], resets=bogus))
+    keeper.reload()
+    assert provider.desired() == []
+    wait_for(lambda: provider.held.version == 2 and provider.held.sha256 == "0" * 64, "the floor reset")
+    seen = len(served.hub.reports)
+    served.hub.push(v2)
+    served.hub.push(document(3, sha(v2), signers=("carol",), desired=DESIRED.replace("4096", "512")))
+    served.hub.push(document(4, sha(v3), signers=("carol",), desired=DESIRED.replace("4096", "256")))
+    wait_for(lambda: [g.config for g in provider.desired()] == [{"memory": "256"}], "carol's version 4 (a skip)")
+    answered = [r for r in reports(served.hub)[seen:] if r[0] in (2, 3)]
+    assert {(2, False, "FORK"), (3, False, "FORK")} <= set(answered) and not any(ok for _, ok, _ in answered), answered
