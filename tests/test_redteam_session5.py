@@ -117,8 +117,8 @@ def test_a_stale_floor_reset_lets_a_broken_hub_roll_a_node_back_after_a_later_re
     meaning the node to keep its floor (4) until carol signs version 5; the incident-1 reset is still in the store
     (nothing says to remove it). The node's version 4 no longer verifies, so the stale reset lowered its floor to
     2, and a broken hub replaying carol's version 3 (old, still validly signed) had the node take it and manage
-    from it, a rollback the version floor exists to stop (§6.9: "nothing a hub sends lowers a floor"). Fixed: a
-    reset is recorded passed (durably) before a version above it is saved, and never applied again."""
+    from it, a rollback the version floor exists to stop (docs/SAFETY.md §6.9: "nothing a hub sends lowers a
+    floor"). Fixed: a reset is recorded passed (durably) before a version above it is saved, never applied again."""
     state = tmp_path / "state"
     state.mkdir()
     v2 = document(2, sha(document(1)), signers=("bob",))  # version 1 was alice's (revoked)
