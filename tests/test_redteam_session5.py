@@ -273,3 +273,34 @@ def test_a_floor_reset_for_another_cluster_or_naming_no_signed_document_lowers_n
     wait_for(lambda: [g.config for g in provider.desired()] == [{"memory": "256"}], "carol's version 4 (a skip)")
     answered = [r for r in reports(served.hub)[seen:] if r[0] in (2, 3)]
     assert {(2, False, "FORK"), (3, False, "FORK")} <= set(answered) and not any(ok for _, ok, _ in answered), answered
+
+
+@pytest.mark.xfail(strict=True, reason="open: a floor reset names only the replacement, not the floor it replaces; "
+                                       "a node that took nothing while the store named it cannot tell it is stale. "
+                                       "Fix: [[floor_resets]] also name the held (version, sha256) they replace "
+                                       "(or the revoked key/document), and a node applies one only to that floor.")
+def test_a_reset_meant_for_another_nodes_floor_lowers_a_node_that_took_nothing_under_it(
+        served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
+    """This node holds bob's version 4 (bob 2, carol 3, bob 4), taken before any reset. The store then names bob's
+    version 2 as cluster-a's reset, for another node whose floor alice's stolen key pushed up; nothing changes here
+    (version 4 is trusted). Later bob's key is revoked and the reset is still there: this node's version 4 no
+    longer verifies, the reset lowers its floor to 2 (it never took a version under that store, so it is not
+    passed), and a broken hub's replay of carol's version 3 is taken: a rollback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keeper = TrustKeeper(str(write_store(tmp_path, _publishers_store(1, revoked=[], resets=[]))), str(state))
+    provider = make_provider(providers, served.port, keeper, state)
+    v2 = document(2, sha(document(1)), signers=("bob",))
+    v3 = document(3, sha(v2), signers=("carol",), desired=DESIRED.replace("4096", "2048"))
+    v4 = document(4, sha(v3), signers=("bob",), desired=DESIRED.replace("4096", "1024"))
+    for envelope in (v2, v3, v4):
+        served.hub.push(envelope)
+    wait_for(lambda: provider.held.version == 4, "bob's version 4")
+    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2)}]
+    write_store(tmp_path, _publishers_store(2, revoked=["alice"], resets=reset))
+    keeper.reload()
+    assert len(provider.desired()) == 1 and provider.held.version == 4
+    write_store(tmp_path, _publishers_store(3, revoked=["alice", "bob"], resets=reset))
+    keeper.reload()
+    assert provider.desired() == []
+    assert provider.held.version == 4, provider.held  # lowered to 2: the hub's replay of carol's 3 would be taken
