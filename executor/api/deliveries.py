@@ -8,7 +8,8 @@ StateReport's ``deliveries`` (``DeliveryResult``), and the fate of each op accep
 Delivery is at-least-once: the hub sends a delivery again on each new stream until it has the verdict. A delivery
 this process already decided is answered with its first verdict and never reaches the desk again; after a restart
 the desk itself refuses a nonce spent or in flight (so nothing runs twice), and that refusal of an op the journal
-shows accepted is reported as the acceptance it was.
+shows accepted (that op: its id and payload sha256, not another op under its id) is reported as the acceptance it
+was; a revocation the journal holds a veto of by the same keys, as the revocation it was.
 
 Reports: ``drain`` hands the verdicts not yet sent to whoever sends the node's StateReports (the tick's report
 sender takes them when it exists); meanwhile this module sends them itself at once, in a report with seq 0 that
@@ -18,6 +19,7 @@ carries only deliveries and ops (the hub records those and leaves the node's rep
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
 import threading
 import time
@@ -27,7 +29,9 @@ from dataclasses import dataclass
 import structlog
 
 from executor.api.fates import fates
+from executor.gate.steps import revoked_key
 from executor.loop.engine import Engine
+from executor.signed.auth import revokers
 from executor.signed.desk import REVOKE, OpDesk, RateLimitedError
 from executor.v1 import executor_pb2 as epb
 from hub.v1 import hub_pb2 as pb
@@ -46,6 +50,7 @@ OP_WINDOW = 1000  # journal records read for fates (all the journal keeps in mem
 SETTLED = {epb.OP_FATE_RAN: "ran", epb.OP_FATE_REFUSED: "refused", epb.OP_FATE_REVOKED: "revoked"}
 FATES = {epb.OP_FATE_WAITING: "waiting", epb.OP_FATE_RUNNING: "running", **SETTLED}
 ALREADY = frozenset({"NONCE_SPENT", "NONCE_IN_FLIGHT"})  # a redelivery after a restart: the desk's answer
+OP_REVOKED = "OP_REVOKED"  # a revocation redelivered after a restart: the desk finds its veto journaled
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,16 +166,27 @@ class HubDeliveries:
         answer.op_id = op_id or _claimed_id(envelope, revoke)
         if refusal is None:
             answer.decision = done
-        elif not revoke and refusal.reason in ALREADY and self._known(answer.op_id):
+        elif not revoke and refusal.reason in ALREADY and self._known(answer.op_id, _sha256(envelope)):
             answer.decision, answer.detail = "accepted", f"accepted before (a redelivery): {refusal.detail}"
+        elif revoke and refusal.reason == OP_REVOKED and self._vetoed(answer.op_id, envelope):
+            answer.decision, answer.detail = "revoked", f"revoked before (a redelivery): {refusal.detail}"
         else:
             answer.decision, answer.reason, answer.detail = "refused", refusal.reason, refusal.detail
         return answer
 
-    def _known(self, op_id: str) -> bool:
-        """The journal or the desk has the op waiting, running or ran (accepted before this redelivery)."""
-        return any(status.op_id == op_id and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING,
-                                                              epb.OP_FATE_RAN) for status in self._fates())
+    def _vetoed(self, op_id: str, envelope: signedop.Envelope) -> bool:
+        """The journal holds a veto of ``op_id`` by every key that signed ``envelope`` (revoked before this
+        redelivery: the desk refuses it as already revoked, and it stands)."""
+        prior = self._engine.gate.records.last_refusal(revoked_key(op_id)) if op_id else None
+        keys = {signature.keyid for signature in envelope.signatures}
+        return prior is not None and bool(keys) and keys <= set(revokers(prior[1]))
+
+    def _known(self, op_id: str, payload_sha256: str) -> bool:
+        """The journal or the desk has this op (its id and payload) waiting, running or ran (accepted before this
+        redelivery); another op under its id, which may have run, is not it."""
+        return any(status.op_id == op_id and status.payload_sha256 == payload_sha256
+                   and status.fate in (epb.OP_FATE_WAITING, epb.OP_FATE_RUNNING, epb.OP_FATE_RAN)
+                   for status in self._fates())
 
     def _fates(self) -> list[epb.OpStatus]:
         records = self._engine.gate.records.recent(OP_WINDOW)
@@ -221,6 +237,11 @@ def _kind(envelope: signedop.Envelope) -> str:
         return parse_payload(envelope.payload).kind
     except Refused:
         return ""
+
+
+def _sha256(envelope: signedop.Envelope) -> str:
+    """The payload sha256 that tells this op from another under its op id (as the journal and op status key it)."""
+    return hashlib.sha256(envelope.payload).hexdigest()
 
 
 def _claimed_id(envelope: signedop.Envelope, revoke: bool) -> str:

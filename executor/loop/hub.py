@@ -36,7 +36,7 @@ import structlog
 
 from common.grpcserver import OWN_SUBCHANNELS, ClientTls, channel_credentials
 from executor.loop.desired import Declared, DesiredStateError, parse
-from executor.loop.hubheld import HeldFiles
+from executor.loop.hubheld import HeldFileError, HeldFiles, reset_line
 from executor.metrics import ExecutorMetrics
 from hub.v1 import hub_pb2 as pb
 from hub.v1 import hub_pb2_grpc as pb_grpc
@@ -203,6 +203,16 @@ class HubProvider:
         held = untrusted.held
         if reset is None or reset.version > held.version or (reset.version, reset.sha256) == (held.version,
                                                                                                held.sha256):
+            return None
+        try:
+            passed = reset_line(cluster, reset.version, reset.sha256) in self._files.passed()
+        except HeldFileError as exc:
+            log.error("hub_floor_reset_unreadable", error=str(exc), consequence="the floor is kept")
+            return None
+        if passed:  # left in the store from an earlier incident: a version above it was taken here since
+            log.warning("hub_floor_reset_ignored", cluster=cluster, version=reset.version, sha256=reset.sha256,
+                        held_version=held.version, consequence="a version above it was taken here since; the floor "
+                                                               "is kept (name a new reset to lower it)")
             return None
         floor = Held(version=reset.version, sha256=reset.sha256)
         try:
@@ -421,6 +431,7 @@ class HubProvider:
             self._report(cluster, node, document.version, exc)
             return True
         try:
+            self._pass_reset(store, cluster, verified.held)
             self._files.save(document.envelope, verified.held)  # on disk before it is served: a restart keeps it
         except OSError as exc:
             log.error("hub_document_not_saved", version=verified.document.version, path=str(self._files.state_dir),
@@ -432,6 +443,24 @@ class HubProvider:
                  signers=list(verified.signers))
         self._report(cluster, node, verified.document.version, None)
         return True
+
+    def _pass_reset(self, store: TrustStore | None, cluster: str, held: Held) -> None:
+        """Record the store's floor reset of ``cluster`` passed when ``held`` (about to be saved) is above it.
+
+        Before the save: a crash between the two leaves the reset passed and the old version held (fail-closed).
+        """
+        reset = store.floor_resets.get(cluster) if store is not None else None
+        if reset is None or held.version <= reset.version:
+            return
+        line = reset_line(cluster, reset.version, reset.sha256)
+        try:
+            passed = self._files.passed()
+        except HeldFileError as exc:  # not saved (the next stream brings it again), as a failed write
+            raise OSError(str(exc)) from exc
+        if line not in passed:
+            self._files.mark_passed(line)
+            log.info("hub_floor_reset_passed", cluster=cluster, version=reset.version, sha256=reset.sha256,
+                     held_version=held.version, consequence="this reset never lowers this node's floor again")
 
     def _install(self, verified: VerifiedDocument, guests: list[Declared], envelope: bytes,
                  identity: tuple[str, str], store: TrustStore | None) -> None:

@@ -21,6 +21,12 @@ from safety.refusal import Refused
 
 DOCUMENT_PREFIX = "hub-document."
 HELD_FILE = "hub-held"
+PASSED_FILE = "hub-resets-passed"  # floor resets this node took a later version under: never applied again
+
+
+def reset_line(cluster: str, version: int, sha256: str) -> str:
+    """A floor reset as ``hub-resets-passed`` records it."""
+    return f"{cluster} {version} {sha256}"
 
 
 class HeldFileError(Exception):
@@ -100,6 +106,30 @@ class HeldFiles:
         except Refused:
             return b""
         return data if sha256 == held.sha256 else b""
+
+    @property
+    def passed_path(self) -> Path:
+        """The floor resets passed, one ``CLUSTER VERSION SHA256`` line each."""
+        return self.state_dir / PASSED_FILE
+
+    def passed(self) -> frozenset[str]:
+        """The floor resets passed (``reset_line``): a version above each was taken here under the store naming it."""
+        try:
+            text = self.passed_path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return frozenset()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HeldFileError(f"{self.passed_path}: cannot read: {exc}") from exc
+        return frozenset(line for line in text.splitlines() if line)
+
+    def mark_passed(self, line: str) -> None:
+        """Record a floor reset passed (``reset_line``), atomically and synced, before the version above it is saved.
+
+        A reset answers one incident: left in the trust store, it must not lower the floor again when a later
+        revocation voids a version this node took after it (a broken hub would then replay the versions between).
+        """
+        lines = self.passed() | {line}
+        write_private(self.passed_path, "".join(f"{item}\n" for item in sorted(lines)).encode("ascii"))
 
     def reset(self, held: Held) -> None:
         """A floor reset by the trust store: the held line alone (the commit point), then the old envelopes removed.
