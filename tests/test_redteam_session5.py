@@ -262,10 +262,14 @@ def test_a_floor_reset_for_another_cluster_or_naming_no_signed_document_lowers_n
     keeper.reload()
     assert provider.desired() == [] and provider.held.version == 3
     bogus = [{"cluster": CLUSTER, "version": 2, "sha256": "0" * 64}]
+    watches = len(served.hub.watches)
     write_store(tmp_path, _publishers_store(3, revoked=["bob"], resets=bogus))
     keeper.reload()
     assert provider.desired() == []
     wait_for(lambda: provider.held.version == 2 and provider.held.sha256 == "0" * 64, "the floor reset")
+    # The reset reopens the stream; pushed before it is open, the versions below would never be sent to this node
+    # (a new stream starts at the hub's latest), and nothing would be refused.
+    wait_for(lambda: len(served.hub.watches) > watches, "the stream reopened after the reset")
     seen = len(served.hub.reports)
     served.hub.push(v2)
     served.hub.push(document(3, sha(v2), signers=("carol",), desired=DESIRED.replace("4096", "512")))
