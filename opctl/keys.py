@@ -159,8 +159,9 @@ def describe(store: truststore.TrustStore, *, now: float) -> tuple[list[str], li
             warnings.append(f"key {key.id} ({key.owner}) has expired")
     lines += [f"revoked op {op_id}" for op_id in sorted(store.revoked_ops)]
     lines += [f"revoked hub document sha256 {sha256}" for sha256 in sorted(store.revoked_documents)]
-    lines += [f"floor reset of cluster {reset.cluster}: a node whose held hub document no longer verifies takes "
-              f"version {reset.version}, sha256 {reset.sha256}, as its floor" for reset in store.floor_resets.values()]
+    lines += [f"floor reset of cluster {reset.cluster}: a node whose held hub document no longer verifies and whose "
+              f"floor is sha256 {' or '.join(sorted(reset.replaces))} takes version {reset.version}, sha256 "
+              f"{reset.sha256}, as its floor" for reset in store.floor_resets.values()]
     warnings += [f"floor reset of cluster {reset.cluster} (version {reset.version}): remove it (in a new version) once "
                  "every node holds that version or a later one; left in place, a later revocation resets the floor "
                  "to it again" for reset in store.floor_resets.values()]

@@ -6,7 +6,8 @@ the field: ownership and mode (sshd's StrictModes), unknown fields, a duplicate 
 not sha256(public), a key type other than ``ed25519:``, a small-order key, a version lower than the
 last one accepted (rollback, row 36). Empty lists grant nothing; ``"*"`` audience only when spelled out.
 ``[revoked]`` lists keys, op ids and hub documents (payload sha256s); ``[[floor_resets]]`` names, per cluster,
-the hub document that replaces a floor pushed up by a key or a document revoked since (docs/SAFETY.md §6.9).
+the hub document that replaces the floors (``replaces``, by sha256) a key or a document revoked since pushed nodes
+to (docs/SAFETY.md §6.9).
 """
 
 from __future__ import annotations
@@ -106,15 +107,18 @@ class Role:
 class FloorReset:
     """A cluster's hub-document floor, reset by root: the replacement document (its version and payload sha256).
 
-    A node whose held document no longer verifies under this store (its signer or the document revoked) takes
-    ``(version, sha256)`` as its floor, so the replacement, and only it or what follows it, can be taken
-    (docs/SAFETY.md §6.9). It lives here because the store is root's, versioned and on every node: a hub alone
-    cannot send one.
+    A node whose held document no longer verifies under this store (its signer or the document revoked), and whose
+    floor is one of ``replaces``, takes ``(version, sha256)`` as its floor, so the replacement, and only it or what
+    follows it, can be taken (docs/SAFETY.md §6.9). It lives here because the store is root's, versioned and on
+    every node: a hub alone cannot send one.
     """
 
     cluster: str
     version: int
     sha256: str
+    # The payload sha256s of the floors it replaces: the documents a revoked key or document pushed nodes to. A node
+    # holding any other floor keeps it, so a reset meant for another node's floor never lowers this one.
+    replaces: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,7 +277,8 @@ def _list(doc: dict[str, Any], name: str) -> list[object]:
 
 
 def _floor_reset(value: object, where: str) -> FloorReset:
-    entry = _table(value, where, required=frozenset({"cluster", "version", "sha256"}), optional=frozenset())
+    entry = _table(value, where, required=frozenset({"cluster", "version", "sha256", "replaces"}),
+                   optional=frozenset())
     if not isinstance(entry["cluster"], str) or not CLUSTER.fullmatch(entry["cluster"]):
         raise _FieldError(f"{where}.cluster", "must be a cluster name as hub documents spell it")
     if type(entry["version"]) is not int or not 1 <= entry["version"] <= VERSION_MAX:
@@ -281,7 +286,24 @@ def _floor_reset(value: object, where: str) -> FloorReset:
     if not isinstance(entry["sha256"], str) or not DOCUMENT_SHA256.fullmatch(entry["sha256"]):
         raise _FieldError(f"{where}.sha256", "must be the replacement document's payload sha256 (64 lowercase hex, "
                                              "as pve-hub history shows it)")
-    return FloorReset(cluster=entry["cluster"], version=entry["version"], sha256=entry["sha256"])
+    return FloorReset(cluster=entry["cluster"], version=entry["version"], sha256=entry["sha256"],
+                      replaces=_replaced(entry["replaces"], entry["sha256"], f"{where}.replaces"))
+
+
+def _replaced(value: object, replacement: str, where: str) -> frozenset[str]:
+    """The floors a reset replaces: a non-empty list of distinct payload sha256s, its own replacement not among them."""
+    hint = ("must list the payload sha256s of the floors it replaces (the held document a revoked key or document "
+            "pushed nodes to: `pve-executor whoami` prints a node's)")
+    if not isinstance(value, list) or not value:
+        raise _FieldError(where, hint)
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not DOCUMENT_SHA256.fullmatch(item):
+            raise _FieldError(f"{where}[{i}]", "must be a payload sha256 (64 lowercase hex)")
+        if item in value[:i]:
+            raise _FieldError(f"{where}[{i}]", f"{item} is listed twice")
+        if item == replacement:
+            raise _FieldError(f"{where}[{i}]", "is the replacement itself: a reset replaces another floor")
+    return frozenset(value)
 
 
 def _floor_resets(doc: dict[str, Any]) -> Mapping[str, FloorReset]:

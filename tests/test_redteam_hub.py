@@ -431,7 +431,8 @@ def test_two_documents_under_one_version_show_in_each_nodes_held_info(
     assert b.held.sha256 == sha(v2b) and a.held.sha256 == sha(v2a)
     # The monitor saw it; the operators end it: B's document revoked, A's named as the floor to reset to.
     write_store(tmp_path, store_doc() | {"version": 2, "revoked": {"documents": [sha(v2b)]},
-                                         "floor_resets": [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2a)}]})
+                                         "floor_resets": [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2a),
+                                                           "replaces": [sha(v2b)]}]})
     trust.reload()
     assert b.desired() == [] and len(a.desired()) == 1
     wait_for(lambda: b.held == a.held and [g.config for g in b.desired()] == [{"memory": "8192"}], "B on A's")
@@ -492,10 +493,10 @@ def revoking_alice(version: int, **extra: Any) -> dict[str, Any]:
     return doc | extra
 
 
-def reset_to(envelope: bytes) -> list[dict[str, Any]]:
-    """A [[floor_resets]] naming ``envelope`` as cluster-a's replacement."""
+def reset_to(envelope: bytes, replaced: bytes) -> list[dict[str, Any]]:
+    """A [[floor_resets]] naming ``envelope`` as cluster-a's replacement of the floor ``replaced`` pushed nodes to."""
     return [{"cluster": CLUSTER, "version": desireddoc.parse_payload(desireddoc.parse_envelope(envelope).payload)
-             .version, "sha256": sha(envelope)}]
+             .version, "sha256": sha(envelope), "replaces": [sha(replaced)]}]
 
 
 def test_a_floor_pushed_up_by_a_revoked_key_is_reset_by_the_trust_store(
@@ -515,10 +516,11 @@ def test_a_floor_pushed_up_by_a_revoked_key_is_reset_by_the_trust_store(
     served.hub.push(signed(desireddoc.VERSION_MAX, sha(v1), desired=DESIRED.replace("4096", "512")))
     wait_for(lambda: reports(served.hub)[-1:] == [(desireddoc.VERSION_MAX, False, "VERSION_JUMP")], "the jump NACK")
     high = 1 + desireddoc.MAX_VERSION_JUMP
-    served.hub.push(signed(high, sha(v1), desired=DESIRED.replace("4096", "512")))
+    alices = signed(high, sha(v1), desired=DESIRED.replace("4096", "512"))
+    served.hub.push(alices)
     wait_for(lambda: provider.held.version == high, "the highest version one step allows")
     bobs = document(2, sha(v1), signers=("bob",))
-    write_store(tmp_path, revoking_alice(2, floor_resets=reset_to(bobs)))
+    write_store(tmp_path, revoking_alice(2, floor_resets=reset_to(bobs, alices)))
     keeper.reload()
     assert provider.desired() == []
     assert provider.held == Held(version=2, sha256=sha(bobs))
@@ -549,10 +551,11 @@ def test_a_hub_alone_cannot_lower_a_floor(served: Served, tmp_path: Path, provid
     served.hub.push(v1)
     wait_for(lambda: provider.held.version == 1, "version 1")
     high = 1 + desireddoc.MAX_VERSION_JUMP
-    served.hub.push(signed(high, sha(v1)))
+    alices = signed(high, sha(v1))
+    served.hub.push(alices)
     wait_for(lambda: provider.held.version == high, "alice's high version")
     bobs = document(2, sha(v1), signers=("bob",))
-    trusting = store_doc() | {"version": 2, "floor_resets": reset_to(bobs)}
+    trusting = store_doc() | {"version": 2, "floor_resets": reset_to(bobs, alices)}
     trusting["keys"].append(key_entry("bob", ["publisher"]))
     write_store(tmp_path, trusting)
     keeper.reload()
@@ -567,7 +570,7 @@ def test_a_hub_alone_cannot_lower_a_floor(served: Served, tmp_path: Path, provid
     wait_for(lambda: reports(served.hub)[-1:] == [(2, False, "ROLLBACK")] and len(served.hub.reports) >= 4,
              "bob's version 2 refused again")
     other = document(2, sha(v1), signers=("bob",), desired=DESIRED.replace("running", "stopped"))
-    write_store(tmp_path, revoking_alice(4, floor_resets=reset_to(other)))
+    write_store(tmp_path, revoking_alice(4, floor_resets=reset_to(other, alices)))
     keeper.reload()
     assert provider.desired() == []  # untrusted already: the watch thread judges it again under the new store
     wait_for(lambda: provider.held == Held(version=2, sha256=sha(other)), "the floor reset to the other version 2")

@@ -21,10 +21,12 @@ import pytest
 
 from executor.api.deliveries import HubDeliveries
 from executor.loop.hub import HubProvider
+from executor.loop.hubheld import PASSED_FILE
 from executor.signed.trust import TrustKeeper
 from hub.v1 import hub_pb2 as pb
 from journal import Journal, KeyInFlightError, NonceSpentError, Outcome
-from safety import signedop
+from safety import desireddoc, signedop
+from safety.desireddoc import Held
 from safety.payload import parse_payload, to_json
 from safety.signedop import Envelope
 from tests.executor_helpers import ROOT
@@ -122,7 +124,7 @@ def test_a_stale_floor_reset_lets_a_broken_hub_roll_a_node_back_after_a_later_re
     state = tmp_path / "state"
     state.mkdir()
     v2 = document(2, sha(document(1)), signers=("bob",))  # version 1 was alice's (revoked)
-    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2)}]
+    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2), "replaces": [sha(document(1))]}]
     keeper = TrustKeeper(str(write_store(tmp_path, _publishers_store(2, revoked=["alice"], resets=reset))),
                          str(state))
     provider = make_provider(providers, served.port, keeper, state)
@@ -257,11 +259,11 @@ def test_a_floor_reset_for_another_cluster_or_naming_no_signed_document_lowers_n
     for envelope in (v1, v2, v3):
         served.hub.push(envelope)
     wait_for(lambda: provider.held.version == 3, "bob's version 3")
-    other = [{"cluster": "cluster-b", "version": 2, "sha256": sha(v2)}]
+    other = [{"cluster": "cluster-b", "version": 2, "sha256": sha(v2), "replaces": [sha(v3)]}]
     write_store(tmp_path, _publishers_store(2, revoked=["bob"], resets=other))
     keeper.reload()
     assert provider.desired() == [] and provider.held.version == 3
-    bogus = [{"cluster": CLUSTER, "version": 2, "sha256": "0" * 64}]
+    bogus = [{"cluster": CLUSTER, "version": 2, "sha256": "0" * 64, "replaces": [sha(v3)]}]
     watches = len(served.hub.watches)
     write_store(tmp_path, _publishers_store(3, revoked=["bob"], resets=bogus))
     keeper.reload()
@@ -279,17 +281,14 @@ def test_a_floor_reset_for_another_cluster_or_naming_no_signed_document_lowers_n
     assert {(2, False, "FORK"), (3, False, "FORK")} <= set(answered) and not any(ok for _, ok, _ in answered), answered
 
 
-@pytest.mark.xfail(strict=True, reason="open: a floor reset names only the replacement, not the floor it replaces; "
-                                       "a node that took nothing while the store named it cannot tell it is stale. "
-                                       "Fix: [[floor_resets]] also name the held (version, sha256) they replace "
-                                       "(or the revoked key/document), and a node applies one only to that floor.")
-def test_a_reset_meant_for_another_nodes_floor_lowers_a_node_that_took_nothing_under_it(
+def test_a_reset_meant_for_another_nodes_floor_never_lowers_this_one(
         served: Served, tmp_path: Path, providers: list[HubProvider]) -> None:
     """This node holds bob's version 4 (bob 2, carol 3, bob 4), taken before any reset. The store then names bob's
-    version 2 as cluster-a's reset, for another node whose floor alice's stolen key pushed up; nothing changes here
-    (version 4 is trusted). Later bob's key is revoked and the reset is still there: this node's version 4 no
-    longer verifies, the reset lowers its floor to 2 (it never took a version under that store, so it is not
-    passed), and a broken hub's replay of carol's version 3 is taken: a rollback."""
+    version 2 as cluster-a's reset, replacing the floor alice's stolen key pushed another node to; nothing changes
+    here (version 4 is trusted). Later bob's key is revoked and the reset is still there: this node's version 4 no
+    longer verifies, but the reset does not name its floor, so the floor stays at 4 and a broken hub's replay of
+    carol's version 3 is a ROLLBACK (session 5's open row: the reset lowered it to 2 and version 3 was taken).
+    Carol's version 5 is taken as usual."""
     state = tmp_path / "state"
     state.mkdir()
     keeper = TrustKeeper(str(write_store(tmp_path, _publishers_store(1, revoked=[], resets=[]))), str(state))
@@ -300,11 +299,21 @@ def test_a_reset_meant_for_another_nodes_floor_lowers_a_node_that_took_nothing_u
     for envelope in (v2, v3, v4):
         served.hub.push(envelope)
     wait_for(lambda: provider.held.version == 4, "bob's version 4")
-    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2)}]
+    alices = document(1 + desireddoc.MAX_VERSION_JUMP, sha(document(1)), desired=DESIRED.replace("4096", "512"))
+    reset = [{"cluster": CLUSTER, "version": 2, "sha256": sha(v2), "replaces": [sha(alices)]}]
     write_store(tmp_path, _publishers_store(2, revoked=["alice"], resets=reset))
     keeper.reload()
     assert len(provider.desired()) == 1 and provider.held.version == 4
+    watches = len(served.hub.watches)
     write_store(tmp_path, _publishers_store(3, revoked=["alice", "bob"], resets=reset))
     keeper.reload()
     assert provider.desired() == []
-    assert provider.held.version == 4, provider.held  # lowered to 2: the hub's replay of carol's 3 would be taken
+    assert provider.held == Held(version=4, sha256=sha(v4)), provider.held
+    assert not (state / PASSED_FILE).exists()  # kept by the reset's replaces, not by a passed record
+    wait_for(lambda: len(served.hub.watches) > watches, "the stream reopened from the version before the held one")
+    seen = len(served.hub.reports)
+    served.hub.push(v3)  # the broken hub replays carol's older version
+    wait_for(lambda: (3, False, "ROLLBACK") in reports(served.hub)[seen:], "carol's version 3 refused")
+    assert provider.desired() == [] and provider.held.version == 4
+    served.hub.push(document(5, sha(v4), signers=("carol",), desired=DESIRED.replace("4096", "256")))
+    wait_for(lambda: [g.config for g in provider.desired()] == [{"memory": "256"}], "carol's version 5")

@@ -351,15 +351,30 @@ def _drop(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
     (_set(("revoked",), {"ops": ["xyz"]}), ("revoked.ops[0]",)),
     (_set(("revoked",), {"nonces": []}), ("revoked.nonces", "not a known field")),
     (_set(("revoked",), {"documents": ["AB" * 32]}), ("revoked.documents[0]",)),
-    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2}]), ("floor_resets[0].sha256", "required")),
-    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 0, "sha256": "ab" * 32}]),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2, "replaces": ["ef" * 32]}]),
+     ("floor_resets[0].sha256", "required")),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 0, "sha256": "ab" * 32, "replaces": ["ef" * 32]}]),
      ("floor_resets[0].version",)),
-    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2, "sha256": "ab" * 31}]),
+    (_set(("floor_resets",), [{"cluster": "cluster-a", "version": 2, "sha256": "ab" * 31, "replaces": ["ef" * 32]}]),
      ("floor_resets[0].sha256",)),
-    (_set(("floor_resets",), [{"cluster": "a b", "version": 2, "sha256": "ab" * 32}]), ("floor_resets[0].cluster",)),
-    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32},
-                              {"cluster": "c", "version": 3, "sha256": "cd" * 32}]),
+    (_set(("floor_resets",), [{"cluster": "a b", "version": 2, "sha256": "ab" * 32, "replaces": ["ef" * 32]}]),
+     ("floor_resets[0].cluster",)),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": ["ef" * 32]},
+                              {"cluster": "c", "version": 3, "sha256": "cd" * 32, "replaces": ["ef" * 32]}]),
      ("floor_resets[1].cluster", "second reset")),
+    # A reset names the floors it replaces: one for every floor would lower a node that took nothing under it.
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32}]),
+     ("floor_resets[0].replaces", "required")),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": []}]),
+     ("floor_resets[0].replaces", "pve-executor whoami")),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": "ef" * 32}]),
+     ("floor_resets[0].replaces",)),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": ["EF" * 32]}]),
+     ("floor_resets[0].replaces[0]", "64 lowercase hex")),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": ["ef" * 32, "ef" * 32]}]),
+     ("floor_resets[0].replaces[1]", "twice")),
+    (_set(("floor_resets",), [{"cluster": "c", "version": 2, "sha256": "ab" * 32, "replaces": ["ab" * 32]}]),
+     ("floor_resets[0].replaces[0]", "the replacement itself")),
 ], ids=lambda v: v[0] if isinstance(v, tuple) else None)
 def test_a_bad_field_refuses_the_store_and_is_named(write: Callable[..., Path],
                                                     mutate: Callable[[dict[str, Any]], None],
@@ -392,18 +407,19 @@ def test_revoked_documents_and_floor_resets_load_and_trust_check_lists_them(writ
     version and sha256) load; `trust check` lists both, and warns that a reset left in place applies again."""
     doc = default_doc()
     doc["revoked"] = {"keys": [], "documents": ["ab" * 32]}
-    doc["floor_resets"] = [{"cluster": "cluster-a", "version": 7, "sha256": "cd" * 32}]
+    doc["floor_resets"] = [{"cluster": "cluster-a", "version": 7, "sha256": "cd" * 32, "replaces": ["ef" * 32]}]
     path = write(doc)
     store = load(path)
     assert store.revoked_documents == frozenset({"ab" * 32})
     reset = store.floor_resets["cluster-a"]
-    assert (reset.cluster, reset.version, reset.sha256) == ("cluster-a", 7, "cd" * 32)
+    assert (reset.cluster, reset.version, reset.sha256, reset.replaces) == ("cluster-a", 7, "cd" * 32,
+                                                                            frozenset({"ef" * 32}))
     assert load(write(default_doc())).floor_resets == {}
     path = write(doc)
     done = subprocess.run([sys.executable, "-m", "executor", "trust", "check", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert f"revoked hub document sha256 {'ab' * 32}" in done.stdout
-    assert f"floor reset of cluster cluster-a: a node whose held hub document no longer verifies takes version 7, " \
-           f"sha256 {'cd' * 32}" in done.stdout
+    assert f"floor reset of cluster cluster-a: a node whose held hub document no longer verifies and whose floor is " \
+           f"sha256 {'ef' * 32} takes version 7, sha256 {'cd' * 32}, as its floor" in done.stdout
     assert "warning: floor reset of cluster cluster-a (version 7): remove it" in done.stderr

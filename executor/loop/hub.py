@@ -17,8 +17,8 @@ store trusts arrives. Revocation is the operators' emergency brake; a node that 
 revoked key signed would ignore it. A document revoked by its sha256 (``[revoked].documents``) is refused and
 voided the same way. A floor pushed up by what was revoked is lowered only by the trust store: its
 ``[[floor_resets]]`` names the cluster's replacement (version, sha256), which a node whose held document no
-longer verifies takes as its floor (``hub-held``, durably), and then takes that document, or a later one, from
-the hub. Nothing a hub sends lowers a floor.
+longer verifies, and whose floor it names (``replaces``), takes as its floor (``hub-held``, durably), and then
+takes that document, or a later one, from the hub. Nothing a hub sends lowers a floor.
 """
 
 from __future__ import annotations
@@ -196,13 +196,19 @@ class HubProvider:
         The trust store (root's, versioned, on every node) names the replacement of a floor that a revoked key or
         document pushed up (``[[floor_resets]]``): the node holds its (version, sha256) without a document, and so
         takes that very document, or a later one, from the hub. None when the store names no reset for this
-        cluster, it is the floor held already, or it is above it (a later version is taken as usual).
+        cluster, it is the floor held already, it is above it (a later version is taken as usual), or it does not
+        name this floor among those it replaces (a reset meant for other nodes' floors).
         """
         cluster = untrusted.identity[0]
         reset = store.floor_resets.get(cluster) if store is not None and cluster else None
         held = untrusted.held
         if reset is None or reset.version > held.version or (reset.version, reset.sha256) == (held.version,
                                                                                                held.sha256):
+            return None
+        if held.sha256 not in reset.replaces:  # meant for other nodes' floors: lowering this one would roll it back
+            log.warning("hub_floor_reset_not_for_this_floor", cluster=cluster, version=reset.version,
+                        sha256=reset.sha256, held_version=held.version, held_sha256=held.sha256,
+                        consequence="the floor is kept; to lower it, list its sha256 in the reset's replaces")
             return None
         try:
             passed = reset_line(cluster, reset.version, reset.sha256) in self._files.passed()
