@@ -163,8 +163,8 @@ def describe(store: truststore.TrustStore, *, now: float) -> tuple[list[str], li
               f"floor is sha256 {' or '.join(sorted(reset.replaces))} takes version {reset.version}, sha256 "
               f"{reset.sha256}, as its floor" for reset in store.floor_resets.values()]
     warnings += [f"floor reset of cluster {reset.cluster} (version {reset.version}): remove it (in a new version) once "
-                 "every node holds that version or a later one; left in place, a later revocation resets the floor "
-                 "to it again" for reset in store.floor_resets.values()]
+                 "every node holds that version or a later one; left in place, it lowers again any node found "
+                 "holding a floor it replaces" for reset in store.floor_resets.values()]
     return lines, warnings
 
 
