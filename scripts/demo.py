@@ -1,6 +1,7 @@
 """`make demo`: the whole loop on this machine, against an embedded fake Proxmox.
 
-Starts fakepve (a faithful fake of the PVE API, HTTPS on loopback, a test/demo dependency only)
+Starts fakepve (a faithful fake of the PVE API, HTTPS on loopback, a test/demo dependency only; answering like PVE
+where it does not, ``tests/pve_like.py``)
 with a few guests, the planner service, and the executor with a sample desired-state file; shows
 the plan, converges, shows the result. Then the safety core: two operators' keys and a trust
 store, the daemon serving its API, a disk detach proposed, refused with one signature, run with
@@ -22,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fakepve.certs import make_cert
-from fakepve.server import FakePve
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# fakepve reshaped where its QEMU side answers unlike PVE (the config read is PVE's pending-applied view, the digest
+# covers the pending section): on plain fakepve a running guest's staged memory change reads as undone, and the demo
+# would show it written again on every tick, as no real node does.
+from tests.pve_like import PveLike  # noqa: E402
+
 DESIRED = """\
 guests:
   - vmid: 100                 # QEMU, stopped: start it with more memory and a description
@@ -45,7 +51,7 @@ class Fake:
     """fakepve on its own event loop in a thread."""
 
     def __init__(self, certfile: str, keyfile: str) -> None:
-        self.pve = FakePve(user="root@pam", password="secret", host="127.0.0.1", port=0)
+        self.pve = PveLike(user="root@pam", password="secret", host="127.0.0.1", port=0)
         self.pve.time_scale = 0.002
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
