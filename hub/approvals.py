@@ -65,7 +65,7 @@ def sign_command(cluster: str, item: pb.PendingApproval, flags: str = "") -> str
 def pending(args: argparse.Namespace) -> int:
     """Every node's pending approvals (by node, then vmid), or the one ``--descriptor`` names."""
     with _stub(args) as stub:
-        answer = _call("pending", stub.ListPending, pb.ListPendingRequest(cluster=args.cluster))
+        answer = _call(f"--hub {args.hub}", stub.ListPending, pb.ListPendingRequest(cluster=args.cluster))
     items = list(answer.pending)
     if args.descriptor:
         items = [item for item in items if item.descriptor_sha256.startswith(args.descriptor.lower())]
@@ -136,7 +136,7 @@ def submit(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise Failed(f"{exc.details()}: is its executor watching this hub?") from exc
-            raise _failure("submit", exc) from exc
+            raise _failure(f"--hub {args.hub}", exc) from exc
         print(f"queued: delivery {answer.delivery_id} of {answer.op_kind} op {answer.op_id} for node {answer.node}",
               file=sys.stderr)
         if not args.wait:

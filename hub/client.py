@@ -151,7 +151,7 @@ def apply(args: argparse.Namespace) -> int:
         previous = latest.payload_sha256 if latest is not None else ""
         _still_latest(stub, args.cluster, current, previous)
         envelope = _sign(args, key, text, current + 1, previous)
-        answer = _call("apply", stub.Apply, pb.ApplyRequest(cluster=args.cluster, expected_version=current,
+        answer = _call(f"--hub {args.hub}", stub.Apply, pb.ApplyRequest(cluster=args.cluster, expected_version=current,
                                                             envelope=envelope))
     print(f"applied version {answer.version} of cluster {args.cluster} ({guests} guests); "
           f"sha256 {answer.payload_sha256}", file=sys.stderr)
@@ -167,7 +167,7 @@ def _when(unix_ms: int) -> str:
 def history(args: argparse.Namespace) -> int:
     """The cluster's versions, newest first."""
     with _stub(args) as stub:
-        answer = _call("history", stub.History, pb.HistoryRequest(cluster=args.cluster, limit=args.limit))
+        answer = _call(f"--hub {args.hub}", stub.History, pb.HistoryRequest(cluster=args.cluster, limit=args.limit))
     entries = answer.entries
     if not entries:
         print(f"cluster {args.cluster} has no version yet")
@@ -206,7 +206,7 @@ def status(args: argparse.Namespace) -> int:
             print(json.dumps(status_view.node_detail_json(args.cluster, node, now), indent=2) if args.json
                   else "\n".join(status_view.render_node(args.cluster, node, now)))
             return status_view.exit_code([node.status])
-        answer = _call("status", stub.Status, pb.StatusRequest(cluster=args.cluster))
+        answer = _call(f"--hub {args.hub}", stub.Status, pb.StatusRequest(cluster=args.cluster))
     print(json.dumps(status_view.cluster_json(args.cluster, answer, now), indent=2) if args.json
           else "\n".join(status_view.render_cluster(args.cluster, answer, now)))
     return status_view.exit_code(answer.nodes)
